@@ -1,0 +1,57 @@
+//! The command bus: one entry point to the four aggregate stores, shared by every role.
+
+use fleetlog_domain::device::Device;
+use fleetlog_domain::firmware::Firmware;
+use fleetlog_domain::rollout::Rollout;
+use fleetlog_domain::user::User;
+use sqlx::PgPool;
+
+use crate::store::{AggregateStore, StoreSettings};
+
+/// The write side as one value: a store per aggregate type over one pool. Cheap to clone.
+#[derive(Clone)]
+pub struct CommandBus {
+    pool: PgPool,
+    devices: AggregateStore<Device>,
+    firmware: AggregateStore<Firmware>,
+    rollouts: AggregateStore<Rollout>,
+    users: AggregateStore<User>,
+}
+
+impl CommandBus {
+    /// A bus over `pool`, each store tuned by `settings`.
+    pub fn new(pool: PgPool, settings: StoreSettings) -> Self {
+        Self {
+            devices: AggregateStore::new(pool.clone(), (), settings),
+            firmware: AggregateStore::new(pool.clone(), (), settings),
+            rollouts: AggregateStore::new(pool.clone(), (), settings),
+            users: AggregateStore::new(pool.clone(), (), settings),
+            pool,
+        }
+    }
+
+    /// Devices.
+    pub fn devices(&self) -> &AggregateStore<Device> {
+        &self.devices
+    }
+
+    /// Firmware images.
+    pub fn firmware(&self) -> &AggregateStore<Firmware> {
+        &self.firmware
+    }
+
+    /// Rollouts.
+    pub fn rollouts(&self) -> &AggregateStore<Rollout> {
+        &self.rollouts
+    }
+
+    /// Users.
+    pub fn users(&self) -> &AggregateStore<User> {
+        &self.users
+    }
+
+    /// The pool the stores write to.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}

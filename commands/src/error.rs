@@ -1,0 +1,54 @@
+//! Errors of the write side. A refusal by the domain, a conflict that outlasted the retries and
+//! an infrastructure failure are different cases, answered differently at the edges
+//! (422, 409 and 503 over HTTP).
+
+/// The event store could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Postgres failed or is unreachable.
+    #[error("event store database error")]
+    Database(#[from] sqlx::Error),
+    /// An event or snapshot could not be turned into JSON.
+    #[error("could not serialize {what}")]
+    Serialize {
+        /// What was being serialized.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored event no longer reads as an event of its aggregate.
+    #[error("stored event {aggregate_type}/{aggregate_id}#{sequence} cannot be read")]
+    CorruptEvent {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        aggregate_id: String,
+        /// The event's sequence.
+        sequence: i64,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Why a command did not produce its events.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error + 'static> {
+    /// The aggregate refused the command: the request is wrong for the current state.
+    #[error(transparent)]
+    Refused(E),
+    /// Other writers kept changing the aggregate; every attempt conflicted.
+    #[error("aggregate {aggregate_type}/{aggregate_id} kept changing: gave up after {attempts} attempts")]
+    Conflict {
+        /// The aggregate type.
+        aggregate_type: &'static str,
+        /// The aggregate id.
+        aggregate_id: String,
+        /// How many times the command was tried.
+        attempts: u32,
+    },
+    /// The event store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -1,0 +1,502 @@
+//! The aggregate store: loads aggregates (cache, snapshot plus tail, or full replay), runs
+//! commands on them and appends the resulting events with optimistic concurrency.
+//!
+//! Why not the cqrs-es snapshot store: in cqrs-es 0.5 `PersistedEventStore` applies new events to
+//! the aggregate a second time before saving the snapshot, so snapshots are wrong. Here the
+//! aggregate is changed once, by the `EventSink` while it decides, and the snapshot is that very
+//! state serialized.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, DomainEvent, EventEnvelope};
+use rand::Rng;
+use serde_json::Value;
+use sqlx::{PgPool, Row};
+use tokio::sync::Mutex;
+
+use crate::error::{CommandError, StoreError};
+use crate::metadata::CommandMetadata;
+
+const INSERT_EVENTS: &str = "
+INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload::json, $7::json
+  FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[])
+       AS e(sequence, event_type, event_version, payload)
+ ORDER BY e.sequence
+RETURNING sequence, global_position";
+
+const UPSERT_SNAPSHOT: &str = "
+INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+VALUES ($1, $2, $3, 1, $4::json)
+ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+   SET last_sequence = EXCLUDED.last_sequence,
+       current_snapshot = snapshots.current_snapshot + 1,
+       payload = EXCLUDED.payload
+ WHERE snapshots.last_sequence < EXCLUDED.last_sequence";
+
+const SELECT_SNAPSHOT: &str = "
+SELECT last_sequence, payload
+  FROM snapshots
+ WHERE aggregate_type = $1 AND aggregate_id = $2";
+
+const SELECT_EVENTS_AFTER: &str = "
+SELECT sequence, payload, metadata
+  FROM events
+ WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
+ ORDER BY sequence";
+
+/// Tuning of an aggregate store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// How many aggregates of one type stay in memory.
+    pub cache_capacity: u64,
+    /// A snapshot is written each time an aggregate's version crosses a multiple of this.
+    /// 0 turns snapshots off.
+    pub snapshot_every: u64,
+    /// How many times a command is tried when other writers keep taking the next sequence.
+    pub max_attempts: u32,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            cache_capacity: 10_000,
+            snapshot_every: 100,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// An aggregate at a known version (the sequence of its last event; 0 for a new one).
+#[derive(Debug, Clone)]
+pub struct LoadedAggregate<A> {
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// Its state.
+    pub aggregate: A,
+    /// The sequence of the last event applied.
+    pub version: u64,
+}
+
+impl<A: Aggregate> AggregateContext<A> for LoadedAggregate<A> {
+    fn aggregate(&mut self) -> &mut A {
+        &mut self.aggregate
+    }
+}
+
+/// What a successful command left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The aggregate's version after the command.
+    pub version: u64,
+    /// The global position of the last event appended; `None` when the command was accepted
+    /// but changed nothing (an idempotent repeat).
+    pub global_position: Option<i64>,
+    /// How many events were appended.
+    pub events: usize,
+}
+
+type Slot<A> = Arc<Mutex<Option<LoadedAggregate<A>>>>;
+
+/// The store of one aggregate type. Cheap to clone; clones share the cache.
+pub struct AggregateStore<A: Aggregate> {
+    pool: PgPool,
+    services: Arc<A::Services>,
+    settings: StoreSettings,
+    /// Each cached aggregate sits behind its own lock, so commands on one aggregate in this
+    /// process run one after the other instead of conflicting; commands on different aggregates
+    /// run in parallel. An empty slot means "load from the database".
+    cache: moka::sync::Cache<String, Slot<A>>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate> Clone for AggregateStore<A> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            services: self.services.clone(),
+            settings: self.settings,
+            cache: self.cache.clone(),
+            _aggregate: PhantomData,
+        }
+    }
+}
+
+enum AppendError {
+    Conflict,
+    Store(StoreError),
+}
+
+impl From<sqlx::Error> for AppendError {
+    fn from(error: sqlx::Error) -> Self {
+        let is_unique_violation = error
+            .as_database_error()
+            .is_some_and(|e| e.is_unique_violation());
+        if is_unique_violation {
+            Self::Conflict
+        } else {
+            Self::Store(StoreError::Database(error))
+        }
+    }
+}
+
+impl<A> AggregateStore<A>
+where
+    A: Aggregate + 'static,
+    A::Command: Clone,
+    A::Error: 'static,
+{
+    /// A store over `pool` that hands `services` to the aggregate.
+    pub fn new(pool: PgPool, services: A::Services, settings: StoreSettings) -> Self {
+        Self {
+            pool,
+            services: Arc::new(services),
+            settings,
+            cache: moka::sync::Cache::new(settings.cache_capacity),
+            _aggregate: PhantomData,
+        }
+    }
+
+    /// Runs `command` on the aggregate `aggregate_id` and appends the events it produces, stamped
+    /// with `metadata`. Retries on conflicts with other writers, up to `max_attempts` times.
+    pub async fn execute(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        metadata: &CommandMetadata,
+    ) -> Result<Committed, CommandError<A::Error>> {
+        let metadata = metadata.to_map();
+        let mut attempt = 1;
+        loop {
+            match self
+                .try_execute(aggregate_id, command.clone(), &metadata)
+                .await?
+            {
+                Some(committed) => return Ok(committed),
+                None if attempt >= self.settings.max_attempts => {
+                    return Err(CommandError::Conflict {
+                        aggregate_type: A::TYPE,
+                        aggregate_id: aggregate_id.to_string(),
+                        attempts: attempt,
+                    });
+                }
+                None => {
+                    tracing::debug!(
+                        aggregate_type = A::TYPE,
+                        aggregate_id,
+                        attempt,
+                        "conflict, retrying"
+                    );
+                    // Spread the retries of competing writers apart.
+                    let jitter = rand::thread_rng().gen_range(0..10 * u64::from(attempt));
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn slot(&self, aggregate_id: &str) -> Slot<A> {
+        self.cache
+            .get_with_by_ref(aggregate_id, || Arc::new(Mutex::new(None)))
+    }
+
+    /// One attempt; `Ok(None)` means the append conflicted and the cached copy was dropped.
+    async fn try_execute(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        metadata: &HashMap<String, String>,
+    ) -> Result<Option<Committed>, CommandError<A::Error>> {
+        let slot = self.slot(aggregate_id);
+        let mut cached = slot.lock().await;
+        let mut loaded = match cached.take() {
+            Some(loaded) => loaded,
+            None => self.load(aggregate_id).await?,
+        };
+
+        let sink = EventSink::default();
+        let decision = loaded
+            .aggregate
+            .handle(command, &self.services, &sink)
+            .await;
+        let events = sink.collect().await;
+        if let Err(refusal) = decision {
+            // An aggregate that wrote events before refusing may be half-changed: keep it only
+            // if it is untouched.
+            if events.is_empty() {
+                *cached = Some(loaded);
+            }
+            return Err(CommandError::Refused(refusal));
+        }
+        if events.is_empty() {
+            let version = loaded.version;
+            *cached = Some(loaded);
+            return Ok(Some(Committed {
+                version,
+                global_position: None,
+                events: 0,
+            }));
+        }
+
+        match self.append(&loaded, &events, metadata).await {
+            Ok(global_position) => {
+                let count = events.len();
+                loaded.version += count as u64;
+                let version = loaded.version;
+                *cached = Some(loaded);
+                Ok(Some(Committed {
+                    version,
+                    global_position: Some(global_position),
+                    events: count,
+                }))
+            }
+            // The slot stays empty: the next attempt reloads what the other writer stored.
+            Err(AppendError::Conflict) => Ok(None),
+            Err(AppendError::Store(error)) => Err(error.into()),
+        }
+    }
+
+    /// Appends `events`, which `loaded.aggregate` has already applied, after `loaded.version`;
+    /// returns the global position of the last one.
+    async fn append(
+        &self,
+        loaded: &LoadedAggregate<A>,
+        events: &[A::Event],
+        metadata: &HashMap<String, String>,
+    ) -> Result<i64, AppendError> {
+        let serialize_error = |source| {
+            AppendError::Store(StoreError::Serialize {
+                what: "event",
+                source,
+            })
+        };
+        let mut sequences = Vec::with_capacity(events.len());
+        let mut event_types = Vec::with_capacity(events.len());
+        let mut event_versions = Vec::with_capacity(events.len());
+        let mut payloads = Vec::with_capacity(events.len());
+        for (offset, event) in events.iter().enumerate() {
+            sequences.push((loaded.version + 1 + offset as u64) as i64);
+            event_types.push(event.event_type());
+            event_versions.push(event.event_version());
+            payloads.push(serde_json::to_string(event).map_err(serialize_error)?);
+        }
+        let metadata = serde_json::to_string(metadata).map_err(serialize_error)?;
+        let new_version = loaded.version + events.len() as u64;
+
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(INSERT_EVENTS)
+            .bind(A::TYPE)
+            .bind(&loaded.aggregate_id)
+            .bind(&sequences)
+            .bind(&event_types)
+            .bind(&event_versions)
+            .bind(&payloads)
+            .bind(&metadata)
+            .fetch_all(&mut *tx)
+            .await?;
+        let last_position = rows
+            .iter()
+            .map(|row| {
+                (
+                    row.get::<i64, _>("sequence"),
+                    row.get::<i64, _>("global_position"),
+                )
+            })
+            .max()
+            .map(|(_, position)| position)
+            .ok_or_else(|| AppendError::Store(StoreError::Database(sqlx::Error::RowNotFound)))?;
+        if self.crosses_snapshot_boundary(loaded.version, new_version) {
+            let snapshot = serde_json::to_string(&loaded.aggregate).map_err(|source| {
+                AppendError::Store(StoreError::Serialize {
+                    what: "snapshot",
+                    source,
+                })
+            })?;
+            sqlx::query(UPSERT_SNAPSHOT)
+                .bind(A::TYPE)
+                .bind(&loaded.aggregate_id)
+                .bind(new_version as i64)
+                .bind(snapshot)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(last_position)
+    }
+
+    fn crosses_snapshot_boundary(&self, old_version: u64, new_version: u64) -> bool {
+        let every = self.settings.snapshot_every;
+        every > 0 && new_version / every > old_version / every
+    }
+
+    /// Loads an aggregate from its snapshot plus later events, or from all its events when
+    /// there is no usable snapshot. Bypasses the cache.
+    pub async fn load(&self, aggregate_id: &str) -> Result<LoadedAggregate<A>, StoreError> {
+        let (mut aggregate, mut version) = self.load_snapshot(aggregate_id).await?;
+        let rows = sqlx::query(SELECT_EVENTS_AFTER)
+            .bind(A::TYPE)
+            .bind(aggregate_id)
+            .bind(version as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in rows {
+            let sequence: i64 = row.get("sequence");
+            let payload: Value = row.get("payload");
+            let event =
+                serde_json::from_value(payload).map_err(|source| StoreError::CorruptEvent {
+                    aggregate_type: A::TYPE.to_string(),
+                    aggregate_id: aggregate_id.to_string(),
+                    sequence,
+                    source,
+                })?;
+            aggregate.apply(event);
+            version = sequence as u64;
+        }
+        Ok(LoadedAggregate {
+            aggregate_id: aggregate_id.to_string(),
+            aggregate,
+            version,
+        })
+    }
+
+    async fn load_snapshot(&self, aggregate_id: &str) -> Result<(A, u64), StoreError> {
+        let row = sqlx::query(SELECT_SNAPSHOT)
+            .bind(A::TYPE)
+            .bind(aggregate_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok((A::default(), 0));
+        };
+        let last_sequence: i64 = row.get("last_sequence");
+        match serde_json::from_value::<A>(row.get("payload")) {
+            Ok(aggregate) => Ok((aggregate, last_sequence as u64)),
+            Err(error) => {
+                // The aggregate's shape changed since the snapshot was taken: the events are
+                // the truth, so replay them all. The next snapshot replaces the stale one.
+                tracing::warn!(
+                    aggregate_type = A::TYPE,
+                    aggregate_id,
+                    %error,
+                    "snapshot no longer fits the aggregate; replaying all events"
+                );
+                Ok((A::default(), 0))
+            }
+        }
+    }
+
+    /// The aggregate as the next command would see it: the cached copy, or else loaded (and
+    /// then cached).
+    pub async fn current(&self, aggregate_id: &str) -> Result<LoadedAggregate<A>, StoreError>
+    where
+        A: Clone,
+    {
+        let slot = self.slot(aggregate_id);
+        let mut cached = slot.lock().await;
+        if let Some(loaded) = cached.as_ref() {
+            return Ok(loaded.clone());
+        }
+        let loaded = self.load(aggregate_id).await?;
+        *cached = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Drops an aggregate from the cache, e.g. after its events were changed behind the store.
+    pub fn evict(&self, aggregate_id: &str) {
+        self.cache.invalidate(aggregate_id);
+    }
+
+    /// Every event of an aggregate, in order.
+    pub async fn events(&self, aggregate_id: &str) -> Result<Vec<EventEnvelope<A>>, StoreError> {
+        let rows = sqlx::query(SELECT_EVENTS_AFTER)
+            .bind(A::TYPE)
+            .bind(aggregate_id)
+            .bind(0_i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let sequence: i64 = row.get("sequence");
+                let corrupt = |source| StoreError::CorruptEvent {
+                    aggregate_type: A::TYPE.to_string(),
+                    aggregate_id: aggregate_id.to_string(),
+                    sequence,
+                    source,
+                };
+                Ok(EventEnvelope {
+                    aggregate_id: aggregate_id.to_string(),
+                    sequence: sequence as usize,
+                    payload: serde_json::from_value(row.get("payload")).map_err(corrupt)?,
+                    metadata: serde_json::from_value(row.get("metadata")).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn to_aggregate_error<E: std::error::Error>(error: StoreError) -> AggregateError<E> {
+    match error {
+        StoreError::Database(error) => AggregateError::DatabaseConnectionError(Box::new(error)),
+        StoreError::Serialize { source, .. } => AggregateError::UnexpectedError(Box::new(source)),
+        error @ StoreError::CorruptEvent { .. } => {
+            AggregateError::DeserializationError(Box::new(error))
+        }
+    }
+}
+
+/// The store speaks the cqrs-es `EventStore` protocol too, so a `cqrs_es::CqrsFramework` can
+/// run on it. fleetlog's own roles call [`AggregateStore::execute`], which also returns the
+/// global position and retries conflicts.
+impl<A> cqrs_es::EventStore<A> for AggregateStore<A>
+where
+    A: Aggregate + 'static,
+    A::Command: Clone,
+    A::Error: 'static,
+{
+    type AC = LoadedAggregate<A>;
+
+    async fn load_events(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        self.events(aggregate_id).await.map_err(to_aggregate_error)
+    }
+
+    async fn load_aggregate(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Self::AC, AggregateError<A::Error>> {
+        self.load(aggregate_id).await.map_err(to_aggregate_error)
+    }
+
+    async fn commit(
+        &self,
+        events: Vec<A::Event>,
+        context: Self::AC,
+        metadata: HashMap<String, String>,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        // cqrs-es hands over the aggregate with the events applied already (the sink did it).
+        self.evict(&context.aggregate_id);
+        let version = context.version;
+        match self.append(&context, &events, &metadata).await {
+            Ok(_) => {}
+            Err(AppendError::Conflict) => return Err(AggregateError::AggregateConflict),
+            Err(AppendError::Store(error)) => return Err(to_aggregate_error(error)),
+        }
+        Ok(events
+            .into_iter()
+            .enumerate()
+            .map(|(offset, payload)| EventEnvelope {
+                aggregate_id: context.aggregate_id.clone(),
+                sequence: (version + 1) as usize + offset,
+                payload,
+                metadata: metadata.clone(),
+            })
+            .collect())
+    }
+}

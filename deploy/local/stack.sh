@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# The local fleetlog stack: Postgres, nats-server (JetStream) and Mosquitto from the
+# distribution's packages, each on its own local port with its data under one project-local
+# directory. No container engine needed.
+#
+#   deploy/local/stack.sh start    install what is missing, start what is not running
+#   deploy/local/stack.sh stop     stop all three
+#   deploy/local/stack.sh status   say what runs
+#   deploy/local/stack.sh env      print the FLEETLOG_* variables that point at the stack
+#
+# Works as a normal user (sudo for apt) and as root (Postgres then runs as the `postgres` user,
+# since it refuses to run as root).
+#
+# Settings (environment):
+#   FLEETLOG_STACK_DIR   where data, logs and generated secrets go  (default: <repo>/.fleetlog/stack)
+#   FLEETLOG_PG_PORT     Postgres port                               (default: 55432)
+#   FLEETLOG_NATS_PORT   NATS client port                            (default: 54222)
+#   FLEETLOG_MQTT_PORT   MQTT port                                   (default: 51883)
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+stack_dir=${FLEETLOG_STACK_DIR:-$repo_root/.fleetlog/stack}
+pg_port=${FLEETLOG_PG_PORT:-55432}
+nats_port=${FLEETLOG_NATS_PORT:-54222}
+mqtt_port=${FLEETLOG_MQTT_PORT:-51883}
+
+log() { printf 'stack: %s\n' "$*" >&2; }
+die() { printf 'stack: error: %s\n' "$*" >&2; exit 1; }
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+as_root() {
+    if is_root; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else die "need root to run '$*' (no sudo found)"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Packages
+
+apt_updated=0
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 \
+        || die "apt-get not found: install $* with your package manager, then run this again"
+    if [ "$apt_updated" -eq 0 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+        apt_updated=1
+    fi
+    log "installing $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+pg_bin_dir() {
+    local dir
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$dir" ] && [ -x "$dir/initdb" ] && printf '%s' "$dir"
+}
+
+ensure_packages() {
+    local missing=()
+    pg_bin_dir >/dev/null || missing+=(postgresql postgresql-client)
+    command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+    command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+    if [ ${#missing[@]} -gt 0 ]; then
+        # shellcheck disable=SC2046
+        apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() {
+    local port=$1 name=$2 log_file=$3
+    for _ in $(seq 1 100); do
+        port_open "$port" && return 0
+        sleep 0.1
+    done
+    [ -f "$log_file" ] && tail -n 20 "$log_file" >&2
+    die "$name did not open port $port (log: $log_file)"
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# A secret generated once and kept in the stack directory.
+secret() {
+    local file=$stack_dir/secrets/$1
+    if [ ! -s "$file" ]; then
+        mkdir -p "$stack_dir/secrets"
+        chmod 700 "$stack_dir/secrets"
+        (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$file")
+    fi
+    cat "$file"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Postgres
+
+# Postgres runs as the `postgres` user when we are root. That user must be able to reach its
+# data directory; a checkout under a private home directory is not reachable, so the data then
+# lives in a directory of its own under /var/tmp, named after the stack directory.
+pg_data_dir() {
+    if is_root && ! runuser -u postgres -- test -x "$stack_dir" 2>/dev/null; then
+        printf '/var/tmp/fleetlog-%s/postgres' "$(printf '%s' "$stack_dir" | md5sum | cut -c1-12)"
+    else
+        printf '%s/postgres' "$stack_dir"
+    fi
+}
+
+as_pg_user() {
+    if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_admin_password() { secret postgres-admin-password; }
+pg_app_password() { secret postgres-fleetlog-password; }
+
+psql_admin() {
+    PGPASSWORD=$(pg_admin_password) psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" \
+        -U postgres -d postgres "$@"
+}
+
+start_postgres() {
+    local bin data log_file
+    bin=$(pg_bin_dir) || die "Postgres server binaries not found under /usr/lib/postgresql"
+    data=$(pg_data_dir)
+    log_file=$stack_dir/logs/postgres.log
+    if as_pg_user "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        log "postgres already running on port $pg_port"
+        return
+    fi
+    if [ ! -f "$data/PG_VERSION" ]; then
+        log "initialising postgres in $data"
+        mkdir -p "$data"
+        chmod 700 "$data"
+        local pwfile
+        pwfile=$(mktemp)
+        pg_admin_password >"$pwfile"
+        if is_root; then
+            chown postgres:postgres "$data" "$pwfile"
+            # The parent may be ours; Postgres only needs to reach and own the data directory.
+            chmod 755 "$(dirname "$data")"
+        fi
+        as_pg_user "$bin/initdb" -D "$data" -U postgres --pwfile="$pwfile" \
+            --auth-host=scram-sha-256 --auth-local=peer -E UTF8 --locale=C.UTF-8 >/dev/null \
+            || { rm -f "$pwfile"; die "initdb failed"; }
+        rm -f "$pwfile"
+    fi
+    if is_root; then touch "$log_file" && chown postgres "$log_file"; fi
+    log "starting postgres on 127.0.0.1:$pg_port"
+    as_pg_user "$bin/pg_ctl" -D "$data" -l "$log_file" -w -t 60 \
+        -o "-p $pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c fsync=${FLEETLOG_PG_FSYNC:-on}" \
+        start >/dev/null || { tail -n 20 "$log_file" >&2; die "postgres did not start"; }
+    wait_for_port "$pg_port" postgres "$log_file"
+    ensure_app_database
+}
+
+ensure_app_database() {
+    local password
+    password=$(pg_app_password)
+    if [ -z "$(psql_admin -tAc "SELECT 1 FROM pg_roles WHERE rolname = 'fleetlog'")" ]; then
+        psql_admin -c "CREATE ROLE fleetlog LOGIN PASSWORD '$password'"
+    fi
+    if [ -z "$(psql_admin -tAc "SELECT 1 FROM pg_database WHERE datname = 'fleetlog'")" ]; then
+        psql_admin -c "CREATE DATABASE fleetlog OWNER fleetlog"
+    fi
+}
+
+stop_postgres() {
+    local bin data
+    bin=$(pg_bin_dir) || return 0
+    data=$(pg_data_dir)
+    if as_pg_user "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        log "stopping postgres"
+        as_pg_user "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# NATS
+
+nats_bin() { command -v nats-server 2>/dev/null || printf /usr/sbin/nats-server; }
+
+start_nats() {
+    local pid_file=$stack_dir/nats/nats.pid log_file=$stack_dir/logs/nats.log
+    if pid_alive "$pid_file"; then
+        log "nats already running on port $nats_port"
+        return
+    fi
+    mkdir -p "$stack_dir/nats/jetstream"
+    log "starting nats-server (JetStream) on 127.0.0.1:$nats_port"
+    setsid "$(nats_bin)" -a 127.0.0.1 -p "$nats_port" -js -sd "$stack_dir/nats/jetstream" \
+        -P "$pid_file" >>"$log_file" 2>&1 </dev/null &
+    wait_for_port "$nats_port" nats-server "$log_file"
+}
+
+stop_pid_file() {
+    local name=$1 pid_file=$2
+    if pid_alive "$pid_file"; then
+        log "stopping $name"
+        local pid
+        pid=$(cat "$pid_file")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pid_file"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Mosquitto
+
+mosquitto_bin() { command -v mosquitto 2>/dev/null || printf /usr/sbin/mosquitto; }
+
+start_mosquitto() {
+    local dir=$stack_dir/mosquitto log_file=$stack_dir/logs/mosquitto.log
+    local pid_file=$dir/mosquitto.pid
+    if pid_alive "$pid_file"; then
+        log "mosquitto already running on port $mqtt_port"
+        return
+    fi
+    mkdir -p "$dir/data"
+    # `user` keeps mosquitto from switching to its own system user when started as root,
+    # which could not write to this directory.
+    cat >"$dir/mosquitto.conf" <<EOF
+# Generated by deploy/local/stack.sh
+user $(id -un)
+listener $mqtt_port 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location $dir/data/
+pid_file $pid_file
+log_dest file $log_file
+max_queued_messages 100000
+EOF
+    log "starting mosquitto on 127.0.0.1:$mqtt_port"
+    "$(mosquitto_bin)" -c "$dir/mosquitto.conf" -d 2>>"$log_file"
+    wait_for_port "$mqtt_port" mosquitto "$log_file"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+print_env() {
+    cat <<EOF
+export FLEETLOG_DATABASE_URL='postgres://fleetlog:$(pg_app_password)@127.0.0.1:$pg_port/fleetlog'
+export FLEETLOG_TEST_DATABASE_URL='postgres://postgres:$(pg_admin_password)@127.0.0.1:$pg_port/postgres'
+export FLEETLOG_NATS_URL='nats://127.0.0.1:$nats_port'
+export FLEETLOG_MQTT_URL='mqtt://127.0.0.1:$mqtt_port'
+export FLEETLOG_JWT_SECRET='$(secret jwt-secret)'
+export FLEETLOG_DATA_DIR='$stack_dir/node'
+EOF
+}
+
+status() {
+    local bin
+    bin=$(pg_bin_dir || true)
+    if [ -n "$bin" ] && as_pg_user "$bin/pg_ctl" -D "$(pg_data_dir)" status >/dev/null 2>&1; then
+        echo "postgres   running  127.0.0.1:$pg_port"
+    else
+        echo "postgres   stopped"
+    fi
+    if pid_alive "$stack_dir/nats/nats.pid"; then
+        echo "nats       running  127.0.0.1:$nats_port"
+    else
+        echo "nats       stopped"
+    fi
+    if pid_alive "$stack_dir/mosquitto/mosquitto.pid"; then
+        echo "mosquitto  running  127.0.0.1:$mqtt_port"
+    else
+        echo "mosquitto  stopped"
+    fi
+}
+
+main() {
+    case "${1:-}" in
+        start)
+            ensure_packages
+            mkdir -p "$stack_dir/logs"
+            start_postgres
+            start_nats
+            start_mosquitto
+            print_env >"$stack_dir/env"
+            chmod 600 "$stack_dir/env"
+            log "stack is up; variables in $stack_dir/env"
+            ;;
+        stop)
+            stop_mosquitto_and_nats
+            stop_postgres
+            ;;
+        status) status ;;
+        env) print_env ;;
+        *)
+            echo "usage: $0 start|stop|status|env" >&2
+            exit 2
+            ;;
+    esac
+}
+
+stop_mosquitto_and_nats() {
+    stop_pid_file mosquitto "$stack_dir/mosquitto/mosquitto.pid"
+    stop_pid_file nats-server "$stack_dir/nats/nats.pid"
+}
+
+main "$@"

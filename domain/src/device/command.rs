@@ -1,0 +1,490 @@
+//! What can be asked of a device, and the decision for each request.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::telemetry::{validate_location, validate_readings, TelemetryError};
+use super::{
+    validate_model, validate_name, validate_properties, validate_tags, validate_text,
+    CommandOutcome, Connectivity, Device, DeviceError, DeviceEvent, Lifecycle, Location, Reading,
+};
+use crate::firmware::FirmwareId;
+use crate::ids::{CommandId, DeviceId, RolloutId, TenantId, UserId};
+
+/// A request to the Device aggregate. Times are passed in: the domain reads no clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DeviceCommand {
+    /// Add a device to the registry.
+    Register {
+        /// The id chosen for it.
+        device_id: DeviceId,
+        /// Its tenant.
+        tenant: TenantId,
+        /// Its owner.
+        owner: UserId,
+        /// Human-readable name.
+        name: String,
+        /// Hardware model.
+        model: String,
+        /// Labels.
+        tags: Vec<String>,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Change registry fields; `None` leaves a field as it is.
+    UpdateMetadata {
+        /// New name.
+        name: Option<String>,
+        /// New model.
+        model: Option<String>,
+        /// New tags (replacing the old ones).
+        tags: Option<Vec<String>>,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Retire the device for good.
+    Decommission {
+        /// Why.
+        reason: String,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Record a telemetry message.
+    RecordTelemetry {
+        /// Digest of the raw message; a redelivery carries the same digest and is ignored.
+        digest: String,
+        /// Sensor readings.
+        readings: Vec<Reading>,
+        /// The message's own timestamp.
+        device_time: Option<DateTime<Utc>>,
+        /// When the platform received it.
+        received_at: DateTime<Utc>,
+        /// Position.
+        location: Option<Location>,
+        /// Status fields sent with the telemetry.
+        status: Map<String, Value>,
+    },
+    /// Record a status report.
+    ReportStatus {
+        /// Fields to merge into the reported properties (`null` removes one).
+        status: Map<String, Value>,
+        /// When the platform received it.
+        received_at: DateTime<Utc>,
+    },
+    /// Record a heartbeat.
+    Heartbeat {
+        /// The device's own timestamp.
+        device_time: Option<DateTime<Utc>>,
+        /// When the platform received it.
+        received_at: DateTime<Utc>,
+    },
+    /// Mark the device offline.
+    MarkOffline {
+        /// Why.
+        reason: String,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Change desired properties (a one-level merge patch: `null` removes a property).
+    SetDesired {
+        /// The change.
+        properties: Map<String, Value>,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Send a command to the device.
+    IssueCommand {
+        /// Its id, unique per device.
+        command_id: CommandId,
+        /// Its name, `[a-z_][a-z0-9_]{0,49}`.
+        name: String,
+        /// Its parameters, a JSON object.
+        params: Value,
+        /// Now.
+        issued_at: DateTime<Utc>,
+        /// When it stops being valid.
+        expires_at: DateTime<Utc>,
+    },
+    /// Record the device's reply to a command.
+    RecordCommandReply {
+        /// The command.
+        command_id: CommandId,
+        /// How it ended.
+        outcome: CommandOutcome,
+        /// What the device returned.
+        result: Value,
+        /// When the reply arrived.
+        received_at: DateTime<Utc>,
+    },
+    /// Record that a command passed its deadline.
+    ExpireCommand {
+        /// The command.
+        command_id: CommandId,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Ask the device to install firmware.
+    RequestFirmwareUpdate {
+        /// The rollout behind the request, if any.
+        rollout_id: Option<RolloutId>,
+        /// The image.
+        firmware_id: FirmwareId,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Record the device's progress on a firmware update.
+    RecordFirmwareProgress {
+        /// The rollout the device names.
+        rollout_id: Option<RolloutId>,
+        /// The device's state, e.g. `downloading`.
+        state: String,
+        /// Percent done, 0 to 100.
+        progress: u8,
+        /// When it arrived.
+        at: DateTime<Utc>,
+    },
+    /// Record that the device runs the new firmware.
+    RecordFirmwareSucceeded {
+        /// The rollout the device names.
+        rollout_id: Option<RolloutId>,
+        /// The version it reports running.
+        version: String,
+        /// When it arrived.
+        at: DateTime<Utc>,
+    },
+    /// Record that the firmware update failed.
+    RecordFirmwareFailed {
+        /// The rollout the device names.
+        rollout_id: Option<RolloutId>,
+        /// What went wrong.
+        error: String,
+        /// When it arrived.
+        at: DateTime<Utc>,
+    },
+    /// Replace the device's secret; the caller hashes it.
+    RotateCredentials {
+        /// SHA-256 hex of the new secret.
+        secret_hash: String,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+}
+
+pub(super) fn decide(
+    device: &Device,
+    command: DeviceCommand,
+) -> Result<Vec<DeviceEvent>, DeviceError> {
+    if let DeviceCommand::Register {
+        device_id,
+        tenant,
+        owner,
+        name,
+        model,
+        tags,
+        at,
+    } = command
+    {
+        if device.lifecycle != Lifecycle::Unregistered {
+            return Err(DeviceError::AlreadyRegistered);
+        }
+        return Ok(vec![DeviceEvent::DeviceRegistered {
+            device_id,
+            tenant,
+            owner,
+            name: validate_name(&name)?,
+            model: validate_model(&model)?,
+            tags: validate_tags(tags)?,
+            at,
+        }]);
+    }
+    device.ensure_active()?;
+    match command {
+        DeviceCommand::Register { .. } => unreachable!("handled above"),
+        DeviceCommand::UpdateMetadata {
+            name,
+            model,
+            tags,
+            at,
+        } => {
+            if name.is_none() && model.is_none() && tags.is_none() {
+                return Err(DeviceError::NothingToUpdate);
+            }
+            let name = name.map(|n| validate_name(&n)).transpose()?;
+            let model = model.map(|m| validate_model(&m)).transpose()?;
+            let tags = tags.map(validate_tags).transpose()?;
+            // Only what really changes becomes part of the fact; an update that changes
+            // nothing is accepted and records nothing.
+            let name = name.filter(|n| *n != device.name);
+            let model = model.filter(|m| *m != device.model);
+            let tags = tags.filter(|t| *t != device.tags);
+            if name.is_none() && model.is_none() && tags.is_none() {
+                return Ok(vec![]);
+            }
+            Ok(vec![DeviceEvent::DeviceMetadataUpdated {
+                name,
+                model,
+                tags,
+                at,
+            }])
+        }
+        DeviceCommand::Decommission { reason, at } => {
+            validate_text("reason", &reason)?;
+            Ok(vec![DeviceEvent::DeviceDecommissioned { reason, at }])
+        }
+        DeviceCommand::RecordTelemetry {
+            digest,
+            readings,
+            device_time,
+            received_at,
+            location,
+            status,
+        } => {
+            if digest.is_empty() || digest.len() > 128 {
+                return Err(TelemetryError::InvalidDigest.into());
+            }
+            if device.recent_digests.contains(&digest) {
+                return Ok(vec![]);
+            }
+            if readings.is_empty() && location.is_none() && status.is_empty() {
+                return Err(TelemetryError::Empty.into());
+            }
+            validate_readings(&readings)?;
+            if let Some(location) = &location {
+                validate_location(location)?;
+            }
+            if !status.is_empty() {
+                validate_properties(&status)?;
+            }
+            let mut events: Vec<DeviceEvent> =
+                device.came_online(received_at).into_iter().collect();
+            events.push(DeviceEvent::TelemetryRecorded {
+                digest,
+                readings,
+                device_time,
+                received_at,
+                location,
+                status,
+            });
+            Ok(events)
+        }
+        DeviceCommand::ReportStatus {
+            status,
+            received_at,
+        } => {
+            validate_properties(&status)?;
+            let mut events: Vec<DeviceEvent> =
+                device.came_online(received_at).into_iter().collect();
+            events.push(DeviceEvent::StatusReported {
+                status,
+                received_at,
+            });
+            Ok(events)
+        }
+        DeviceCommand::Heartbeat {
+            device_time,
+            received_at,
+        } => {
+            let mut events: Vec<DeviceEvent> =
+                device.came_online(received_at).into_iter().collect();
+            events.push(DeviceEvent::HeartbeatReceived {
+                device_time,
+                received_at,
+            });
+            Ok(events)
+        }
+        DeviceCommand::MarkOffline { reason, at } => {
+            validate_text("reason", &reason)?;
+            if device.connectivity == Connectivity::Offline {
+                return Err(DeviceError::AlreadyOffline);
+            }
+            Ok(vec![DeviceEvent::DeviceWentOffline { reason, at }])
+        }
+        DeviceCommand::SetDesired { properties, at } => {
+            validate_properties(&properties)?;
+            let changes = properties
+                .iter()
+                .any(|(key, value)| device.desired.get(key).unwrap_or(&Value::Null) != value);
+            if !changes {
+                return Ok(vec![]);
+            }
+            Ok(vec![DeviceEvent::DesiredPropertiesSet {
+                properties,
+                version: device.desired_version + 1,
+                at,
+            }])
+        }
+        DeviceCommand::IssueCommand {
+            command_id,
+            name,
+            params,
+            issued_at,
+            expires_at,
+        } => {
+            if device.open_commands.contains_key(&command_id)
+                || device.closed_commands.contains(&command_id)
+            {
+                return Err(DeviceError::DuplicateCommand(command_id));
+            }
+            if super::telemetry::validate_sensor_name(&name).is_err() {
+                return Err(DeviceError::InvalidCommandName(name));
+            }
+            if !params.is_object() {
+                return Err(DeviceError::InvalidCommandParams);
+            }
+            if expires_at <= issued_at {
+                return Err(DeviceError::ExpiryNotAfterIssue);
+            }
+            Ok(vec![DeviceEvent::CommandIssued {
+                command_id,
+                name,
+                params,
+                issued_at,
+                expires_at,
+            }])
+        }
+        DeviceCommand::RecordCommandReply {
+            command_id,
+            outcome,
+            result,
+            received_at,
+        } => {
+            if device.closed_commands.contains(&command_id) {
+                // A redelivered or late reply: the command is settled already.
+                return Ok(vec![]);
+            }
+            if !device.open_commands.contains_key(&command_id) {
+                return Err(DeviceError::UnknownCommand(command_id));
+            }
+            Ok(vec![DeviceEvent::CommandReplied {
+                command_id,
+                outcome,
+                result,
+                received_at,
+            }])
+        }
+        DeviceCommand::ExpireCommand { command_id, at } => {
+            if device.closed_commands.contains(&command_id) {
+                return Ok(vec![]);
+            }
+            let Some(open) = device.open_commands.get(&command_id) else {
+                return Err(DeviceError::UnknownCommand(command_id));
+            };
+            if at < open.expires_at {
+                return Err(DeviceError::CommandNotExpired(command_id));
+            }
+            Ok(vec![DeviceEvent::CommandExpired { command_id, at }])
+        }
+        DeviceCommand::RequestFirmwareUpdate {
+            rollout_id,
+            firmware_id,
+            at,
+        } => {
+            if let Some(pending) = &device.firmware_update {
+                if pending.firmware_id == firmware_id && pending.rollout_id == rollout_id {
+                    return Ok(vec![]);
+                }
+                return Err(DeviceError::UpdateInProgress(
+                    pending.firmware_id.to_string(),
+                ));
+            }
+            let version = firmware_id.version().to_string();
+            if device.firmware_version.as_deref() == Some(version.as_str()) {
+                return Err(DeviceError::AlreadyRunsVersion(version));
+            }
+            Ok(vec![DeviceEvent::FirmwareUpdateRequested {
+                rollout_id,
+                firmware_id,
+                version,
+                at,
+            }])
+        }
+        DeviceCommand::RecordFirmwareProgress {
+            rollout_id,
+            state,
+            progress,
+            at,
+        } => {
+            validate_text("state", &state)?;
+            if progress > 100 {
+                return Err(DeviceError::InvalidProgress(progress));
+            }
+            device.pending_update_for(&rollout_id)?;
+            Ok(vec![DeviceEvent::FirmwareUpdateProgressed {
+                rollout_id,
+                state,
+                progress,
+                at,
+            }])
+        }
+        DeviceCommand::RecordFirmwareSucceeded {
+            rollout_id,
+            version,
+            at,
+        } => {
+            if device.firmware_update.is_none()
+                && device.firmware_version.as_deref() == Some(version.as_str())
+            {
+                // A repeated success report: already recorded.
+                return Ok(vec![]);
+            }
+            let pending = device.pending_update_for(&rollout_id)?;
+            if pending.version != version {
+                return Err(DeviceError::VersionMismatch {
+                    reported: version,
+                    expected: pending.version.clone(),
+                });
+            }
+            Ok(vec![DeviceEvent::FirmwareUpdateSucceeded {
+                rollout_id,
+                version,
+                at,
+            }])
+        }
+        DeviceCommand::RecordFirmwareFailed {
+            rollout_id,
+            error,
+            at,
+        } => {
+            validate_text("error", &error)?;
+            device.pending_update_for(&rollout_id)?;
+            Ok(vec![DeviceEvent::FirmwareUpdateFailed {
+                rollout_id,
+                error,
+                at,
+            }])
+        }
+        DeviceCommand::RotateCredentials { secret_hash, at } => {
+            let is_sha256_hex =
+                secret_hash.len() == 64 && secret_hash.chars().all(|c| c.is_ascii_hexdigit());
+            if !is_sha256_hex {
+                return Err(DeviceError::InvalidCredentialHash);
+            }
+            Ok(vec![DeviceEvent::DeviceCredentialsRotated {
+                secret_hash: secret_hash.to_ascii_lowercase(),
+                credential_version: device.credential_version + 1,
+                at,
+            }])
+        }
+    }
+}
+
+impl Device {
+    /// The pending update, if the report names its rollout.
+    fn pending_update_for(
+        &self,
+        rollout_id: &Option<RolloutId>,
+    ) -> Result<&super::PendingFirmwareUpdate, DeviceError> {
+        let pending = self
+            .firmware_update
+            .as_ref()
+            .ok_or(DeviceError::NoUpdateInProgress)?;
+        if pending.rollout_id != *rollout_id {
+            return Err(DeviceError::RolloutMismatch {
+                reported: rollout_id.clone(),
+                pending: pending.rollout_id.clone(),
+            });
+        }
+        Ok(pending)
+    }
+}

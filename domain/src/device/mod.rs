@@ -1,0 +1,350 @@
+//! The Device aggregate: one physical device, from registration to decommissioning.
+//!
+//! It owns the registry facts (name, model, tags, tenant, owner), connectivity (online, offline,
+//! last seen), what the device reported (telemetry, status, reported properties), what the fleet
+//! wants of it (desired properties, commands, firmware updates) and the hash of its credentials.
+
+mod command;
+mod event;
+mod telemetry;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use command::DeviceCommand;
+pub use event::{CommandOutcome, DeviceEvent};
+pub use telemetry::{validate_sensor_name, Location, Reading, TelemetryError};
+
+use crate::firmware::FirmwareId;
+use crate::ids::{validate_token, CommandId, DeviceId, IdError, RolloutId, TenantId, UserId};
+
+/// How many message digests a device remembers to recognise redelivered telemetry.
+pub const REMEMBERED_DIGESTS: usize = 64;
+/// How many closed command ids a device remembers so a repeated reply is ignored, not refused.
+pub const REMEMBERED_CLOSED_COMMANDS: usize = 64;
+/// The most tags a device may carry.
+pub const MAX_TAGS: usize = 32;
+/// The most keys one desired-properties change may touch.
+pub const MAX_PROPERTY_KEYS: usize = 128;
+
+/// Where a device is in its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lifecycle {
+    /// No `DeviceRegistered` yet.
+    #[default]
+    Unregistered,
+    /// Registered and accepting commands.
+    Active,
+    /// Retired: refuses every change.
+    Decommissioned,
+}
+
+/// Whether the platform believes the device is connected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Connectivity {
+    /// Never heard from.
+    #[default]
+    Unknown,
+    /// Heard from since it last went offline.
+    Online,
+    /// Marked offline and not heard from since.
+    Offline,
+}
+
+/// A command sent to the device that has neither been answered nor expired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenCommand {
+    /// The command's name, e.g. `reboot`.
+    pub name: String,
+    /// When the command stops being valid.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A firmware update the device has been asked to install.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingFirmwareUpdate {
+    /// The rollout that asked for it, if any.
+    pub rollout_id: Option<RolloutId>,
+    /// The firmware image.
+    pub firmware_id: FirmwareId,
+    /// The version the device should end up running.
+    pub version: String,
+    /// The last state the device reported (e.g. `downloading`).
+    pub state: String,
+    /// The last progress in percent the device reported.
+    pub progress: u8,
+}
+
+/// The Device aggregate's state, rebuilt from its events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// The device's id (set by registration).
+    pub id: Option<DeviceId>,
+    /// The tenant the device belongs to.
+    pub tenant: Option<TenantId>,
+    /// The user who owns the device.
+    pub owner: Option<UserId>,
+    /// Human-readable name.
+    pub name: String,
+    /// Hardware model; firmware images name the models they fit.
+    pub model: String,
+    /// Free-form labels, sorted and unique.
+    pub tags: Vec<String>,
+    /// Registered, decommissioned or neither.
+    pub lifecycle: Lifecycle,
+    /// Online, offline or never heard from.
+    pub connectivity: Connectivity,
+    /// The last time anything arrived from the device.
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Reported properties: the merged status the device reported.
+    pub reported: Map<String, Value>,
+    /// Desired properties: what the fleet wants the device to report.
+    pub desired: Map<String, Value>,
+    /// Incremented on every change of the desired properties.
+    pub desired_version: u64,
+    /// Commands awaiting a reply or expiry.
+    pub open_commands: BTreeMap<CommandId, OpenCommand>,
+    /// The latest closed commands, oldest first.
+    pub closed_commands: VecDeque<CommandId>,
+    /// Digests of the latest telemetry messages, oldest first.
+    pub recent_digests: VecDeque<String>,
+    /// The firmware version the device last confirmed running.
+    pub firmware_version: Option<String>,
+    /// A firmware update under way.
+    pub firmware_update: Option<PendingFirmwareUpdate>,
+    /// SHA-256 hex of the device's current secret.
+    pub credential_hash: Option<String>,
+    /// Incremented at every credential rotation.
+    pub credential_version: u32,
+}
+
+/// Why the Device aggregate refused a command.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeviceError {
+    /// The command needs a registered device.
+    #[error("device is not registered")]
+    NotRegistered,
+    /// Registration of an id that already exists.
+    #[error("device is already registered")]
+    AlreadyRegistered,
+    /// The device has been decommissioned and accepts no change.
+    #[error("device is decommissioned")]
+    Decommissioned,
+    /// An id in the command is malformed.
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    /// The name is empty or too long.
+    #[error("name must be 1 to 128 characters without control characters")]
+    InvalidName,
+    /// A tag is empty, too long or has control characters.
+    #[error("tag {0:?} must be 1 to 64 characters without control characters")]
+    InvalidTag(String),
+    /// More tags than [`MAX_TAGS`].
+    #[error("a device carries at most {MAX_TAGS} tags")]
+    TooManyTags,
+    /// An update that names no field.
+    #[error("the update names no field to change")]
+    NothingToUpdate,
+    /// Telemetry that fails validation.
+    #[error(transparent)]
+    InvalidTelemetry(#[from] TelemetryError),
+    /// The device is already marked offline.
+    #[error("device is already offline")]
+    AlreadyOffline,
+    /// A property name that is not `[A-Za-z_][A-Za-z0-9_]{0,63}`.
+    #[error("property name {0:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}")]
+    InvalidPropertyName(String),
+    /// A status or desired change with no key, or too many.
+    #[error("a property change must touch 1 to {MAX_PROPERTY_KEYS} keys")]
+    InvalidPropertyCount,
+    /// A command id already used on this device.
+    #[error("command {0} was already issued to this device")]
+    DuplicateCommand(CommandId),
+    /// A command name that is not `[a-z_][a-z0-9_]{0,49}`.
+    #[error("command name {0:?} must match [a-z_][a-z0-9_]{{0,49}}")]
+    InvalidCommandName(String),
+    /// Command parameters that are not a JSON object.
+    #[error("command parameters must be a JSON object")]
+    InvalidCommandParams,
+    /// A command whose expiry is not after its issue time.
+    #[error("a command must expire after it is issued")]
+    ExpiryNotAfterIssue,
+    /// A reply or expiry for a command this device never had.
+    #[error("command {0} is unknown to this device")]
+    UnknownCommand(CommandId),
+    /// An expiry before the command's deadline.
+    #[error("command {0} has not expired yet")]
+    CommandNotExpired(CommandId),
+    /// A firmware update while another one is under way.
+    #[error("another firmware update ({0}) is under way")]
+    UpdateInProgress(String),
+    /// Firmware progress or outcome while no update is under way.
+    #[error("no firmware update is under way")]
+    NoUpdateInProgress,
+    /// Firmware progress or outcome for another rollout than the pending one.
+    #[error("the report names rollout {reported:?}, the pending update belongs to {pending:?}")]
+    RolloutMismatch {
+        /// The rollout in the report.
+        reported: Option<RolloutId>,
+        /// The rollout of the pending update.
+        pending: Option<RolloutId>,
+    },
+    /// The device reported success with another version than requested.
+    #[error("device reports version {reported}, the update asked for {expected}")]
+    VersionMismatch {
+        /// The version the device reported.
+        reported: String,
+        /// The version the update asked for.
+        expected: String,
+    },
+    /// An update to the version the device already runs.
+    #[error("device already runs firmware {0}")]
+    AlreadyRunsVersion(String),
+    /// Progress above 100 %.
+    #[error("progress must be 0 to 100, got {0}")]
+    InvalidProgress(u8),
+    /// A credential hash that is not 64 hex digits.
+    #[error("credential hash must be a SHA-256 digest in 64 hex digits")]
+    InvalidCredentialHash,
+    /// A free-text field (reason, error, state) that is empty or too long.
+    #[error("{0} must be 1 to 512 characters")]
+    InvalidText(&'static str),
+}
+
+impl Aggregate for Device {
+    const TYPE: &'static str = "device";
+    type Command = DeviceCommand;
+    type Event = DeviceEvent;
+    type Error = DeviceError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        let events = self.decide(command)?;
+        crate::write_all(self, sink, events).await;
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        event::apply(self, event);
+    }
+}
+
+impl Device {
+    /// The desired properties whose value differs from the reported one: what the device still
+    /// has to do.
+    pub fn delta(&self) -> Map<String, Value> {
+        self.desired
+            .iter()
+            .filter(|(key, value)| self.reported.get(*key) != Some(*value))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect()
+    }
+
+    /// Decides which events a command produces, without changing the aggregate.
+    pub fn decide(&self, command: DeviceCommand) -> Result<Vec<DeviceEvent>, DeviceError> {
+        command::decide(self, command)
+    }
+
+    fn ensure_active(&self) -> Result<(), DeviceError> {
+        match self.lifecycle {
+            Lifecycle::Active => Ok(()),
+            Lifecycle::Unregistered => Err(DeviceError::NotRegistered),
+            Lifecycle::Decommissioned => Err(DeviceError::Decommissioned),
+        }
+    }
+
+    /// The event that says the device is back, if it was not online.
+    fn came_online(&self, at: DateTime<Utc>) -> Option<DeviceEvent> {
+        (self.connectivity != Connectivity::Online).then_some(DeviceEvent::DeviceCameOnline { at })
+    }
+}
+
+/// Validates a free-text field: 1 to 512 characters.
+fn validate_text(field: &'static str, value: &str) -> Result<(), DeviceError> {
+    if value.trim().is_empty() || value.chars().count() > 512 {
+        return Err(DeviceError::InvalidText(field));
+    }
+    Ok(())
+}
+
+/// Validates a human-readable name.
+fn validate_name(name: &str) -> Result<String, DeviceError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+        return Err(DeviceError::InvalidName);
+    }
+    Ok(name.to_string())
+}
+
+/// Validates tags and returns them sorted and unique.
+fn validate_tags(tags: Vec<String>) -> Result<Vec<String>, DeviceError> {
+    let mut tags: Vec<String> = tags.into_iter().map(|t| t.trim().to_string()).collect();
+    if let Some(bad) = tags
+        .iter()
+        .find(|t| t.is_empty() || t.chars().count() > 64 || t.chars().any(char::is_control))
+    {
+        return Err(DeviceError::InvalidTag(bad.clone()));
+    }
+    tags.sort();
+    tags.dedup();
+    if tags.len() > MAX_TAGS {
+        return Err(DeviceError::TooManyTags);
+    }
+    Ok(tags)
+}
+
+/// Validates a model name: models appear in firmware ids, so they follow the id rule.
+fn validate_model(model: &str) -> Result<String, DeviceError> {
+    validate_token("model", model)?;
+    Ok(model.to_string())
+}
+
+/// Validates the keys of a status or desired-properties change.
+fn validate_properties(properties: &Map<String, Value>) -> Result<(), DeviceError> {
+    if properties.is_empty() || properties.len() > MAX_PROPERTY_KEYS {
+        return Err(DeviceError::InvalidPropertyCount);
+    }
+    for key in properties.keys() {
+        let mut chars = key.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !first_ok || !rest_ok || key.len() > 64 {
+            return Err(DeviceError::InvalidPropertyName(key.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Applies a JSON merge patch of one level: `null` removes a key.
+fn merge_properties(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+}
+
+/// Pushes onto a bounded queue, dropping the oldest entry beyond `limit`.
+fn remember<T>(queue: &mut VecDeque<T>, item: T, limit: usize) {
+    queue.push_back(item);
+    while queue.len() > limit {
+        queue.pop_front();
+    }
+}

@@ -1,0 +1,734 @@
+//! Given/when/then tests of the Device aggregate: every command, accepted and refused.
+
+use chrono::{DateTime, Duration, Utc};
+use cqrs_es::test::TestFramework;
+use serde_json::{json, Map, Value};
+
+use super::*;
+use crate::firmware::FirmwareId;
+
+type Given = TestFramework<Device>;
+
+fn at() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .into()
+}
+
+fn later(seconds: i64) -> DateTime<Utc> {
+    at() + Duration::seconds(seconds)
+}
+
+fn object(value: Value) -> Map<String, Value> {
+    value.as_object().cloned().unwrap()
+}
+
+fn command_id(id: &str) -> CommandId {
+    CommandId::parse(id).unwrap()
+}
+
+fn rollout() -> Option<RolloutId> {
+    Some(RolloutId::parse("r1").unwrap())
+}
+
+fn firmware(version: &str) -> FirmwareId {
+    FirmwareId::new("thermo", version).unwrap()
+}
+
+fn registered() -> DeviceEvent {
+    DeviceEvent::DeviceRegistered {
+        device_id: DeviceId::parse("dev-1").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: "Boiler room".into(),
+        model: "thermo".into(),
+        tags: vec!["basement".into(), "heating".into()],
+        at: at(),
+    }
+}
+
+fn decommissioned() -> DeviceEvent {
+    DeviceEvent::DeviceDecommissioned {
+        reason: "replaced".into(),
+        at: at(),
+    }
+}
+
+fn online() -> DeviceEvent {
+    DeviceEvent::DeviceCameOnline { at: at() }
+}
+
+fn offline() -> DeviceEvent {
+    DeviceEvent::DeviceWentOffline {
+        reason: "no heartbeat for 300s".into(),
+        at: later(300),
+    }
+}
+
+fn reading(sensor: &str, value: f64) -> Reading {
+    Reading {
+        sensor: sensor.into(),
+        value,
+        unit: Some("celsius".into()),
+        timestamp: None,
+    }
+}
+
+fn telemetry(digest: &str, readings: Vec<Reading>) -> DeviceCommand {
+    DeviceCommand::RecordTelemetry {
+        digest: digest.into(),
+        readings,
+        device_time: None,
+        received_at: later(10),
+        location: None,
+        status: Map::new(),
+    }
+}
+
+fn recorded(digest: &str, readings: Vec<Reading>) -> DeviceEvent {
+    DeviceEvent::TelemetryRecorded {
+        digest: digest.into(),
+        readings,
+        device_time: None,
+        received_at: later(10),
+        location: None,
+        status: Map::new(),
+    }
+}
+
+fn issued(id: &str) -> DeviceEvent {
+    DeviceEvent::CommandIssued {
+        command_id: command_id(id),
+        name: "reboot".into(),
+        params: json!({"delay": 5}),
+        issued_at: at(),
+        expires_at: later(60),
+    }
+}
+
+fn update_requested() -> DeviceEvent {
+    DeviceEvent::FirmwareUpdateRequested {
+        rollout_id: rollout(),
+        firmware_id: firmware("2.0.0"),
+        version: "2.0.0".into(),
+        at: at(),
+    }
+}
+
+#[test]
+fn register_creates_a_device_with_clean_tags() {
+    Given::with(())
+        .given_no_previous_events()
+        .when(DeviceCommand::Register {
+            device_id: DeviceId::parse("dev-1").unwrap(),
+            tenant: TenantId::parse("acme").unwrap(),
+            owner: UserId::parse("u-1").unwrap(),
+            name: "  Boiler room ".into(),
+            model: "thermo".into(),
+            tags: vec!["heating".into(), "basement".into(), "heating".into()],
+            at: at(),
+        })
+        .then_expect_events(vec![registered()]);
+}
+
+#[test]
+fn register_refuses_twice_and_bad_fields() {
+    let register = |name: &str, model: &str, tags: Vec<String>| DeviceCommand::Register {
+        device_id: DeviceId::parse("dev-1").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: name.into(),
+        model: model.into(),
+        tags,
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered()])
+        .when(register("x", "thermo", vec![]))
+        .then_expect_error(DeviceError::AlreadyRegistered);
+    Given::with(())
+        .given_no_previous_events()
+        .when(register(" ", "thermo", vec![]))
+        .then_expect_error(DeviceError::InvalidName);
+    Given::with(())
+        .given_no_previous_events()
+        .when(register("x", "thermo 2", vec![]))
+        .then_expect_error(DeviceError::InvalidId(crate::IdError::InvalidCharacter {
+            kind: "model",
+            found: ' ',
+        }));
+    Given::with(())
+        .given_no_previous_events()
+        .when(register("x", "thermo", vec!["".into()]))
+        .then_expect_error(DeviceError::InvalidTag("".into()));
+    Given::with(())
+        .given_no_previous_events()
+        .when(register(
+            "x",
+            "thermo",
+            (0..=MAX_TAGS).map(|i| format!("t{i}")).collect(),
+        ))
+        .then_expect_error(DeviceError::TooManyTags);
+}
+
+#[test]
+fn commands_need_a_registered_active_device() {
+    Given::with(())
+        .given_no_previous_events()
+        .when(telemetry("m1", vec![reading("temperature", 21.0)]))
+        .then_expect_error(DeviceError::NotRegistered);
+    let every_change = vec![
+        telemetry("m1", vec![reading("temperature", 21.0)]),
+        DeviceCommand::Heartbeat {
+            device_time: None,
+            received_at: at(),
+        },
+        DeviceCommand::UpdateMetadata {
+            name: Some("x".into()),
+            model: None,
+            tags: None,
+            at: at(),
+        },
+        DeviceCommand::Decommission {
+            reason: "again".into(),
+            at: at(),
+        },
+        DeviceCommand::SetDesired {
+            properties: object(json!({"interval": 5})),
+            at: at(),
+        },
+        DeviceCommand::RotateCredentials {
+            secret_hash: "a".repeat(64),
+            at: at(),
+        },
+    ];
+    for command in every_change {
+        Given::with(())
+            .given(vec![registered(), decommissioned()])
+            .when(command)
+            .then_expect_error(DeviceError::Decommissioned);
+    }
+}
+
+#[test]
+fn update_metadata_records_only_what_changes() {
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::UpdateMetadata {
+            name: Some("Boiler room".into()),
+            model: Some("thermo-v2".into()),
+            tags: None,
+            at: at(),
+        })
+        .then_expect_events(vec![DeviceEvent::DeviceMetadataUpdated {
+            name: None,
+            model: Some("thermo-v2".into()),
+            tags: None,
+            at: at(),
+        }]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::UpdateMetadata {
+            name: Some("Boiler room".into()),
+            model: None,
+            tags: None,
+            at: at(),
+        })
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::UpdateMetadata {
+            name: None,
+            model: None,
+            tags: None,
+            at: at(),
+        })
+        .then_expect_error(DeviceError::NothingToUpdate);
+}
+
+#[test]
+fn decommission_needs_a_reason() {
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::Decommission {
+            reason: "replaced".into(),
+            at: at(),
+        })
+        .then_expect_events(vec![decommissioned()]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::Decommission {
+            reason: "".into(),
+            at: at(),
+        })
+        .then_expect_error(DeviceError::InvalidText("reason"));
+}
+
+#[test]
+fn first_telemetry_brings_the_device_online() {
+    Given::with(())
+        .given(vec![registered()])
+        .when(telemetry("m1", vec![reading("temperature", 21.5)]))
+        .then_expect_events(vec![
+            DeviceEvent::DeviceCameOnline { at: later(10) },
+            recorded("m1", vec![reading("temperature", 21.5)]),
+        ]);
+}
+
+#[test]
+fn telemetry_while_online_is_just_recorded() {
+    Given::with(())
+        .given(vec![registered(), online()])
+        .when(telemetry("m1", vec![reading("temperature", 21.5)]))
+        .then_expect_events(vec![recorded("m1", vec![reading("temperature", 21.5)])]);
+}
+
+#[test]
+fn telemetry_after_an_offline_period_comes_back_online() {
+    Given::with(())
+        .given(vec![registered(), online(), offline()])
+        .when(telemetry("m2", vec![reading("humidity", 60.0)]))
+        .then_expect_events(vec![
+            DeviceEvent::DeviceCameOnline { at: later(10) },
+            recorded("m2", vec![reading("humidity", 60.0)]),
+        ]);
+}
+
+#[test]
+fn redelivered_telemetry_is_ignored() {
+    Given::with(())
+        .given(vec![
+            registered(),
+            online(),
+            recorded("m1", vec![reading("temperature", 21.5)]),
+        ])
+        .when(telemetry("m1", vec![reading("temperature", 21.5)]))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn telemetry_is_validated() {
+    let cases = vec![
+        (
+            telemetry("m1", vec![reading("Temp", 1.0)]),
+            DeviceError::InvalidTelemetry(TelemetryError::InvalidSensorName("Temp".into())),
+        ),
+        (
+            telemetry("m1", vec![reading("t", f64::NAN)]),
+            DeviceError::InvalidTelemetry(TelemetryError::NonFiniteValue("t".into())),
+        ),
+        (
+            telemetry("m1", vec![]),
+            DeviceError::InvalidTelemetry(TelemetryError::Empty),
+        ),
+        (
+            telemetry("", vec![reading("t", 1.0)]),
+            DeviceError::InvalidTelemetry(TelemetryError::InvalidDigest),
+        ),
+        (
+            DeviceCommand::RecordTelemetry {
+                digest: "m1".into(),
+                readings: vec![],
+                device_time: None,
+                received_at: at(),
+                location: Some(Location {
+                    latitude: 91.0,
+                    longitude: 0.0,
+                }),
+                status: Map::new(),
+            },
+            DeviceError::InvalidTelemetry(TelemetryError::InvalidLocation {
+                latitude: 91.0,
+                longitude: 0.0,
+            }),
+        ),
+    ];
+    for (command, error) in cases {
+        Given::with(())
+            .given(vec![registered(), online()])
+            .when(command)
+            .then_expect_error(error);
+    }
+}
+
+#[test]
+fn telemetry_status_merges_into_reported_properties() {
+    let mut device = Device::default();
+    device.apply(registered());
+    device.apply(DeviceEvent::TelemetryRecorded {
+        digest: "m1".into(),
+        readings: vec![],
+        device_time: None,
+        received_at: at(),
+        location: None,
+        status: object(json!({"battery": 90, "mode": "eco"})),
+    });
+    device.apply(DeviceEvent::StatusReported {
+        status: object(json!({"battery": 80, "mode": null})),
+        received_at: later(1),
+    });
+    assert_eq!(Value::Object(device.reported), json!({"battery": 80}));
+    assert_eq!(device.last_seen, Some(later(1)));
+}
+
+#[test]
+fn status_reports_are_recorded_and_validated() {
+    Given::with(())
+        .given(vec![registered(), online()])
+        .when(DeviceCommand::ReportStatus {
+            status: object(json!({"status": "online", "battery": 95})),
+            received_at: at(),
+        })
+        .then_expect_events(vec![DeviceEvent::StatusReported {
+            status: object(json!({"status": "online", "battery": 95})),
+            received_at: at(),
+        }]);
+    Given::with(())
+        .given(vec![registered(), online()])
+        .when(DeviceCommand::ReportStatus {
+            status: Map::new(),
+            received_at: at(),
+        })
+        .then_expect_error(DeviceError::InvalidPropertyCount);
+    Given::with(())
+        .given(vec![registered(), online()])
+        .when(DeviceCommand::ReportStatus {
+            status: object(json!({"bad key": 1})),
+            received_at: at(),
+        })
+        .then_expect_error(DeviceError::InvalidPropertyName("bad key".into()));
+}
+
+#[test]
+fn heartbeats_keep_the_device_alive() {
+    Given::with(())
+        .given(vec![registered(), online(), offline()])
+        .when(DeviceCommand::Heartbeat {
+            device_time: None,
+            received_at: later(400),
+        })
+        .then_expect_events(vec![
+            DeviceEvent::DeviceCameOnline { at: later(400) },
+            DeviceEvent::HeartbeatReceived {
+                device_time: None,
+                received_at: later(400),
+            },
+        ]);
+    Given::with(())
+        .given_no_previous_events()
+        .when(DeviceCommand::Heartbeat {
+            device_time: None,
+            received_at: at(),
+        })
+        .then_expect_error(DeviceError::NotRegistered);
+}
+
+#[test]
+fn mark_offline_happens_once_per_silence() {
+    Given::with(())
+        .given(vec![registered(), online()])
+        .when(DeviceCommand::MarkOffline {
+            reason: "no heartbeat for 300s".into(),
+            at: later(300),
+        })
+        .then_expect_events(vec![offline()]);
+    Given::with(())
+        .given(vec![registered(), online(), offline()])
+        .when(DeviceCommand::MarkOffline {
+            reason: "no heartbeat for 300s".into(),
+            at: later(600),
+        })
+        .then_expect_error(DeviceError::AlreadyOffline);
+}
+
+#[test]
+fn desired_properties_version_and_delta() {
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::SetDesired {
+            properties: object(json!({"interval": 30})),
+            at: at(),
+        })
+        .then_expect_events(vec![DeviceEvent::DesiredPropertiesSet {
+            properties: object(json!({"interval": 30})),
+            version: 1,
+            at: at(),
+        }]);
+    let set = DeviceEvent::DesiredPropertiesSet {
+        properties: object(json!({"interval": 30, "mode": "eco"})),
+        version: 1,
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered(), set.clone()])
+        .when(DeviceCommand::SetDesired {
+            properties: object(json!({"interval": 30})),
+            at: at(),
+        })
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::SetDesired {
+            properties: object(json!({"9lives": 1})),
+            at: at(),
+        })
+        .then_expect_error(DeviceError::InvalidPropertyName("9lives".into()));
+
+    let mut device = Device::default();
+    device.apply(registered());
+    device.apply(set);
+    device.apply(DeviceEvent::StatusReported {
+        status: object(json!({"interval": 30, "mode": "turbo", "battery": 50})),
+        received_at: at(),
+    });
+    assert_eq!(Value::Object(device.delta()), json!({"mode": "eco"}));
+}
+
+#[test]
+fn commands_are_issued_with_unique_ids_and_an_expiry() {
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::IssueCommand {
+            command_id: command_id("c1"),
+            name: "reboot".into(),
+            params: json!({"delay": 5}),
+            issued_at: at(),
+            expires_at: later(60),
+        })
+        .then_expect_events(vec![issued("c1")]);
+    let issue = |id: &str, name: &str, params: Value, expires_at| DeviceCommand::IssueCommand {
+        command_id: command_id(id),
+        name: name.into(),
+        params,
+        issued_at: at(),
+        expires_at,
+    };
+    Given::with(())
+        .given(vec![registered(), issued("c1")])
+        .when(issue("c1", "reboot", json!({}), later(60)))
+        .then_expect_error(DeviceError::DuplicateCommand(command_id("c1")));
+    Given::with(())
+        .given(vec![registered()])
+        .when(issue("c1", "Reboot!", json!({}), later(60)))
+        .then_expect_error(DeviceError::InvalidCommandName("Reboot!".into()));
+    Given::with(())
+        .given(vec![registered()])
+        .when(issue("c1", "reboot", json!([1]), later(60)))
+        .then_expect_error(DeviceError::InvalidCommandParams);
+    Given::with(())
+        .given(vec![registered()])
+        .when(issue("c1", "reboot", json!({}), at()))
+        .then_expect_error(DeviceError::ExpiryNotAfterIssue);
+}
+
+#[test]
+fn command_replies_settle_a_command_once() {
+    let reply = |id: &str| DeviceCommand::RecordCommandReply {
+        command_id: command_id(id),
+        outcome: CommandOutcome::Succeeded,
+        result: json!({"uptime": 3}),
+        received_at: later(5),
+    };
+    let replied = DeviceEvent::CommandReplied {
+        command_id: command_id("c1"),
+        outcome: CommandOutcome::Succeeded,
+        result: json!({"uptime": 3}),
+        received_at: later(5),
+    };
+    Given::with(())
+        .given(vec![registered(), issued("c1")])
+        .when(reply("c1"))
+        .then_expect_events(vec![replied.clone()]);
+    Given::with(())
+        .given(vec![registered(), issued("c1"), replied])
+        .when(reply("c1"))
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(reply("c9"))
+        .then_expect_error(DeviceError::UnknownCommand(command_id("c9")));
+}
+
+#[test]
+fn commands_expire_only_after_their_deadline() {
+    let expire = |at| DeviceCommand::ExpireCommand {
+        command_id: command_id("c1"),
+        at,
+    };
+    Given::with(())
+        .given(vec![registered(), issued("c1")])
+        .when(expire(later(60)))
+        .then_expect_events(vec![DeviceEvent::CommandExpired {
+            command_id: command_id("c1"),
+            at: later(60),
+        }]);
+    Given::with(())
+        .given(vec![registered(), issued("c1")])
+        .when(expire(later(59)))
+        .then_expect_error(DeviceError::CommandNotExpired(command_id("c1")));
+    Given::with(())
+        .given(vec![registered()])
+        .when(expire(later(60)))
+        .then_expect_error(DeviceError::UnknownCommand(command_id("c1")));
+}
+
+#[test]
+fn firmware_update_is_requested_once() {
+    let request = |version: &str| DeviceCommand::RequestFirmwareUpdate {
+        rollout_id: rollout(),
+        firmware_id: firmware(version),
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered()])
+        .when(request("2.0.0"))
+        .then_expect_events(vec![update_requested()]);
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(request("2.0.0"))
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(request("2.1.0"))
+        .then_expect_error(DeviceError::UpdateInProgress("thermo@2.0.0".into()));
+    Given::with(())
+        .given(vec![
+            registered(),
+            update_requested(),
+            DeviceEvent::FirmwareUpdateSucceeded {
+                rollout_id: rollout(),
+                version: "2.0.0".into(),
+                at: at(),
+            },
+        ])
+        .when(DeviceCommand::RequestFirmwareUpdate {
+            rollout_id: None,
+            firmware_id: firmware("2.0.0"),
+            at: at(),
+        })
+        .then_expect_error(DeviceError::AlreadyRunsVersion("2.0.0".into()));
+}
+
+#[test]
+fn firmware_progress_needs_the_matching_update() {
+    let progress = |rollout_id, progress| DeviceCommand::RecordFirmwareProgress {
+        rollout_id,
+        state: "downloading".into(),
+        progress,
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(progress(rollout(), 40))
+        .then_expect_events(vec![DeviceEvent::FirmwareUpdateProgressed {
+            rollout_id: rollout(),
+            state: "downloading".into(),
+            progress: 40,
+            at: at(),
+        }]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(progress(rollout(), 40))
+        .then_expect_error(DeviceError::NoUpdateInProgress);
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(progress(None, 40))
+        .then_expect_error(DeviceError::RolloutMismatch {
+            reported: None,
+            pending: rollout(),
+        });
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(progress(rollout(), 101))
+        .then_expect_error(DeviceError::InvalidProgress(101));
+}
+
+#[test]
+fn firmware_success_sets_the_running_version() {
+    let succeed = |version: &str| DeviceCommand::RecordFirmwareSucceeded {
+        rollout_id: rollout(),
+        version: version.into(),
+        at: at(),
+    };
+    let succeeded = DeviceEvent::FirmwareUpdateSucceeded {
+        rollout_id: rollout(),
+        version: "2.0.0".into(),
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(succeed("2.0.0"))
+        .then_expect_events(vec![succeeded.clone()]);
+    Given::with(())
+        .given(vec![registered(), update_requested(), succeeded])
+        .when(succeed("2.0.0"))
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(succeed("1.9.0"))
+        .then_expect_error(DeviceError::VersionMismatch {
+            reported: "1.9.0".into(),
+            expected: "2.0.0".into(),
+        });
+}
+
+#[test]
+fn firmware_failure_ends_the_update() {
+    let fail = DeviceCommand::RecordFirmwareFailed {
+        rollout_id: rollout(),
+        error: "checksum mismatch".into(),
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(fail.clone())
+        .then_expect_events(vec![DeviceEvent::FirmwareUpdateFailed {
+            rollout_id: rollout(),
+            error: "checksum mismatch".into(),
+            at: at(),
+        }]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(fail)
+        .then_expect_error(DeviceError::NoUpdateInProgress);
+}
+
+#[test]
+fn credentials_rotate_as_hashes_only() {
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::RotateCredentials {
+            secret_hash: "AB".repeat(32),
+            at: at(),
+        })
+        .then_expect_events(vec![DeviceEvent::DeviceCredentialsRotated {
+            secret_hash: "ab".repeat(32),
+            credential_version: 1,
+            at: at(),
+        }]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::RotateCredentials {
+            secret_hash: "plain-secret".into(),
+            at: at(),
+        })
+        .then_expect_error(DeviceError::InvalidCredentialHash);
+}
+
+#[test]
+fn events_keep_their_names_and_round_trip_through_json() {
+    use cqrs_es::DomainEvent;
+    let event = recorded("m1", vec![reading("temperature", 21.5)]);
+    assert_eq!(event.event_type(), "TelemetryRecorded");
+    assert_eq!(event.event_version(), "1.0");
+    let json = serde_json::to_value(&event).unwrap();
+    assert_eq!(
+        json,
+        json!({"TelemetryRecorded": {
+            "digest": "m1",
+            "readings": [{"sensor": "temperature", "value": 21.5, "unit": "celsius"}],
+            "received_at": "2026-01-01T00:00:10Z"
+        }})
+    );
+    assert_eq!(serde_json::from_value::<DeviceEvent>(json).unwrap(), event);
+}

@@ -1,0 +1,122 @@
+//! Real servers for fleetlog's integration tests.
+//!
+//! [`TestDatabase`] gives each test a fresh, migrated Postgres database on the server named by
+//! `FLEETLOG_TEST_DATABASE_URL` (the test command starts that server), and drops it afterwards.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// The variable that names the Postgres server tests may create databases on.
+pub const DATABASE_URL_VAR: &str = "FLEETLOG_TEST_DATABASE_URL";
+
+/// A fresh database with fleetlog's schema, dropped when the value is dropped.
+pub struct TestDatabase {
+    /// A pool on the fresh database.
+    pub pool: PgPool,
+    /// The URL of the fresh database.
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+fn admin_url() -> String {
+    std::env::var(DATABASE_URL_VAR).unwrap_or_else(|_| {
+        panic!(
+            "{DATABASE_URL_VAR} is not set. The integration tests need a Postgres server: run \
+             `./deploy/local/test.sh`, which starts one and sets it"
+        )
+    })
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].rfind('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+impl TestDatabase {
+    /// Creates and migrates a fresh database.
+    pub async fn create() -> Self {
+        let admin_url = admin_url();
+        let name = format!("fleetlog_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .expect("connect to the test Postgres server");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create a test database");
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&url)
+            .await
+            .expect("connect to the test database");
+        fleetlog_commands::migrate(&pool)
+            .await
+            .expect("migrate the test database");
+        Self {
+            pool,
+            url,
+            admin_url,
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop may run inside the test's runtime, which is blocked here: the cleanup gets a
+        // runtime of its own on another thread, and leaves the pool alone (its connections
+        // belong to the blocked runtime). FORCE ends them on the server side.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn replaces_the_database_name() {
+        assert_eq!(
+            with_database("postgres://u:p@127.0.0.1:5432/postgres", "t1"),
+            "postgres://u:p@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u@h:1/db?sslmode=disable", "t1"),
+            "postgres://u@h:1/t1?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h:1", "t1"), "postgres://h:1/t1");
+    }
+}
