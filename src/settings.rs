@@ -2,7 +2,6 @@
 //! command-line flags, then local defaults. Every setting is documented in `.env.example`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use fleetlog_commands::StoreSettings;
@@ -50,15 +49,6 @@ pub struct Settings {
     )]
     pub http_addr: SocketAddr,
 
-    /// Directory for this node's local state.
-    #[arg(
-        long,
-        global = true,
-        env = "FLEETLOG_DATA_DIR",
-        default_value = ".fleetlog"
-    )]
-    pub data_dir: PathBuf,
-
     /// Aggregates of each type kept in memory by the write side.
     #[arg(
         long,
@@ -96,7 +86,12 @@ pub struct Settings {
     pub shutdown_timeout_secs: u64,
 
     /// Log filter, e.g. `info` or `fleetlog=debug,sqlx=warn`.
-    #[arg(long, global = true, env = "FLEETLOG_LOG", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_LOG",
+        default_value = "info,sqlx=warn"
+    )]
     pub log: String,
 
     /// Log format.

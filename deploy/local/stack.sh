@@ -7,6 +7,7 @@
 #   deploy/local/stack.sh stop     stop all three
 #   deploy/local/stack.sh status   say what runs
 #   deploy/local/stack.sh env      print the FLEETLOG_* variables that point at the stack
+#   deploy/local/stack.sh secret N print secret N, generating it on first use
 #
 # Works as a normal user (sudo for apt) and as root (Postgres then runs as the `postgres` user,
 # since it refuses to run as root).
@@ -251,7 +252,6 @@ export FLEETLOG_TEST_DATABASE_URL='postgres://postgres:$(pg_admin_password)@127.
 export FLEETLOG_NATS_URL='nats://127.0.0.1:$nats_port'
 export FLEETLOG_MQTT_URL='mqtt://127.0.0.1:$mqtt_port'
 export FLEETLOG_JWT_SECRET='$(secret jwt-secret)'
-export FLEETLOG_DATA_DIR='$stack_dir/node'
 EOF
 }
 
@@ -293,8 +293,12 @@ main() {
             ;;
         status) status ;;
         env) print_env ;;
+        secret)
+            [ -n "${2:-}" ] || die "usage: $0 secret NAME"
+            secret "$2"
+            ;;
         *)
-            echo "usage: $0 start|stop|status|env" >&2
+            echo "usage: $0 start|stop|status|env|secret NAME" >&2
             exit 2
             ;;
     esac

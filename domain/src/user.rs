@@ -693,6 +693,13 @@ mod tests {
                 revoked_sessions: vec![session()],
                 at: at(),
             }]);
+        Given::with(())
+            .given(vec![registered()])
+            .when(UserCommand::ChangePassword {
+                password_hash: "".into(),
+                at: at(),
+            })
+            .then_expect_error(UserError::InvalidPasswordHash);
     }
 
     #[test]

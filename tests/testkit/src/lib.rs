@@ -50,6 +50,15 @@ fn with_database(url: &str, database: &str) -> String {
 impl TestDatabase {
     /// Creates and migrates a fresh database.
     pub async fn create() -> Self {
+        let database = Self::create_empty().await;
+        fleetlog_commands::migrate(&database.pool)
+            .await
+            .expect("migrate the test database");
+        database
+    }
+
+    /// Creates a fresh database without fleetlog's schema.
+    pub async fn create_empty() -> Self {
         let admin_url = admin_url();
         let name = format!("fleetlog_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url)
@@ -67,9 +76,6 @@ impl TestDatabase {
             .connect(&url)
             .await
             .expect("connect to the test database");
-        fleetlog_commands::migrate(&pool)
-            .await
-            .expect("migrate the test database");
         Self {
             pool,
             url,

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs fleetlog's whole test suite on this machine: installs what is missing, starts the local
+# stack (Postgres, nats-server, Mosquitto), checks formatting and lints, and runs every test,
+# the integration tests against the real servers included. Stops the stack again if it started it.
+set -euo pipefail
+# shellcheck source=deploy/local/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$repo_root"
+
+ensure_build_tools
+
+started_stack=0
+if ! "$stack" status | grep -q '^postgres *running'; then
+    started_stack=1
+fi
+stop_stack() {
+    if [ "$started_stack" -eq 1 ]; then
+        "$stack" stop || true
+    fi
+}
+trap stop_stack EXIT
+"$stack" start
+# shellcheck disable=SC1091
+source "$stack_dir/env"
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo test"
+cargo test --workspace --locked

@@ -1,0 +1,263 @@
+//! The `fleetlog` binary as users run it: subcommands, exit codes, one-line errors, and `up`
+//! serving until SIGTERM. Every test runs against a fresh database on a real Postgres.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fleetlog_testkit::TestDatabase;
+
+fn fleetlog(database_url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlog"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("FLEETLOG_DATABASE_URL", database_url)
+        .env("FLEETLOG_LOG", "warn");
+    command
+}
+
+fn run_with_stdin(mut command: Command, stdin: &str) -> Output {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_one_line_error(output: &Output, expected: &str) {
+    assert!(!output.status.success(), "expected failure: {output:?}");
+    let stderr = stderr(output);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.starts_with("fleetlog: "), "{stderr:?}");
+    assert!(
+        stderr.contains(expected),
+        "{stderr:?} should mention {expected:?}"
+    );
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let output = fleetlog("postgres://unused")
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for subcommand in ["up", "api", "migrate", "user"] {
+        assert!(
+            help.lines()
+                .any(|line| line.trim_start().starts_with(subcommand)),
+            "--help lists {subcommand}: {help}"
+        );
+    }
+    let output = fleetlog("postgres://unused")
+        .args(["user", "create", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    assert!(help.contains("--password-stdin"), "{help}");
+}
+
+#[tokio::test]
+async fn migrate_twice_is_a_no_op_the_second_time() {
+    let db = TestDatabase::create_empty().await;
+    for _ in 0..2 {
+        let output = fleetlog(&db.url).arg("migrate").output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, fleetlog_commands::MIGRATOR.iter().count());
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 0);
+}
+
+#[tokio::test]
+async fn user_create_stores_only_a_password_hash() {
+    let db = TestDatabase::create().await;
+    let create = |username: &str| {
+        let mut command = fleetlog(&db.url);
+        command.args([
+            "user",
+            "create",
+            "--tenant",
+            "acme",
+            "--username",
+            username,
+            "--role",
+            "admin",
+            "--role",
+            "viewer",
+            "--password-stdin",
+        ]);
+        command
+    };
+    let output = run_with_stdin(create("alice"), "s3cret-passw0rd\n");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("created user alice"), "{stdout}");
+
+    let (payload, metadata): (String, String) = sqlx::query_as(
+        "SELECT payload::text, metadata::text FROM events
+          WHERE aggregate_type = 'user' AND event_type = 'UserRegistered'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        !payload.contains("s3cret-passw0rd"),
+        "no plaintext: {payload}"
+    );
+    let payload: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    let registered = &payload["UserRegistered"];
+    assert_eq!(registered["username"], "alice");
+    assert_eq!(registered["tenant"], "acme");
+    assert_eq!(registered["roles"], serde_json::json!(["admin", "viewer"]));
+    assert!(registered["password_hash"]
+        .as_str()
+        .unwrap()
+        .starts_with("$argon2id$"));
+    let metadata: serde_json::Value = serde_json::from_str(&metadata).unwrap();
+    assert_eq!(metadata["actor"], "cli");
+
+    let again = run_with_stdin(create("ALICE"), "another-passw0rd\n");
+    assert_one_line_error(&again, "already taken");
+
+    let short = run_with_stdin(create("bob"), "short\n");
+    assert_one_line_error(&short, "at least 8 characters");
+
+    let mut without_flag = fleetlog(&db.url);
+    without_flag.args([
+        "user",
+        "create",
+        "--tenant",
+        "acme",
+        "--username",
+        "carol",
+        "--role",
+        "admin",
+    ]);
+    assert_one_line_error(
+        &run_with_stdin(without_flag, "s3cret-passw0rd\n"),
+        "--password-stdin",
+    );
+
+    let mut bad_role = create("dave");
+    bad_role.args(["--role", "root"]);
+    let output = run_with_stdin(bad_role, "s3cret-passw0rd\n");
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("root"), "{}", stderr(&output));
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_one_line_error() {
+    let output = fleetlog("postgres://fleetlog:x@127.0.0.1:1/fleetlog")
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "cannot connect to Postgres");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A minimal HTTP/1.1 GET, enough to probe `/health` without an HTTP client dependency.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+#[tokio::test]
+async fn up_migrates_serves_and_stops_cleanly_on_sigterm() {
+    let db = TestDatabase::create_empty().await;
+    let port = free_port();
+    let mut child = fleetlog(&db.url)
+        .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .arg("up")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        if let Some(response) = http_get(port, "/ready") {
+            break response;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fleetlog up did not serve in time"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "fleetlog up exited early"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .expect("up applied the migrations");
+    assert_eq!(events, 0);
+
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fleetlog up did not stop after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}: {log}");
+    assert!(
+        http_get(port, "/health").is_none(),
+        "the port is closed after shutdown"
+    );
+}
