@@ -114,7 +114,8 @@ pg_data_dir() {
 }
 
 as_pg_user() {
-    if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
+    # From /, which the postgres user can always enter, unlike a private checkout.
+    if is_root; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 pg_admin_password() { secret postgres-admin-password; }
@@ -129,7 +130,8 @@ start_postgres() {
     local bin data log_file
     bin=$(pg_bin_dir) || die "Postgres server binaries not found under /usr/lib/postgresql"
     data=$(pg_data_dir)
-    log_file=$stack_dir/logs/postgres.log
+    # Beside the data directory, where the postgres user can write in either case.
+    log_file=$(dirname "$data")/postgres.log
     if as_pg_user "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         log "postgres already running on port $pg_port"
         return
