@@ -4,8 +4,7 @@
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{validate_token, IdError, TenantId};
@@ -248,25 +247,17 @@ pub enum FirmwareError {
     Deprecated,
 }
 
-impl Aggregate for Firmware {
-    const TYPE: &'static str = "firmware";
-    type Command = FirmwareCommand;
-    type Event = FirmwareEvent;
-    type Error = FirmwareError;
-    type Services = ();
+crate::aggregate!(
+    Firmware,
+    "firmware",
+    FirmwareCommand,
+    FirmwareEvent,
+    FirmwareError
+);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let events = self.decide(command)?;
-        crate::write_all(self, sink, events).await;
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+impl Firmware {
+    /// Folds one event into the state.
+    pub fn evolve(&mut self, event: <Self as cqrs_es::Aggregate>::Event) {
         match event {
             FirmwareEvent::FirmwareRegistered {
                 firmware_id,
@@ -291,9 +282,7 @@ impl Aggregate for Firmware {
             FirmwareEvent::FirmwareDeprecated { .. } => self.status = FirmwareStatus::Deprecated,
         }
     }
-}
 
-impl Firmware {
     /// Decides which events a command produces, without changing the aggregate.
     pub fn decide(&self, command: FirmwareCommand) -> Result<Vec<FirmwareEvent>, FirmwareError> {
         match command {
@@ -347,7 +336,7 @@ impl Firmware {
                 FirmwareStatus::Deprecated => Err(FirmwareError::Deprecated),
             },
             FirmwareCommand::Deprecate { reason, at } => {
-                if reason.trim().is_empty() || reason.chars().count() > 512 {
+                if !crate::is_valid_reason(&reason) {
                     return Err(FirmwareError::InvalidReason);
                 }
                 match self.status {
@@ -524,7 +513,7 @@ mod tests {
     #[test]
     fn knows_which_models_it_fits() {
         let mut firmware = Firmware::default();
-        firmware.apply(registered());
+        firmware.evolve(registered());
         assert!(firmware.fits("thermo-v2"));
         assert!(!firmware.fits("camera"));
     }

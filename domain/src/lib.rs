@@ -21,13 +21,40 @@ pub use ids::{CommandId, DeviceId, IdError, RolloutId, SessionId, TenantId, User
 /// that old payloads cannot be read as gets a new version and an upcaster.
 pub const EVENT_VERSION: &str = "1.0";
 
-/// Write each decided event through the sink, which applies it to the aggregate once.
-async fn write_all<A: cqrs_es::Aggregate>(
-    aggregate: &mut A,
-    sink: &cqrs_es::event_sink::EventSink<A>,
-    events: Vec<A::Event>,
-) {
-    for event in events {
-        sink.write(event, aggregate).await;
-    }
+/// Implements `cqrs_es::Aggregate` for a type that has `decide(&self, command)` and
+/// `evolve(&mut self, event)`: `handle` decides first and only then writes the events through
+/// the sink (which applies each once), so a refusal leaves the aggregate untouched.
+macro_rules! aggregate {
+    ($aggregate:ty, $type_name:literal, $command:ty, $event:ty, $error:ty) => {
+        impl cqrs_es::Aggregate for $aggregate {
+            const TYPE: &'static str = $type_name;
+            type Command = $command;
+            type Event = $event;
+            type Error = $error;
+            type Services = ();
+
+            async fn handle(
+                &mut self,
+                command: Self::Command,
+                _services: &Self::Services,
+                sink: &cqrs_es::event_sink::EventSink<Self>,
+            ) -> Result<(), Self::Error> {
+                let events = self.decide(command)?;
+                for event in events {
+                    sink.write(event, self).await;
+                }
+                Ok(())
+            }
+
+            fn apply(&mut self, event: Self::Event) {
+                self.evolve(event);
+            }
+        }
+    };
+}
+pub(crate) use aggregate;
+
+/// Checks a free-text reason: 1 to 512 characters, not only blanks.
+fn is_valid_reason(text: &str) -> bool {
+    !text.trim().is_empty() && text.chars().count() <= 512
 }

@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 use crate::firmware::FirmwareId;
@@ -324,25 +323,24 @@ pub enum RolloutError {
     InvalidReason,
 }
 
-impl Aggregate for Rollout {
-    const TYPE: &'static str = "rollout";
-    type Command = RolloutCommand;
-    type Event = RolloutEvent;
-    type Error = RolloutError;
-    type Services = ();
+crate::aggregate!(
+    Rollout,
+    "rollout",
+    RolloutCommand,
+    RolloutEvent,
+    RolloutError
+);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let events = self.decide(command)?;
-        crate::write_all(self, sink, events).await;
-        Ok(())
-    }
+/// The index range of `targets` that wave `wave` covers.
+fn wave_range(target_count: usize, waves: &[u8], wave: usize) -> std::ops::Range<usize> {
+    let end_of = |i: usize| (target_count * usize::from(waves[i])).div_ceil(100);
+    let start = if wave == 0 { 0 } else { end_of(wave - 1) };
+    start..end_of(wave)
+}
 
-    fn apply(&mut self, event: Self::Event) {
+impl Rollout {
+    /// Folds one event into the state.
+    pub fn evolve(&mut self, event: <Self as cqrs_es::Aggregate>::Event) {
         match event {
             RolloutEvent::RolloutCreated {
                 rollout_id,
@@ -379,16 +377,7 @@ impl Aggregate for Rollout {
             RolloutEvent::RolloutCompleted { .. } => self.status = RolloutStatus::Completed,
         }
     }
-}
 
-/// The index range of `targets` that wave `wave` covers.
-fn wave_range(target_count: usize, waves: &[u8], wave: usize) -> std::ops::Range<usize> {
-    let end_of = |i: usize| (target_count * usize::from(waves[i])).div_ceil(100);
-    let start = if wave == 0 { 0 } else { end_of(wave - 1) };
-    start..end_of(wave)
-}
-
-impl Rollout {
     /// The devices of wave `wave`, in order.
     pub fn wave_devices(&self, wave: usize) -> &[DeviceId] {
         &self.targets[wave_range(self.targets.len(), &self.waves, wave)]
@@ -624,10 +613,11 @@ fn validate_plan(targets: &[DeviceId], waves: &[u8]) -> Result<(), RolloutError>
 }
 
 fn validate_reason(reason: &str) -> Result<(), RolloutError> {
-    if reason.trim().is_empty() || reason.chars().count() > 512 {
-        return Err(RolloutError::InvalidReason);
+    if crate::is_valid_reason(reason) {
+        Ok(())
+    } else {
+        Err(RolloutError::InvalidReason)
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -943,7 +933,7 @@ mod tests {
     #[test]
     fn waves_split_targets_by_cumulative_percent() {
         let mut rollout = Rollout::default();
-        rollout.apply(created());
+        rollout.evolve(created());
         assert_eq!(rollout.wave_devices(0), devices(0..2).as_slice());
         assert_eq!(rollout.wave_devices(1), devices(2..5).as_slice());
         assert_eq!(rollout.wave_devices(2), devices(5..10).as_slice());

@@ -9,8 +9,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{SessionId, TenantId, UserId};
@@ -321,25 +320,11 @@ pub enum UserError {
     ExpiryNotAfterOpen,
 }
 
-impl Aggregate for User {
-    const TYPE: &'static str = "user";
-    type Command = UserCommand;
-    type Event = UserEvent;
-    type Error = UserError;
-    type Services = ();
+crate::aggregate!(User, "user", UserCommand, UserEvent, UserError);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let events = self.decide(command)?;
-        crate::write_all(self, sink, events).await;
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+impl User {
+    /// Folds one event into the state.
+    pub fn evolve(&mut self, event: <Self as cqrs_es::Aggregate>::Event) {
         match event {
             UserEvent::UserRegistered {
                 user_id,
@@ -413,9 +398,7 @@ impl Aggregate for User {
             }
         }
     }
-}
 
-impl User {
     /// Whether the user holds `role`.
     pub fn has_role(&self, role: Role) -> bool {
         self.roles.contains(&role)
@@ -583,10 +566,11 @@ fn validate_token_hash(hash: &str) -> Result<(), UserError> {
 }
 
 fn validate_reason(reason: &str) -> Result<(), UserError> {
-    if reason.trim().is_empty() || reason.chars().count() > 512 {
-        return Err(UserError::InvalidReason);
+    if crate::is_valid_reason(reason) {
+        Ok(())
+    } else {
+        Err(UserError::InvalidReason)
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,8 +14,6 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -219,30 +217,14 @@ pub enum DeviceError {
     InvalidText(&'static str),
 }
 
-impl Aggregate for Device {
-    const TYPE: &'static str = "device";
-    type Command = DeviceCommand;
-    type Event = DeviceEvent;
-    type Error = DeviceError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let events = self.decide(command)?;
-        crate::write_all(self, sink, events).await;
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
-        event::apply(self, event);
-    }
-}
+crate::aggregate!(Device, "device", DeviceCommand, DeviceEvent, DeviceError);
 
 impl Device {
+    /// Folds one event into the state.
+    pub fn evolve(&mut self, event: <Self as cqrs_es::Aggregate>::Event) {
+        event::apply(self, event);
+    }
+
     /// The desired properties whose value differs from the reported one: what the device still
     /// has to do.
     pub fn delta(&self) -> Map<String, Value> {
@@ -274,10 +256,11 @@ impl Device {
 
 /// Validates a free-text field: 1 to 512 characters.
 fn validate_text(field: &'static str, value: &str) -> Result<(), DeviceError> {
-    if value.trim().is_empty() || value.chars().count() > 512 {
-        return Err(DeviceError::InvalidText(field));
+    if crate::is_valid_reason(value) {
+        Ok(())
+    } else {
+        Err(DeviceError::InvalidText(field))
     }
-    Ok(())
 }
 
 /// Validates a human-readable name.

@@ -354,8 +354,8 @@ fn telemetry_is_validated() {
 #[test]
 fn telemetry_status_merges_into_reported_properties() {
     let mut device = Device::default();
-    device.apply(registered());
-    device.apply(DeviceEvent::TelemetryRecorded {
+    device.evolve(registered());
+    device.evolve(DeviceEvent::TelemetryRecorded {
         digest: "m1".into(),
         readings: vec![],
         device_time: None,
@@ -363,7 +363,7 @@ fn telemetry_status_merges_into_reported_properties() {
         location: None,
         status: object(json!({"battery": 90, "mode": "eco"})),
     });
-    device.apply(DeviceEvent::StatusReported {
+    device.evolve(DeviceEvent::StatusReported {
         status: object(json!({"battery": 80, "mode": null})),
         received_at: later(1),
     });
@@ -475,9 +475,9 @@ fn desired_properties_version_and_delta() {
         .then_expect_error(DeviceError::InvalidPropertyName("9lives".into()));
 
     let mut device = Device::default();
-    device.apply(registered());
-    device.apply(set);
-    device.apply(DeviceEvent::StatusReported {
+    device.evolve(registered());
+    device.evolve(set);
+    device.evolve(DeviceEvent::StatusReported {
         status: object(json!({"interval": 30, "mode": "turbo", "battery": 50})),
         received_at: at(),
     });
