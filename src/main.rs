@@ -17,6 +17,7 @@ use fleetlog_commands::credentials::hash_password;
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata, StoreSettings};
 use fleetlog_domain::user::{validate_username, Role, UserCommand};
 use fleetlog_domain::{TenantId, UserId};
+use fleetlog_nats::{Relay, RelaySettings};
 use secrecy::{ExposeSecret, SecretString};
 use settings::{LogFormat, Settings};
 use sqlx::PgPool;
@@ -39,6 +40,8 @@ enum Command {
     Up,
     /// Serve the HTTP API.
     Api,
+    /// Publish committed events from Postgres to NATS JetStream (one active relay at a time).
+    Relay,
     /// Apply the database migrations; a second run changes nothing.
     Migrate,
     /// Manage users.
@@ -163,6 +166,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Relay => {
+            let pool = connect(&settings).await?;
+            run_relay(
+                settings.nats_url.clone(),
+                settings.relay(),
+                pool,
+                shutdown_on_signal(),
+            )
+            .await
+        }
         Command::Up => up(settings).await,
     }
 }
@@ -175,6 +188,12 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         .context("cannot apply migrations")?;
     let shutdown = shutdown_on_signal();
     let mut roles = tokio::task::JoinSet::new();
+    roles.spawn(run_relay(
+        settings.nats_url.clone(),
+        settings.relay(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
     roles.spawn(serve_api(
         settings.http_addr,
         settings.store(),
@@ -220,6 +239,21 @@ async fn serve_api(
     fleetlog_api::run(listener, state, shutdown.cancelled_owned())
         .await
         .context("api failed")
+}
+
+/// The relay role. NATS being down is not an error: the relay retries until it is back.
+async fn run_relay(
+    nats_url: String,
+    settings: RelaySettings,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = fleetlog_nats::connect(&nats_url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let relay = Relay::new(pool, async_nats::jetstream::new(client), settings);
+    relay.run(shutdown).await;
+    Ok(())
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {

@@ -2,9 +2,11 @@
 //! command-line flags, then local defaults. Every setting is documented in `.env.example`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use fleetlog_commands::StoreSettings;
+use fleetlog_nats::{RelaySettings, StreamSettings};
 use secrecy::SecretString;
 
 /// How log lines are written.
@@ -49,6 +51,51 @@ pub struct Settings {
     )]
     pub http_addr: SocketAddr,
 
+    /// NATS server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+
+    /// How long events stay in the JetStream stream, in seconds (0: for ever).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_STREAM_MAX_AGE_SECS",
+        default_value_t = 7 * 24 * 3600
+    )]
+    pub stream_max_age_secs: u64,
+
+    /// How long the stream drops a republished event (same Nats-Msg-Id), in seconds.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_STREAM_DUPLICATE_WINDOW_SECS",
+        default_value_t = 600
+    )]
+    pub stream_duplicate_window_secs: u64,
+
+    /// Events the relay reads and publishes per round.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_RELAY_BATCH_SIZE",
+        default_value_t = 1000
+    )]
+    pub relay_batch_size: i64,
+
+    /// How often the relay looks for events when no notification arrives, in milliseconds.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_RELAY_POLL_INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub relay_poll_interval_ms: u64,
+
     /// Aggregates of each type kept in memory by the write side.
     #[arg(
         long,
@@ -90,7 +137,7 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_LOG",
-        default_value = "info,sqlx=warn"
+        default_value = "info,sqlx=warn,async_nats=warn"
     )]
     pub log: String,
 
@@ -112,6 +159,21 @@ impl Settings {
             cache_capacity: self.aggregate_cache_capacity,
             snapshot_every: self.snapshot_every,
             max_attempts: self.command_max_attempts.max(1),
+        }
+    }
+}
+
+impl Settings {
+    /// The relay's tuning.
+    pub fn relay(&self) -> RelaySettings {
+        RelaySettings {
+            batch_size: self.relay_batch_size.max(1),
+            poll_interval: Duration::from_millis(self.relay_poll_interval_ms.max(10)),
+            stream: StreamSettings {
+                max_age: Duration::from_secs(self.stream_max_age_secs),
+                duplicate_window: Duration::from_secs(self.stream_duplicate_window_secs.max(1)),
+            },
+            ..RelaySettings::default()
         }
     }
 }

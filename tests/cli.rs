@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use fleetlog_testkit::TestDatabase;
+use fleetlog_testkit::{NatsServer, TestDatabase};
 
 fn fleetlog(database_url: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlog"));
@@ -56,7 +56,7 @@ fn help_lists_the_subcommands() {
         .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
-    for subcommand in ["up", "api", "migrate", "user"] {
+    for subcommand in ["up", "api", "relay", "migrate", "user"] {
         assert!(
             help.lines()
                 .any(|line| line.trim_start().starts_with(subcommand)),
@@ -199,11 +199,14 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 #[tokio::test]
-async fn up_migrates_serves_and_stops_cleanly_on_sigterm() {
+async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
     let db = TestDatabase::create_empty().await;
+    let nats = NatsServer::start();
     let port = free_port();
     let mut child = fleetlog(&db.url)
         .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("FLEETLOG_NATS_URL", nats.url())
+        .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
         .arg("up")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -231,6 +234,37 @@ async fn up_migrates_serves_and_stops_cleanly_on_sigterm() {
         .await
         .expect("up applied the migrations");
     assert_eq!(events, 0);
+
+    // An event written while `up` runs reaches the JetStream stream through its relay.
+    let mut create = fleetlog(&db.url);
+    create.args([
+        "user",
+        "create",
+        "--tenant",
+        "acme",
+        "--username",
+        "erin",
+        "--role",
+        "viewer",
+        "--password-stdin",
+    ]);
+    assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
+    let jetstream = async_nats::jetstream::new(fleetlog_nats::connect(&nats.url()).await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let relayed = match jetstream.get_stream(fleetlog_nats::STREAM_NAME).await {
+            Ok(mut stream) => stream.info().await.unwrap().state.messages,
+            Err(_) => 0,
+        };
+        if relayed == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the event never reached the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let terminated = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -1,5 +1,29 @@
-//! NATS JetStream for fleetlog: the `FLEETLOG_EVENTS` stream and its subjects
-//! (`fleetlog.events.{aggregate_type}.{aggregate_id}`), consumer configurations, and the relay
-//! that tails the events table gap-safely and publishes every committed event exactly once.
+//! NATS JetStream for fleetlog.
 //!
-//! Empty so far: the relay arrives with the fan-out stage of the build.
+//! The Postgres `events` table is the source of truth; JetStream is the transport that carries
+//! every committed event to whoever reads it (projections, process managers, users' own
+//! consumers). This crate owns
+//!
+//! - the topology: the `FLEETLOG_EVENTS` stream and its subjects
+//!   `fleetlog.events.{aggregate_type}.{aggregate_id}` ([`topology`]);
+//! - the message body, an [`EventEnvelope`] in JSON ([`envelope`]);
+//! - the [`relay`], which tails the events table gap-safely and publishes each event with
+//!   `Nats-Msg-Id = {aggregate_type}:{aggregate_id}:{sequence}`, so a republished event is
+//!   dropped by the stream's duplicate window.
+
+pub mod envelope;
+pub mod relay;
+pub mod topology;
+
+pub use envelope::EventEnvelope;
+pub use relay::{Relay, RelaySettings};
+pub use topology::{ensure_stream, StreamSettings, STREAM_NAME};
+
+/// Connects to NATS. The client reconnects by itself after the connection drops.
+pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .name("fleetlog")
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+}

@@ -1,0 +1,57 @@
+//! The body of every message on `FLEETLOG_EVENTS`: one stored event with its position.
+//!
+//! ```json
+//! {
+//!   "aggregate_type": "device",
+//!   "aggregate_id": "dev-1",
+//!   "sequence": 7,
+//!   "global_position": 1042,
+//!   "event_type": "TelemetryRecorded",
+//!   "event_version": "1.0",
+//!   "payload": {"TelemetryRecorded": {"digest": "…", "readings": [], "received_at": "…"}},
+//!   "metadata": {"actor": "device:dev-1", "correlation_id": "…", "tenant": "acme"},
+//!   "recorded_at": "2026-11-23T10:00:00.123456Z"
+//! }
+//! ```
+//!
+//! `sequence` counts the events of one aggregate from 1 without gaps: a consumer that applied
+//! sequence n of an aggregate expects n + 1 next. `global_position` orders all events by
+//! insertion (not commit) and is unique. Headers: `Nats-Msg-Id` =
+//! `{aggregate_type}:{aggregate_id}:{sequence}`, `Fleetlog-Event-Type` = `event_type`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One stored event as published to JetStream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    /// `device`, `firmware`, `rollout` or `user`.
+    pub aggregate_type: String,
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// The event's number within its aggregate, from 1, without gaps.
+    pub sequence: i64,
+    /// The event's insertion position over all aggregates.
+    pub global_position: i64,
+    /// The event's type, e.g. `DeviceRegistered`.
+    pub event_type: String,
+    /// The version of the event's shape.
+    pub event_version: String,
+    /// The event itself, as the aggregate serialized it.
+    pub payload: Value,
+    /// Who caused it: actor, tenant, correlation, causation and request ids.
+    pub metadata: Value,
+    /// When it was stored.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl EventEnvelope {
+    /// The `Nats-Msg-Id` of the event: unique per event, stable across republishing.
+    pub fn message_id(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.aggregate_type, self.aggregate_id, self.sequence
+        )
+    }
+}

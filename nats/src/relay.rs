@@ -1,0 +1,393 @@
+//! The relay: publishes every committed event from Postgres to JetStream, in commit-safe order,
+//! without losing one.
+//!
+//! Why not simply `WHERE global_position > cursor`: positions are handed out at insert, not at
+//! commit. A transaction holding position 10 may commit after one holding 11; a reader that saw
+//! 11 and moved its cursor past it would never see 10. So the relay reads in
+//! `(transaction_id, global_position)` order and only rows of transactions older than the oldest
+//! transaction still running (`pg_snapshot_xmin`): no row can appear later below its cursor.
+//!
+//! Each batch is published with many acks in flight; the cursor moves to the last event whose
+//! ack (and every earlier one's) came back, and is stored in Postgres. A crash between publish
+//! and cursor store republishes a few events, which the stream drops by `Nats-Msg-Id`.
+//!
+//! One relay is active at a time: it holds a Postgres advisory lock on a connection of its own.
+//! Others wait for the lock and take over when the holder's connection goes away.
+
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::EventEnvelope;
+use crate::topology::{ensure_stream, subject_for, StreamSettings, EVENT_TYPE_HEADER};
+
+/// The Postgres channel the events table notifies on.
+pub const EVENTS_CHANNEL: &str = "fleetlog_events";
+/// The advisory-lock key that elects the active relay ("fleetlog" in ASCII).
+const RELAY_LOCK_KEY: i64 = 0x666c_6565_746c_6f67;
+/// The cursor's name in `relay_cursors`.
+const CURSOR_NAME: &str = "FLEETLOG_EVENTS";
+
+const SELECT_BATCH: &str = "
+SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
+       global_position, transaction_id::text AS transaction_id, recorded_at
+  FROM events
+ WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
+   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY transaction_id, global_position
+ LIMIT $3";
+
+const SELECT_CURSOR: &str = "
+SELECT transaction_id::text AS transaction_id, global_position
+  FROM relay_cursors WHERE relay = $1";
+
+const UPSERT_CURSOR: &str = "
+INSERT INTO relay_cursors (relay, transaction_id, global_position, updated_at)
+VALUES ($1, $2::text::xid8, $3, now())
+ON CONFLICT (relay) DO UPDATE
+   SET transaction_id = EXCLUDED.transaction_id,
+       global_position = EXCLUDED.global_position,
+       updated_at = now()";
+
+/// Tuning of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// Events read and published per round.
+    pub batch_size: i64,
+    /// How often the relay looks for events when no notification arrives.
+    pub poll_interval: Duration,
+    /// How often a standby relay tries to take the lock.
+    pub standby_interval: Duration,
+    /// The longest wait between retries while NATS or Postgres fail.
+    pub max_backoff: Duration,
+    /// The stream's retention and deduplication.
+    pub stream: StreamSettings,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 1_000,
+            poll_interval: Duration::from_secs(1),
+            standby_interval: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(30),
+            stream: StreamSettings::default(),
+        }
+    }
+}
+
+/// What the relay is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayStatus {
+    /// Waiting for another relay to let go of the lock.
+    Standby,
+    /// Holding the lock and publishing.
+    Active,
+    /// Shut down.
+    Stopped,
+}
+
+/// A position in commit-safe order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Cursor {
+    /// The inserting transaction.
+    pub transaction_id: u64,
+    /// The event's global position.
+    pub global_position: i64,
+}
+
+/// Why the relay stopped relaying for a while.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("nats: {0}")]
+    Nats(#[from] async_nats::Error),
+    #[error("lost the relay lock")]
+    LostLock,
+}
+
+/// The relay role. See the module documentation.
+pub struct Relay {
+    pool: PgPool,
+    jetstream: Context,
+    settings: RelaySettings,
+    status: watch::Sender<RelayStatus>,
+}
+
+impl Relay {
+    /// A relay from `pool` to `jetstream`.
+    pub fn new(pool: PgPool, jetstream: Context, settings: RelaySettings) -> Self {
+        Self {
+            pool,
+            jetstream,
+            settings,
+            status: watch::Sender::new(RelayStatus::Standby),
+        }
+    }
+
+    /// Follows what the relay is doing.
+    pub fn status(&self) -> watch::Receiver<RelayStatus> {
+        self.status.subscribe()
+    }
+
+    /// Relays until `shutdown` is cancelled. Failures of Postgres or NATS are retried with
+    /// backoff, never returned: commands keep succeeding meanwhile, and the relay catches up.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.settings.max_backoff);
+        while !shutdown.is_cancelled() {
+            let Some(lock) = self.wait_for_lock(&shutdown).await else {
+                break;
+            };
+            self.status.send_replace(RelayStatus::Active);
+            tracing::info!("relay active");
+            // Stopping mid-publish is safe: the cursor only moves after the acks, and the stream
+            // drops what the next run republishes. The lock goes with its connection.
+            let result = tokio::select! {
+                () = shutdown.cancelled() => Ok(()),
+                result = self.relay_while_holding(lock, &shutdown, &mut backoff) => result,
+            };
+            self.status.send_replace(RelayStatus::Standby);
+            match result {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "relay interrupted; retrying");
+                    backoff.wait(&shutdown).await;
+                }
+            }
+        }
+        self.status.send_replace(RelayStatus::Stopped);
+        tracing::info!("relay stopped");
+    }
+
+    /// Takes the advisory lock on a connection of its own (detached from the pool, so the lock
+    /// lives exactly as long as that connection). `None` when shut down first.
+    async fn wait_for_lock(&self, shutdown: &CancellationToken) -> Option<PgConnection> {
+        let mut backoff = Backoff::new(self.settings.max_backoff);
+        loop {
+            let attempt = async {
+                let mut connection = PoolConnection::<Postgres>::detach(self.pool.acquire().await?);
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(RELAY_LOCK_KEY)
+                    .fetch_one(&mut connection)
+                    .await?;
+                Ok::<_, sqlx::Error>(locked.then_some(connection))
+            };
+            let wait = match attempt.await {
+                Ok(Some(connection)) => return Some(connection),
+                Ok(None) => {
+                    backoff.reset();
+                    self.settings.standby_interval
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "relay cannot reach Postgres for its lock");
+                    backoff.next_delay()
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn relay_while_holding(
+        &self,
+        mut lock: PgConnection,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), RelayError> {
+        ensure_stream(&self.jetstream, &self.settings.stream).await?;
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(EVENTS_CHANNEL).await?;
+        let mut cursor = self.load_cursor().await?;
+        backoff.reset();
+        loop {
+            if shutdown.is_cancelled() {
+                let _ = lock.close().await;
+                return Ok(());
+            }
+            let batch = self.read_batch(cursor).await?;
+            let full = batch.len() as i64 == self.settings.batch_size;
+            if !batch.is_empty() {
+                let (published, failure) = self.publish(&batch).await;
+                if let Some(last) = published {
+                    cursor = last;
+                    self.store_cursor(cursor).await?;
+                }
+                if let Some(error) = failure {
+                    tracing::warn!(%error, "publishing to JetStream failed; retrying");
+                    backoff.wait(shutdown).await;
+                    continue;
+                }
+                backoff.reset();
+                if full {
+                    continue;
+                }
+            }
+            // Still the active relay? If the lock's connection died, another relay may have
+            // taken over; step down rather than publish beside it.
+            sqlx::query("SELECT 1")
+                .execute(&mut lock)
+                .await
+                .map_err(|_| RelayError::LostLock)?;
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                notification = listener.recv() => {
+                    if let Err(error) = notification {
+                        tracing::debug!(%error, "event notifications interrupted; polling");
+                    }
+                }
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+        }
+    }
+
+    async fn load_cursor(&self) -> Result<Cursor, sqlx::Error> {
+        let row = sqlx::query(SELECT_CURSOR)
+            .bind(CURSOR_NAME)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => Cursor {
+                transaction_id: parse_xid8(row.get("transaction_id")),
+                global_position: row.get("global_position"),
+            },
+            None => Cursor::default(),
+        })
+    }
+
+    async fn store_cursor(&self, cursor: Cursor) -> Result<(), sqlx::Error> {
+        sqlx::query(UPSERT_CURSOR)
+            .bind(CURSOR_NAME)
+            .bind(cursor.transaction_id.to_string())
+            .bind(cursor.global_position)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn read_batch(&self, after: Cursor) -> Result<Vec<(Cursor, EventEnvelope)>, sqlx::Error> {
+        let rows = sqlx::query(SELECT_BATCH)
+            .bind(after.transaction_id.to_string())
+            .bind(after.global_position)
+            .bind(self.settings.batch_size)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let cursor = Cursor {
+                    transaction_id: parse_xid8(row.get("transaction_id")),
+                    global_position: row.get("global_position"),
+                };
+                let envelope = EventEnvelope {
+                    aggregate_type: row.get("aggregate_type"),
+                    aggregate_id: row.get("aggregate_id"),
+                    sequence: row.get("sequence"),
+                    global_position: cursor.global_position,
+                    event_type: row.get("event_type"),
+                    event_version: row.get("event_version"),
+                    payload: row.get("payload"),
+                    metadata: row.get("metadata"),
+                    recorded_at: row.get::<DateTime<Utc>, _>("recorded_at"),
+                };
+                (cursor, envelope)
+            })
+            .collect())
+    }
+
+    /// Publishes a batch with every publish in flight at once, then collects the acks. Returns
+    /// the cursor of the last event of the acknowledged prefix, and the first failure.
+    async fn publish(
+        &self,
+        batch: &[(Cursor, EventEnvelope)],
+    ) -> (Option<Cursor>, Option<async_nats::Error>) {
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut failure: Option<async_nats::Error> = None;
+        for (cursor, envelope) in batch {
+            let body = match serde_json::to_vec(envelope) {
+                Ok(body) => Bytes::from(body),
+                Err(error) => {
+                    failure = Some(error.into());
+                    break;
+                }
+            };
+            let message = PublishMessage::build()
+                .payload(body)
+                .message_id(envelope.message_id())
+                .header(EVENT_TYPE_HEADER, envelope.event_type.as_str());
+            let subject = subject_for(&envelope.aggregate_type, &envelope.aggregate_id);
+            match self.jetstream.send_publish(subject, message).await {
+                Ok(ack) => acks.push((*cursor, ack)),
+                Err(error) => {
+                    failure = Some(error.into());
+                    break;
+                }
+            }
+        }
+        // Every publish in `acks` was sent before any send failure, so the acknowledged prefix
+        // ends only at the first ack that fails.
+        let mut acknowledged = None;
+        let mut prefix_intact = true;
+        for (cursor, ack) in acks {
+            match ack.await {
+                Ok(_) if prefix_intact => acknowledged = Some(cursor),
+                Ok(_) => {}
+                Err(error) => {
+                    prefix_intact = false;
+                    failure.get_or_insert(error.into());
+                }
+            }
+        }
+        (acknowledged, failure)
+    }
+}
+
+fn parse_xid8(text: String) -> u64 {
+    // Postgres prints xid8 as a plain unsigned integer.
+    text.parse().unwrap_or(0)
+}
+
+/// Exponential backoff from 100 ms up to a ceiling.
+struct Backoff {
+    current: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(100);
+
+    fn new(max: Duration) -> Self {
+        Self {
+            current: Self::START,
+            max,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = Self::START;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.current;
+        self.current = (self.current * 2).min(self.max);
+        delay
+    }
+
+    async fn wait(&mut self, shutdown: &CancellationToken) {
+        let delay = self.next_delay();
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The JetStream stream and its subjects.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+use async_nats::jetstream::Context;
+
+/// The stream every event is published to.
+pub const STREAM_NAME: &str = "FLEETLOG_EVENTS";
+/// Every subject of the stream starts with this.
+pub const SUBJECT_PREFIX: &str = "fleetlog.events";
+/// The header that carries the event type, so consumers can route without parsing the body.
+pub const EVENT_TYPE_HEADER: &str = "Fleetlog-Event-Type";
+
+/// Retention and deduplication of the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// How long events stay in the stream (zero: for ever). The events table keeps them all
+    /// regardless; replay reads from there.
+    pub max_age: Duration,
+    /// How long the stream remembers a `Nats-Msg-Id` to drop a republished event.
+    pub duplicate_window: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// The subject token for an id. Device, tenant and rollout ids are already restricted to
+/// `[A-Za-z0-9_-]`; firmware ids (`model@1.2.0`) hold `.`, the subject separator, which becomes
+/// `_` (a semver version never holds `_`, so nothing collides). The envelope carries the id as
+/// it is.
+pub fn subject_token(id: &str) -> String {
+    id.chars()
+        .map(|c| match c {
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '_' | '-' | '@' => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+/// `fleetlog.events.{aggregate_type}.{aggregate_id}`.
+pub fn subject_for(aggregate_type: &str, aggregate_id: &str) -> String {
+    format!(
+        "{SUBJECT_PREFIX}.{}.{}",
+        subject_token(aggregate_type),
+        subject_token(aggregate_id)
+    )
+}
+
+/// `fleetlog.events.{aggregate_type}.*`: every event of one aggregate type.
+pub fn subject_filter_for_type(aggregate_type: &str) -> String {
+    format!("{SUBJECT_PREFIX}.{}.*", subject_token(aggregate_type))
+}
+
+fn stream_config(settings: &StreamSettings) -> Config {
+    Config {
+        name: STREAM_NAME.to_string(),
+        subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+        storage: StorageType::File,
+        max_age: settings.max_age,
+        duplicate_window: settings.duplicate_window,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// Creates the stream, or brings an existing one to `settings`. Safe to call at every start.
+pub async fn ensure_stream(
+    jetstream: &Context,
+    settings: &StreamSettings,
+) -> Result<(), async_nats::Error> {
+    let config = stream_config(settings);
+    match jetstream.get_stream(STREAM_NAME).await {
+        Ok(mut stream) => {
+            let current = &stream.info().await?.config;
+            let outdated = current.subjects != config.subjects
+                || current.max_age != config.max_age
+                || current.duplicate_window != config.duplicate_window;
+            if outdated {
+                jetstream.update_stream(config).await?;
+            }
+        }
+        Err(_) => {
+            jetstream.create_stream(config).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_name_type_and_id() {
+        assert_eq!(
+            subject_for("device", "dev-1"),
+            "fleetlog.events.device.dev-1"
+        );
+        assert_eq!(
+            subject_for("firmware", "thermo@1.2.0-rc.1"),
+            "fleetlog.events.firmware.thermo@1_2_0-rc_1"
+        );
+        assert_eq!(
+            subject_filter_for_type("device"),
+            "fleetlog.events.device.*"
+        );
+    }
+}
