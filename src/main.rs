@@ -18,6 +18,7 @@ use fleetlog_commands::{CommandBus, CommandError, CommandMetadata, StoreSettings
 use fleetlog_domain::user::{validate_username, Role, UserCommand};
 use fleetlog_domain::{TenantId, UserId};
 use fleetlog_nats::{Relay, RelaySettings};
+use fleetlog_projections::{DevicesProjection, TelemetryProjection, Worker, WorkerSettings};
 use secrecy::{ExposeSecret, SecretString};
 use settings::{LogFormat, Settings};
 use sqlx::PgPool;
@@ -42,6 +43,8 @@ enum Command {
     Api,
     /// Publish committed events from Postgres to NATS JetStream (one active relay at a time).
     Relay,
+    /// Keep the read models up to date from the event stream (run as many as you like).
+    Project,
     /// Apply the database migrations; a second run changes nothing.
     Migrate,
     /// Manage users.
@@ -176,6 +179,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Project => {
+            let pool = connect(&settings).await?;
+            run_projections(settings.nats_url.clone(), pool, shutdown_on_signal()).await
+        }
         Command::Up => up(settings).await,
     }
 }
@@ -191,6 +198,11 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     roles.spawn(run_relay(
         settings.nats_url.clone(),
         settings.relay(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
+    roles.spawn(run_projections(
+        settings.nats_url.clone(),
         pool.clone(),
         shutdown.clone(),
     ));
@@ -253,6 +265,25 @@ async fn run_relay(
         .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
     let relay = Relay::new(pool, async_nats::jetstream::new(client), settings);
     relay.run(shutdown).await;
+    Ok(())
+}
+
+/// The projection role: one worker per read model.
+async fn run_projections(
+    nats_url: String,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = fleetlog_nats::connect(&nats_url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let jetstream = async_nats::jetstream::new(client);
+    let settings = WorkerSettings::default();
+    tokio::join!(
+        Worker::new(DevicesProjection, pool.clone(), jetstream.clone(), settings)
+            .run(shutdown.clone()),
+        Worker::new(TelemetryProjection, pool, jetstream, settings).run(shutdown),
+    );
     Ok(())
 }
 

@@ -56,7 +56,7 @@ fn help_lists_the_subcommands() {
         .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
-    for subcommand in ["up", "api", "relay", "migrate", "user"] {
+    for subcommand in ["up", "api", "relay", "project", "migrate", "user"] {
         assert!(
             help.lines()
                 .any(|line| line.trim_start().starts_with(subcommand)),
@@ -264,6 +264,22 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
             "the event never reached the stream"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The projection role runs too: its durable consumers exist on the stream.
+    let stream = jetstream
+        .get_stream(fleetlog_nats::STREAM_NAME)
+        .await
+        .unwrap();
+    for projection in ["devices", "telemetry"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(projection)
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "no {projection} consumer");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     let terminated = Command::new("kill")

@@ -1,6 +1,19 @@
-//! Read side of fleetlog: projection workers that consume the event stream from JetStream and
-//! keep Postgres read models (devices, telemetry, commands, firmware, rollouts, users), the
-//! process managers that react to events with new commands (liveness, rollouts), and the replay
-//! that rebuilds a read model from the events table.
+//! The read side of fleetlog: projections that consume the event stream from JetStream and keep
+//! Postgres read models for the API's queries.
 //!
-//! Empty so far: the fan-out (relay, projections, replay) is the next stage of the build.
+//! Each projection ([`Projection`]) reads the events of one aggregate type through a durable
+//! JetStream pull consumer named after it; the [`Worker`] applies each event and the
+//! projection's per-aggregate position in one transaction and acks only after the commit, so an
+//! event takes effect exactly once however often it is delivered (invariant 2 of the
+//! architecture).
+//!
+//! Read models so far: `devices` and `device_commands` ([`DevicesProjection`]), `telemetry`
+//! ([`TelemetryProjection`]).
+
+pub mod devices;
+pub mod telemetry;
+pub mod worker;
+
+pub use devices::DevicesProjection;
+pub use telemetry::TelemetryProjection;
+pub use worker::{Outcome, Projection, ProjectionError, Worker, WorkerSettings};

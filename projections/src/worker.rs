@@ -1,0 +1,432 @@
+//! The projection worker: feeds one projection from its durable JetStream pull consumer.
+//!
+//! For each message, in one Postgres transaction: lock the projection's position row for the
+//! event's aggregate, compare the event's sequence with the last one applied, apply the event
+//! and move the position. The message is acked only after the commit. So:
+//!
+//! - sequence at or below the position: already applied (a redelivery): ack, skip;
+//! - sequence beyond position + 1: an earlier event has not been applied yet: nak with a delay,
+//!   it comes back once the earlier one is in;
+//! - the next sequence: apply.
+//!
+//! Several workers of one projection (in one or many processes) share the durable consumer; the
+//! position row's lock keeps them from applying one aggregate's events twice or out of order.
+//! A message that keeps failing is dead-lettered after `max_deliveries`: recorded with its
+//! reason in `projection_dead_letters` and published on `fleetlog.deadletter.{projection}`, its
+//! position moved past it, and acked, so it blocks nothing. Database outages are retried without
+//! limit instead.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+use async_nats::jetstream::{Context, Message};
+use bytes::Bytes;
+use fleetlog_nats::topology::{subject_filter_for_type, StreamSettings};
+use fleetlog_nats::{ensure_stream, EventEnvelope, STREAM_NAME};
+use futures::StreamExt;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+/// The stream that keeps dead-lettered messages.
+pub const DEAD_LETTER_STREAM: &str = "FLEETLOG_DEADLETTER";
+/// Dead letters of projection `p` are published on `fleetlog.deadletter.p`.
+pub const DEAD_LETTER_PREFIX: &str = "fleetlog.deadletter";
+
+/// A read model fed by the events of one aggregate type.
+pub trait Projection: Send + Sync + 'static {
+    /// The projection's name: its durable consumer and its key in `projection_positions`.
+    const NAME: &'static str;
+    /// The aggregate type whose events it reads.
+    const AGGREGATE_TYPE: &'static str;
+
+    /// Applies one event, inside the transaction that also moves the projection's position.
+    fn apply(
+        &self,
+        connection: &mut PgConnection,
+        event: &EventEnvelope,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}
+
+/// Why an event could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// The event does not read as an event of the aggregate type.
+    #[error("cannot read the event: {0}")]
+    Undecodable(#[from] serde_json::Error),
+    /// Postgres refused or failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl ProjectionError {
+    /// Failures that say nothing about the event (Postgres unreachable, pool exhausted):
+    /// retried for as long as they last, never dead-lettered.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    }
+}
+
+/// Tuning of a projection worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSettings {
+    /// Deliveries of a failing message before it is dead-lettered.
+    pub max_deliveries: i64,
+    /// How long a gap or a failure waits before the message comes back.
+    pub retry_delay: Duration,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Messages delivered but not yet acked, per consumer.
+    pub max_ack_pending: i64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            max_deliveries: 5,
+            retry_delay: Duration::from_secs(1),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 1_000,
+        }
+    }
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied and acked.
+    Applied,
+    /// Applied before; acked.
+    Skipped,
+    /// An earlier event is missing; naked with a delay.
+    Gap,
+    /// Failed; naked with a delay.
+    Retried,
+    /// Gave up; recorded, published on the dead-letter subject and acked.
+    DeadLettered,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Skipped => "skipped",
+            Self::Gap => "gap",
+            Self::Retried => "retried",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Runs one projection.
+pub struct Worker<P: Projection> {
+    projection: P,
+    pool: PgPool,
+    jetstream: Context,
+    settings: WorkerSettings,
+}
+
+enum Position {
+    Applied,
+    AlreadyApplied,
+    Gap { expected: i64 },
+}
+
+impl<P: Projection> Worker<P> {
+    /// A worker for `projection`.
+    pub fn new(projection: P, pool: PgPool, jetstream: Context, settings: WorkerSettings) -> Self {
+        Self {
+            projection,
+            pool,
+            jetstream,
+            settings,
+        }
+    }
+
+    /// Consumes until `shutdown`; the message in hand is finished first. Lost connections to
+    /// NATS or Postgres are retried, never returned.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.consume(&shutdown).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(projection = P::NAME, %error, "projection consumer interrupted");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        tracing::info!(projection = P::NAME, "projection stopped");
+    }
+
+    /// The projection's durable consumer, created if missing.
+    pub async fn consumer(&self) -> Result<PullConsumer, async_nats::Error> {
+        ensure_stream(&self.jetstream, &StreamSettings::default()).await?;
+        self.jetstream
+            .get_or_create_stream(StreamConfig {
+                name: DEAD_LETTER_STREAM.to_string(),
+                subjects: vec![format!("{DEAD_LETTER_PREFIX}.>")],
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await?;
+        let stream = self.jetstream.get_stream(STREAM_NAME).await?;
+        let consumer = stream
+            .get_or_create_consumer(
+                P::NAME,
+                PullConfig {
+                    durable_name: Some(P::NAME.to_string()),
+                    filter_subject: subject_filter_for_type(P::AGGREGATE_TYPE),
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.settings.ack_wait,
+                    max_ack_pending: self.settings.max_ack_pending,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(consumer)
+    }
+
+    async fn consume(&self, shutdown: &CancellationToken) -> Result<(), async_nats::Error> {
+        let consumer = self.consumer().await?;
+        let mut messages = consumer.messages().await?;
+        tracing::info!(projection = P::NAME, "projection consuming");
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    self.handle(message).await;
+                }
+                Some(Err(error)) => return Err(error.into()),
+                None => return Err("the consumer's message stream ended".into()),
+            }
+        }
+    }
+
+    /// Handles one message to the end: applied and acked, or naked, or dead-lettered.
+    pub async fn handle(&self, message: Message) -> Outcome {
+        let (delivered, pending) = message
+            .info()
+            .map(|info| (info.delivered, info.pending))
+            .unwrap_or((1, 0));
+        metrics::gauge!("fleetlog_projection_pending_events", "projection" => P::NAME)
+            .set(pending as f64);
+        let outcome = match serde_json::from_slice::<EventEnvelope>(&message.payload) {
+            Err(error) => {
+                // Without an envelope there is no aggregate to move past: record and drop.
+                self.dead_letter(&message, None, &format!("not an event envelope: {error}"))
+                    .await
+            }
+            Ok(event) => {
+                let lag = chrono::Utc::now() - event.recorded_at;
+                metrics::gauge!("fleetlog_projection_lag_seconds", "projection" => P::NAME)
+                    .set(lag.num_milliseconds() as f64 / 1000.0);
+                self.handle_event(&message, &event, delivered).await
+            }
+        };
+        let ack = match outcome {
+            Outcome::Applied | Outcome::Skipped | Outcome::DeadLettered => {
+                message.ack_with(AckKind::Ack).await
+            }
+            Outcome::Gap | Outcome::Retried => {
+                message
+                    .ack_with(AckKind::Nak(Some(self.settings.retry_delay)))
+                    .await
+            }
+        };
+        if let Err(error) = ack {
+            // The message comes back after ack_wait; the position check makes that harmless.
+            tracing::warn!(projection = P::NAME, %error, "cannot acknowledge message");
+        }
+        metrics::counter!("fleetlog_projection_events_total",
+            "projection" => P::NAME, "outcome" => outcome.label())
+        .increment(1);
+        outcome
+    }
+
+    async fn handle_event(
+        &self,
+        message: &Message,
+        event: &EventEnvelope,
+        delivered: i64,
+    ) -> Outcome {
+        match self.apply_once(event).await {
+            Ok(Position::Applied) => Outcome::Applied,
+            Ok(Position::AlreadyApplied) => Outcome::Skipped,
+            Ok(Position::Gap { expected }) => {
+                tracing::debug!(
+                    projection = P::NAME,
+                    aggregate_id = event.aggregate_id,
+                    sequence = event.sequence,
+                    expected,
+                    "gap: waiting for an earlier event"
+                );
+                Outcome::Gap
+            }
+            Err(error) if error.is_transient() => {
+                tracing::warn!(projection = P::NAME, %error, "cannot apply event; will retry");
+                Outcome::Retried
+            }
+            Err(error) if delivered < self.settings.max_deliveries => {
+                tracing::warn!(
+                    projection = P::NAME,
+                    message_id = event.message_id(),
+                    delivered,
+                    %error,
+                    "cannot apply event; will retry"
+                );
+                Outcome::Retried
+            }
+            Err(error) => {
+                let reason = format!("failed {delivered} times: {error}");
+                self.dead_letter(message, Some(event), &reason).await
+            }
+        }
+    }
+
+    async fn apply_once(&self, event: &EventEnvelope) -> Result<Position, ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        let last = lock_position(&mut tx, P::NAME, event).await?;
+        if event.sequence <= last {
+            return Ok(Position::AlreadyApplied);
+        }
+        if event.sequence > last + 1 {
+            return Ok(Position::Gap { expected: last + 1 });
+        }
+        self.projection.apply(&mut tx, event).await?;
+        store_position(&mut tx, P::NAME, event).await?;
+        tx.commit().await?;
+        Ok(Position::Applied)
+    }
+
+    /// Records the message as dead, moves the position past it (so the aggregate's later
+    /// events are not stuck behind it) and publishes it on the dead-letter subject.
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        event: Option<&EventEnvelope>,
+        reason: &str,
+    ) -> Outcome {
+        tracing::error!(projection = P::NAME, reason, "dead-lettering message");
+        let body = String::from_utf8_lossy(&message.payload).into_owned();
+        let recorded = async {
+            let mut tx = self.pool.begin().await?;
+            if let Some(event) = event {
+                let last = lock_position(&mut tx, P::NAME, event).await?;
+                if event.sequence > last {
+                    store_position(&mut tx, P::NAME, event).await?;
+                }
+            }
+            sqlx::query(
+                "INSERT INTO projection_dead_letters
+                   (projection, aggregate_type, aggregate_id, sequence, reason, message)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(P::NAME)
+            .bind(event.map(|e| e.aggregate_type.as_str()))
+            .bind(event.map(|e| e.aggregate_id.as_str()))
+            .bind(event.map(|e| e.sequence))
+            .bind(reason)
+            .bind(&body)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        };
+        if let Err(error) = recorded.await {
+            tracing::warn!(projection = P::NAME, %error, "cannot record dead letter; will retry");
+            return Outcome::Retried;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Fleetlog-Projection", P::NAME);
+        headers.insert(
+            "Fleetlog-Reason",
+            reason.replace(['\r', '\n'], " ").as_str(),
+        );
+        if let Some(event) = event {
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("{}:{}", P::NAME, event.message_id()).as_str(),
+            );
+        }
+        let subject = format!("{DEAD_LETTER_PREFIX}.{}", P::NAME);
+        let published = self
+            .jetstream
+            .publish_with_headers(subject, headers, Bytes::from(body))
+            .await;
+        match published {
+            Ok(ack) => {
+                if let Err(error) = ack.await {
+                    tracing::warn!(projection = P::NAME, %error, "dead letter not confirmed by JetStream; it is in projection_dead_letters");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(projection = P::NAME, %error, "cannot publish dead letter; it is in projection_dead_letters");
+            }
+        }
+        Outcome::DeadLettered
+    }
+}
+
+/// Locks the projection's position row for the event's aggregate (creating it at 0) and
+/// returns the last sequence applied.
+async fn lock_position(
+    connection: &mut PgConnection,
+    projection: &str,
+    event: &EventEnvelope,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, last_sequence)
+         VALUES ($1, $2, $3, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(projection)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .execute(&mut *connection)
+    .await?;
+    sqlx::query_scalar(
+        "SELECT last_sequence FROM projection_positions
+          WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 FOR UPDATE",
+    )
+    .bind(projection)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .fetch_one(&mut *connection)
+    .await
+}
+
+async fn store_position(
+    connection: &mut PgConnection,
+    projection: &str,
+    event: &EventEnvelope,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_positions SET last_sequence = $4
+          WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+    )
+    .bind(projection)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .bind(event.sequence)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}

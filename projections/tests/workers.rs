@@ -1,0 +1,476 @@
+//! Projection workers against a real Postgres and nats-server: read models follow the events,
+//! redeliveries apply once, gaps wait, poison is dead-lettered, and crashed or parallel workers
+//! end with the same model.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, Context};
+use chrono::{DateTime, Utc};
+use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
+use fleetlog_domain::device::{CommandOutcome, DeviceCommand, DeviceEvent, Reading};
+use fleetlog_domain::{CommandId, DeviceId, TenantId, UserId};
+use fleetlog_nats::topology::subject_for;
+use fleetlog_nats::{ensure_stream, EventEnvelope, Relay, RelaySettings, StreamSettings};
+use fleetlog_projections::worker::DEAD_LETTER_STREAM;
+use fleetlog_projections::{
+    DevicesProjection, Projection, TelemetryProjection, Worker, WorkerSettings,
+};
+use fleetlog_testkit::{NatsServer, TestDatabase};
+use serde_json::{json, Map, Value};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+fn settings() -> WorkerSettings {
+    WorkerSettings {
+        max_deliveries: 3,
+        retry_delay: Duration::from_millis(100),
+        ack_wait: Duration::from_secs(2),
+        max_ack_pending: 100,
+    }
+}
+
+async fn jetstream_of(nats: &NatsServer) -> Context {
+    jetstream::new(fleetlog_nats::connect(&nats.url()).await.unwrap())
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("stops on shutdown")
+            .unwrap();
+    }
+}
+
+async fn start_worker<P: Projection>(projection: P, pool: &PgPool, nats: &NatsServer) -> Running {
+    let worker = Worker::new(
+        projection,
+        pool.clone(),
+        jetstream_of(nats).await,
+        settings(),
+    );
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    Running { shutdown, task }
+}
+
+async fn start_relay(pool: &PgPool, nats: &NatsServer) -> Running {
+    let relay_settings = RelaySettings {
+        poll_interval: Duration::from_millis(100),
+        ..RelaySettings::default()
+    };
+    let relay = Relay::new(pool.clone(), jetstream_of(nats).await, relay_settings);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    Running { shutdown, task }
+}
+
+fn at(seconds: i64) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+        + chrono::Duration::seconds(seconds)
+}
+
+fn metadata() -> CommandMetadata {
+    CommandMetadata::new("test").with_tenant(TenantId::parse("acme").unwrap())
+}
+
+fn register(id: &str) -> DeviceCommand {
+    DeviceCommand::Register {
+        device_id: DeviceId::parse(id).unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: format!("Device {id}"),
+        model: "thermo".into(),
+        tags: vec!["lab".into()],
+        at: at(0),
+    }
+}
+
+fn telemetry(n: i64, status: Value) -> DeviceCommand {
+    DeviceCommand::RecordTelemetry {
+        digest: format!("m{n}"),
+        readings: vec![
+            Reading {
+                sensor: "temperature".into(),
+                value: 20.0 + n as f64,
+                unit: Some("celsius".into()),
+                timestamp: Some(at(n)),
+            },
+            Reading {
+                sensor: "humidity".into(),
+                value: 50.0,
+                unit: None,
+                timestamp: None,
+            },
+        ],
+        device_time: Some(at(n)),
+        received_at: at(n),
+        location: None,
+        status: status.as_object().cloned().unwrap_or_default(),
+    }
+}
+
+/// Waits until the projection's position for every listed device reaches its event count.
+async fn wait_until_caught_up(pool: &PgPool, projection: &str, devices: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let behind: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                 SELECT e.aggregate_id, max(e.sequence) AS last
+                   FROM events e WHERE e.aggregate_type = 'device' AND e.aggregate_id = ANY($2)
+                  GROUP BY e.aggregate_id) latest
+             LEFT JOIN projection_positions p
+                    ON p.projection = $1 AND p.aggregate_type = 'device'
+                   AND p.aggregate_id = latest.aggregate_id
+             WHERE p.last_sequence IS DISTINCT FROM latest.last",
+        )
+        .bind(projection)
+        .bind(devices)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if behind == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{projection} did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_devices_model_follows_the_events() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let devices = bus.devices();
+    devices
+        .execute("d1", register("d1"), &metadata())
+        .await
+        .unwrap();
+    devices
+        .execute(
+            "d1",
+            telemetry(1, json!({"mode": "eco", "battery": 90})),
+            &metadata(),
+        )
+        .await
+        .unwrap();
+    let mut desired = Map::new();
+    desired.insert("mode".into(), json!("turbo"));
+    desired.insert("interval".into(), json!(30));
+    devices
+        .execute(
+            "d1",
+            DeviceCommand::SetDesired {
+                properties: desired,
+                at: at(2),
+            },
+            &metadata(),
+        )
+        .await
+        .unwrap();
+    for id in ["c1", "c2"] {
+        let issue = DeviceCommand::IssueCommand {
+            command_id: CommandId::parse(id).unwrap(),
+            name: "reboot".into(),
+            params: json!({}),
+            issued_at: at(3),
+            expires_at: at(60),
+        };
+        devices.execute("d1", issue, &metadata()).await.unwrap();
+    }
+    let reply = DeviceCommand::RecordCommandReply {
+        command_id: CommandId::parse("c1").unwrap(),
+        outcome: CommandOutcome::Succeeded,
+        result: json!({"uptime": 1}),
+        received_at: at(4),
+    };
+    devices.execute("d1", reply, &metadata()).await.unwrap();
+    let offline = DeviceCommand::MarkOffline {
+        reason: "silent".into(),
+        at: at(500),
+    };
+    devices.execute("d1", offline, &metadata()).await.unwrap();
+
+    let relay = start_relay(&db.pool, &nats).await;
+    let worker = start_worker(DevicesProjection, &db.pool, &nats).await;
+    wait_until_caught_up(&db.pool, DevicesProjection::NAME, &["d1"]).await;
+
+    let row: (bool, Value, Value, Value, Value, i32, i64, String, Vec<String>) = sqlx::query_as(
+        "SELECT online, sensors, reported, desired, delta, open_commands, last_sequence, offline_reason, tags
+           FROM devices WHERE device_id = 'd1'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let (online, sensors, reported, desired, delta, open_commands, last_sequence, reason, tags) =
+        row;
+    assert!(!online);
+    assert_eq!(reason, "silent");
+    assert_eq!(sensors["temperature"]["value"], json!(21.0));
+    assert_eq!(sensors["temperature"]["unit"], json!("celsius"));
+    assert_eq!(reported, json!({"mode": "eco", "battery": 90}));
+    assert_eq!(desired, json!({"mode": "turbo", "interval": 30}));
+    assert_eq!(delta, json!({"mode": "turbo", "interval": 30}));
+    assert_eq!(open_commands, 1);
+    assert_eq!(tags, ["lab"]);
+    let version = devices.current("d1").await.unwrap().version;
+    assert_eq!(last_sequence as u64, version);
+    let commands: Vec<(String, String)> = sqlx::query_as(
+        "SELECT command_id, status FROM device_commands WHERE device_id = 'd1' ORDER BY command_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        commands,
+        [
+            ("c1".into(), "succeeded".into()),
+            ("c2".into(), "pending".into())
+        ]
+    );
+    worker.stop().await;
+    relay.stop().await;
+}
+
+/// Publishes an envelope straight to the stream, as a redelivery or a disordered stream would
+/// present it.
+async fn publish(jetstream: &Context, envelope: &EventEnvelope) {
+    jetstream
+        .publish(
+            subject_for(&envelope.aggregate_type, &envelope.aggregate_id),
+            serde_json::to_vec(envelope).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+fn envelope(device: &str, sequence: i64, event: &DeviceEvent) -> EventEnvelope {
+    use cqrs_es::DomainEvent;
+    EventEnvelope {
+        aggregate_type: "device".into(),
+        aggregate_id: device.into(),
+        sequence,
+        global_position: sequence,
+        event_type: event.event_type(),
+        event_version: event.event_version(),
+        payload: serde_json::to_value(event).unwrap(),
+        metadata: json!({}),
+        recorded_at: Utc::now(),
+    }
+}
+
+fn registered(device: &str) -> DeviceEvent {
+    DeviceEvent::DeviceRegistered {
+        device_id: DeviceId::parse(device).unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: device.into(),
+        model: "thermo".into(),
+        tags: vec![],
+        at: at(0),
+    }
+}
+
+fn recorded(n: i64) -> DeviceEvent {
+    DeviceEvent::TelemetryRecorded {
+        digest: format!("m{n}"),
+        readings: vec![Reading {
+            sensor: "temperature".into(),
+            value: n as f64,
+            unit: None,
+            timestamp: Some(at(n)),
+        }],
+        device_time: None,
+        received_at: at(n),
+        location: None,
+        status: Map::new(),
+    }
+}
+
+async fn position(pool: &PgPool, projection: &str, device: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(max(last_sequence), 0) FROM projection_positions
+          WHERE projection = $1 AND aggregate_id = $2",
+    )
+    .bind(projection)
+    .bind(device)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn wait_for_position(pool: &PgPool, projection: &str, device: &str, expected: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while position(pool, projection, device).await != expected {
+        assert!(
+            Instant::now() < deadline,
+            "{projection} never reached {device}#{expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn telemetry_rows(pool: &PgPool, device: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM telemetry WHERE device_id = $1")
+        .bind(device)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redeliveries_apply_once_and_gaps_wait_for_the_missing_event() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let jetstream = jetstream_of(&nats).await;
+    ensure_stream(&jetstream, &StreamSettings::default())
+        .await
+        .unwrap();
+    let worker = start_worker(TelemetryProjection, &db.pool, &nats).await;
+
+    // Sequence 3 arrives before 2: it must wait, not be applied early or dropped.
+    publish(&jetstream, &envelope("d1", 1, &registered("d1"))).await;
+    publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
+    wait_for_position(&db.pool, "telemetry", "d1", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(position(&db.pool, "telemetry", "d1").await, 1);
+    publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
+    wait_for_position(&db.pool, "telemetry", "d1", 3).await;
+    assert_eq!(telemetry_rows(&db.pool, "d1").await, 2);
+
+    // The same events again (a redelivery, a relay republishing): no effect.
+    publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
+    publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
+    publish(&jetstream, &envelope("d1", 4, &recorded(4))).await;
+    wait_for_position(&db.pool, "telemetry", "d1", 4).await;
+    assert_eq!(telemetry_rows(&db.pool, "d1").await, 3);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_event_is_dead_lettered_and_the_projection_moves_on() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let jetstream = jetstream_of(&nats).await;
+    ensure_stream(&jetstream, &StreamSettings::default())
+        .await
+        .unwrap();
+    let worker = start_worker(DevicesProjection, &db.pool, &nats).await;
+
+    let mut poison = envelope("bad", 1, &registered("bad"));
+    poison.payload = json!({"DeviceExploded": {"how": "loudly"}});
+    publish(&jetstream, &poison).await;
+    publish(&jetstream, &envelope("bad", 2, &recorded(2))).await;
+    publish(&jetstream, &envelope("good", 1, &registered("good"))).await;
+
+    wait_for_position(&db.pool, "devices", "good", 1).await;
+    wait_for_position(&db.pool, "devices", "bad", 2).await;
+    let (reason, sequence): (String, i64) = sqlx::query_as(
+        "SELECT reason, sequence FROM projection_dead_letters WHERE projection = 'devices'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(sequence, 1);
+    assert!(reason.contains("failed 3 times"), "{reason}");
+    assert!(reason.contains("DeviceExploded"), "{reason}");
+
+    let mut dead_letters = jetstream.get_stream(DEAD_LETTER_STREAM).await.unwrap();
+    let info = dead_letters.info().await.unwrap();
+    assert_eq!(info.state.messages, 1);
+    let message = dead_letters.get_raw_message(1).await.unwrap();
+    assert_eq!(message.subject.as_str(), "fleetlog.deadletter.devices");
+    assert!(message
+        .headers
+        .get("Fleetlog-Reason")
+        .is_some_and(|r| r.as_str().contains("failed 3 times")));
+    let dead: EventEnvelope = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(dead.aggregate_id, "bad");
+    worker.stop().await;
+}
+
+/// Workers that crash mid-stream, and workers that share the consumer, end with exactly the
+/// rows the events call for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_and_parallel_workers_end_with_the_same_model() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let ids: Vec<String> = (0..6).map(|n| format!("d{n}")).collect();
+    for id in &ids {
+        bus.devices()
+            .execute(id, register(id), &metadata())
+            .await
+            .unwrap();
+    }
+    for n in 1..=40 {
+        for id in &ids {
+            bus.devices()
+                .execute(id, telemetry(n, json!({"battery": 100 - n})), &metadata())
+                .await
+                .unwrap();
+        }
+    }
+    let relay = start_relay(&db.pool, &nats).await;
+
+    // One worker is killed without warning part-way through; two more then share the consumer.
+    let first = start_worker(TelemetryProjection, &db.pool, &nats).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while telemetry_rows(&db.pool, "d0").await < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the first worker made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.task.abort();
+    let _ = first.task.await;
+    let second = start_worker(TelemetryProjection, &db.pool, &nats).await;
+    let third = start_worker(TelemetryProjection, &db.pool, &nats).await;
+    let devices_worker = start_worker(DevicesProjection, &db.pool, &nats).await;
+
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    wait_until_caught_up(&db.pool, "telemetry", &id_refs).await;
+    wait_until_caught_up(&db.pool, "devices", &id_refs).await;
+    for id in &ids {
+        assert_eq!(
+            telemetry_rows(&db.pool, id).await,
+            80,
+            "two readings per message for {id}"
+        );
+        let distinct: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT (sensor, time, value)) FROM telemetry WHERE device_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(distinct, 80, "no reading stored twice for {id}");
+        let device = bus.devices().current(id).await.unwrap();
+        let (reported, last_sequence, online): (Value, i64, bool) = sqlx::query_as(
+            "SELECT reported, last_sequence, online FROM devices WHERE device_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(reported, Value::Object(device.aggregate.reported.clone()));
+        assert_eq!(last_sequence as u64, device.version);
+        assert!(online);
+    }
+    for running in [second, third, devices_worker, relay] {
+        running.stop().await;
+    }
+}
