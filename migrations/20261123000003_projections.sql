@@ -41,6 +41,10 @@ SELECT COALESCE(jsonb_object_agg(d.key, d.value), '{}'::jsonb)
  WHERE COALESCE(reported, '{}'::jsonb) -> d.key IS DISTINCT FROM d.value
 $$;
 
+-- Read-model indexes are left unnamed: Postgres names them from table and columns, exactly as
+-- it names the copies `fleetlog replay` builds with CREATE TABLE (LIKE ... INCLUDING ALL), so a
+-- replayed table swapped in keeps the same index names.
+
 -- The device registry with each device's live state.
 CREATE TABLE devices
 (
@@ -71,11 +75,11 @@ CREATE TABLE devices
     updated_at         timestamptz NOT NULL,
     last_sequence      bigint      NOT NULL
 );
-CREATE INDEX devices_tenant_idx ON devices (tenant, device_id);
-CREATE INDEX devices_tenant_online_idx ON devices (tenant, online, device_id);
-CREATE INDEX devices_tenant_model_idx ON devices (tenant, model, device_id);
-CREATE INDEX devices_tenant_last_seen_idx ON devices (tenant, last_seen);
-CREATE INDEX devices_tags_idx ON devices USING gin (tags);
+CREATE INDEX ON devices (tenant, device_id);
+CREATE INDEX ON devices (tenant, online, device_id);
+CREATE INDEX ON devices (tenant, model, device_id);
+CREATE INDEX ON devices (tenant, last_seen);
+CREATE INDEX ON devices USING gin (tags);
 
 -- Commands sent to devices and how they ended.
 CREATE TABLE device_commands
@@ -91,7 +95,7 @@ CREATE TABLE device_commands
     result      jsonb,
     PRIMARY KEY (device_id, command_id)
 );
-CREATE INDEX device_commands_open_idx ON device_commands (expires_at) WHERE status = 'pending';
+CREATE INDEX ON device_commands (expires_at) WHERE status = 'pending';
 
 -- Telemetry as a time series, one row per reading.
 -- Queries are "one device's sensor over a time range": the btree on (device_id, sensor, time)
@@ -107,5 +111,5 @@ CREATE TABLE telemetry
     value     double precision NOT NULL,
     unit      text
 );
-CREATE INDEX telemetry_device_sensor_time_idx ON telemetry (device_id, sensor, time);
-CREATE INDEX telemetry_time_brin_idx ON telemetry USING brin (time);
+CREATE INDEX ON telemetry (device_id, sensor, time);
+CREATE INDEX ON telemetry USING brin (time);

@@ -4,6 +4,8 @@
 //! crate and exposes a `run(.., shutdown)` that returns when the shutdown signal fires and its
 //! in-flight work is done.
 
+mod events;
+mod replay;
 mod settings;
 
 use std::io::{IsTerminal, Read};
@@ -47,11 +49,56 @@ enum Command {
     Project,
     /// Apply the database migrations; a second run changes nothing.
     Migrate,
+    /// Rebuild read models from the events table and swap them in, or verify them.
+    Replay {
+        /// The projection to rebuild (devices, telemetry).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        projection: Option<String>,
+        /// Every projection.
+        #[arg(long)]
+        all: bool,
+        /// Rebuild into shadow tables, compare with the live model, print the rows that differ
+        /// and fail if any do; the live model is left as it is.
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: seconds to wait for the live model to catch up before comparing.
+        #[arg(long, default_value_t = 30)]
+        patience_secs: u64,
+    },
+    /// Look at the event store and the event stream.
+    Events {
+        #[command(subcommand)]
+        command: EventsAction,
+    },
     /// Manage users.
     User {
         #[command(subcommand)]
         command: UserAction,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsAction {
+    /// One aggregate's events, oldest first.
+    List {
+        /// The aggregate, as TYPE:ID (e.g. device:sensor-1).
+        #[arg(long)]
+        aggregate: String,
+        /// At most this many events.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
+    /// Follow new events on the JetStream stream until Ctrl-C.
+    Tail {
+        /// Only events of this type (e.g. TelemetryRecorded).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only events of this aggregate type (e.g. device).
+        #[arg(long)]
+        aggregate_type: Option<String>,
+    },
+    /// Counts per aggregate and event type, and how many events await the relay.
+    Stats,
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +230,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = connect(&settings).await?;
             run_projections(settings.nats_url.clone(), pool, shutdown_on_signal()).await
         }
+        Command::Replay {
+            projection,
+            all,
+            verify,
+            patience_secs,
+        } => {
+            let pool = connect(&settings).await?;
+            let projections = match projection {
+                Some(name) if !all => vec![name],
+                _ => fleetlog_projections::PROJECTIONS
+                    .iter()
+                    .map(|name| name.to_string())
+                    .collect(),
+            };
+            replay::run(
+                &pool,
+                projections,
+                verify,
+                Duration::from_secs(patience_secs),
+            )
+            .await
+        }
+        Command::Events { command } => match command {
+            EventsAction::List { aggregate, limit } => {
+                events::list(&connect(&settings).await?, &aggregate, limit).await
+            }
+            EventsAction::Tail {
+                event_type,
+                aggregate_type,
+            } => {
+                events::tail(
+                    &settings.nats_url,
+                    event_type,
+                    aggregate_type,
+                    shutdown_on_signal(),
+                )
+                .await
+            }
+            EventsAction::Stats => events::stats(&connect(&settings).await?).await,
+        },
         Command::Up => up(settings).await,
     }
 }

@@ -56,7 +56,9 @@ fn help_lists_the_subcommands() {
         .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
-    for subcommand in ["up", "api", "relay", "project", "migrate", "user"] {
+    for subcommand in [
+        "up", "api", "relay", "project", "migrate", "replay", "events", "user",
+    ] {
         assert!(
             help.lines()
                 .any(|line| line.trim_start().starts_with(subcommand)),
@@ -310,4 +312,150 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
         http_get(port, "/health").is_none(),
         "the port is closed after shutdown"
     );
+}
+
+/// `replay --verify`, `replay`, and `events` against a model kept by live workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_verify_and_events_commands() {
+    use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
+    use fleetlog_domain::device::DeviceCommand;
+    use fleetlog_domain::{DeviceId, TenantId, UserId};
+    use fleetlog_projections::{DevicesProjection, TelemetryProjection, Worker, WorkerSettings};
+
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let metadata = CommandMetadata::new("test");
+    for id in ["d1", "d2"] {
+        let register = DeviceCommand::Register {
+            device_id: DeviceId::parse(id).unwrap(),
+            tenant: TenantId::parse("acme").unwrap(),
+            owner: UserId::parse("u-1").unwrap(),
+            name: format!("Device {id}"),
+            model: "thermo".into(),
+            tags: vec![],
+            at: chrono::Utc::now(),
+        };
+        bus.devices()
+            .execute(id, register, &metadata)
+            .await
+            .unwrap();
+        let heartbeat = DeviceCommand::Heartbeat {
+            device_time: None,
+            received_at: chrono::Utc::now(),
+        };
+        bus.devices()
+            .execute(id, heartbeat, &metadata)
+            .await
+            .unwrap();
+    }
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let js = async_nats::jetstream::new(fleetlog_nats::connect(&nats.url()).await.unwrap());
+    let relay_settings = fleetlog_nats::RelaySettings {
+        poll_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(
+        fleetlog_nats::Relay::new(db.pool.clone(), js.clone(), relay_settings)
+            .run(shutdown.clone()),
+    );
+    tasks.spawn(
+        Worker::new(
+            DevicesProjection,
+            db.pool.clone(),
+            js.clone(),
+            WorkerSettings::default(),
+        )
+        .run(shutdown.clone()),
+    );
+    tasks.spawn(
+        Worker::new(
+            TelemetryProjection,
+            db.pool.clone(),
+            js,
+            WorkerSettings::default(),
+        )
+        .run(shutdown.clone()),
+    );
+
+    let verify = || {
+        fleetlog(&db.url)
+            .args(["replay", "--all", "--verify", "--patience-secs", "30"])
+            .output()
+            .unwrap()
+    };
+    let output = verify();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        stdout.contains("devices: the live model equals the replay"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("telemetry: the live model equals the replay"),
+        "{stdout}"
+    );
+
+    sqlx::query("UPDATE devices SET name = 'tampered' WHERE device_id = 'd2'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let output = verify();
+    assert_one_line_error(&output, "differs from the live one: devices (2 rows)");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        stdout.contains("devices: only in live:") && stdout.contains("tampered"),
+        "{stdout}"
+    );
+
+    let output = fleetlog(&db.url)
+        .args(["replay", "devices"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("devices: replayed 6 events"));
+    assert!(verify().status.success());
+
+    let output = fleetlog(&db.url)
+        .args(["replay", "gadgets"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "unknown projection \"gadgets\"");
+
+    let output = fleetlog(&db.url)
+        .args(["events", "list", "--aggregate", "device:d1"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let listing = String::from_utf8_lossy(&output.stdout).into_owned();
+    let types: Vec<&str> = listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .collect();
+    assert_eq!(
+        types,
+        ["DeviceRegistered", "DeviceCameOnline", "HeartbeatReceived"],
+        "{listing}"
+    );
+    let output = fleetlog(&db.url)
+        .args(["events", "list", "--aggregate", "device"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "TYPE:ID");
+
+    let output = fleetlog(&db.url)
+        .args(["events", "stats"])
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stats.contains("events            6"), "{stats}");
+    assert!(stats.contains("not yet relayed   0"), "{stats}");
+
+    shutdown.cancel();
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
 }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// One stored event as published to JetStream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct EventEnvelope {
     /// `device`, `firmware`, `rollout` or `user`.
     pub aggregate_type: String,
@@ -44,6 +44,25 @@ pub struct EventEnvelope {
     pub metadata: Value,
     /// When it was stored.
     pub recorded_at: DateTime<Utc>,
+}
+
+/// An event read from the events table with its place in commit-safe order, for those who tail
+/// the table (relay, replay).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredEvent {
+    /// The inserting transaction, as Postgres prints an `xid8`.
+    pub transaction_id: String,
+    /// The event.
+    #[sqlx(flatten)]
+    pub envelope: EventEnvelope,
+}
+
+impl StoredEvent {
+    /// The inserting transaction's id.
+    pub fn transaction_id(&self) -> u64 {
+        // Postgres prints xid8 as a plain unsigned integer.
+        self.transaction_id.parse().unwrap_or_default()
+    }
 }
 
 impl EventEnvelope {

@@ -19,14 +19,13 @@ use std::time::Duration;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::EventEnvelope;
+use crate::envelope::{EventEnvelope, StoredEvent};
 use crate::topology::{ensure_stream, subject_for, StreamSettings, EVENT_TYPE_HEADER};
 
 /// The Postgres channel the events table notifies on.
@@ -258,7 +257,7 @@ impl Relay {
             .await?;
         Ok(match row {
             Some(row) => Cursor {
-                transaction_id: parse_xid8(row.get("transaction_id")),
+                transaction_id: row.get::<String, _>("transaction_id").parse().unwrap_or(0),
                 global_position: row.get("global_position"),
             },
             None => Cursor::default(),
@@ -276,7 +275,7 @@ impl Relay {
     }
 
     async fn read_batch(&self, after: Cursor) -> Result<Vec<(Cursor, EventEnvelope)>, sqlx::Error> {
-        let rows = sqlx::query(SELECT_BATCH)
+        let rows: Vec<StoredEvent> = sqlx::query_as(SELECT_BATCH)
             .bind(after.transaction_id.to_string())
             .bind(after.global_position)
             .bind(self.settings.batch_size)
@@ -286,21 +285,10 @@ impl Relay {
             .into_iter()
             .map(|row| {
                 let cursor = Cursor {
-                    transaction_id: parse_xid8(row.get("transaction_id")),
-                    global_position: row.get("global_position"),
+                    transaction_id: row.transaction_id(),
+                    global_position: row.envelope.global_position,
                 };
-                let envelope = EventEnvelope {
-                    aggregate_type: row.get("aggregate_type"),
-                    aggregate_id: row.get("aggregate_id"),
-                    sequence: row.get("sequence"),
-                    global_position: cursor.global_position,
-                    event_type: row.get("event_type"),
-                    event_version: row.get("event_version"),
-                    payload: row.get("payload"),
-                    metadata: row.get("metadata"),
-                    recorded_at: row.get::<DateTime<Utc>, _>("recorded_at"),
-                };
-                (cursor, envelope)
+                (cursor, row.envelope)
             })
             .collect())
     }
@@ -350,11 +338,6 @@ impl Relay {
         }
         (acknowledged, failure)
     }
-}
-
-fn parse_xid8(text: String) -> u64 {
-    // Postgres prints xid8 as a plain unsigned integer.
-    text.parse().unwrap_or(0)
 }
 
 /// Exponential backoff from 100 ms up to a ceiling.

@@ -15,6 +15,7 @@ pub struct DevicesProjection;
 impl Projection for DevicesProjection {
     const NAME: &'static str = "devices";
     const AGGREGATE_TYPE: &'static str = "device";
+    const TABLES: &'static [&'static str] = &["devices", "device_commands"];
 
     async fn apply(
         &self,

@@ -14,6 +14,7 @@ pub struct TelemetryProjection;
 impl Projection for TelemetryProjection {
     const NAME: &'static str = "telemetry";
     const AGGREGATE_TYPE: &'static str = "device";
+    const TABLES: &'static [&'static str] = &["telemetry"];
 
     async fn apply(
         &self,

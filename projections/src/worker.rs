@@ -42,6 +42,8 @@ pub trait Projection: Send + Sync + 'static {
     const NAME: &'static str;
     /// The aggregate type whose events it reads.
     const AGGREGATE_TYPE: &'static str;
+    /// The read-model tables it writes, and nothing else writes. Replay rebuilds exactly these.
+    const TABLES: &'static [&'static str];
 
     /// Applies one event, inside the transaction that also moves the projection's position.
     fn apply(
@@ -137,10 +139,38 @@ pub struct Worker<P: Projection> {
     settings: WorkerSettings,
 }
 
-enum Position {
+/// Where an event stood against the projection's position for its aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// It was the next one: applied.
     Applied,
+    /// Applied before: nothing done.
     AlreadyApplied,
-    Gap { expected: i64 },
+    /// An earlier event is missing: nothing done.
+    Gap {
+        /// The sequence the projection waits for.
+        expected: i64,
+    },
+}
+
+/// Applies `event` to `projection` on `connection` (inside the caller's transaction) unless the
+/// projection's position for its aggregate says it is not the next one. Shared by the live
+/// worker and replay, so both judge sequences alike.
+pub async fn apply_event<P: Projection>(
+    projection: &P,
+    connection: &mut PgConnection,
+    event: &EventEnvelope,
+) -> Result<Position, ProjectionError> {
+    let last = lock_position(connection, P::NAME, event).await?;
+    if event.sequence <= last {
+        return Ok(Position::AlreadyApplied);
+    }
+    if event.sequence > last + 1 {
+        return Ok(Position::Gap { expected: last + 1 });
+    }
+    projection.apply(connection, event).await?;
+    store_position(connection, P::NAME, event).await?;
+    Ok(Position::Applied)
 }
 
 impl<P: Projection> Worker<P> {
@@ -305,17 +335,11 @@ impl<P: Projection> Worker<P> {
 
     async fn apply_once(&self, event: &EventEnvelope) -> Result<Position, ProjectionError> {
         let mut tx = self.pool.begin().await?;
-        let last = lock_position(&mut tx, P::NAME, event).await?;
-        if event.sequence <= last {
-            return Ok(Position::AlreadyApplied);
+        let position = apply_event(&self.projection, &mut tx, event).await?;
+        if position == Position::Applied {
+            tx.commit().await?;
         }
-        if event.sequence > last + 1 {
-            return Ok(Position::Gap { expected: last + 1 });
-        }
-        self.projection.apply(&mut tx, event).await?;
-        store_position(&mut tx, P::NAME, event).await?;
-        tx.commit().await?;
-        Ok(Position::Applied)
+        Ok(position)
     }
 
     /// Records the message as dead, moves the position past it (so the aggregate's later

@@ -11,6 +11,7 @@ use fleetlog_domain::device::{CommandOutcome, DeviceCommand, DeviceEvent, Readin
 use fleetlog_domain::{CommandId, DeviceId, TenantId, UserId};
 use fleetlog_nats::topology::subject_for;
 use fleetlog_nats::{ensure_stream, EventEnvelope, Relay, RelaySettings, StreamSettings};
+use fleetlog_projections::replay::verify;
 use fleetlog_projections::worker::DEAD_LETTER_STREAM;
 use fleetlog_projections::{
     DevicesProjection, Projection, TelemetryProjection, Worker, WorkerSettings,
@@ -470,6 +471,16 @@ async fn crashed_and_parallel_workers_end_with_the_same_model() {
         assert_eq!(last_sequence as u64, device.version);
         assert!(online);
     }
+    // The same models as a replay from the events table builds.
+    let patience = Duration::from_secs(20);
+    let differences = verify(&TelemetryProjection, &db.pool, patience, |_| {})
+        .await
+        .unwrap();
+    assert!(differences.is_empty(), "{differences:#?}");
+    let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
+        .await
+        .unwrap();
+    assert!(differences.is_empty(), "{differences:#?}");
     for running in [second, third, devices_worker, relay] {
         running.stop().await;
     }

@@ -1,0 +1,413 @@
+//! Replay: rebuilds a projection's read model from the events table, the source of truth.
+//!
+//! The model is rebuilt into shadow tables in the schema `fleetlog_replay`, copies of the live
+//! tables (`LIKE ... INCLUDING ALL`) with a positions table of their own. Events are applied in
+//! global order, `(transaction_id, global_position)`, reading only transactions older than the
+//! oldest one running, like the relay. The projection's own SQL runs unchanged: the replay's
+//! transactions put `fleetlog_replay` first on their `search_path`.
+//!
+//! Swap, in one transaction: lock the positions table against writers and the live tables
+//! entirely (so live workers pause and no reader sees a half-swapped model), apply the events
+//! committed since the rebuild read its last page, move the live tables out and the shadow
+//! tables in, and replace the projection's positions. Live workers then resume on the new tables:
+//! what they deliver at or below the new positions is skipped, the rest applied. Verify does the
+//! same catch-up under lock but compares instead of swapping, then drops the shadow.
+
+use std::time::Instant;
+
+use fleetlog_nats::envelope::StoredEvent;
+use sqlx::{PgConnection, PgPool};
+
+use crate::worker::{apply_event, Position, Projection, ProjectionError};
+
+/// The schema the shadow tables are built in.
+pub const REPLAY_SCHEMA: &str = "fleetlog_replay";
+const RETIRED_SCHEMA: &str = "fleetlog_retired";
+const PAGE_SIZE: i64 = 1_000;
+
+const SELECT_PAGE: &str = "
+SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
+       global_position, transaction_id::text AS transaction_id, recorded_at
+  FROM events
+ WHERE aggregate_type = $1
+   AND (transaction_id, global_position) > ($2::text::xid8, $3)
+   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY transaction_id, global_position
+ LIMIT $4";
+
+/// Why a replay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Postgres failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The projection could not apply an event: the live worker would dead-letter it, replay
+    /// stops so the operator sees it.
+    #[error("event {message_id} cannot be applied: {source}")]
+    Apply {
+        /// The event.
+        message_id: String,
+        /// Why.
+        #[source]
+        source: ProjectionError,
+    },
+    /// The events table misses a sequence of an aggregate.
+    #[error("event {message_id} follows a gap: sequence {expected} is missing")]
+    Gap {
+        /// The event after the gap.
+        message_id: String,
+        /// The missing sequence.
+        expected: i64,
+    },
+    /// The live model did not catch up with the events table in time to be compared.
+    #[error("the live {projection} model is {behind} aggregates behind the events table; is `fleetlog project` running?")]
+    LiveBehind {
+        /// The projection.
+        projection: &'static str,
+        /// How many aggregates lag.
+        behind: i64,
+    },
+}
+
+/// How far a rebuild has come.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Events applied so far.
+    pub applied: u64,
+    /// Events of the aggregate type in the table when the rebuild started.
+    pub total: u64,
+    /// Events per second so far.
+    pub rate: f64,
+}
+
+/// A row present on one side only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    /// The table.
+    pub table: &'static str,
+    /// `live` when only the live model has the row, `replay` when only the rebuilt one has it.
+    pub only_in: &'static str,
+    /// The row as JSON.
+    pub row: serde_json::Value,
+}
+
+/// A point in `(transaction_id, global_position)` order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Cursor {
+    transaction_id: u64,
+    global_position: i64,
+}
+
+/// Rebuilds `projection` and swaps the result in. Returns the number of events applied.
+pub async fn replay<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    progress: impl FnMut(Progress),
+) -> Result<u64, ReplayError> {
+    let guard = ReplayLock::take::<P>(pool).await?;
+    let (cursor, applied) = rebuild(projection, pool, progress).await?;
+    let mut tx = pool.begin().await?;
+    lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
+    let tail = catch_up(projection, &mut tx, cursor).await?;
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {RETIRED_SCHEMA}"))
+        .execute(&mut *tx)
+        .await?;
+    for table in P::TABLES {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {RETIRED_SCHEMA}.{table}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "ALTER TABLE public.{table} SET SCHEMA {RETIRED_SCHEMA}"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "ALTER TABLE {REPLAY_SCHEMA}.{table} SET SCHEMA public"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!("DROP TABLE {RETIRED_SCHEMA}.{table}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM public.projection_positions WHERE projection = $1")
+        .bind(P::NAME)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "INSERT INTO public.projection_positions
+         SELECT * FROM {REPLAY_SCHEMA}.projection_positions WHERE projection = $1"
+    ))
+    .bind(P::NAME)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!(
+        "DELETE FROM {REPLAY_SCHEMA}.projection_positions WHERE projection = $1"
+    ))
+    .bind(P::NAME)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    guard.release().await;
+    Ok(applied + tail)
+}
+
+/// Rebuilds `projection` into shadow tables and compares them with the live ones, waiting up to
+/// `patience` for the live model to catch up with the events table first. Drops the shadow.
+pub async fn verify<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    patience: std::time::Duration,
+    progress: impl FnMut(Progress),
+) -> Result<Vec<Difference>, ReplayError> {
+    let guard = ReplayLock::take::<P>(pool).await?;
+    let (cursor, _) = rebuild(projection, pool, progress).await?;
+    let deadline = Instant::now() + patience;
+    let differences = loop {
+        let mut tx = pool.begin().await?;
+        lock_live(&mut tx, P::TABLES, "SHARE").await?;
+        catch_up(projection, &mut tx, cursor).await?;
+        let behind = live_behind::<P>(&mut tx).await?;
+        if behind > 0 {
+            tx.rollback().await?;
+            if Instant::now() >= deadline {
+                drop_shadow::<P>(pool).await?;
+                return Err(ReplayError::LiveBehind {
+                    projection: P::NAME,
+                    behind,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
+        }
+        let differences = compare::<P>(&mut tx).await?;
+        tx.rollback().await?;
+        break differences;
+    };
+    drop_shadow::<P>(pool).await?;
+    guard.release().await;
+    Ok(differences)
+}
+
+/// One replay per projection at a time: a session advisory lock on a connection of its own.
+struct ReplayLock {
+    connection: PgConnection,
+}
+
+impl ReplayLock {
+    async fn take<P: Projection>(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let mut connection = pool.acquire().await?.detach();
+        sqlx::query("SELECT pg_advisory_lock(hashtext('fleetlog replay ' || $1))")
+            .bind(P::NAME)
+            .execute(&mut connection)
+            .await?;
+        Ok(Self { connection })
+    }
+
+    async fn release(self) {
+        use sqlx::Connection;
+        let _ = self.connection.close().await;
+    }
+}
+
+/// Creates empty shadow tables and replays every event into them. Returns where it stopped.
+async fn rebuild<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    mut progress: impl FnMut(Progress),
+) -> Result<(Cursor, u64), ReplayError> {
+    prepare_shadow::<P>(pool).await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = $1")
+        .bind(P::AGGREGATE_TYPE)
+        .fetch_one(pool)
+        .await?;
+    let started = Instant::now();
+    let mut cursor = Cursor::default();
+    let mut applied = 0u64;
+    loop {
+        let mut tx = pool.begin().await?;
+        let page = apply_page(projection, &mut tx, cursor).await?;
+        tx.commit().await?;
+        let Some((last, count)) = page else {
+            break;
+        };
+        cursor = last;
+        applied += count;
+        let seconds = started.elapsed().as_secs_f64().max(1e-6);
+        progress(Progress {
+            applied,
+            total: (total as u64).max(applied),
+            rate: applied as f64 / seconds,
+        });
+    }
+    Ok((cursor, applied))
+}
+
+/// Applies every page after `cursor` within `tx`. Returns how many events it applied.
+async fn catch_up<P: Projection>(
+    projection: &P,
+    tx: &mut PgConnection,
+    mut cursor: Cursor,
+) -> Result<u64, ReplayError> {
+    let mut applied = 0;
+    while let Some((last, count)) = apply_page(projection, tx, cursor).await? {
+        cursor = last;
+        applied += count;
+    }
+    Ok(applied)
+}
+
+/// Applies one page of events after `cursor` to the shadow tables, within `connection`'s
+/// transaction. `None` when there are no more events.
+async fn apply_page<P: Projection>(
+    projection: &P,
+    connection: &mut PgConnection,
+    cursor: Cursor,
+) -> Result<Option<(Cursor, u64)>, ReplayError> {
+    let rows: Vec<StoredEvent> = sqlx::query_as(SELECT_PAGE)
+        .bind(P::AGGREGATE_TYPE)
+        .bind(cursor.transaction_id.to_string())
+        .bind(cursor.global_position)
+        .bind(PAGE_SIZE)
+        .fetch_all(&mut *connection)
+        .await?;
+    let Some(last) = rows.last() else {
+        return Ok(None);
+    };
+    let last = Cursor {
+        transaction_id: last.transaction_id(),
+        global_position: last.envelope.global_position,
+    };
+    sqlx::query(&format!("SET LOCAL search_path TO {REPLAY_SCHEMA}, public"))
+        .execute(&mut *connection)
+        .await?;
+    let count = rows.len() as u64;
+    for StoredEvent {
+        envelope: event, ..
+    } in rows
+    {
+        match apply_event(projection, connection, &event).await {
+            Ok(Position::Applied | Position::AlreadyApplied) => {}
+            Ok(Position::Gap { expected }) => {
+                return Err(ReplayError::Gap {
+                    message_id: event.message_id(),
+                    expected,
+                })
+            }
+            Err(source) => {
+                return Err(ReplayError::Apply {
+                    message_id: event.message_id(),
+                    source,
+                })
+            }
+        }
+    }
+    sqlx::query("SET LOCAL search_path TO public")
+        .execute(&mut *connection)
+        .await?;
+    Ok(Some((last, count)))
+}
+
+async fn prepare_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {REPLAY_SCHEMA}"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {REPLAY_SCHEMA}.projection_positions
+           (LIKE public.projection_positions INCLUDING ALL)"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!(
+        "DELETE FROM {REPLAY_SCHEMA}.projection_positions WHERE projection = $1"
+    ))
+    .bind(P::NAME)
+    .execute(&mut *tx)
+    .await?;
+    for table in P::TABLES {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {REPLAY_SCHEMA}.{table}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE {REPLAY_SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+async fn drop_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for table in P::TABLES {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {REPLAY_SCHEMA}.{table}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(&format!(
+        "DELETE FROM {REPLAY_SCHEMA}.projection_positions WHERE projection = $1"
+    ))
+    .bind(P::NAME)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// Stops live workers of every projection (they lock positions first) and then takes `mode` on
+/// this projection's live tables, in the same order as the workers, so the two never deadlock.
+async fn lock_live(tx: &mut PgConnection, tables: &[&str], mode: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("LOCK TABLE public.projection_positions IN EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let tables = tables
+        .iter()
+        .map(|t| format!("public.{t}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    sqlx::query(&format!("LOCK TABLE {tables} IN {mode} MODE"))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Aggregates whose live position differs from the rebuilt one.
+async fn live_behind<P: Projection>(tx: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {REPLAY_SCHEMA}.projection_positions shadow
+           LEFT JOIN public.projection_positions live
+             ON live.projection = shadow.projection
+            AND live.aggregate_type = shadow.aggregate_type
+            AND live.aggregate_id = shadow.aggregate_id
+          WHERE shadow.projection = $1
+            AND live.last_sequence IS DISTINCT FROM shadow.last_sequence"
+    ))
+    .bind(P::NAME)
+    .fetch_one(tx)
+    .await
+}
+
+/// Rows in one model and not the other, at most 50 per table and side.
+async fn compare<P: Projection>(tx: &mut PgConnection) -> Result<Vec<Difference>, sqlx::Error> {
+    let mut differences = Vec::new();
+    for table in P::TABLES {
+        for (only_in, left, right) in [
+            ("live", "public", REPLAY_SCHEMA),
+            ("replay", REPLAY_SCHEMA, "public"),
+        ] {
+            let rows: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
+                "SELECT to_jsonb(d) FROM (
+                     SELECT * FROM {left}.{table} EXCEPT ALL SELECT * FROM {right}.{table}
+                 ) d LIMIT 50"
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+            differences.extend(rows.into_iter().map(|row| Difference {
+                table,
+                only_in,
+                row,
+            }));
+        }
+    }
+    Ok(differences)
+}

@@ -1,0 +1,138 @@
+//! `fleetlog events`: look at the event store and the event stream.
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
+use fleetlog_nats::{EventEnvelope, STREAM_NAME};
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// One line per event: position, aggregate, sequence, time, type, payload.
+fn print_event(envelope: &EventEnvelope) {
+    println!(
+        "{:>10}  {}:{}#{}  {}  {}  {}",
+        envelope.global_position,
+        envelope.aggregate_type,
+        envelope.aggregate_id,
+        envelope.sequence,
+        envelope.recorded_at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+        envelope.event_type,
+        envelope.payload
+    );
+}
+
+/// `events list --aggregate TYPE:ID`: the aggregate's history, oldest first.
+pub async fn list(pool: &PgPool, aggregate: &str, limit: i64) -> anyhow::Result<()> {
+    let Some((aggregate_type, aggregate_id)) = aggregate.split_once(':') else {
+        bail!("--aggregate must look like TYPE:ID, e.g. device:sensor-1");
+    };
+    let events: Vec<EventEnvelope> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, global_position, event_type,
+                event_version, payload, metadata, recorded_at
+           FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
+          ORDER BY sequence LIMIT $3",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("cannot read events")?;
+    if events.is_empty() {
+        bail!("no events for {aggregate}");
+    }
+    events.iter().for_each(print_event);
+    Ok(())
+}
+
+/// `events tail`: follows the JetStream stream from now on until Ctrl-C.
+pub async fn tail(
+    nats_url: &str,
+    event_type: Option<String>,
+    aggregate_type: Option<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = fleetlog_nats::connect(nats_url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats_url}"))?;
+    let jetstream = async_nats::jetstream::new(client);
+    let stream = jetstream
+        .get_stream(STREAM_NAME)
+        .await
+        .context("cannot open the event stream (is the relay running?)")?;
+    let filter_subject = match &aggregate_type {
+        Some(aggregate_type) => subject_filter_for_type(aggregate_type),
+        None => format!("{SUBJECT_PREFIX}.>"),
+    };
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject,
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .context("cannot follow the event stream")?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .context("cannot follow the event stream")?;
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            message = messages.next() => message,
+        };
+        let Some(message) = message else {
+            return Ok(());
+        };
+        let message = message.context("event stream interrupted")?;
+        if let Some(wanted) = &event_type {
+            let matches = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(EVENT_TYPE_HEADER))
+                .is_some_and(|t| t.as_str() == wanted);
+            if !matches {
+                continue;
+            }
+        }
+        match serde_json::from_slice::<EventEnvelope>(&message.payload) {
+            Ok(envelope) => print_event(&envelope),
+            Err(error) => eprintln!("fleetlog: skipping a message that is not an event: {error}"),
+        }
+    }
+}
+
+/// `events stats`: counts per type, and how far the relay is behind.
+pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
+    let counts: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT aggregate_type, event_type, count(*) FROM events
+          GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .context("cannot read events")?;
+    let (total, aggregates, last): (i64, i64, Option<i64>) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT (aggregate_type, aggregate_id)), max(global_position) FROM events",
+    )
+    .fetch_one(pool)
+    .await?;
+    let unrelayed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events e
+          WHERE NOT EXISTS (
+              SELECT 1 FROM relay_cursors c
+               WHERE c.relay = 'FLEETLOG_EVENTS'
+                 AND (e.transaction_id, e.global_position) <= (c.transaction_id, c.global_position))",
+    )
+    .fetch_one(pool)
+    .await?;
+    println!("events            {total}");
+    println!("aggregates        {aggregates}");
+    println!("last position     {}", last.unwrap_or(0));
+    println!("not yet relayed   {unrelayed}");
+    println!();
+    for (aggregate_type, event_type, count) in counts {
+        println!("{aggregate_type:<10} {event_type:<28} {count:>10}");
+    }
+    Ok(())
+}
