@@ -20,7 +20,9 @@ use fleetlog_commands::{CommandBus, CommandError, CommandMetadata, StoreSettings
 use fleetlog_domain::user::{validate_username, Role, UserCommand};
 use fleetlog_domain::{TenantId, UserId};
 use fleetlog_nats::{Relay, RelaySettings};
-use fleetlog_projections::{DevicesProjection, TelemetryProjection, Worker, WorkerSettings};
+use fleetlog_projections::liveness::{Liveness, LivenessSettings};
+use fleetlog_projections::WorkerSettings;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use secrecy::{ExposeSecret, SecretString};
 use settings::{LogFormat, Settings};
 use sqlx::PgPool;
@@ -212,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.http_addr,
                 settings.store(),
                 pool,
+                install_metrics_recorder(),
                 shutdown_on_signal(),
             )
             .await
@@ -228,7 +231,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Project => {
             let pool = connect(&settings).await?;
-            run_projections(settings.nats_url.clone(), pool, shutdown_on_signal()).await
+            run_projections(
+                settings.nats_url.clone(),
+                settings.liveness(),
+                settings.store(),
+                pool,
+                shutdown_on_signal(),
+            )
+            .await
         }
         Command::Replay {
             projection,
@@ -290,6 +300,8 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     ));
     roles.spawn(run_projections(
         settings.nats_url.clone(),
+        settings.liveness(),
+        settings.store(),
         pool.clone(),
         shutdown.clone(),
     ));
@@ -297,6 +309,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         settings.http_addr,
         settings.store(),
         pool.clone(),
+        install_metrics_recorder(),
         shutdown.clone(),
     ));
     tracing::info!("fleetlog up: all roles started");
@@ -327,6 +340,7 @@ async fn serve_api(
     address: SocketAddr,
     store: StoreSettings,
     pool: PgPool,
+    metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
@@ -334,6 +348,7 @@ async fn serve_api(
         .with_context(|| format!("cannot listen on {address}"))?;
     let state = fleetlog_api::AppState {
         bus: CommandBus::new(pool, store),
+        metrics,
     };
     fleetlog_api::run(listener, state, shutdown.cancelled_owned())
         .await
@@ -355,9 +370,11 @@ async fn run_relay(
     Ok(())
 }
 
-/// The projection role: one worker per read model.
+/// The projection role: a worker per read model, and the process managers.
 async fn run_projections(
     nats_url: String,
+    liveness: LivenessSettings,
+    store: StoreSettings,
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -365,11 +382,10 @@ async fn run_projections(
         .await
         .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
     let jetstream = async_nats::jetstream::new(client);
-    let settings = WorkerSettings::default();
+    let liveness = Liveness::new(CommandBus::new(pool.clone(), store), liveness);
     tokio::join!(
-        Worker::new(DevicesProjection, pool.clone(), jetstream.clone(), settings)
-            .run(shutdown.clone()),
-        Worker::new(TelemetryProjection, pool, jetstream, settings).run(shutdown),
+        fleetlog_projections::run_all(pool, jetstream, WorkerSettings::default(), shutdown.clone()),
+        liveness.run(shutdown),
     );
     Ok(())
 }
@@ -381,6 +397,27 @@ async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     )
     .await
     .context("cannot connect to Postgres (FLEETLOG_DATABASE_URL)")
+}
+
+/// Records this process's metrics for `GET /metrics`. `None` if a recorder is installed already.
+fn install_metrics_recorder() -> Option<PrometheusHandle> {
+    match PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => {
+            // Without the exporter's own HTTP listener, nobody else drains histogram buckets.
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(handle)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "metrics recorder not installed; /metrics stays empty");
+            None
+        }
+    }
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use fleetlog_projections::replay::{self, Difference, Progress};
-use fleetlog_projections::{DevicesProjection, Projection, TelemetryProjection, PROJECTIONS};
+use fleetlog_projections::{with_projection, Projection, PROJECTIONS};
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::PgPool;
 
@@ -19,14 +19,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut differing = Vec::new();
     for name in &projections {
-        let differences = match name.as_str() {
-            DevicesProjection::NAME => one(&DevicesProjection, pool, verify, patience).await?,
-            TelemetryProjection::NAME => one(&TelemetryProjection, pool, verify, patience).await?,
-            other => bail!(
-                "unknown projection {other:?}: expected one of {}",
+        let Some(result) = with_projection!(name.as_str(), |projection| {
+            one(&projection, pool, verify, patience).await
+        }) else {
+            bail!(
+                "unknown projection {name:?}: expected one of {}",
                 PROJECTIONS.join(", ")
-            ),
+            );
         };
+        let differences = result?;
         if !differences.is_empty() {
             differing.push(format!("{name} ({} rows)", differences.len()));
         }

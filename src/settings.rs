@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use fleetlog_commands::StoreSettings;
 use fleetlog_nats::{RelaySettings, StreamSettings};
+use fleetlog_projections::liveness::LivenessSettings;
 use secrecy::SecretString;
 
 /// How log lines are written.
@@ -96,6 +97,24 @@ pub struct Settings {
     )]
     pub relay_poll_interval_ms: u64,
 
+    /// Seconds without telemetry or heartbeat after which a device is marked offline.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_LIVENESS_TIMEOUT_SECS",
+        default_value_t = 300
+    )]
+    pub liveness_timeout_secs: u64,
+
+    /// How often the liveness check looks for silent devices, in seconds.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_LIVENESS_INTERVAL_SECS",
+        default_value_t = 15
+    )]
+    pub liveness_interval_secs: u64,
+
     /// Aggregates of each type kept in memory by the write side.
     #[arg(
         long,
@@ -174,6 +193,16 @@ impl Settings {
                 duplicate_window: Duration::from_secs(self.stream_duplicate_window_secs.max(1)),
             },
             ..RelaySettings::default()
+        }
+    }
+}
+
+impl Settings {
+    /// The liveness check's tuning.
+    pub fn liveness(&self) -> LivenessSettings {
+        LivenessSettings {
+            timeout: Duration::from_secs(self.liveness_timeout_secs.max(1)),
+            interval: Duration::from_secs(self.liveness_interval_secs.max(1)),
         }
     }
 }

@@ -283,6 +283,21 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // The users projection applied the event, and /metrics says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = http_get(port, "/metrics").unwrap_or_default();
+        if metrics
+            .contains(r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no projection metrics: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let terminated = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -1,17 +1,19 @@
 //! fleetlog's HTTP API (axum).
 //!
 //! So far it serves the operations endpoints that deployments probe: `GET /health` (the process
-//! is up) and `GET /ready` (its database answers). The REST resources under `/api/v1`, JWT
+//! is up), `GET /ready` (its database answers) and `GET /metrics` (Prometheus). The REST resources under `/api/v1`, JWT
 //! authentication and the OpenAPI document build on this router.
 
 use std::future::Future;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderName, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
 use fleetlog_commands::CommandBus;
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -20,6 +22,8 @@ use tokio::net::TcpListener;
 pub struct AppState {
     /// The write side; its pool also answers readiness.
     pub bus: CommandBus,
+    /// Renders the process's metrics for `GET /metrics`; `None` when no recorder is installed.
+    pub metrics: Option<PrometheusHandle>,
 }
 
 /// The API's routes.
@@ -27,6 +31,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -40,6 +45,22 @@ pub async fn run(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Prometheus text format: every metric the roles of this process record (projection lag and
+/// outcomes, liveness, ...).
+async fn metrics(
+    State(state): State<AppState>,
+) -> (StatusCode, [(HeaderName, &'static str); 1], String) {
+    let content_type = (CONTENT_TYPE, "text/plain; version=0.0.4");
+    match &state.metrics {
+        Some(handle) => (StatusCode::OK, [content_type], handle.render()),
+        None => (
+            StatusCode::NOT_FOUND,
+            [content_type],
+            "metrics are not recorded in this process\n".into(),
+        ),
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {

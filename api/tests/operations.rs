@@ -5,6 +5,7 @@ use axum::http::{Request, StatusCode};
 use fleetlog_api::{router, AppState};
 use fleetlog_commands::{CommandBus, StoreSettings};
 use fleetlog_testkit::TestDatabase;
+use metrics_exporter_prometheus::PrometheusBuilder;
 use sqlx::postgres::PgPoolOptions;
 use tower::ServiceExt;
 
@@ -25,6 +26,7 @@ async fn health_and_readiness_with_a_live_database() {
     let db = TestDatabase::create().await;
     let state = AppState {
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+        metrics: None,
     };
     let (status, body) = get(state.clone(), "/health").await;
     assert_eq!(status, StatusCode::OK);
@@ -43,6 +45,7 @@ async fn not_ready_when_the_database_is_unreachable() {
         .unwrap();
     let state = AppState {
         bus: CommandBus::new(pool, StoreSettings::default()),
+        metrics: None,
     };
     let (status, body) = get(state.clone(), "/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -50,4 +53,36 @@ async fn not_ready_when_the_database_is_unreachable() {
     // Liveness does not depend on the database.
     let (status, _) = get(state, "/health").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_are_served_in_prometheus_text_format() {
+    let pool = PgPoolOptions::new()
+        .connect_lazy("postgres://fleetlog:x@127.0.0.1:1/fleetlog")
+        .unwrap();
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        metrics::counter!("fleetlog_projection_events_total", "projection" => "devices", "outcome" => "applied")
+            .increment(3);
+    });
+    let state = AppState {
+        bus: CommandBus::new(pool, StoreSettings::default()),
+        metrics: Some(handle),
+    };
+    let response = router(state)
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.contains(
+            r#"fleetlog_projection_events_total{projection="devices",outcome="applied"} 3"#
+        ),
+        "{text}"
+    );
 }

@@ -372,6 +372,7 @@ async fn cache_snapshot_and_cold_replay_agree() {
     }
     let offline = DeviceCommand::MarkOffline {
         reason: "silent".into(),
+        silent_since: None,
         at: at(100),
     };
     devices.execute(DEVICE, offline, &metadata()).await.unwrap();

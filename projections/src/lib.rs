@@ -10,17 +10,85 @@
 //! [`replay`] rebuilds a read model from the events table into shadow tables and swaps them in
 //! atomically (invariant 3), or compares them with the live model.
 //!
-//! Read models so far: `devices` and `device_commands` ([`DevicesProjection`]), `telemetry`
-//! ([`TelemetryProjection`]).
+//! Read models: `devices` and `device_commands` ([`DevicesProjection`]), `telemetry`
+//! ([`TelemetryProjection`]), `firmware` ([`FirmwareProjection`]), `rollouts` and
+//! `rollout_devices` ([`RolloutsProjection`]), `users` ([`UsersProjection`]).
+//!
+//! Process managers react to the read models with commands: [`liveness`] marks silent devices
+//! offline.
 
 pub mod devices;
+pub mod firmware;
+pub mod liveness;
 pub mod replay;
+pub mod rollouts;
 pub mod telemetry;
+pub mod users;
 pub mod worker;
 
 pub use devices::DevicesProjection;
+pub use firmware::FirmwareProjection;
+pub use rollouts::RolloutsProjection;
 pub use telemetry::TelemetryProjection;
+pub use users::UsersProjection;
 pub use worker::{Outcome, Projection, ProjectionError, Worker, WorkerSettings};
 
+use async_nats::jetstream::Context;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
 /// The names of every projection, as `fleetlog replay` and the consumers know them.
-pub const PROJECTIONS: &[&str] = &[DevicesProjection::NAME, TelemetryProjection::NAME];
+pub const PROJECTIONS: &[&str] = &[
+    DevicesProjection::NAME,
+    TelemetryProjection::NAME,
+    FirmwareProjection::NAME,
+    RolloutsProjection::NAME,
+    UsersProjection::NAME,
+];
+
+/// Runs `$body` with `$projection` bound to the projection named `$name`; evaluates to
+/// `Some(body)`, or `None` for an unknown name. The one place that maps names to types.
+#[macro_export]
+macro_rules! with_projection {
+    ($name:expr, |$projection:ident| $body:expr) => {
+        match $name {
+            n if n == <$crate::DevicesProjection as $crate::Projection>::NAME => {
+                let $projection = $crate::DevicesProjection;
+                Some($body)
+            }
+            n if n == <$crate::TelemetryProjection as $crate::Projection>::NAME => {
+                let $projection = $crate::TelemetryProjection;
+                Some($body)
+            }
+            n if n == <$crate::FirmwareProjection as $crate::Projection>::NAME => {
+                let $projection = $crate::FirmwareProjection;
+                Some($body)
+            }
+            n if n == <$crate::RolloutsProjection as $crate::Projection>::NAME => {
+                let $projection = $crate::RolloutsProjection;
+                Some($body)
+            }
+            n if n == <$crate::UsersProjection as $crate::Projection>::NAME => {
+                let $projection = $crate::UsersProjection;
+                Some($body)
+            }
+            _ => None,
+        }
+    };
+}
+
+/// Runs a worker for every projection until `shutdown`.
+pub async fn run_all(
+    pool: PgPool,
+    jetstream: Context,
+    settings: WorkerSettings,
+    shutdown: CancellationToken,
+) {
+    let mut workers = tokio::task::JoinSet::new();
+    for name in PROJECTIONS {
+        let (pool, jetstream, shutdown) = (pool.clone(), jetstream.clone(), shutdown.clone());
+        with_projection!(*name, |projection| workers
+            .spawn(Worker::new(projection, pool, jetstream, settings).run(shutdown)));
+    }
+    while workers.join_next().await.is_some() {}
+}

@@ -78,6 +78,7 @@ async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
         if index % 2 == 0 {
             commands.push(DeviceCommand::MarkOffline {
                 reason: "silent".into(),
+                silent_since: None,
                 at: at(n + 300),
             });
         }

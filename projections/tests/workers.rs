@@ -198,6 +198,7 @@ async fn the_devices_model_follows_the_events() {
     devices.execute("d1", reply, &metadata()).await.unwrap();
     let offline = DeviceCommand::MarkOffline {
         reason: "silent".into(),
+        silent_since: None,
         at: at(500),
     };
     devices.execute("d1", offline, &metadata()).await.unwrap();

@@ -83,6 +83,10 @@ pub enum DeviceCommand {
     MarkOffline {
         /// Why.
         reason: String,
+        /// The last contact the caller knows of. If the device was heard from after it, the
+        /// caller's view is stale and the command is refused: a silence detector acting on a
+        /// lagging read model never marks a live device offline.
+        silent_since: Option<DateTime<Utc>>,
         /// Now.
         at: DateTime<Utc>,
     },
@@ -293,10 +297,19 @@ pub(super) fn decide(
             });
             Ok(events)
         }
-        DeviceCommand::MarkOffline { reason, at } => {
+        DeviceCommand::MarkOffline {
+            reason,
+            silent_since,
+            at,
+        } => {
             validate_text("reason", &reason)?;
             if device.connectivity == Connectivity::Offline {
                 return Err(DeviceError::AlreadyOffline);
+            }
+            if let (Some(silent_since), Some(last_seen)) = (silent_since, device.last_seen) {
+                if last_seen > silent_since {
+                    return Err(DeviceError::HeardFromSince(last_seen));
+                }
             }
             Ok(vec![DeviceEvent::DeviceWentOffline { reason, at }])
         }

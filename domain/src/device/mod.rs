@@ -157,6 +157,9 @@ pub enum DeviceError {
     /// The device is already marked offline.
     #[error("device is already offline")]
     AlreadyOffline,
+    /// A silence that ended: the device was heard from after the given instant.
+    #[error("device was heard from at {0}, after the silence the command assumed")]
+    HeardFromSince(DateTime<Utc>),
     /// A property name that is not `[A-Za-z_][A-Za-z0-9_]{0,63}`.
     #[error("property name {0:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}")]
     InvalidPropertyName(String),

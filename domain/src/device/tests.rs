@@ -429,6 +429,7 @@ fn mark_offline_happens_once_per_silence() {
         .given(vec![registered(), online()])
         .when(DeviceCommand::MarkOffline {
             reason: "no heartbeat for 300s".into(),
+            silent_since: None,
             at: later(300),
         })
         .then_expect_events(vec![offline()]);
@@ -436,9 +437,31 @@ fn mark_offline_happens_once_per_silence() {
         .given(vec![registered(), online(), offline()])
         .when(DeviceCommand::MarkOffline {
             reason: "no heartbeat for 300s".into(),
+            silent_since: None,
             at: later(600),
         })
         .then_expect_error(DeviceError::AlreadyOffline);
+}
+
+#[test]
+fn mark_offline_is_refused_when_the_silence_already_ended() {
+    let heartbeat = |second| DeviceEvent::HeartbeatReceived {
+        device_time: None,
+        received_at: later(second),
+    };
+    let mark = |silent_since| DeviceCommand::MarkOffline {
+        reason: "no heartbeat for 300s".into(),
+        silent_since: Some(silent_since),
+        at: later(300),
+    };
+    Given::with(())
+        .given(vec![registered(), online(), heartbeat(0), heartbeat(200)])
+        .when(mark(at()))
+        .then_expect_error(DeviceError::HeardFromSince(later(200)));
+    Given::with(())
+        .given(vec![registered(), online(), heartbeat(0)])
+        .when(mark(at()))
+        .then_expect_events(vec![offline()]);
 }
 
 #[test]

@@ -1,0 +1,197 @@
+//! The `rollouts` read model with `rollout_devices`: each rollout's progress and how the update
+//! went on each of its target devices.
+
+use fleetlog_domain::rollout::{DeviceOutcome, Rollout, RolloutEvent};
+use fleetlog_nats::EventEnvelope;
+use sqlx::PgConnection;
+
+use crate::worker::{Projection, ProjectionError};
+
+/// Keeps `rollouts` and `rollout_devices`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RolloutsProjection;
+
+impl Projection for RolloutsProjection {
+    const NAME: &'static str = "rollouts";
+    const AGGREGATE_TYPE: &'static str = "rollout";
+    const TABLES: &'static [&'static str] = &["rollouts", "rollout_devices"];
+
+    async fn apply(
+        &self,
+        connection: &mut PgConnection,
+        envelope: &EventEnvelope,
+    ) -> Result<(), ProjectionError> {
+        let id = envelope.aggregate_id.as_str();
+        let sequence = envelope.sequence;
+        let event: RolloutEvent = serde_json::from_value(envelope.payload.clone())?;
+        match event {
+            RolloutEvent::RolloutCreated {
+                ref tenant,
+                ref firmware_id,
+                ref targets,
+                ref waves,
+                success_threshold,
+                error_threshold,
+                device_timeout_secs,
+                at,
+                ..
+            } => {
+                sqlx::query(
+                    "INSERT INTO rollouts (rollout_id, tenant, firmware_id, status, waves,
+                       success_threshold, error_threshold, device_timeout_secs, target_count,
+                       created_at, updated_at, last_sequence)
+                     VALUES ($1, $3, $4, 'created', $5, $6, $7, $8, $9, $10, $10, $2)",
+                )
+                .bind(id)
+                .bind(sequence)
+                .bind(tenant.as_str())
+                .bind(firmware_id.to_string())
+                .bind(waves.iter().map(|w| i16::from(*w)).collect::<Vec<_>>())
+                .bind(i16::from(success_threshold))
+                .bind(i16::from(error_threshold))
+                .bind(device_timeout_secs as i64)
+                .bind(targets.len() as i32)
+                .bind(at)
+                .execute(&mut *connection)
+                .await?;
+                // The wave split is the domain's rule; ask the aggregate rather than repeat it.
+                let mut rollout = Rollout::default();
+                rollout.evolve(event.clone());
+                let (mut devices, mut wave_of) = (Vec::new(), Vec::new());
+                for wave in 0..rollout.waves.len() {
+                    for device in rollout.wave_devices(wave) {
+                        devices.push(device.to_string());
+                        wave_of.push(wave as i32);
+                    }
+                }
+                sqlx::query(
+                    "INSERT INTO rollout_devices (rollout_id, device_id, wave, status, updated_at)
+                     SELECT $1, d, w, 'pending', $4 FROM UNNEST($2::text[], $3::int[]) AS t(d, w)",
+                )
+                .bind(id)
+                .bind(devices)
+                .bind(wave_of)
+                .bind(at)
+                .execute(connection)
+                .await?;
+            }
+            RolloutEvent::RolloutStarted { at } => {
+                update(
+                    connection,
+                    envelope,
+                    "status = 'running', started_at = $3,",
+                    at,
+                )
+                .await?;
+            }
+            RolloutEvent::WaveStarted { wave, devices, at } => {
+                let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+                sqlx::query(
+                    "UPDATE rollout_devices SET status = 'updating', updated_at = $3
+                      WHERE rollout_id = $1 AND device_id = ANY($2)",
+                )
+                .bind(id)
+                .bind(devices)
+                .bind(at)
+                .execute(&mut *connection)
+                .await?;
+                sqlx::query(
+                    "UPDATE rollouts SET current_wave = $3, updated_at = $4, last_sequence = $2
+                      WHERE rollout_id = $1",
+                )
+                .bind(id)
+                .bind(sequence)
+                .bind(wave as i32)
+                .bind(at)
+                .execute(connection)
+                .await?;
+            }
+            RolloutEvent::DeviceOutcomeRecorded {
+                device_id,
+                outcome,
+                at,
+            } => {
+                let (status, error, counter) = match outcome {
+                    DeviceOutcome::Succeeded => ("succeeded", None, "succeeded = succeeded + 1,"),
+                    DeviceOutcome::Failed { error } => {
+                        ("failed", Some(error), "failed = failed + 1,")
+                    }
+                    DeviceOutcome::TimedOut => ("timed_out", None, "failed = failed + 1,"),
+                };
+                sqlx::query(
+                    "UPDATE rollout_devices SET status = $3, error = $4, updated_at = $5
+                      WHERE rollout_id = $1 AND device_id = $2",
+                )
+                .bind(id)
+                .bind(device_id.as_str())
+                .bind(status)
+                .bind(error)
+                .bind(at)
+                .execute(&mut *connection)
+                .await?;
+                update(connection, envelope, counter, at).await?;
+            }
+            RolloutEvent::RolloutPaused { reason, at, .. } => {
+                sqlx::query(
+                    "UPDATE rollouts SET status = 'paused', pause_reason = $3, updated_at = $4,
+                            last_sequence = $2 WHERE rollout_id = $1",
+                )
+                .bind(id)
+                .bind(sequence)
+                .bind(reason)
+                .bind(at)
+                .execute(connection)
+                .await?;
+            }
+            RolloutEvent::RolloutResumed { at } => {
+                update(
+                    connection,
+                    envelope,
+                    "status = 'running', pause_reason = NULL,",
+                    at,
+                )
+                .await?;
+            }
+            RolloutEvent::RolloutAborted { reason, at } => {
+                sqlx::query(
+                    "UPDATE rollouts SET status = 'aborted', pause_reason = $3, finished_at = $4,
+                            updated_at = $4, last_sequence = $2 WHERE rollout_id = $1",
+                )
+                .bind(id)
+                .bind(sequence)
+                .bind(reason)
+                .bind(at)
+                .execute(connection)
+                .await?;
+            }
+            RolloutEvent::RolloutCompleted { at, .. } => {
+                update(
+                    connection,
+                    envelope,
+                    "status = 'completed', finished_at = $3,",
+                    at,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `UPDATE rollouts SET {assignments} updated_at = $3, last_sequence = $2 WHERE rollout_id = $1`.
+async fn update(
+    connection: &mut PgConnection,
+    envelope: &EventEnvelope,
+    assignments: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "UPDATE rollouts SET {assignments} updated_at = $3, last_sequence = $2 WHERE rollout_id = $1"
+    ))
+    .bind(&envelope.aggregate_id)
+    .bind(envelope.sequence)
+    .bind(at)
+    .execute(connection)
+    .await?;
+    Ok(())
+}

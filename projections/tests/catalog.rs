@@ -1,0 +1,251 @@
+//! The firmware, rollout and user read models through the real path (relay, JetStream, workers),
+//! checked against a replay.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
+use fleetlog_domain::firmware::{FirmwareCommand, FirmwareId};
+use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand};
+use fleetlog_domain::user::{Role, UserCommand};
+use fleetlog_domain::{DeviceId, RolloutId, SessionId, TenantId, UserId};
+use fleetlog_nats::{Relay, RelaySettings};
+use fleetlog_projections::replay::verify;
+use fleetlog_projections::{
+    run_all, FirmwareProjection, RolloutsProjection, UsersProjection, WorkerSettings,
+};
+use fleetlog_testkit::{NatsServer, TestDatabase};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+fn at(seconds: i64) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+        + chrono::Duration::seconds(seconds)
+}
+
+async fn wait_until_caught_up(pool: &PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let behind: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                 SELECT aggregate_type, aggregate_id, max(sequence) AS last FROM events
+                  WHERE aggregate_type IN ('firmware', 'rollout', 'user')
+                  GROUP BY 1, 2) latest
+             LEFT JOIN projection_positions p
+                    ON p.projection = CASE latest.aggregate_type
+                                        WHEN 'rollout' THEN 'rollouts'
+                                        WHEN 'user' THEN 'users'
+                                        ELSE 'firmware' END
+                   AND p.aggregate_type = latest.aggregate_type
+                   AND p.aggregate_id = latest.aggregate_id
+             WHERE p.last_sequence IS DISTINCT FROM latest.last",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if behind == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the read models did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_rollouts_and_users_follow_their_events() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let metadata = CommandMetadata::new("test");
+    let tenant = TenantId::parse("acme").unwrap();
+
+    let firmware_id = FirmwareId::parse("thermo@2.1.0").unwrap();
+    let firmware_key = firmware_id.to_string();
+    let register = FirmwareCommand::Register {
+        firmware_id: firmware_id.clone(),
+        tenant: tenant.clone(),
+        sha256: "ab".repeat(32),
+        size_bytes: 4096,
+        storage_key: "firmware/thermo@2.1.0".into(),
+        compatible_models: vec!["thermo-v2".into()],
+        notes: "faster".into(),
+        at: at(0),
+    };
+    bus.firmware()
+        .execute(&firmware_key, register, &metadata)
+        .await
+        .unwrap();
+    bus.firmware()
+        .execute(
+            &firmware_key,
+            FirmwareCommand::Release { at: at(1) },
+            &metadata,
+        )
+        .await
+        .unwrap();
+
+    let devices: Vec<DeviceId> = (0..4)
+        .map(|n| DeviceId::parse(format!("d{n}")).unwrap())
+        .collect();
+    let rollout = |command| bus.rollouts().execute("r1", command, &metadata);
+    rollout(RolloutCommand::Create {
+        rollout_id: RolloutId::parse("r1").unwrap(),
+        tenant: tenant.clone(),
+        firmware_id,
+        targets: devices.clone(),
+        waves: vec![50, 100],
+        success_threshold: 50,
+        error_threshold: 50,
+        device_timeout_secs: 600,
+        at: at(2),
+    })
+    .await
+    .unwrap();
+    rollout(RolloutCommand::Start { at: at(3) }).await.unwrap();
+    let outcome = |device: &DeviceId, outcome| RolloutCommand::RecordDeviceOutcome {
+        device_id: device.clone(),
+        outcome,
+        at: at(4),
+    };
+    rollout(outcome(&devices[0], DeviceOutcome::Succeeded))
+        .await
+        .unwrap();
+    rollout(outcome(
+        &devices[1],
+        DeviceOutcome::Failed {
+            error: "flash".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    rollout(RolloutCommand::AdvanceWave { at: at(5) })
+        .await
+        .unwrap();
+    rollout(RolloutCommand::Pause {
+        reason: "weekend".into(),
+        at: at(6),
+    })
+    .await
+    .unwrap();
+
+    let user_id = UserId::for_username(&tenant, "alice");
+    let user = |command| bus.users().execute(user_id.as_str(), command, &metadata);
+    user(UserCommand::Register {
+        tenant: tenant.clone(),
+        username: "alice".into(),
+        password_hash: "$argon2id$secret-hash".into(),
+        roles: vec![Role::Viewer],
+        at: at(0),
+    })
+    .await
+    .unwrap();
+    user(UserCommand::GrantRole {
+        role: Role::Operator,
+        at: at(1),
+    })
+    .await
+    .unwrap();
+    user(UserCommand::OpenSession {
+        session_id: SessionId::parse("s1").unwrap(),
+        refresh_token_hash: "cd".repeat(32),
+        expires_at: at(86_400),
+        at: at(2),
+    })
+    .await
+    .unwrap();
+
+    let shutdown = CancellationToken::new();
+    let js = jetstream::new(fleetlog_nats::connect(&nats.url()).await.unwrap());
+    let relay_settings = RelaySettings {
+        poll_interval: Duration::from_millis(100),
+        ..RelaySettings::default()
+    };
+    let relay =
+        tokio::spawn(Relay::new(db.pool.clone(), js.clone(), relay_settings).run(shutdown.clone()));
+    let workers = tokio::spawn(run_all(
+        db.pool.clone(),
+        js,
+        WorkerSettings::default(),
+        shutdown.clone(),
+    ));
+    wait_until_caught_up(&db.pool).await;
+
+    let (status, model, compatible): (String, String, Vec<String>) = sqlx::query_as(
+        "SELECT status, model, compatible_models FROM firmware WHERE firmware_id = 'thermo@2.1.0'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), model.as_str()), ("released", "thermo"));
+    assert_eq!(compatible, ["thermo", "thermo-v2"]);
+
+    let (status, current_wave, succeeded, failed, reason): (String, i32, i32, i32, String) =
+        sqlx::query_as(
+            "SELECT status, current_wave, succeeded, failed, pause_reason FROM rollouts WHERE rollout_id = 'r1'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status.as_str(), current_wave, succeeded, failed),
+        ("paused", 1, 1, 1)
+    );
+    assert_eq!(reason, "weekend");
+    let per_device: Vec<(String, i32, String)> = sqlx::query_as(
+        "SELECT device_id, wave, status FROM rollout_devices WHERE rollout_id = 'r1' ORDER BY device_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        per_device,
+        [
+            ("d0".into(), 0, "succeeded".into()),
+            ("d1".into(), 0, "failed".into()),
+            ("d2".into(), 1, "updating".into()),
+            ("d3".into(), 1, "updating".into()),
+        ]
+    );
+
+    let (username, roles, last_login): (String, Vec<String>, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT username, roles, last_login_at FROM users WHERE user_id = $1")
+            .bind(user_id.as_str())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(username, "alice");
+    assert_eq!(roles, ["operator", "viewer"]);
+    assert_eq!(last_login, Some(at(2)));
+    let row: serde_json::Value = sqlx::query_scalar("SELECT to_jsonb(u) FROM users u")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        !row.to_string().contains("argon2"),
+        "no secret in the users model: {row}"
+    );
+
+    let patience = Duration::from_secs(20);
+    assert!(verify(&FirmwareProjection, &db.pool, patience, |_| {})
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(verify(&RolloutsProjection, &db.pool, patience, |_| {})
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(verify(&UsersProjection, &db.pool, patience, |_| {})
+        .await
+        .unwrap()
+        .is_empty());
+
+    shutdown.cancel();
+    relay.await.unwrap();
+    workers.await.unwrap();
+}
