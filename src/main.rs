@@ -365,7 +365,7 @@ async fn run_relay(
     let client = fleetlog_nats::connect(&nats_url)
         .await
         .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
-    let relay = Relay::new(pool, async_nats::jetstream::new(client), settings);
+    let relay = Relay::new(pool, client, settings);
     relay.run(shutdown).await;
     Ok(())
 }

@@ -373,7 +373,7 @@ async fn replay_verify_and_events_commands() {
     };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(
-        fleetlog_nats::Relay::new(db.pool.clone(), js.clone(), relay_settings)
+        fleetlog_nats::Relay::new(db.pool.clone(), js.client(), relay_settings)
             .run(shutdown.clone()),
     );
     tasks.spawn(

@@ -16,6 +16,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::ContextBuilder;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
@@ -67,6 +68,9 @@ pub struct RelaySettings {
     pub standby_interval: Duration,
     /// The longest wait between retries while NATS or Postgres fail.
     pub max_backoff: Duration,
+    /// How long a publish waits for its ack before the batch is retried. Short, so an outage
+    /// that swallowed the acks of a batch in flight delays the relay by this much, not more.
+    pub ack_timeout: Duration,
     /// The stream's retention and deduplication.
     pub stream: StreamSettings,
 }
@@ -78,6 +82,7 @@ impl Default for RelaySettings {
             poll_interval: Duration::from_secs(1),
             standby_interval: Duration::from_secs(2),
             max_backoff: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(5),
             stream: StreamSettings::default(),
         }
     }
@@ -123,8 +128,12 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// A relay from `pool` to `jetstream`.
-    pub fn new(pool: PgPool, jetstream: Context, settings: RelaySettings) -> Self {
+    /// A relay from `pool` to JetStream on `client`.
+    pub fn new(pool: PgPool, client: async_nats::Client, settings: RelaySettings) -> Self {
+        let jetstream = ContextBuilder::new()
+            .timeout(settings.ack_timeout)
+            .ack_timeout(settings.ack_timeout)
+            .build(client);
         Self {
             pool,
             jetstream,

@@ -25,6 +25,7 @@ fn settings() -> RelaySettings {
         poll_interval: Duration::from_millis(200),
         standby_interval: Duration::from_millis(100),
         max_backoff: Duration::from_millis(500),
+        ack_timeout: Duration::from_secs(2),
         stream: StreamSettings::default(),
     }
 }
@@ -57,7 +58,7 @@ impl RunningRelay {
 
 async fn start_relay(pool: &PgPool, nats: &NatsServer) -> RunningRelay {
     let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
-    let relay = Relay::new(pool.clone(), jetstream::new(client), settings());
+    let relay = Relay::new(pool.clone(), client, settings());
     let status = relay.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));

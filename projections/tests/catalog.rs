@@ -166,8 +166,9 @@ async fn firmware_rollouts_and_users_follow_their_events() {
         poll_interval: Duration::from_millis(100),
         ..RelaySettings::default()
     };
-    let relay =
-        tokio::spawn(Relay::new(db.pool.clone(), js.clone(), relay_settings).run(shutdown.clone()));
+    let relay = tokio::spawn(
+        Relay::new(db.pool.clone(), js.client(), relay_settings).run(shutdown.clone()),
+    );
     let workers = tokio::spawn(run_all(
         db.pool.clone(),
         js,

@@ -166,7 +166,7 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
         ..RelaySettings::default()
     };
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(Relay::new(db.pool.clone(), js.clone(), relay_settings).run(shutdown.clone()));
+    tasks.spawn(Relay::new(db.pool.clone(), js.client(), relay_settings).run(shutdown.clone()));
     let worker_settings = WorkerSettings::default();
     tasks.spawn(
         Worker::new(

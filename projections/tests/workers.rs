@@ -67,7 +67,11 @@ async fn start_relay(pool: &PgPool, nats: &NatsServer) -> Running {
         poll_interval: Duration::from_millis(100),
         ..RelaySettings::default()
     };
-    let relay = Relay::new(pool.clone(), jetstream_of(nats).await, relay_settings);
+    let relay = Relay::new(
+        pool.clone(),
+        jetstream_of(nats).await.client(),
+        relay_settings,
+    );
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
     Running { shutdown, task }
