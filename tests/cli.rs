@@ -334,8 +334,9 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
 async fn replay_verify_and_events_commands() {
     use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
     use fleetlog_domain::device::DeviceCommand;
+    use fleetlog_domain::firmware::{FirmwareCommand, FirmwareId};
     use fleetlog_domain::{DeviceId, TenantId, UserId};
-    use fleetlog_projections::{DevicesProjection, TelemetryProjection, Worker, WorkerSettings};
+    use fleetlog_projections::WorkerSettings;
 
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
@@ -364,6 +365,33 @@ async fn replay_verify_and_events_commands() {
             .await
             .unwrap();
     }
+    let firmware = FirmwareCommand::Register {
+        firmware_id: FirmwareId::parse("thermo@1.0.0").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        sha256: "ab".repeat(32),
+        size_bytes: 10,
+        storage_key: "firmware/thermo@1.0.0".into(),
+        compatible_models: vec![],
+        notes: String::new(),
+        at: chrono::Utc::now(),
+    };
+    bus.firmware()
+        .execute("thermo@1.0.0", firmware, &metadata)
+        .await
+        .unwrap();
+    let mut create = fleetlog(&db.url);
+    create.args([
+        "user",
+        "create",
+        "--tenant",
+        "acme",
+        "--username",
+        "frank",
+        "--role",
+        "admin",
+        "--password-stdin",
+    ]);
+    assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let js = async_nats::jetstream::new(fleetlog_nats::connect(&nats.url()).await.unwrap());
@@ -376,24 +404,12 @@ async fn replay_verify_and_events_commands() {
         fleetlog_nats::Relay::new(db.pool.clone(), js.client(), relay_settings)
             .run(shutdown.clone()),
     );
-    tasks.spawn(
-        Worker::new(
-            DevicesProjection,
-            db.pool.clone(),
-            js.clone(),
-            WorkerSettings::default(),
-        )
-        .run(shutdown.clone()),
-    );
-    tasks.spawn(
-        Worker::new(
-            TelemetryProjection,
-            db.pool.clone(),
-            js,
-            WorkerSettings::default(),
-        )
-        .run(shutdown.clone()),
-    );
+    tasks.spawn(fleetlog_projections::run_all(
+        db.pool.clone(),
+        js.clone(),
+        WorkerSettings::default(),
+        shutdown.clone(),
+    ));
 
     let verify = || {
         fleetlog(&db.url)
@@ -430,7 +446,8 @@ async fn replay_verify_and_events_commands() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("devices: replayed 6 events"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(stdout.contains("devices: replayed 6 events"), "{stdout}");
     assert!(verify().status.success());
 
     let output = fleetlog(&db.url)
@@ -466,8 +483,8 @@ async fn replay_verify_and_events_commands() {
         .unwrap();
     let stats = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "{}", stderr(&output));
-    assert!(stats.contains("events            6"), "{stats}");
-    assert!(stats.contains("not yet relayed   0"), "{stats}");
+    assert!(stats.contains("device     HeartbeatReceived"), "{stats}");
+    assert!(stats.contains("user       UserRegistered"), "{stats}");
 
     shutdown.cancel();
     while let Some(result) = tasks.join_next().await {

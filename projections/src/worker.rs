@@ -25,8 +25,8 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::jetstream::{Context, Message};
 use bytes::Bytes;
-use fleetlog_nats::topology::{subject_filter_for_type, StreamSettings};
-use fleetlog_nats::{ensure_stream, EventEnvelope, STREAM_NAME};
+use fleetlog_nats::topology::subject_filter_for_type;
+use fleetlog_nats::{EventEnvelope, STREAM_NAME};
 use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -204,9 +204,10 @@ impl<P: Projection> Worker<P> {
         tracing::info!(projection = P::NAME, "projection stopped");
     }
 
-    /// The projection's durable consumer, created if missing.
+    /// The projection's durable consumer, created if missing. The event stream itself belongs
+    /// to the relay (which sets its retention); until the relay has created it, this fails and
+    /// the worker retries.
     pub async fn consumer(&self) -> Result<PullConsumer, async_nats::Error> {
-        ensure_stream(&self.jetstream, &StreamSettings::default()).await?;
         self.jetstream
             .get_or_create_stream(StreamConfig {
                 name: DEAD_LETTER_STREAM.to_string(),
