@@ -109,26 +109,28 @@ pub async fn replay<P: Projection>(
     let mut tx = pool.begin().await?;
     lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
     let tail = catch_up(projection, &mut tx, cursor).await?;
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {RETIRED_SCHEMA}"))
-        .execute(&mut *tx)
-        .await?;
+    ddl(
+        &mut tx,
+        format!("CREATE SCHEMA IF NOT EXISTS {RETIRED_SCHEMA}"),
+    )
+    .await?;
     for table in P::TABLES {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {RETIRED_SCHEMA}.{table}"))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "ALTER TABLE public.{table} SET SCHEMA {RETIRED_SCHEMA}"
-        ))
-        .execute(&mut *tx)
+        ddl(
+            &mut tx,
+            format!("DROP TABLE IF EXISTS {RETIRED_SCHEMA}.{table}"),
+        )
         .await?;
-        sqlx::query(&format!(
-            "ALTER TABLE {REPLAY_SCHEMA}.{table} SET SCHEMA public"
-        ))
-        .execute(&mut *tx)
+        ddl(
+            &mut tx,
+            format!("ALTER TABLE public.{table} SET SCHEMA {RETIRED_SCHEMA}"),
+        )
         .await?;
-        sqlx::query(&format!("DROP TABLE {RETIRED_SCHEMA}.{table}"))
-            .execute(&mut *tx)
-            .await?;
+        ddl(
+            &mut tx,
+            format!("ALTER TABLE {REPLAY_SCHEMA}.{table} SET SCHEMA public"),
+        )
+        .await?;
+        ddl(&mut tx, format!("DROP TABLE {RETIRED_SCHEMA}.{table}")).await?;
     }
     sqlx::query("DELETE FROM public.projection_positions WHERE projection = $1")
         .bind(P::NAME)
@@ -141,12 +143,7 @@ pub async fn replay<P: Projection>(
     .bind(P::NAME)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(&format!(
-        "DELETE FROM {REPLAY_SCHEMA}.projection_positions WHERE projection = $1"
-    ))
-    .bind(P::NAME)
-    .execute(&mut *tx)
-    .await?;
+    clear_shadow_positions::<P>(&mut tx).await?;
     tx.commit().await?;
     guard.release().await;
     Ok(applied + tail)
@@ -278,9 +275,11 @@ async fn apply_page<P: Projection>(
         transaction_id: last.transaction_id(),
         global_position: last.envelope.global_position,
     };
-    sqlx::query(&format!("SET LOCAL search_path TO {REPLAY_SCHEMA}, public"))
-        .execute(&mut *connection)
-        .await?;
+    ddl(
+        connection,
+        format!("SET LOCAL search_path TO {REPLAY_SCHEMA}, public"),
+    )
+    .await?;
     let count = rows.len() as u64;
     for StoredEvent {
         envelope: event, ..
@@ -308,31 +307,51 @@ async fn apply_page<P: Projection>(
     Ok(Some((last, count)))
 }
 
-async fn prepare_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {REPLAY_SCHEMA}"))
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(&format!(
-        "CREATE TABLE IF NOT EXISTS {REPLAY_SCHEMA}.projection_positions
-           (LIKE public.projection_positions INCLUDING ALL)"
-    ))
-    .execute(&mut *tx)
-    .await?;
+/// Runs one statement without parameters (DDL and locks, whose names cannot be bound).
+async fn ddl(connection: &mut PgConnection, statement: String) -> Result<(), sqlx::Error> {
+    sqlx::query(&statement).execute(connection).await?;
+    Ok(())
+}
+
+/// Forgets the rebuilt positions of `P`.
+async fn clear_shadow_positions<P: Projection>(
+    connection: &mut PgConnection,
+) -> Result<(), sqlx::Error> {
     sqlx::query(&format!(
         "DELETE FROM {REPLAY_SCHEMA}.projection_positions WHERE projection = $1"
     ))
     .bind(P::NAME)
-    .execute(&mut *tx)
+    .execute(connection)
     .await?;
+    Ok(())
+}
+
+async fn prepare_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    ddl(
+        &mut tx,
+        format!("CREATE SCHEMA IF NOT EXISTS {REPLAY_SCHEMA}"),
+    )
+    .await?;
+    ddl(
+        &mut tx,
+        format!(
+            "CREATE TABLE IF NOT EXISTS {REPLAY_SCHEMA}.projection_positions
+           (LIKE public.projection_positions INCLUDING ALL)"
+        ),
+    )
+    .await?;
+    clear_shadow_positions::<P>(&mut tx).await?;
     for table in P::TABLES {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {REPLAY_SCHEMA}.{table}"))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "CREATE TABLE {REPLAY_SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)"
-        ))
-        .execute(&mut *tx)
+        ddl(
+            &mut tx,
+            format!("DROP TABLE IF EXISTS {REPLAY_SCHEMA}.{table}"),
+        )
+        .await?;
+        ddl(
+            &mut tx,
+            format!("CREATE TABLE {REPLAY_SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)"),
+        )
         .await?;
     }
     tx.commit().await
@@ -341,16 +360,13 @@ async fn prepare_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error>
 async fn drop_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     for table in P::TABLES {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {REPLAY_SCHEMA}.{table}"))
-            .execute(&mut *tx)
-            .await?;
+        ddl(
+            &mut tx,
+            format!("DROP TABLE IF EXISTS {REPLAY_SCHEMA}.{table}"),
+        )
+        .await?;
     }
-    sqlx::query(&format!(
-        "DELETE FROM {REPLAY_SCHEMA}.projection_positions WHERE projection = $1"
-    ))
-    .bind(P::NAME)
-    .execute(&mut *tx)
-    .await?;
+    clear_shadow_positions::<P>(&mut tx).await?;
     tx.commit().await
 }
 
@@ -365,9 +381,7 @@ async fn lock_live(tx: &mut PgConnection, tables: &[&str], mode: &str) -> Result
         .map(|t| format!("public.{t}"))
         .collect::<Vec<_>>()
         .join(", ");
-    sqlx::query(&format!("LOCK TABLE {tables} IN {mode} MODE"))
-        .execute(&mut *tx)
-        .await?;
+    ddl(tx, format!("LOCK TABLE {tables} IN {mode} MODE")).await?;
     Ok(())
 }
 
