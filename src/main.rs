@@ -11,10 +11,12 @@ mod settings;
 use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use fleetlog_api::auth::Auth;
 use fleetlog_commands::credentials::hash_password;
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata, StoreSettings};
 use fleetlog_domain::user::{validate_username, Role, UserCommand};
@@ -209,9 +211,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Api => {
+            let auth = api_auth(&settings)?;
             let pool = connect(&settings).await?;
             serve_api(
                 settings.http_addr,
+                auth,
                 settings.store(),
                 pool,
                 install_metrics_recorder(),
@@ -286,6 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Every role in one process. Migrations run first, so a fresh database just works.
 async fn up(settings: Settings) -> anyhow::Result<()> {
+    let auth = api_auth(&settings)?;
     let pool = connect(&settings).await?;
     fleetlog_commands::migrate(&pool)
         .await
@@ -307,6 +312,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     ));
     roles.spawn(serve_api(
         settings.http_addr,
+        auth,
         settings.store(),
         pool.clone(),
         install_metrics_recorder(),
@@ -338,6 +344,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
 /// The API role.
 async fn serve_api(
     address: SocketAddr,
+    auth: Arc<Auth>,
     store: StoreSettings,
     pool: PgPool,
     metrics: Option<PrometheusHandle>,
@@ -347,6 +354,7 @@ async fn serve_api(
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     let state = fleetlog_api::AppState {
+        auth,
         bus: CommandBus::new(pool, store),
         metrics,
     };
@@ -388,6 +396,21 @@ async fn run_projections(
         liveness.run(shutdown),
     );
     Ok(())
+}
+
+/// Token keys for the API, from `FLEETLOG_JWT_SECRET`.
+fn api_auth(settings: &Settings) -> anyhow::Result<Arc<Auth>> {
+    let Some(secret) = &settings.jwt_secret else {
+        bail!("FLEETLOG_JWT_SECRET is not set: the API needs it to sign access tokens");
+    };
+    if secret.expose_secret().len() < 32 {
+        bail!("FLEETLOG_JWT_SECRET must be at least 32 characters");
+    }
+    Ok(Auth::new(
+        secret,
+        Duration::from_secs(settings.access_token_ttl_secs.max(1)),
+        Duration::from_secs(settings.refresh_token_ttl_secs.max(1)),
+    ))
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {

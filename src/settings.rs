@@ -52,6 +52,36 @@ pub struct Settings {
     )]
     pub http_addr: SocketAddr,
 
+    /// Secret that signs access tokens (at least 32 characters; never logged). The API
+    /// refuses to start without it.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_JWT_SECRET",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub jwt_secret: Option<SecretString>,
+
+    /// Lifetime of an access token in seconds: also the longest a disabled user or a revoked
+    /// session keeps access.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_ACCESS_TOKEN_TTL_SECS",
+        default_value_t = 300
+    )]
+    pub access_token_ttl_secs: u64,
+
+    /// Lifetime of a refresh token in seconds (each refresh starts a new one).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_REFRESH_TOKEN_TTL_SECS",
+        default_value_t = 30 * 24 * 3600
+    )]
+    pub refresh_token_ttl_secs: u64,
+
     /// NATS server URL.
     #[arg(
         long,

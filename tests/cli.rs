@@ -14,6 +14,10 @@ fn fleetlog(database_url: &str) -> Command {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("FLEETLOG_DATABASE_URL", database_url)
+        .env(
+            "FLEETLOG_JWT_SECRET",
+            "a test secret that is long enough to sign",
+        )
         .env("FLEETLOG_LOG", "warn");
     command
 }
@@ -490,4 +494,20 @@ async fn replay_verify_and_events_commands() {
     while let Some(result) = tasks.join_next().await {
         result.unwrap();
     }
+}
+
+#[test]
+fn the_api_needs_a_signing_secret() {
+    let output = fleetlog("postgres://unused")
+        .env_remove("FLEETLOG_JWT_SECRET")
+        .arg("api")
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "FLEETLOG_JWT_SECRET is not set");
+    let output = fleetlog("postgres://unused")
+        .env("FLEETLOG_JWT_SECRET", "short")
+        .arg("up")
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "at least 32 characters");
 }

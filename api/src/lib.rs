@@ -1,8 +1,12 @@
 //! fleetlog's HTTP API (axum).
 //!
-//! So far it serves the operations endpoints that deployments probe: `GET /health` (the process
-//! is up), `GET /ready` (its database answers) and `GET /metrics` (Prometheus). The REST resources under `/api/v1`, JWT
-//! authentication and the OpenAPI document build on this router.
+//! Operations endpoints: `GET /health` (the process is up), `GET /ready` (its database answers)
+//! and `GET /metrics` (Prometheus). Under `/api/v1`: authentication (`auth/login`,
+//! `auth/refresh`, `auth/logout`, see [`auth`]) and `users/me`. Every error, unknown routes and
+//! methods and malformed bodies included, is RFC 7807 problem+json ([`error`]).
+//!
+//! Handlers are thin: extract (the [`auth::Caller`] carries tenant and roles from the access
+//! token), build a command or query, one call, map the result.
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,9 +21,26 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+pub mod auth;
+pub mod error;
+pub mod extract;
+mod routes;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+
+use crate::auth::Auth;
+use crate::error::problem;
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
+    /// Token keys and lifetimes.
+    pub auth: Arc<Auth>,
     /// The write side; its pool also answers readiness.
     pub bus: CommandBus,
     /// Renders the process's metrics for `GET /metrics`; `None` when no recorder is installed.
@@ -32,6 +53,16 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .nest("/api/v1/auth", routes::auth::router())
+        .nest("/api/v1/users", routes::users::router())
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route".into(),
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 

@@ -2,9 +2,21 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use fleetlog_api::auth::Auth;
 use fleetlog_api::{router, AppState};
 use fleetlog_commands::{CommandBus, StoreSettings};
 use fleetlog_testkit::TestDatabase;
+use secrecy::SecretString;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn test_auth() -> Arc<Auth> {
+    Auth::new(
+        &SecretString::from("a test secret that is long enough to sign"),
+        Duration::from_secs(300),
+        Duration::from_secs(3600),
+    )
+}
 use metrics_exporter_prometheus::PrometheusBuilder;
 use sqlx::postgres::PgPoolOptions;
 use tower::ServiceExt;
@@ -25,6 +37,7 @@ async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
 async fn health_and_readiness_with_a_live_database() {
     let db = TestDatabase::create().await;
     let state = AppState {
+        auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
         metrics: None,
     };
@@ -44,6 +57,7 @@ async fn not_ready_when_the_database_is_unreachable() {
         .connect_lazy("postgres://fleetlog:x@127.0.0.1:1/fleetlog")
         .unwrap();
     let state = AppState {
+        auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: None,
     };
@@ -67,6 +81,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
             .increment(3);
     });
     let state = AppState {
+        auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: Some(handle),
     };

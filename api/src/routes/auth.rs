@@ -1,0 +1,202 @@
+//! `/api/v1/auth`: login, refresh, logout.
+
+use std::sync::OnceLock;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use chrono::Utc;
+use fleetlog_commands::credentials::{hash_password, verify_password};
+use fleetlog_commands::{CommandError, CommandMetadata};
+use fleetlog_domain::user::{UserCommand, UserError};
+use fleetlog_domain::{SessionId, TenantId, UserId};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Caller, RefreshToken};
+use crate::error::ApiError;
+use crate::extract::Json;
+use crate::AppState;
+
+/// The routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/login", post(login))
+        .route("/refresh", post(refresh))
+        .route("/logout", post(logout))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    tenant: String,
+    username: String,
+    password: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshRequest {
+    refresh_token: String,
+}
+
+/// Tokens handed out by login and refresh.
+#[derive(Serialize)]
+struct TokenResponse {
+    access_token: String,
+    token_type: &'static str,
+    expires_in: u64,
+    refresh_token: String,
+    refresh_expires_in: u64,
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::Unauthorized("invalid tenant, username or password".into())
+}
+
+/// A hash to check passwords of unknown users against, so both cases take as long.
+fn decoy_hash() -> &'static str {
+    static DECOY: OnceLock<String> = OnceLock::new();
+    DECOY.get_or_init(|| {
+        hash_password(&SecretString::from("decoy password for timing")).unwrap_or_default()
+    })
+}
+
+async fn login(
+    State(state): State<AppState>,
+    Json(request): Json<LoginRequest>,
+) -> Result<axum::Json<TokenResponse>, ApiError> {
+    let tenant = TenantId::parse(request.tenant).map_err(|_| invalid_credentials())?;
+    let user_id = UserId::for_username(&tenant, &request.username);
+    let user = state.bus.users().current(user_id.as_str()).await?.aggregate;
+    let known = user.id.is_some() && user.tenant.as_ref() == Some(&tenant);
+    let hash = if known {
+        user.password_hash.clone()
+    } else {
+        decoy_hash().to_string()
+    };
+    let password = SecretString::from(request.password);
+    // argon2 takes tens of milliseconds of CPU: keep it off the async workers.
+    let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+        .await
+        .map_err(|error| ApiError::Internal(Box::new(error)))?;
+    if !known || !matches || user.disabled {
+        return Err(invalid_credentials());
+    }
+
+    let now = Utc::now();
+    let session_id = SessionId::parse(uuid::Uuid::new_v4().simple().to_string())
+        .map_err(|error| ApiError::Internal(Box::new(error)))?;
+    let refresh = RefreshToken::issue(user_id.clone(), session_id.clone());
+    let expires_at = now + chrono::Duration::from_std(state.auth.refresh_ttl).unwrap_or_default();
+    let open = UserCommand::OpenSession {
+        session_id: session_id.clone(),
+        refresh_token_hash: refresh.hash(),
+        expires_at,
+        at: now,
+    };
+    let metadata = CommandMetadata::new(format!("user:{user_id}")).with_tenant(tenant.clone());
+    state
+        .bus
+        .users()
+        .execute(user_id.as_str(), open, &metadata)
+        .await?;
+    let caller = Caller {
+        user_id,
+        tenant,
+        session_id,
+        roles: user.roles,
+    };
+    tokens(&state, &caller, &refresh, now)
+}
+
+async fn refresh(
+    State(state): State<AppState>,
+    Json(request): Json<RefreshRequest>,
+) -> Result<axum::Json<TokenResponse>, ApiError> {
+    let presented = RefreshToken::parse(&request.refresh_token)?;
+    let now = Utc::now();
+    let next = RefreshToken::issue(presented.user_id.clone(), presented.session_id.clone());
+    let rotate = UserCommand::RotateSession {
+        session_id: presented.session_id.clone(),
+        presented_token_hash: presented.hash(),
+        new_refresh_token_hash: next.hash(),
+        expires_at: now + chrono::Duration::from_std(state.auth.refresh_ttl).unwrap_or_default(),
+        at: now,
+    };
+    let users = state.bus.users();
+    let metadata = CommandMetadata::new(format!("user:{}", presented.user_id));
+    match users
+        .execute(presented.user_id.as_str(), rotate, &metadata)
+        .await
+    {
+        Ok(_) => {}
+        Err(CommandError::Refused(UserError::RefreshTokenMismatch(session_id))) => {
+            // A token that was already exchanged is presented again: it was copied. End the
+            // session, so neither copy works any more.
+            let revoke = UserCommand::RevokeSession {
+                session_id,
+                reason: "refresh token reused".into(),
+                at: now,
+            };
+            users
+                .execute(presented.user_id.as_str(), revoke, &metadata)
+                .await?;
+            return Err(ApiError::Unauthorized(
+                "refresh token already used: the session is revoked".into(),
+            ));
+        }
+        Err(CommandError::Refused(_)) => {
+            return Err(ApiError::Unauthorized("invalid refresh token".into()))
+        }
+        Err(other) => return Err(other.into()),
+    }
+    let user = users.current(presented.user_id.as_str()).await?.aggregate;
+    let tenant = user
+        .tenant
+        .ok_or_else(|| ApiError::Unauthorized("invalid refresh token".into()))?;
+    let caller = Caller {
+        user_id: presented.user_id,
+        tenant,
+        session_id: presented.session_id,
+        roles: user.roles,
+    };
+    tokens(&state, &caller, &next, now)
+}
+
+async fn logout(State(state): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
+    let revoke = UserCommand::RevokeSession {
+        session_id: caller.session_id.clone(),
+        reason: "logout".into(),
+        at: Utc::now(),
+    };
+    let metadata = CommandMetadata::new(caller.actor()).with_tenant(caller.tenant.clone());
+    match state
+        .bus
+        .users()
+        .execute(caller.user_id.as_str(), revoke, &metadata)
+        .await
+    {
+        // Logging out twice is not an error.
+        Ok(_) | Err(CommandError::Refused(UserError::UnknownSession(_))) => {
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+fn tokens(
+    state: &AppState,
+    caller: &Caller,
+    refresh: &RefreshToken,
+    now: chrono::DateTime<Utc>,
+) -> Result<axum::Json<TokenResponse>, ApiError> {
+    Ok(axum::Json(TokenResponse {
+        access_token: state.auth.access_token(caller, now)?,
+        token_type: "Bearer",
+        expires_in: state.auth.access_ttl.as_secs(),
+        refresh_token: refresh.reveal(),
+        refresh_expires_in: state.auth.refresh_ttl.as_secs(),
+    }))
+}

@@ -1,0 +1,4 @@
+//! Route modules, laid out like the URLs under `/api/v1`.
+
+pub mod auth;
+pub mod users;
