@@ -55,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .nest("/api/v1/auth", routes::auth::router())
         .nest("/api/v1/users", routes::users::router())
+        .nest("/api/v1/devices", routes::devices::router())
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such route".into()) })
         .method_not_allowed_fallback(|| async {
             problem(

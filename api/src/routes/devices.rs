@@ -1,0 +1,525 @@
+//! `/api/v1/devices`: the registry, live state, desired properties and commands.
+//!
+//! Reads come from the `devices` and `device_commands` read models, always filtered by the
+//! caller's tenant; a device of another tenant is answered like a missing one (404). Writes are
+//! Device commands, checked against the aggregate's tenant first.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use fleetlog_commands::{CommandMetadata, Committed};
+use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, Lifecycle};
+use fleetlog_domain::user::Role;
+use fleetlog_domain::{CommandId, DeviceId};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sqlx::{FromRow, QueryBuilder};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::{Json, Query};
+use crate::AppState;
+
+const WRITERS: &[Role] = &[Role::Admin, Role::Operator];
+const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer];
+const MAX_PAGE: i64 = 200;
+
+/// The routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", post(create).get(list))
+        .route("/{id}", get(show).patch(update).delete(decommission))
+        .route("/{id}/desired", put(set_desired))
+        .route("/{id}/commands", post(issue_command))
+        .route("/{id}/commands/{command_id}", get(command_status))
+}
+
+/// What a write returns: where the aggregate and the event log stand afterwards, so a client
+/// can read its own write (`min_position`) or write conditionally (`If-Match`).
+#[derive(Serialize)]
+struct WriteResult {
+    device_id: String,
+    version: u64,
+    global_position: Option<i64>,
+}
+
+fn written(device_id: &str, committed: Committed) -> axum::Json<WriteResult> {
+    axum::Json(WriteResult {
+        device_id: device_id.to_string(),
+        version: committed.version,
+        global_position: committed.global_position,
+    })
+}
+
+fn metadata(caller: &Caller) -> CommandMetadata {
+    CommandMetadata::new(caller.actor()).with_tenant(caller.tenant.clone())
+}
+
+fn parse_id(id: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(id).map_err(|error| ApiError::BadRequest(error.to_string()))
+}
+
+/// The device's aggregate, if it exists in the caller's tenant.
+async fn owned_device(
+    state: &AppState,
+    caller: &Caller,
+    id: &DeviceId,
+) -> Result<Device, ApiError> {
+    let device = state.bus.devices().current(id.as_str()).await?.aggregate;
+    if device.lifecycle == Lifecycle::Unregistered || device.tenant.as_ref() != Some(&caller.tenant)
+    {
+        return Err(ApiError::NotFound("device"));
+    }
+    Ok(device)
+}
+
+/// Runs a command on a device of the caller's tenant.
+async fn execute(
+    state: &AppState,
+    caller: &Caller,
+    id: &DeviceId,
+    command: DeviceCommand,
+) -> Result<Committed, ApiError> {
+    caller.require(WRITERS)?;
+    owned_device(state, caller, id).await?;
+    Ok(state
+        .bus
+        .devices()
+        .execute(id.as_str(), command, &metadata(caller))
+        .await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDevice {
+    device_id: String,
+    name: String,
+    model: String,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Created {
+    #[serde(flatten)]
+    write: WriteResult,
+    /// The device's secret, shown this once; only its hash is stored.
+    device_token: String,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(request): Json<CreateDevice>,
+) -> Result<(StatusCode, axum::Json<Created>), ApiError> {
+    caller.require(WRITERS)?;
+    let id = parse_id(&request.device_id)?;
+    let now = Utc::now();
+    let register = DeviceCommand::Register {
+        device_id: id.clone(),
+        tenant: caller.tenant.clone(),
+        owner: caller.user_id.clone(),
+        name: request.name,
+        model: request.model,
+        tags: request.tags,
+        at: now,
+    };
+    let devices = state.bus.devices();
+    match devices
+        .execute(id.as_str(), register, &metadata(&caller))
+        .await
+    {
+        Err(fleetlog_commands::CommandError::Refused(DeviceError::AlreadyRegistered)) => {
+            return Err(ApiError::Conflict(format!("device id {id} is taken")));
+        }
+        other => other?,
+    };
+    let token = fleetlog_commands::credentials::random_token();
+    let rotate = DeviceCommand::RotateCredentials {
+        secret_hash: fleetlog_commands::credentials::sha256_hex(token.expose_secret().as_bytes()),
+        at: now,
+    };
+    let committed = devices
+        .execute(id.as_str(), rotate, &metadata(&caller))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(Created {
+            write: written(id.as_str(), committed).0,
+            device_token: token.expose_secret().to_string(),
+        }),
+    ))
+}
+
+/// A device as the read model holds it.
+#[derive(Serialize, FromRow)]
+struct DeviceView {
+    device_id: String,
+    tenant: String,
+    owner: String,
+    name: String,
+    model: String,
+    tags: Vec<String>,
+    lifecycle: String,
+    online: bool,
+    offline_reason: Option<String>,
+    last_seen: Option<DateTime<Utc>>,
+    last_heartbeat: Option<DateTime<Utc>>,
+    last_telemetry_at: Option<DateTime<Utc>>,
+    sensors: Value,
+    location: Option<Value>,
+    reported: Value,
+    desired: Value,
+    delta: Value,
+    desired_version: i64,
+    firmware_version: Option<String>,
+    firmware_update: Option<Value>,
+    open_commands: i32,
+    registered_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    #[serde(rename = "version")]
+    last_sequence: i64,
+}
+
+const DEVICE_COLUMNS: &str = "device_id, tenant, owner, name, model, tags, lifecycle, online,
+    offline_reason, last_seen, last_heartbeat, last_telemetry_at, sensors, location, reported,
+    desired, delta, desired_version, firmware_version, firmware_update, open_commands,
+    registered_at, updated_at, last_sequence";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    /// Fold the device's events up to this instant instead of reading the live model.
+    at: Option<DateTime<Utc>>,
+}
+
+async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<ShowQuery>,
+) -> Result<axum::Json<Value>, ApiError> {
+    caller.require(READERS)?;
+    let id = parse_id(&id)?;
+    if let Some(at) = query.at {
+        return Ok(axum::Json(as_of(&state, &caller, &id, at).await?));
+    }
+    let device: Option<DeviceView> = sqlx::query_as(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1 AND tenant = $2"
+    ))
+    .bind(id.as_str())
+    .bind(caller.tenant.as_str())
+    .fetch_optional(state.bus.pool())
+    .await?;
+    let device = device.ok_or(ApiError::NotFound("device"))?;
+    serde_json::to_value(device)
+        .map(axum::Json)
+        .map_err(|error| ApiError::Internal(Box::new(error)))
+}
+
+/// The device as it stood at `at`: its events recorded until then, folded.
+async fn as_of(
+    state: &AppState,
+    caller: &Caller,
+    id: &DeviceId,
+    at: DateTime<Utc>,
+) -> Result<Value, ApiError> {
+    let payloads: Vec<(i64, Value)> = sqlx::query_as(
+        "SELECT sequence, payload::jsonb FROM events
+          WHERE aggregate_type = 'device' AND aggregate_id = $1 AND recorded_at <= $2
+          ORDER BY sequence",
+    )
+    .bind(id.as_str())
+    .bind(at)
+    .fetch_all(state.bus.pool())
+    .await?;
+    let mut device = Device::default();
+    let mut version = 0;
+    for (sequence, payload) in payloads {
+        let event = serde_json::from_value(payload).map_err(|e| ApiError::Internal(Box::new(e)))?;
+        device.evolve(event);
+        version = sequence;
+    }
+    if device.lifecycle == Lifecycle::Unregistered || device.tenant.as_ref() != Some(&caller.tenant)
+    {
+        return Err(ApiError::NotFound("device"));
+    }
+    let delta = Value::Object(device.delta());
+    let mut view = serde_json::to_value(&device).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    if let Some(object) = view.as_object_mut() {
+        // Secrets stay out of every answer, past ones included.
+        object.remove("credential_hash");
+        object.remove("recent_digests");
+        object.insert("delta".into(), delta);
+        object.insert("version".into(), version.into());
+        object.insert("at".into(), Value::String(at.to_rfc3339()));
+    }
+    Ok(view)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    online: Option<bool>,
+    model: Option<String>,
+    tag: Option<String>,
+    firmware_version: Option<String>,
+    /// Case-insensitive substring of the name.
+    q: Option<String>,
+    /// `device_id` (default), `name` or `last_seen`.
+    sort: Option<String>,
+    /// From the `next_cursor` of the previous page.
+    cursor: Option<String>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct Page {
+    items: Vec<DeviceView>,
+    next_cursor: Option<String>,
+}
+
+/// Keyset pagination: the cursor is the sort key and id of the last row, so rows inserted
+/// meanwhile never shift a page (no OFFSET).
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<axum::Json<Page>, ApiError> {
+    caller.require(READERS)?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}"
+        )));
+    }
+    let sort = match query.sort.as_deref().unwrap_or("device_id") {
+        "device_id" => "device_id",
+        "name" => "name",
+        "last_seen" => "last_seen",
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "sort must be device_id, name or last_seen, not {other:?}"
+            )))
+        }
+    };
+    let mut sql = QueryBuilder::new(format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant = "
+    ));
+    sql.push_bind(caller.tenant.as_str());
+    if let Some(online) = query.online {
+        sql.push(" AND online = ").push_bind(online);
+    }
+    if let Some(model) = query.model {
+        sql.push(" AND model = ").push_bind(model);
+    }
+    if let Some(tag) = query.tag {
+        sql.push(" AND tags @> ARRAY[").push_bind(tag).push("]");
+    }
+    if let Some(version) = query.firmware_version {
+        sql.push(" AND firmware_version = ").push_bind(version);
+    }
+    if let Some(q) = query.q {
+        let pattern = format!(
+            "%{}%",
+            q.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        sql.push(" AND name ILIKE ").push_bind(pattern);
+    }
+    // The sort key as text, never null, so one keyset comparison serves every sort.
+    let key = match sort {
+        "last_seen" => {
+            "COALESCE(to_char(last_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), '')"
+        }
+        "name" => "name",
+        _ => "device_id",
+    };
+    if let Some(cursor) = &query.cursor {
+        let (after_key, after_id) = decode_cursor(cursor)?;
+        sql.push(format!(" AND ({key} COLLATE \"C\", device_id) > ("))
+            .push_bind(after_key)
+            .push(" COLLATE \"C\", ")
+            .push_bind(after_id)
+            .push(")");
+    }
+    sql.push(format!(" ORDER BY {key} COLLATE \"C\", device_id LIMIT "))
+        .push_bind(limit + 1);
+    let mut items: Vec<DeviceView> = sql.build_query_as().fetch_all(state.bus.pool()).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|last| {
+            let key = match sort {
+                "last_seen" => last
+                    .last_seen
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string())
+                    .unwrap_or_default(),
+                "name" => last.name.clone(),
+                _ => last.device_id.clone(),
+            };
+            encode_cursor(&key, &last.device_id)
+        })
+    } else {
+        None
+    };
+    Ok(axum::Json(Page { items, next_cursor }))
+}
+
+/// Cursors are opaque to clients: hex of `key \0 id`.
+fn encode_cursor(key: &str, id: &str) -> String {
+    hex::encode(format!("{key}\0{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
+    let invalid = || ApiError::BadRequest("invalid cursor".into());
+    if cursor.len() > 1024 {
+        return Err(invalid());
+    }
+    let bytes = hex::decode(cursor).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (key, id) = text.split_once('\0').ok_or_else(invalid)?;
+    Ok((key.to_string(), id.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateDevice {
+    name: Option<String>,
+    model: Option<String>,
+    tags: Option<Vec<String>>,
+}
+
+async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(request): Json<UpdateDevice>,
+) -> Result<axum::Json<WriteResult>, ApiError> {
+    let id = parse_id(&id)?;
+    let command = DeviceCommand::UpdateMetadata {
+        name: request.name,
+        model: request.model,
+        tags: request.tags,
+        at: Utc::now(),
+    };
+    let committed = execute(&state, &caller, &id, command).await?;
+    Ok(written(id.as_str(), committed))
+}
+
+async fn decommission(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<WriteResult>, ApiError> {
+    let id = parse_id(&id)?;
+    let command = DeviceCommand::Decommission {
+        reason: format!("decommissioned by {}", caller.actor()),
+        at: Utc::now(),
+    };
+    let committed = execute(&state, &caller, &id, command).await?;
+    Ok(written(id.as_str(), committed))
+}
+
+async fn set_desired(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(properties): Json<Map<String, Value>>,
+) -> Result<axum::Json<WriteResult>, ApiError> {
+    let id = parse_id(&id)?;
+    let command = DeviceCommand::SetDesired {
+        properties,
+        at: Utc::now(),
+    };
+    let committed = execute(&state, &caller, &id, command).await?;
+    Ok(written(id.as_str(), committed))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueCommand {
+    name: String,
+    #[serde(default = "empty_object")]
+    params: Value,
+    /// Seconds the device has to answer; 1 to 86,400 (default 300).
+    ttl_secs: Option<i64>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+#[derive(Serialize)]
+struct Accepted {
+    command_id: String,
+    #[serde(flatten)]
+    write: WriteResult,
+}
+
+async fn issue_command(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(request): Json<IssueCommand>,
+) -> Result<(StatusCode, axum::Json<Accepted>), ApiError> {
+    let id = parse_id(&id)?;
+    let ttl = request.ttl_secs.unwrap_or(300);
+    if !(1..=86_400).contains(&ttl) {
+        return Err(ApiError::BadRequest("ttl_secs must be 1 to 86400".into()));
+    }
+    let command_id = CommandId::parse(uuid::Uuid::now_v7().simple().to_string())
+        .map_err(|error| ApiError::Internal(Box::new(error)))?;
+    let now = Utc::now();
+    let command = DeviceCommand::IssueCommand {
+        command_id: command_id.clone(),
+        name: request.name,
+        params: request.params,
+        issued_at: now,
+        expires_at: now + chrono::Duration::seconds(ttl),
+    };
+    let committed = execute(&state, &caller, &id, command).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(Accepted {
+            command_id: command_id.to_string(),
+            write: written(id.as_str(), committed).0,
+        }),
+    ))
+}
+
+#[derive(Serialize, FromRow)]
+struct CommandView {
+    device_id: String,
+    command_id: String,
+    name: String,
+    params: Value,
+    status: String,
+    issued_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+    result: Option<Value>,
+}
+
+async fn command_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, command_id)): Path<(String, String)>,
+) -> Result<axum::Json<CommandView>, ApiError> {
+    caller.require(READERS)?;
+    let command: Option<CommandView> = sqlx::query_as(
+        "SELECT c.device_id, c.command_id, c.name, c.params, c.status, c.issued_at, c.expires_at,
+                c.finished_at, c.result
+           FROM device_commands c JOIN devices d ON d.device_id = c.device_id
+          WHERE c.device_id = $1 AND c.command_id = $2 AND d.tenant = $3",
+    )
+    .bind(&id)
+    .bind(&command_id)
+    .bind(caller.tenant.as_str())
+    .fetch_optional(state.bus.pool())
+    .await?;
+    command.map(axum::Json).ok_or(ApiError::NotFound("command"))
+}

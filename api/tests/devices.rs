@@ -1,0 +1,436 @@
+//! Device endpoints through the real router, with the real read path behind them (Postgres,
+//! relay, JetStream, projection workers): roles, tenant isolation, time travel, stable
+//! pagination, commands.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use chrono::Utc;
+use fleetlog_api::auth::{Auth, Caller};
+use fleetlog_api::{router, AppState};
+use fleetlog_commands::{CommandBus, StoreSettings};
+use fleetlog_domain::user::Role;
+use fleetlog_domain::{SessionId, TenantId, UserId};
+use fleetlog_nats::{Relay, RelaySettings};
+use fleetlog_projections::{run_all, WorkerSettings};
+use fleetlog_testkit::{NatsServer, TestDatabase};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+struct Platform {
+    router: Router,
+    auth: std::sync::Arc<Auth>,
+    pool: PgPool,
+    shutdown: CancellationToken,
+    _nats: NatsServer,
+    _db: TestDatabase,
+}
+
+impl Platform {
+    async fn start() -> Self {
+        let db = TestDatabase::create().await;
+        let nats = NatsServer::start();
+        let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let relay_settings = RelaySettings {
+            poll_interval: Duration::from_millis(50),
+            ..RelaySettings::default()
+        };
+        tokio::spawn(
+            Relay::new(db.pool.clone(), client.clone(), relay_settings).run(shutdown.clone()),
+        );
+        tokio::spawn(run_all(
+            db.pool.clone(),
+            async_nats::jetstream::new(client),
+            WorkerSettings::default(),
+            shutdown.clone(),
+        ));
+        let auth = Auth::new(
+            &SecretString::from("a test secret that is long enough to sign"),
+            Duration::from_secs(300),
+            Duration::from_secs(3600),
+        );
+        let state = AppState {
+            auth: auth.clone(),
+            bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+            metrics: None,
+        };
+        Self {
+            router: router(state),
+            auth,
+            pool: db.pool.clone(),
+            shutdown,
+            _nats: nats,
+            _db: db,
+        }
+    }
+
+    fn token(&self, tenant: &str, username: &str, role: Role) -> String {
+        let tenant = TenantId::parse(tenant).unwrap();
+        let caller = Caller {
+            user_id: UserId::for_username(&tenant, username),
+            tenant,
+            session_id: SessionId::parse("s1").unwrap(),
+            roles: vec![role],
+        };
+        self.auth.access_token(&caller, Utc::now()).unwrap()
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let body = match body {
+            Some(body) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(body.to_string())
+            }
+            None => Body::empty(),
+        };
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn create(&self, token: &str, id: &str) -> (StatusCode, Value) {
+        self.call(
+            Method::POST,
+            "/api/v1/devices",
+            token,
+            Some(json!({"device_id": id, "name": format!("Device {id}"), "model": "thermo", "tags": ["lab"]})),
+        )
+        .await
+    }
+
+    /// Waits until the devices read model has applied the device's events up to `version`.
+    async fn wait_for(&self, id: &str, version: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT last_sequence FROM devices WHERE device_id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .unwrap();
+            if applied.is_some_and(|a| a as u64 >= version) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "read model never reached {id}@{version}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_tenants_decide_who_sees_and_changes_a_device() {
+    let platform = Platform::start().await;
+    let admin = platform.token("acme", "ann", Role::Admin);
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let viewer = platform.token("acme", "vic", Role::Viewer);
+    let stranger = platform.token("globex", "gus", Role::Admin);
+
+    let (status, created) = platform.create(&operator, "d1").await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["device_id"], "d1");
+    assert_eq!(created["device_token"].as_str().unwrap().len(), 64);
+    assert!(created["global_position"].is_i64());
+    let (status, _) = platform.create(&viewer, "d2").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, taken) = platform.create(&stranger, "d1").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{taken}");
+    platform
+        .wait_for("d1", created["version"].as_u64().unwrap())
+        .await;
+
+    for token in [&admin, &operator, &viewer] {
+        let (status, device) = platform
+            .call(Method::GET, "/api/v1/devices/d1", token, None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(device["name"], "Device d1");
+        assert_eq!(device["tenant"], "acme");
+        assert!(device.get("credential_hash").is_none());
+    }
+    let (status, problem) = platform
+        .call(Method::GET, "/api/v1/devices/d1", &stranger, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(problem["status"], 404);
+    let (status, page) = platform
+        .call(Method::GET, "/api/v1/devices", &stranger, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["items"], json!([]));
+    for (method, path, body) in [
+        (
+            Method::PATCH,
+            "/api/v1/devices/d1",
+            Some(json!({"name": "mine now"})),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/devices/d1/desired",
+            Some(json!({"interval": 5})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/devices/d1/commands",
+            Some(json!({"name": "reboot"})),
+        ),
+        (Method::DELETE, "/api/v1/devices/d1", None),
+    ] {
+        let (status, _) = platform
+            .call(method.clone(), path, &stranger, body.clone())
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "{method} {path} from another tenant"
+        );
+        let (status, _) = platform.call(method.clone(), path, &viewer, body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path} as viewer");
+    }
+
+    let (status, written) = platform
+        .call(
+            Method::PUT,
+            "/api/v1/devices/d1/desired",
+            &operator,
+            Some(json!({"interval": 30})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{written}");
+    platform
+        .wait_for("d1", written["version"].as_u64().unwrap())
+        .await;
+    let (_, device) = platform
+        .call(Method::GET, "/api/v1/devices/d1", &viewer, None)
+        .await;
+    assert_eq!(device["desired"], json!({"interval": 30}));
+    assert_eq!(device["delta"], json!({"interval": 30}));
+
+    let (status, accepted) = platform
+        .call(
+            Method::POST,
+            "/api/v1/devices/d1/commands",
+            &operator,
+            Some(json!({"name": "reboot", "params": {"delay": 1}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let command_id = accepted["command_id"].as_str().unwrap();
+    platform
+        .wait_for("d1", accepted["version"].as_u64().unwrap())
+        .await;
+    let path = format!("/api/v1/devices/d1/commands/{command_id}");
+    let (status, command) = platform.call(Method::GET, &path, &viewer, None).await;
+    assert_eq!(status, StatusCode::OK, "{command}");
+    assert_eq!(command["status"], "pending");
+    assert_eq!(command["params"], json!({"delay": 1}));
+    let (status, _) = platform.call(Method::GET, &path, &stranger, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, refused) = platform
+        .call(
+            Method::POST,
+            "/api/v1/devices/d1/commands",
+            &operator,
+            Some(json!({"name": "Reboot!"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(refused["detail"].as_str().unwrap().contains("command name"));
+
+    let (status, _) = platform
+        .call(Method::DELETE, "/api/v1/devices/d1", &admin, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = platform
+        .call(
+            Method::PATCH,
+            "/api/v1/devices/d1",
+            &admin,
+            Some(json!({"name": "after"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_can_be_read_as_it_was() {
+    let platform = Platform::start().await;
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let before_registration = Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    platform.create(&operator, "d1").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let between = Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (status, _) = platform
+        .call(
+            Method::PATCH,
+            "/api/v1/devices/d1",
+            &operator,
+            Some(json!({"name": "Renamed"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let at = |instant: chrono::DateTime<Utc>| {
+        format!(
+            "/api/v1/devices/d1?at={}",
+            instant
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .replace('+', "%2B")
+        )
+    };
+    let (status, past) = platform
+        .call(Method::GET, &at(between), &operator, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{past}");
+    assert_eq!(past["name"], "Device d1");
+    assert!(past.get("credential_hash").is_none());
+    let (_, now) = platform
+        .call(Method::GET, &at(Utc::now()), &operator, None)
+        .await;
+    assert_eq!(now["name"], "Renamed");
+    let (status, _) = platform
+        .call(Method::GET, &at(before_registration), &operator, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, problem) = platform
+        .call(
+            Method::GET,
+            "/api/v1/devices/d1?at=yesterday",
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(problem["status"], 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_stay_stable_while_devices_are_added() {
+    let platform = Platform::start().await;
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let mut last_version = 0;
+    for n in 10..35 {
+        let (_, created) = platform.create(&operator, &format!("d{n}")).await;
+        last_version = created["version"].as_u64().unwrap();
+    }
+    platform.wait_for("d34", last_version).await;
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut inserted = 0;
+    loop {
+        let path = match &cursor {
+            Some(cursor) => format!("/api/v1/devices?limit=10&cursor={cursor}"),
+            None => "/api/v1/devices?limit=10".to_string(),
+        };
+        let (status, page) = platform.call(Method::GET, &path, &operator, None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["device_id"].as_str().unwrap().to_string());
+        }
+        // Devices added between pages, before and after the current position.
+        for id in [format!("a{inserted}"), format!("z{inserted}")] {
+            let (_, created) = platform.create(&operator, &id).await;
+            platform
+                .wait_for(&id, created["version"].as_u64().unwrap())
+                .await;
+        }
+        inserted += 1;
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "no device twice: {seen:?}");
+    for n in 10..35 {
+        assert!(
+            seen.contains(&format!("d{n}")),
+            "d{n} missing from {seen:?}"
+        );
+    }
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order: {seen:?}");
+
+    let (status, filtered) = platform
+        .call(
+            Method::GET,
+            "/api/v1/devices?tag=lab&q=DEVICE%20d2&limit=200",
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = filtered["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (20..30)
+            .map(|n| format!("d{n}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+    );
+    for bad in [
+        "limit=0",
+        "limit=abc",
+        "sort=color",
+        "cursor=zz",
+        "color=red",
+    ] {
+        let (status, problem) = platform
+            .call(
+                Method::GET,
+                &format!("/api/v1/devices?{bad}"),
+                &operator,
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {problem}");
+        assert_eq!(problem["status"], 400);
+    }
+}
