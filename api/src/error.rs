@@ -33,6 +33,12 @@ pub enum ApiError {
     /// The request is well-formed but the domain refuses it.
     #[error("{0}")]
     Unprocessable(String),
+    /// A conditional write (`If-Match`) found another version.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// The read model has not yet reached the position the client asked to see.
+    #[error("the read model has not caught up with position {0} yet; retry shortly")]
+    NotCaughtUp(i64),
     /// Too many attempts; retry later.
     #[error("too many attempts; retry in {retry_after} s")]
     TooManyRequests {
@@ -66,6 +72,8 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            Self::NotCaughtUp(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,7 +131,7 @@ impl IntoResponse for ApiError {
             Self::TooManyRequests { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
-            Self::Unavailable(_) => {
+            Self::Unavailable(_) | Self::NotCaughtUp(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
             _ => {}
@@ -152,6 +160,9 @@ impl<E: std::error::Error + Send + Sync + 'static> From<CommandError<E>> for Api
         match error {
             CommandError::Refused(refusal) => Self::Unprocessable(refusal.to_string()),
             conflict @ CommandError::Conflict { .. } => Self::Conflict(conflict.to_string()),
+            mismatch @ CommandError::VersionMismatch { .. } => {
+                Self::PreconditionFailed(mismatch.to_string())
+            }
             CommandError::Store(error) => error.into(),
         }
     }

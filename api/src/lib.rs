@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 pub mod auth;
+pub mod consistency;
 pub mod error;
 pub mod extract;
 mod routes;

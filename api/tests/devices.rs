@@ -33,6 +33,11 @@ struct Platform {
 
 impl Platform {
     async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    /// `projections: false` leaves the read models behind, as a lagging projection would.
+    async fn start_with(projections: bool) -> Self {
         let db = TestDatabase::create().await;
         let nats = NatsServer::start();
         let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
@@ -44,12 +49,14 @@ impl Platform {
         tokio::spawn(
             Relay::new(db.pool.clone(), client.clone(), relay_settings).run(shutdown.clone()),
         );
-        tokio::spawn(run_all(
-            db.pool.clone(),
-            async_nats::jetstream::new(client),
-            WorkerSettings::default(),
-            shutdown.clone(),
-        ));
+        if projections {
+            tokio::spawn(run_all(
+                db.pool.clone(),
+                async_nats::jetstream::new(client),
+                WorkerSettings::default(),
+                shutdown.clone(),
+            ));
+        }
         let auth = Auth::new(
             &SecretString::from("a test secret that is long enough to sign"),
             Duration::from_secs(300),
@@ -88,10 +95,25 @@ impl Platform {
         token: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        let (status, _, body) = self.call_with(method, path, token, body, &[]).await;
+        (status, body)
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         let body = match body {
             Some(body) => {
                 request = request.header(header::CONTENT_TYPE, "application/json");
@@ -106,13 +128,12 @@ impl Platform {
             .await
             .unwrap();
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
             .await
             .unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, body)
     }
 
     async fn create(&self, token: &str, id: &str) -> (StatusCode, Value) {
@@ -433,4 +454,89 @@ async fn pages_stay_stable_while_devices_are_added() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {problem}");
         assert_eq!(problem["status"], 400);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_wait_for_their_writes_and_writes_can_be_conditional() {
+    let platform = Platform::start().await;
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let (_, created) = platform.create(&operator, "d1").await;
+    let position = created["global_position"].as_i64().unwrap();
+
+    // No polling: the query itself waits for the projection to reach the write.
+    let path = format!("/api/v1/devices/d1?min_position={position}");
+    let (status, headers, device) = platform
+        .call_with(Method::GET, &path, &operator, None, &[])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{device}");
+    assert_eq!(device["name"], "Device d1");
+    let etag = headers[header::ETAG].to_str().unwrap().to_string();
+    assert_eq!(etag, format!("\"{}\"", created["version"]));
+
+    let rename = |name: &str| Some(json!({"name": name}));
+    let (status, _, renamed) = platform
+        .call_with(
+            Method::PATCH,
+            "/api/v1/devices/d1",
+            &operator,
+            rename("First"),
+            &[("if-match", &etag)],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{renamed}");
+    // The same tag again is stale now: 412, nothing written.
+    let (status, _, stale) = platform
+        .call_with(
+            Method::PATCH,
+            "/api/v1/devices/d1",
+            &operator,
+            rename("Second"),
+            &[("if-match", &etag)],
+        )
+        .await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{stale}");
+    let list = format!(
+        "/api/v1/devices?min_position={}",
+        renamed["global_position"]
+    );
+    let (_, page) = platform.call(Method::GET, &list, &operator, None).await;
+    assert_eq!(page["items"][0]["name"], "First");
+    let (status, _, _) = platform
+        .call_with(
+            Method::PATCH,
+            "/api/v1/devices/d1",
+            &operator,
+            rename("x"),
+            &[("if-match", "soon")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = platform
+        .call(
+            Method::GET,
+            "/api/v1/devices/d1?min_position=999999",
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_that_lags_answers_503_with_retry_after() {
+    let platform = Platform::start_with(false).await;
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let (status, created) = platform.create(&operator, "d1").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let path = format!(
+        "/api/v1/devices/d1?min_position={}",
+        created["global_position"]
+    );
+    let started = Instant::now();
+    let (status, headers, problem) = platform
+        .call_with(Method::GET, &path, &operator, None, &[])
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    assert!(started.elapsed() >= fleetlog_api::consistency::MAX_WAIT);
 }

@@ -48,6 +48,14 @@ pub enum CommandError<E: std::error::Error + 'static> {
         /// How many times the command was tried.
         attempts: u32,
     },
+    /// A conditional command found the aggregate at another version than the caller expected.
+    #[error("the aggregate is at version {actual}, not {expected}")]
+    VersionMismatch {
+        /// The version the caller expected.
+        expected: u64,
+        /// The version it is at.
+        actual: u64,
+    },
     /// The event store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

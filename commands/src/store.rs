@@ -169,11 +169,25 @@ where
         command: A::Command,
         metadata: &CommandMetadata,
     ) -> Result<Committed, CommandError<A::Error>> {
+        self.execute_if(aggregate_id, command, metadata, None).await
+    }
+
+    /// Like [`execute`](Self::execute), but only if the aggregate is at `expected_version`
+    /// when the command is decided (a conditional write, HTTP `If-Match`). Sound without locks:
+    /// the append itself fails if another writer moved the aggregate meanwhile, and the retry
+    /// then sees the new version.
+    pub async fn execute_if(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        metadata: &CommandMetadata,
+        expected_version: Option<u64>,
+    ) -> Result<Committed, CommandError<A::Error>> {
         let metadata = metadata.to_map();
         let mut attempt = 1;
         loop {
             match self
-                .try_execute(aggregate_id, command.clone(), &metadata)
+                .try_execute(aggregate_id, command.clone(), &metadata, expected_version)
                 .await?
             {
                 Some(committed) => return Ok(committed),
@@ -211,6 +225,7 @@ where
         aggregate_id: &str,
         command: A::Command,
         metadata: &HashMap<String, String>,
+        expected_version: Option<u64>,
     ) -> Result<Option<Committed>, CommandError<A::Error>> {
         let slot = self.slot(aggregate_id);
         let mut cached = slot.lock().await;
@@ -218,6 +233,11 @@ where
             Some(loaded) => loaded,
             None => self.load(aggregate_id).await?,
         };
+        if let Some(expected) = expected_version.filter(|v| *v != loaded.version) {
+            let actual = loaded.version;
+            *cached = Some(loaded);
+            return Err(CommandError::VersionMismatch { expected, actual });
+        }
 
         let sink = EventSink::default();
         let decision = loaded

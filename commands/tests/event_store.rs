@@ -447,3 +447,32 @@ async fn the_cqrs_es_framework_runs_on_the_store() {
         .unwrap();
     assert_eq!(next.version, 4);
 }
+
+#[tokio::test]
+async fn conditional_commands_need_the_expected_version() {
+    let db = TestDatabase::create().await;
+    let devices = store(&db.pool, StoreSettings::default());
+    devices
+        .execute(DEVICE, register(), &metadata())
+        .await
+        .unwrap();
+    let stale = devices
+        .execute_if(DEVICE, heartbeat(1), &metadata(), Some(7))
+        .await;
+    assert!(
+        matches!(
+            stale,
+            Err(CommandError::VersionMismatch {
+                expected: 7,
+                actual: 1
+            })
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(event_count(&db.pool).await, 1);
+    let current = devices
+        .execute_if(DEVICE, heartbeat(1), &metadata(), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(current.version, 3);
+}

@@ -5,7 +5,9 @@
 //! Device commands, checked against the aggregate's tenant first.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::header::ETAG;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -19,6 +21,7 @@ use serde_json::{Map, Value};
 use sqlx::{FromRow, QueryBuilder};
 
 use crate::auth::Caller;
+use crate::consistency::{if_match, wait_for_position};
 use crate::error::ApiError;
 use crate::extract::{Json, Query};
 use crate::AppState;
@@ -26,6 +29,8 @@ use crate::AppState;
 const WRITERS: &[Role] = &[Role::Admin, Role::Operator];
 const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer];
 const MAX_PAGE: i64 = 200;
+/// The projection behind every read here.
+const PROJECTION: &str = "devices";
 
 /// The routes.
 pub fn router() -> Router<AppState> {
@@ -76,19 +81,22 @@ async fn owned_device(
     Ok(device)
 }
 
-/// Runs a command on a device of the caller's tenant.
+/// Runs a command on a device of the caller's tenant, conditionally if the request carries
+/// `If-Match`.
 async fn execute(
     state: &AppState,
     caller: &Caller,
+    headers: &HeaderMap,
     id: &DeviceId,
     command: DeviceCommand,
 ) -> Result<Committed, ApiError> {
     caller.require(WRITERS)?;
+    let expected = if_match(headers)?;
     owned_device(state, caller, id).await?;
     Ok(state
         .bus
         .devices()
-        .execute(id.as_str(), command, &metadata(caller))
+        .execute_if(id.as_str(), command, &metadata(caller), expected)
         .await?)
 }
 
@@ -194,6 +202,8 @@ const DEVICE_COLUMNS: &str = "device_id, tenant, owner, name, model, tags, lifec
 struct ShowQuery {
     /// Fold the device's events up to this instant instead of reading the live model.
     at: Option<DateTime<Utc>>,
+    /// Wait until the read model has applied the event at this position (read-your-writes).
+    min_position: Option<i64>,
 }
 
 async fn show(
@@ -201,11 +211,14 @@ async fn show(
     caller: Caller,
     Path(id): Path<String>,
     Query(query): Query<ShowQuery>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(READERS)?;
     let id = parse_id(&id)?;
     if let Some(at) = query.at {
-        return Ok(axum::Json(as_of(&state, &caller, &id, at).await?));
+        return Ok(axum::Json(as_of(&state, &caller, &id, at).await?).into_response());
+    }
+    if let Some(position) = query.min_position {
+        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
     }
     let device: Option<DeviceView> = sqlx::query_as(&format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1 AND tenant = $2"
@@ -215,9 +228,9 @@ async fn show(
     .fetch_optional(state.bus.pool())
     .await?;
     let device = device.ok_or(ApiError::NotFound("device"))?;
-    serde_json::to_value(device)
-        .map(axum::Json)
-        .map_err(|error| ApiError::Internal(Box::new(error)))
+    // The version as entity tag: send it back in If-Match to write only if nothing changed.
+    let etag = format!("\"{}\"", device.last_sequence);
+    Ok(([(ETAG, etag)], axum::Json(device)).into_response())
 }
 
 /// The device as it stood at `at`: its events recorded until then, folded.
@@ -274,6 +287,8 @@ struct ListQuery {
     /// From the `next_cursor` of the previous page.
     cursor: Option<String>,
     limit: Option<i64>,
+    /// Wait until the read model has applied the event at this position (read-your-writes).
+    min_position: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -290,6 +305,9 @@ async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<axum::Json<Page>, ApiError> {
     caller.require(READERS)?;
+    if let Some(position) = query.min_position {
+        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+    }
     let limit = query.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -396,6 +414,7 @@ struct UpdateDevice {
 async fn update(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Json(request): Json<UpdateDevice>,
 ) -> Result<axum::Json<WriteResult>, ApiError> {
@@ -406,13 +425,14 @@ async fn update(
         tags: request.tags,
         at: Utc::now(),
     };
-    let committed = execute(&state, &caller, &id, command).await?;
+    let committed = execute(&state, &caller, &headers, &id, command).await?;
     Ok(written(id.as_str(), committed))
 }
 
 async fn decommission(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<axum::Json<WriteResult>, ApiError> {
     let id = parse_id(&id)?;
@@ -420,13 +440,14 @@ async fn decommission(
         reason: format!("decommissioned by {}", caller.actor()),
         at: Utc::now(),
     };
-    let committed = execute(&state, &caller, &id, command).await?;
+    let committed = execute(&state, &caller, &headers, &id, command).await?;
     Ok(written(id.as_str(), committed))
 }
 
 async fn set_desired(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Json(properties): Json<Map<String, Value>>,
 ) -> Result<axum::Json<WriteResult>, ApiError> {
@@ -435,7 +456,7 @@ async fn set_desired(
         properties,
         at: Utc::now(),
     };
-    let committed = execute(&state, &caller, &id, command).await?;
+    let committed = execute(&state, &caller, &headers, &id, command).await?;
     Ok(written(id.as_str(), committed))
 }
 
@@ -463,6 +484,7 @@ struct Accepted {
 async fn issue_command(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Json(request): Json<IssueCommand>,
 ) -> Result<(StatusCode, axum::Json<Accepted>), ApiError> {
@@ -481,7 +503,7 @@ async fn issue_command(
         issued_at: now,
         expires_at: now + chrono::Duration::seconds(ttl),
     };
-    let committed = execute(&state, &caller, &id, command).await?;
+    let committed = execute(&state, &caller, &headers, &id, command).await?;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(Accepted {
@@ -504,12 +526,23 @@ struct CommandView {
     result: Option<Value>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsistentQuery {
+    /// Wait until the read model has applied the event at this position (read-your-writes).
+    min_position: Option<i64>,
+}
+
 async fn command_status(
     State(state): State<AppState>,
     caller: Caller,
     Path((id, command_id)): Path<(String, String)>,
+    Query(query): Query<ConsistentQuery>,
 ) -> Result<axum::Json<CommandView>, ApiError> {
     caller.require(READERS)?;
+    if let Some(position) = query.min_position {
+        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+    }
     let command: Option<CommandView> = sqlx::query_as(
         "SELECT c.device_id, c.command_id, c.name, c.params, c.status, c.issued_at, c.expires_at,
                 c.finished_at, c.result

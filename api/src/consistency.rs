@@ -1,0 +1,72 @@
+//! Read-your-writes and conditional writes.
+//!
+//! Every write answers with the aggregate's `version` and the `global_position` of its last
+//! event. A query may pass `min_position`: it then waits, up to [`MAX_WAIT`], until the read
+//! model it reads has applied the event at that position, else answers 503 with Retry-After.
+//! A write may pass `If-Match: "<version>"` (the `ETag` of a read): it is refused with 412 if
+//! the aggregate moved on.
+
+use std::time::{Duration, Instant};
+
+use axum::http::header::IF_MATCH;
+use axum::http::HeaderMap;
+use sqlx::PgPool;
+
+use crate::error::ApiError;
+
+/// The longest a query waits for its read model.
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until `projection` has applied the event at `position`.
+pub async fn wait_for_position(
+    pool: &PgPool,
+    projection: &str,
+    position: i64,
+) -> Result<(), ApiError> {
+    let event: Option<(String, String, i64)> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence FROM events WHERE global_position = $1",
+    )
+    .bind(position)
+    .fetch_optional(pool)
+    .await?;
+    let Some((aggregate_type, aggregate_id, sequence)) = event else {
+        return Err(ApiError::BadRequest(format!(
+            "min_position {position} names no event"
+        )));
+    };
+    let deadline = Instant::now() + MAX_WAIT;
+    loop {
+        let applied: Option<i64> = sqlx::query_scalar(
+            "SELECT last_sequence FROM projection_positions
+              WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+        )
+        .bind(projection)
+        .bind(&aggregate_type)
+        .bind(&aggregate_id)
+        .fetch_optional(pool)
+        .await?;
+        if applied.is_some_and(|applied| applied >= sequence) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::NotCaughtUp(position));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The version named by `If-Match: "<version>"`, if the header is there.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(IF_MATCH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .map(|v| v.trim().trim_matches('"'))
+        .and_then(|v| v.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::BadRequest("If-Match must be an entity tag like \"7\" (a version)".into())
+        })
+}
