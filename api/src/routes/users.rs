@@ -1,18 +1,34 @@
-//! `/api/v1/users`.
+//! `/api/v1/users`: the caller (`me`) and, for admins, the users of their tenant.
 
-use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
-use fleetlog_domain::user::Role;
-use serde::Serialize;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use fleetlog_commands::credentials::hash_password;
+use fleetlog_commands::{CommandError, CommandMetadata, Committed};
+use fleetlog_domain::user::{Role, User, UserCommand, UserError};
+use fleetlog_domain::UserId;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
 
 use crate::auth::Caller;
+use crate::consistency::wait_for_position;
 use crate::error::ApiError;
+use crate::extract::{Json, Query};
 use crate::AppState;
+
+const ADMIN: &[Role] = &[Role::Admin];
 
 /// The routes.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/me", get(me))
+    Router::new()
+        .route("/me", get(me))
+        .route("/", get(list).post(create))
+        .route("/{id}/roles", post(grant_role))
+        .route("/{id}/roles/{role}", delete(revoke_role))
+        .route("/{id}/disable", post(disable))
 }
 
 /// A user as the API shows it: never a secret.
@@ -25,7 +41,10 @@ struct UserView {
     disabled: bool,
 }
 
-async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<UserView>, ApiError> {
+async fn me(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<UserView>, ApiError> {
     let user = state
         .bus
         .users()
@@ -35,11 +54,183 @@ async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<UserVi
     if user.tenant.as_ref() != Some(&caller.tenant) {
         return Err(ApiError::NotFound("user"));
     }
-    Ok(Json(UserView {
+    Ok(axum::Json(UserView {
         user_id: caller.user_id.to_string(),
         tenant: caller.tenant.to_string(),
         username: user.username,
         roles: user.roles,
         disabled: user.disabled,
     }))
+}
+
+#[derive(Serialize, FromRow)]
+struct UserRow {
+    user_id: String,
+    username: String,
+    roles: Vec<String>,
+    disabled: bool,
+    last_login_at: Option<DateTime<Utc>>,
+    registered_at: DateTime<Utc>,
+    #[serde(rename = "version")]
+    last_sequence: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Wait until the users model has applied the event at this position.
+    min_position: Option<i64>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<axum::Json<Vec<UserRow>>, ApiError> {
+    caller.require(ADMIN)?;
+    if let Some(position) = query.min_position {
+        wait_for_position(state.bus.pool(), "users", position).await?;
+    }
+    let users = sqlx::query_as(
+        "SELECT user_id, username, roles, disabled, last_login_at, registered_at, last_sequence
+           FROM users WHERE tenant = $1 ORDER BY username",
+    )
+    .bind(caller.tenant.as_str())
+    .fetch_all(state.bus.pool())
+    .await?;
+    Ok(axum::Json(users))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUser {
+    username: String,
+    password: String,
+    roles: Vec<Role>,
+}
+
+#[derive(Serialize)]
+struct Written {
+    user_id: String,
+    version: u64,
+    global_position: Option<i64>,
+}
+
+fn written(user_id: &UserId, committed: Committed) -> axum::Json<Written> {
+    axum::Json(Written {
+        user_id: user_id.to_string(),
+        version: committed.version,
+        global_position: committed.global_position,
+    })
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(request): Json<CreateUser>,
+) -> Result<(StatusCode, axum::Json<Written>), ApiError> {
+    caller.require(ADMIN)?;
+    let password = SecretString::from(request.password);
+    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|error| ApiError::Internal(Box::new(error)))?
+        .map_err(|error| ApiError::Unprocessable(error.to_string()))?;
+    let user_id = UserId::for_username(&caller.tenant, &request.username);
+    let register = UserCommand::Register {
+        tenant: caller.tenant.clone(),
+        username: request.username,
+        password_hash,
+        roles: request.roles,
+        at: Utc::now(),
+    };
+    let metadata = CommandMetadata::new(caller.actor()).with_tenant(caller.tenant.clone());
+    match state
+        .bus
+        .users()
+        .execute(user_id.as_str(), register, &metadata)
+        .await
+    {
+        Ok(committed) => Ok((StatusCode::CREATED, written(&user_id, committed))),
+        Err(CommandError::Refused(UserError::AlreadyRegistered)) => {
+            Err(ApiError::Conflict("username is taken".into()))
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Runs an admin command on a user of the caller's tenant.
+async fn administer(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    command: UserCommand,
+) -> Result<axum::Json<Written>, ApiError> {
+    caller.require(ADMIN)?;
+    let user_id = UserId::parse(id).map_err(|_| ApiError::NotFound("user"))?;
+    let user: User = state.bus.users().current(user_id.as_str()).await?.aggregate;
+    if user.id.is_none() || user.tenant.as_ref() != Some(&caller.tenant) {
+        return Err(ApiError::NotFound("user"));
+    }
+    let metadata = CommandMetadata::new(caller.actor()).with_tenant(caller.tenant.clone());
+    let committed = state
+        .bus
+        .users()
+        .execute(user_id.as_str(), command, &metadata)
+        .await?;
+    Ok(written(&user_id, committed))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantRole {
+    role: Role,
+}
+
+async fn grant_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(request): Json<GrantRole>,
+) -> Result<axum::Json<Written>, ApiError> {
+    let command = UserCommand::GrantRole {
+        role: request.role,
+        at: Utc::now(),
+    };
+    administer(&state, &caller, &id, command).await
+}
+
+async fn revoke_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, role)): Path<(String, String)>,
+) -> Result<axum::Json<Written>, ApiError> {
+    let role: Role = role
+        .parse()
+        .map_err(|error: fleetlog_domain::user::UnknownRole| {
+            ApiError::BadRequest(error.to_string())
+        })?;
+    let command = UserCommand::RevokeRole {
+        role,
+        at: Utc::now(),
+    };
+    administer(&state, &caller, &id, command).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Disable {
+    reason: String,
+}
+
+async fn disable(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(request): Json<Disable>,
+) -> Result<axum::Json<Written>, ApiError> {
+    let command = UserCommand::Disable {
+        reason: request.reason,
+        at: Utc::now(),
+    };
+    administer(&state, &caller, &id, command).await
 }

@@ -1,0 +1,176 @@
+//! The platform behind the router for API tests: real Postgres, nats-server, relay and
+//! projection workers, and tokens minted for any tenant and role.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use chrono::Utc;
+use fleetlog_api::auth::{Auth, Caller};
+use fleetlog_api::{router, AppState};
+use fleetlog_commands::{CommandBus, StoreSettings};
+use fleetlog_domain::user::Role;
+use fleetlog_domain::{SessionId, TenantId, UserId};
+use fleetlog_nats::{Relay, RelaySettings};
+use fleetlog_projections::{run_all, WorkerSettings};
+use fleetlog_testkit::{NatsServer, TestDatabase};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+pub struct Platform {
+    pub router: Router,
+    auth: std::sync::Arc<Auth>,
+    pub pool: PgPool,
+    shutdown: CancellationToken,
+    _nats: NatsServer,
+    _db: TestDatabase,
+}
+
+impl Platform {
+    pub async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    /// `projections: false` leaves the read models behind, as a lagging projection would.
+    pub async fn start_with(projections: bool) -> Self {
+        let db = TestDatabase::create().await;
+        let nats = NatsServer::start();
+        let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let relay_settings = RelaySettings {
+            poll_interval: Duration::from_millis(50),
+            ..RelaySettings::default()
+        };
+        tokio::spawn(
+            Relay::new(db.pool.clone(), client.clone(), relay_settings).run(shutdown.clone()),
+        );
+        if projections {
+            tokio::spawn(run_all(
+                db.pool.clone(),
+                async_nats::jetstream::new(client),
+                WorkerSettings::default(),
+                shutdown.clone(),
+            ));
+        }
+        let auth = Auth::new(
+            &SecretString::from("a test secret that is long enough to sign"),
+            Duration::from_secs(300),
+            Duration::from_secs(3600),
+        );
+        let state = AppState {
+            auth: auth.clone(),
+            bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+            metrics: None,
+        };
+        Self {
+            router: router(state),
+            auth,
+            pool: db.pool.clone(),
+            shutdown,
+            _nats: nats,
+            _db: db,
+        }
+    }
+
+    pub fn token(&self, tenant: &str, username: &str, role: Role) -> String {
+        let tenant = TenantId::parse(tenant).unwrap();
+        let caller = Caller {
+            user_id: UserId::for_username(&tenant, username),
+            tenant,
+            session_id: SessionId::parse("s1").unwrap(),
+            roles: vec![role],
+        };
+        self.auth.access_token(&caller, Utc::now()).unwrap()
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (status, _, body) = self.call_with(method, path, token, body, &[]).await;
+        (status, body)
+    }
+
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(body.to_string())
+            }
+            None => Body::empty(),
+        };
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    pub async fn create(&self, token: &str, id: &str) -> (StatusCode, Value) {
+        self.call(
+            Method::POST,
+            "/api/v1/devices",
+            token,
+            Some(json!({"device_id": id, "name": format!("Device {id}"), "model": "thermo", "tags": ["lab"]})),
+        )
+        .await
+    }
+
+    /// Waits until the devices read model has applied the device's events up to `version`.
+    pub async fn wait_for(&self, id: &str, version: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT last_sequence FROM devices WHERE device_id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .unwrap();
+            if applied.is_some_and(|a| a as u64 >= version) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "read model never reached {id}@{version}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,120 @@
+//! User administration through the real router: admins only, within their own tenant.
+
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::Platform;
+use fleetlog_domain::user::Role;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_manage_the_users_of_their_tenant_only() {
+    let platform = Platform::start().await;
+    let admin = platform.token("acme", "ann", Role::Admin);
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let stranger = platform.token("globex", "gus", Role::Admin);
+
+    let create = |token: String, username: &str| {
+        let body =
+            json!({"username": username, "password": "long enough pass", "roles": ["viewer"]});
+        let platform = &platform;
+        async move {
+            platform
+                .call(Method::POST, "/api/v1/users", &token, Some(body))
+                .await
+        }
+    };
+    let (status, created) = create(admin.clone(), "bob").await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let bob = created["user_id"].as_str().unwrap().to_string();
+    let (status, _) = create(admin.clone(), "BOB").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = create(operator.clone(), "carl").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, weak) = platform
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            &admin,
+            Some(json!({"username": "dora", "password": "short", "roles": ["viewer"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{weak}");
+
+    let (status, granted) = platform
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{bob}/roles"),
+            &admin,
+            Some(json!({"role": "operator"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{granted}");
+    let (status, _) = platform
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/users/{bob}/roles/viewer"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = platform
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/users/{bob}/roles/root"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Another tenant's admin cannot see or touch bob.
+    for (method, path, body) in [
+        (
+            Method::POST,
+            format!("/api/v1/users/{bob}/roles"),
+            Some(json!({"role": "admin"})),
+        ),
+        (
+            Method::DELETE,
+            format!("/api/v1/users/{bob}/roles/operator"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/users/{bob}/disable"),
+            Some(json!({"reason": "mine"})),
+        ),
+    ] {
+        let (status, _) = platform.call(method, &path, &stranger, body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+
+    let (status, disabled) = platform
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{bob}/disable"),
+            &admin,
+            Some(json!({"reason": "left"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let path = format!("/api/v1/users?min_position={}", disabled["global_position"]);
+    let (status, users) = platform.call(Method::GET, &path, &admin, None).await;
+    assert_eq!(status, StatusCode::OK, "{users}");
+    let users = users.as_array().unwrap();
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0]["username"], "bob");
+    assert_eq!(users[0]["roles"], json!(["operator"]));
+    assert_eq!(users[0]["disabled"], true);
+    assert!(!Value::Array(users.clone()).to_string().contains("argon2"));
+    let (_, theirs) = platform
+        .call(Method::GET, "/api/v1/users", &stranger, None)
+        .await;
+    assert_eq!(theirs, json!([]));
+    let (status, _) = platform
+        .call(Method::GET, "/api/v1/users", &operator, None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
