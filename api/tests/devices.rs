@@ -378,3 +378,130 @@ async fn a_read_model_that_lags_answers_503_with_retry_after() {
     assert_eq!(headers[header::RETRY_AFTER], "1");
     assert!(started.elapsed() >= fleetlog_api::consistency::MAX_WAIT);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_and_telemetry_of_a_device() {
+    use fleetlog_commands::CommandMetadata;
+    use fleetlog_domain::device::{DeviceCommand, Reading};
+
+    let platform = Platform::start().await;
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let stranger = platform.token("globex", "gus", Role::Admin);
+    platform.create(&operator, "d1").await;
+    let start = chrono::DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let mut position = 0;
+    for n in 0..6_i64 {
+        let at = start + chrono::Duration::seconds(10 * n);
+        let telemetry = DeviceCommand::RecordTelemetry {
+            digest: format!("m{n}"),
+            readings: vec![Reading {
+                sensor: "temperature".into(),
+                value: (n + 1) as f64,
+                unit: Some("celsius".into()),
+                timestamp: Some(at),
+            }],
+            device_time: Some(at),
+            received_at: at,
+            location: None,
+            status: Default::default(),
+        };
+        let committed = platform
+            .bus
+            .devices()
+            .execute("d1", telemetry, &CommandMetadata::new("device:d1"))
+            .await
+            .unwrap();
+        position = committed.global_position.unwrap();
+    }
+
+    let range = "from=2026-03-01T12:00:00Z&to=2026-03-01T13:00:00Z";
+    let path =
+        format!("/api/v1/devices/d1/telemetry?{range}&sensor=temperature&min_position={position}");
+    let (status, raw) = platform.call(Method::GET, &path, &operator, None).await;
+    assert_eq!(status, StatusCode::OK, "{raw}");
+    let values: Vec<f64> = raw
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let path = format!("/api/v1/devices/d1/telemetry?{range}&bucket_secs=30");
+    let (status, buckets) = platform.call(Method::GET, &path, &operator, None).await;
+    assert_eq!(status, StatusCode::OK, "{buckets}");
+    assert_eq!(
+        buckets,
+        json!([
+            {"sensor": "temperature", "bucket": "2026-03-01T12:00:00Z", "min": 1.0, "max": 3.0, "avg": 2.0, "count": 3},
+            {"sensor": "temperature", "bucket": "2026-03-01T12:00:30Z", "min": 4.0, "max": 6.0, "avg": 5.0, "count": 3}
+        ])
+    );
+    let (status, _) = platform
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/d1/telemetry?{range}&bucket_secs=0"),
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = platform
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/d1/telemetry?{range}"),
+            &stranger,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // History, paged, with who did what; the credential hash is never shown.
+    let (status, first) = platform
+        .call(
+            Method::GET,
+            "/api/v1/devices/d1/events?limit=3",
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let types: Vec<&str> = first["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "DeviceRegistered",
+            "DeviceCredentialsRotated",
+            "DeviceCameOnline"
+        ]
+    );
+    assert!(first["items"][1]["payload"]["DeviceCredentialsRotated"]
+        .get("secret_hash")
+        .is_none());
+    assert!(first["items"][0]["actor"]
+        .as_str()
+        .unwrap()
+        .starts_with("user:"));
+    assert!(first["items"][0]["correlation_id"].is_string());
+    let next = first["next_after"].as_i64().unwrap();
+    let (_, rest) = platform
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/d1/events?after={next}&type=TelemetryRecorded"),
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(rest["items"].as_array().unwrap().len(), 6);
+    assert!(rest["next_after"].is_null());
+    let (status, _) = platform
+        .call(Method::GET, "/api/v1/devices/d1/events", &stranger, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

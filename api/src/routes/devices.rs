@@ -40,6 +40,8 @@ pub fn router() -> Router<AppState> {
         .route("/{id}/desired", put(set_desired))
         .route("/{id}/commands", post(issue_command))
         .route("/{id}/commands/{command_id}", get(command_status))
+        .route("/{id}/events", get(events))
+        .route("/{id}/telemetry", get(telemetry))
 }
 
 /// What a write returns: where the aggregate and the event log stand afterwards, so a client
@@ -555,4 +557,182 @@ async fn command_status(
     .fetch_optional(state.bus.pool())
     .await?;
     command.map(axum::Json).ok_or(ApiError::NotFound("command"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Only events after this sequence (the `next_after` of the previous page).
+    after: Option<i64>,
+    /// Only events of this type.
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize, FromRow)]
+struct EventView {
+    sequence: i64,
+    global_position: i64,
+    event_type: String,
+    event_version: String,
+    recorded_at: DateTime<Utc>,
+    actor: Option<String>,
+    correlation_id: Option<String>,
+    payload: Value,
+}
+
+#[derive(Serialize)]
+struct EventPage {
+    items: Vec<EventView>,
+    next_after: Option<i64>,
+}
+
+/// The device's history, oldest first, a page at a time.
+async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> Result<axum::Json<EventPage>, ApiError> {
+    caller.require(READERS)?;
+    let id = parse_id(&id)?;
+    owned_device(&state, &caller, &id).await?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
+    }
+    let mut items: Vec<EventView> = sqlx::query_as(
+        "SELECT sequence, global_position, event_type, event_version, recorded_at,
+                metadata ->> 'actor' AS actor, metadata ->> 'correlation_id' AS correlation_id,
+                payload::jsonb AS payload
+           FROM events
+          WHERE aggregate_type = 'device' AND aggregate_id = $1 AND sequence > $2
+            AND ($3::text IS NULL OR event_type = $3)
+          ORDER BY sequence LIMIT $4",
+    )
+    .bind(id.as_str())
+    .bind(query.after.unwrap_or(0))
+    .bind(query.event_type)
+    .bind(limit + 1)
+    .fetch_all(state.bus.pool())
+    .await?;
+    let next_after = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|e| e.sequence)
+    } else {
+        None
+    };
+    for item in &mut items {
+        // The hash of the device's secret is the one thing the history does not show.
+        if let Some(rotated) = item.payload.get_mut("DeviceCredentialsRotated") {
+            if let Some(fields) = rotated.as_object_mut() {
+                fields.remove("secret_hash");
+            }
+        }
+    }
+    Ok(axum::Json(EventPage { items, next_after }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryQuery {
+    /// Only this sensor.
+    sensor: Option<String>,
+    /// From this instant (inclusive; default: 24 hours before `to`).
+    from: Option<DateTime<Utc>>,
+    /// Up to this instant (exclusive; default: now).
+    to: Option<DateTime<Utc>>,
+    /// Aggregate into buckets of this many seconds (min, max, avg, count per bucket).
+    bucket_secs: Option<i64>,
+    limit: Option<i64>,
+    /// Wait until the telemetry model has applied the event at this position.
+    min_position: Option<i64>,
+}
+
+#[derive(Serialize, FromRow)]
+struct Sample {
+    sensor: String,
+    time: DateTime<Utc>,
+    value: f64,
+    unit: Option<String>,
+}
+
+#[derive(Serialize, FromRow)]
+struct Bucket {
+    sensor: String,
+    bucket: DateTime<Utc>,
+    min: f64,
+    max: f64,
+    avg: f64,
+    count: i64,
+}
+
+/// Readings of the device over a time range, raw or bucketed.
+async fn telemetry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<TelemetryQuery>,
+) -> Result<axum::Json<Value>, ApiError> {
+    caller.require(READERS)?;
+    let id = parse_id(&id)?;
+    owned_device(&state, &caller, &id).await?;
+    if let Some(position) = query.min_position {
+        wait_for_position(state.bus.pool(), "telemetry", position).await?;
+    }
+    let to = query.to.unwrap_or_else(Utc::now);
+    let from = query.from.unwrap_or(to - chrono::Duration::hours(24));
+    if from >= to {
+        return Err(ApiError::BadRequest("from must be before to".into()));
+    }
+    let limit = query.limit.unwrap_or(1000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be 1 to 10000".into()));
+    }
+    let pool = state.bus.pool();
+    let body = match query.bucket_secs {
+        None => {
+            let samples: Vec<Sample> = sqlx::query_as(
+                "SELECT sensor, time, value, unit FROM telemetry
+                  WHERE device_id = $1 AND ($2::text IS NULL OR sensor = $2)
+                    AND time >= $3 AND time < $4
+                  ORDER BY sensor, time LIMIT $5",
+            )
+            .bind(id.as_str())
+            .bind(&query.sensor)
+            .bind(from)
+            .bind(to)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            serde_json::to_value(samples)
+        }
+        Some(seconds) if (1..=31 * 86_400).contains(&seconds) => {
+            let buckets: Vec<Bucket> = sqlx::query_as(
+                "SELECT sensor, date_bin(make_interval(secs => $5), time, $3) AS bucket,
+                        min(value) AS min, max(value) AS max, avg(value) AS avg, count(*) AS count
+                   FROM telemetry
+                  WHERE device_id = $1 AND ($2::text IS NULL OR sensor = $2)
+                    AND time >= $3 AND time < $4
+                  GROUP BY sensor, bucket ORDER BY sensor, bucket LIMIT $6",
+            )
+            .bind(id.as_str())
+            .bind(&query.sensor)
+            .bind(from)
+            .bind(to)
+            .bind(seconds as f64)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            serde_json::to_value(buckets)
+        }
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "bucket_secs must be 1 to 2678400 (31 days)".into(),
+            ))
+        }
+    };
+    body.map(axum::Json)
+        .map_err(|error| ApiError::Internal(Box::new(error)))
 }

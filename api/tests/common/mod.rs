@@ -27,6 +27,8 @@ pub struct Platform {
     pub router: Router,
     auth: std::sync::Arc<Auth>,
     pub pool: PgPool,
+    /// A write side of its own, as another process of the platform would have.
+    pub bus: CommandBus,
     shutdown: CancellationToken,
     _nats: NatsServer,
     _db: TestDatabase,
@@ -72,6 +74,7 @@ impl Platform {
             router: router(state),
             auth,
             pool: db.pool.clone(),
+            bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
             shutdown,
             _nats: nats,
             _db: db,
