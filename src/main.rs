@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fleetlog_api::auth::Auth;
+use fleetlog_api::HttpSettings;
 use fleetlog_commands::credentials::hash_password;
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata, StoreSettings};
 use fleetlog_domain::user::{validate_username, Role, UserCommand};
@@ -215,6 +216,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = connect(&settings).await?;
             serve_api(
                 settings.http_addr,
+                settings.http()?,
+                settings.nats_url.clone(),
                 auth,
                 settings.store(),
                 pool,
@@ -312,6 +315,8 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     ));
     roles.spawn(serve_api(
         settings.http_addr,
+        settings.http()?,
+        settings.nats_url.clone(),
         auth,
         settings.store(),
         pool.clone(),
@@ -342,8 +347,11 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// The API role.
+#[allow(clippy::too_many_arguments)]
 async fn serve_api(
     address: SocketAddr,
+    http: HttpSettings,
+    nats_url: String,
     auth: Arc<Auth>,
     store: StoreSettings,
     pool: PgPool,
@@ -353,12 +361,17 @@ async fn serve_api(
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
+    // Readiness reports on NATS too; the connection comes up in the background.
+    let nats = fleetlog_nats::connect(&nats_url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
     let state = fleetlog_api::AppState {
         auth,
+        nats: Some(nats),
         bus: CommandBus::new(pool, store),
         metrics,
     };
-    fleetlog_api::run(listener, state, shutdown.cancelled_owned())
+    fleetlog_api::run(listener, state, &http, shutdown.cancelled_owned())
         .await
         .context("api failed")
 }

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
 use clap::{Args, ValueEnum};
+use fleetlog_api::HttpSettings;
 use fleetlog_commands::StoreSettings;
 use fleetlog_nats::{RelaySettings, StreamSettings};
 use fleetlog_projections::liveness::LivenessSettings;
@@ -81,6 +83,26 @@ pub struct Settings {
         default_value_t = 30 * 24 * 3600
     )]
     pub refresh_token_ttl_secs: u64,
+
+    /// Seconds a request may take before it is answered with 408.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_HTTP_REQUEST_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub http_request_timeout_secs: u64,
+
+    /// Browser origins allowed to call the API (comma-separated, e.g.
+    /// `https://console.example.com`); empty: no CORS.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_CORS_ORIGINS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub cors_origins: Vec<String>,
 
     /// NATS server URL.
     #[arg(
@@ -228,6 +250,25 @@ impl Settings {
 }
 
 impl Settings {
+    /// The HTTP layer's limits and CORS origins.
+    pub fn http(&self) -> anyhow::Result<HttpSettings> {
+        let cors_origins = self
+            .cors_origins
+            .iter()
+            .map(|origin| origin.trim())
+            .filter(|origin| !origin.is_empty())
+            .map(|origin| {
+                HeaderValue::from_str(origin).map_err(|_| {
+                    anyhow::anyhow!("FLEETLOG_CORS_ORIGINS: {origin:?} is not a valid origin")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(HttpSettings {
+            request_timeout: Duration::from_secs(self.http_request_timeout_secs.max(1)),
+            cors_origins,
+        })
+    }
+
     /// The liveness check's tuning.
     pub fn liveness(&self) -> LivenessSettings {
         LivenessSettings {

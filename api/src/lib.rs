@@ -29,7 +29,15 @@ mod routes;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderValue};
+use axum::middleware;
+use axum::response::Response;
+use tower::util::option_layer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
 
 use crate::auth::Auth;
 use crate::error::problem;
@@ -42,14 +50,83 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct AppState {
     /// Token keys and lifetimes.
     pub auth: Arc<Auth>,
+    /// The NATS connection, when this process has one: readiness reports on it.
+    pub nats: Option<async_nats::Client>,
     /// The write side; its pool also answers readiness.
     pub bus: CommandBus,
     /// Renders the process's metrics for `GET /metrics`; `None` when no recorder is installed.
     pub metrics: Option<PrometheusHandle>,
 }
 
-/// The API's routes.
+/// Limits and cross-origin rules of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// The longest a request may take before it is answered with 408.
+    pub request_timeout: Duration,
+    /// Origins allowed to call the API from a browser; empty: no CORS headers at all.
+    pub cors_origins: Vec<HeaderValue>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// The API's routes with default HTTP settings.
 pub fn router(state: AppState) -> Router {
+    router_with(state, &HttpSettings::default())
+}
+
+/// The API's routes: request ids (`x-request-id`, generated when absent, echoed back), a span
+/// per request, timeout, CORS, body limit, and problem+json for every bare error response.
+pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
+    let cors = (!http.cors_origins.is_empty()).then(|| {
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(http.cors_origins.clone()))
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .expose_headers([header::ETAG, HeaderName::from_static("x-request-id")])
+    });
+    routes(state)
+        .layer(middleware::map_response(problem_for_bare_errors))
+        .layer(option_layer(cors))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            http.request_timeout,
+        ))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+            let request_id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Errors produced outside the handlers (timeouts, path rejections) come without a body;
+/// give them the same problem+json as everything else.
+async fn problem_for_bare_errors(response: Response) -> Response {
+    let status = response.status();
+    let bare = response.headers().get(header::CONTENT_TYPE).is_none();
+    if (status.is_client_error() || status.is_server_error()) && bare {
+        let detail = status.canonical_reason().unwrap_or("error").to_lowercase();
+        let mut replaced = problem(status, detail);
+        for (name, value) in response.headers() {
+            replaced.headers_mut().entry(name).or_insert(value.clone());
+        }
+        return replaced;
+    }
+    response
+}
+
+fn routes(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -72,10 +149,11 @@ pub fn router(state: AppState) -> Router {
 pub async fn run(
     listener: TcpListener,
     state: AppState,
+    http: &HttpSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state))
+    axum::serve(listener, router_with(state, http))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -102,22 +180,26 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(state.bus.pool());
-    match tokio::time::timeout(Duration::from_secs(2), ping).await {
-        Ok(Ok(_)) => (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "checks": {"database": "ok"}})),
-        ),
+    let database = match tokio::time::timeout(Duration::from_secs(2), ping).await {
+        Ok(Ok(_)) => "ok",
         Ok(Err(error)) => {
             tracing::warn!(%error, "readiness: database unreachable");
-            not_ready("unreachable")
+            "unreachable"
         }
-        Err(_) => not_ready("timeout"),
+        Err(_) => "timeout",
+    };
+    let mut checks = json!({"database": database});
+    if let Some(nats) = &state.nats {
+        let connected = nats.connection_state() == async_nats::connection::State::Connected;
+        checks["nats"] = json!(if connected { "ok" } else { "unreachable" });
     }
-}
-
-fn not_ready(database: &str) -> (StatusCode, Json<serde_json::Value>) {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"status": "not_ready", "checks": {"database": database}})),
-    )
+    let ready = checks
+        .as_object()
+        .is_some_and(|c| c.values().all(|v| v == "ok"));
+    let (status, word) = if ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    };
+    (status, Json(json!({"status": word, "checks": checks})))
 }

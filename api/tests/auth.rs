@@ -51,6 +51,7 @@ impl Api {
             .await
             .unwrap();
         let state = AppState {
+            nats: None,
             auth: Auth::new(
                 &SecretString::from(SECRET),
                 Duration::from_secs(300),

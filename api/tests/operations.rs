@@ -37,6 +37,7 @@ async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
 async fn health_and_readiness_with_a_live_database() {
     let db = TestDatabase::create().await;
     let state = AppState {
+        nats: None,
         auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
         metrics: None,
@@ -57,6 +58,7 @@ async fn not_ready_when_the_database_is_unreachable() {
         .connect_lazy("postgres://fleetlog:x@127.0.0.1:1/fleetlog")
         .unwrap();
     let state = AppState {
+        nats: None,
         auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: None,
@@ -81,6 +83,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
             .increment(3);
     });
     let state = AppState {
+        nats: None,
         auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: Some(handle),
@@ -100,4 +103,80 @@ async fn metrics_are_served_in_prometheus_text_format() {
         ),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn readiness_follows_nats_and_requests_carry_ids() {
+    use fleetlog_testkit::NatsServer;
+
+    let db = TestDatabase::create().await;
+    let mut nats = NatsServer::start();
+    let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
+    let state = AppState {
+        nats: Some(client.clone()),
+        auth: test_auth(),
+        bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+        metrics: None,
+    };
+    let (status, body) = get(state.clone(), "/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checks"]["nats"], "ok");
+    nats.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.connection_state() == async_nats::connection::State::Connected {
+        assert!(std::time::Instant::now() < deadline, "client never noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = get(state.clone(), "/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["nats"], "unreachable");
+
+    // A request id is made up when absent and echoed when given.
+    let response = router(state.clone())
+        .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let generated = response.headers()["x-request-id"].to_str().unwrap();
+    assert_eq!(generated.len(), 36, "a uuid: {generated}");
+    let response = router(state.clone())
+        .oneshot(
+            Request::get("/health")
+                .header("x-request-id", "req-42")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-42");
+
+    // CORS only for the configured origins.
+    let http = fleetlog_api::HttpSettings {
+        cors_origins: vec!["https://console.example".parse().unwrap()],
+        ..Default::default()
+    };
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/api/v1/devices")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let allowed = fleetlog_api::router_with(state.clone(), &http)
+        .oneshot(preflight("https://console.example"))
+        .await
+        .unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://console.example"
+    );
+    let refused = fleetlog_api::router_with(state, &http)
+        .oneshot(preflight("https://evil.example"))
+        .await
+        .unwrap();
+    assert!(refused
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
 }
