@@ -118,6 +118,15 @@ async fn readiness_follows_nats_and_requests_carry_ids() {
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
         metrics: None,
     };
+    // The client connects in the background (it never fails start-up over NATS).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.connection_state() != async_nats::connection::State::Connected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (status, body) = get(state.clone(), "/ready").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["checks"]["nats"], "ok");
