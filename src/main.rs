@@ -368,6 +368,7 @@ async fn serve_api(
     let state = fleetlog_api::AppState {
         auth,
         nats: Some(nats),
+        login_throttle: Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         bus: CommandBus::new(pool, store),
         metrics,
     };

@@ -26,6 +26,7 @@ pub mod consistency;
 pub mod error;
 pub mod extract;
 mod routes;
+pub mod throttle;
 
 use std::sync::Arc;
 
@@ -52,6 +53,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// The NATS connection, when this process has one: readiness reports on it.
     pub nats: Option<async_nats::Client>,
+    /// Limits on login attempts.
+    pub login_throttle: Arc<throttle::LoginThrottle>,
     /// The write side; its pool also answers readiness.
     pub bus: CommandBus,
     /// Renders the process's metrics for `GET /metrics`; `None` when no recorder is installed.
@@ -153,9 +156,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router_with(state, http))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router_with(state, http).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Prometheus text format: every metric the roles of this process record (projection lag and

@@ -51,6 +51,7 @@ impl Api {
             .await
             .unwrap();
         let state = AppState {
+            login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::new(5, 100)),
             nats: None,
             auth: Auth::new(
                 &SecretString::from(SECRET),
@@ -361,4 +362,25 @@ async fn malformed_requests_get_problem_json() {
         )
         .await;
     assert_problem(&wrong_method, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn login_attempts_are_throttled_per_user() {
+    let api = Api::start().await;
+    for _ in 0..5 {
+        assert_eq!(
+            api.login("wrong horse battery").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let throttled = api.login("correct horse battery").await;
+    assert_problem(&throttled, StatusCode::TOO_MANY_REQUESTS);
+    // Other users are not affected.
+    let other = api
+        .post(
+            "/api/v1/auth/login",
+            json!({"tenant": "acme", "username": "bob", "password": "whatever123"}),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::UNAUTHORIZED);
 }

@@ -37,6 +37,7 @@ async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
 async fn health_and_readiness_with_a_live_database() {
     let db = TestDatabase::create().await;
     let state = AppState {
+        login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: None,
         auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
@@ -58,6 +59,7 @@ async fn not_ready_when_the_database_is_unreachable() {
         .connect_lazy("postgres://fleetlog:x@127.0.0.1:1/fleetlog")
         .unwrap();
     let state = AppState {
+        login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: None,
         auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
@@ -83,6 +85,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
             .increment(3);
     });
     let state = AppState {
+        login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: None,
         auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
@@ -113,6 +116,7 @@ async fn readiness_follows_nats_and_requests_carry_ids() {
     let mut nats = NatsServer::start();
     let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
     let state = AppState {
+        login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: Some(client.clone()),
         auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),

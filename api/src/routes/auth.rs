@@ -2,9 +2,12 @@
 
 use std::sync::OnceLock;
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::post;
+use axum::Extension;
 use axum::Router;
 use chrono::Utc;
 use fleetlog_commands::credentials::{hash_password, verify_password};
@@ -65,8 +68,13 @@ fn decoy_hash() -> &'static str {
 
 async fn login(
     State(state): State<AppState>,
+    connection: Option<Extension<ConnectInfo<SocketAddr>>>,
     Json(request): Json<LoginRequest>,
 ) -> Result<axum::Json<TokenResponse>, ApiError> {
+    let address = connection.map(|Extension(ConnectInfo(address))| address.ip());
+    state
+        .login_throttle
+        .attempt(&format!("{}/{}", request.tenant, request.username), address)?;
     let tenant = TenantId::parse(request.tenant).map_err(|_| invalid_credentials())?;
     let user_id = UserId::for_username(&tenant, &request.username);
     let user = state.bus.users().current(user_id.as_str()).await?.aggregate;

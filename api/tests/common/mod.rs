@@ -66,6 +66,7 @@ impl Platform {
             Duration::from_secs(3600),
         );
         let state = AppState {
+            login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
             nats: None,
             auth: auth.clone(),
             bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
