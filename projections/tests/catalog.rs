@@ -1,7 +1,7 @@
 //! The firmware, rollout and user read models through the real path (relay, JetStream, workers),
 //! checked against a replay.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
@@ -15,8 +15,7 @@ use fleetlog_projections::replay::verify;
 use fleetlog_projections::{
     run_all, FirmwareProjection, RolloutsProjection, UsersProjection, WorkerSettings,
 };
-use fleetlog_testkit::{NatsServer, TestDatabase};
-use sqlx::PgPool;
+use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use tokio_util::sync::CancellationToken;
 
 fn at(seconds: i64) -> DateTime<Utc> {
@@ -24,37 +23,6 @@ fn at(seconds: i64) -> DateTime<Utc> {
         .unwrap()
         .with_timezone(&Utc)
         + chrono::Duration::seconds(seconds)
-}
-
-async fn wait_until_caught_up(pool: &PgPool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let behind: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (
-                 SELECT aggregate_type, aggregate_id, max(sequence) AS last FROM events
-                  WHERE aggregate_type IN ('firmware', 'rollout', 'user')
-                  GROUP BY 1, 2) latest
-             LEFT JOIN projection_positions p
-                    ON p.projection = CASE latest.aggregate_type
-                                        WHEN 'rollout' THEN 'rollouts'
-                                        WHEN 'user' THEN 'users'
-                                        ELSE 'firmware' END
-                   AND p.aggregate_type = latest.aggregate_type
-                   AND p.aggregate_id = latest.aggregate_id
-             WHERE p.last_sequence IS DISTINCT FROM latest.last",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if behind == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the read models did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +143,9 @@ async fn firmware_rollouts_and_users_follow_their_events() {
         WorkerSettings::default(),
         shutdown.clone(),
     ));
-    wait_until_caught_up(&db.pool).await;
+    wait_until_projected(&db.pool, "firmware", "firmware").await;
+    wait_until_projected(&db.pool, "rollouts", "rollout").await;
+    wait_until_projected(&db.pool, "users", "user").await;
 
     let (status, model, compatible): (String, String, Vec<String>) = sqlx::query_as(
         "SELECT status, model, compatible_models FROM firmware WHERE firmware_id = 'thermo@2.1.0'",

@@ -2,7 +2,7 @@
 //! equals the live one row for row, verify spots a tampered row, and a replay swapped in under
 //! running workers repairs it and keeps following new events.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
@@ -15,9 +15,8 @@ use fleetlog_projections::replay::{replay, verify};
 use fleetlog_projections::{
     DevicesProjection, Projection, TelemetryProjection, Worker, WorkerSettings,
 };
-use fleetlog_testkit::{NatsServer, TestDatabase};
+use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use serde_json::{json, Map, Value};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 fn at(seconds: i64) -> DateTime<Utc> {
@@ -100,30 +99,6 @@ async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
     }
 }
 
-async fn wait_until_caught_up(pool: &PgPool, projection: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let behind: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (
-                 SELECT aggregate_id, max(sequence) AS last FROM events
-                  WHERE aggregate_type = 'device' GROUP BY aggregate_id) latest
-             LEFT JOIN projection_positions p
-                    ON p.projection = $1 AND p.aggregate_type = 'device'
-                   AND p.aggregate_id = latest.aggregate_id
-             WHERE p.last_sequence IS DISTINCT FROM latest.last",
-        )
-        .bind(projection)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if behind == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{projection} did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers() {
     let db = TestDatabase::create().await;
@@ -186,8 +161,8 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
         )
         .run(shutdown.clone()),
     );
-    wait_until_caught_up(&db.pool, DevicesProjection::NAME).await;
-    wait_until_caught_up(&db.pool, TelemetryProjection::NAME).await;
+    wait_until_projected(&db.pool, DevicesProjection::NAME, "device").await;
+    wait_until_projected(&db.pool, TelemetryProjection::NAME, "device").await;
 
     let patience = Duration::from_secs(20);
     let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
@@ -252,7 +227,7 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
 
     // The live worker carries on on the swapped-in tables.
     mixed_workload(&bus, &devices[..4], 7).await;
-    wait_until_caught_up(&db.pool, DevicesProjection::NAME).await;
+    wait_until_projected(&db.pool, DevicesProjection::NAME, "device").await;
     let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
         .await
         .unwrap();

@@ -16,7 +16,7 @@ use fleetlog_projections::worker::DEAD_LETTER_STREAM;
 use fleetlog_projections::{
     DevicesProjection, Projection, TelemetryProjection, Worker, WorkerSettings,
 };
-use fleetlog_testkit::{NatsServer, TestDatabase};
+use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -124,33 +124,6 @@ fn telemetry(n: i64, status: Value) -> DeviceCommand {
     }
 }
 
-/// Waits until the projection's position for every listed device reaches its event count.
-async fn wait_until_caught_up(pool: &PgPool, projection: &str, devices: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let behind: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (
-                 SELECT e.aggregate_id, max(e.sequence) AS last
-                   FROM events e WHERE e.aggregate_type = 'device' AND e.aggregate_id = ANY($2)
-                  GROUP BY e.aggregate_id) latest
-             LEFT JOIN projection_positions p
-                    ON p.projection = $1 AND p.aggregate_type = 'device'
-                   AND p.aggregate_id = latest.aggregate_id
-             WHERE p.last_sequence IS DISTINCT FROM latest.last",
-        )
-        .bind(projection)
-        .bind(devices)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if behind == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{projection} did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_devices_model_follows_the_events() {
     let db = TestDatabase::create().await;
@@ -209,7 +182,7 @@ async fn the_devices_model_follows_the_events() {
 
     let relay = start_relay(&db.pool, &nats).await;
     let worker = start_worker(DevicesProjection, &db.pool, &nats).await;
-    wait_until_caught_up(&db.pool, DevicesProjection::NAME, &["d1"]).await;
+    wait_until_projected(&db.pool, DevicesProjection::NAME, "device").await;
 
     let row: (bool, Value, Value, Value, Value, i32, i64, String, Vec<String>) = sqlx::query_as(
         "SELECT online, sensors, reported, desired, delta, open_commands, last_sequence, offline_reason, tags
@@ -447,9 +420,8 @@ async fn crashed_and_parallel_workers_end_with_the_same_model() {
     let third = start_worker(TelemetryProjection, &db.pool, &nats).await;
     let devices_worker = start_worker(DevicesProjection, &db.pool, &nats).await;
 
-    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    wait_until_caught_up(&db.pool, "telemetry", &id_refs).await;
-    wait_until_caught_up(&db.pool, "devices", &id_refs).await;
+    wait_until_projected(&db.pool, "telemetry", "device").await;
+    wait_until_projected(&db.pool, "devices", "device").await;
     for id in &ids {
         assert_eq!(
             telemetry_rows(&db.pool, id).await,

@@ -115,6 +115,36 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Waits (up to 30 s) until `projection` has applied every stored event of `aggregate_type`,
+/// judged by its positions table. Panics on timeout.
+pub async fn wait_until_projected(pool: &PgPool, projection: &str, aggregate_type: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let behind: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                 SELECT aggregate_id, max(sequence) AS last FROM events
+                  WHERE aggregate_type = $2 GROUP BY aggregate_id) latest
+             LEFT JOIN projection_positions p
+                    ON p.projection = $1 AND p.aggregate_type = $2
+                   AND p.aggregate_id = latest.aggregate_id
+             WHERE p.last_sequence IS DISTINCT FROM latest.last",
+        )
+        .bind(projection)
+        .bind(aggregate_type)
+        .fetch_one(pool)
+        .await
+        .expect("read projection positions");
+        if behind == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{projection} is still {behind} aggregates behind"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;
