@@ -221,7 +221,8 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let ready = loop {
-        if let Some(response) = http_get(port, "/ready") {
+        // Ready once Postgres and NATS are both connected; 503 until then.
+        if let Some(response) = http_get(port, "/ready").filter(|r| r.starts_with("HTTP/1.1 200")) {
             break response;
         }
         assert!(
