@@ -25,7 +25,7 @@ use fleetlog_domain::{TenantId, UserId};
 use fleetlog_nats::{Relay, RelaySettings};
 use fleetlog_projections::liveness::{Liveness, LivenessSettings};
 use fleetlog_projections::WorkerSettings;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use secrecy::{ExposeSecret, SecretString};
 use settings::{LogFormat, Settings};
 use sqlx::PgPool;
@@ -438,7 +438,14 @@ async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 
 /// Records this process's metrics for `GET /metrics`. `None` if a recorder is installed already.
 fn install_metrics_recorder() -> Option<PrometheusHandle> {
-    match PrometheusBuilder::new().install_recorder() {
+    // Durations as real histograms (buckets), which Prometheus can aggregate across processes.
+    let builder = PrometheusBuilder::new().set_buckets_for_metric(
+        Matcher::Suffix("_duration_seconds".to_string()),
+        &[
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ],
+    );
+    match builder.and_then(|builder| builder.install_recorder()) {
         Ok(handle) => {
             // Without the exporter's own HTTP listener, nobody else drains histogram buckets.
             let upkeep = handle.clone();

@@ -292,8 +292,10 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let metrics = http_get(port, "/metrics").unwrap_or_default();
+        // Request durations are histograms (buckets), not summaries.
         if metrics
             .contains(r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#)
+            && metrics.contains("fleetlog_http_request_duration_seconds_bucket")
         {
             break;
         }

@@ -30,7 +30,7 @@ pub mod throttle;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{header, HeaderValue};
 use axum::middleware;
 use axum::response::Response;
@@ -96,6 +96,7 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
     });
     routes(state)
         .layer(middleware::map_response(problem_for_bare_errors))
+        .layer(middleware::from_fn(record_request))
         .layer(option_layer(cors))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -111,6 +112,27 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Counts each request and times it, labelled by method, route template (not the raw path, so
+/// ids do not explode the label space) and status.
+async fn record_request(request: Request, next: middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |path| path.as_str().to_string());
+    let response = next.run(request).await;
+    let labels = [
+        ("method", method),
+        ("route", route),
+        ("status", response.status().as_u16().to_string()),
+    ];
+    metrics::counter!("fleetlog_http_requests_total", &labels).increment(1);
+    metrics::histogram!("fleetlog_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Errors produced outside the handlers (timeouts, path rejections) come without a body;
