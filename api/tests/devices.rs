@@ -396,6 +396,7 @@ async fn history_and_telemetry_of_a_device() {
         let at = start + chrono::Duration::seconds(10 * n);
         let telemetry = DeviceCommand::RecordTelemetry {
             digest: format!("m{n}"),
+            redelivery: true,
             readings: vec![Reading {
                 sensor: "temperature".into(),
                 value: (n + 1) as f64,

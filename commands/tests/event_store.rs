@@ -58,6 +58,7 @@ fn telemetry(n: i64) -> DeviceCommand {
     status.insert("battery".into(), json!(100 - n));
     DeviceCommand::RecordTelemetry {
         digest: format!("msg-{n}"),
+        redelivery: true,
         readings: vec![Reading {
             sensor: "temperature".into(),
             value: 20.0 + n as f64 / 10.0,

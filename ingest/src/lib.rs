@@ -3,4 +3,7 @@
 //! the command bus and acknowledges the QoS 1 message only after the command committed or was
 //! dead-lettered with its reason.
 //!
-//! Empty so far: the bridge arrives with the ingest stage of the build.
+//! [`message`] is the pure part (topic and payload to a validated message, or a reason); the API's
+//! HTTP ingest routes use it too, so a payload is judged the same whichever way it arrives.
+
+pub mod message;

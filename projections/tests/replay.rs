@@ -38,6 +38,7 @@ async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
         let mut commands = vec![
             DeviceCommand::RecordTelemetry {
                 digest: format!("m{n}"),
+                redelivery: true,
                 readings: vec![Reading {
                     sensor: "temperature".into(),
                     value: n as f64 / 3.0,

@@ -103,6 +103,7 @@ fn register(id: &str) -> DeviceCommand {
 fn telemetry(n: i64, status: Value) -> DeviceCommand {
     DeviceCommand::RecordTelemetry {
         digest: format!("m{n}"),
+        redelivery: true,
         readings: vec![
             Reading {
                 sensor: "temperature".into(),

@@ -52,8 +52,13 @@ pub enum DeviceCommand {
     },
     /// Record a telemetry message.
     RecordTelemetry {
-        /// Digest of the raw message; a redelivery carries the same digest and is ignored.
+        /// Digest identifying the message; recorded so a redelivery can be recognised.
         digest: String,
+        /// The message may have been delivered before (an MQTT redelivery, a client retry with
+        /// an idempotency key, a payload carrying its own timestamp): if its digest is among
+        /// the recent ones it is a duplicate and changes nothing. A first delivery is recorded
+        /// unchecked, so a device that sends the same reading twice keeps both.
+        redelivery: bool,
         /// Sensor readings.
         readings: Vec<Reading>,
         /// The message's own timestamp.
@@ -238,6 +243,7 @@ pub(super) fn decide(
         }
         DeviceCommand::RecordTelemetry {
             digest,
+            redelivery,
             readings,
             device_time,
             received_at,
@@ -247,7 +253,7 @@ pub(super) fn decide(
             if digest.is_empty() || digest.len() > 128 {
                 return Err(TelemetryError::InvalidDigest.into());
             }
-            if device.recent_digests.contains(&digest) {
+            if redelivery && device.recent_digests.contains(&digest) {
                 return Ok(vec![]);
             }
             if readings.is_empty() && location.is_none() && status.is_empty() {

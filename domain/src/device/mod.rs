@@ -19,7 +19,10 @@ use serde_json::{Map, Value};
 
 pub use command::DeviceCommand;
 pub use event::{CommandOutcome, DeviceEvent};
-pub use telemetry::{validate_sensor_name, Location, Reading, TelemetryError};
+pub use telemetry::{
+    validate_location, validate_reading, validate_sensor_name, Location, Reading, TelemetryError,
+    MAX_READINGS,
+};
 
 use crate::firmware::FirmwareId;
 use crate::ids::{validate_token, CommandId, DeviceId, IdError, RolloutId, TenantId, UserId};

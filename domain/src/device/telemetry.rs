@@ -76,27 +76,30 @@ pub fn validate_sensor_name(name: &str) -> Result<(), TelemetryError> {
     }
 }
 
-/// Checks every reading of a message.
-pub(crate) fn validate_readings(readings: &[Reading]) -> Result<(), TelemetryError> {
-    if readings.len() > MAX_READINGS {
-        return Err(TelemetryError::TooManyReadings(readings.len()));
+/// Checks one reading: its sensor name, a finite value and a sane unit.
+pub fn validate_reading(reading: &Reading) -> Result<(), TelemetryError> {
+    validate_sensor_name(&reading.sensor)?;
+    if !reading.value.is_finite() {
+        return Err(TelemetryError::NonFiniteValue(reading.sensor.clone()));
     }
-    for reading in readings {
-        validate_sensor_name(&reading.sensor)?;
-        if !reading.value.is_finite() {
-            return Err(TelemetryError::NonFiniteValue(reading.sensor.clone()));
-        }
-        if let Some(unit) = &reading.unit {
-            if unit.is_empty() || unit.chars().count() > 32 {
-                return Err(TelemetryError::InvalidUnit(reading.sensor.clone()));
-            }
+    if let Some(unit) = &reading.unit {
+        if unit.is_empty() || unit.chars().count() > 32 {
+            return Err(TelemetryError::InvalidUnit(reading.sensor.clone()));
         }
     }
     Ok(())
 }
 
+/// Checks every reading of a message.
+pub(crate) fn validate_readings(readings: &[Reading]) -> Result<(), TelemetryError> {
+    if readings.len() > MAX_READINGS {
+        return Err(TelemetryError::TooManyReadings(readings.len()));
+    }
+    readings.iter().try_for_each(validate_reading)
+}
+
 /// Checks a position.
-pub(crate) fn validate_location(location: &Location) -> Result<(), TelemetryError> {
+pub fn validate_location(location: &Location) -> Result<(), TelemetryError> {
     let Location {
         latitude,
         longitude,

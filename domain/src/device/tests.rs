@@ -77,6 +77,7 @@ fn reading(sensor: &str, value: f64) -> Reading {
 fn telemetry(digest: &str, readings: Vec<Reading>) -> DeviceCommand {
     DeviceCommand::RecordTelemetry {
         digest: digest.into(),
+        redelivery: true,
         readings,
         device_time: None,
         received_at: later(10),
@@ -307,6 +308,40 @@ fn redelivered_telemetry_is_ignored() {
 }
 
 #[test]
+fn a_first_delivery_with_a_known_digest_is_recorded_again() {
+    // A device without timestamps may send the same reading twice on purpose; only a message
+    // the transport marks as possibly redelivered is checked against the recent digests.
+    let first_delivery = match telemetry("m1", vec![reading("temperature", 21.5)]) {
+        DeviceCommand::RecordTelemetry {
+            digest,
+            readings,
+            device_time,
+            received_at,
+            location,
+            status,
+            ..
+        } => DeviceCommand::RecordTelemetry {
+            digest,
+            redelivery: false,
+            readings,
+            device_time,
+            received_at,
+            location,
+            status,
+        },
+        _ => unreachable!(),
+    };
+    Given::with(())
+        .given(vec![
+            registered(),
+            online(),
+            recorded("m1", vec![reading("temperature", 21.5)]),
+        ])
+        .when(first_delivery)
+        .then_expect_events(vec![recorded("m1", vec![reading("temperature", 21.5)])]);
+}
+
+#[test]
 fn telemetry_is_validated() {
     let cases = vec![
         (
@@ -328,6 +363,7 @@ fn telemetry_is_validated() {
         (
             DeviceCommand::RecordTelemetry {
                 digest: "m1".into(),
+                redelivery: true,
                 readings: vec![],
                 device_time: None,
                 received_at: at(),
