@@ -41,7 +41,10 @@ pub fn router() -> Router<AppState> {
         .route("/{id}/commands", post(issue_command))
         .route("/{id}/commands/{command_id}", get(command_status))
         .route("/{id}/events", get(events))
-        .route("/{id}/telemetry", get(telemetry))
+        .route(
+            "/{id}/telemetry",
+            get(telemetry).post(super::device_ingest::upload_for_device),
+        )
 }
 
 /// What a write returns: where the aggregate and the event log stand afterwards, so a client

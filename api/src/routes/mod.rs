@@ -1,5 +1,6 @@
 //! Route modules, laid out like the URLs under `/api/v1`.
 
 pub mod auth;
+pub mod device_ingest;
 pub mod devices;
 pub mod users;

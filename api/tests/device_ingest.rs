@@ -1,0 +1,296 @@
+//! HTTP ingest with device tokens: both paths, the MQTT parser's rules and reasons, partial
+//! acceptance, idempotent retries, and who may not post.
+
+mod common;
+
+use axum::http::{header, Method, StatusCode};
+use common::Platform;
+use fleetlog_domain::user::Role;
+use serde_json::{json, Value};
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+async fn device(platform: &Platform, id: &str) -> String {
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let (status, created) = platform.create(&operator, id).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    created["device_token"].as_str().unwrap().to_string()
+}
+
+async fn upload(
+    platform: &Platform,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    platform
+        .send(Method::POST, path, headers, body.to_string())
+        .await
+}
+
+async fn telemetry_events(platform: &Platform, id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'TelemetryRecorded'",
+    )
+    .bind(id)
+    .fetch_one(&platform.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_post_telemetry_with_their_token() {
+    let platform = Platform::start().await;
+    let token = device(&platform, "d1").await;
+    let bearer = format!("Bearer {token}");
+    let auth = ("authorization", bearer.as_str());
+
+    let (status, _, accepted) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &[auth, JSON],
+        json!({
+            "sensors": [{"sensor_name": "temperature", "value": 21.5, "unit": "celsius"}],
+            "location": {"latitude": 48.1, "longitude": 11.6},
+            "status": {"battery": 90}
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{accepted}");
+    assert_eq!(accepted["outcome"], "accepted");
+    assert_eq!(accepted["readings"], 1);
+    let position = accepted["global_position"].as_i64().unwrap();
+
+    // Readable through the projections, by the tenant's users.
+    let viewer = platform.token("acme", "vic", Role::Viewer);
+    let (status, device) = platform
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/d1?min_position={position}"),
+            &viewer,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{device}");
+    assert_eq!(device["sensors"]["temperature"]["value"], 21.5);
+    assert_eq!(device["reported"]["battery"], 90);
+    assert_eq!(device["online"], true);
+
+    // Simple format, with a reading the rules drop: the rest is kept and the answer says why.
+    let (status, _, partial) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &[("x-device-token", token.as_str())],
+        json!({"humidity": 60, "Bad-Name": 1, "note": "hot"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{partial}");
+    assert_eq!(partial["outcome"], "partially_accepted");
+    assert_eq!(partial["readings"], 1);
+    let dropped: Vec<&str> = partial["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(dropped, ["Bad-Name", "note"]);
+    assert!(partial["dropped"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("must match"));
+
+    // Nothing valid, or not JSON: refused with the parser's reason, nothing recorded.
+    let before = telemetry_events(&platform, "d1").await;
+    let (status, headers, problem) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &[auth, JSON],
+        json!({"Temp": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap()
+        .contains("no valid reading"));
+    let (status, _, problem) = platform
+        .send(
+            Method::POST,
+            "/api/v1/devices/d1/telemetry",
+            &[auth],
+            "{\"t\": ",
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    let big = format!("{{\"t\": 1, \"pad\": \"{}\"}}", "x".repeat(70_000));
+    let (status, _, _) = platform
+        .send(Method::POST, "/api/v1/devices/d1/telemetry", &[auth], big)
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(telemetry_events(&platform, "d1").await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_devices_own_token_is_accepted() {
+    let platform = Platform::start_with(false).await;
+    let token = device(&platform, "d1").await;
+    let other_token = device(&platform, "d2").await;
+    let admin = platform.token("acme", "ann", Role::Admin);
+    let body = json!({"temperature": 20});
+    let wrong = "0".repeat(64);
+    let cases: Vec<(String, Vec<(&str, String)>)> = vec![
+        ("no credentials".into(), vec![]),
+        (
+            "a user's JWT".into(),
+            vec![("authorization", format!("Bearer {admin}"))],
+        ),
+        (
+            "another device's token".into(),
+            vec![("authorization", format!("Bearer {other_token}"))],
+        ),
+        (
+            "a wrong token".into(),
+            vec![("x-device-token", wrong.clone())],
+        ),
+    ];
+    for (case, headers) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, response_headers, problem) = upload(
+            &platform,
+            "/api/v1/devices/d1/telemetry",
+            &headers,
+            body.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{case}: {problem}");
+        assert!(
+            response_headers.contains_key(header::WWW_AUTHENTICATE),
+            "{case}"
+        );
+    }
+    let bearer = format!("Bearer {token}");
+    let (status, _, _) = upload(
+        &platform,
+        "/api/v1/devices/unknown/telemetry",
+        &[("authorization", bearer.as_str())],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(telemetry_events(&platform, "d1").await, 0);
+
+    // A decommissioned device's token stops working.
+    let (status, _) = platform
+        .call(Method::DELETE, "/api/v1/devices/d1", &admin, None)
+        .await;
+    assert!(status.is_success());
+    let (status, _, _) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &[("authorization", bearer.as_str())],
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_with_an_idempotency_key_are_recorded_once() {
+    let platform = Platform::start_with(false).await;
+    let token = device(&platform, "d1").await;
+    let headers = [
+        ("x-device-token", token.as_str()),
+        ("idempotency-key", "batch-17"),
+    ];
+    let body = json!({"temperature": 20});
+    let (status, _, first) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &headers,
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, _, retry) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &headers,
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(retry["version"], first["version"]);
+    assert_eq!(telemetry_events(&platform, "d1").await, 1);
+
+    // Without a key or a timestamp, the same reading sent twice is two readings.
+    let plain = [("x-device-token", token.as_str())];
+    upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &plain,
+        body.clone(),
+    )
+    .await;
+    upload(&platform, "/api/v1/devices/d1/telemetry", &plain, body).await;
+    assert_eq!(telemetry_events(&platform, "d1").await, 3);
+
+    // A timestamped payload is the same fact however often it arrives.
+    let stamped = json!({"temperature": 21, "timestamp": "2026-11-23T10:00:00Z"});
+    upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &plain,
+        stamped.clone(),
+    )
+    .await;
+    upload(&platform, "/api/v1/devices/d1/telemetry", &plain, stamped).await;
+    assert_eq!(telemetry_events(&platform, "d1").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compatibility_path_accepts_the_full_format() {
+    let platform = Platform::start_with(false).await;
+    let token = device(&platform, "d1").await;
+    let full = json!({"sensors": [{"sensor_name": "temperature", "value": 19.0}]});
+    let (status, _, by_header) = upload(
+        &platform,
+        "/api/devices/data/upload",
+        &[
+            ("x-device-token", token.as_str()),
+            ("x-device-id", "d1"),
+            JSON,
+        ],
+        full.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{by_header}");
+    assert_eq!(by_header["device_id"], "d1");
+
+    let mut with_id = full.clone();
+    with_id["device_id"] = json!("d1");
+    let (status, _, by_body) = upload(
+        &platform,
+        "/api/devices/data/upload",
+        &[("x-device-token", token.as_str()), JSON],
+        with_id,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{by_body}");
+    assert_eq!(by_body["outcome"], "accepted");
+    assert_eq!(telemetry_events(&platform, "d1").await, 2);
+
+    let (status, _, problem) = upload(
+        &platform,
+        "/api/devices/data/upload",
+        &[("x-device-token", token.as_str()), JSON],
+        full,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(problem["detail"].as_str().unwrap().contains("X-Device-Id"));
+}
