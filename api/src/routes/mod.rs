@@ -3,4 +3,6 @@
 pub mod auth;
 pub mod device_ingest;
 pub mod devices;
+pub mod firmware;
+pub mod rollouts;
 pub mod users;

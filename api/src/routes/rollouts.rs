@@ -1,0 +1,541 @@
+//! `/api/v1/rollouts`: planning a firmware rollout, following it, and pausing, resuming or
+//! aborting it.
+//!
+//! Planning checks what the Rollout aggregate cannot see: the image is the tenant's and released
+//! (a deprecated image starts nothing), and every target is a device of the tenant whose model
+//! the image supports. Targets are explicit device ids or a filter over the devices read model.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use fleetlog_commands::{CommandError, CommandMetadata, Committed};
+use fleetlog_domain::firmware::FirmwareStatus;
+use fleetlog_domain::rollout::{Rollout, RolloutCommand, RolloutError, RolloutStatus, MAX_TARGETS};
+use fleetlog_domain::{DeviceId, RolloutId};
+use serde::{Deserialize, Serialize};
+use sqlx::{FromRow, QueryBuilder};
+
+use super::firmware::{owned_firmware, parse_id as parse_firmware_id, READERS, WRITERS};
+use crate::auth::Caller;
+use crate::consistency::wait_for_position;
+use crate::error::ApiError;
+use crate::extract::{Json, Query};
+use crate::AppState;
+
+const PROJECTION: &str = "rollouts";
+
+/// The routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", post(create).get(list))
+        .route("/{id}", get(show))
+        .route("/{id}/devices", get(devices))
+        .route("/{id}/start", post(start))
+        .route("/{id}/pause", post(pause))
+        .route("/{id}/resume", post(resume))
+        .route("/{id}/abort", post(abort))
+}
+
+/// Which devices a rollout targets.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetFilter {
+    /// Devices of this model.
+    model: Option<String>,
+    /// Devices carrying this tag.
+    tag: Option<String>,
+    /// Devices currently running this version.
+    firmware_version: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRollout {
+    /// Chosen by the client, or generated.
+    rollout_id: Option<String>,
+    firmware_id: String,
+    /// Explicit targets, in rollout order.
+    device_ids: Option<Vec<String>>,
+    /// Or a filter over the tenant's active devices.
+    filter: Option<TargetFilter>,
+    /// Cumulative wave boundaries in percent, e.g. `[10, 50, 100]`.
+    #[serde(default = "default_waves")]
+    waves: Vec<u8>,
+    #[serde(default = "default_success_threshold")]
+    success_threshold: u8,
+    #[serde(default = "default_error_threshold")]
+    error_threshold: u8,
+    #[serde(default = "default_device_timeout")]
+    device_timeout_secs: u64,
+}
+
+fn default_waves() -> Vec<u8> {
+    vec![10, 50, 100]
+}
+fn default_success_threshold() -> u8 {
+    90
+}
+fn default_error_threshold() -> u8 {
+    10
+}
+fn default_device_timeout() -> u64 {
+    3600
+}
+
+#[derive(Serialize)]
+struct Written {
+    rollout_id: String,
+    version: u64,
+    global_position: Option<i64>,
+}
+
+fn written(id: &RolloutId, committed: Committed) -> axum::Json<Written> {
+    axum::Json(Written {
+        rollout_id: id.to_string(),
+        version: committed.version,
+        global_position: committed.global_position,
+    })
+}
+
+fn metadata(caller: &Caller) -> CommandMetadata {
+    CommandMetadata::new(caller.actor()).with_tenant(caller.tenant.clone())
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(request): Json<CreateRollout>,
+) -> Result<(StatusCode, axum::Json<Written>), ApiError> {
+    caller.require(WRITERS)?;
+    let rollout_id = match &request.rollout_id {
+        Some(id) => RolloutId::parse(id.as_str()),
+        None => RolloutId::parse(format!("r-{}", uuid::Uuid::now_v7().simple())),
+    }
+    .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let firmware_id = parse_firmware_id(&request.firmware_id)?;
+    let firmware = owned_firmware(&state, &caller, &firmware_id).await?;
+    match firmware.status {
+        FirmwareStatus::Released => {}
+        FirmwareStatus::Deprecated => {
+            return Err(ApiError::Unprocessable(format!(
+                "firmware {firmware_id} is deprecated and cannot start a rollout"
+            )))
+        }
+        _ => {
+            return Err(ApiError::Unprocessable(format!(
+                "firmware {firmware_id} is not released yet"
+            )))
+        }
+    }
+    let targets = resolve_targets(&state, &caller, &request).await?;
+    let incompatible: Vec<&str> = targets
+        .iter()
+        .filter(|(_, model)| !firmware.compatible_models.contains(model))
+        .map(|(id, _)| id.as_str())
+        .take(20)
+        .collect();
+    if !incompatible.is_empty() {
+        return Err(ApiError::Unprocessable(format!(
+            "firmware {firmware_id} does not support the model of: {}",
+            incompatible.join(", ")
+        )));
+    }
+    let command = RolloutCommand::Create {
+        rollout_id: rollout_id.clone(),
+        tenant: caller.tenant.clone(),
+        firmware_id,
+        targets: targets.into_iter().map(|(id, _)| id).collect(),
+        waves: request.waves,
+        success_threshold: request.success_threshold,
+        error_threshold: request.error_threshold,
+        device_timeout_secs: request.device_timeout_secs,
+        at: Utc::now(),
+    };
+    match state
+        .bus
+        .rollouts()
+        .execute(rollout_id.as_str(), command, &metadata(&caller))
+        .await
+    {
+        Err(CommandError::Refused(RolloutError::AlreadyCreated)) => Err(ApiError::Conflict(
+            format!("rollout id {rollout_id} is taken"),
+        )),
+        other => Ok((StatusCode::CREATED, written(&rollout_id, other?))),
+    }
+}
+
+/// The targets with their models, in the order given (explicit ids) or by device id (filter).
+async fn resolve_targets(
+    state: &AppState,
+    caller: &Caller,
+    request: &CreateRollout,
+) -> Result<Vec<(DeviceId, String)>, ApiError> {
+    let rows: Vec<(String, String)> = match (&request.device_ids, &request.filter) {
+        (Some(ids), None) => {
+            if ids.len() > MAX_TARGETS {
+                return Err(ApiError::Unprocessable(format!(
+                    "at most {MAX_TARGETS} devices per rollout"
+                )));
+            }
+            for id in ids {
+                DeviceId::parse(id.as_str())
+                    .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+            }
+            let found: Vec<(String, String)> = sqlx::query_as(
+                "SELECT d.device_id, d.model
+                   FROM unnest($2::text[]) WITH ORDINALITY AS wanted(device_id, position)
+                   JOIN devices d ON d.device_id = wanted.device_id
+                  WHERE d.tenant = $1 AND d.lifecycle = 'active'
+                  ORDER BY wanted.position",
+            )
+            .bind(caller.tenant.as_str())
+            .bind(ids)
+            .fetch_all(state.bus.pool())
+            .await?;
+            if found.len() < ids.len() {
+                let known: std::collections::HashSet<&str> =
+                    found.iter().map(|(id, _)| id.as_str()).collect();
+                let missing: Vec<&str> = ids
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|id| !known.contains(id))
+                    .take(20)
+                    .collect();
+                // Duplicates are the aggregate's to refuse; only unknown ids are reported here.
+                if !missing.is_empty() {
+                    return Err(ApiError::Unprocessable(format!(
+                        "no active device of this tenant: {}",
+                        missing.join(", ")
+                    )));
+                }
+            }
+            found
+        }
+        (None, Some(filter)) => {
+            let mut sql = QueryBuilder::new(
+                "SELECT device_id, model FROM devices WHERE lifecycle = 'active' AND tenant = ",
+            );
+            sql.push_bind(caller.tenant.as_str());
+            if let Some(model) = &filter.model {
+                sql.push(" AND model = ").push_bind(model);
+            }
+            if let Some(tag) = &filter.tag {
+                sql.push(" AND ").push_bind(tag).push(" = ANY(tags)");
+            }
+            if let Some(version) = &filter.firmware_version {
+                sql.push(" AND firmware_version = ").push_bind(version);
+            }
+            sql.push(" ORDER BY device_id LIMIT ")
+                .push_bind(MAX_TARGETS as i64 + 1);
+            let rows: Vec<(String, String)> =
+                sql.build_query_as().fetch_all(state.bus.pool()).await?;
+            if rows.len() > MAX_TARGETS {
+                return Err(ApiError::Unprocessable(format!(
+                    "the filter matches more than {MAX_TARGETS} devices"
+                )));
+            }
+            rows
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of device_ids and filter".into(),
+            ))
+        }
+    };
+    rows.into_iter()
+        .map(|(id, model)| {
+            DeviceId::parse(id)
+                .map(|id| (id, model))
+                .map_err(|error| ApiError::Internal(Box::new(error)))
+        })
+        .collect()
+}
+
+#[derive(Serialize, FromRow)]
+struct RolloutView {
+    rollout_id: String,
+    firmware_id: String,
+    status: String,
+    waves: Vec<i16>,
+    success_threshold: i16,
+    error_threshold: i16,
+    device_timeout_secs: i64,
+    current_wave: Option<i32>,
+    target_count: i32,
+    succeeded: i32,
+    failed: i32,
+    pause_reason: Option<String>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+    #[serde(rename = "version")]
+    last_sequence: i64,
+}
+
+const COLUMNS: &str = "rollout_id, firmware_id, status, waves, success_threshold, error_threshold,
+    device_timeout_secs, current_wave, target_count, succeeded, failed, pause_reason, created_at,
+    started_at, finished_at, updated_at, last_sequence";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    firmware_id: Option<String>,
+    min_position: Option<i64>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<axum::Json<Vec<RolloutView>>, ApiError> {
+    caller.require(READERS)?;
+    if let Some(position) = query.min_position {
+        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+    }
+    let mut sql = QueryBuilder::new(format!("SELECT {COLUMNS} FROM rollouts WHERE tenant = "));
+    sql.push_bind(caller.tenant.as_str());
+    if let Some(status) = &query.status {
+        sql.push(" AND status = ").push_bind(status);
+    }
+    if let Some(firmware) = &query.firmware_id {
+        sql.push(" AND firmware_id = ").push_bind(firmware);
+    }
+    sql.push(" ORDER BY created_at DESC LIMIT 500");
+    Ok(axum::Json(
+        sql.build_query_as().fetch_all(state.bus.pool()).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    min_position: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct RolloutDetail {
+    #[serde(flatten)]
+    rollout: RolloutView,
+    /// Devices per state.
+    device_counts: serde_json::Map<String, serde_json::Value>,
+}
+
+async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<ShowQuery>,
+) -> Result<axum::Json<RolloutDetail>, ApiError> {
+    caller.require(READERS)?;
+    if let Some(position) = query.min_position {
+        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+    }
+    let rollout: RolloutView = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM rollouts WHERE tenant = $1 AND rollout_id = $2"
+    ))
+    .bind(caller.tenant.as_str())
+    .bind(&id)
+    .fetch_optional(state.bus.pool())
+    .await?
+    .ok_or(ApiError::NotFound("rollout"))?;
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status, count(*) FROM rollout_devices WHERE rollout_id = $1 GROUP BY status",
+    )
+    .bind(&id)
+    .fetch_all(state.bus.pool())
+    .await?;
+    Ok(axum::Json(RolloutDetail {
+        rollout,
+        device_counts: counts
+            .into_iter()
+            .map(|(status, count)| (status, count.into()))
+            .collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesQuery {
+    status: Option<String>,
+    /// The last device id of the previous page.
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize, FromRow)]
+struct RolloutDeviceView {
+    device_id: String,
+    wave: i32,
+    status: String,
+    error: Option<String>,
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(Serialize)]
+struct DevicePage {
+    items: Vec<RolloutDeviceView>,
+    next_after: Option<String>,
+}
+
+async fn devices(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<DevicesQuery>,
+) -> Result<axum::Json<DevicePage>, ApiError> {
+    caller.require(READERS)?;
+    let owned: Option<String> =
+        sqlx::query_scalar("SELECT rollout_id FROM rollouts WHERE tenant = $1 AND rollout_id = $2")
+            .bind(caller.tenant.as_str())
+            .bind(&id)
+            .fetch_optional(state.bus.pool())
+            .await?;
+    if owned.is_none() {
+        return Err(ApiError::NotFound("rollout"));
+    }
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
+    }
+    let mut sql = QueryBuilder::new(
+        "SELECT device_id, wave, status, error, updated_at FROM rollout_devices WHERE rollout_id = ",
+    );
+    sql.push_bind(&id);
+    if let Some(status) = &query.status {
+        sql.push(" AND status = ").push_bind(status);
+    }
+    if let Some(after) = &query.after {
+        sql.push(" AND device_id > ").push_bind(after);
+    }
+    sql.push(" ORDER BY device_id LIMIT ").push_bind(limit);
+    let items: Vec<RolloutDeviceView> = sql.build_query_as().fetch_all(state.bus.pool()).await?;
+    let next_after = (items.len() as i64 == limit)
+        .then(|| items.last().map(|d| d.device_id.clone()))
+        .flatten();
+    Ok(axum::Json(DevicePage { items, next_after }))
+}
+
+/// Runs a command on a rollout of the caller's tenant.
+async fn execute(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    command: RolloutCommand,
+) -> Result<axum::Json<Written>, ApiError> {
+    caller.require(WRITERS)?;
+    let id = RolloutId::parse(id).map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let rollout: Rollout = state.bus.rollouts().current(id.as_str()).await?.aggregate;
+    if rollout.status == RolloutStatus::Unplanned || rollout.tenant.as_ref() != Some(&caller.tenant)
+    {
+        return Err(ApiError::NotFound("rollout"));
+    }
+    let committed = state
+        .bus
+        .rollouts()
+        .execute(id.as_str(), command, &metadata(caller))
+        .await
+        .map_err(|error| match error {
+            CommandError::Refused(refusal @ RolloutError::InvalidTransition { .. }) => {
+                ApiError::Conflict(refusal.to_string())
+            }
+            other => other.into(),
+        })?;
+    Ok(written(&id, committed))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Reason {
+    reason: Option<String>,
+}
+
+/// Pause and abort take an optional `{"reason": ...}`; an empty body is fine.
+fn reason(body: &[u8]) -> Result<Option<String>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice::<Reason>(body)
+        .map(|reason| reason.reason)
+        .map_err(|error| ApiError::BadRequest(format!("invalid JSON body: {error}")))
+}
+
+async fn start(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Written>, ApiError> {
+    caller.require(WRITERS)?;
+    // The image may have been deprecated since the rollout was planned.
+    if let Ok(parsed) = RolloutId::parse(id.as_str()) {
+        let rollout = state
+            .bus
+            .rollouts()
+            .current(parsed.as_str())
+            .await?
+            .aggregate;
+        if rollout.tenant.as_ref() == Some(&caller.tenant) {
+            if let Some(firmware_id) = &rollout.firmware_id {
+                let firmware = owned_firmware(&state, &caller, firmware_id).await?;
+                if firmware.status == FirmwareStatus::Deprecated {
+                    return Err(ApiError::Unprocessable(format!(
+                        "firmware {firmware_id} is deprecated and cannot start a rollout"
+                    )));
+                }
+            }
+        }
+    }
+    execute(
+        &state,
+        &caller,
+        &id,
+        RolloutCommand::Start { at: Utc::now() },
+    )
+    .await
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Written>, ApiError> {
+    let reason = reason(&body)?.unwrap_or_else(|| format!("paused by {}", caller.actor()));
+    let command = RolloutCommand::Pause {
+        reason,
+        at: Utc::now(),
+    };
+    execute(&state, &caller, &id, command).await
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Written>, ApiError> {
+    execute(
+        &state,
+        &caller,
+        &id,
+        RolloutCommand::Resume { at: Utc::now() },
+    )
+    .await
+}
+
+async fn abort(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Written>, ApiError> {
+    let reason = reason(&body)?.unwrap_or_else(|| format!("aborted by {}", caller.actor()));
+    let command = RolloutCommand::Abort {
+        reason,
+        at: Utc::now(),
+    };
+    execute(&state, &caller, &id, command).await
+}
