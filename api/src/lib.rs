@@ -161,6 +161,7 @@ fn routes(state: AppState) -> Router {
         .nest("/api/v1/devices", routes::devices::router())
         .nest("/api/v1/firmware", routes::firmware::router())
         .nest("/api/v1/rollouts", routes::rollouts::router())
+        .nest("/api/v1/stream", routes::stream::router())
         .merge(routes::device_ingest::compatibility_router())
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such route".into()) })
         .method_not_allowed_fallback(|| async {

@@ -146,7 +146,7 @@ impl From<sqlx::Error> for AppendError {
 
 impl<A> AggregateStore<A>
 where
-    A: Aggregate + 'static,
+    A: Aggregate + fleetlog_domain::TenantScoped + 'static,
     A::Command: Clone,
     A::Error: 'static,
 {
@@ -263,6 +263,17 @@ where
             }));
         }
 
+        // Every event carries its aggregate's tenant, whoever issued the command.
+        let stamped;
+        let metadata = match loaded.aggregate.tenant() {
+            Some(tenant) if metadata.get("tenant") != Some(&tenant.to_string()) => {
+                let mut with_tenant = metadata.clone();
+                with_tenant.insert("tenant".to_string(), tenant.to_string());
+                stamped = with_tenant;
+                &stamped
+            }
+            _ => metadata,
+        };
         match self.append(&loaded, &events, metadata).await {
             Ok(global_position) => {
                 let count = events.len();
@@ -474,7 +485,7 @@ fn to_aggregate_error<E: std::error::Error>(error: StoreError) -> AggregateError
 /// global position and retries conflicts.
 impl<A> cqrs_es::EventStore<A> for AggregateStore<A>
 where
-    A: Aggregate + 'static,
+    A: Aggregate + fleetlog_domain::TenantScoped + 'static,
     A::Command: Clone,
     A::Error: 'static,
 {

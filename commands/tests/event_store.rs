@@ -132,6 +132,31 @@ async fn appends_events_with_positions_and_metadata() {
 }
 
 #[tokio::test]
+async fn every_event_carries_its_aggregates_tenant() {
+    // A process acting without a tenant in mind (liveness, ingest) still produces events that
+    // live streams and audits can scope by tenant.
+    let db = TestDatabase::create().await;
+    let devices = store(&db.pool, StoreSettings::default());
+    let system = CommandMetadata::new("system:liveness");
+    devices.execute(DEVICE, register(), &system).await.unwrap();
+    devices
+        .execute(DEVICE, heartbeat(5), &system)
+        .await
+        .unwrap();
+    let tenants: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT metadata::jsonb ->> 'tenant' FROM events ORDER BY global_position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(tenants.len(), 3);
+    assert!(
+        tenants.iter().all(|t| t.as_deref() == Some("acme")),
+        "{tenants:?}"
+    );
+}
+
+#[tokio::test]
 async fn idempotent_repeats_append_nothing() {
     let db = TestDatabase::create().await;
     let devices = store(&db.pool, StoreSettings::default());

@@ -54,6 +54,38 @@ macro_rules! aggregate {
 }
 pub(crate) use aggregate;
 
+/// An aggregate that belongs to one tenant once it exists. The write side stamps that tenant on
+/// every event's metadata, so consumers of the event stream (live streams, audits) can scope
+/// events by tenant without loading the aggregate.
+pub trait TenantScoped {
+    /// The tenant, once the aggregate exists.
+    fn tenant(&self) -> Option<&TenantId>;
+}
+
+impl TenantScoped for device::Device {
+    fn tenant(&self) -> Option<&TenantId> {
+        self.tenant.as_ref()
+    }
+}
+
+impl TenantScoped for firmware::Firmware {
+    fn tenant(&self) -> Option<&TenantId> {
+        self.tenant.as_ref()
+    }
+}
+
+impl TenantScoped for rollout::Rollout {
+    fn tenant(&self) -> Option<&TenantId> {
+        self.tenant.as_ref()
+    }
+}
+
+impl TenantScoped for user::User {
+    fn tenant(&self) -> Option<&TenantId> {
+        self.tenant.as_ref()
+    }
+}
+
 /// Checks a free-text reason: 1 to 512 characters, not only blanks.
 fn is_valid_reason(text: &str) -> bool {
     !text.trim().is_empty() && text.chars().count() <= 512

@@ -41,6 +41,7 @@ pub fn router() -> Router<AppState> {
         .route("/{id}/commands", post(issue_command))
         .route("/{id}/commands/{command_id}", get(command_status))
         .route("/{id}/events", get(events))
+        .route("/{id}/stream", get(super::stream::device_stream))
         .route(
             "/{id}/telemetry",
             get(telemetry).post(super::device_ingest::upload_for_device),

@@ -5,4 +5,5 @@ pub mod device_ingest;
 pub mod devices;
 pub mod firmware;
 pub mod rollouts;
+pub mod stream;
 pub mod users;

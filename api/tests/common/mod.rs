@@ -25,6 +25,8 @@ use tower::ServiceExt;
 
 pub struct Platform {
     pub router: Router,
+    /// A client of the platform's nats-server.
+    pub nats: async_nats::Client,
     auth: std::sync::Arc<Auth>,
     pub pool: PgPool,
     /// A write side of its own, as another process of the platform would have.
@@ -44,6 +46,7 @@ impl Platform {
         let db = TestDatabase::create().await;
         let nats = NatsServer::start();
         let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
+        let client_for_tests = client.clone();
         let shutdown = CancellationToken::new();
         let relay_settings = RelaySettings {
             poll_interval: Duration::from_millis(50),
@@ -55,7 +58,7 @@ impl Platform {
         if projections {
             tokio::spawn(run_all(
                 db.pool.clone(),
-                async_nats::jetstream::new(client),
+                async_nats::jetstream::new(client.clone()),
                 WorkerSettings::default(),
                 shutdown.clone(),
             ));
@@ -67,12 +70,13 @@ impl Platform {
         );
         let state = AppState {
             login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
-            nats: None,
+            nats: Some(client.clone()),
             auth: auth.clone(),
             bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
             metrics: None,
         };
         Self {
+            nats: client_for_tests,
             router: router(state),
             auth,
             pool: db.pool.clone(),
@@ -140,6 +144,25 @@ impl Platform {
             .unwrap();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status, headers, body)
+    }
+
+    /// Waits until the relay has published every event stored so far.
+    pub async fn wait_relayed(&self) {
+        let jetstream = async_nats::jetstream::new(self.nats.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            if let Ok(mut stream) = jetstream.get_stream(fleetlog_nats::STREAM_NAME).await {
+                if stream.info().await.unwrap().state.messages as i64 >= stored {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the relay never caught up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Sends raw bytes with exactly the headers given (no token added).
