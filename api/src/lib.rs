@@ -20,11 +20,15 @@ use fleetlog_commands::CommandBus;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub mod auth;
 pub mod consistency;
 pub mod error;
 pub mod extract;
+mod openapi;
 mod routes;
 pub mod throttle;
 
@@ -152,10 +156,37 @@ async fn problem_for_bare_errors(response: Response) -> Response {
 }
 
 fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+    let (api, document) = api_router().split_for_parts();
+    let document = Arc::new(document);
+    api.route(
+        "/openapi.json",
+        get({
+            let document = document.clone();
+            move || async move { Json(document.as_ref().clone()) }
+        }),
+    )
+    .merge(
+        utoipa_swagger_ui::SwaggerUi::new("/docs")
+            .config(utoipa_swagger_ui::Config::from("/openapi.json")),
+    )
+    .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such route".into()) })
+    .method_not_allowed_fallback(|| async {
+        problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this route".into(),
+        )
+    })
+    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    .with_state(state)
+}
+
+/// Every API route with its OpenAPI operation: the document is built from the same
+/// registrations that route requests, so it cannot leave a route out.
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
         .nest("/api/v1/auth", routes::auth::router())
         .nest("/api/v1/users", routes::users::router())
         .nest("/api/v1/devices", routes::devices::router())
@@ -163,15 +194,11 @@ fn routes(state: AppState) -> Router {
         .nest("/api/v1/rollouts", routes::rollouts::router())
         .nest("/api/v1/stream", routes::stream::router())
         .merge(routes::device_ingest::compatibility_router())
-        .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such route".into()) })
-        .method_not_allowed_fallback(|| async {
-            problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed on this route".into(),
-            )
-        })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+}
+
+/// The OpenAPI document of this API, as `GET /openapi.json` serves it.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_router().into_openapi()
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets requests in flight finish.
@@ -192,6 +219,10 @@ pub async fn run(
 
 /// Prometheus text format: every metric the roles of this process record (projection lag and
 /// outcomes, liveness, ...).
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 404, description = "No metrics recorder in this process", content_type = "text/plain", body = String)))]
 async fn metrics(
     State(state): State<AppState>,
 ) -> (StatusCode, [(HeaderName, &'static str); 1], String) {
@@ -206,10 +237,19 @@ async fn metrics(
     }
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "operations", security(()),
+    summary = "The process is up",
+    responses((status = 200, description = "Up", body = Object)))]
 async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Readiness: the dependencies answer.
+#[utoipa::path(get, path = "/ready", tag = "operations", security(()),
+    summary = "Postgres, NATS and MQTT are reachable",
+    responses((status = 200, description = "Ready, with each check", body = Object),
+        (status = 503, description = "Not ready, with the failing checks", body = Object)))]
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(state.bus.pool());
     let database = match tokio::time::timeout(Duration::from_secs(2), ping).await {

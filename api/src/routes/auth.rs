@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
-use axum::routing::post;
 use axum::Extension;
-use axum::Router;
 use chrono::Utc;
 use fleetlog_commands::credentials::{hash_password, verify_password};
 use fleetlog_commands::{CommandError, CommandMetadata};
@@ -19,18 +17,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{Caller, RefreshToken};
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::extract::Json;
 use crate::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 /// The routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/login", post(login))
-        .route("/refresh", post(refresh))
-        .route("/logout", post(logout))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
     tenant: String,
@@ -38,14 +38,14 @@ struct LoginRequest {
     password: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RefreshRequest {
     refresh_token: String,
 }
 
 /// Tokens handed out by login and refresh.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct TokenResponse {
     access_token: String,
     token_type: &'static str,
@@ -66,6 +66,14 @@ fn decoy_hash() -> &'static str {
     })
 }
 
+#[utoipa::path(
+    post, path = "/login", tag = "auth", security(()),
+    summary = "Log in with tenant, username and password",
+    description = "Answers an access token (JWT) and a refresh token. Throttled per username and per client address (429 with Retry-After).",
+    request_body = LoginRequest,
+    responses((status = 200, description = "Tokens", body = TokenResponse), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn login(
     State(state): State<AppState>,
     connection: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -118,6 +126,14 @@ async fn login(
     tokens(&state, &caller, &refresh, now)
 }
 
+#[utoipa::path(
+    post, path = "/refresh", tag = "auth", security(()),
+    summary = "Trade a refresh token for new tokens",
+    description = "The refresh token rotates: the one presented stops working. Presenting a rotated token again revokes the whole session.",
+    request_body = RefreshRequest,
+    responses((status = 200, description = "Tokens", body = TokenResponse), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn refresh(
     State(state): State<AppState>,
     Json(request): Json<RefreshRequest>,
@@ -172,6 +188,12 @@ async fn refresh(
     tokens(&state, &caller, &next, now)
 }
 
+#[utoipa::path(
+    post, path = "/logout", tag = "auth",
+    summary = "Revoke the caller's session",
+    responses((status = 204, description = "Logged out"), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn logout(State(state): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
     let revoke = UserCommand::RevokeSession {
         session_id: caller.session_id.clone(),

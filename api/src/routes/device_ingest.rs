@@ -10,8 +10,6 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::Router;
 use chrono::Utc;
 use fleetlog_commands::credentials::sha256_hex;
 use fleetlog_commands::CommandMetadata;
@@ -22,26 +20,48 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 /// `/api/devices/data/upload`, for devices built against the older upload path.
-pub fn compatibility_router() -> Router<AppState> {
-    Router::new().route("/api/devices/data/upload", post(upload_compatible))
+pub fn compatibility_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(upload_compatible))
+}
+
+/// A part of a message left out, and why (the schema of `fleetlog_ingest::message::Dropped`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct DroppedPart {
+    /// A sensor name, `sensors[3]`, `location`, `timestamp`.
+    field: String,
+    /// Why it was left out.
+    reason: String,
 }
 
 /// What happened to an uploaded message.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct Accepted {
     device_id: String,
     /// `accepted`, or `partially_accepted` when some parts were dropped.
     outcome: &'static str,
     readings: usize,
+    #[schema(value_type = Vec<DroppedPart>)]
     dropped: Vec<Dropped>,
     version: u64,
     global_position: Option<i64>,
 }
 
 /// `POST /api/v1/devices/{id}/telemetry`, routed beside the telemetry query.
+#[utoipa::path(
+    post, path = "/{id}/telemetry", tag = "device ingest", security(("device_token" = [])),
+    summary = "A device posts telemetry (device token)",
+    description = "The full or the simple telemetry format, judged by the same rules as MQTT. Invalid readings are dropped with a reason and the rest kept. An `Idempotency-Key` header makes retries record once.",
+    params(("id" = String, Path, description = "The device id"), ("Idempotency-Key" = Option<String>, Header, description = "Names the upload so a retry is recorded once")),
+    request_body(content = Object, description = "Telemetry, full or simple format"),
+    responses((status = 200, description = "Accepted, perhaps partially", body = Accepted), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 pub(crate) async fn upload_for_device(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -53,6 +73,15 @@ pub(crate) async fn upload_for_device(
 }
 
 /// The device is named by `X-Device-Id` or by a `device_id` member of the body.
+#[utoipa::path(
+    post, path = "/api/devices/data/upload", tag = "device ingest", security(("device_token" = [])),
+    summary = "Compatibility upload path (device token)",
+    description = "The full telemetry format; the device is named by `X-Device-Id` or a `device_id` member of the body.",
+    params(("X-Device-Id" = Option<String>, Header, description = "The device id, unless the body names it")),
+    request_body(content = Object, description = "Telemetry in the full format"),
+    responses((status = 200, description = "Accepted, perhaps partially", body = Accepted), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn upload_compatible(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -8,8 +8,6 @@ use axum::extract::{Path, State};
 use axum::http::header::ETAG;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::Router;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandMetadata, Committed};
 use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, Lifecycle};
@@ -23,8 +21,10 @@ use sqlx::{FromRow, QueryBuilder};
 use crate::auth::Caller;
 use crate::consistency::{if_match, wait_for_position};
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::extract::{Json, Query};
 use crate::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 const WRITERS: &[Role] = &[Role::Admin, Role::Operator];
 const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer];
@@ -33,24 +33,21 @@ const MAX_PAGE: i64 = 200;
 const PROJECTION: &str = "devices";
 
 /// The routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", post(create).get(list))
-        .route("/{id}", get(show).patch(update).delete(decommission))
-        .route("/{id}/desired", put(set_desired))
-        .route("/{id}/commands", post(issue_command))
-        .route("/{id}/commands/{command_id}", get(command_status))
-        .route("/{id}/events", get(events))
-        .route("/{id}/stream", get(super::stream::device_stream))
-        .route(
-            "/{id}/telemetry",
-            get(telemetry).post(super::device_ingest::upload_for_device),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(show, update, decommission))
+        .routes(routes!(set_desired))
+        .routes(routes!(issue_command))
+        .routes(routes!(command_status))
+        .routes(routes!(events))
+        .routes(routes!(super::stream::device_stream))
+        .routes(routes!(telemetry, super::device_ingest::upload_for_device))
 }
 
 /// What a write returns: where the aggregate and the event log stand afterwards, so a client
 /// can read its own write (`min_position`) or write conditionally (`If-Match`).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct WriteResult {
     device_id: String,
     version: u64,
@@ -106,7 +103,7 @@ async fn execute(
         .await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateDevice {
     device_id: String,
@@ -116,7 +113,7 @@ struct CreateDevice {
     tags: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Created {
     #[serde(flatten)]
     write: WriteResult,
@@ -124,6 +121,13 @@ struct Created {
     device_token: String,
 }
 
+#[utoipa::path(
+    post, path = "/", tag = "devices", summary = "Register a device (operator, admin)",
+    description = "Answers the device token once; only its hash is stored.",
+    request_body = CreateDevice,
+    responses((status = 201, description = "Registered", body = Created), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -169,7 +173,7 @@ async fn create(
 }
 
 /// A device as the read model holds it.
-#[derive(Serialize, FromRow)]
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct DeviceView {
     device_id: String,
     tenant: String,
@@ -203,7 +207,7 @@ const DEVICE_COLUMNS: &str = "device_id, tenant, owner, name, model, tags, lifec
     desired, delta, desired_version, firmware_version, firmware_update, open_commands,
     registered_at, updated_at, last_sequence";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ShowQuery {
     /// Fold the device's events up to this instant instead of reading the live model.
@@ -212,6 +216,13 @@ struct ShowQuery {
     min_position: Option<i64>,
 }
 
+#[utoipa::path(
+    get, path = "/{id}", tag = "devices", summary = "A device: registry, live state, desired, reported and delta",
+    description = "With `at`, the device as it stood at that instant, folded from its events. The ETag is the device's version.",
+    params(("id" = String, Path, description = "The device id"), ShowQuery),
+    responses((status = 200, description = "The device", body = DeviceView, headers(("ETag" = String, description = "The device's version"))), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -279,7 +290,7 @@ async fn as_of(
     Ok(view)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     online: Option<bool>,
@@ -297,7 +308,7 @@ struct ListQuery {
     min_position: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Page {
     items: Vec<DeviceView>,
     next_cursor: Option<String>,
@@ -305,6 +316,13 @@ struct Page {
 
 /// Keyset pagination: the cursor is the sort key and id of the last row, so rows inserted
 /// meanwhile never shift a page (no OFFSET).
+#[utoipa::path(
+    get, path = "/", tag = "devices", summary = "The tenant's devices",
+    description = "Filters, a sort and keyset pagination that stays stable under concurrent inserts.",
+    params(ListQuery),
+    responses((status = 200, description = "A page of devices", body = Page), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -409,7 +427,7 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
     Ok((key.to_string(), id.to_string()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpdateDevice {
     name: Option<String>,
@@ -417,6 +435,12 @@ struct UpdateDevice {
     tags: Option<Vec<String>>,
 }
 
+#[utoipa::path(
+    patch, path = "/{id}", tag = "devices", summary = "Change name, model or tags",
+    params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = UpdateDevice,
+    responses((status = 200, description = "Changed", body = WriteResult), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn update(
     State(state): State<AppState>,
     caller: Caller,
@@ -435,6 +459,12 @@ async fn update(
     Ok(written(id.as_str(), committed))
 }
 
+#[utoipa::path(
+    delete, path = "/{id}", tag = "devices", summary = "Decommission a device",
+    params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")),
+    responses((status = 200, description = "Decommissioned", body = WriteResult), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn decommission(
     State(state): State<AppState>,
     caller: Caller,
@@ -450,6 +480,13 @@ async fn decommission(
     Ok(written(id.as_str(), committed))
 }
 
+#[utoipa::path(
+    put, path = "/{id}/desired", tag = "devices", summary = "Set desired properties",
+    description = "A one-level merge patch: `null` removes a property. The device receives them retained on `devices/{id}/desired`.",
+    params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body(content = Object, description = "Properties to set"),
+    responses((status = 200, description = "Set", body = WriteResult), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn set_desired(
     State(state): State<AppState>,
     caller: Caller,
@@ -466,7 +503,7 @@ async fn set_desired(
     Ok(written(id.as_str(), committed))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct IssueCommand {
     name: String,
@@ -480,13 +517,19 @@ fn empty_object() -> Value {
     Value::Object(Map::new())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Accepted {
     command_id: String,
     #[serde(flatten)]
     write: WriteResult,
 }
 
+#[utoipa::path(
+    post, path = "/{id}/commands", tag = "devices", summary = "Send a command to the device",
+    params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = IssueCommand,
+    responses((status = 202, description = "Accepted; follow it with the command status route", body = Accepted), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn issue_command(
     State(state): State<AppState>,
     caller: Caller,
@@ -519,7 +562,7 @@ async fn issue_command(
     ))
 }
 
-#[derive(Serialize, FromRow)]
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct CommandView {
     device_id: String,
     command_id: String,
@@ -532,13 +575,19 @@ struct CommandView {
     result: Option<Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ConsistentQuery {
     /// Wait until the read model has applied the event at this position (read-your-writes).
     min_position: Option<i64>,
 }
 
+#[utoipa::path(
+    get, path = "/{id}/commands/{command_id}", tag = "devices", summary = "A command's status and result",
+    params(("id" = String, Path, description = "The device id"), ("command_id" = String, Path, description = "The command id"), ConsistentQuery),
+    responses((status = 200, description = "The command", body = CommandView), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn command_status(
     State(state): State<AppState>,
     caller: Caller,
@@ -563,7 +612,7 @@ async fn command_status(
     command.map(axum::Json).ok_or(ApiError::NotFound("command"))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     /// Only events after this sequence (the `next_after` of the previous page).
@@ -574,7 +623,7 @@ struct EventsQuery {
     limit: Option<i64>,
 }
 
-#[derive(Serialize, FromRow)]
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct EventView {
     sequence: i64,
     global_position: i64,
@@ -586,13 +635,19 @@ struct EventView {
     payload: Value,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct EventPage {
     items: Vec<EventView>,
     next_after: Option<i64>,
 }
 
 /// The device's history, oldest first, a page at a time.
+#[utoipa::path(
+    get, path = "/{id}/events", tag = "devices", summary = "The device's event history, paged",
+    params(("id" = String, Path, description = "The device id"), EventsQuery),
+    responses((status = 200, description = "A page of events", body = EventPage), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn events(
     State(state): State<AppState>,
     caller: Caller,
@@ -638,7 +693,7 @@ async fn events(
     Ok(axum::Json(EventPage { items, next_after }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct TelemetryQuery {
     /// Only this sensor.
@@ -673,6 +728,12 @@ struct Bucket {
 }
 
 /// Readings of the device over a time range, raw or bucketed.
+#[utoipa::path(
+    get, path = "/{id}/telemetry", tag = "devices", summary = "Telemetry over a time range, raw or bucketed",
+    params(("id" = String, Path, description = "The device id"), TelemetryQuery),
+    responses((status = 200, description = "`samples` (raw) or `buckets` (min, max, avg, count per bucket)", body = Object), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn telemetry(
     State(state): State<AppState>,
     caller: Caller,

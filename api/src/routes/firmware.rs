@@ -4,8 +4,6 @@
 //! checked against the aggregate's tenant first (another tenant's image is a 404).
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::Router;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandMetadata, Committed};
 use fleetlog_domain::firmware::{Firmware, FirmwareCommand, FirmwareId, FirmwareStatus};
@@ -16,22 +14,24 @@ use sqlx::{FromRow, QueryBuilder};
 use crate::auth::Caller;
 use crate::consistency::wait_for_position;
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::extract::{Json, Query};
 use crate::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub(crate) const WRITERS: &[Role] = &[Role::Admin, Role::Operator];
 pub(crate) const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer];
 
 /// The routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", get(list))
-        .route("/{id}", get(show))
-        .route("/{id}/release", post(release))
-        .route("/{id}/deprecate", post(deprecate))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show))
+        .routes(routes!(release))
+        .routes(routes!(deprecate))
 }
 
-#[derive(Serialize, FromRow)]
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct FirmwareView {
     firmware_id: String,
     model: String,
@@ -52,7 +52,7 @@ struct FirmwareView {
 const COLUMNS: &str = "firmware_id, model, version, sha256, size_bytes, compatible_models, notes,
     status, registered_at, released_at, deprecated_at, deprecation_reason, last_sequence";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     model: Option<String>,
@@ -60,6 +60,12 @@ struct ListQuery {
     min_position: Option<i64>,
 }
 
+#[utoipa::path(
+    get, path = "/", tag = "firmware", summary = "The tenant's firmware images",
+    params(ListQuery),
+    responses((status = 200, description = "Images", body = Vec<FirmwareView>), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -87,12 +93,18 @@ async fn list(
     Ok(axum::Json(rows))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ShowQuery {
     min_position: Option<i64>,
 }
 
+#[utoipa::path(
+    get, path = "/{id}", tag = "firmware", summary = "One firmware image",
+    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`"), ShowQuery),
+    responses((status = 200, description = "The image", body = FirmwareView), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -138,7 +150,7 @@ pub(crate) async fn owned_firmware(
     Ok(firmware)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Written {
     firmware_id: String,
     version: u64,
@@ -171,6 +183,12 @@ async fn execute(
     }))
 }
 
+#[utoipa::path(
+    post, path = "/{id}/release", tag = "firmware", summary = "Release an image for rollouts (operator, admin)",
+    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`")),
+    responses((status = 200, description = "Released", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn release(
     State(state): State<AppState>,
     caller: Caller,
@@ -185,12 +203,18 @@ async fn release(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Deprecate {
     reason: String,
 }
 
+#[utoipa::path(
+    post, path = "/{id}/deprecate", tag = "firmware", summary = "Deprecate an image: no new rollout may use it (operator, admin)",
+    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`")), request_body = Deprecate,
+    responses((status = 200, description = "Deprecated", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn deprecate(
     State(state): State<AppState>,
     caller: Caller,

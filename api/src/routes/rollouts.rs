@@ -8,8 +8,6 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::Router;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandError, CommandMetadata, Committed};
 use fleetlog_domain::firmware::FirmwareStatus;
@@ -22,25 +20,27 @@ use super::firmware::{owned_firmware, parse_id as parse_firmware_id, READERS, WR
 use crate::auth::Caller;
 use crate::consistency::wait_for_position;
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::extract::{Json, Query};
 use crate::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 const PROJECTION: &str = "rollouts";
 
 /// The routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", post(create).get(list))
-        .route("/{id}", get(show))
-        .route("/{id}/devices", get(devices))
-        .route("/{id}/start", post(start))
-        .route("/{id}/pause", post(pause))
-        .route("/{id}/resume", post(resume))
-        .route("/{id}/abort", post(abort))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(show))
+        .routes(routes!(devices))
+        .routes(routes!(start))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(abort))
 }
 
 /// Which devices a rollout targets.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TargetFilter {
     /// Devices of this model.
@@ -51,7 +51,7 @@ struct TargetFilter {
     firmware_version: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateRollout {
     /// Chosen by the client, or generated.
@@ -85,7 +85,7 @@ fn default_device_timeout() -> u64 {
     3600
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Written {
     rollout_id: String,
     version: u64,
@@ -104,6 +104,13 @@ fn metadata(caller: &Caller) -> CommandMetadata {
     CommandMetadata::new(caller.actor()).with_tenant(caller.tenant.clone())
 }
 
+#[utoipa::path(
+    post, path = "/", tag = "rollouts", summary = "Plan a rollout (operator, admin)",
+    description = "Targets are explicit device ids or a filter over the devices read model. The image must be released, every target an active device of the tenant whose model the image supports.",
+    request_body = CreateRollout,
+    responses((status = 201, description = "Planned", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -254,7 +261,7 @@ async fn resolve_targets(
         .collect()
 }
 
-#[derive(Serialize, FromRow)]
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct RolloutView {
     rollout_id: String,
     firmware_id: String,
@@ -280,7 +287,7 @@ const COLUMNS: &str = "rollout_id, firmware_id, status, waves, success_threshold
     device_timeout_secs, current_wave, target_count, succeeded, failed, pause_reason, created_at,
     started_at, finished_at, updated_at, last_sequence";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     status: Option<String>,
@@ -288,6 +295,12 @@ struct ListQuery {
     min_position: Option<i64>,
 }
 
+#[utoipa::path(
+    get, path = "/", tag = "rollouts", summary = "The tenant's rollouts",
+    params(ListQuery),
+    responses((status = 200, description = "Rollouts", body = Vec<RolloutView>), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -311,13 +324,13 @@ async fn list(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ShowQuery {
     min_position: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct RolloutDetail {
     #[serde(flatten)]
     rollout: RolloutView,
@@ -325,6 +338,12 @@ struct RolloutDetail {
     device_counts: serde_json::Map<String, serde_json::Value>,
 }
 
+#[utoipa::path(
+    get, path = "/{id}", tag = "rollouts", summary = "A rollout with its counts per device state",
+    params(("id" = String, Path, description = "The rollout id"), ShowQuery),
+    responses((status = 200, description = "The rollout", body = RolloutDetail), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -358,7 +377,7 @@ async fn show(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct DevicesQuery {
     status: Option<String>,
@@ -367,7 +386,7 @@ struct DevicesQuery {
     limit: Option<i64>,
 }
 
-#[derive(Serialize, FromRow)]
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct RolloutDeviceView {
     device_id: String,
     wave: i32,
@@ -376,12 +395,18 @@ struct RolloutDeviceView {
     updated_at: DateTime<Utc>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct DevicePage {
     items: Vec<RolloutDeviceView>,
     next_after: Option<String>,
 }
 
+#[utoipa::path(
+    get, path = "/{id}/devices", tag = "rollouts", summary = "The rollout's devices and their states, paged",
+    params(("id" = String, Path, description = "The rollout id"), DevicesQuery),
+    responses((status = 200, description = "A page of devices", body = DevicePage), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn devices(
     State(state): State<AppState>,
     caller: Caller,
@@ -448,7 +473,7 @@ async fn execute(
     Ok(written(&id, committed))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Reason {
     reason: Option<String>,
@@ -464,6 +489,12 @@ fn reason(body: &[u8]) -> Result<Option<String>, ApiError> {
         .map_err(|error| ApiError::BadRequest(format!("invalid JSON body: {error}")))
 }
 
+#[utoipa::path(
+    post, path = "/{id}/start", tag = "rollouts", summary = "Start the first wave (operator, admin)",
+    params(("id" = String, Path, description = "The rollout id")),
+    responses((status = 200, description = "Started", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn start(
     State(state): State<AppState>,
     caller: Caller,
@@ -498,6 +529,12 @@ async fn start(
     .await
 }
 
+#[utoipa::path(
+    post, path = "/{id}/pause", tag = "rollouts", summary = "Pause (operator, admin)",
+    params(("id" = String, Path, description = "The rollout id")), request_body(content = Option<Reason>, description = "An optional reason"),
+    responses((status = 200, description = "Paused", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn pause(
     State(state): State<AppState>,
     caller: Caller,
@@ -512,6 +549,12 @@ async fn pause(
     execute(&state, &caller, &id, command).await
 }
 
+#[utoipa::path(
+    post, path = "/{id}/resume", tag = "rollouts", summary = "Resume after a pause (operator, admin)",
+    params(("id" = String, Path, description = "The rollout id")),
+    responses((status = 200, description = "Resumed", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn resume(
     State(state): State<AppState>,
     caller: Caller,
@@ -526,6 +569,12 @@ async fn resume(
     .await
 }
 
+#[utoipa::path(
+    post, path = "/{id}/abort", tag = "rollouts", summary = "Abort: devices not yet sent are canceled (operator, admin)",
+    params(("id" = String, Path, description = "The rollout id")), request_body(content = Option<Reason>, description = "An optional reason"),
+    responses((status = 200, description = "Aborted", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn abort(
     State(state): State<AppState>,
     caller: Caller,

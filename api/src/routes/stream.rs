@@ -19,8 +19,6 @@ use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::routing::get;
-use axum::Router;
 use fleetlog_domain::user::Role;
 use fleetlog_nats::topology::{subject_filter_for_type, subject_for, SUBJECT_PREFIX};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
@@ -30,8 +28,10 @@ use serde_json::Value;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::extract::Query;
 use crate::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer];
 
@@ -39,11 +39,11 @@ const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer];
 const STREAMED_TYPES: &[&str] = &["device", "firmware", "rollout"];
 
 /// The tenant-wide stream (mounted at `/api/v1/stream`).
-pub fn router() -> Router<AppState> {
-    Router::new().route("/", get(tenant_stream))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(tenant_stream))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StreamQuery {
     /// Resume after this event id, as `Last-Event-ID` does (for clients that cannot set headers).
@@ -60,6 +60,13 @@ type EventStream = Sse<
 >;
 
 /// `GET /api/v1/devices/{id}/stream`, routed beside the other device routes.
+#[utoipa::path(
+    get, path = "/{id}/stream", tag = "live", summary = "The device's events as Server-Sent Events",
+    description = "Each SSE `id` is a stream position: reconnect with `Last-Event-ID` (or `last_event_id`) to continue after it without gaps or repeats.",
+    params(("id" = String, Path, description = "The device id"), ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"), StreamQuery),
+    responses((status = 200, description = "An event stream; each event's data is the event envelope", content_type = "text/event-stream", body = String), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 pub(crate) async fn device_stream(
     State(state): State<AppState>,
     caller: Caller,
@@ -83,6 +90,12 @@ pub(crate) async fn device_stream(
     open(&state, subject_for("device", id.as_str()), caller, resume).await
 }
 
+#[utoipa::path(
+    get, path = "/", tag = "live", summary = "Every device, firmware and rollout event of the tenant as Server-Sent Events",
+    params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"), StreamQuery),
+    responses((status = 200, description = "An event stream; each event's data is the event envelope", content_type = "text/event-stream", body = String), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn tenant_stream(
     State(state): State<AppState>,
     caller: Caller,

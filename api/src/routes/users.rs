@@ -2,8 +2,6 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
-use axum::Router;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::credentials::hash_password;
 use fleetlog_commands::{CommandError, CommandMetadata, Committed};
@@ -16,31 +14,39 @@ use sqlx::FromRow;
 use crate::auth::Caller;
 use crate::consistency::wait_for_position;
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::extract::{Json, Query};
 use crate::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 const ADMIN: &[Role] = &[Role::Admin];
 
 /// The routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/me", get(me))
-        .route("/", get(list).post(create))
-        .route("/{id}/roles", post(grant_role))
-        .route("/{id}/roles/{role}", delete(revoke_role))
-        .route("/{id}/disable", post(disable))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(me))
+        .routes(routes!(list, create))
+        .routes(routes!(grant_role))
+        .routes(routes!(revoke_role))
+        .routes(routes!(disable))
 }
 
 /// A user as the API shows it: never a secret.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct UserView {
     user_id: String,
     tenant: String,
     username: String,
+    #[schema(value_type = Vec<String>)]
     roles: Vec<Role>,
     disabled: bool,
 }
 
+#[utoipa::path(
+    get, path = "/me", tag = "users", summary = "The caller",
+    responses((status = 200, description = "The caller's account", body = UserView), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn me(
     State(state): State<AppState>,
     caller: Caller,
@@ -63,7 +69,7 @@ async fn me(
     }))
 }
 
-#[derive(Serialize, FromRow)]
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct UserRow {
     user_id: String,
     username: String,
@@ -75,13 +81,19 @@ struct UserRow {
     last_sequence: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Wait until the users model has applied the event at this position.
     min_position: Option<i64>,
 }
 
+#[utoipa::path(
+    get, path = "/", tag = "users", summary = "The tenant's users (admin)",
+    params(ListQuery),
+    responses((status = 200, description = "Users", body = Vec<UserRow>), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -101,15 +113,16 @@ async fn list(
     Ok(axum::Json(users))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateUser {
     username: String,
     password: String,
+    #[schema(value_type = Vec<String>)]
     roles: Vec<Role>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Written {
     user_id: String,
     version: u64,
@@ -124,6 +137,12 @@ fn written(user_id: &UserId, committed: Committed) -> axum::Json<Written> {
     })
 }
 
+#[utoipa::path(
+    post, path = "/", tag = "users", summary = "Create a user (admin)",
+    request_body = CreateUser,
+    responses((status = 201, description = "Created", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -180,12 +199,19 @@ async fn administer(
     Ok(written(&user_id, committed))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct GrantRole {
+    #[schema(value_type = String)]
     role: Role,
 }
 
+#[utoipa::path(
+    post, path = "/{id}/roles", tag = "users", summary = "Grant a role (admin)",
+    params(("id" = String, Path, description = "The user id")), request_body = GrantRole,
+    responses((status = 200, description = "Granted", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn grant_role(
     State(state): State<AppState>,
     caller: Caller,
@@ -199,6 +225,12 @@ async fn grant_role(
     administer(&state, &caller, &id, command).await
 }
 
+#[utoipa::path(
+    delete, path = "/{id}/roles/{role}", tag = "users", summary = "Revoke a role (admin)",
+    params(("id" = String, Path, description = "The user id"), ("role" = String, Path, description = "admin, operator or viewer")),
+    responses((status = 200, description = "Revoked", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn revoke_role(
     State(state): State<AppState>,
     caller: Caller,
@@ -216,12 +248,19 @@ async fn revoke_role(
     administer(&state, &caller, &id, command).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Disable {
     reason: String,
 }
 
+#[utoipa::path(
+    post, path = "/{id}/disable", tag = "users", summary = "Disable a user (admin)",
+    description = "The user can no longer log in or refresh; access tokens already issued expire within their lifetime.",
+    params(("id" = String, Path, description = "The user id")), request_body = Disable,
+    responses((status = 200, description = "Disabled", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+)]
 async fn disable(
     State(state): State<AppState>,
     caller: Caller,

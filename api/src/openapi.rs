@@ -1,0 +1,93 @@
+//! The frame of the OpenAPI document: title, security schemes, tags, and the operations routes
+//! that are not handlers of ours (`/docs`). The paths come from the handlers' `#[utoipa::path]`.
+
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem};
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, OpenApi as Document, SecurityRequirement};
+use utoipa::{Modify, OpenApi};
+
+use crate::error::Problem;
+
+/// The document's frame.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fleetlog",
+        description = "Event-sourced device fleet platform: registry, live state, commands, telemetry, firmware and rollouts. Errors are RFC 7807 problem+json.",
+    ),
+    components(schemas(Problem)),
+    modifiers(&Frame),
+    tags(
+        (name = "auth", description = "Login, token refresh and logout"),
+        (name = "users", description = "Accounts and roles of the tenant"),
+        (name = "devices", description = "Registry, live state, desired properties, commands, history and telemetry"),
+        (name = "device ingest", description = "Telemetry over HTTP for devices, with the device token"),
+        (name = "firmware", description = "Firmware images"),
+        (name = "rollouts", description = "Firmware rollouts in waves"),
+        (name = "live", description = "Server-Sent Event streams"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Frame;
+
+impl Modify for Frame {
+    fn modify(&self, document: &mut Document) {
+        let components = document.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("An access token from /api/v1/auth/login"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "device_token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Device-Token",
+                "The device token answered at registration (or as Authorization: Bearer)",
+            ))),
+        );
+        // Every operation needs an access token unless it says otherwise.
+        document.security = Some(vec![SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+        let page = |summary: &str, content_type: &str, description: &str| {
+            PathItem::new(
+                HttpMethod::Get,
+                OperationBuilder::new()
+                    .tag("operations")
+                    .summary(Some(summary))
+                    .security(SecurityRequirement::default())
+                    .response(
+                        "200",
+                        ResponseBuilder::new()
+                            .description(description)
+                            .content(content_type, ContentBuilder::new().build()),
+                    ),
+            )
+        };
+        document.paths.paths.insert(
+            "/openapi.json".into(),
+            page(
+                "This document",
+                "application/json",
+                "The OpenAPI 3.1 document of the API",
+            ),
+        );
+        document.paths.paths.insert(
+            "/docs/".into(),
+            page(
+                "Interactive API documentation",
+                "text/html",
+                "Swagger UI, served from assets built into the binary",
+            ),
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! The OpenAPI document: served, complete (every route of the REST contract is in it), and
+//! honest (every operation in it is routed), plus the docs page built into the binary.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Method, StatusCode};
+use common::Platform;
+
+/// The REST contract, route by route.
+const CONTRACT: &[(&str, &str)] = &[
+    ("get", "/health"),
+    ("get", "/ready"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("get", "/docs/"),
+    ("post", "/api/v1/auth/login"),
+    ("post", "/api/v1/auth/refresh"),
+    ("post", "/api/v1/auth/logout"),
+    ("get", "/api/v1/users/me"),
+    ("get", "/api/v1/users"),
+    ("post", "/api/v1/users"),
+    ("post", "/api/v1/users/{id}/roles"),
+    ("delete", "/api/v1/users/{id}/roles/{role}"),
+    ("post", "/api/v1/users/{id}/disable"),
+    ("post", "/api/v1/devices"),
+    ("get", "/api/v1/devices"),
+    ("get", "/api/v1/devices/{id}"),
+    ("patch", "/api/v1/devices/{id}"),
+    ("delete", "/api/v1/devices/{id}"),
+    ("put", "/api/v1/devices/{id}/desired"),
+    ("post", "/api/v1/devices/{id}/commands"),
+    ("get", "/api/v1/devices/{id}/commands/{command_id}"),
+    ("get", "/api/v1/devices/{id}/events"),
+    ("get", "/api/v1/devices/{id}/telemetry"),
+    ("post", "/api/v1/devices/{id}/telemetry"),
+    ("get", "/api/v1/devices/{id}/stream"),
+    ("post", "/api/devices/data/upload"),
+    ("get", "/api/v1/firmware"),
+    ("get", "/api/v1/firmware/{id}"),
+    ("post", "/api/v1/firmware/{id}/release"),
+    ("post", "/api/v1/firmware/{id}/deprecate"),
+    ("post", "/api/v1/rollouts"),
+    ("get", "/api/v1/rollouts"),
+    ("get", "/api/v1/rollouts/{id}"),
+    ("get", "/api/v1/rollouts/{id}/devices"),
+    ("post", "/api/v1/rollouts/{id}/start"),
+    ("post", "/api/v1/rollouts/{id}/pause"),
+    ("post", "/api/v1/rollouts/{id}/resume"),
+    ("post", "/api/v1/rollouts/{id}/abort"),
+    ("get", "/api/v1/stream"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_lists_every_route_and_every_listed_route_exists() {
+    let platform = Platform::start_with(false).await;
+    let (status, headers, document) = platform
+        .send(Method::GET, "/openapi.json", &[], Body::empty())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/json");
+    assert!(document["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = document["paths"].as_object().unwrap();
+
+    let mut documented = Vec::new();
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            documented.push((method.clone(), path.clone()));
+            assert!(
+                operation["summary"].is_string(),
+                "{method} {path} has no summary"
+            );
+        }
+    }
+    for (method, path) in CONTRACT {
+        assert!(
+            documented.contains(&(method.to_string(), path.to_string())),
+            "{method} {path} is missing from the OpenAPI document"
+        );
+    }
+    assert_eq!(
+        documented.len(),
+        CONTRACT.len(),
+        "the document has operations the contract list lacks: {documented:?}"
+    );
+
+    // Every documented operation is routed: no request to it ends in the router's 404 or 405.
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{id}", "x1")
+            .replace("{role}", "viewer")
+            .replace("{command_id}", "c1");
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let (status, _, body) = platform
+            .send(method.clone(), &concrete, &[], Body::empty())
+            .await;
+        let unrouted = status == StatusCode::METHOD_NOT_ALLOWED
+            || (status == StatusCode::NOT_FOUND && body["detail"] == "no such route");
+        assert!(!unrouted, "{method} {concrete}: {status} {body}");
+    }
+
+    // Operations that need a token say so; the ones that do not, say that.
+    let security = |method: &str, path: &str| paths[path][method].get("security").cloned();
+    assert_eq!(document["security"], serde_json::json!([{"bearer": []}]));
+    assert_eq!(
+        security("post", "/api/v1/auth/login"),
+        Some(serde_json::json!([{}]))
+    );
+    assert_eq!(
+        security("post", "/api/v1/devices/{id}/telemetry"),
+        Some(serde_json::json!([{"device_token": []}]))
+    );
+    assert!(document["components"]["schemas"]["Problem"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_docs_page_is_served_from_the_binary() {
+    let platform = Platform::start_with(false).await;
+    let response = tower::ServiceExt::oneshot(
+        platform.router.clone(),
+        axum::http::Request::get("/docs/")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let html = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let html = String::from_utf8_lossy(&html);
+    assert!(html.contains("swagger-ui"), "{html}");
+    for asset in [
+        "/docs/swagger-ui.css",
+        "/docs/swagger-ui-bundle.js",
+        "/docs/swagger-initializer.js",
+    ] {
+        let response = tower::ServiceExt::oneshot(
+            platform.router.clone(),
+            axum::http::Request::get(asset).body(Body::empty()).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{asset}");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 24)
+            .await
+            .unwrap();
+        assert!(!body.is_empty(), "{asset}");
+        if asset.ends_with("initializer.js") {
+            assert!(String::from_utf8_lossy(&body).contains("/openapi.json"));
+        }
+    }
+}
