@@ -22,6 +22,7 @@ use fleetlog_commands::credentials::hash_password;
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata, StoreSettings};
 use fleetlog_domain::user::{validate_username, Role, UserCommand};
 use fleetlog_domain::{TenantId, UserId};
+use fleetlog_ingest::broker::BrokerUrl;
 use fleetlog_nats::{Relay, RelaySettings};
 use fleetlog_projections::liveness::{Liveness, LivenessSettings};
 use fleetlog_projections::WorkerSettings;
@@ -218,6 +219,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.http_addr,
                 settings.http()?,
                 settings.nats_url.clone(),
+                settings.mqtt_url.clone(),
                 auth,
                 settings.store(),
                 pool,
@@ -317,6 +319,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         settings.http_addr,
         settings.http()?,
         settings.nats_url.clone(),
+        settings.mqtt_url.clone(),
         auth,
         settings.store(),
         pool.clone(),
@@ -352,6 +355,7 @@ async fn serve_api(
     address: SocketAddr,
     http: HttpSettings,
     nats_url: String,
+    mqtt: BrokerUrl,
     auth: Arc<Auth>,
     store: StoreSettings,
     pool: PgPool,
@@ -368,6 +372,7 @@ async fn serve_api(
     let state = fleetlog_api::AppState {
         auth,
         nats: Some(nats),
+        mqtt: Some(mqtt),
         login_throttle: Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         bus: CommandBus::new(pool, store),
         metrics,

@@ -8,6 +8,7 @@ use axum::http::HeaderValue;
 use clap::{Args, ValueEnum};
 use fleetlog_api::HttpSettings;
 use fleetlog_commands::StoreSettings;
+use fleetlog_ingest::broker::BrokerUrl;
 use fleetlog_nats::{RelaySettings, StreamSettings};
 use fleetlog_projections::liveness::LivenessSettings;
 use secrecy::SecretString;
@@ -112,6 +113,17 @@ pub struct Settings {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: String,
+
+    /// MQTT broker: `mqtt://[user[:password]@]host[:port]`, or `mqtts://` for TLS (holds a
+    /// password: printed masked).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883",
+        hide_env_values = true
+    )]
+    pub mqtt_url: BrokerUrl,
 
     /// How long events stay in the JetStream stream, in seconds (0: for ever).
     #[arg(

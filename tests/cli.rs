@@ -208,10 +208,12 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
     let db = TestDatabase::create_empty().await;
     let nats = NatsServer::start();
+    let broker = fleetlog_testkit::MosquittoServer::start();
     let port = free_port();
     let mut child = fleetlog(&db.url)
         .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("FLEETLOG_NATS_URL", nats.url())
+        .env("FLEETLOG_MQTT_URL", broker.url())
         .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
         .arg("up")
         .stdout(Stdio::null())

@@ -57,6 +57,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// The NATS connection, when this process has one: readiness reports on it.
     pub nats: Option<async_nats::Client>,
+    /// The MQTT broker, when this process should report on it in readiness.
+    pub mqtt: Option<fleetlog_ingest::broker::BrokerUrl>,
     /// Limits on login attempts.
     pub login_throttle: Arc<throttle::LoginThrottle>,
     /// The write side; its pool also answers readiness.
@@ -264,6 +266,15 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<serde_json::V
     if let Some(nats) = &state.nats {
         let connected = nats.connection_state() == async_nats::connection::State::Connected;
         checks["nats"] = json!(if connected { "ok" } else { "unreachable" });
+    }
+    if let Some(broker) = &state.mqtt {
+        checks["mqtt"] = json!(match broker.probe(Duration::from_secs(2)).await {
+            Ok(()) => "ok",
+            Err(error) => {
+                tracing::warn!(%error, broker = %broker, "readiness: MQTT broker unreachable");
+                "unreachable"
+            }
+        });
     }
     let ready = checks
         .as_object()

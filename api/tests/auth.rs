@@ -53,6 +53,7 @@ impl Api {
         let state = AppState {
             login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::new(5, 100)),
             nats: None,
+            mqtt: None,
             auth: Auth::new(
                 &SecretString::from(SECRET),
                 Duration::from_secs(300),

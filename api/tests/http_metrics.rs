@@ -24,6 +24,7 @@ async fn requests_are_counted_and_timed_by_route_template() {
     let state = AppState {
         login_throttle: Arc::new(LoginThrottle::default()),
         nats: None,
+        mqtt: None,
         auth: Auth::new(
             &SecretString::from("a test secret that is long enough to sign"),
             Duration::from_secs(300),

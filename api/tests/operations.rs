@@ -39,6 +39,7 @@ async fn health_and_readiness_with_a_live_database() {
     let state = AppState {
         login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: None,
+        mqtt: None,
         auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
         metrics: None,
@@ -61,6 +62,7 @@ async fn not_ready_when_the_database_is_unreachable() {
     let state = AppState {
         login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: None,
+        mqtt: None,
         auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: None,
@@ -87,6 +89,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
     let state = AppState {
         login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: None,
+        mqtt: None,
         auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: Some(handle),
@@ -108,6 +111,33 @@ async fn metrics_are_served_in_prometheus_text_format() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_mqtt_broker() {
+    use fleetlog_testkit::MosquittoServer;
+
+    let db = TestDatabase::create().await;
+    let mut broker = MosquittoServer::start();
+    let state = AppState {
+        login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
+        nats: None,
+        mqtt: Some(broker.url().parse().unwrap()),
+        auth: test_auth(),
+        bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+        metrics: None,
+    };
+    let (status, body) = get(state.clone(), "/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checks"]["mqtt"], "ok");
+    broker.kill();
+    let (status, body) = get(state.clone(), "/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["checks"]["mqtt"], "unreachable");
+    assert_eq!(body["checks"]["database"], "ok");
+    broker.resume();
+    let (status, _) = get(state, "/ready").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn readiness_follows_nats_and_requests_carry_ids() {
     use fleetlog_testkit::NatsServer;
@@ -118,6 +148,7 @@ async fn readiness_follows_nats_and_requests_carry_ids() {
     let state = AppState {
         login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: Some(client.clone()),
+        mqtt: None,
         auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
         metrics: None,

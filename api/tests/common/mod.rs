@@ -71,6 +71,7 @@ impl Platform {
         let state = AppState {
             login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
             nats: Some(client.clone()),
+            mqtt: None,
             auth: auth.clone(),
             bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
             metrics: None,

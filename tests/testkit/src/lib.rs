@@ -3,10 +3,12 @@
 //! [`TestDatabase`] gives each test a fresh, migrated Postgres database on the server named by
 //! `FLEETLOG_TEST_DATABASE_URL` (the test command starts that server), and drops it afterwards.
 //! [`NatsServer`] runs a real nats-server with JetStream on a free port, with a throwaway store
-//! directory, killed when dropped.
+//! directory, killed when dropped. [`MosquittoServer`] does the same for a Mosquitto broker.
 
+mod mosquitto;
 mod nats;
 
+pub use mosquitto::MosquittoServer;
 pub use nats::NatsServer;
 
 use std::time::Duration;

@@ -1,0 +1,152 @@
+//! Where the MQTT broker is and how to reach it: `FLEETLOG_MQTT_URL` parsing, client options,
+//! and a readiness probe.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Transport};
+
+/// A broker address from `mqtt://[user[:password]@]host[:port]` (`mqtts://` for TLS with the
+/// system's roots; default ports 1883 and 8883).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Whether to speak TLS.
+    pub tls: bool,
+    /// User name and password, if the broker wants them.
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        let user = match &self.credentials {
+            Some((user, _)) => format!("{user}:***@"),
+            None => String::new(),
+        };
+        write!(f, "{scheme}://{user}{}:{}", self.host, self.port)
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A malformed broker URL.
+#[derive(Debug, thiserror::Error)]
+#[error("MQTT URL {url:?}: {reason}")]
+pub struct BrokerUrlError {
+    url: String,
+    reason: &'static str,
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = BrokerUrlError;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let error = |reason| BrokerUrlError {
+            url: url.to_string(),
+            reason,
+        };
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("tcp://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else {
+            return Err(error("must start with mqtt://, tcp:// or mqtts://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (credentials, address) = match rest.rsplit_once('@') {
+            Some((userinfo, address)) => {
+                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                (Some((user.to_string(), password.to_string())), address)
+            }
+            None => (None, rest),
+        };
+        let (host, port) = match address.rsplit_once(':') {
+            Some((host, port)) => (
+                host,
+                port.parse().map_err(|_| error("port must be a number"))?,
+            ),
+            None => (address, if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(error("no host"));
+        }
+        Ok(BrokerUrl {
+            host: host.to_string(),
+            port,
+            tls,
+            credentials,
+        })
+    }
+}
+
+impl BrokerUrl {
+    /// Client options for this broker under `client_id`.
+    pub fn options(&self, client_id: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, &self.host, self.port);
+        if let Some((user, password)) = &self.credentials {
+            options.set_credentials(user, password);
+        }
+        if self.tls {
+            options.set_transport(Transport::tls_with_default_config());
+        }
+        options
+    }
+
+    /// Connects, waits for the broker's CONNACK and disconnects: readiness for processes that
+    /// need the broker.
+    pub async fn probe(&self, patience: Duration) -> Result<(), String> {
+        let client_id = format!("fleetlog-probe-{}", std::process::id());
+        let mut options = self.options(&client_id);
+        options.set_clean_session(true);
+        let (client, mut events) = AsyncClient::new(options, 4);
+        let handshake = async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+        };
+        let outcome = match tokio::time::timeout(patience, handshake).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("no answer within {patience:?}")),
+        };
+        let _ = client.try_disconnect();
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_host_port_tls_and_credentials() {
+        let plain: BrokerUrl = "mqtt://127.0.0.1:51883".parse().unwrap();
+        assert_eq!(
+            (plain.host.as_str(), plain.port, plain.tls),
+            ("127.0.0.1", 51883, false)
+        );
+        let secure: BrokerUrl = "mqtts://fleet:s3cret@broker.example".parse().unwrap();
+        assert_eq!((secure.port, secure.tls), (8883, true));
+        assert_eq!(
+            secure.credentials,
+            Some(("fleet".to_string(), "s3cret".to_string()))
+        );
+        assert_eq!(secure.to_string(), "mqtts://fleet:***@broker.example:8883");
+        for bad in ["http://x", "mqtt://", "mqtt://host:port", "127.0.0.1:1883"] {
+            assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
+        }
+    }
+}
