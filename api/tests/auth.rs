@@ -35,6 +35,10 @@ struct Reply {
 
 impl Api {
     async fn start() -> Self {
+        Self::start_with(fleetlog_api::throttle::LoginThrottle::new(5, 100)).await
+    }
+
+    async fn start_with(throttle: fleetlog_api::throttle::LoginThrottle) -> Self {
         let db = TestDatabase::create().await;
         let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
         let tenant = TenantId::parse("acme").unwrap();
@@ -51,7 +55,7 @@ impl Api {
             .await
             .unwrap();
         let state = AppState {
-            login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::new(5, 100)),
+            login_throttle: std::sync::Arc::new(throttle),
             nats: None,
             mqtt: None,
             auth: Auth::new(
@@ -383,5 +387,36 @@ async fn login_attempts_are_throttled_per_user() {
             json!({"tenant": "acme", "username": "bob", "password": "whatever123"}),
         )
         .await;
+    assert_eq!(other.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn login_attempts_are_throttled_per_client_address() {
+    use axum::extract::ConnectInfo;
+    use std::net::SocketAddr;
+
+    let api = Api::start_with(fleetlog_api::throttle::LoginThrottle::new(100, 3)).await;
+    let attempt = |address: &str, username: &str| {
+        let mut request = Request::post("/api/v1/auth/login")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"tenant": "acme", "username": username, "password": "guess guess"})
+                    .to_string(),
+            ))
+            .unwrap();
+        // What axum's connect-info service puts on each request of a real connection.
+        let address: SocketAddr = address.parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(address));
+        request
+    };
+    // One address spraying guesses over many usernames is stopped...
+    for username in ["u1", "u2", "u3"] {
+        let reply = api.call(attempt("203.0.113.7:40000", username)).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    let throttled = api.call(attempt("203.0.113.7:40001", "u4")).await;
+    assert_problem(&throttled, StatusCode::TOO_MANY_REQUESTS);
+    // ...while other addresses carry on.
+    let other = api.call(attempt("198.51.100.2:40000", "u5")).await;
     assert_eq!(other.status, StatusCode::UNAUTHORIZED);
 }
