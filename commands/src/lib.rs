@@ -27,4 +27,4 @@ pub use bus::CommandBus;
 pub use database::{connect, migrate, MIGRATOR};
 pub use error::{CommandError, StoreError};
 pub use metadata::CommandMetadata;
-pub use store::{AggregateStore, Committed, LoadedAggregate, StoreSettings};
+pub use store::{AggregateStore, BatchCommitted, Committed, LoadedAggregate, StoreSettings};

@@ -100,7 +100,32 @@ pub struct Committed {
     pub events: usize,
 }
 
+/// What a batch of commands on one aggregate left behind.
+#[derive(Debug)]
+pub struct BatchCommitted<E> {
+    /// The aggregate after the batch, as for a single command.
+    pub committed: Committed,
+    /// For each command, in order: the number of events it produced, or its refusal.
+    pub outcomes: Vec<Result<usize, E>>,
+}
+
 type Slot<A> = Arc<Mutex<Option<LoadedAggregate<A>>>>;
+
+/// Every event carries its aggregate's tenant, whoever issued the command (a process acting for
+/// no tenant in particular, such as ingest or liveness, included).
+fn with_tenant<'a, A: fleetlog_domain::TenantScoped>(
+    metadata: &'a HashMap<String, String>,
+    aggregate: &A,
+) -> std::borrow::Cow<'a, HashMap<String, String>> {
+    match aggregate.tenant() {
+        Some(tenant) if metadata.get("tenant").map(String::as_str) != Some(tenant.as_str()) => {
+            let mut stamped = metadata.clone();
+            stamped.insert("tenant".to_string(), tenant.to_string());
+            std::borrow::Cow::Owned(stamped)
+        }
+        _ => std::borrow::Cow::Borrowed(metadata),
+    }
+}
 
 /// The store of one aggregate type. Cheap to clone; clones share the cache.
 pub struct AggregateStore<A: Aggregate> {
@@ -214,6 +239,102 @@ where
         }
     }
 
+    /// Runs `commands` in order on one aggregate and appends every event they produce in one
+    /// transaction: how ingest coalesces the messages queued for one device. Each command is
+    /// decided against the state the earlier ones left; a refused command changes nothing and
+    /// does not stop the others. Conflicts with other writers retry the whole batch.
+    pub async fn execute_batch(
+        &self,
+        aggregate_id: &str,
+        commands: Vec<A::Command>,
+        metadata: &CommandMetadata,
+    ) -> Result<BatchCommitted<A::Error>, CommandError<A::Error>> {
+        let metadata = metadata.to_map();
+        let mut attempt = 1;
+        loop {
+            if let Some(done) = self
+                .try_execute_batch(aggregate_id, &commands, &metadata)
+                .await?
+            {
+                return Ok(done);
+            }
+            if attempt >= self.settings.max_attempts {
+                return Err(CommandError::Conflict {
+                    aggregate_type: A::TYPE,
+                    aggregate_id: aggregate_id.to_string(),
+                    attempts: attempt,
+                });
+            }
+            let jitter = rand::thread_rng().gen_range(0..10 * u64::from(attempt));
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            attempt += 1;
+        }
+    }
+
+    async fn try_execute_batch(
+        &self,
+        aggregate_id: &str,
+        commands: &[A::Command],
+        metadata: &HashMap<String, String>,
+    ) -> Result<Option<BatchCommitted<A::Error>>, CommandError<A::Error>> {
+        let slot = self.slot(aggregate_id);
+        let mut cached = slot.lock().await;
+        let mut loaded = match cached.take() {
+            Some(loaded) => loaded,
+            None => self.load(aggregate_id).await?,
+        };
+        let mut events = Vec::new();
+        let mut outcomes = Vec::with_capacity(commands.len());
+        for command in commands {
+            let sink = EventSink::default();
+            let decision = loaded
+                .aggregate
+                .handle(command.clone(), &self.services, &sink)
+                .await;
+            let produced = sink.collect().await;
+            match decision {
+                Ok(()) => {
+                    outcomes.push(Ok(produced.len()));
+                    events.extend(produced);
+                }
+                // An aggregate that wrote events before refusing may be half-changed: the
+                // batch cannot go on from that state, and the slot stays empty.
+                Err(refusal) if !produced.is_empty() => return Err(CommandError::Refused(refusal)),
+                Err(refusal) => outcomes.push(Err(refusal)),
+            }
+        }
+        if events.is_empty() {
+            let version = loaded.version;
+            *cached = Some(loaded);
+            return Ok(Some(BatchCommitted {
+                committed: Committed {
+                    version,
+                    global_position: None,
+                    events: 0,
+                },
+                outcomes,
+            }));
+        }
+        let metadata = with_tenant(metadata, &loaded.aggregate);
+        match self.append(&loaded, &events, &metadata).await {
+            Ok(global_position) => {
+                loaded.version += events.len() as u64;
+                let version = loaded.version;
+                *cached = Some(loaded);
+                Ok(Some(BatchCommitted {
+                    committed: Committed {
+                        version,
+                        global_position: Some(global_position),
+                        events: events.len(),
+                    },
+                    outcomes,
+                }))
+            }
+            Err(AppendError::Conflict) => Ok(None),
+            Err(AppendError::Store(error)) => Err(error.into()),
+        }
+    }
+
     fn slot(&self, aggregate_id: &str) -> Slot<A> {
         self.cache
             .get_with_by_ref(aggregate_id, || Arc::new(Mutex::new(None)))
@@ -263,18 +384,8 @@ where
             }));
         }
 
-        // Every event carries its aggregate's tenant, whoever issued the command.
-        let stamped;
-        let metadata = match loaded.aggregate.tenant() {
-            Some(tenant) if metadata.get("tenant") != Some(&tenant.to_string()) => {
-                let mut with_tenant = metadata.clone();
-                with_tenant.insert("tenant".to_string(), tenant.to_string());
-                stamped = with_tenant;
-                &stamped
-            }
-            _ => metadata,
-        };
-        match self.append(&loaded, &events, metadata).await {
+        let metadata = with_tenant(metadata, &loaded.aggregate);
+        match self.append(&loaded, &events, &metadata).await {
             Ok(global_position) => {
                 let count = events.len();
                 loaded.version += count as u64;

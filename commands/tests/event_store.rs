@@ -156,6 +156,76 @@ async fn every_event_carries_its_aggregates_tenant() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_appends_what_its_accepted_commands_decide_in_one_go() {
+    let db = TestDatabase::create().await;
+    let devices = store(&db.pool, StoreSettings::default());
+    // Another writer, as a second ingest instance would be, moves the aggregate between the
+    // batch's load and its append on the first attempt at most.
+    let other = store(&db.pool, StoreSettings::default());
+    devices
+        .execute(DEVICE, register(), &metadata())
+        .await
+        .unwrap();
+    other
+        .execute(DEVICE, heartbeat(1), &metadata())
+        .await
+        .unwrap();
+    let refused = DeviceCommand::RecordTelemetry {
+        digest: String::new(),
+        redelivery: false,
+        readings: vec![],
+        device_time: None,
+        received_at: at(3),
+        location: None,
+        status: Map::new(),
+    };
+    let batch = vec![
+        telemetry(2),
+        refused,
+        heartbeat(4),
+        telemetry(2),
+        telemetry(5),
+    ];
+    let done = devices
+        .execute_batch(DEVICE, batch, &metadata())
+        .await
+        .unwrap();
+    let outcomes: Vec<Result<usize, String>> = done
+        .outcomes
+        .iter()
+        .map(|o| o.as_ref().map(|n| *n).map_err(|e| e.to_string()))
+        .collect();
+    // The repeated telemetry(2) is a redelivery by digest: accepted, nothing new.
+    assert_eq!(outcomes[0], Ok(1));
+    assert!(outcomes[1].is_err());
+    assert_eq!(outcomes[2], Ok(1));
+    assert_eq!(outcomes[3], Ok(0));
+    assert_eq!(outcomes[4], Ok(1));
+    assert_eq!(done.committed.events, 3);
+    // Registration, online + heartbeat from the other writer, then the batch's three.
+    assert_eq!(done.committed.version, 6);
+    let positions: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT sequence, global_position FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(DEVICE)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        positions.iter().map(|p| p.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(Some(positions[5].1), done.committed.global_position);
+    // The other writer sees the batch, and a cold load agrees with the cached state.
+    other.evict(DEVICE);
+    assert_eq!(other.current(DEVICE).await.unwrap().version, 6);
+    assert_eq!(
+        devices.current(DEVICE).await.unwrap().aggregate,
+        other.current(DEVICE).await.unwrap().aggregate
+    );
+}
+
 #[tokio::test]
 async fn idempotent_repeats_append_nothing() {
     let db = TestDatabase::create().await;
