@@ -22,6 +22,7 @@ use fleetlog_commands::credentials::hash_password;
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata, StoreSettings};
 use fleetlog_domain::user::{validate_username, Role, UserCommand};
 use fleetlog_domain::{TenantId, UserId};
+use fleetlog_ingest::bridge::{Ingest, IngestSettings};
 use fleetlog_ingest::broker::BrokerUrl;
 use fleetlog_nats::{Relay, RelaySettings};
 use fleetlog_projections::liveness::{Liveness, LivenessSettings};
@@ -49,6 +50,8 @@ enum Command {
     Up,
     /// Serve the HTTP API.
     Api,
+    /// Bridge the device topics of the MQTT broker into Device commands.
+    Ingest,
     /// Publish committed events from Postgres to NATS JetStream (one active relay at a time).
     Relay,
     /// Keep the read models up to date from the event stream (run as many as you like).
@@ -228,6 +231,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Ingest => {
+            let pool = connect(&settings).await?;
+            run_ingest(
+                settings.nats_url.clone(),
+                settings.ingest()?,
+                settings.store(),
+                pool,
+                shutdown_on_signal(),
+            )
+            .await
+        }
         Command::Relay => {
             let pool = connect(&settings).await?;
             run_relay(
@@ -315,6 +329,13 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         pool.clone(),
         shutdown.clone(),
     ));
+    roles.spawn(run_ingest(
+        settings.nats_url.clone(),
+        settings.ingest()?,
+        settings.store(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
     roles.spawn(serve_api(
         settings.http_addr,
         settings.http()?,
@@ -394,6 +415,26 @@ async fn run_relay(
         .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
     let relay = Relay::new(pool, client, settings);
     relay.run(shutdown).await;
+    Ok(())
+}
+
+/// The ingest role. An unreachable broker is not an error: the bridge retries with backoff.
+async fn run_ingest(
+    nats_url: String,
+    settings: IngestSettings,
+    store: StoreSettings,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = fleetlog_nats::connect(&nats_url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let bridge = Ingest::new(
+        CommandBus::new(pool, store),
+        async_nats::jetstream::new(client),
+        settings,
+    );
+    bridge.run(shutdown).await;
     Ok(())
 }
 

@@ -8,6 +8,8 @@ use axum::http::HeaderValue;
 use clap::{Args, ValueEnum};
 use fleetlog_api::HttpSettings;
 use fleetlog_commands::StoreSettings;
+use fleetlog_domain::TenantId;
+use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_ingest::broker::BrokerUrl;
 use fleetlog_nats::{RelaySettings, StreamSettings};
 use fleetlog_projections::liveness::LivenessSettings;
@@ -124,6 +126,82 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub mqtt_url: BrokerUrl,
+
+    /// The first level of every device topic (`{root}/{device_id}/data`, ...).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_MQTT_TOPIC_ROOT",
+        default_value = "devices"
+    )]
+    pub mqtt_topic_root: String,
+
+    /// MQTT client id of this ingest instance. The broker keeps the session (and the messages
+    /// not yet acknowledged) under it: keep it stable across restarts, distinct per instance.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_INGEST_CLIENT_ID",
+        default_value = "fleetlog-ingest"
+    )]
+    pub ingest_client_id: String,
+
+    /// Shared-subscription group the ingest instances split the device topics in; empty to
+    /// subscribe plainly.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_INGEST_SHARE_GROUP",
+        default_value = "fleetlog-ingest"
+    )]
+    pub ingest_share_group: String,
+
+    /// Register devices nobody registered into this tenant when they first send; empty (the
+    /// default) dead-letters their messages instead.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_INGEST_AUTO_REGISTER_TENANT",
+        default_value = ""
+    )]
+    pub ingest_auto_register_tenant: String,
+
+    /// Devices the ingest bridge works on at once.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_INGEST_SHARDS",
+        default_value_t = 32
+    )]
+    pub ingest_shards: usize,
+
+    /// The most messages of one shard handled per round (one device's share of them is one
+    /// transaction).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_INGEST_MAX_BATCH",
+        default_value_t = 500
+    )]
+    pub ingest_max_batch: usize,
+
+    /// QoS 1 messages the broker may have in flight to the bridge.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_INGEST_INFLIGHT",
+        default_value_t = 1000
+    )]
+    pub ingest_inflight: u16,
+
+    /// Seconds between the bridge's summary log lines.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_INGEST_REPORT_SECS",
+        default_value_t = 300
+    )]
+    pub ingest_report_secs: u64,
 
     /// How long events stay in the JetStream stream, in seconds (0: for ever).
     #[arg(
@@ -247,6 +325,28 @@ impl Settings {
 }
 
 impl Settings {
+    /// The MQTT bridge's settings.
+    pub fn ingest(&self) -> anyhow::Result<IngestSettings> {
+        let mut settings = IngestSettings::new(self.mqtt_url.clone());
+        settings.client_id = self.ingest_client_id.clone();
+        settings.topic_root = self.mqtt_topic_root.trim_matches('/').to_string();
+        settings.share_group =
+            (!self.ingest_share_group.is_empty()).then(|| self.ingest_share_group.clone());
+        settings.auto_register_tenant = if self.ingest_auto_register_tenant.is_empty() {
+            None
+        } else {
+            Some(
+                TenantId::parse(self.ingest_auto_register_tenant.as_str())
+                    .map_err(|e| anyhow::anyhow!("FLEETLOG_INGEST_AUTO_REGISTER_TENANT: {e}"))?,
+            )
+        };
+        settings.shards = self.ingest_shards.max(1);
+        settings.max_batch = self.ingest_max_batch.max(1);
+        settings.inflight = self.ingest_inflight.max(1);
+        settings.report_every = Duration::from_secs(self.ingest_report_secs.max(1));
+        Ok(settings)
+    }
+
     /// The relay's tuning.
     pub fn relay(&self) -> RelaySettings {
         RelaySettings {

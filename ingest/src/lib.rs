@@ -6,5 +6,6 @@
 //! [`message`] is the pure part (topic and payload to a validated message, or a reason); the API's
 //! HTTP ingest routes use it too, so a payload is judged the same whichever way it arrives.
 
+pub mod bridge;
 pub mod broker;
 pub mod message;

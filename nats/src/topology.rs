@@ -93,6 +93,26 @@ pub async fn ensure_stream(
     Ok(())
 }
 
+/// The stream that keeps dead letters: messages a projection or the ingest bridge gave up on,
+/// with the reason, so nothing bad input brought is silently lost.
+pub const DEAD_LETTER_STREAM: &str = "FLEETLOG_DEADLETTER";
+/// Dead letters of `source` (a projection, or `ingest`) are published on
+/// `fleetlog.deadletter.{source}`.
+pub const DEAD_LETTER_PREFIX: &str = "fleetlog.deadletter";
+
+/// Creates the dead-letter stream if it is missing.
+pub async fn ensure_dead_letter_stream(jetstream: &Context) -> Result<(), async_nats::Error> {
+    jetstream
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: DEAD_LETTER_STREAM.to_string(),
+            subjects: vec![format!("{DEAD_LETTER_PREFIX}.>")],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

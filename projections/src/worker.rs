@@ -22,7 +22,6 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
-use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::jetstream::{Context, Message};
 use bytes::Bytes;
 use fleetlog_nats::topology::subject_filter_for_type;
@@ -31,10 +30,7 @@ use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-/// The stream that keeps dead-lettered messages.
-pub const DEAD_LETTER_STREAM: &str = "FLEETLOG_DEADLETTER";
-/// Dead letters of projection `p` are published on `fleetlog.deadletter.p`.
-pub const DEAD_LETTER_PREFIX: &str = "fleetlog.deadletter";
+pub use fleetlog_nats::topology::{DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM};
 
 /// A read model fed by the events of one aggregate type.
 pub trait Projection: Send + Sync + 'static {
@@ -208,14 +204,7 @@ impl<P: Projection> Worker<P> {
     /// to the relay (which sets its retention); until the relay has created it, this fails and
     /// the worker retries.
     pub async fn consumer(&self) -> Result<PullConsumer, async_nats::Error> {
-        self.jetstream
-            .get_or_create_stream(StreamConfig {
-                name: DEAD_LETTER_STREAM.to_string(),
-                subjects: vec![format!("{DEAD_LETTER_PREFIX}.>")],
-                storage: StorageType::File,
-                ..Default::default()
-            })
-            .await?;
+        fleetlog_nats::topology::ensure_dead_letter_stream(&self.jetstream).await?;
         let stream = self.jetstream.get_stream(STREAM_NAME).await?;
         let consumer = stream
             .get_or_create_consumer(

@@ -1,0 +1,809 @@
+//! The MQTT bridge (`fleetlog ingest`): device messages in, Device commands out, acknowledged
+//! only once they are safe.
+//!
+//! One rumqttc client with a persistent session (`clean_session = false`) and manual acks
+//! subscribes at QoS 1 to the device topics, through a shared subscription so several ingest
+//! instances split the load. Messages are spread over shards by device id: one device's
+//! messages stay in order, different devices run concurrently. A shard takes everything queued
+//! for it, groups it by device and runs each device's messages as one batch on the Device
+//! aggregate (one transaction). A message is acked after its batch committed, or after it was
+//! published to the dead-letter stream with its reason; a failure of Postgres or NATS leaves it
+//! unacked, so the broker redelivers it after a reconnect (invariant 4). Redelivered copies carry
+//! their digest and change nothing twice.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
+use fleetlog_domain::device::{DeviceCommand, DeviceError, Lifecycle};
+use fleetlog_domain::{DeviceId, TenantId, UserId};
+use fleetlog_nats::topology::ensure_dead_letter_stream;
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::BrokerUrl;
+use crate::message::{parse_payload, parse_topic, DeviceMessage, Dropped, Identity, Rejection};
+
+/// Dead letters of the bridge go to `fleetlog.deadletter.ingest` (under
+/// [`fleetlog_nats::topology::DEAD_LETTER_PREFIX`]).
+pub const DEAD_LETTER_SUBJECT: &str = "fleetlog.deadletter.ingest";
+
+/// How the bridge connects and works.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// The broker.
+    pub broker: BrokerUrl,
+    /// The MQTT client id. Keep it stable across restarts: the broker keeps the session, and
+    /// the messages not yet acked, under it. Each instance needs its own.
+    pub client_id: String,
+    /// The first topic level, `devices` by default.
+    pub topic_root: String,
+    /// The shared-subscription group (`$share/{group}/...`) instances split the load in;
+    /// `None` subscribes plainly (every instance then gets every message).
+    pub share_group: Option<String>,
+    /// Register unknown devices into this tenant instead of dead-lettering their messages.
+    pub auto_register_tenant: Option<TenantId>,
+    /// Shards: how many devices are worked on at once.
+    pub shards: usize,
+    /// The most messages of one shard handled in one round.
+    pub max_batch: usize,
+    /// QoS 1 messages the broker may have in flight to this client.
+    pub inflight: u16,
+    /// How often the summary line is logged.
+    pub report_every: Duration,
+    /// The first wait after a lost connection; it doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// The longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl IngestSettings {
+    /// Defaults for `broker`.
+    pub fn new(broker: BrokerUrl) -> Self {
+        Self {
+            broker,
+            client_id: "fleetlog-ingest".into(),
+            topic_root: "devices".into(),
+            share_group: Some("fleetlog-ingest".into()),
+            auto_register_tenant: None,
+            shards: 32,
+            max_batch: 500,
+            inflight: 1000,
+            report_every: Duration::from_secs(300),
+            min_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+
+    /// The topic filters subscribed to.
+    pub fn filters(&self) -> Vec<String> {
+        let root = &self.topic_root;
+        let share = |filter: String| match &self.share_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter,
+        };
+        [
+            format!("{root}/+/data"),
+            format!("{root}/+/status"),
+            format!("{root}/+/heartbeat"),
+            format!("{root}/+/commands/+/reply"),
+            format!("{root}/+/ota/progress"),
+        ]
+        .into_iter()
+        .map(share)
+        .collect()
+    }
+}
+
+/// Running totals, for the summary line and for tests.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    started: std::sync::OnceLock<Instant>,
+    connected: AtomicBool,
+    received: AtomicU64,
+    accepted: AtomicU64,
+    partially_accepted: AtomicU64,
+    rejected: AtomicU64,
+    redelivered: AtomicU64,
+    last_message_ms: AtomicI64,
+}
+
+impl IngestStats {
+    /// Messages received.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+    /// Messages fully accepted.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+    /// Messages accepted with parts dropped.
+    pub fn partially_accepted(&self) -> u64 {
+        self.partially_accepted.load(Ordering::Relaxed)
+    }
+    /// Messages dead-lettered.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+    /// Messages the broker marked as possibly delivered before (DUP).
+    pub fn redelivered(&self) -> u64 {
+        self.redelivered.load(Ordering::Relaxed)
+    }
+    /// Whether the client is connected to the broker.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Accepted => &self.accepted,
+            Outcome::PartiallyAccepted => &self.partially_accepted,
+            Outcome::Rejected => &self.rejected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("fleetlog_ingest_messages_total",
+            "transport" => "mqtt", "outcome" => outcome.label())
+        .increment(1);
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+        metrics::gauge!("fleetlog_ingest_connected").set(if connected { 1.0 } else { 0.0 });
+    }
+
+    /// The summary line's figures.
+    fn report(&self) {
+        let received = self.received();
+        let handled = self.accepted() + self.partially_accepted() + self.rejected();
+        let success_rate = if handled == 0 {
+            100.0
+        } else {
+            100.0 * (self.accepted() + self.partially_accepted()) as f64 / handled as f64
+        };
+        let last = self.last_message_ms.load(Ordering::Relaxed);
+        let last_message = (last > 0)
+            .then(|| DateTime::<Utc>::from_timestamp_millis(last))
+            .flatten()
+            .map_or_else(|| "never".to_string(), |time| time.to_rfc3339());
+        let uptime = self.started.get().map_or(0, |s| s.elapsed().as_secs());
+        tracing::info!(
+            uptime_secs = uptime,
+            connected = self.is_connected(),
+            total = received,
+            accepted = self.accepted(),
+            partially_accepted = self.partially_accepted(),
+            rejected = self.rejected(),
+            success_rate = format!("{success_rate:.2}%"),
+            last_message,
+            "ingest summary"
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Accepted,
+    PartiallyAccepted,
+    Rejected,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::PartiallyAccepted => "partially_accepted",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// A dead letter as published on `fleetlog.deadletter.ingest`.
+#[derive(Debug, Serialize)]
+struct DeadLetter<'a> {
+    topic: &'a str,
+    /// The payload as text when it is UTF-8, else hex.
+    payload: String,
+    payload_encoding: &'static str,
+    reason: String,
+    /// What was dropped from a partially accepted message.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    dropped: &'a [Dropped],
+    received_at: DateTime<Utc>,
+}
+
+/// The bridge.
+pub struct Ingest {
+    bus: CommandBus,
+    jetstream: Context,
+    settings: IngestSettings,
+    stats: Arc<IngestStats>,
+}
+
+impl Ingest {
+    /// A bridge that executes on `bus` and dead-letters through `jetstream`.
+    pub fn new(bus: CommandBus, jetstream: Context, settings: IngestSettings) -> Self {
+        Self {
+            bus,
+            jetstream,
+            settings,
+            stats: Arc::new(IngestStats::default()),
+        }
+    }
+
+    /// Its running totals.
+    pub fn stats(&self) -> Arc<IngestStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown`: messages in hand are finished (committed or dead-lettered and
+    /// acked) before it returns; the rest stays with the broker.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let _ = self.stats.started.set(Instant::now());
+        let settings = &self.settings;
+        let mut options = settings.broker.options(&settings.client_id);
+        options
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_inflight(settings.inflight)
+            .set_max_packet_size(
+                crate::message::MAX_PAYLOAD_BYTES + 1024,
+                crate::message::MAX_PAYLOAD_BYTES + 1024,
+            );
+        let (client, events) = AsyncClient::new(options, 10_000);
+        let shared = Arc::new(Shared {
+            bus: self.bus.clone(),
+            jetstream: self.jetstream.clone(),
+            client: client.clone(),
+            topic_root: settings.topic_root.clone(),
+            auto_register_tenant: settings.auto_register_tenant.clone(),
+            stats: self.stats.clone(),
+            stop: shutdown.clone(),
+        });
+        let mut shards = JoinSet::new();
+        let mut senders = Vec::with_capacity(settings.shards);
+        for _ in 0..settings.shards.max(1) {
+            let (sender, receiver) = mpsc::channel(settings.max_batch.max(1) * 2);
+            senders.push(sender);
+            shards.spawn(run_shard(
+                shared.clone(),
+                receiver,
+                settings.max_batch.max(1),
+            ));
+        }
+        let reporter = tokio::spawn({
+            let stats = self.stats.clone();
+            let every = settings.report_every;
+            let shutdown = shutdown.clone();
+            async move {
+                let mut ticks = tokio::time::interval(every);
+                ticks.tick().await;
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        _ = ticks.tick() => stats.report(),
+                    }
+                }
+            }
+        });
+
+        let events = poll_events(&self, &client, events, &senders, &shutdown).await;
+        // Let the shards finish what they hold, then send their acks before leaving.
+        drop(senders);
+        while shards.join_next().await.is_some() {}
+        reporter.abort();
+        flush_and_disconnect(&client, events).await;
+        self.stats.set_connected(false);
+        self.stats.report();
+        tracing::info!("ingest stopped");
+    }
+}
+
+/// What the shards share.
+struct Shared {
+    bus: CommandBus,
+    jetstream: Context,
+    client: AsyncClient,
+    topic_root: String,
+    auto_register_tenant: Option<TenantId>,
+    stats: Arc<IngestStats>,
+    stop: CancellationToken,
+}
+
+async fn poll_events(
+    ingest: &Ingest,
+    client: &AsyncClient,
+    mut events: EventLoop,
+    shards: &[mpsc::Sender<Publish>],
+    shutdown: &CancellationToken,
+) -> EventLoop {
+    let settings = &ingest.settings;
+    let stats = &ingest.stats;
+    let mut backoff = settings.min_backoff;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return events,
+            event = events.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(broker = %settings.broker, session_present = ack.session_present, "connected to the MQTT broker");
+                stats.set_connected(true);
+                backoff = settings.min_backoff;
+                // Subscribing again is harmless when the session kept the subscriptions.
+                for filter in settings.filters() {
+                    if let Err(error) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                        tracing::warn!(%error, filter, "cannot subscribe");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                if publish.dup {
+                    stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("fleetlog_ingest_redelivered_total").increment(1);
+                }
+                stats
+                    .last_message_ms
+                    .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+                let shard = shard_of(&publish.topic, &settings.topic_root, shards.len());
+                // A full shard holds the event loop back, and with it the broker: backpressure.
+                let sent = tokio::select! {
+                    () = shutdown.cancelled() => return events,
+                    sent = shards[shard].send(publish) => sent,
+                };
+                if sent.is_err() {
+                    return events;
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                tracing::debug!(?ack.return_codes, "subscribed");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                if stats.is_connected() {
+                    tracing::warn!(%error, "lost the MQTT broker");
+                } else {
+                    tracing::warn!(%error, retry_in = ?backoff, "cannot reach the MQTT broker");
+                }
+                stats.set_connected(false);
+                tokio::select! {
+                    () = shutdown.cancelled() => return events,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(settings.max_backoff);
+            }
+        }
+    }
+}
+
+/// Sends the acks still queued and says goodbye, within a short grace period.
+async fn flush_and_disconnect(client: &AsyncClient, mut events: EventLoop) {
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// The shard of a message: by device id, so one device's messages stay in order.
+fn shard_of(topic: &str, root: &str, shards: usize) -> usize {
+    let device = topic
+        .strip_prefix(root)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or(topic);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    device.hash(&mut hasher);
+    (hasher.finish() % shards as u64) as usize
+}
+
+async fn run_shard(shared: Arc<Shared>, mut inbox: mpsc::Receiver<Publish>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while inbox.recv_many(&mut batch, max_batch).await > 0 {
+        handle_batch(&shared, std::mem::take(&mut batch)).await;
+    }
+}
+
+/// One message on its way: parsed, or refused with a reason.
+struct Item {
+    publish: Publish,
+    received_at: DateTime<Utc>,
+    parsed: Result<DeviceMessage, Rejection>,
+}
+
+async fn handle_batch(shared: &Shared, batch: Vec<Publish>) {
+    let received_at = Utc::now();
+    // Group by device, keeping each device's order; topics that name no device go straight to
+    // the dead letters.
+    let mut devices: Vec<(DeviceId, Vec<Item>)> = Vec::new();
+    let mut index: HashMap<DeviceId, usize> = HashMap::new();
+    for publish in batch {
+        match parse_topic(&shared.topic_root, &publish.topic) {
+            Ok((device, kind)) => {
+                let parsed = parse_payload(&kind, &publish.payload);
+                let item = Item {
+                    publish,
+                    received_at,
+                    parsed,
+                };
+                match index.get(&device) {
+                    Some(&at) => devices[at].1.push(item),
+                    None => {
+                        index.insert(device.clone(), devices.len());
+                        devices.push((device, vec![item]));
+                    }
+                }
+            }
+            Err(rejection) => {
+                reject(shared, &publish, received_at, &rejection.to_string(), &[]).await;
+            }
+        }
+    }
+    for (device, items) in devices {
+        handle_device(shared, &device, items).await;
+    }
+}
+
+/// Runs one device's messages as one batch; acks each after its fate is sealed.
+async fn handle_device(shared: &Shared, device: &DeviceId, items: Vec<Item>) {
+    if let Err(reason) = ensure_known(shared, device).await {
+        for item in &items {
+            let reason = match &item.parsed {
+                Err(rejection) => rejection.to_string(),
+                Ok(_) => reason.clone(),
+            };
+            reject(shared, &item.publish, item.received_at, &reason, &[]).await;
+        }
+        return;
+    }
+    let commands: Vec<Option<DeviceCommand>> = items
+        .iter()
+        .map(|item| {
+            item.parsed
+                .as_ref()
+                .ok()
+                .map(|message| to_command(device, &item.publish, message.clone(), item.received_at))
+        })
+        .collect();
+    let already = recorded_redeliveries(shared, device, &items, &commands).await;
+    let mut batch: Vec<DeviceCommand> = Vec::new();
+    let mut runs: Vec<Option<usize>> = Vec::with_capacity(items.len());
+    for (command, seen) in commands.into_iter().zip(&already) {
+        match command {
+            // A redelivered copy of a message recorded long ago: nothing to do but ack.
+            Some(_) if *seen => runs.push(None),
+            Some(command) => {
+                runs.push(Some(batch.len()));
+                batch.push(command);
+            }
+            None => runs.push(None),
+        }
+    }
+    let commands = batch;
+    let outcomes = if commands.is_empty() {
+        Vec::new()
+    } else {
+        match execute_until_done(shared, device, commands).await {
+            Some(outcomes) => outcomes,
+            // Shutting down with the batch not committed: leave it unacked for redelivery.
+            None => return,
+        }
+    };
+    for ((item, run), seen) in items.iter().zip(runs).zip(already) {
+        if seen {
+            shared.stats.record(Outcome::Accepted);
+            ack(shared, &item.publish).await;
+            continue;
+        }
+        match (run, &item.parsed) {
+            (Some(at), Ok(message)) => match &outcomes[at] {
+                Ok(()) => {
+                    let dropped = message.dropped();
+                    if dropped.is_empty() {
+                        shared.stats.record(Outcome::Accepted);
+                        ack(shared, &item.publish).await;
+                    } else {
+                        // The valid part is in; what was dropped is kept with its reasons.
+                        let reason =
+                            format!("partially accepted: {} part(s) dropped", dropped.len());
+                        if publish_dead_letter(
+                            shared,
+                            &item.publish,
+                            item.received_at,
+                            &reason,
+                            dropped,
+                        )
+                        .await
+                        {
+                            shared.stats.record(Outcome::PartiallyAccepted);
+                            ack(shared, &item.publish).await;
+                        }
+                    }
+                }
+                Err(refusal) => {
+                    reject(shared, &item.publish, item.received_at, refusal, &[]).await;
+                }
+            },
+            (_, Err(rejection)) => {
+                reject(
+                    shared,
+                    &item.publish,
+                    item.received_at,
+                    &rejection.to_string(),
+                    &[],
+                )
+                .await;
+            }
+            (None, Ok(_)) => unreachable!("every parsed message has a command"),
+        }
+    }
+}
+
+/// How far back a redelivered copy is looked for in the event store.
+const REDELIVERY_LOOKBACK: i64 = 5_000;
+
+/// Marks the telemetry messages the broker redelivered (DUP) whose digest is already recorded
+/// further back than the aggregate's own window of recent digests: a long in-flight window
+/// for one device cannot turn a redelivery into a duplicate event. Only DUP copies pay for
+/// this look-up, and only after a crash or a lost connection.
+async fn recorded_redeliveries(
+    shared: &Shared,
+    device: &DeviceId,
+    items: &[Item],
+    commands: &[Option<DeviceCommand>],
+) -> Vec<bool> {
+    let wanted: Vec<String> = items
+        .iter()
+        .zip(commands)
+        .filter(|(item, _)| item.publish.dup)
+        .filter_map(|(_, command)| match command {
+            Some(DeviceCommand::RecordTelemetry { digest, .. }) => Some(digest.clone()),
+            _ => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return vec![false; items.len()];
+    }
+    let found: Vec<String> = loop {
+        let lookup = sqlx::query_scalar(
+            "SELECT payload -> 'TelemetryRecorded' ->> 'digest'
+               FROM events
+              WHERE aggregate_type = 'device' AND aggregate_id = $1
+                AND sequence > (SELECT coalesce(max(sequence), 0) - $3 FROM events
+                                 WHERE aggregate_type = 'device' AND aggregate_id = $1)
+                AND event_type = 'TelemetryRecorded'
+                AND payload -> 'TelemetryRecorded' ->> 'digest' = ANY($2)",
+        )
+        .bind(device.as_str())
+        .bind(&wanted)
+        .bind(REDELIVERY_LOOKBACK)
+        .fetch_all(shared.bus.pool())
+        .await;
+        match lookup {
+            Ok(found) => break found,
+            Err(error) => {
+                tracing::warn!(%error, "cannot look up redelivered messages; retrying");
+                if shared.stop.is_cancelled() {
+                    break Vec::new();
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    items
+        .iter()
+        .zip(commands)
+        .map(|(item, command)| match command {
+            Some(DeviceCommand::RecordTelemetry { digest, .. }) if item.publish.dup => {
+                found.contains(digest)
+            }
+            _ => false,
+        })
+        .collect()
+}
+
+fn to_command(
+    device: &DeviceId,
+    publish: &Publish,
+    message: DeviceMessage,
+    received_at: DateTime<Utc>,
+) -> DeviceCommand {
+    let identity = match &message {
+        DeviceMessage::Telemetry(telemetry) if telemetry.is_timestamped() => {
+            Identity::of_timestamped(device, &publish.payload)
+        }
+        _ => Identity::of_mqtt(device, &publish.payload, publish.pkid, publish.dup),
+    };
+    message.into_command(identity, received_at)
+}
+
+/// Executes the batch, retrying for as long as Postgres is unreachable. `None` only when
+/// shutting down before it committed.
+async fn execute_until_done(
+    shared: &Shared,
+    device: &DeviceId,
+    commands: Vec<DeviceCommand>,
+) -> Option<Vec<Result<(), String>>> {
+    let metadata = CommandMetadata::new(format!("device:{device}"));
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match shared
+            .bus
+            .devices()
+            .execute_batch(device.as_str(), commands.clone(), &metadata)
+            .await
+        {
+            Ok(done) => {
+                return Some(
+                    done.outcomes
+                        .into_iter()
+                        .map(|outcome| outcome.map(|_| ()).map_err(|e| e.to_string()))
+                        .collect(),
+                )
+            }
+            Err(CommandError::Refused(refusal)) => {
+                // Only an aggregate that refused after writing events ends a batch; no Device
+                // command does that, but if one did, each message gets the refusal.
+                return Some(commands.iter().map(|_| Err(refusal.to_string())).collect());
+            }
+            Err(error) => {
+                tracing::warn!(device = %device, %error, retry_in = ?delay, "cannot record device messages; retrying");
+                tokio::select! {
+                    () = shared.stop.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// `Ok` when the device is registered (or was just auto-registered), else why not.
+async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> {
+    let mut delay = Duration::from_millis(100);
+    let current = loop {
+        match shared.bus.devices().current(device.as_str()).await {
+            Ok(current) => break current.aggregate,
+            Err(error) => {
+                tracing::warn!(device = %device, %error, "cannot load device; retrying");
+                if shared.stop.is_cancelled() {
+                    return Err("ingest shutting down".into());
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    match (current.lifecycle, &shared.auto_register_tenant) {
+        (Lifecycle::Active, _) => Ok(()),
+        (Lifecycle::Decommissioned, _) => Err(DeviceError::Decommissioned.to_string()),
+        (Lifecycle::Unregistered, None) => Err(format!(
+            "unknown device {device}; register it first (or enable auto-registration)"
+        )),
+        (Lifecycle::Unregistered, Some(tenant)) => {
+            let register = DeviceCommand::Register {
+                device_id: device.clone(),
+                tenant: tenant.clone(),
+                owner: UserId::parse("system-ingest").map_err(|e| e.to_string())?,
+                name: device.to_string(),
+                model: "unknown".into(),
+                tags: vec!["auto-registered".into()],
+                at: Utc::now(),
+            };
+            let metadata = CommandMetadata::new("system:ingest").with_tenant(tenant.clone());
+            match shared
+                .bus
+                .devices()
+                .execute(device.as_str(), register, &metadata)
+                .await
+            {
+                Ok(_) | Err(CommandError::Refused(DeviceError::AlreadyRegistered)) => {
+                    tracing::info!(device = %device, tenant = %tenant, "auto-registered device");
+                    Ok(())
+                }
+                Err(error) => Err(format!("auto-registration failed: {error}")),
+            }
+        }
+    }
+}
+
+/// Dead-letters a message and acks it once the dead letter is stored; if it cannot be stored,
+/// the message stays unacked and comes back.
+async fn reject(
+    shared: &Shared,
+    publish: &Publish,
+    received_at: DateTime<Utc>,
+    reason: &str,
+    dropped: &[Dropped],
+) {
+    metrics::counter!("fleetlog_ingest_rejections_total").increment(1);
+    if publish_dead_letter(shared, publish, received_at, reason, dropped).await {
+        shared.stats.record(Outcome::Rejected);
+        ack(shared, publish).await;
+    }
+}
+
+async fn publish_dead_letter(
+    shared: &Shared,
+    publish: &Publish,
+    received_at: DateTime<Utc>,
+    reason: &str,
+    dropped: &[Dropped],
+) -> bool {
+    tracing::debug!(
+        topic = publish.topic,
+        reason,
+        "dead-lettering device message"
+    );
+    let (payload, payload_encoding) = match std::str::from_utf8(&publish.payload) {
+        Ok(text) => (text.to_string(), "utf-8"),
+        Err(_) => (hex::encode(&publish.payload), "hex"),
+    };
+    let letter = DeadLetter {
+        topic: &publish.topic,
+        payload,
+        payload_encoding,
+        reason: reason.to_string(),
+        dropped,
+        received_at,
+    };
+    let body = match serde_json::to_vec(&letter) {
+        Ok(body) => Bytes::from(body),
+        Err(error) => {
+            tracing::error!(%error, "cannot encode a dead letter");
+            return false;
+        }
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Fleetlog-Reason",
+        reason.replace(['\r', '\n'], " ").as_str(),
+    );
+    headers.insert("Fleetlog-Topic", publish.topic.as_str());
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let stored = async {
+            ensure_dead_letter_stream(&shared.jetstream).await?;
+            shared
+                .jetstream
+                .publish_with_headers(DEAD_LETTER_SUBJECT, headers.clone(), body.clone())
+                .await?
+                .await?;
+            Ok::<(), async_nats::Error>(())
+        }
+        .await;
+        match stored {
+            Ok(()) => return true,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?delay, "cannot store a dead letter; retrying");
+                tokio::select! {
+                    () = shared.stop.cancelled() => return false,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn ack(shared: &Shared, publish: &Publish) {
+    if let Err(error) = shared.client.ack(publish).await {
+        // The broker redelivers it after a reconnect; its digest makes that harmless.
+        tracing::warn!(%error, topic = publish.topic, "cannot ack message");
+    }
+}

@@ -1,0 +1,549 @@
+//! The MQTT bridge against real servers: Mosquitto, nats-server, Postgres, with the relay and
+//! the projection workers behind it, and a real MQTT client publishing as the devices.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
+use fleetlog_domain::device::DeviceCommand;
+use fleetlog_domain::{DeviceId, TenantId, UserId};
+use fleetlog_ingest::bridge::{Ingest, IngestSettings, DEAD_LETTER_SUBJECT};
+use fleetlog_nats::{Relay, RelaySettings};
+use fleetlog_projections::{run_all, WorkerSettings};
+use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
+use futures::StreamExt;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+struct Platform {
+    db: TestDatabase,
+    _nats: NatsServer,
+    broker: MosquittoServer,
+    client: async_nats::Client,
+    bus: CommandBus,
+    shutdown: CancellationToken,
+}
+
+impl Platform {
+    async fn start() -> Self {
+        let db = TestDatabase::create().await;
+        let nats = NatsServer::start();
+        let broker = MosquittoServer::start();
+        let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let relay = RelaySettings {
+            poll_interval: Duration::from_millis(50),
+            ..RelaySettings::default()
+        };
+        tokio::spawn(Relay::new(db.pool.clone(), client.clone(), relay).run(shutdown.clone()));
+        tokio::spawn(run_all(
+            db.pool.clone(),
+            async_nats::jetstream::new(client.clone()),
+            WorkerSettings::default(),
+            shutdown.clone(),
+        ));
+        let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+        Self {
+            db,
+            _nats: nats,
+            broker,
+            client,
+            bus,
+            shutdown,
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    fn settings(&self) -> IngestSettings {
+        let mut settings = IngestSettings::new(self.broker.url().parse().unwrap());
+        settings.client_id = "ingest-under-test".into();
+        settings.shards = 4;
+        settings
+    }
+
+    /// Starts a bridge; the token stops it gracefully, aborting the task kills it.
+    fn ingest(&self, settings: IngestSettings) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+        let stop = CancellationToken::new();
+        let bridge = Ingest::new(
+            CommandBus::new(self.db.pool.clone(), StoreSettings::default()),
+            async_nats::jetstream::new(self.client.clone()),
+            settings,
+        );
+        (tokio::spawn(bridge.run(stop.clone())), stop)
+    }
+
+    async fn register(&self, id: &str) {
+        let command = DeviceCommand::Register {
+            device_id: DeviceId::parse(id).unwrap(),
+            tenant: TenantId::parse("acme").unwrap(),
+            owner: UserId::parse("u-1").unwrap(),
+            name: id.into(),
+            model: "thermo".into(),
+            tags: vec![],
+            at: Utc::now(),
+        };
+        self.bus
+            .devices()
+            .execute(id, command, &CommandMetadata::new("test"))
+            .await
+            .unwrap();
+    }
+
+    /// Waits until the bridge has subscribed, so nothing published later is missed: a probe
+    /// device sends heartbeats until one is in the event store.
+    async fn wait_subscribed(&self) {
+        self.register("probe").await;
+        let device = Device::connect(&self.broker, "probe-client").await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            device.publish("devices/probe/heartbeat", b"").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let seen: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM events
+                  WHERE aggregate_id = 'probe' AND event_type = 'HeartbeatReceived'",
+            )
+            .fetch_one(self.pool())
+            .await
+            .unwrap();
+            if seen > 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the bridge never subscribed");
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A device speaking MQTT.
+struct Device {
+    client: AsyncClient,
+    _events: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    async fn connect(broker: &MosquittoServer, id: &str) -> Self {
+        let mut options = MqttOptions::new(id, "127.0.0.1", broker.port());
+        options.set_inflight(200);
+        let (client, mut events) = AsyncClient::new(options, 1000);
+        let (connected, ready) = tokio::sync::oneshot::channel();
+        let mut connected = Some(connected);
+        let events = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(connected) = connected.take() {
+                            let _ = connected.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .expect("device connected")
+            .unwrap();
+        Self {
+            client,
+            _events: events,
+        }
+    }
+
+    async fn publish(&self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .unwrap();
+    }
+}
+
+/// Reads every dead letter of the bridge once there are at least `expected`.
+async fn dead_letters(client: &async_nats::Client, expected: usize) -> Vec<Value> {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut stream) = jetstream
+            .get_stream(fleetlog_nats::topology::DEAD_LETTER_STREAM)
+            .await
+        {
+            let count = stream.info().await.unwrap().state.messages as usize;
+            if count >= expected {
+                let consumer = stream
+                    .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                        filter_subject: DEAD_LETTER_SUBJECT.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                let mut messages = consumer.messages().await.unwrap();
+                let mut letters = Vec::new();
+                while letters.len() < count {
+                    let message = messages.next().await.unwrap().unwrap();
+                    letters.push(serde_json::from_slice(&message.payload).unwrap());
+                }
+                return letters;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {expected} dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_formats_land_in_the_read_models_and_bad_input_in_dead_letters() {
+    let platform = Platform::start().await;
+    platform.register("d1").await;
+    platform.register("d2").await;
+    let (bridge, stop) = platform.ingest(platform.settings());
+    platform.wait_subscribed().await;
+    let device = Device::connect(&platform.broker, "sim").await;
+
+    let full = json!({
+        "sensors": [
+            {"sensor_name": "temperature", "value": 21.5, "unit": "celsius",
+             "timestamp": "2026-11-23T10:00:00Z"},
+            {"sensor_name": "humidity", "value": 40}
+        ],
+        "status": {"battery": 88},
+        "location": {"latitude": 48.1, "longitude": 11.6},
+        "timestamp": "2026-11-23T10:00:00Z"
+    });
+    device
+        .publish("devices/d1/data", full.to_string().as_bytes())
+        .await;
+    device
+        .publish(
+            "devices/d2/data",
+            br#"{"temperature": 19.25, "pressure": 1013}"#,
+        )
+        .await;
+    device
+        .publish(
+            "devices/d1/status",
+            br#"{"status": "online", "firmware": "1.0.0"}"#,
+        )
+        .await;
+    device.publish("devices/d2/heartbeat", b"").await;
+    // Bad input: not JSON, nothing valid, a partially valid message, an unknown device, a
+    // reply to a command nobody sent.
+    device
+        .publish("devices/d1/data", b"{\"temperature\": ")
+        .await;
+    device
+        .publish("devices/d2/data", br#"{"Bad-Name": 1}"#)
+        .await;
+    device
+        .publish(
+            "devices/d2/data",
+            br#"{"voltage": 3.3, "note": "hi", "Bad": 2}"#,
+        )
+        .await;
+    device
+        .publish("devices/ghost/data", br#"{"temperature": 1}"#)
+        .await;
+    device
+        .publish(
+            "devices/d1/commands/c-404/reply",
+            br#"{"status": "succeeded"}"#,
+        )
+        .await;
+
+    let letters = dead_letters(&platform.client, 5).await;
+    let reason_for = |topic: &str, payload_contains: &str| -> String {
+        letters
+            .iter()
+            .find(|l| {
+                l["topic"] == topic && l["payload"].as_str().unwrap().contains(payload_contains)
+            })
+            .unwrap_or_else(|| panic!("no dead letter for {topic} {payload_contains}: {letters:?}"))
+            ["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(reason_for("devices/d1/data", "temperature\": ").contains("not valid JSON"));
+    assert!(reason_for("devices/d2/data", "Bad-Name").contains("no valid reading"));
+    assert!(reason_for("devices/ghost/data", "temperature").contains("unknown device ghost"));
+    assert!(reason_for("devices/d1/commands/c-404/reply", "succeeded").contains("c-404"));
+    let partial = letters
+        .iter()
+        .find(|l| l["payload"].as_str().unwrap().contains("voltage"))
+        .unwrap();
+    assert!(partial["reason"]
+        .as_str()
+        .unwrap()
+        .contains("partially accepted"));
+    let dropped: Vec<&str> = partial["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(dropped, ["Bad", "note"]);
+    for letter in &letters {
+        assert!(letter["received_at"].is_string());
+    }
+
+    // Everything valid is in the read models.
+    let pool = platform.pool().clone();
+    wait_until("the read models", || {
+        let pool = pool.clone();
+        async move {
+            let rows: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM telemetry WHERE device_id IN ('d1', 'd2')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            let reported: Option<Value> =
+                sqlx::query_scalar("SELECT reported FROM devices WHERE device_id = 'd1'")
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+            // d1: temperature, humidity; d2: temperature, pressure, voltage.
+            rows == 5 && reported.is_some_and(|s| s["firmware"] == "1.0.0")
+        }
+    })
+    .await;
+    let d1: (Value, Option<Value>, bool) =
+        sqlx::query_as("SELECT sensors, location, online FROM devices WHERE device_id = 'd1'")
+            .fetch_one(platform.pool())
+            .await
+            .unwrap();
+    assert_eq!(d1.0["temperature"]["value"], 21.5);
+    assert_eq!(d1.1.unwrap()["latitude"], 48.1);
+    assert!(d1.2);
+    let d2_heartbeat: Option<chrono::DateTime<Utc>> =
+        sqlx::query_scalar("SELECT last_heartbeat FROM devices WHERE device_id = 'd2'")
+            .fetch_one(platform.pool())
+            .await
+            .unwrap();
+    assert!(d2_heartbeat.is_some());
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), bridge)
+        .await
+        .expect("the bridge stops on request")
+        .unwrap();
+}
+
+async fn recorded(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events
+          WHERE aggregate_id LIKE 'k%' AND event_type = 'TelemetryRecorded'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_bridge_loses_nothing_and_duplicates_nothing() {
+    let platform = Platform::start().await;
+    const DEVICES: usize = 10;
+    const PER_DEVICE: usize = 150;
+    for n in 0..DEVICES {
+        platform.register(&format!("k{n}")).await;
+    }
+    let (bridge, _stop) = platform.ingest(platform.settings());
+    platform.wait_subscribed().await;
+
+    // Readings without timestamps, so only the broker's redelivery marks tell copies apart.
+    let device = Device::connect(&platform.broker, "fleet-sim").await;
+    let publisher = tokio::spawn(async move {
+        for i in 0..PER_DEVICE {
+            for n in 0..DEVICES {
+                let payload = format!("{{\"reading\": {}}}", i * 1000 + n);
+                device
+                    .publish(&format!("devices/k{n}/data"), payload.as_bytes())
+                    .await;
+            }
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        device
+    });
+    // Crash the bridge once part of the load is in.
+    let pool = platform.pool().clone();
+    wait_until("some messages recorded", || {
+        let pool = pool.clone();
+        async move { recorded(&pool).await > 200 }
+    })
+    .await;
+    bridge.abort();
+    let _ = bridge.await;
+    let at_crash = recorded(&pool).await;
+    let _device = publisher.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The same client id resumes the session: the broker sends what was never acked.
+    let stop = CancellationToken::new();
+    let resumed = Ingest::new(
+        CommandBus::new(pool.clone(), StoreSettings::default()),
+        async_nats::jetstream::new(platform.client.clone()),
+        platform.settings(),
+    );
+    let stats = resumed.stats();
+    let bridge = tokio::spawn(resumed.run(stop.clone()));
+    let total = (DEVICES * PER_DEVICE) as i64;
+    wait_until("every message recorded", || {
+        let pool = pool.clone();
+        async move { recorded(&pool).await >= total }
+    })
+    .await;
+    // Nothing more trickles in.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(recorded(&pool).await, total, "crashed at {at_crash}");
+    eprintln!(
+        "crashed with {at_crash} of {total} recorded; after restart: {} received, {} redelivered",
+        stats.received(),
+        stats.redelivered()
+    );
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT aggregate_id, payload::jsonb -> 'TelemetryRecorded' -> 'readings' -> 0 -> 'value'
+               FROM events WHERE aggregate_id LIKE 'k%' AND event_type = 'TelemetryRecorded'
+              GROUP BY 1, 2 HAVING count(*) > 1) AS repeated",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(duplicates, 0);
+    // Each device's readings were recorded in the order they were sent.
+    for n in 0..DEVICES {
+        let values: Vec<f64> = sqlx::query_scalar(
+            "SELECT (payload::jsonb -> 'TelemetryRecorded' -> 'readings' -> 0 ->> 'value')::float8
+               FROM events WHERE aggregate_id = $1 AND event_type = 'TelemetryRecorded'
+              ORDER BY sequence",
+        )
+        .bind(format!("k{n}"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(values.len(), PER_DEVICE);
+        assert!(values.windows(2).all(|w| w[0] < w[1]), "k{n} out of order");
+    }
+    stop.cancel();
+    let _ = bridge.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
+    use fleetlog_ingest::message::{parse_payload, parse_topic, Identity};
+
+    let platform = Platform::start().await;
+    platform.register("w1").await;
+    let settings = platform.settings();
+    // A stand-in for a bridge that recorded 100 messages of one device and crashed before
+    // acking any: it takes the bridge's session, records each message exactly as the bridge
+    // would, and vanishes without a PUBACK.
+    let mut options = MqttOptions::new(
+        settings.client_id.clone(),
+        "127.0.0.1",
+        platform.broker.port(),
+    );
+    options.set_clean_session(false).set_manual_acks(true);
+    let (client, mut events) = AsyncClient::new(options, 1000);
+    let filters = settings.filters();
+    let mut subscribed = 0;
+    while subscribed < 1 {
+        if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await.unwrap() {
+            for filter in &filters {
+                client
+                    .subscribe(filter.clone(), QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+            }
+            subscribed += 1;
+        }
+    }
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
+            break;
+        }
+    }
+    let device = Device::connect(&platform.broker, "w1-sim").await;
+    for i in 0..100 {
+        device
+            .publish("devices/w1/data", format!("{{\"level\": {i}}}").as_bytes())
+            .await;
+    }
+    let mut taken = 0;
+    while taken < 100 {
+        if let Event::Incoming(Packet::Publish(publish)) = events.poll().await.unwrap() {
+            assert!(!publish.dup);
+            let (device_id, kind) = parse_topic("devices", &publish.topic).unwrap();
+            let message = parse_payload(&kind, &publish.payload).unwrap();
+            let identity = Identity::of_mqtt(&device_id, &publish.payload, publish.pkid, false);
+            platform
+                .bus
+                .devices()
+                .execute(
+                    device_id.as_str(),
+                    message.into_command(identity, Utc::now()),
+                    &CommandMetadata::new("device:w1"),
+                )
+                .await
+                .unwrap();
+            taken += 1;
+        }
+    }
+    drop(events);
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The real bridge resumes the session and gets all 100 again, marked DUP.
+    let stop = CancellationToken::new();
+    let bridge = Ingest::new(
+        CommandBus::new(platform.pool().clone(), StoreSettings::default()),
+        async_nats::jetstream::new(platform.client.clone()),
+        settings,
+    );
+    let stats = bridge.stats();
+    let running = tokio::spawn(bridge.run(stop.clone()));
+    wait_until("the redeliveries", || {
+        let stats = stats.clone();
+        async move { stats.accepted() >= 100 }
+    })
+    .await;
+    assert_eq!(stats.redelivered(), 100);
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = 'w1' AND event_type = 'TelemetryRecorded'",
+    )
+    .fetch_one(platform.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded, 100,
+        "redelivered copies must not be recorded again"
+    );
+    stop.cancel();
+    let _ = running.await;
+}
