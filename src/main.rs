@@ -24,6 +24,7 @@ use fleetlog_domain::user::{validate_username, Role, UserCommand};
 use fleetlog_domain::{TenantId, UserId};
 use fleetlog_ingest::bridge::{Ingest, IngestSettings};
 use fleetlog_ingest::broker::BrokerUrl;
+use fleetlog_ingest::dispatch::{DispatchSettings, Dispatcher};
 use fleetlog_nats::{Relay, RelaySettings};
 use fleetlog_projections::liveness::{Liveness, LivenessSettings};
 use fleetlog_projections::WorkerSettings;
@@ -52,6 +53,9 @@ enum Command {
     Api,
     /// Bridge the device topics of the MQTT broker into Device commands.
     Ingest,
+    /// Send commands, desired properties and firmware updates to the devices over MQTT, and
+    /// record unanswered commands as expired.
+    Dispatch,
     /// Publish committed events from Postgres to NATS JetStream (one active relay at a time).
     Relay,
     /// Keep the read models up to date from the event stream (run as many as you like).
@@ -242,6 +246,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Dispatch => {
+            let pool = connect(&settings).await?;
+            run_dispatch(
+                settings.nats_url.clone(),
+                settings.dispatch(),
+                settings.store(),
+                pool,
+                shutdown_on_signal(),
+            )
+            .await
+        }
         Command::Relay => {
             let pool = connect(&settings).await?;
             run_relay(
@@ -332,6 +347,13 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     roles.spawn(run_ingest(
         settings.nats_url.clone(),
         settings.ingest()?,
+        settings.store(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
+    roles.spawn(run_dispatch(
+        settings.nats_url.clone(),
+        settings.dispatch(),
         settings.store(),
         pool.clone(),
         shutdown.clone(),
@@ -435,6 +457,26 @@ async fn run_ingest(
         settings,
     );
     bridge.run(shutdown).await;
+    Ok(())
+}
+
+/// The dispatch role.
+async fn run_dispatch(
+    nats_url: String,
+    settings: DispatchSettings,
+    store: StoreSettings,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = fleetlog_nats::connect(&nats_url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let dispatcher = Dispatcher::new(
+        CommandBus::new(pool, store),
+        async_nats::jetstream::new(client),
+        settings,
+    );
+    dispatcher.run(shutdown).await;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use fleetlog_commands::StoreSettings;
 use fleetlog_domain::TenantId;
 use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_ingest::broker::BrokerUrl;
+use fleetlog_ingest::dispatch::DispatchSettings;
 use fleetlog_nats::{RelaySettings, StreamSettings};
 use fleetlog_projections::liveness::LivenessSettings;
 use secrecy::SecretString;
@@ -345,6 +346,13 @@ impl Settings {
         settings.inflight = self.ingest_inflight.max(1);
         settings.report_every = Duration::from_secs(self.ingest_report_secs.max(1));
         Ok(settings)
+    }
+
+    /// The dispatcher's settings.
+    pub fn dispatch(&self) -> DispatchSettings {
+        let mut settings = DispatchSettings::new(self.mqtt_url.clone());
+        settings.topic_root = self.mqtt_topic_root.trim_matches('/').to_string();
+        settings
     }
 
     /// The relay's tuning.

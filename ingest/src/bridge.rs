@@ -160,8 +160,8 @@ impl IngestStats {
         metrics::gauge!("fleetlog_ingest_connected").set(if connected { 1.0 } else { 0.0 });
     }
 
-    /// The summary line's figures.
-    fn report(&self) {
+    /// Refreshes the gauges and, if `log`, writes the summary line.
+    fn report(&self, log: bool) {
         let received = self.received();
         let handled = self.accepted() + self.partially_accepted() + self.rejected();
         let success_rate = if handled == 0 {
@@ -175,6 +175,11 @@ impl IngestStats {
             .flatten()
             .map_or_else(|| "never".to_string(), |time| time.to_rfc3339());
         let uptime = self.started.get().map_or(0, |s| s.elapsed().as_secs());
+        metrics::gauge!("fleetlog_ingest_uptime_seconds").set(uptime as f64);
+        metrics::gauge!("fleetlog_ingest_success_ratio").set(success_rate / 100.0);
+        if !log {
+            return;
+        }
         tracing::info!(
             uptime_secs = uptime,
             connected = self.is_connected(),
@@ -285,12 +290,20 @@ impl Ingest {
             let every = settings.report_every;
             let shutdown = shutdown.clone();
             async move {
-                let mut ticks = tokio::time::interval(every);
+                // Gauges are refreshed often; the log line comes every `every`.
+                let mut ticks = tokio::time::interval(Duration::from_secs(15).min(every));
                 ticks.tick().await;
+                let mut last_line = Instant::now();
                 loop {
                     tokio::select! {
                         () = shutdown.cancelled() => break,
-                        _ = ticks.tick() => stats.report(),
+                        _ = ticks.tick() => {
+                            let log = last_line.elapsed() >= every;
+                            if log {
+                                last_line = Instant::now();
+                            }
+                            stats.report(log);
+                        }
                     }
                 }
             }
@@ -303,7 +316,7 @@ impl Ingest {
         reporter.abort();
         flush_and_disconnect(&client, events).await;
         self.stats.set_connected(false);
-        self.stats.report();
+        self.stats.report(true);
         tracing::info!("ingest stopped");
     }
 }

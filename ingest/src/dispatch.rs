@@ -1,0 +1,435 @@
+//! The dispatcher (`fleetlog dispatch`): device events from JetStream out to the devices over
+//! MQTT, and commands nobody answered in time recorded as expired.
+//!
+//! - `CommandIssued` → `{root}/{id}/commands`: `{"command_id", "name", "params", "issued_at",
+//!   "expires_at"}` (not sent once expired);
+//! - `DesiredPropertiesSet` → `{root}/{id}/desired`, retained: `{"version", "desired"}`, the
+//!   device's whole desired document, so a device that connects later gets the latest;
+//! - `FirmwareUpdateRequested` → `{root}/{id}/ota`: `{"rollout_id", "firmware_id", "version",
+//!   "sha256", "size_bytes", "download_path"}`;
+//! - `DeviceDecommissioned` clears the retained desired document.
+//!
+//! Delivery is at least once, made effectively once by ids: the durable JetStream consumer's
+//! message is acked only after the broker confirmed the MQTT publish (PUBACK), so a restarted
+//! dispatcher resumes after the last confirmed message and resends at most the few that were
+//! confirmed but whose ack did not reach JetStream. Exactly once cannot be had between two
+//! independent brokers without a shared transaction, so every message carries an id the device
+//! deduplicates by: `command_id` for commands, `version` for desired documents (apply only a
+//! newer one), `rollout_id` + `firmware_id` for updates.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::Context;
+use chrono::{DateTime, Utc};
+use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
+use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent};
+use fleetlog_domain::CommandId;
+use fleetlog_nats::topology::subject_filter_for_type;
+use fleetlog_nats::{EventEnvelope, STREAM_NAME};
+use futures::StreamExt;
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::BrokerUrl;
+
+/// The durable consumer of the dispatcher.
+pub const CONSUMER: &str = "dispatch";
+
+/// How the dispatcher works.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// The broker.
+    pub broker: BrokerUrl,
+    /// The MQTT client id.
+    pub client_id: String,
+    /// The first topic level, `devices` by default.
+    pub topic_root: String,
+    /// How long a publish may wait for the broker's PUBACK before it is retried.
+    pub publish_timeout: Duration,
+    /// How often commands past their expiry are looked for.
+    pub expiry_interval: Duration,
+}
+
+impl DispatchSettings {
+    /// Defaults for `broker`.
+    pub fn new(broker: BrokerUrl) -> Self {
+        Self {
+            broker,
+            client_id: format!("fleetlog-dispatch-{}", std::process::id()),
+            topic_root: "devices".into(),
+            publish_timeout: Duration::from_secs(20),
+            expiry_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The dispatcher.
+pub struct Dispatcher {
+    bus: CommandBus,
+    jetstream: Context,
+    settings: DispatchSettings,
+}
+
+impl Dispatcher {
+    /// A dispatcher reading device events through `jetstream`.
+    pub fn new(bus: CommandBus, jetstream: Context, settings: DispatchSettings) -> Self {
+        Self {
+            bus,
+            jetstream,
+            settings,
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut options = self.settings.broker.options(&self.settings.client_id);
+        options
+            .set_clean_session(true)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(256 * 1024, 256 * 1024);
+        let (client, events) = AsyncClient::new(options, 1000);
+        let publisher = ConfirmedPublisher {
+            client: client.clone(),
+            tracker: Arc::new(Mutex::new(Tracker::default())),
+        };
+        let driver = tokio::spawn(drive(events, publisher.tracker.clone(), shutdown.clone()));
+        tokio::join!(
+            self.forward_events(&publisher, &shutdown),
+            self.expire_commands(&shutdown),
+        );
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+        tracing::info!("dispatcher stopped");
+    }
+
+    async fn forward_events(&self, publisher: &ConfirmedPublisher, shutdown: &CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match self.consume(publisher, shutdown).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "dispatch consumer interrupted");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        publisher: &ConfirmedPublisher,
+        shutdown: &CancellationToken,
+    ) -> Result<(), async_nats::Error> {
+        let stream = self.jetstream.get_stream(STREAM_NAME).await?;
+        let consumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                PullConfig {
+                    durable_name: Some(CONSUMER.to_string()),
+                    filter_subject: subject_filter_for_type("device"),
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.settings.publish_timeout * 3,
+                    max_ack_pending: 1,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?;
+        tracing::info!("dispatcher consuming device events");
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                next = messages.next() => match next {
+                    Some(message) => message?,
+                    None => return Err("the consumer's message stream ended".into()),
+                },
+            };
+            let sent = match serde_json::from_slice::<EventEnvelope>(&message.payload) {
+                Ok(envelope) => self.forward(publisher, &envelope).await,
+                Err(error) => {
+                    tracing::error!(%error, "skipping a message that is not an event envelope");
+                    Ok(())
+                }
+            };
+            match sent {
+                Ok(()) => {
+                    if let Err(error) = message.double_ack().await {
+                        tracing::warn!(%error, "cannot ack a dispatched event; it may be sent again");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot publish to the broker; will retry");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Publishes what `envelope` asks for, confirmed by the broker; `Ok` when nothing is to
+    /// be sent.
+    async fn forward(
+        &self,
+        publisher: &ConfirmedPublisher,
+        envelope: &EventEnvelope,
+    ) -> Result<(), String> {
+        let device = &envelope.aggregate_id;
+        let root = &self.settings.topic_root;
+        let event: DeviceEvent = match serde_json::from_value(envelope.payload.clone()) {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::error!(%error, event = envelope.message_id(), "skipping an unreadable device event");
+                return Ok(());
+            }
+        };
+        let timeout = self.settings.publish_timeout;
+        match event {
+            DeviceEvent::CommandIssued {
+                command_id,
+                name,
+                params,
+                issued_at,
+                expires_at,
+            } => {
+                if expires_at <= Utc::now() {
+                    tracing::debug!(device, %command_id, "not sending an expired command");
+                    return Ok(());
+                }
+                let body = json!({
+                    "command_id": command_id,
+                    "name": name,
+                    "params": params,
+                    "issued_at": issued_at,
+                    "expires_at": expires_at,
+                });
+                publisher
+                    .publish(format!("{root}/{device}/commands"), &body, false, timeout)
+                    .await
+            }
+            DeviceEvent::DesiredPropertiesSet { .. } => {
+                // The latest document, not this event's change: a device that connects later
+                // gets the whole of it from the retained message.
+                let current = self
+                    .bus
+                    .devices()
+                    .current(device)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .aggregate;
+                let body = json!({
+                    "version": current.desired_version,
+                    "desired": current.desired,
+                });
+                publisher
+                    .publish(format!("{root}/{device}/desired"), &body, true, timeout)
+                    .await
+            }
+            DeviceEvent::FirmwareUpdateRequested {
+                rollout_id,
+                firmware_id,
+                version,
+                at,
+            } => {
+                let firmware = self
+                    .bus
+                    .firmware()
+                    .current(&firmware_id.to_string())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .aggregate;
+                let body = json!({
+                    "rollout_id": rollout_id,
+                    "firmware_id": firmware_id,
+                    "version": version,
+                    "sha256": firmware.sha256,
+                    "size_bytes": firmware.size_bytes,
+                    "download_path": format!("/api/v1/firmware/{firmware_id}/download"),
+                    "requested_at": at,
+                });
+                publisher
+                    .publish(format!("{root}/{device}/ota"), &body, false, timeout)
+                    .await
+            }
+            DeviceEvent::DeviceDecommissioned { .. } => {
+                // An empty retained message removes the retained desired document.
+                publisher
+                    .publish_raw(
+                        format!("{root}/{device}/desired"),
+                        Vec::new(),
+                        true,
+                        timeout,
+                    )
+                    .await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records commands past their expiry as expired, from the read model's pending ones.
+    async fn expire_commands(&self, shutdown: &CancellationToken) {
+        let mut ticks = tokio::time::interval(self.settings.expiry_interval);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            if let Err(error) = self.expire_due(Utc::now()).await {
+                tracing::warn!(%error, "cannot look for expired commands");
+            }
+        }
+    }
+
+    /// Expires the commands due at `now`; returns how many were expired.
+    pub async fn expire_due(&self, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
+        let due: Vec<(String, String)> = sqlx::query_as(
+            "SELECT device_id, command_id FROM device_commands
+              WHERE status = 'pending' AND expires_at <= $1
+              ORDER BY expires_at LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(self.bus.pool())
+        .await?;
+        let mut expired = 0;
+        for (device, command) in due {
+            let Ok(command_id) = CommandId::parse(command) else {
+                continue;
+            };
+            let expire = DeviceCommand::ExpireCommand {
+                command_id: command_id.clone(),
+                at: now,
+            };
+            match self
+                .bus
+                .devices()
+                .execute(&device, expire, &CommandMetadata::new("system:dispatch"))
+                .await
+            {
+                Ok(committed) if committed.events > 0 => {
+                    expired += 1;
+                    metrics::counter!("fleetlog_commands_expired_total").increment(1);
+                    tracing::info!(device, %command_id, "command expired without a reply");
+                }
+                // Replied or expired meanwhile; the read model was behind.
+                Ok(_)
+                | Err(CommandError::Refused(
+                    DeviceError::UnknownCommand(_) | DeviceError::CommandNotExpired(_),
+                )) => {}
+                Err(error) => tracing::warn!(device, %command_id, %error, "cannot expire command"),
+            }
+        }
+        Ok(expired)
+    }
+}
+
+/// Waiters for broker confirmations: publishes are matched to packet ids in the order the
+/// event loop sends them, and released by the PUBACK of their id.
+#[derive(Default)]
+struct Tracker {
+    unassigned: VecDeque<oneshot::Sender<()>>,
+    by_packet: HashMap<u16, oneshot::Sender<()>>,
+}
+
+/// QoS 1 publishes that complete when the broker has confirmed them.
+struct ConfirmedPublisher {
+    client: AsyncClient,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl ConfirmedPublisher {
+    async fn publish(
+        &self,
+        topic: String,
+        body: &Value,
+        retain: bool,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let payload = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+        self.publish_raw(topic, payload, retain, timeout).await
+    }
+
+    async fn publish_raw(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let (confirmed, confirmation) = oneshot::channel();
+        {
+            // Held while queueing, so waiters line up in the order the publishes go out.
+            let mut tracker = self.tracker.lock().await;
+            tracker.unassigned.push_back(confirmed);
+            if let Err(error) = self
+                .client
+                .publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
+                .await
+            {
+                tracker.unassigned.pop_back();
+                return Err(error.to_string());
+            }
+        }
+        match tokio::time::timeout(timeout, confirmation).await {
+            Ok(Ok(())) => {
+                metrics::counter!("fleetlog_dispatch_published_total").increment(1);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(format!("publish to {topic} was dropped")),
+            Err(_) => Err(format!("no PUBACK for {topic} within {timeout:?}")),
+        }
+    }
+}
+
+/// Drives the MQTT connection: reconnects with backoff and matches PUBACKs to waiters.
+async fn drive(mut events: EventLoop, tracker: Arc<Mutex<Tracker>>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_secs(2);
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = events.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_secs(2);
+                tracing::info!("dispatcher connected to the MQTT broker");
+                metrics::gauge!("fleetlog_dispatch_connected").set(1.0);
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(packet))) => {
+                let mut tracker = tracker.lock().await;
+                // A retransmission after a reconnect keeps its waiter.
+                if !tracker.by_packet.contains_key(&packet) {
+                    if let Some(waiter) = tracker.unassigned.pop_front() {
+                        tracker.by_packet.insert(packet, waiter);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(waiter) = tracker.lock().await.by_packet.remove(&ack.pkid) {
+                    let _ = waiter.send(());
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                metrics::gauge!("fleetlog_dispatch_connected").set(0.0);
+                tracing::warn!(%error, retry_in = ?backoff, "dispatcher lost the MQTT broker");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+            }
+        }
+    }
+}
