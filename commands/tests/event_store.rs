@@ -48,6 +48,7 @@ fn register() -> DeviceCommand {
 
 fn heartbeat(second: i64) -> DeviceCommand {
     DeviceCommand::Heartbeat {
+        delivery: None,
         device_time: None,
         received_at: at(second),
     }

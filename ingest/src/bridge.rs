@@ -570,7 +570,7 @@ async fn handle_device(shared: &Shared, device: &DeviceId, items: Vec<Item>) {
 /// How far back a redelivered copy is looked for in the event store.
 const REDELIVERY_LOOKBACK: i64 = 5_000;
 
-/// Marks the telemetry messages the broker redelivered (DUP) whose digest is already recorded
+/// Marks the messages the broker redelivered (DUP) whose digest is already recorded
 /// further back than the aggregate's own window of recent digests: a long in-flight window
 /// for one device cannot turn a redelivery into a duplicate event. Only DUP copies pay for
 /// this look-up, and only after a crash or a lost connection.
@@ -584,23 +584,20 @@ async fn recorded_redeliveries(
         .iter()
         .zip(commands)
         .filter(|(item, _)| item.publish.dup)
-        .filter_map(|(_, command)| match command {
-            Some(DeviceCommand::RecordTelemetry { digest, .. }) => Some(digest.clone()),
-            _ => None,
-        })
+        .filter_map(|(_, command)| command.as_ref().and_then(digest_of))
         .collect();
     if wanted.is_empty() {
         return vec![false; items.len()];
     }
     let found: Vec<String> = loop {
         let lookup = sqlx::query_scalar(
-            "SELECT payload -> 'TelemetryRecorded' ->> 'digest'
+            "SELECT payload -> event_type ->> 'digest'
                FROM events
               WHERE aggregate_type = 'device' AND aggregate_id = $1
                 AND sequence > (SELECT coalesce(max(sequence), 0) - $3 FROM events
                                  WHERE aggregate_type = 'device' AND aggregate_id = $1)
-                AND event_type = 'TelemetryRecorded'
-                AND payload -> 'TelemetryRecorded' ->> 'digest' = ANY($2)",
+                AND event_type IN ('TelemetryRecorded', 'StatusReported', 'HeartbeatReceived')
+                AND payload -> event_type ->> 'digest' = ANY($2)",
         )
         .bind(device.as_str())
         .bind(&wanted)
@@ -621,13 +618,30 @@ async fn recorded_redeliveries(
     items
         .iter()
         .zip(commands)
-        .map(|(item, command)| match command {
-            Some(DeviceCommand::RecordTelemetry { digest, .. }) if item.publish.dup => {
-                found.contains(digest)
-            }
-            _ => false,
+        .map(|(item, command)| {
+            item.publish.dup
+                && command
+                    .as_ref()
+                    .and_then(digest_of)
+                    .is_some_and(|digest| found.contains(&digest))
         })
         .collect()
+}
+
+/// The digest a command records, for the kinds that record one.
+fn digest_of(command: &DeviceCommand) -> Option<String> {
+    match command {
+        DeviceCommand::RecordTelemetry { digest, .. } => Some(digest.clone()),
+        DeviceCommand::ReportStatus {
+            delivery: Some(delivery),
+            ..
+        }
+        | DeviceCommand::Heartbeat {
+            delivery: Some(delivery),
+            ..
+        } => Some(delivery.digest.clone()),
+        _ => None,
+    }
 }
 
 fn to_command(

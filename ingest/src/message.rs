@@ -5,8 +5,8 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use fleetlog_domain::device::{
-    validate_location, validate_reading, CommandOutcome, DeviceCommand, Location, Reading,
-    MAX_READINGS,
+    validate_location, validate_reading, CommandOutcome, Delivery, DeviceCommand, Location,
+    Reading, MAX_READINGS,
 };
 use fleetlog_domain::{CommandId, DeviceId, RolloutId};
 use serde_json::{Map, Value};
@@ -571,6 +571,15 @@ impl Identity {
     }
 }
 
+impl From<Identity> for Delivery {
+    fn from(identity: Identity) -> Self {
+        Delivery {
+            digest: identity.digest,
+            redelivery: identity.redelivery,
+        }
+    }
+}
+
 /// A hex SHA-256 prefix of the parts (128 bits: collisions are out of reach, events stay small).
 fn digest(parts: &[&[u8]]) -> String {
     use sha2::{Digest, Sha256};
@@ -606,10 +615,12 @@ impl DeviceMessage {
             DeviceMessage::Status(status) => DeviceCommand::ReportStatus {
                 status,
                 received_at,
+                delivery: Some(identity.into()),
             },
             DeviceMessage::Heartbeat { device_time } => DeviceCommand::Heartbeat {
                 device_time,
                 received_at,
+                delivery: Some(identity.into()),
             },
             DeviceMessage::CommandReply {
                 command_id,

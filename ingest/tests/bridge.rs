@@ -494,9 +494,15 @@ async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
         device
             .publish("devices/w1/data", format!("{{\"level\": {i}}}").as_bytes())
             .await;
+        if i % 10 == 0 {
+            device.publish("devices/w1/heartbeat", b"").await;
+            device
+                .publish("devices/w1/status", format!("{{\"seen\": {i}}}").as_bytes())
+                .await;
+        }
     }
     let mut taken = 0;
-    while taken < 100 {
+    while taken < 120 {
         if let Event::Incoming(Packet::Publish(publish)) = events.poll().await.unwrap() {
             assert!(!publish.dup);
             let (device_id, kind) = parse_topic("devices", &publish.topic).unwrap();
@@ -530,10 +536,10 @@ async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
     let running = tokio::spawn(bridge.run(stop.clone()));
     wait_until("the redeliveries", || {
         let stats = stats.clone();
-        async move { stats.accepted() >= 100 }
+        async move { stats.accepted() >= 120 }
     })
     .await;
-    assert_eq!(stats.redelivered(), 100);
+    assert_eq!(stats.redelivered(), 120);
     let recorded: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_id = 'w1' AND event_type = 'TelemetryRecorded'",
     )
@@ -544,6 +550,14 @@ async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
         recorded, 100,
         "redelivered copies must not be recorded again"
     );
+    let others: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events
+          WHERE aggregate_id = 'w1' AND event_type IN ('HeartbeatReceived', 'StatusReported')",
+    )
+    .fetch_one(platform.pool())
+    .await
+    .unwrap();
+    assert_eq!(others, 20);
     stop.cancel();
     let _ = running.await;
 }

@@ -134,6 +134,7 @@ async fn apply(
         DeviceEvent::StatusReported {
             status,
             received_at,
+            ..
         } => {
             sqlx::query(&update(
                 "last_seen = $3, updated_at = $3,

@@ -71,6 +71,7 @@ async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
                 received_at: at(n + 1),
             },
             DeviceCommand::Heartbeat {
+                delivery: None,
                 device_time: None,
                 received_at: at(n + 2),
             },

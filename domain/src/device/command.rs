@@ -12,6 +12,22 @@ use super::{
 use crate::firmware::FirmwareId;
 use crate::ids::{CommandId, DeviceId, RolloutId, TenantId, UserId};
 
+/// How a device message can be recognised if the transport delivers it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Digest identifying the message; recorded with its event.
+    pub digest: String,
+    /// The transport says the message may have been delivered before: a digest among the recent
+    /// ones means it was, and it changes nothing.
+    pub redelivery: bool,
+}
+
+impl Delivery {
+    fn is_repeat(&self, device: &Device) -> bool {
+        self.redelivery && device.recent_digests.contains(&self.digest)
+    }
+}
+
 /// A request to the Device aggregate. Times are passed in: the domain reads no clock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceCommand {
@@ -76,6 +92,8 @@ pub enum DeviceCommand {
         status: Map<String, Value>,
         /// When the platform received it.
         received_at: DateTime<Utc>,
+        /// How the message can be recognised if it arrives again, when the transport says.
+        delivery: Option<Delivery>,
     },
     /// Record a heartbeat.
     Heartbeat {
@@ -83,6 +101,8 @@ pub enum DeviceCommand {
         device_time: Option<DateTime<Utc>>,
         /// When the platform received it.
         received_at: DateTime<Utc>,
+        /// How the message can be recognised if it arrives again, when the transport says.
+        delivery: Option<Delivery>,
     },
     /// Mark the device offline.
     MarkOffline {
@@ -281,25 +301,35 @@ pub(super) fn decide(
         DeviceCommand::ReportStatus {
             status,
             received_at,
+            delivery,
         } => {
+            if delivery.as_ref().is_some_and(|d| d.is_repeat(device)) {
+                return Ok(vec![]);
+            }
             validate_properties(&status)?;
             let mut events: Vec<DeviceEvent> =
                 device.came_online(received_at).into_iter().collect();
             events.push(DeviceEvent::StatusReported {
                 status,
                 received_at,
+                digest: delivery.map(|d| d.digest),
             });
             Ok(events)
         }
         DeviceCommand::Heartbeat {
             device_time,
             received_at,
+            delivery,
         } => {
+            if delivery.as_ref().is_some_and(|d| d.is_repeat(device)) {
+                return Ok(vec![]);
+            }
             let mut events: Vec<DeviceEvent> =
                 device.came_online(received_at).into_iter().collect();
             events.push(DeviceEvent::HeartbeatReceived {
                 device_time,
                 received_at,
+                digest: delivery.map(|d| d.digest),
             });
             Ok(events)
         }

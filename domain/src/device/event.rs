@@ -87,6 +87,9 @@ pub enum DeviceEvent {
         status: Map<String, Value>,
         /// When the platform received it.
         received_at: DateTime<Utc>,
+        /// Digest of the message, when the transport gave one (for recognising redeliveries).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// The device said it is alive.
     HeartbeatReceived {
@@ -95,6 +98,9 @@ pub enum DeviceEvent {
         device_time: Option<DateTime<Utc>>,
         /// When the platform received it.
         received_at: DateTime<Utc>,
+        /// Digest of the message, when the transport gave one (for recognising redeliveries).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// The device was heard from after being offline or never seen.
     DeviceCameOnline {
@@ -279,11 +285,22 @@ pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
         DeviceEvent::StatusReported {
             status,
             received_at,
+            digest,
         } => {
+            if let Some(digest) = digest {
+                remember(&mut device.recent_digests, digest, REMEMBERED_DIGESTS);
+            }
             merge_properties(&mut device.reported, &status);
             device.last_seen = Some(received_at);
         }
-        DeviceEvent::HeartbeatReceived { received_at, .. } => {
+        DeviceEvent::HeartbeatReceived {
+            received_at,
+            digest,
+            ..
+        } => {
+            if let Some(digest) = digest {
+                remember(&mut device.recent_digests, digest, REMEMBERED_DIGESTS);
+            }
             device.last_seen = Some(received_at);
         }
         DeviceEvent::DeviceCameOnline { .. } => device.connectivity = Connectivity::Online,

@@ -181,6 +181,7 @@ fn commands_need_a_registered_active_device() {
     let every_change = vec![
         telemetry("m1", vec![reading("temperature", 21.0)]),
         DeviceCommand::Heartbeat {
+            delivery: None,
             device_time: None,
             received_at: at(),
         },
@@ -400,6 +401,7 @@ fn telemetry_status_merges_into_reported_properties() {
         status: object(json!({"battery": 90, "mode": "eco"})),
     });
     device.evolve(DeviceEvent::StatusReported {
+        digest: None,
         status: object(json!({"battery": 80, "mode": null})),
         received_at: later(1),
     });
@@ -412,16 +414,19 @@ fn status_reports_are_recorded_and_validated() {
     Given::with(())
         .given(vec![registered(), online()])
         .when(DeviceCommand::ReportStatus {
+            delivery: None,
             status: object(json!({"status": "online", "battery": 95})),
             received_at: at(),
         })
         .then_expect_events(vec![DeviceEvent::StatusReported {
+            digest: None,
             status: object(json!({"status": "online", "battery": 95})),
             received_at: at(),
         }]);
     Given::with(())
         .given(vec![registered(), online()])
         .when(DeviceCommand::ReportStatus {
+            delivery: None,
             status: Map::new(),
             received_at: at(),
         })
@@ -429,6 +434,7 @@ fn status_reports_are_recorded_and_validated() {
     Given::with(())
         .given(vec![registered(), online()])
         .when(DeviceCommand::ReportStatus {
+            delivery: None,
             status: object(json!({"bad key": 1})),
             received_at: at(),
         })
@@ -440,12 +446,14 @@ fn heartbeats_keep_the_device_alive() {
     Given::with(())
         .given(vec![registered(), online(), offline()])
         .when(DeviceCommand::Heartbeat {
+            delivery: None,
             device_time: None,
             received_at: later(400),
         })
         .then_expect_events(vec![
             DeviceEvent::DeviceCameOnline { at: later(400) },
             DeviceEvent::HeartbeatReceived {
+                digest: None,
                 device_time: None,
                 received_at: later(400),
             },
@@ -453,6 +461,7 @@ fn heartbeats_keep_the_device_alive() {
     Given::with(())
         .given_no_previous_events()
         .when(DeviceCommand::Heartbeat {
+            delivery: None,
             device_time: None,
             received_at: at(),
         })
@@ -482,6 +491,7 @@ fn mark_offline_happens_once_per_silence() {
 #[test]
 fn mark_offline_is_refused_when_the_silence_already_ended() {
     let heartbeat = |second| DeviceEvent::HeartbeatReceived {
+        digest: None,
         device_time: None,
         received_at: later(second),
     };
@@ -537,6 +547,7 @@ fn desired_properties_version_and_delta() {
     device.evolve(registered());
     device.evolve(set);
     device.evolve(DeviceEvent::StatusReported {
+        digest: None,
         status: object(json!({"interval": 30, "mode": "turbo", "battery": 50})),
         received_at: at(),
     });
@@ -790,4 +801,52 @@ fn events_keep_their_names_and_round_trip_through_json() {
         }})
     );
     assert_eq!(serde_json::from_value::<DeviceEvent>(json).unwrap(), event);
+}
+
+#[test]
+fn redelivered_heartbeats_and_status_reports_are_recognised_by_digest() {
+    use crate::device::Delivery;
+    let delivery = |redelivery| {
+        Some(Delivery {
+            digest: "h1".into(),
+            redelivery,
+        })
+    };
+    let heartbeat = |redelivery| DeviceCommand::Heartbeat {
+        device_time: None,
+        received_at: later(10),
+        delivery: delivery(redelivery),
+    };
+    let received = DeviceEvent::HeartbeatReceived {
+        device_time: None,
+        received_at: later(10),
+        digest: Some("h1".into()),
+    };
+    Given::with(())
+        .given(vec![registered(), online(), received.clone()])
+        .when(heartbeat(true))
+        .then_expect_events(vec![]);
+    // A first delivery that happens to repeat a digest is recorded.
+    Given::with(())
+        .given(vec![registered(), online(), received.clone()])
+        .when(heartbeat(false))
+        .then_expect_events(vec![received]);
+    let mut status = Map::new();
+    status.insert("mode".into(), json!("eco"));
+    Given::with(())
+        .given(vec![
+            registered(),
+            online(),
+            DeviceEvent::StatusReported {
+                status: status.clone(),
+                received_at: later(10),
+                digest: Some("h1".into()),
+            },
+        ])
+        .when(DeviceCommand::ReportStatus {
+            status,
+            received_at: later(11),
+            delivery: delivery(true),
+        })
+        .then_expect_events(vec![]);
 }
