@@ -238,7 +238,10 @@ persistence true
 persistence_location $dir/data/
 pid_file $pid_file
 log_dest file $log_file
-max_queued_messages 100000
+# The ingest bridge acks after committing: let enough QoS 1 messages be in flight to it, and
+# queue plenty for it while it restarts.
+max_inflight_messages 1000
+max_queued_messages 1000000
 EOF
     log "starting mosquitto on 127.0.0.1:$mqtt_port"
     "$(mosquitto_bin)" -c "$dir/mosquitto.conf" -d 2>>"$log_file"

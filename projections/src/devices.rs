@@ -1,6 +1,9 @@
 //! The `devices` read model (registry and live state of each device) and `device_commands`
 //! (every command sent to a device and how it ended), fed by the Device events.
 
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
 use fleetlog_domain::device::{CommandOutcome, DeviceEvent};
 use fleetlog_nats::EventEnvelope;
 use serde_json::{json, Map, Value};
@@ -26,6 +29,147 @@ impl Projection for DevicesProjection {
         apply(connection, envelope, event).await?;
         Ok(())
     }
+
+    /// The frequent events (telemetry, status, heartbeat) of each device are folded into one
+    /// change, and the changes of all devices written by one UPDATE; any other event is applied
+    /// on its own, after its device's folded change.
+    async fn apply_batch(
+        &self,
+        connection: &mut PgConnection,
+        envelopes: &[&EventEnvelope],
+    ) -> Result<(), ProjectionError> {
+        let mut live: HashMap<&str, LiveChange> = HashMap::new();
+        for envelope in envelopes {
+            let id = envelope.aggregate_id.as_str();
+            let event: DeviceEvent = serde_json::from_value(envelope.payload.clone())?;
+            match event {
+                DeviceEvent::TelemetryRecorded { .. }
+                | DeviceEvent::StatusReported { .. }
+                | DeviceEvent::HeartbeatReceived { .. } => {
+                    live.entry(id).or_default().absorb(envelope.sequence, event);
+                }
+                other => {
+                    if let Some(change) = live.remove(id) {
+                        write_live_changes(connection, vec![(id, change)]).await?;
+                    }
+                    apply(connection, envelope, other).await?;
+                }
+            }
+        }
+        write_live_changes(connection, live.into_iter().collect()).await?;
+        Ok(())
+    }
+}
+
+/// Telemetry, status and heartbeats of one device, folded in order. One-level merge patches
+/// compose by union (later keys win, `null` included), so the fold equals applying them one by
+/// one.
+#[derive(Default)]
+struct LiveChange {
+    sequence: i64,
+    last_seen: Option<DateTime<Utc>>,
+    last_telemetry_at: Option<DateTime<Utc>>,
+    last_heartbeat: Option<DateTime<Utc>>,
+    sensors: Map<String, Value>,
+    location: Option<Value>,
+    reported: Map<String, Value>,
+}
+
+impl LiveChange {
+    fn absorb(&mut self, sequence: i64, event: DeviceEvent) {
+        self.sequence = sequence;
+        match event {
+            DeviceEvent::TelemetryRecorded {
+                readings,
+                device_time,
+                received_at,
+                location,
+                status,
+                ..
+            } => {
+                for reading in readings {
+                    let timestamp = reading.timestamp.or(device_time).unwrap_or(received_at);
+                    self.sensors.insert(
+                        reading.sensor,
+                        json!({"value": reading.value, "unit": reading.unit, "timestamp": timestamp}),
+                    );
+                }
+                if let Some(l) = location {
+                    self.location = Some(json!({"latitude": l.latitude, "longitude": l.longitude}));
+                }
+                self.reported.extend(status);
+                self.last_seen = Some(received_at);
+                self.last_telemetry_at = Some(received_at);
+            }
+            DeviceEvent::StatusReported {
+                status,
+                received_at,
+                ..
+            } => {
+                self.reported.extend(status);
+                self.last_seen = Some(received_at);
+            }
+            DeviceEvent::HeartbeatReceived { received_at, .. } => {
+                self.last_seen = Some(received_at);
+                self.last_heartbeat = Some(received_at);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn write_live_changes(
+    connection: &mut PgConnection,
+    changes: Vec<(&str, LiveChange)>,
+) -> Result<(), sqlx::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(changes.len());
+    let mut sequences = Vec::with_capacity(changes.len());
+    let mut last_seen = Vec::with_capacity(changes.len());
+    let mut last_telemetry = Vec::with_capacity(changes.len());
+    let mut last_heartbeat = Vec::with_capacity(changes.len());
+    let mut sensors = Vec::with_capacity(changes.len());
+    let mut locations = Vec::with_capacity(changes.len());
+    let mut reported = Vec::with_capacity(changes.len());
+    for (id, change) in changes {
+        ids.push(id);
+        sequences.push(change.sequence);
+        last_seen.push(change.last_seen);
+        last_telemetry.push(change.last_telemetry_at);
+        last_heartbeat.push(change.last_heartbeat);
+        sensors.push(Value::Object(change.sensors));
+        locations.push(change.location);
+        reported.push(Value::Object(change.reported));
+    }
+    sqlx::query(
+        "UPDATE devices d
+            SET last_seen = u.last_seen, updated_at = u.last_seen,
+                last_telemetry_at = COALESCE(u.last_telemetry_at, d.last_telemetry_at),
+                last_heartbeat = COALESCE(u.last_heartbeat, d.last_heartbeat),
+                sensors = d.sensors || u.sensors,
+                location = COALESCE(u.location, d.location),
+                reported = fleetlog_merge(d.reported, u.reported),
+                delta = fleetlog_delta(d.desired, fleetlog_merge(d.reported, u.reported)),
+                last_sequence = u.sequence
+           FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
+                       $5::timestamptz[], $6::jsonb[], $7::jsonb[], $8::jsonb[])
+                AS u(id, sequence, last_seen, last_telemetry_at, last_heartbeat, sensors,
+                     location, reported)
+          WHERE d.device_id = u.id",
+    )
+    .bind(ids)
+    .bind(sequences)
+    .bind(last_seen)
+    .bind(last_telemetry)
+    .bind(last_heartbeat)
+    .bind(sensors)
+    .bind(locations)
+    .bind(reported)
+    .execute(connection)
+    .await?;
+    Ok(())
 }
 
 /// `UPDATE devices SET {assignments}, last_sequence = $2 WHERE device_id = $1`; the caller binds

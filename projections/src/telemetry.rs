@@ -21,37 +21,50 @@ impl Projection for TelemetryProjection {
         connection: &mut PgConnection,
         envelope: &EventEnvelope,
     ) -> Result<(), ProjectionError> {
-        if envelope.event_type != "TelemetryRecorded" {
-            return Ok(());
+        self.apply_batch(connection, &[envelope]).await
+    }
+
+    /// Every reading of every event in one INSERT.
+    async fn apply_batch(
+        &self,
+        connection: &mut PgConnection,
+        envelopes: &[&EventEnvelope],
+    ) -> Result<(), ProjectionError> {
+        let mut devices = Vec::new();
+        let mut sensors = Vec::new();
+        let mut times = Vec::new();
+        let mut values = Vec::new();
+        let mut units = Vec::new();
+        for envelope in envelopes {
+            if envelope.event_type != "TelemetryRecorded" {
+                continue;
+            }
+            let DeviceEvent::TelemetryRecorded {
+                readings,
+                device_time,
+                received_at,
+                ..
+            } = serde_json::from_value(envelope.payload.clone())?
+            else {
+                continue;
+            };
+            for reading in readings {
+                devices.push(envelope.aggregate_id.as_str());
+                // The most precise time known: the reading's, the message's, or its arrival.
+                times.push(reading.timestamp.or(device_time).unwrap_or(received_at));
+                sensors.push(reading.sensor);
+                values.push(reading.value);
+                units.push(reading.unit);
+            }
         }
-        let DeviceEvent::TelemetryRecorded {
-            readings,
-            device_time,
-            received_at,
-            ..
-        } = serde_json::from_value(envelope.payload.clone())?
-        else {
+        if devices.is_empty() {
             return Ok(());
-        };
-        if readings.is_empty() {
-            return Ok(());
-        }
-        let mut sensors = Vec::with_capacity(readings.len());
-        let mut times = Vec::with_capacity(readings.len());
-        let mut values = Vec::with_capacity(readings.len());
-        let mut units = Vec::with_capacity(readings.len());
-        for reading in readings {
-            // The most precise time known: the reading's, the message's, or its arrival.
-            times.push(reading.timestamp.or(device_time).unwrap_or(received_at));
-            sensors.push(reading.sensor);
-            values.push(reading.value);
-            units.push(reading.unit);
         }
         sqlx::query(
             "INSERT INTO telemetry (device_id, sensor, time, value, unit)
-             SELECT $1, * FROM UNNEST($2::text[], $3::timestamptz[], $4::float8[], $5::text[])",
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::float8[], $5::text[])",
         )
-        .bind(&envelope.aggregate_id)
+        .bind(devices)
         .bind(sensors)
         .bind(times)
         .bind(values)

@@ -16,6 +16,7 @@
 //! position moved past it, and acked, so it blocks nothing. Database outages are retried without
 //! limit instead.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -47,6 +48,22 @@ pub trait Projection: Send + Sync + 'static {
         connection: &mut PgConnection,
         event: &EventEnvelope,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Applies several events, in the order given (each one the next of its aggregate), inside
+    /// one transaction. The default applies them one by one; a projection may do it set-wise.
+    /// The result must equal applying them one by one: replay does that.
+    fn apply_batch(
+        &self,
+        connection: &mut PgConnection,
+        events: &[&EventEnvelope],
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        async move {
+            for event in events {
+                self.apply(connection, event).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Why an event could not be applied.
@@ -87,6 +104,10 @@ pub struct WorkerSettings {
     pub ack_wait: Duration,
     /// Messages delivered but not yet acked, per consumer.
     pub max_ack_pending: i64,
+    /// The most messages applied in one transaction. Whatever has arrived when the worker is
+    /// free is taken at once, up to this many: one commit for many events when busy, no
+    /// waiting when idle.
+    pub max_batch: usize,
 }
 
 impl Default for WorkerSettings {
@@ -96,6 +117,7 @@ impl Default for WorkerSettings {
             retry_delay: Duration::from_secs(1),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 1_000,
+            max_batch: 500,
         }
     }
 }
@@ -225,21 +247,188 @@ impl<P: Projection> Worker<P> {
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), async_nats::Error> {
         let consumer = self.consumer().await?;
-        let mut messages = consumer.messages().await?;
+        let mut messages = consumer
+            .messages()
+            .await?
+            .ready_chunks(self.settings.max_batch.max(1));
         tracing::info!(projection = P::NAME, "projection consuming");
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 next = messages.next() => next,
             };
-            match next {
-                Some(Ok(message)) => {
-                    self.handle(message).await;
+            let Some(received) = next else {
+                return Err("the consumer's message stream ended".into());
+            };
+            let mut batch = Vec::with_capacity(received.len());
+            let mut failure = None;
+            for message in received {
+                match message {
+                    Ok(message) => batch.push(message),
+                    Err(error) => failure = Some(error),
                 }
-                Some(Err(error)) => return Err(error.into()),
-                None => return Err("the consumer's message stream ended".into()),
+            }
+            self.handle_batch(batch).await;
+            if let Some(error) = failure {
+                return Err(error.into());
             }
         }
+    }
+
+    /// Handles the messages that arrived together: applied in one transaction when all goes
+    /// well, else one by one (so a failing message is retried or dead-lettered on its own).
+    pub async fn handle_batch(&self, messages: Vec<Message>) {
+        if messages.len() == 1 {
+            for message in messages {
+                self.handle(message).await;
+            }
+            return;
+        }
+        let events: Vec<Option<EventEnvelope>> = messages
+            .iter()
+            .map(|message| serde_json::from_slice(&message.payload).ok())
+            .collect();
+        if events.iter().any(Option::is_none) {
+            for message in messages {
+                self.handle(message).await;
+            }
+            return;
+        }
+        let events: Vec<EventEnvelope> = events.into_iter().flatten().collect();
+        match self.apply_all(&events).await {
+            Ok(positions) => {
+                for ((message, event), position) in messages.iter().zip(&events).zip(positions) {
+                    let outcome = match position {
+                        Position::Applied => Outcome::Applied,
+                        Position::AlreadyApplied => Outcome::Skipped,
+                        Position::Gap { .. } => Outcome::Gap,
+                    };
+                    self.settle(message, outcome, event).await;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(projection = P::NAME, %error, "batch failed; applying one by one");
+                for message in messages {
+                    self.handle(message).await;
+                }
+            }
+        }
+    }
+
+    /// Applies `events` in order in one transaction. The position rows of every aggregate in
+    /// the batch are locked first, in a fixed order, so workers sharing the consumer cannot
+    /// deadlock on them.
+    async fn apply_all(&self, events: &[EventEnvelope]) -> Result<Vec<Position>, ProjectionError> {
+        let mut aggregates: Vec<(&str, &str)> = events
+            .iter()
+            .map(|e| (e.aggregate_type.as_str(), e.aggregate_id.as_str()))
+            .collect();
+        aggregates.sort_unstable();
+        aggregates.dedup();
+        let (types, ids): (Vec<&str>, Vec<&str>) = aggregates.into_iter().unzip();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, last_sequence)
+             SELECT $1, t, i, 0 FROM UNNEST($2::text[], $3::text[]) AS a(t, i)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(P::NAME)
+        .bind(&types)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        let locked: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence FROM projection_positions p
+               JOIN UNNEST($2::text[], $3::text[]) AS a(t, i)
+                 ON p.aggregate_type = a.t AND p.aggregate_id = a.i
+              WHERE p.projection = $1
+              ORDER BY p.aggregate_type, p.aggregate_id
+                FOR UPDATE OF p",
+        )
+        .bind(P::NAME)
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut last: HashMap<(String, String), i64> = locked
+            .into_iter()
+            .map(|(kind, id, sequence)| ((kind, id), sequence))
+            .collect();
+        // Judge every event against the positions, as `apply_event` would one by one.
+        let mut positions = Vec::with_capacity(events.len());
+        let mut applied = Vec::with_capacity(events.len());
+        for event in events {
+            let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+            let current = last.get(&key).copied().unwrap_or(0);
+            let position = if event.sequence <= current {
+                Position::AlreadyApplied
+            } else if event.sequence > current + 1 {
+                Position::Gap {
+                    expected: current + 1,
+                }
+            } else {
+                last.insert(key, event.sequence);
+                applied.push(event);
+                Position::Applied
+            };
+            positions.push(position);
+        }
+        if applied.is_empty() {
+            return Ok(positions);
+        }
+        self.projection.apply_batch(&mut tx, &applied).await?;
+        let mut moved: Vec<(&str, &str, i64)> = applied
+            .iter()
+            .map(|e| {
+                (
+                    e.aggregate_type.as_str(),
+                    e.aggregate_id.as_str(),
+                    e.sequence,
+                )
+            })
+            .collect();
+        // Keep the highest sequence of each aggregate.
+        moved.sort_unstable_by(|a, b| (a.0, a.1, b.2).cmp(&(b.0, b.1, a.2)));
+        moved.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        let (moved_types, rest): (Vec<&str>, Vec<(&str, i64)>) =
+            moved.into_iter().map(|(t, i, s)| (t, (i, s))).unzip();
+        let (moved_ids, sequences): (Vec<&str>, Vec<i64>) = rest.into_iter().unzip();
+        sqlx::query(
+            "UPDATE projection_positions p SET last_sequence = a.s
+               FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS a(t, i, s)
+              WHERE p.projection = $1 AND p.aggregate_type = a.t AND p.aggregate_id = a.i",
+        )
+        .bind(P::NAME)
+        .bind(&moved_types)
+        .bind(&moved_ids)
+        .bind(&sequences)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(positions)
+    }
+
+    /// Acks or naks a message after its event was handled, and counts it.
+    async fn settle(&self, message: &Message, outcome: Outcome, event: &EventEnvelope) {
+        let lag = chrono::Utc::now() - event.recorded_at;
+        metrics::gauge!("fleetlog_projection_lag_seconds", "projection" => P::NAME)
+            .set(lag.num_milliseconds() as f64 / 1000.0);
+        let ack = match outcome {
+            Outcome::Applied | Outcome::Skipped | Outcome::DeadLettered => {
+                message.ack_with(AckKind::Ack).await
+            }
+            Outcome::Gap | Outcome::Retried => {
+                message
+                    .ack_with(AckKind::Nak(Some(self.settings.retry_delay)))
+                    .await
+            }
+        };
+        if let Err(error) = ack {
+            tracing::warn!(projection = P::NAME, %error, "cannot acknowledge message");
+        }
+        metrics::counter!("fleetlog_projection_events_total",
+            "projection" => P::NAME, "outcome" => outcome.label())
+        .increment(1);
     }
 
     /// Handles one message to the end: applied and acked, or naked, or dead-lettered.

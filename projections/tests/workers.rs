@@ -28,6 +28,7 @@ fn settings() -> WorkerSettings {
         retry_delay: Duration::from_millis(100),
         ack_wait: Duration::from_secs(2),
         max_ack_pending: 100,
+        max_batch: 50,
     }
 }
 
