@@ -359,7 +359,7 @@ async fn end_to_end(
                 latencies.len()
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let done_seconds = started.elapsed().as_secs_f64();
     let publish_end = publisher.await??;

@@ -548,6 +548,23 @@ where
         Ok(loaded)
     }
 
+    /// Looks at the aggregate as the next command would see it, without copying it: `look`
+    /// gets the state and version. Cheaper than [`current`](Self::current) for a quick check
+    /// on a hot path.
+    pub async fn inspect<R>(
+        &self,
+        aggregate_id: &str,
+        look: impl FnOnce(&A, u64) -> R,
+    ) -> Result<R, StoreError> {
+        let slot = self.slot(aggregate_id);
+        let mut cached = slot.lock().await;
+        if cached.is_none() {
+            *cached = Some(self.load(aggregate_id).await?);
+        }
+        let loaded = cached.as_ref().expect("loaded just above");
+        Ok(look(&loaded.aggregate, loaded.version))
+    }
+
     /// Drops an aggregate from the cache, e.g. after its events were changed behind the store.
     pub fn evict(&self, aggregate_id: &str) {
         self.cache.invalidate(aggregate_id);

@@ -703,9 +703,14 @@ async fn execute_until_done(
 /// `Ok` when the device is registered (or was just auto-registered), else why not.
 async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> {
     let mut delay = Duration::from_millis(100);
-    let current = loop {
-        match shared.bus.devices().current(device.as_str()).await {
-            Ok(current) => break current.aggregate,
+    let lifecycle = loop {
+        match shared
+            .bus
+            .devices()
+            .inspect(device.as_str(), |device, _| device.lifecycle)
+            .await
+        {
+            Ok(lifecycle) => break lifecycle,
             Err(error) => {
                 tracing::warn!(device = %device, %error, "cannot load device; retrying");
                 if shared.stop.is_cancelled() {
@@ -716,7 +721,7 @@ async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> 
             }
         }
     };
-    match (current.lifecycle, &shared.auto_register_tenant) {
+    match (lifecycle, &shared.auto_register_tenant) {
         (Lifecycle::Active, _) => Ok(()),
         (Lifecycle::Decommissioned, _) => Err(DeviceError::Decommissioned.to_string()),
         (Lifecycle::Unregistered, None) => Err(format!(

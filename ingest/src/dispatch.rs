@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
 use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent};
 use fleetlog_domain::CommandId;
-use fleetlog_nats::topology::subject_filter_for_type;
+use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
@@ -41,6 +41,14 @@ use crate::broker::BrokerUrl;
 
 /// The durable consumer of the dispatcher.
 pub const CONSUMER: &str = "dispatch";
+
+/// The device events that send something to the device.
+const DISPATCHED: &[&str] = &[
+    "CommandIssued",
+    "DesiredPropertiesSet",
+    "FirmwareUpdateRequested",
+    "DeviceDecommissioned",
+];
 
 /// How the dispatcher works.
 #[derive(Debug, Clone)]
@@ -141,7 +149,7 @@ impl Dispatcher {
                     deliver_policy: DeliverPolicy::All,
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: self.settings.publish_timeout * 3,
-                    max_ack_pending: 1,
+                    max_ack_pending: 1_000,
                     ..Default::default()
                 },
             )
@@ -156,6 +164,19 @@ impl Dispatcher {
                     None => return Err("the consumer's message stream ended".into()),
                 },
             };
+            // Most device events (telemetry above all) ask for nothing: the event type header
+            // says so without reading the body.
+            let wanted = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
+                .is_none_or(|kind| DISPATCHED.contains(&kind.as_str()));
+            if !wanted {
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(%error, "cannot ack a device event");
+                }
+                continue;
+            }
             let sent = match serde_json::from_slice::<EventEnvelope>(&message.payload) {
                 Ok(envelope) => self.forward(publisher, &envelope).await,
                 Err(error) => {
@@ -164,6 +185,8 @@ impl Dispatcher {
                 }
             };
             match sent {
+                // Processing is in order, so the messages still unacked after a crash are
+                // this one (perhaps sent, not acked) and those not yet looked at.
                 Ok(()) => {
                     if let Err(error) = message.double_ack().await {
                         tracing::warn!(%error, "cannot ack a dispatched event; it may be sent again");
