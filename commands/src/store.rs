@@ -29,6 +29,14 @@ SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload::json, $7::j
  ORDER BY e.sequence
 RETURNING sequence, global_position";
 
+const INSERT_EVENTS_OF_MANY: &str = "
+INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload::json, e.metadata::json
+  FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+       AS e(aggregate_id, sequence, event_type, event_version, payload, metadata)
+ ORDER BY e.aggregate_id, e.sequence
+RETURNING aggregate_id, global_position";
+
 const UPSERT_SNAPSHOT: &str = "
 INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
 VALUES ($1, $2, $3, 1, $4::json)
@@ -333,6 +341,177 @@ where
             Err(AppendError::Conflict) => Ok(None),
             Err(AppendError::Store(error)) => Err(error.into()),
         }
+    }
+
+    /// Runs the command batches of several aggregates and appends every event in one
+    /// transaction: one commit for all the devices an ingest shard has messages for. Each
+    /// aggregate's batch is decided as by [`execute_batch`](Self::execute_batch). The
+    /// aggregates are locked in id order, so callers running this concurrently cannot
+    /// deadlock. If another writer got in the way of any of them, each aggregate is retried on
+    /// its own. Results come back in the order of `work`.
+    pub async fn execute_many(
+        &self,
+        work: Vec<(String, Vec<A::Command>, CommandMetadata)>,
+    ) -> Vec<Result<BatchCommitted<A::Error>, CommandError<A::Error>>> {
+        match self.try_execute_many(&work).await {
+            Ok(Some(done)) => done.into_iter().map(Ok).collect(),
+            Ok(None) => {
+                let mut results = Vec::with_capacity(work.len());
+                for (id, commands, metadata) in work {
+                    results.push(self.execute_batch(&id, commands, &metadata).await);
+                }
+                results
+            }
+            Err(error) => {
+                let message = error.to_string();
+                let mut results = Vec::with_capacity(work.len());
+                results.push(Err(error));
+                for _ in 1..work.len() {
+                    results.push(Err(CommandError::Store(StoreError::Database(
+                        sqlx::Error::Protocol(message.clone()),
+                    ))));
+                }
+                results
+            }
+        }
+    }
+
+    /// `Ok(None)` when an append conflicted (every aggregate of the batch is then dropped from
+    /// the cache and nothing was written).
+    async fn try_execute_many(
+        &self,
+        work: &[(String, Vec<A::Command>, CommandMetadata)],
+    ) -> Result<Option<Vec<BatchCommitted<A::Error>>>, CommandError<A::Error>> {
+        let mut order: Vec<usize> = (0..work.len()).collect();
+        order.sort_by(|a, b| work[*a].0.cmp(&work[*b].0));
+        let mut guards = Vec::with_capacity(work.len());
+        for &index in &order {
+            let guard = self.slot(&work[index].0).lock_owned().await;
+            guards.push((index, guard));
+        }
+        guards.sort_by_key(|(index, _)| *index);
+        let mut states = Vec::with_capacity(work.len());
+        for ((id, commands, metadata), (_, guard)) in work.iter().zip(guards.iter_mut()) {
+            let mut loaded = match guard.take() {
+                Some(loaded) => loaded,
+                None => self.load(id).await?,
+            };
+            let version_before = loaded.version;
+            let mut events = Vec::new();
+            let mut outcomes = Vec::with_capacity(commands.len());
+            for command in commands {
+                let sink = EventSink::default();
+                let decision = loaded
+                    .aggregate
+                    .handle(command.clone(), &self.services, &sink)
+                    .await;
+                let produced = sink.collect().await;
+                match decision {
+                    Ok(()) => {
+                        outcomes.push(Ok(produced.len()));
+                        events.extend(produced);
+                    }
+                    Err(refusal) if !produced.is_empty() => {
+                        return Err(CommandError::Refused(refusal))
+                    }
+                    Err(refusal) => outcomes.push(Err(refusal)),
+                }
+            }
+            let metadata = with_tenant(&metadata.to_map(), &loaded.aggregate).into_owned();
+            states.push((loaded, version_before, events, outcomes, metadata));
+        }
+
+        let serialize_error = |source| StoreError::Serialize {
+            what: "event",
+            source,
+        };
+        let mut ids = Vec::new();
+        let mut sequences = Vec::new();
+        let mut event_types = Vec::new();
+        let mut event_versions = Vec::new();
+        let mut payloads = Vec::new();
+        let mut metadatas = Vec::new();
+        for (loaded, version_before, events, _, metadata) in &states {
+            let metadata = serde_json::to_string(metadata).map_err(serialize_error)?;
+            for (offset, event) in events.iter().enumerate() {
+                ids.push(loaded.aggregate_id.as_str());
+                sequences.push((version_before + 1 + offset as u64) as i64);
+                event_types.push(event.event_type());
+                event_versions.push(event.event_version());
+                payloads.push(serde_json::to_string(event).map_err(serialize_error)?);
+                metadatas.push(metadata.clone());
+            }
+        }
+        let mut positions: HashMap<String, i64> = HashMap::new();
+        if !ids.is_empty() {
+            let written = async {
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query(INSERT_EVENTS_OF_MANY)
+                    .bind(A::TYPE)
+                    .bind(&ids)
+                    .bind(&sequences)
+                    .bind(&event_types)
+                    .bind(&event_versions)
+                    .bind(&payloads)
+                    .bind(&metadatas)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for row in rows {
+                    let id: String = row.get("aggregate_id");
+                    let position: i64 = row.get("global_position");
+                    let entry = positions.entry(id).or_insert(position);
+                    *entry = (*entry).max(position);
+                }
+                for (loaded, version_before, events, _, _) in &states {
+                    let new_version = version_before + events.len() as u64;
+                    if !events.is_empty()
+                        && self.crosses_snapshot_boundary(*version_before, new_version)
+                    {
+                        let snapshot =
+                            serde_json::to_string(&loaded.aggregate).map_err(|source| {
+                                AppendError::Store(StoreError::Serialize {
+                                    what: "snapshot",
+                                    source,
+                                })
+                            })?;
+                        sqlx::query(UPSERT_SNAPSHOT)
+                            .bind(A::TYPE)
+                            .bind(&loaded.aggregate_id)
+                            .bind(new_version as i64)
+                            .bind(snapshot)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok::<(), AppendError>(())
+            }
+            .await;
+            match written {
+                Ok(()) => {}
+                // The slots stay empty: the retry reloads what the other writer stored.
+                Err(AppendError::Conflict) => return Ok(None),
+                Err(AppendError::Store(error)) => return Err(error.into()),
+            }
+        }
+        let mut done = Vec::with_capacity(states.len());
+        for ((loaded, version_before, events, outcomes, _), (_, guard)) in
+            states.into_iter().zip(guards.iter_mut())
+        {
+            let mut loaded = loaded;
+            loaded.version = version_before + events.len() as u64;
+            let committed = Committed {
+                version: loaded.version,
+                global_position: positions.get(&loaded.aggregate_id).copied(),
+                events: events.len(),
+            };
+            **guard = Some(loaded);
+            done.push(BatchCommitted {
+                committed,
+                outcomes,
+            });
+        }
+        Ok(Some(done))
     }
 
     fn slot(&self, aggregate_id: &str) -> Slot<A> {

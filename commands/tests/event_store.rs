@@ -227,6 +227,87 @@ async fn a_batch_appends_what_its_accepted_commands_decide_in_one_go() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_aggregates_commit_together_and_a_conflict_retries_each_alone() {
+    let db = TestDatabase::create().await;
+    let devices = store(&db.pool, StoreSettings::default());
+    let other = store(&db.pool, StoreSettings::default());
+    let register_as = |id: &str| match register() {
+        DeviceCommand::Register {
+            tenant,
+            owner,
+            name,
+            model,
+            tags,
+            at,
+            ..
+        } => DeviceCommand::Register {
+            device_id: DeviceId::parse(id).unwrap(),
+            tenant,
+            owner,
+            name,
+            model,
+            tags,
+            at,
+        },
+        _ => unreachable!(),
+    };
+    for id in ["m1", "m2", "m3"] {
+        devices
+            .execute(id, register_as(id), &metadata())
+            .await
+            .unwrap();
+    }
+    let work = |n: i64| {
+        ["m1", "m2", "m3"]
+            .iter()
+            .map(|id| (id.to_string(), vec![telemetry(n), heartbeat(n)], metadata()))
+            .collect::<Vec<_>>()
+    };
+    let results = devices.execute_many(work(1)).await;
+    let positions: Vec<i64> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().committed.global_position.unwrap())
+        .collect();
+    // One transaction: the three devices' events share a transaction id.
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT transaction_id::text) FROM events WHERE global_position = ANY($1)",
+    )
+    .bind(&positions)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(transactions, 1);
+    for result in &results {
+        let done = result.as_ref().unwrap();
+        // Online, telemetry, heartbeat after the registration.
+        assert_eq!(done.committed.version, 4);
+        assert!(done.outcomes.iter().all(|o| o.is_ok()));
+    }
+    // Another writer moves m2: the shared append conflicts, each device is retried alone,
+    // and nothing is lost or doubled.
+    other
+        .execute("m2", heartbeat(7), &metadata())
+        .await
+        .unwrap();
+    let results = devices.execute_many(work(2)).await;
+    let versions: Vec<u64> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().committed.version)
+        .collect();
+    assert_eq!(versions, [6, 7, 6]);
+    for id in ["m1", "m2", "m3"] {
+        let sequences: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(id)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>());
+    }
+}
+
 #[tokio::test]
 async fn idempotent_repeats_append_nothing() {
     let db = TestDatabase::create().await;

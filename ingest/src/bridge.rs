@@ -467,14 +467,54 @@ async fn handle_batch(shared: &Shared, batch: Vec<Publish>) {
             }
         }
     }
+    let mut prepared = Vec::with_capacity(devices.len());
     for (device, items) in devices {
-        handle_device(shared, &device, items).await;
+        if let Some(ready) = prepare_device(shared, device, items).await {
+            prepared.push(ready);
+        }
+    }
+    // Every device's messages in one transaction.
+    let work: Vec<(String, Vec<DeviceCommand>, CommandMetadata)> = prepared
+        .iter_mut()
+        .filter(|p| !p.commands.is_empty())
+        .map(|p| {
+            (
+                p.device.to_string(),
+                std::mem::take(&mut p.commands),
+                CommandMetadata::new(format!("device:{}", p.device)),
+            )
+        })
+        .collect();
+    let Some(mut results) = execute_until_done(shared, work).await else {
+        // Shutting down with the batch not committed: it stays unacked for redelivery.
+        return;
+    };
+    results.reverse();
+    for ready in prepared {
+        let outcomes = if ready.has_commands {
+            results.pop().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        settle_device(shared, ready, outcomes).await;
     }
 }
 
-/// Runs one device's messages as one batch; acks each after its fate is sealed.
-async fn handle_device(shared: &Shared, device: &DeviceId, items: Vec<Item>) {
-    if let Err(reason) = ensure_known(shared, device).await {
+/// One device's messages, ready to run: the commands, and what each message became.
+struct Prepared {
+    device: DeviceId,
+    items: Vec<Item>,
+    /// Index into the device's commands, for the messages that produced one.
+    runs: Vec<Option<usize>>,
+    /// Messages recognised as redelivered copies of recorded ones.
+    already: Vec<bool>,
+    commands: Vec<DeviceCommand>,
+    has_commands: bool,
+}
+
+/// Builds a device's commands; `None` when its messages were dead-lettered (unknown device).
+async fn prepare_device(shared: &Shared, device: DeviceId, items: Vec<Item>) -> Option<Prepared> {
+    if let Err(reason) = ensure_known(shared, &device).await {
         for item in &items {
             let reason = match &item.parsed {
                 Err(rejection) => rejection.to_string(),
@@ -482,8 +522,9 @@ async fn handle_device(shared: &Shared, device: &DeviceId, items: Vec<Item>) {
             };
             reject(shared, &item.publish, item.received_at, &reason, &[]).await;
         }
-        return;
+        return None;
     }
+    let device = &device;
     let commands: Vec<Option<DeviceCommand>> = items
         .iter()
         .map(|item| {
@@ -507,16 +548,25 @@ async fn handle_device(shared: &Shared, device: &DeviceId, items: Vec<Item>) {
             None => runs.push(None),
         }
     }
-    let commands = batch;
-    let outcomes = if commands.is_empty() {
-        Vec::new()
-    } else {
-        match execute_until_done(shared, device, commands).await {
-            Some(outcomes) => outcomes,
-            // Shutting down with the batch not committed: leave it unacked for redelivery.
-            None => return,
-        }
-    };
+    Some(Prepared {
+        device: device.clone(),
+        items,
+        runs,
+        already,
+        has_commands: !batch.is_empty(),
+        commands: batch,
+    })
+}
+
+/// Acks each message of a device once its fate is sealed: committed, a recognised copy, or
+/// dead-lettered with its reason.
+async fn settle_device(shared: &Shared, ready: Prepared, outcomes: Vec<Result<(), String>>) {
+    let Prepared {
+        items,
+        runs,
+        already,
+        ..
+    } = ready;
     for ((item, run), seen) in items.iter().zip(runs).zip(already) {
         if seen {
             shared.stats.record(Outcome::Accepted);
@@ -659,43 +709,58 @@ fn to_command(
     message.into_command(identity, received_at)
 }
 
-/// Executes the batch, retrying for as long as Postgres is unreachable. `None` only when
-/// shutting down before it committed.
+/// Executes every device's batch in one go, retrying for as long as Postgres is unreachable.
+/// For each device in order, the outcome of each of its commands; `None` only when shutting
+/// down before it committed.
 async fn execute_until_done(
     shared: &Shared,
-    device: &DeviceId,
-    commands: Vec<DeviceCommand>,
-) -> Option<Vec<Result<(), String>>> {
-    let metadata = CommandMetadata::new(format!("device:{device}"));
+    work: Vec<(String, Vec<DeviceCommand>, CommandMetadata)>,
+) -> Option<Vec<Vec<Result<(), String>>>> {
+    if work.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut outcomes: Vec<Option<Vec<Result<(), String>>>> = vec![None; work.len()];
     let mut delay = Duration::from_millis(100);
     loop {
-        match shared
-            .bus
-            .devices()
-            .execute_batch(device.as_str(), commands.clone(), &metadata)
-            .await
-        {
-            Ok(done) => {
-                return Some(
-                    done.outcomes
-                        .into_iter()
-                        .map(|outcome| outcome.map(|_| ()).map_err(|e| e.to_string()))
-                        .collect(),
-                )
-            }
-            Err(CommandError::Refused(refusal)) => {
+        // Only the devices not yet committed: one that committed must not run twice.
+        let pending: Vec<usize> = (0..work.len()).filter(|i| outcomes[*i].is_none()).collect();
+        if pending.is_empty() {
+            return Some(outcomes.into_iter().flatten().collect());
+        }
+        let batch = pending.iter().map(|i| work[*i].clone()).collect();
+        let results = shared.bus.devices().execute_many(batch).await;
+        let mut failure = None;
+        for (index, result) in pending.into_iter().zip(results) {
+            match result {
+                Ok(done) => {
+                    outcomes[index] = Some(
+                        done.outcomes
+                            .into_iter()
+                            .map(|outcome| outcome.map(|_| ()).map_err(|e| e.to_string()))
+                            .collect(),
+                    );
+                }
                 // Only an aggregate that refused after writing events ends a batch; no Device
                 // command does that, but if one did, each message gets the refusal.
-                return Some(commands.iter().map(|_| Err(refusal.to_string())).collect());
-            }
-            Err(error) => {
-                tracing::warn!(device = %device, %error, retry_in = ?delay, "cannot record device messages; retrying");
-                tokio::select! {
-                    () = shared.stop.cancelled() => return None,
-                    () = tokio::time::sleep(delay) => {}
+                Err(CommandError::Refused(refusal)) => {
+                    outcomes[index] = Some(
+                        work[index]
+                            .1
+                            .iter()
+                            .map(|_| Err(refusal.to_string()))
+                            .collect(),
+                    );
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
+                Err(error) => failure = Some(error.to_string()),
             }
+        }
+        if let Some(error) = failure {
+            tracing::warn!(%error, retry_in = ?delay, "cannot record device messages; retrying");
+            tokio::select! {
+                () = shared.stop.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
         }
     }
 }
