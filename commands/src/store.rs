@@ -291,26 +291,7 @@ where
             Some(loaded) => loaded,
             None => self.load(aggregate_id).await?,
         };
-        let mut events = Vec::new();
-        let mut outcomes = Vec::with_capacity(commands.len());
-        for command in commands {
-            let sink = EventSink::default();
-            let decision = loaded
-                .aggregate
-                .handle(command.clone(), &self.services, &sink)
-                .await;
-            let produced = sink.collect().await;
-            match decision {
-                Ok(()) => {
-                    outcomes.push(Ok(produced.len()));
-                    events.extend(produced);
-                }
-                // An aggregate that wrote events before refusing may be half-changed: the
-                // batch cannot go on from that state, and the slot stays empty.
-                Err(refusal) if !produced.is_empty() => return Err(CommandError::Refused(refusal)),
-                Err(refusal) => outcomes.push(Err(refusal)),
-            }
-        }
+        let (events, outcomes) = self.decide_batch(&mut loaded, commands).await?;
         if events.is_empty() {
             let version = loaded.version;
             *cached = Some(loaded);
@@ -376,6 +357,37 @@ where
         }
     }
 
+    /// Decides `commands` in order on `loaded`, which takes each accepted command's events:
+    /// the events to append, and per command the number of events or the refusal.
+    #[allow(clippy::type_complexity)]
+    async fn decide_batch(
+        &self,
+        loaded: &mut LoadedAggregate<A>,
+        commands: &[A::Command],
+    ) -> Result<(Vec<A::Event>, Vec<Result<usize, A::Error>>), CommandError<A::Error>> {
+        let mut events = Vec::new();
+        let mut outcomes = Vec::with_capacity(commands.len());
+        for command in commands {
+            let sink = EventSink::default();
+            let decision = loaded
+                .aggregate
+                .handle(command.clone(), &self.services, &sink)
+                .await;
+            let produced = sink.collect().await;
+            match decision {
+                Ok(()) => {
+                    outcomes.push(Ok(produced.len()));
+                    events.extend(produced);
+                }
+                // An aggregate that wrote events before refusing may be half-changed: the
+                // batch cannot go on from that state, and its slot stays empty.
+                Err(refusal) if !produced.is_empty() => return Err(CommandError::Refused(refusal)),
+                Err(refusal) => outcomes.push(Err(refusal)),
+            }
+        }
+        Ok((events, outcomes))
+    }
+
     /// `Ok(None)` when an append conflicted (every aggregate of the batch is then dropped from
     /// the cache and nothing was written).
     async fn try_execute_many(
@@ -397,26 +409,7 @@ where
                 None => self.load(id).await?,
             };
             let version_before = loaded.version;
-            let mut events = Vec::new();
-            let mut outcomes = Vec::with_capacity(commands.len());
-            for command in commands {
-                let sink = EventSink::default();
-                let decision = loaded
-                    .aggregate
-                    .handle(command.clone(), &self.services, &sink)
-                    .await;
-                let produced = sink.collect().await;
-                match decision {
-                    Ok(()) => {
-                        outcomes.push(Ok(produced.len()));
-                        events.extend(produced);
-                    }
-                    Err(refusal) if !produced.is_empty() => {
-                        return Err(CommandError::Refused(refusal))
-                    }
-                    Err(refusal) => outcomes.push(Err(refusal)),
-                }
-            }
+            let (events, outcomes) = self.decide_batch(&mut loaded, commands).await?;
             let metadata = with_tenant(&metadata.to_map(), &loaded.aggregate).into_owned();
             states.push((loaded, version_before, events, outcomes, metadata));
         }

@@ -274,6 +274,10 @@ impl Ingest {
             stats: self.stats.clone(),
             stop: shutdown.clone(),
         });
+        if let Err(error) = ensure_dead_letter_stream(&self.jetstream).await {
+            // Not fatal: the first dead letter tries again.
+            tracing::warn!(%error, "cannot create the dead-letter stream yet");
+        }
         let mut shards = JoinSet::new();
         let mut senders = Vec::with_capacity(settings.shards);
         for _ in 0..settings.shards.max(1) {
@@ -875,7 +879,6 @@ async fn publish_dead_letter(
     let mut delay = Duration::from_millis(100);
     loop {
         let stored = async {
-            ensure_dead_letter_stream(&shared.jetstream).await?;
             shared
                 .jetstream
                 .publish_with_headers(DEAD_LETTER_SUBJECT, headers.clone(), body.clone())
@@ -888,6 +891,10 @@ async fn publish_dead_letter(
             Ok(()) => return true,
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?delay, "cannot store a dead letter; retrying");
+                // The stream may be missing (a fresh NATS): create it before the next try.
+                if let Err(error) = ensure_dead_letter_stream(&shared.jetstream).await {
+                    tracing::debug!(%error, "cannot create the dead-letter stream yet");
+                }
                 tokio::select! {
                     () = shared.stop.cancelled() => return false,
                     () = tokio::time::sleep(delay) => {}

@@ -124,7 +124,7 @@ async fn record(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(StatusCode, axum::Json<Accepted>), ApiError> {
-    let device = authenticate(state, device_id, headers).await?;
+    let tenant = authenticate(state, device_id, headers).await?;
     let message = parse_payload(&TopicKind::Data, body).map_err(|rejection| {
         count("rejected");
         match rejection {
@@ -146,8 +146,7 @@ async fn record(
     };
     let readings = telemetry.readings.len();
     let dropped = telemetry.dropped.clone();
-    let metadata = CommandMetadata::new(format!("device:{device_id}"))
-        .with_tenant(device.tenant.clone().ok_or(ApiError::NotFound("device"))?);
+    let metadata = CommandMetadata::new(format!("device:{device_id}")).with_tenant(tenant);
     let committed = state
         .bus
         .devices()
@@ -186,31 +185,36 @@ fn count(outcome: &'static str) {
     .increment(1);
 }
 
-/// Checks the device token against the hash the device aggregate keeps. Unknown devices,
-/// decommissioned ones and wrong tokens get the same answer.
+/// Checks the device token against the hash the device aggregate keeps and answers the
+/// device's tenant. Unknown devices, decommissioned ones and wrong tokens get the same answer.
 async fn authenticate(
     state: &AppState,
     device_id: &DeviceId,
     headers: &HeaderMap,
-) -> Result<fleetlog_domain::device::Device, ApiError> {
+) -> Result<fleetlog_domain::TenantId, ApiError> {
     let token = device_token(headers)?;
-    let device = state
+    let presented = sha256_hex(token.as_bytes());
+    let (active, matches, tenant) = state
         .bus
         .devices()
-        .current(device_id.as_str())
-        .await?
-        .aggregate;
-    let presented = sha256_hex(token.as_bytes());
-    let matches = device
-        .credential_hash
-        .as_deref()
-        .is_some_and(|stored| constant_time_eq(stored.as_bytes(), presented.as_bytes()));
-    if !matches || device.lifecycle != Lifecycle::Active {
-        return Err(ApiError::Unauthorized(
+        .inspect(device_id.as_str(), |device, _| {
+            let matches = device
+                .credential_hash
+                .as_deref()
+                .is_some_and(|stored| constant_time_eq(stored.as_bytes(), presented.as_bytes()));
+            (
+                device.lifecycle == Lifecycle::Active,
+                matches,
+                device.tenant.clone(),
+            )
+        })
+        .await?;
+    match tenant {
+        Some(tenant) if matches && active => Ok(tenant),
+        _ => Err(ApiError::Unauthorized(
             "unknown device or wrong device token".into(),
-        ));
+        )),
     }
-    Ok(device)
 }
 
 fn device_token(headers: &HeaderMap) -> Result<&str, ApiError> {
