@@ -17,6 +17,7 @@
 //! deduplicates by: `command_id` for commands, `version` for desired documents (apply only a
 //! newer one), `rollout_id` + `firmware_id` for updates.
 
+use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -211,7 +212,7 @@ impl Dispatcher {
     ) -> Result<(), String> {
         let device = &envelope.aggregate_id;
         let root = &self.settings.topic_root;
-        let event: DeviceEvent = match serde_json::from_value(envelope.payload.clone()) {
+        let event: DeviceEvent = match Deserialize::deserialize(&envelope.payload) {
             Ok(event) => event,
             Err(error) => {
                 tracing::error!(%error, event = envelope.message_id(), "skipping an unreadable device event");

@@ -1,6 +1,7 @@
 //! The `devices` read model (registry and live state of each device) and `device_commands`
 //! (every command sent to a device and how it ended), fed by the Device events.
 
+use serde::Deserialize;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -25,7 +26,7 @@ impl Projection for DevicesProjection {
         connection: &mut PgConnection,
         envelope: &EventEnvelope,
     ) -> Result<(), ProjectionError> {
-        let event: DeviceEvent = serde_json::from_value(envelope.payload.clone())?;
+        let event: DeviceEvent = Deserialize::deserialize(&envelope.payload)?;
         apply(connection, envelope, event).await?;
         Ok(())
     }
@@ -41,7 +42,7 @@ impl Projection for DevicesProjection {
         let mut live: HashMap<&str, LiveChange> = HashMap::new();
         for envelope in envelopes {
             let id = envelope.aggregate_id.as_str();
-            let event: DeviceEvent = serde_json::from_value(envelope.payload.clone())?;
+            let event: DeviceEvent = Deserialize::deserialize(&envelope.payload)?;
             match event {
                 DeviceEvent::TelemetryRecorded { .. }
                 | DeviceEvent::StatusReported { .. }

@@ -2,6 +2,7 @@
 
 use fleetlog_domain::firmware::FirmwareEvent;
 use fleetlog_nats::EventEnvelope;
+use serde::Deserialize;
 use sqlx::PgConnection;
 
 use crate::worker::{Projection, ProjectionError};
@@ -21,7 +22,7 @@ impl Projection for FirmwareProjection {
         envelope: &EventEnvelope,
     ) -> Result<(), ProjectionError> {
         let id = envelope.aggregate_id.as_str();
-        match serde_json::from_value(envelope.payload.clone())? {
+        match Deserialize::deserialize(&envelope.payload)? {
             FirmwareEvent::FirmwareRegistered {
                 firmware_id,
                 tenant,

@@ -3,6 +3,7 @@
 
 use fleetlog_domain::rollout::{DeviceOutcome, Rollout, RolloutEvent};
 use fleetlog_nats::EventEnvelope;
+use serde::Deserialize;
 use sqlx::PgConnection;
 
 use crate::worker::{Projection, ProjectionError};
@@ -23,7 +24,7 @@ impl Projection for RolloutsProjection {
     ) -> Result<(), ProjectionError> {
         let id = envelope.aggregate_id.as_str();
         let sequence = envelope.sequence;
-        let event: RolloutEvent = serde_json::from_value(envelope.payload.clone())?;
+        let event: RolloutEvent = Deserialize::deserialize(&envelope.payload)?;
         match event {
             RolloutEvent::RolloutCreated {
                 ref tenant,

@@ -2,6 +2,7 @@
 
 use fleetlog_domain::device::DeviceEvent;
 use fleetlog_nats::EventEnvelope;
+use serde::Deserialize;
 use sqlx::PgConnection;
 
 use crate::worker::{Projection, ProjectionError};
@@ -44,7 +45,7 @@ impl Projection for TelemetryProjection {
                 device_time,
                 received_at,
                 ..
-            } = serde_json::from_value(envelope.payload.clone())?
+            } = Deserialize::deserialize(&envelope.payload)?
             else {
                 continue;
             };

@@ -2,6 +2,7 @@
 
 use fleetlog_domain::user::{Role, UserEvent};
 use fleetlog_nats::EventEnvelope;
+use serde::Deserialize;
 use sqlx::PgConnection;
 
 use crate::worker::{Projection, ProjectionError};
@@ -26,7 +27,7 @@ impl Projection for UsersProjection {
     ) -> Result<(), ProjectionError> {
         let id = envelope.aggregate_id.as_str();
         let sequence = envelope.sequence;
-        let (assignments, at) = match serde_json::from_value(envelope.payload.clone())? {
+        let (assignments, at) = match Deserialize::deserialize(&envelope.payload)? {
             UserEvent::UserRegistered {
                 tenant,
                 username,
