@@ -189,7 +189,11 @@ async fn dead_letters(client: &async_nats::Client, expected: usize) -> Vec<Value
                 let mut messages = consumer.messages().await.unwrap();
                 let mut letters = Vec::new();
                 while letters.len() < count {
-                    let message = messages.next().await.unwrap().unwrap();
+                    let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+                        .await
+                        .expect("every dead letter counted in the stream is delivered")
+                        .unwrap()
+                        .unwrap();
                     letters.push(serde_json::from_slice(&message.payload).unwrap());
                 }
                 return letters;
@@ -484,9 +488,11 @@ async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
             subscribed += 1;
         }
     }
-    loop {
+    // Every filter must be in place before the device publishes, or its messages pass by.
+    let mut acknowledged = 0;
+    while acknowledged < filters.len() {
         if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
-            break;
+            acknowledged += 1;
         }
     }
     let device = Device::connect(&platform.broker, "w1-sim").await;
@@ -503,7 +509,12 @@ async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
     }
     let mut taken = 0;
     while taken < 120 {
-        if let Event::Incoming(Packet::Publish(publish)) = events.poll().await.unwrap() {
+        if let Event::Incoming(Packet::Publish(publish)) =
+            tokio::time::timeout(Duration::from_secs(30), events.poll())
+                .await
+                .expect("the broker stopped sending before all 120 messages")
+                .unwrap()
+        {
             assert!(!publish.dup);
             let (device_id, kind) = parse_topic("devices", &publish.topic).unwrap();
             let message = parse_payload(&kind, &publish.payload).unwrap();
