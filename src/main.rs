@@ -415,9 +415,7 @@ async fn serve_api(
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     // Readiness reports on NATS too; the connection comes up in the background.
-    let nats = fleetlog_nats::connect(&nats_url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let nats = connect_nats(&nats_url).await?;
     let state = fleetlog_api::AppState {
         auth,
         nats: Some(nats),
@@ -431,6 +429,14 @@ async fn serve_api(
         .context("api failed")
 }
 
+/// Connects to NATS, saying which setting names the server if it fails. The connection
+/// retries in the background, so a server that is down only delays the roles.
+async fn connect_nats(nats_url: &str) -> anyhow::Result<async_nats::Client> {
+    fleetlog_nats::connect(nats_url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))
+}
+
 /// The relay role. NATS being down is not an error: the relay retries until it is back.
 async fn run_relay(
     nats_url: String,
@@ -438,9 +444,7 @@ async fn run_relay(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = fleetlog_nats::connect(&nats_url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let client = connect_nats(&nats_url).await?;
     let relay = Relay::new(pool, client, settings);
     relay.run(shutdown).await;
     Ok(())
@@ -454,9 +458,7 @@ async fn run_ingest(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = fleetlog_nats::connect(&nats_url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let client = connect_nats(&nats_url).await?;
     let bridge = Ingest::new(
         CommandBus::new(pool, store),
         async_nats::jetstream::new(client),
@@ -474,9 +476,7 @@ async fn run_dispatch(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = fleetlog_nats::connect(&nats_url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let client = connect_nats(&nats_url).await?;
     let dispatcher = Dispatcher::new(
         CommandBus::new(pool, store),
         async_nats::jetstream::new(client),
@@ -494,9 +494,7 @@ async fn run_projections(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = fleetlog_nats::connect(&nats_url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))?;
+    let client = connect_nats(&nats_url).await?;
     let jetstream = async_nats::jetstream::new(client);
     let liveness = Liveness::new(CommandBus::new(pool.clone(), store), liveness);
     tokio::join!(
