@@ -26,9 +26,8 @@ impl Projection for DevicesProjection {
         connection: &mut PgConnection,
         envelope: &EventEnvelope,
     ) -> Result<(), ProjectionError> {
-        let event: DeviceEvent = Deserialize::deserialize(&envelope.payload)?;
-        apply(connection, envelope, event).await?;
-        Ok(())
+        // One way to apply telemetry, status and heartbeats, live or in replay.
+        self.apply_batch(connection, &[envelope]).await
     }
 
     /// The frequent events (telemetry, status, heartbeat) of each device are folded into one
@@ -241,68 +240,10 @@ async fn apply(
             .execute(connection)
             .await?;
         }
-        DeviceEvent::TelemetryRecorded {
-            readings,
-            device_time,
-            received_at,
-            location,
-            status,
-            ..
-        } => {
-            let sensors: Map<String, Value> = readings
-                .iter()
-                .map(|r| {
-                    let timestamp = r.timestamp.or(device_time).unwrap_or(received_at);
-                    (
-                        r.sensor.clone(),
-                        json!({"value": r.value, "unit": r.unit, "timestamp": timestamp}),
-                    )
-                })
-                .collect();
-            let location =
-                location.map(|l| json!({"latitude": l.latitude, "longitude": l.longitude}));
-            sqlx::query(&update(
-                "last_seen = $3, last_telemetry_at = $3, updated_at = $3,
-                 sensors = sensors || $4, location = COALESCE($5, location),
-                 reported = fleetlog_merge(reported, $6),
-                 delta = fleetlog_delta(desired, fleetlog_merge(reported, $6))",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(received_at)
-            .bind(Value::Object(sensors))
-            .bind(location)
-            .bind(Value::Object(status))
-            .execute(connection)
-            .await?;
-        }
-        DeviceEvent::StatusReported {
-            status,
-            received_at,
-            ..
-        } => {
-            sqlx::query(&update(
-                "last_seen = $3, updated_at = $3,
-                 reported = fleetlog_merge(reported, $4),
-                 delta = fleetlog_delta(desired, fleetlog_merge(reported, $4))",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(received_at)
-            .bind(Value::Object(status))
-            .execute(connection)
-            .await?;
-        }
-        DeviceEvent::HeartbeatReceived { received_at, .. } => {
-            sqlx::query(&update(
-                "last_seen = $3, last_heartbeat = $3, updated_at = $3",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(received_at)
-            .execute(connection)
-            .await?;
-        }
+        // Folded by `apply_batch` (`LiveChange`), never applied one by one.
+        DeviceEvent::TelemetryRecorded { .. }
+        | DeviceEvent::StatusReported { .. }
+        | DeviceEvent::HeartbeatReceived { .. } => {}
         DeviceEvent::DeviceCameOnline { at } => {
             sqlx::query(&update(
                 "online = true, offline_reason = NULL, updated_at = $3",
