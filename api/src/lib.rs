@@ -158,7 +158,7 @@ async fn problem_for_bare_errors(response: Response) -> Response {
 }
 
 fn routes(state: AppState) -> Router {
-    let (api, document) = api_router().split_for_parts();
+    let (api, document) = split_api();
     let document = Arc::new(document);
     api.route(
         "/openapi.json",
@@ -200,7 +200,14 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of this API, as `GET /openapi.json` serves it.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    api_router().into_openapi()
+    split_api().1
+}
+
+/// The API's routes and their finished OpenAPI document.
+fn split_api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (api, mut document) = api_router().split_for_parts();
+    openapi::add_problem_responses(&mut document);
+    (api, document)
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets requests in flight finish.

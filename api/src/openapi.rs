@@ -2,9 +2,9 @@
 //! that are not handlers of ours (`/docs`). The paths come from the handlers' `#[utoipa::path]`.
 
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem};
-use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, OpenApi as Document, SecurityRequirement};
+use utoipa::openapi::{ContentBuilder, OpenApi as Document, Ref, RefOr, SecurityRequirement};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::Problem;
@@ -90,4 +90,45 @@ impl Modify for Frame {
             ),
         );
     }
+}
+
+/// Gives every operation the problem responses: each route answers its errors the same way
+/// (the fallbacks and layers too), so they are added once here rather than on each handler.
+/// Runs on the finished document, after the handlers' paths were collected.
+pub fn add_problem_responses(document: &mut Document) {
+    for item in document.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for (status, description) in [
+                ("4XX", "A client error, as RFC 7807 problem+json"),
+                ("5XX", "A platform error, as RFC 7807 problem+json"),
+            ] {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| problem_response(description));
+            }
+        }
+    }
+}
+
+fn problem_response(description: &str) -> RefOr<Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build(),
+    )
 }

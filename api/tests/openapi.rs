@@ -70,6 +70,12 @@ async fn the_document_lists_every_route_and_every_listed_route_exists() {
                 operation["summary"].is_string(),
                 "{method} {path} has no summary"
             );
+            assert_eq!(
+                operation["responses"]["4XX"]["content"]["application/problem+json"]["schema"]
+                    ["$ref"],
+                "#/components/schemas/Problem",
+                "{method} {path} does not document its problem responses"
+            );
         }
     }
     for (method, path) in CONTRACT {

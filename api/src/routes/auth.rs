@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{Caller, RefreshToken};
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::extract::Json;
 use crate::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -71,8 +70,7 @@ fn decoy_hash() -> &'static str {
     summary = "Log in with tenant, username and password",
     description = "Answers an access token (JWT) and a refresh token. Throttled per username and per client address (429 with Retry-After).",
     request_body = LoginRequest,
-    responses((status = 200, description = "Tokens", body = TokenResponse), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Tokens", body = TokenResponse))
 )]
 async fn login(
     State(state): State<AppState>,
@@ -131,8 +129,7 @@ async fn login(
     summary = "Trade a refresh token for new tokens",
     description = "The refresh token rotates: the one presented stops working. Presenting a rotated token again revokes the whole session.",
     request_body = RefreshRequest,
-    responses((status = 200, description = "Tokens", body = TokenResponse), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Tokens", body = TokenResponse))
 )]
 async fn refresh(
     State(state): State<AppState>,
@@ -191,8 +188,7 @@ async fn refresh(
 #[utoipa::path(
     post, path = "/logout", tag = "auth",
     summary = "Revoke the caller's session",
-    responses((status = 204, description = "Logged out"), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 204, description = "Logged out"))
 )]
 async fn logout(State(state): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
     let revoke = UserCommand::RevokeSession {

@@ -20,7 +20,6 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -59,8 +58,7 @@ pub(crate) struct Accepted {
     description = "The full or the simple telemetry format, judged by the same rules as MQTT. Invalid readings are dropped with a reason and the rest kept. An `Idempotency-Key` header makes retries record once.",
     params(("id" = String, Path, description = "The device id"), ("Idempotency-Key" = Option<String>, Header, description = "Names the upload so a retry is recorded once")),
     request_body(content = Object, description = "Telemetry, full or simple format"),
-    responses((status = 200, description = "Accepted, perhaps partially", body = Accepted), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Accepted, perhaps partially", body = Accepted))
 )]
 pub(crate) async fn upload_for_device(
     State(state): State<AppState>,
@@ -79,8 +77,7 @@ pub(crate) async fn upload_for_device(
     description = "The full telemetry format; the device is named by `X-Device-Id` or a `device_id` member of the body.",
     params(("X-Device-Id" = Option<String>, Header, description = "The device id, unless the body names it")),
     request_body(content = Object, description = "Telemetry in the full format"),
-    responses((status = 200, description = "Accepted, perhaps partially", body = Accepted), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Accepted, perhaps partially", body = Accepted))
 )]
 async fn upload_compatible(
     State(state): State<AppState>,

@@ -21,7 +21,6 @@ use sqlx::{FromRow, QueryBuilder};
 use crate::auth::Caller;
 use crate::consistency::{if_match, wait_for_position};
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::extract::{Json, Query};
 use crate::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -125,8 +124,7 @@ struct Created {
     post, path = "/", tag = "devices", summary = "Register a device (operator, admin)",
     description = "Answers the device token once; only its hash is stored.",
     request_body = CreateDevice,
-    responses((status = 201, description = "Registered", body = Created), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 201, description = "Registered", body = Created))
 )]
 async fn create(
     State(state): State<AppState>,
@@ -220,8 +218,7 @@ struct ShowQuery {
     get, path = "/{id}", tag = "devices", summary = "A device: registry, live state, desired, reported and delta",
     description = "With `at`, the device as it stood at that instant, folded from its events. The ETag is the device's version.",
     params(("id" = String, Path, description = "The device id"), ShowQuery),
-    responses((status = 200, description = "The device", body = DeviceView, headers(("ETag" = String, description = "The device's version"))), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "The device", body = DeviceView, headers(("ETag" = String, description = "The device's version"))))
 )]
 async fn show(
     State(state): State<AppState>,
@@ -320,8 +317,7 @@ struct Page {
     get, path = "/", tag = "devices", summary = "The tenant's devices",
     description = "Filters, a sort and keyset pagination that stays stable under concurrent inserts.",
     params(ListQuery),
-    responses((status = 200, description = "A page of devices", body = Page), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "A page of devices", body = Page))
 )]
 async fn list(
     State(state): State<AppState>,
@@ -438,8 +434,7 @@ struct UpdateDevice {
 #[utoipa::path(
     patch, path = "/{id}", tag = "devices", summary = "Change name, model or tags",
     params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = UpdateDevice,
-    responses((status = 200, description = "Changed", body = WriteResult), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Changed", body = WriteResult))
 )]
 async fn update(
     State(state): State<AppState>,
@@ -462,8 +457,7 @@ async fn update(
 #[utoipa::path(
     delete, path = "/{id}", tag = "devices", summary = "Decommission a device",
     params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")),
-    responses((status = 200, description = "Decommissioned", body = WriteResult), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Decommissioned", body = WriteResult))
 )]
 async fn decommission(
     State(state): State<AppState>,
@@ -484,8 +478,7 @@ async fn decommission(
     put, path = "/{id}/desired", tag = "devices", summary = "Set desired properties",
     description = "A one-level merge patch: `null` removes a property. The device receives them retained on `devices/{id}/desired`.",
     params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body(content = Object, description = "Properties to set"),
-    responses((status = 200, description = "Set", body = WriteResult), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Set", body = WriteResult))
 )]
 async fn set_desired(
     State(state): State<AppState>,
@@ -527,8 +520,7 @@ struct Accepted {
 #[utoipa::path(
     post, path = "/{id}/commands", tag = "devices", summary = "Send a command to the device",
     params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = IssueCommand,
-    responses((status = 202, description = "Accepted; follow it with the command status route", body = Accepted), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 202, description = "Accepted; follow it with the command status route", body = Accepted))
 )]
 async fn issue_command(
     State(state): State<AppState>,
@@ -585,8 +577,7 @@ struct ConsistentQuery {
 #[utoipa::path(
     get, path = "/{id}/commands/{command_id}", tag = "devices", summary = "A command's status and result",
     params(("id" = String, Path, description = "The device id"), ("command_id" = String, Path, description = "The command id"), ConsistentQuery),
-    responses((status = 200, description = "The command", body = CommandView), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "The command", body = CommandView))
 )]
 async fn command_status(
     State(state): State<AppState>,
@@ -645,8 +636,7 @@ struct EventPage {
 #[utoipa::path(
     get, path = "/{id}/events", tag = "devices", summary = "The device's event history, paged",
     params(("id" = String, Path, description = "The device id"), EventsQuery),
-    responses((status = 200, description = "A page of events", body = EventPage), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "A page of events", body = EventPage))
 )]
 async fn events(
     State(state): State<AppState>,
@@ -731,8 +721,7 @@ struct Bucket {
 #[utoipa::path(
     get, path = "/{id}/telemetry", tag = "devices", summary = "Telemetry over a time range, raw or bucketed",
     params(("id" = String, Path, description = "The device id"), TelemetryQuery),
-    responses((status = 200, description = "`samples` (raw) or `buckets` (min, max, avg, count per bucket)", body = Object), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "`samples` (raw) or `buckets` (min, max, avg, count per bucket)", body = Object))
 )]
 async fn telemetry(
     State(state): State<AppState>,

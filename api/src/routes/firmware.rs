@@ -14,7 +14,6 @@ use sqlx::{FromRow, QueryBuilder};
 use crate::auth::Caller;
 use crate::consistency::wait_for_position;
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::extract::{Json, Query};
 use crate::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -63,8 +62,7 @@ struct ListQuery {
 #[utoipa::path(
     get, path = "/", tag = "firmware", summary = "The tenant's firmware images",
     params(ListQuery),
-    responses((status = 200, description = "Images", body = Vec<FirmwareView>), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Images", body = Vec<FirmwareView>))
 )]
 async fn list(
     State(state): State<AppState>,
@@ -102,8 +100,7 @@ struct ShowQuery {
 #[utoipa::path(
     get, path = "/{id}", tag = "firmware", summary = "One firmware image",
     params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`"), ShowQuery),
-    responses((status = 200, description = "The image", body = FirmwareView), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "The image", body = FirmwareView))
 )]
 async fn show(
     State(state): State<AppState>,
@@ -186,8 +183,7 @@ async fn execute(
 #[utoipa::path(
     post, path = "/{id}/release", tag = "firmware", summary = "Release an image for rollouts (operator, admin)",
     params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`")),
-    responses((status = 200, description = "Released", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Released", body = Written))
 )]
 async fn release(
     State(state): State<AppState>,
@@ -212,8 +208,7 @@ struct Deprecate {
 #[utoipa::path(
     post, path = "/{id}/deprecate", tag = "firmware", summary = "Deprecate an image: no new rollout may use it (operator, admin)",
     params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`")), request_body = Deprecate,
-    responses((status = 200, description = "Deprecated", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Deprecated", body = Written))
 )]
 async fn deprecate(
     State(state): State<AppState>,

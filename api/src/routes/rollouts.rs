@@ -20,7 +20,6 @@ use super::firmware::{owned_firmware, parse_id as parse_firmware_id, READERS, WR
 use crate::auth::Caller;
 use crate::consistency::wait_for_position;
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::extract::{Json, Query};
 use crate::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -108,8 +107,7 @@ fn metadata(caller: &Caller) -> CommandMetadata {
     post, path = "/", tag = "rollouts", summary = "Plan a rollout (operator, admin)",
     description = "Targets are explicit device ids or a filter over the devices read model. The image must be released, every target an active device of the tenant whose model the image supports.",
     request_body = CreateRollout,
-    responses((status = 201, description = "Planned", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 201, description = "Planned", body = Written))
 )]
 async fn create(
     State(state): State<AppState>,
@@ -298,8 +296,7 @@ struct ListQuery {
 #[utoipa::path(
     get, path = "/", tag = "rollouts", summary = "The tenant's rollouts",
     params(ListQuery),
-    responses((status = 200, description = "Rollouts", body = Vec<RolloutView>), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Rollouts", body = Vec<RolloutView>))
 )]
 async fn list(
     State(state): State<AppState>,
@@ -341,8 +338,7 @@ struct RolloutDetail {
 #[utoipa::path(
     get, path = "/{id}", tag = "rollouts", summary = "A rollout with its counts per device state",
     params(("id" = String, Path, description = "The rollout id"), ShowQuery),
-    responses((status = 200, description = "The rollout", body = RolloutDetail), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "The rollout", body = RolloutDetail))
 )]
 async fn show(
     State(state): State<AppState>,
@@ -404,8 +400,7 @@ struct DevicePage {
 #[utoipa::path(
     get, path = "/{id}/devices", tag = "rollouts", summary = "The rollout's devices and their states, paged",
     params(("id" = String, Path, description = "The rollout id"), DevicesQuery),
-    responses((status = 200, description = "A page of devices", body = DevicePage), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "A page of devices", body = DevicePage))
 )]
 async fn devices(
     State(state): State<AppState>,
@@ -492,8 +487,7 @@ fn reason(body: &[u8]) -> Result<Option<String>, ApiError> {
 #[utoipa::path(
     post, path = "/{id}/start", tag = "rollouts", summary = "Start the first wave (operator, admin)",
     params(("id" = String, Path, description = "The rollout id")),
-    responses((status = 200, description = "Started", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Started", body = Written))
 )]
 async fn start(
     State(state): State<AppState>,
@@ -532,8 +526,7 @@ async fn start(
 #[utoipa::path(
     post, path = "/{id}/pause", tag = "rollouts", summary = "Pause (operator, admin)",
     params(("id" = String, Path, description = "The rollout id")), request_body(content = Option<Reason>, description = "An optional reason"),
-    responses((status = 200, description = "Paused", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Paused", body = Written))
 )]
 async fn pause(
     State(state): State<AppState>,
@@ -552,8 +545,7 @@ async fn pause(
 #[utoipa::path(
     post, path = "/{id}/resume", tag = "rollouts", summary = "Resume after a pause (operator, admin)",
     params(("id" = String, Path, description = "The rollout id")),
-    responses((status = 200, description = "Resumed", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Resumed", body = Written))
 )]
 async fn resume(
     State(state): State<AppState>,
@@ -572,8 +564,7 @@ async fn resume(
 #[utoipa::path(
     post, path = "/{id}/abort", tag = "rollouts", summary = "Abort: devices not yet sent are canceled (operator, admin)",
     params(("id" = String, Path, description = "The rollout id")), request_body(content = Option<Reason>, description = "An optional reason"),
-    responses((status = 200, description = "Aborted", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Aborted", body = Written))
 )]
 async fn abort(
     State(state): State<AppState>,

@@ -28,7 +28,6 @@ use serde_json::Value;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::extract::Query;
 use crate::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -64,8 +63,7 @@ type EventStream = Sse<
     get, path = "/{id}/stream", tag = "live", summary = "The device's events as Server-Sent Events",
     description = "Each SSE `id` is a stream position: reconnect with `Last-Event-ID` (or `last_event_id`) to continue after it without gaps or repeats.",
     params(("id" = String, Path, description = "The device id"), ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"), StreamQuery),
-    responses((status = 200, description = "An event stream; each event's data is the event envelope", content_type = "text/event-stream", body = String), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "An event stream; each event's data is the event envelope", content_type = "text/event-stream", body = String))
 )]
 pub(crate) async fn device_stream(
     State(state): State<AppState>,
@@ -93,8 +91,7 @@ pub(crate) async fn device_stream(
 #[utoipa::path(
     get, path = "/", tag = "live", summary = "Every device, firmware and rollout event of the tenant as Server-Sent Events",
     params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"), StreamQuery),
-    responses((status = 200, description = "An event stream; each event's data is the event envelope", content_type = "text/event-stream", body = String), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "An event stream; each event's data is the event envelope", content_type = "text/event-stream", body = String))
 )]
 async fn tenant_stream(
     State(state): State<AppState>,

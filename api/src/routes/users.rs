@@ -14,7 +14,6 @@ use sqlx::FromRow;
 use crate::auth::Caller;
 use crate::consistency::wait_for_position;
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::extract::{Json, Query};
 use crate::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -44,8 +43,7 @@ struct UserView {
 
 #[utoipa::path(
     get, path = "/me", tag = "users", summary = "The caller",
-    responses((status = 200, description = "The caller's account", body = UserView), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "The caller's account", body = UserView))
 )]
 async fn me(
     State(state): State<AppState>,
@@ -91,8 +89,7 @@ struct ListQuery {
 #[utoipa::path(
     get, path = "/", tag = "users", summary = "The tenant's users (admin)",
     params(ListQuery),
-    responses((status = 200, description = "Users", body = Vec<UserRow>), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Users", body = Vec<UserRow>))
 )]
 async fn list(
     State(state): State<AppState>,
@@ -140,8 +137,7 @@ fn written(user_id: &UserId, committed: Committed) -> axum::Json<Written> {
 #[utoipa::path(
     post, path = "/", tag = "users", summary = "Create a user (admin)",
     request_body = CreateUser,
-    responses((status = 201, description = "Created", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 201, description = "Created", body = Written))
 )]
 async fn create(
     State(state): State<AppState>,
@@ -209,8 +205,7 @@ struct GrantRole {
 #[utoipa::path(
     post, path = "/{id}/roles", tag = "users", summary = "Grant a role (admin)",
     params(("id" = String, Path, description = "The user id")), request_body = GrantRole,
-    responses((status = 200, description = "Granted", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Granted", body = Written))
 )]
 async fn grant_role(
     State(state): State<AppState>,
@@ -228,8 +223,7 @@ async fn grant_role(
 #[utoipa::path(
     delete, path = "/{id}/roles/{role}", tag = "users", summary = "Revoke a role (admin)",
     params(("id" = String, Path, description = "The user id"), ("role" = String, Path, description = "admin, operator or viewer")),
-    responses((status = 200, description = "Revoked", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Revoked", body = Written))
 )]
 async fn revoke_role(
     State(state): State<AppState>,
@@ -258,8 +252,7 @@ struct Disable {
     post, path = "/{id}/disable", tag = "users", summary = "Disable a user (admin)",
     description = "The user can no longer log in or refresh; access tokens already issued expire within their lifetime.",
     params(("id" = String, Path, description = "The user id")), request_body = Disable,
-    responses((status = 200, description = "Disabled", body = Written), (status = "4XX", description = "A client error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "A platform error, as RFC 7807 problem+json", body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, description = "Disabled", body = Written))
 )]
 async fn disable(
     State(state): State<AppState>,
