@@ -150,8 +150,10 @@ async fn write_live_changes(
                 last_heartbeat = COALESCE(u.last_heartbeat, d.last_heartbeat),
                 sensors = d.sensors || u.sensors,
                 location = COALESCE(u.location, d.location),
-                reported = fleetlog_merge(d.reported, u.reported),
-                delta = fleetlog_delta(d.desired, fleetlog_merge(d.reported, u.reported)),
+                reported = CASE WHEN u.reported = '{}' THEN d.reported
+                                ELSE fleetlog_merge(d.reported, u.reported) END,
+                delta = CASE WHEN u.reported = '{}' THEN d.delta
+                             ELSE fleetlog_delta(d.desired, fleetlog_merge(d.reported, u.reported)) END,
                 last_sequence = u.sequence
            FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
                        $5::timestamptz[], $6::jsonb[], $7::jsonb[], $8::jsonb[])

@@ -353,8 +353,35 @@ async fn prepare_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error>
             format!("CREATE TABLE {REPLAY_SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)"),
         )
         .await?;
+        copy_storage_parameters(&mut tx, table).await?;
     }
     tx.commit().await
+}
+
+/// `LIKE ... INCLUDING ALL` leaves out storage parameters (such as the devices table's
+/// fillfactor); the shadow gets the live table's, so the table swapped in behaves the same.
+async fn copy_storage_parameters(
+    connection: &mut PgConnection,
+    table: &str,
+) -> Result<(), sqlx::Error> {
+    let options: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = $1::regclass")
+            .bind(format!("public.{table}"))
+            .fetch_one(&mut *connection)
+            .await?;
+    match options {
+        Some(options) if !options.is_empty() => {
+            ddl(
+                connection,
+                format!(
+                    "ALTER TABLE {REPLAY_SCHEMA}.{table} SET ({})",
+                    options.join(", ")
+                ),
+            )
+            .await
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn drop_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error> {
