@@ -167,17 +167,17 @@ pub struct Settings {
     )]
     pub ingest_auto_register_tenant: String,
 
-    /// Devices the ingest bridge works on at once.
+    /// Shards of the ingest bridge: each commits the devices of its round in one transaction,
+    /// so this many transactions run at once. Few shards make large, cheap transactions.
     #[arg(
         long,
         global = true,
         env = "FLEETLOG_INGEST_SHARDS",
-        default_value_t = 32
+        default_value_t = 4
     )]
     pub ingest_shards: usize,
 
-    /// The most messages of one shard handled per round (one device's share of them is one
-    /// transaction).
+    /// The most messages of one shard handled per round (one transaction).
     #[arg(
         long,
         global = true,

@@ -52,7 +52,8 @@ pub struct IngestSettings {
     pub share_group: Option<String>,
     /// Register unknown devices into this tenant instead of dead-lettering their messages.
     pub auto_register_tenant: Option<TenantId>,
-    /// Shards: how many devices are worked on at once.
+    /// Shards: each commits the devices of its round in one transaction, so this many
+    /// transactions run at once. Few shards make large, cheap transactions.
     pub shards: usize,
     /// The most messages of one shard handled in one round.
     pub max_batch: usize,
@@ -75,7 +76,7 @@ impl IngestSettings {
             topic_root: "devices".into(),
             share_group: Some("fleetlog-ingest".into()),
             auto_register_tenant: None,
-            shards: 32,
+            shards: 4,
             max_batch: 500,
             inflight: 1000,
             report_every: Duration::from_secs(300),

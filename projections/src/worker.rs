@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
@@ -75,6 +76,9 @@ pub enum ProjectionError {
     /// Postgres refused or failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// A position moved under a batch (another worker, a replay); the batch was not committed.
+    #[error("a projection position moved while the batch was applied")]
+    PositionMoved,
 }
 
 impl ProjectionError {
@@ -108,6 +112,9 @@ pub struct WorkerSettings {
     /// free is taken at once, up to this many: one commit for many events when busy, no
     /// waiting when idle.
     pub max_batch: usize,
+    /// Aggregates whose last applied sequence the worker remembers, so a batch need not read
+    /// their position rows; beyond this many it starts remembering afresh.
+    pub known_positions: usize,
 }
 
 impl Default for WorkerSettings {
@@ -118,6 +125,7 @@ impl Default for WorkerSettings {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 1_000,
             max_batch: 500,
+            known_positions: 100_000,
         }
     }
 }
@@ -155,6 +163,65 @@ pub struct Worker<P: Projection> {
     pool: PgPool,
     jetstream: Context,
     settings: WorkerSettings,
+    known: KnownPositions,
+}
+
+/// The positions this worker committed last, per aggregate: a hint that saves reading position
+/// rows, never trusted on its own (the batch's closing UPDATE checks each one).
+struct KnownPositions {
+    sequences: Mutex<HashMap<(String, String), i64>>,
+    capacity: usize,
+}
+
+/// The remembered positions, locked for a moment (never across an await).
+struct KnownPositionsGuard<'a> {
+    sequences: MutexGuard<'a, HashMap<(String, String), i64>>,
+    capacity: usize,
+}
+
+impl KnownPositions {
+    fn new(capacity: usize) -> Self {
+        Self {
+            sequences: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> KnownPositionsGuard<'_> {
+        KnownPositionsGuard {
+            // A panic elsewhere cannot leave a wrong value behind: every value is checked.
+            sequences: self
+                .sequences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            capacity: self.capacity,
+        }
+    }
+}
+
+impl KnownPositionsGuard<'_> {
+    fn get(&self, aggregate_type: &str, aggregate_id: &str) -> Option<i64> {
+        self.sequences
+            .get(&(aggregate_type.to_owned(), aggregate_id.to_owned()))
+            .copied()
+    }
+
+    fn remember(&mut self, aggregate_type: &str, aggregate_id: &str, sequence: i64) {
+        if self.sequences.len() >= self.capacity {
+            self.sequences.clear();
+        }
+        if self.capacity > 0 {
+            self.sequences.insert(
+                (aggregate_type.to_owned(), aggregate_id.to_owned()),
+                sequence,
+            );
+        }
+    }
+
+    fn forget(&mut self, aggregate_type: &str, aggregate_id: &str) {
+        self.sequences
+            .remove(&(aggregate_type.to_owned(), aggregate_id.to_owned()));
+    }
 }
 
 /// Where an event stood against the projection's position for its aggregate.
@@ -198,6 +265,7 @@ impl<P: Projection> Worker<P> {
             projection,
             pool,
             jetstream,
+            known: KnownPositions::new(settings.known_positions),
             settings,
         }
     }
@@ -308,6 +376,13 @@ impl<P: Projection> Worker<P> {
             }
             Err(error) => {
                 tracing::debug!(projection = P::NAME, %error, "batch failed; applying one by one");
+                // The one-by-one path reads every position afresh and moves them itself.
+                {
+                    let mut known = self.known.lock();
+                    for event in &events {
+                        known.forget(&event.aggregate_type, &event.aggregate_id);
+                    }
+                }
                 for message in messages {
                     self.handle(message).await;
                 }
@@ -315,50 +390,72 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    /// Applies `events` in order in one transaction. The position rows of every aggregate in
-    /// the batch are locked first, in a fixed order, so workers sharing the consumer cannot
-    /// deadlock on them.
+    /// Applies `events` in order in one transaction.
+    ///
+    /// Aggregates this worker committed last (see [`KnownPositions`]) need no read of their
+    /// position rows; the others are read and locked, in a fixed order. The closing UPDATE
+    /// moves each position only if it still holds the value the batch was judged against
+    /// (compare-and-set): if another worker or a replay moved one meanwhile, nothing commits
+    /// and the caller goes one by one, which reads every position afresh.
     async fn apply_all(&self, events: &[EventEnvelope]) -> Result<Vec<Position>, ProjectionError> {
-        let mut aggregates: Vec<(&str, &str)> = events
-            .iter()
-            .map(|e| (e.aggregate_type.as_str(), e.aggregate_id.as_str()))
-            .collect();
-        aggregates.sort_unstable();
-        aggregates.dedup();
-        let (types, ids): (Vec<&str>, Vec<&str>) = aggregates.into_iter().unzip();
+        let mut last: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut unknown: Vec<(&str, &str)> = Vec::new();
+        {
+            let known = self.known.lock();
+            for event in events {
+                let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+                if last.contains_key(&key) || unknown.contains(&key) {
+                    continue;
+                }
+                // Only a known position followed by the very next event is trusted; anything
+                // else (a redelivery, a gap) is judged against the row itself.
+                match known.get(key.0, key.1) {
+                    Some(sequence) if event.sequence == sequence + 1 => {
+                        last.insert(key, sequence);
+                    }
+                    _ => unknown.push(key),
+                }
+            }
+        }
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, last_sequence)
-             SELECT $1, t, i, 0 FROM UNNEST($2::text[], $3::text[]) AS a(t, i)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(P::NAME)
-        .bind(&types)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
-        let locked: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence FROM projection_positions p
-               JOIN UNNEST($2::text[], $3::text[]) AS a(t, i)
-                 ON p.aggregate_type = a.t AND p.aggregate_id = a.i
-              WHERE p.projection = $1
-              ORDER BY p.aggregate_type, p.aggregate_id
-                FOR UPDATE OF p",
-        )
-        .bind(P::NAME)
-        .bind(&types)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut last: HashMap<(String, String), i64> = locked
-            .into_iter()
-            .map(|(kind, id, sequence)| ((kind, id), sequence))
-            .collect();
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            let (types, ids): (Vec<&str>, Vec<&str>) = unknown.iter().copied().unzip();
+            sqlx::query(
+                "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, last_sequence)
+                 SELECT $1, t, i, 0 FROM UNNEST($2::text[], $3::text[]) AS a(t, i)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(P::NAME)
+            .bind(&types)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+            let locked: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence FROM projection_positions p
+                   JOIN UNNEST($2::text[], $3::text[]) AS a(t, i)
+                     ON p.aggregate_type = a.t AND p.aggregate_id = a.i
+                  WHERE p.projection = $1
+                  ORDER BY p.aggregate_type, p.aggregate_id
+                    FOR UPDATE OF p",
+            )
+            .bind(P::NAME)
+            .bind(&types)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (kind, id, sequence) in locked {
+                if let Some(key) = unknown.iter().find(|(k, i)| *k == kind && *i == id) {
+                    last.insert(*key, sequence);
+                }
+            }
+        }
+        let judged_against = last.clone();
         // Judge every event against the positions, as `apply_event` would one by one.
         let mut positions = Vec::with_capacity(events.len());
         let mut applied = Vec::with_capacity(events.len());
         for event in events {
-            let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+            let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
             let current = last.get(&key).copied().unwrap_or(0);
             let position = if event.sequence <= current {
                 Position::AlreadyApplied
@@ -377,34 +474,44 @@ impl<P: Projection> Worker<P> {
             return Ok(positions);
         }
         self.projection.apply_batch(&mut tx, &applied).await?;
-        let mut moved: Vec<(&str, &str, i64)> = applied
+        let mut moved: Vec<(&str, &str)> = applied
             .iter()
-            .map(|e| {
-                (
-                    e.aggregate_type.as_str(),
-                    e.aggregate_id.as_str(),
-                    e.sequence,
-                )
-            })
+            .map(|e| (e.aggregate_type.as_str(), e.aggregate_id.as_str()))
             .collect();
-        // Keep the highest sequence of each aggregate.
-        moved.sort_unstable_by(|a, b| (a.0, a.1, b.2).cmp(&(b.0, b.1, a.2)));
-        moved.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
-        let (moved_types, rest): (Vec<&str>, Vec<(&str, i64)>) =
-            moved.into_iter().map(|(t, i, s)| (t, (i, s))).unzip();
-        let (moved_ids, sequences): (Vec<&str>, Vec<i64>) = rest.into_iter().unzip();
-        sqlx::query(
+        moved.sort_unstable();
+        moved.dedup();
+        let mut moved_types = Vec::with_capacity(moved.len());
+        let mut moved_ids = Vec::with_capacity(moved.len());
+        let mut expected = Vec::with_capacity(moved.len());
+        let mut sequences = Vec::with_capacity(moved.len());
+        for key in &moved {
+            moved_types.push(key.0);
+            moved_ids.push(key.1);
+            expected.push(judged_against.get(key).copied().unwrap_or(0));
+            sequences.push(last[key]);
+        }
+        let updated = sqlx::query(
             "UPDATE projection_positions p SET last_sequence = a.s
-               FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS a(t, i, s)
-              WHERE p.projection = $1 AND p.aggregate_type = a.t AND p.aggregate_id = a.i",
+               FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS a(t, i, e, s)
+              WHERE p.projection = $1 AND p.aggregate_type = a.t AND p.aggregate_id = a.i
+                AND p.last_sequence = a.e",
         )
         .bind(P::NAME)
         .bind(&moved_types)
         .bind(&moved_ids)
+        .bind(&expected)
         .bind(&sequences)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if updated != moved.len() as u64 {
+            return Err(ProjectionError::PositionMoved);
+        }
         tx.commit().await?;
+        let mut known = self.known.lock();
+        for (key, sequence) in moved.iter().zip(sequences) {
+            known.remember(key.0, key.1, sequence);
+        }
         Ok(positions)
     }
 
@@ -478,7 +585,17 @@ impl<P: Projection> Worker<P> {
         event: &EventEnvelope,
         delivered: i64,
     ) -> Outcome {
-        match self.apply_once(event).await {
+        let result = self.apply_once(event).await;
+        {
+            let mut known = self.known.lock();
+            match result {
+                Ok(Position::Applied) => {
+                    known.remember(&event.aggregate_type, &event.aggregate_id, event.sequence);
+                }
+                _ => known.forget(&event.aggregate_type, &event.aggregate_id),
+            }
+        }
+        match result {
             Ok(Position::Applied) => Outcome::Applied,
             Ok(Position::AlreadyApplied) => Outcome::Skipped,
             Ok(Position::Gap { expected }) => {

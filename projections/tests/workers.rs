@@ -12,11 +12,12 @@ use fleetlog_domain::{CommandId, DeviceId, TenantId, UserId};
 use fleetlog_nats::topology::subject_for;
 use fleetlog_nats::{ensure_stream, EventEnvelope, Relay, RelaySettings, StreamSettings};
 use fleetlog_projections::replay::verify;
-use fleetlog_projections::worker::DEAD_LETTER_STREAM;
+use fleetlog_projections::worker::{apply_event, Position, DEAD_LETTER_STREAM};
 use fleetlog_projections::{
     DevicesProjection, Projection, TelemetryProjection, Worker, WorkerSettings,
 };
 use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
+use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -29,6 +30,7 @@ fn settings() -> WorkerSettings {
         ack_wait: Duration::from_secs(2),
         max_ack_pending: 100,
         max_batch: 50,
+        known_positions: 1_000,
     }
 }
 
@@ -463,4 +465,74 @@ async fn crashed_and_parallel_workers_end_with_the_same_model() {
     for running in [second, third, devices_worker, relay] {
         running.stop().await;
     }
+}
+
+/// Takes exactly `count` messages from the worker's consumer, to hand them over as one batch.
+async fn next_messages<P: Projection>(worker: &Worker<P>, count: usize) -> Vec<jetstream::Message> {
+    let consumer = worker.consumer().await.unwrap();
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while messages.len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} messages arrived",
+            messages.len()
+        );
+        let mut batch = consumer
+            .batch()
+            .max_messages(count - messages.len())
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(message) = batch.next().await {
+            messages.push(message.unwrap());
+        }
+    }
+    messages
+}
+
+#[tokio::test]
+async fn a_batch_notices_a_position_moved_by_someone_else() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let jetstream = jetstream_of(&nats).await;
+    ensure_stream(&jetstream, &StreamSettings::default())
+        .await
+        .unwrap();
+    let worker = Worker::new(
+        TelemetryProjection,
+        db.pool.clone(),
+        jetstream.clone(),
+        settings(),
+    );
+    for sequence in 1..=3 {
+        let event = if sequence == 1 {
+            registered("d1")
+        } else {
+            recorded(sequence)
+        };
+        publish(&jetstream, &envelope("d1", sequence, &event)).await;
+    }
+    worker.handle_batch(next_messages(&worker, 3).await).await;
+    assert_eq!(position(&db.pool, "telemetry", "d1").await, 3);
+
+    // Another worker applies event 4; this one still remembers position 3.
+    let mut tx = db.pool.begin().await.unwrap();
+    let moved = apply_event(
+        &TelemetryProjection,
+        &mut tx,
+        &envelope("d1", 4, &recorded(4)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(moved, Position::Applied);
+    tx.commit().await.unwrap();
+
+    // Event 4 comes to this worker too, with 5: 4 must not be applied a second time.
+    publish(&jetstream, &envelope("d1", 4, &recorded(4))).await;
+    publish(&jetstream, &envelope("d1", 5, &recorded(5))).await;
+    worker.handle_batch(next_messages(&worker, 2).await).await;
+    assert_eq!(position(&db.pool, "telemetry", "d1").await, 5);
+    assert_eq!(telemetry_rows(&db.pool, "d1").await, 4);
 }
