@@ -9,10 +9,15 @@ use sqlx::PgPool;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Opens a connection pool.
+///
+/// Connections are not pinged before each use (sqlx's default): that is a round trip per
+/// transaction on the hot paths. A connection that died is found by the statement that uses
+/// it, and every caller already retries database errors.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
         .connect(url)
         .await
 }

@@ -57,6 +57,10 @@ SELECT sequence, payload, metadata
  WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
  ORDER BY sequence";
 
+const SELECT_HAS_EVENTS_AFTER: &str = "
+SELECT EXISTS (SELECT 1 FROM events
+                WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3)";
+
 /// Tuning of an aggregate store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreSettings {
@@ -287,11 +291,21 @@ where
     ) -> Result<Option<BatchCommitted<A::Error>>, CommandError<A::Error>> {
         let slot = self.slot(aggregate_id);
         let mut cached = slot.lock().await;
-        let mut loaded = match cached.take() {
-            Some(loaded) => loaded,
-            None => self.load(aggregate_id).await?,
+        let (mut loaded, from_cache) = match cached.take() {
+            Some(loaded) => (loaded, true),
+            None => (self.load(aggregate_id).await?, false),
         };
-        let (events, outcomes) = self.decide_batch(&mut loaded, commands).await?;
+        let version_before = loaded.version;
+        let decided = self.decide_batch(&mut loaded, commands).await;
+        let refused = match &decided {
+            Ok((_, outcomes)) => outcomes.iter().any(Result::is_err),
+            Err(_) => true,
+        };
+        if refused && from_cache && self.has_events_after(aggregate_id, version_before).await? {
+            // Refused by a stale copy: decide again on what is stored (slot left empty).
+            return Ok(None);
+        }
+        let (events, outcomes) = decided?;
         if events.is_empty() {
             let version = loaded.version;
             *cached = Some(loaded);
@@ -404,12 +418,22 @@ where
         guards.sort_by_key(|(index, _)| *index);
         let mut states = Vec::with_capacity(work.len());
         for ((id, commands, metadata), (_, guard)) in work.iter().zip(guards.iter_mut()) {
-            let mut loaded = match guard.take() {
-                Some(loaded) => loaded,
-                None => self.load(id).await?,
+            let (mut loaded, from_cache) = match guard.take() {
+                Some(loaded) => (loaded, true),
+                None => (self.load(id).await?, false),
             };
             let version_before = loaded.version;
-            let (events, outcomes) = self.decide_batch(&mut loaded, commands).await?;
+            let decided = self.decide_batch(&mut loaded, commands).await;
+            let refused = match &decided {
+                Ok((_, outcomes)) => outcomes.iter().any(Result::is_err),
+                Err(_) => true,
+            };
+            if refused && from_cache && self.has_events_after(id, version_before).await? {
+                // Refused by a stale copy: every aggregate goes again on its own, from what
+                // is stored (the slots taken above stay empty).
+                return Ok(None);
+            }
+            let (events, outcomes) = decided?;
             let metadata = with_tenant(&metadata.to_map(), &loaded.aggregate).into_owned();
             states.push((loaded, version_before, events, outcomes, metadata));
         }
@@ -522,9 +546,9 @@ where
     ) -> Result<Option<Committed>, CommandError<A::Error>> {
         let slot = self.slot(aggregate_id);
         let mut cached = slot.lock().await;
-        let mut loaded = match cached.take() {
-            Some(loaded) => loaded,
-            None => self.load(aggregate_id).await?,
+        let (mut loaded, from_cache) = match cached.take() {
+            Some(loaded) => (loaded, true),
+            None => (self.load(aggregate_id).await?, false),
         };
         if let Some(expected) = expected_version.filter(|v| *v != loaded.version) {
             let actual = loaded.version;
@@ -539,6 +563,10 @@ where
             .await;
         let events = sink.collect().await;
         if let Err(refusal) = decision {
+            if from_cache && self.has_events_after(aggregate_id, loaded.version).await? {
+                // Refused by a stale copy: decide again on what is stored (slot left empty).
+                return Ok(None);
+            }
             // An aggregate that wrote events before refusing may be half-changed: keep it only
             // if it is untouched.
             if events.is_empty() {
@@ -651,31 +679,14 @@ where
     /// Loads an aggregate from its snapshot plus later events, or from all its events when
     /// there is no usable snapshot. Bypasses the cache.
     pub async fn load(&self, aggregate_id: &str) -> Result<LoadedAggregate<A>, StoreError> {
-        let (mut aggregate, mut version) = self.load_snapshot(aggregate_id).await?;
-        let rows = sqlx::query(SELECT_EVENTS_AFTER)
-            .bind(A::TYPE)
-            .bind(aggregate_id)
-            .bind(version as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        for row in rows {
-            let sequence: i64 = row.get("sequence");
-            let payload: Value = row.get("payload");
-            let event =
-                serde_json::from_value(payload).map_err(|source| StoreError::CorruptEvent {
-                    aggregate_type: A::TYPE.to_string(),
-                    aggregate_id: aggregate_id.to_string(),
-                    sequence,
-                    source,
-                })?;
-            aggregate.apply(event);
-            version = sequence as u64;
-        }
-        Ok(LoadedAggregate {
+        let (aggregate, version) = self.load_snapshot(aggregate_id).await?;
+        let mut loaded = LoadedAggregate {
             aggregate_id: aggregate_id.to_string(),
             aggregate,
             version,
-        })
+        };
+        self.catch_up(&mut loaded).await?;
+        Ok(loaded)
     }
 
     async fn load_snapshot(&self, aggregate_id: &str) -> Result<(A, u64), StoreError> {
@@ -735,6 +746,64 @@ where
         }
         let loaded = cached.as_ref().expect("loaded just above");
         Ok(look(&loaded.aggregate, loaded.version))
+    }
+
+    /// Like [`inspect`](Self::inspect), but the cached copy first takes in any events other
+    /// processes appended since it was loaded. For answers that must not be stale, such as
+    /// whether a device is registered yet.
+    pub async fn inspect_latest<R>(
+        &self,
+        aggregate_id: &str,
+        look: impl FnOnce(&A, u64) -> R,
+    ) -> Result<R, StoreError> {
+        let slot = self.slot(aggregate_id);
+        let mut cached = slot.lock().await;
+        let loaded = match cached.take() {
+            Some(mut loaded) => {
+                self.catch_up(&mut loaded).await?;
+                loaded
+            }
+            None => self.load(aggregate_id).await?,
+        };
+        let answer = look(&loaded.aggregate, loaded.version);
+        *cached = Some(loaded);
+        Ok(answer)
+    }
+
+    /// Applies to `loaded` the events stored after its version.
+    async fn catch_up(&self, loaded: &mut LoadedAggregate<A>) -> Result<(), StoreError> {
+        let rows = sqlx::query(SELECT_EVENTS_AFTER)
+            .bind(A::TYPE)
+            .bind(&loaded.aggregate_id)
+            .bind(loaded.version as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in rows {
+            let sequence: i64 = row.get("sequence");
+            let payload: Value = row.get("payload");
+            let event =
+                serde_json::from_value(payload).map_err(|source| StoreError::CorruptEvent {
+                    aggregate_type: A::TYPE.to_string(),
+                    aggregate_id: loaded.aggregate_id.clone(),
+                    sequence,
+                    source,
+                })?;
+            loaded.aggregate.apply(event);
+            loaded.version = sequence as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether the aggregate has events after `version`: a cached copy at `version` is stale.
+    /// Asked before a refusal decided on a cached copy is believed, because other processes
+    /// (the API beside an ingest bridge) append to the same aggregates.
+    async fn has_events_after(&self, aggregate_id: &str, version: u64) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(SELECT_HAS_EVENTS_AFTER)
+            .bind(A::TYPE)
+            .bind(aggregate_id)
+            .bind(version as i64)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Drops an aggregate from the cache, e.g. after its events were changed behind the store.

@@ -7,7 +7,9 @@ use chrono::{DateTime, Duration, Utc};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateContext, CqrsFramework, EventStore};
 use fleetlog_commands::{AggregateStore, CommandError, CommandMetadata, StoreSettings};
-use fleetlog_domain::device::{CommandOutcome, Device, DeviceCommand, DeviceError, Reading};
+use fleetlog_domain::device::{
+    CommandOutcome, Device, DeviceCommand, DeviceError, Lifecycle, Reading,
+};
 use fleetlog_domain::{CommandId, DeviceId, TenantId, UserId};
 use fleetlog_testkit::TestDatabase;
 use postgres_es::PostgresEventRepository;
@@ -366,6 +368,74 @@ async fn refused_commands_leave_no_trace() {
         .await
         .unwrap();
     assert_eq!(next.version, 3);
+}
+
+/// The API and an ingest bridge are separate processes with separate caches. A command refused
+/// by a cached copy that missed the other process's events is decided again on what is stored.
+#[tokio::test]
+async fn a_refusal_by_a_stale_cached_copy_is_checked_against_the_store() {
+    let db = TestDatabase::create().await;
+    let ingest = store(&db.pool, StoreSettings::default());
+    let api = store(&db.pool, StoreSettings::default());
+
+    // The bridge sees an unknown device and caches it so; the API registers it meanwhile.
+    let lifecycle = ingest.inspect(DEVICE, |device, _| device.lifecycle).await;
+    assert_eq!(lifecycle.unwrap(), Lifecycle::Unregistered);
+    api.execute(DEVICE, register(), &metadata()).await.unwrap();
+    let lifecycle = ingest.inspect_latest(DEVICE, |device, _| device.lifecycle);
+    assert_eq!(lifecycle.await.unwrap(), Lifecycle::Active);
+
+    // One command at a time, a batch, and a round of many devices all see the API's command.
+    ingest
+        .execute(DEVICE, heartbeat(1), &metadata())
+        .await
+        .unwrap();
+    let reply = |id: &str| DeviceCommand::RecordCommandReply {
+        command_id: CommandId::parse(id).unwrap(),
+        outcome: CommandOutcome::Succeeded,
+        result: json!({}),
+        received_at: at(5),
+    };
+    let issue = |id: &str| DeviceCommand::IssueCommand {
+        command_id: CommandId::parse(id).unwrap(),
+        name: "reboot".into(),
+        params: json!({}),
+        issued_at: at(2),
+        expires_at: at(600),
+    };
+    api.execute(DEVICE, issue("c1"), &metadata()).await.unwrap();
+    ingest
+        .execute(DEVICE, reply("c1"), &metadata())
+        .await
+        .expect("the reply to a command issued by the other process");
+
+    api.execute(DEVICE, issue("c2"), &metadata()).await.unwrap();
+    let batch = ingest
+        .execute_batch(DEVICE, vec![heartbeat(6), reply("c2")], &metadata())
+        .await
+        .unwrap();
+    assert!(
+        batch.outcomes.iter().all(Result::is_ok),
+        "{:?}",
+        batch.outcomes
+    );
+
+    api.execute(DEVICE, issue("c3"), &metadata()).await.unwrap();
+    let round = ingest
+        .execute_many(vec![(DEVICE.to_string(), vec![reply("c3")], metadata())])
+        .await;
+    let round = round.into_iter().next().unwrap().unwrap();
+    assert!(
+        round.outcomes.iter().all(Result::is_ok),
+        "{:?}",
+        round.outcomes
+    );
+
+    // A refusal that the store confirms stays a refusal.
+    assert!(matches!(
+        ingest.execute(DEVICE, reply("c9"), &metadata()).await,
+        Err(CommandError::Refused(DeviceError::UnknownCommand(_)))
+    ));
 }
 
 /// Two stores stand for two processes: each has its own cache, so each keeps appending on a

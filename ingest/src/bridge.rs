@@ -76,7 +76,7 @@ impl IngestSettings {
             topic_root: "devices".into(),
             share_group: Some("fleetlog-ingest".into()),
             auto_register_tenant: None,
-            shards: 4,
+            shards: 2,
             max_batch: 500,
             inflight: 1000,
             report_every: Duration::from_secs(300),
@@ -773,13 +773,22 @@ async fn execute_until_done(
 /// `Ok` when the device is registered (or was just auto-registered), else why not.
 async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> {
     let mut delay = Duration::from_millis(100);
+    let mut latest = false;
     let lifecycle = loop {
-        match shared
-            .bus
-            .devices()
-            .inspect(device.as_str(), |device, _| device.lifecycle)
-            .await
-        {
+        let devices = shared.bus.devices();
+        let lookup = if latest {
+            devices
+                .inspect_latest(device.as_str(), |device, _| device.lifecycle)
+                .await
+        } else {
+            devices
+                .inspect(device.as_str(), |device, _| device.lifecycle)
+                .await
+        };
+        match lookup {
+            // The cached copy may predate a registration made a moment ago through the API,
+            // in another process: an unknown device is looked up once more in the store.
+            Ok(Lifecycle::Unregistered) if !latest => latest = true,
             Ok(lifecycle) => break lifecycle,
             Err(error) => {
                 tracing::warn!(device = %device, %error, "cannot load device; retrying");
