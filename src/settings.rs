@@ -173,7 +173,7 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_INGEST_SHARDS",
-        default_value_t = 4
+        default_value_t = 2
     )]
     pub ingest_shards: usize,
 

@@ -27,6 +27,14 @@ nats_port=${BENCH_NATS_PORT:-54322}
 mqtt_port=${BENCH_MQTT_PORT:-51983}
 nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
 mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+# A server left over on these ports (say, from an interrupted run) would be measured instead,
+# with its old sessions and streams: refuse to start.
+for port in "$nats_port" "$mqtt_port"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        rm -rf "$scratch"
+        fail "port $port is in use (a server left from an earlier run?); stop it or set BENCH_NATS_PORT / BENCH_MQTT_PORT"
+    fi
+done
 mkdir -p "$scratch/nats" "$scratch/mosquitto"
 cat >"$scratch/mosquitto/mosquitto.conf" <<CONF
 user $(id -un)
@@ -43,7 +51,12 @@ nats_pid=$!
 mosquitto_pid=$!
 platform=
 cleanup() {
-    [ -n "$platform" ] && kill "$platform" 2>/dev/null && wait "$platform" 2>/dev/null
+    # `|| true` throughout: under `set -e` a failing step would end the clean-up early and
+    # leave the servers running.
+    if [ -n "$platform" ]; then
+        kill "$platform" 2>/dev/null || true
+        wait "$platform" 2>/dev/null || true
+    fi
     kill "$nats_pid" "$mosquitto_pid" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$scratch"
