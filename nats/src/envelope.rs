@@ -21,7 +21,9 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
+use sqlx::types::Json;
 
 /// One stored event as published to JetStream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
@@ -72,5 +74,73 @@ impl EventEnvelope {
             "{}:{}:{}",
             self.aggregate_type, self.aggregate_id, self.sequence
         )
+    }
+}
+
+/// An event as the relay reads and forwards it. Payload and metadata stay the JSON text the
+/// events table holds and go into the message body as they are, instead of being parsed into
+/// values and printed again for every event. The body reads as an [`EventEnvelope`].
+#[derive(Debug, sqlx::FromRow)]
+pub struct OutgoingEvent {
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    /// The event's insertion position over all aggregates.
+    pub global_position: i64,
+    /// The event's type, e.g. `DeviceRegistered`.
+    pub event_type: String,
+    event_version: String,
+    payload: Json<Box<RawValue>>,
+    metadata: Json<Box<RawValue>>,
+    recorded_at: DateTime<Utc>,
+    transaction_id: String,
+}
+
+/// The body of an [`OutgoingEvent`]: the fields of [`EventEnvelope`], in its order.
+#[derive(Serialize)]
+struct OutgoingBody<'a> {
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    sequence: i64,
+    global_position: i64,
+    event_type: &'a str,
+    event_version: &'a str,
+    payload: &'a RawValue,
+    metadata: &'a RawValue,
+    recorded_at: DateTime<Utc>,
+}
+
+impl OutgoingEvent {
+    /// The inserting transaction's id.
+    pub fn transaction_id(&self) -> u64 {
+        self.transaction_id.parse().unwrap_or_default()
+    }
+
+    /// The JetStream subject's parts: aggregate type and id.
+    pub fn aggregate(&self) -> (&str, &str) {
+        (&self.aggregate_type, &self.aggregate_id)
+    }
+
+    /// The `Nats-Msg-Id` of the event, as [`EventEnvelope::message_id`].
+    pub fn message_id(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.aggregate_type, self.aggregate_id, self.sequence
+        )
+    }
+
+    /// The message body: the event envelope as JSON.
+    pub fn body(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&OutgoingBody {
+            aggregate_type: &self.aggregate_type,
+            aggregate_id: &self.aggregate_id,
+            sequence: self.sequence,
+            global_position: self.global_position,
+            event_type: &self.event_type,
+            event_version: &self.event_version,
+            payload: &self.payload,
+            metadata: &self.metadata,
+            recorded_at: self.recorded_at,
+        })
     }
 }

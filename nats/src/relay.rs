@@ -26,7 +26,7 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::{EventEnvelope, StoredEvent};
+use crate::envelope::OutgoingEvent;
 use crate::topology::{ensure_stream, subject_for, StreamSettings, EVENT_TYPE_HEADER};
 
 /// The Postgres channel the events table notifies on.
@@ -283,8 +283,8 @@ impl Relay {
         Ok(())
     }
 
-    async fn read_batch(&self, after: Cursor) -> Result<Vec<(Cursor, EventEnvelope)>, sqlx::Error> {
-        let rows: Vec<StoredEvent> = sqlx::query_as(SELECT_BATCH)
+    async fn read_batch(&self, after: Cursor) -> Result<Vec<(Cursor, OutgoingEvent)>, sqlx::Error> {
+        let rows: Vec<OutgoingEvent> = sqlx::query_as(SELECT_BATCH)
             .bind(after.transaction_id.to_string())
             .bind(after.global_position)
             .bind(self.settings.batch_size)
@@ -295,9 +295,9 @@ impl Relay {
             .map(|row| {
                 let cursor = Cursor {
                     transaction_id: row.transaction_id(),
-                    global_position: row.envelope.global_position,
+                    global_position: row.global_position,
                 };
-                (cursor, row.envelope)
+                (cursor, row)
             })
             .collect())
     }
@@ -306,12 +306,12 @@ impl Relay {
     /// the cursor of the last event of the acknowledged prefix, and the first failure.
     async fn publish(
         &self,
-        batch: &[(Cursor, EventEnvelope)],
+        batch: &[(Cursor, OutgoingEvent)],
     ) -> (Option<Cursor>, Option<async_nats::Error>) {
         let mut acks = Vec::with_capacity(batch.len());
         let mut failure: Option<async_nats::Error> = None;
         for (cursor, envelope) in batch {
-            let body = match serde_json::to_vec(envelope) {
+            let body = match envelope.body() {
                 Ok(body) => Bytes::from(body),
                 Err(error) => {
                     failure = Some(error.into());
@@ -322,7 +322,8 @@ impl Relay {
                 .payload(body)
                 .message_id(envelope.message_id())
                 .header(EVENT_TYPE_HEADER, envelope.event_type.as_str());
-            let subject = subject_for(&envelope.aggregate_type, &envelope.aggregate_id);
+            let (aggregate_type, aggregate_id) = envelope.aggregate();
+            let subject = subject_for(aggregate_type, aggregate_id);
             match self.jetstream.send_publish(subject, message).await {
                 Ok(ack) => acks.push((*cursor, ack)),
                 Err(error) => {

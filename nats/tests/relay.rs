@@ -181,8 +181,10 @@ async fn assert_stream_matches_events(pool: &PgPool, jetstream: &Context) {
             "{message_id} out of order or after a gap"
         );
     }
-    let stored: Vec<(String, String, i64, String, i64)> = sqlx::query_as(
-        "SELECT aggregate_type, aggregate_id, sequence, event_type, global_position FROM events",
+    // Each message's body is the stored event, field for field.
+    let stored: Vec<EventEnvelope> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                metadata, global_position, recorded_at FROM events",
     )
     .fetch_all(pool)
     .await
@@ -191,14 +193,12 @@ async fn assert_stream_matches_events(pool: &PgPool, jetstream: &Context) {
         .iter()
         .map(|(_, id, envelope)| (id.clone(), envelope))
         .collect();
-    for (aggregate_type, aggregate_id, sequence, event_type, global_position) in stored {
+    for event in stored {
+        let id = event.message_id();
         let envelope = by_id
-            .get(&format!("{aggregate_type}:{aggregate_id}:{sequence}"))
-            .unwrap_or_else(|| {
-                panic!("{aggregate_type}:{aggregate_id}:{sequence} never published")
-            });
-        assert_eq!(envelope.event_type, event_type);
-        assert_eq!(envelope.global_position, global_position);
+            .get(&id)
+            .unwrap_or_else(|| panic!("{id} never published"));
+        assert_eq!(**envelope, event);
     }
 }
 
