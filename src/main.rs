@@ -227,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Api => {
             let auth = api_auth(&settings)?;
+            let firmware = settings.firmware()?;
             let pool = connect(&settings).await?;
             serve_api(
                 settings.http_addr,
@@ -234,6 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.nats_url.clone(),
                 settings.mqtt_url.clone(),
                 auth,
+                firmware,
                 settings.store(),
                 pool,
                 install_metrics_recorder(),
@@ -370,6 +372,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         settings.nats_url.clone(),
         settings.mqtt_url.clone(),
         auth,
+        settings.firmware()?,
         settings.store(),
         pool.clone(),
         install_metrics_recorder(),
@@ -406,6 +409,7 @@ async fn serve_api(
     nats_url: String,
     mqtt: BrokerUrl,
     auth: Arc<Auth>,
+    firmware: Arc<fleetlog_api::firmware_store::FirmwareStore>,
     store: StoreSettings,
     pool: PgPool,
     metrics: Option<PrometheusHandle>,
@@ -423,6 +427,7 @@ async fn serve_api(
         login_throttle: Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         bus: CommandBus::new(pool, store),
         metrics,
+        firmware: Some(firmware),
     };
     fleetlog_api::run(listener, state, &http, shutdown.cancelled_owned())
         .await

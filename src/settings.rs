@@ -2,10 +2,14 @@
 //! command-line flags, then local defaults. Every setting is documented in `.env.example`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use axum::http::HeaderValue;
 use clap::{Args, ValueEnum};
+use fleetlog_api::firmware_store::{FirmwareStore, ImageSigner};
 use fleetlog_api::HttpSettings;
 use fleetlog_commands::StoreSettings;
 use fleetlog_domain::TenantId;
@@ -48,6 +52,35 @@ pub struct Settings {
         default_value_t = 20
     )]
     pub database_max_connections: u32,
+
+    /// Where fleetlog keeps files of its own (firmware images, the generated signing key) when
+    /// not configured otherwise.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_DATA_DIR",
+        default_value = ".fleetlog/data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Object storage for firmware images: `file:///dir` or `s3://bucket/prefix` (credentials,
+    /// region and endpoint from the `AWS_*` variables). Default: `{data dir}/firmware`.
+    #[arg(long, global = true, env = "FLEETLOG_FIRMWARE_STORE")]
+    pub firmware_store: Option<String>,
+
+    /// The largest firmware image accepted, in bytes.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_FIRMWARE_MAX_BYTES",
+        default_value_t = 512 * 1024 * 1024
+    )]
+    pub firmware_max_bytes: u64,
+
+    /// The ed25519 key (PKCS#8 PEM) that signs released images. Default:
+    /// `{data dir}/keys/firmware-signing.pem`, generated on first start.
+    #[arg(long, global = true, env = "FLEETLOG_FIRMWARE_SIGNING_KEY_FILE")]
+    pub firmware_signing_key_file: Option<PathBuf>,
 
     /// Address the HTTP API listens on.
     #[arg(
@@ -371,6 +404,25 @@ impl Settings {
 
 impl Settings {
     /// The HTTP layer's limits and CORS origins.
+    /// Firmware storage and the release signing key.
+    pub fn firmware(&self) -> anyhow::Result<Arc<FirmwareStore>> {
+        let signer = match &self.firmware_signing_key_file {
+            Some(path) => ImageSigner::from_file(path, false),
+            None => ImageSigner::from_file(&self.data_dir.join("keys/firmware-signing.pem"), true),
+        }
+        .context("FLEETLOG_FIRMWARE_SIGNING_KEY_FILE")?;
+        let store = match &self.firmware_store {
+            Some(url) => FirmwareStore::at_url(url, self.firmware_max_bytes, signer),
+            None => FirmwareStore::local(
+                &self.data_dir.join("firmware"),
+                self.firmware_max_bytes,
+                signer,
+            ),
+        }
+        .context("FLEETLOG_FIRMWARE_STORE")?;
+        Ok(Arc::new(store))
+    }
+
     pub fn http(&self) -> anyhow::Result<HttpSettings> {
         let cors_origins = self
             .cors_origins

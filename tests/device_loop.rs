@@ -80,6 +80,7 @@ impl Stack {
             login_throttle: Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
             bus: bus(),
             metrics: None,
+            firmware: None,
         };
         Self {
             router: fleetlog_api::router(state),

@@ -28,6 +28,7 @@ pub mod auth;
 pub mod consistency;
 pub mod error;
 pub mod extract;
+pub mod firmware_store;
 mod openapi;
 mod routes;
 pub mod throttle;
@@ -41,7 +42,6 @@ use axum::response::Response;
 use tower::util::option_layer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Auth;
@@ -65,6 +65,9 @@ pub struct AppState {
     pub bus: CommandBus,
     /// Renders the process's metrics for `GET /metrics`; `None` when no recorder is installed.
     pub metrics: Option<PrometheusHandle>,
+    /// Firmware image storage and the release signing key; `None`: firmware upload, download
+    /// and release answer 503.
+    pub firmware: Option<Arc<firmware_store::FirmwareStore>>,
 }
 
 /// Limits and cross-origin rules of the HTTP layer.
@@ -104,10 +107,10 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
         .layer(middleware::map_response(problem_for_bare_errors))
         .layer(middleware::from_fn(record_request))
         .layer(option_layer(cors))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            http.request_timeout,
-        ))
+        .layer(middleware::from_fn({
+            let limit = http.request_timeout;
+            move |request: Request, next: middleware::Next| bounded(limit, request, next)
+        }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let request_id = request
@@ -118,6 +121,21 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Answers 408 when a request takes longer than `limit`. Firmware uploads are exempt: they
+/// stream as long as the image takes to arrive (downloads stream after the response started,
+/// which no timeout here covers).
+async fn bounded(limit: Duration, request: Request, next: middleware::Next) -> Response {
+    let upload = request.method() == axum::http::Method::POST
+        && request.uri().path().trim_end_matches('/') == "/api/v1/firmware";
+    if upload {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => problem(StatusCode::REQUEST_TIMEOUT, "request timeout".into()),
+    }
 }
 
 /// Counts each request and times it, labelled by method, route template (not the raw path, so

@@ -65,6 +65,7 @@ impl Api {
             ),
             bus,
             metrics: None,
+            firmware: None,
         };
         Self {
             router: router(state),

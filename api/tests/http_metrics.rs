@@ -32,6 +32,7 @@ async fn requests_are_counted_and_timed_by_route_template() {
         ),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: Some(handle.clone()),
+        firmware: None,
     };
     for path in [
         "/health",

@@ -43,6 +43,7 @@ async fn health_and_readiness_with_a_live_database() {
         auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
         metrics: None,
+        firmware: None,
     };
     let (status, body) = get(state.clone(), "/health").await;
     assert_eq!(status, StatusCode::OK);
@@ -66,6 +67,7 @@ async fn not_ready_when_the_database_is_unreachable() {
         auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: None,
+        firmware: None,
     };
     let (status, body) = get(state.clone(), "/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -93,6 +95,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
         auth: test_auth(),
         bus: CommandBus::new(pool, StoreSettings::default()),
         metrics: Some(handle),
+        firmware: None,
     };
     let response = router(state)
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
@@ -124,6 +127,7 @@ async fn readiness_follows_the_mqtt_broker() {
         auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
         metrics: None,
+        firmware: None,
     };
     let (status, body) = get(state.clone(), "/ready").await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -152,6 +156,7 @@ async fn readiness_follows_nats_and_requests_carry_ids() {
         auth: test_auth(),
         bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
         metrics: None,
+        firmware: None,
     };
     // The client connects in the background (it never fails start-up over NATS).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -138,6 +138,20 @@ fn matrix(user_id: &str) -> Vec<Row> {
         ),
         row("get", "/api/v1/firmware", "/api/v1/firmware", None, ALL),
         row(
+            "post",
+            "/api/v1/firmware",
+            "/api/v1/firmware?model=thermo&version=3.0.0",
+            Some(json!({"image": "bytes"})),
+            WRITERS,
+        ),
+        row(
+            "get",
+            "/api/v1/firmware/{id}/download",
+            "/api/v1/firmware/thermo@1.0.0/download",
+            None,
+            ALL,
+        ),
+        row(
             "get",
             "/api/v1/firmware/{id}",
             "/api/v1/firmware/thermo@1.0.0",
@@ -231,6 +245,7 @@ const NOT_ROLE_BASED: &[&str] = &[
     "post /api/v1/auth/refresh",
     "post /api/v1/devices/{id}/telemetry",
     "post /api/devices/data/upload",
+    "get /api/v1/firmware/signing-key",
 ];
 
 /// The status only: streams answer 200 at once and never end, so the body is not read.

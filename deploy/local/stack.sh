@@ -257,6 +257,7 @@ export FLEETLOG_TEST_DATABASE_URL='postgres://postgres:$(pg_admin_password)@127.
 export FLEETLOG_NATS_URL='nats://127.0.0.1:$nats_port'
 export FLEETLOG_MQTT_URL='mqtt://127.0.0.1:$mqtt_port'
 export FLEETLOG_JWT_SECRET='$(secret jwt-secret)'
+export FLEETLOG_DATA_DIR='$(dirname "$stack_dir")/data'
 EOF
 }
 

@@ -104,6 +104,30 @@ pub enum FirmwareStatus {
     Deprecated,
 }
 
+/// The platform's signature of an image's digest, made at release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSignature {
+    /// `ed25519`.
+    pub algorithm: String,
+    /// Which of the platform's keys signed (the API serves the public key under this id).
+    pub key_id: String,
+    /// Base64 of the signature over the 32 raw bytes of the image's SHA-256.
+    pub signature: String,
+}
+
+impl ImageSignature {
+    fn is_well_formed(&self) -> bool {
+        let base64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=');
+        self.algorithm == "ed25519"
+            && !self.key_id.is_empty()
+            && self.key_id.len() <= 64
+            && self.key_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            // 64 signature bytes are 88 base64 characters.
+            && self.signature.len() == 88
+            && self.signature.chars().all(base64)
+    }
+}
+
 /// The Firmware aggregate's state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Firmware {
@@ -123,6 +147,9 @@ pub struct Firmware {
     pub notes: String,
     /// Draft, released or deprecated.
     pub status: FirmwareStatus,
+    /// The platform's signature of the digest, from the release on.
+    #[serde(default)]
+    pub signature: Option<ImageSignature>,
 }
 
 /// A request to the Firmware aggregate.
@@ -149,6 +176,8 @@ pub enum FirmwareCommand {
     },
     /// Make the image available to rollouts.
     Release {
+        /// The platform's signature of the image's digest.
+        signature: ImageSignature,
         /// Now.
         at: DateTime<Utc>,
     },
@@ -185,6 +214,9 @@ pub enum FirmwareEvent {
     },
     /// The image was released for rollouts.
     FirmwareReleased {
+        /// The platform's signature of the image's digest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<ImageSignature>,
         /// When.
         at: DateTime<Utc>,
     },
@@ -239,6 +271,11 @@ pub enum FirmwareError {
     /// An empty or overlong reason.
     #[error("reason must be 1 to 512 characters")]
     InvalidReason,
+    /// A signature that is not an ed25519 signature with a key id.
+    #[error(
+        "the release signature must be an ed25519 signature (88 base64 characters) with a key id"
+    )]
+    InvalidSignature,
     /// Release of an image released already.
     #[error("firmware is already released")]
     AlreadyReleased,
@@ -278,7 +315,10 @@ impl Firmware {
                 self.notes = notes;
                 self.status = FirmwareStatus::Draft;
             }
-            FirmwareEvent::FirmwareReleased { .. } => self.status = FirmwareStatus::Released,
+            FirmwareEvent::FirmwareReleased { signature, .. } => {
+                self.status = FirmwareStatus::Released;
+                self.signature = signature;
+            }
             FirmwareEvent::FirmwareDeprecated { .. } => self.status = FirmwareStatus::Deprecated,
         }
     }
@@ -329,9 +369,15 @@ impl Firmware {
                     at,
                 }])
             }
-            FirmwareCommand::Release { at } => match self.status {
+            FirmwareCommand::Release { signature, at } => match self.status {
                 FirmwareStatus::Unregistered => Err(FirmwareError::NotRegistered),
-                FirmwareStatus::Draft => Ok(vec![FirmwareEvent::FirmwareReleased { at }]),
+                FirmwareStatus::Draft if !signature.is_well_formed() => {
+                    Err(FirmwareError::InvalidSignature)
+                }
+                FirmwareStatus::Draft => Ok(vec![FirmwareEvent::FirmwareReleased {
+                    signature: Some(signature),
+                    at,
+                }]),
                 FirmwareStatus::Released => Err(FirmwareError::AlreadyReleased),
                 FirmwareStatus::Deprecated => Err(FirmwareError::Deprecated),
             },
@@ -383,6 +429,28 @@ mod tests {
             storage_key: "firmware/thermo@1.2.0".into(),
             compatible_models: vec!["thermo-v2".into(), "thermo".into()],
             notes: "fixes".into(),
+            at: at(),
+        }
+    }
+
+    fn signature() -> ImageSignature {
+        ImageSignature {
+            algorithm: "ed25519".into(),
+            key_id: "0123456789abcdef".into(),
+            signature: "A".repeat(86) + "==",
+        }
+    }
+
+    fn release() -> FirmwareCommand {
+        FirmwareCommand::Release {
+            signature: signature(),
+            at: at(),
+        }
+    }
+
+    fn released() -> FirmwareEvent {
+        FirmwareEvent::FirmwareReleased {
+            signature: Some(signature()),
             at: at(),
         }
     }
@@ -459,18 +527,25 @@ mod tests {
     fn releases_a_draft_once() {
         Given::with(())
             .given(vec![registered()])
-            .when(FirmwareCommand::Release { at: at() })
-            .then_expect_events(vec![FirmwareEvent::FirmwareReleased { at: at() }]);
+            .when(release())
+            .then_expect_events(vec![released()]);
         Given::with(())
-            .given(vec![
-                registered(),
-                FirmwareEvent::FirmwareReleased { at: at() },
-            ])
-            .when(FirmwareCommand::Release { at: at() })
+            .given(vec![registered()])
+            .when(FirmwareCommand::Release {
+                signature: ImageSignature {
+                    signature: "short".into(),
+                    ..signature()
+                },
+                at: at(),
+            })
+            .then_expect_error(FirmwareError::InvalidSignature);
+        Given::with(())
+            .given(vec![registered(), released()])
+            .when(release())
             .then_expect_error(FirmwareError::AlreadyReleased);
         Given::with(())
             .given_no_previous_events()
-            .when(FirmwareCommand::Release { at: at() })
+            .when(release())
             .then_expect_error(FirmwareError::NotRegistered);
     }
 
@@ -481,10 +556,7 @@ mod tests {
             at: at(),
         };
         Given::with(())
-            .given(vec![
-                registered(),
-                FirmwareEvent::FirmwareReleased { at: at() },
-            ])
+            .given(vec![registered(), released()])
             .when(FirmwareCommand::Deprecate {
                 reason: "bricks devices".into(),
                 at: at(),
@@ -492,7 +564,7 @@ mod tests {
             .then_expect_events(vec![deprecated.clone()]);
         Given::with(())
             .given(vec![registered(), deprecated.clone()])
-            .when(FirmwareCommand::Release { at: at() })
+            .when(release())
             .then_expect_error(FirmwareError::Deprecated);
         Given::with(())
             .given(vec![registered(), deprecated])

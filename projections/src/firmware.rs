@@ -52,14 +52,20 @@ impl Projection for FirmwareProjection {
                 .execute(connection)
                 .await?;
             }
-            FirmwareEvent::FirmwareReleased { at } => {
+            FirmwareEvent::FirmwareReleased { signature, at } => {
+                let (key_id, signature) = signature
+                    .map(|s| (Some(s.key_id), Some(s.signature)))
+                    .unwrap_or_default();
                 sqlx::query(
-                    "UPDATE firmware SET status = 'released', released_at = $3, last_sequence = $2
+                    "UPDATE firmware SET status = 'released', released_at = $3, last_sequence = $2,
+                            signature = $4, signing_key_id = $5
                       WHERE firmware_id = $1",
                 )
                 .bind(id)
                 .bind(envelope.sequence)
                 .bind(at)
+                .bind(signature)
+                .bind(key_id)
                 .execute(connection)
                 .await?;
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
-use fleetlog_domain::firmware::{FirmwareCommand, FirmwareId};
+use fleetlog_domain::firmware::{FirmwareCommand, FirmwareId, ImageSignature};
 use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand};
 use fleetlog_domain::user::{Role, UserCommand};
 use fleetlog_domain::{DeviceId, RolloutId, SessionId, TenantId, UserId};
@@ -52,7 +52,14 @@ async fn firmware_rollouts_and_users_follow_their_events() {
     bus.firmware()
         .execute(
             &firmware_key,
-            FirmwareCommand::Release { at: at(1) },
+            FirmwareCommand::Release {
+                signature: ImageSignature {
+                    algorithm: "ed25519".into(),
+                    key_id: "0123456789abcdef".into(),
+                    signature: "A".repeat(86) + "==",
+                },
+                at: at(1),
+            },
             &metadata,
         )
         .await

@@ -184,7 +184,7 @@ fn count(outcome: &'static str) {
 
 /// Checks the device token against the hash the device aggregate keeps and answers the
 /// device's tenant. Unknown devices, decommissioned ones and wrong tokens get the same answer.
-async fn authenticate(
+pub(crate) async fn authenticate(
     state: &AppState,
     device_id: &DeviceId,
     headers: &HeaderMap,

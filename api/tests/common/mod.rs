@@ -10,6 +10,7 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use chrono::Utc;
 use fleetlog_api::auth::{Auth, Caller};
+use fleetlog_api::firmware_store::{FirmwareStore, ImageSigner};
 use fleetlog_api::{router, AppState};
 use fleetlog_commands::{CommandBus, StoreSettings};
 use fleetlog_domain::user::Role;
@@ -32,8 +33,30 @@ pub struct Platform {
     /// A write side of its own, as another process of the platform would have.
     pub bus: CommandBus,
     shutdown: CancellationToken,
+    /// Where the firmware images and the signing key live; removed with the platform.
+    pub firmware_dir: TempDir,
     _nats: NatsServer,
     _db: TestDatabase,
+}
+
+/// The largest firmware image the test platform accepts.
+pub const FIRMWARE_MAX_BYTES: u64 = 1024 * 1024;
+
+/// A directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("fleetlog-api-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Platform {
@@ -63,6 +86,7 @@ impl Platform {
                 shutdown.clone(),
             ));
         }
+        let firmware_dir = TempDir::new();
         let auth = Auth::new(
             &SecretString::from("a test secret that is long enough to sign"),
             Duration::from_secs(300),
@@ -75,6 +99,14 @@ impl Platform {
             auth: auth.clone(),
             bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
             metrics: None,
+            firmware: Some(std::sync::Arc::new(
+                FirmwareStore::local(
+                    &firmware_dir.0.join("images"),
+                    FIRMWARE_MAX_BYTES,
+                    ImageSigner::from_file(&firmware_dir.0.join("signing.pem"), true).unwrap(),
+                )
+                .unwrap(),
+            )),
         };
         Self {
             nats: client_for_tests,
@@ -83,6 +115,7 @@ impl Platform {
             pool: db.pool.clone(),
             bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
             shutdown,
+            firmware_dir,
             _nats: nats,
             _db: db,
         }
