@@ -27,3 +27,11 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::Connec
         .connect(url)
         .await
 }
+
+/// Whether a pull consumer's message stream only reports a missed idle heartbeat. The stream
+/// goes on working (it pulls again by itself), so consumers carry on: ending the stream would
+/// drop the messages it already holds, and the server would redeliver them only after the
+/// ack wait. Under heavy load a busy consumer can poll late enough to see this.
+pub fn is_missed_heartbeat(error: &async_nats::jetstream::consumer::pull::MessagesError) -> bool {
+    error.kind() == async_nats::jetstream::consumer::pull::MessagesErrorKind::MissingHeartbeat
+}

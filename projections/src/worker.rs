@@ -34,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use fleetlog_nats::topology::{DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM};
 
+/// Missed idle heartbeats in a row, with no message between them, before the consumer is set
+/// up again.
+const MISSED_HEARTBEATS_TOLERATED: u32 = 3;
+
 /// A read model fed by the events of one aggregate type.
 pub trait Projection: Send + Sync + 'static {
     /// The projection's name: its durable consumer and its key in `projection_positions`.
@@ -320,6 +324,7 @@ impl<P: Projection> Worker<P> {
             .await?
             .ready_chunks(self.settings.max_batch.max(1));
         tracing::info!(projection = P::NAME, "projection consuming");
+        let mut missed_heartbeats = 0;
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -332,7 +337,19 @@ impl<P: Projection> Worker<P> {
             let mut failure = None;
             for message in received {
                 match message {
-                    Ok(message) => batch.push(message),
+                    Ok(message) => {
+                        missed_heartbeats = 0;
+                        batch.push(message);
+                    }
+                    // A busy worker polls late: go on, unless nothing but missed heartbeats
+                    // comes any more (then the pull is lost and the consumer is set up again).
+                    Err(error)
+                        if fleetlog_nats::is_missed_heartbeat(&error)
+                            && missed_heartbeats < MISSED_HEARTBEATS_TOLERATED =>
+                    {
+                        missed_heartbeats += 1;
+                        tracing::debug!(projection = P::NAME, "missed an idle heartbeat; going on");
+                    }
                     Err(error) => failure = Some(error),
                 }
             }
