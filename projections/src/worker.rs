@@ -16,7 +16,7 @@
 //! position moved past it, and acked, so it blocks nothing. Database outages are retried without
 //! limit instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -173,20 +173,27 @@ pub struct Worker<P: Projection> {
 /// The positions this worker committed last, per aggregate: a hint that saves reading position
 /// rows, never trusted on its own (the batch's closing UPDATE checks each one).
 struct KnownPositions {
-    sequences: Mutex<HashMap<(String, String), i64>>,
+    state: Mutex<Known>,
     capacity: usize,
+}
+
+/// Last sequence by aggregate type, then id (nested so a look-up by `&str` allocates nothing).
+#[derive(Default)]
+struct Known {
+    sequences: HashMap<String, HashMap<String, i64>>,
+    len: usize,
 }
 
 /// The remembered positions, locked for a moment (never across an await).
 struct KnownPositionsGuard<'a> {
-    sequences: MutexGuard<'a, HashMap<(String, String), i64>>,
+    known: MutexGuard<'a, Known>,
     capacity: usize,
 }
 
 impl KnownPositions {
     fn new(capacity: usize) -> Self {
         Self {
-            sequences: Mutex::new(HashMap::new()),
+            state: Mutex::new(Known::default()),
             capacity,
         }
     }
@@ -194,10 +201,7 @@ impl KnownPositions {
     fn lock(&self) -> KnownPositionsGuard<'_> {
         KnownPositionsGuard {
             // A panic elsewhere cannot leave a wrong value behind: every value is checked.
-            sequences: self
-                .sequences
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
+            known: self.state.lock().unwrap_or_else(PoisonError::into_inner),
             capacity: self.capacity,
         }
     }
@@ -205,26 +209,43 @@ impl KnownPositions {
 
 impl KnownPositionsGuard<'_> {
     fn get(&self, aggregate_type: &str, aggregate_id: &str) -> Option<i64> {
-        self.sequences
-            .get(&(aggregate_type.to_owned(), aggregate_id.to_owned()))
+        self.known
+            .sequences
+            .get(aggregate_type)
+            .and_then(|ids| ids.get(aggregate_id))
             .copied()
     }
 
     fn remember(&mut self, aggregate_type: &str, aggregate_id: &str, sequence: i64) {
-        if self.sequences.len() >= self.capacity {
-            self.sequences.clear();
+        if self.capacity == 0 {
+            return;
         }
-        if self.capacity > 0 {
-            self.sequences.insert(
-                (aggregate_type.to_owned(), aggregate_id.to_owned()),
-                sequence,
-            );
+        if self.known.len >= self.capacity {
+            *self.known = Known::default();
+        }
+        let ids = self
+            .known
+            .sequences
+            .entry(aggregate_type.to_owned())
+            .or_default();
+        match ids.get_mut(aggregate_id) {
+            Some(known) => *known = sequence,
+            None => {
+                ids.insert(aggregate_id.to_owned(), sequence);
+                self.known.len += 1;
+            }
         }
     }
 
     fn forget(&mut self, aggregate_type: &str, aggregate_id: &str) {
-        self.sequences
-            .remove(&(aggregate_type.to_owned(), aggregate_id.to_owned()));
+        let removed = self
+            .known
+            .sequences
+            .get_mut(aggregate_type)
+            .and_then(|ids| ids.remove(aggregate_id));
+        if removed.is_some() {
+            self.known.len -= 1;
+        }
     }
 }
 
@@ -417,11 +438,12 @@ impl<P: Projection> Worker<P> {
     async fn apply_all(&self, events: &[EventEnvelope]) -> Result<Vec<Position>, ProjectionError> {
         let mut last: HashMap<(&str, &str), i64> = HashMap::new();
         let mut unknown: Vec<(&str, &str)> = Vec::new();
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
         {
             let known = self.known.lock();
             for event in events {
                 let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
-                if last.contains_key(&key) || unknown.contains(&key) {
+                if !seen.insert(key) {
                     continue;
                 }
                 // Only a known position followed by the very next event is trusted; anything
@@ -461,9 +483,13 @@ impl<P: Projection> Worker<P> {
             .bind(&ids)
             .fetch_all(&mut *tx)
             .await?;
-            for (kind, id, sequence) in locked {
-                if let Some(key) = unknown.iter().find(|(k, i)| *k == kind && *i == id) {
-                    last.insert(*key, sequence);
+            let locked: HashMap<(String, String), i64> = locked
+                .into_iter()
+                .map(|(kind, id, sequence)| ((kind, id), sequence))
+                .collect();
+            for key in &unknown {
+                if let Some(sequence) = locked.get(&(key.0.to_owned(), key.1.to_owned())) {
+                    last.insert(*key, *sequence);
                 }
             }
         }

@@ -394,22 +394,20 @@ fn too_large(limit: u64) -> ApiError {
 async fn download(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    parts: axum::http::request::Parts,
+    mut parts: axum::http::request::Parts,
 ) -> Result<Response, ApiError> {
     let store = firmware_store(&state)?;
     let id = parse_id(&id)?;
-    let tenant = match headers.get("x-device-id") {
+    let tenant = match parts.headers.get("x-device-id") {
         Some(device) => {
             let device = device
                 .to_str()
                 .ok()
                 .and_then(|d| DeviceId::parse(d).ok())
                 .ok_or_else(|| ApiError::BadRequest("X-Device-Id is not a device id".into()))?;
-            crate::routes::device_ingest::authenticate(&state, &device, &headers).await?
+            crate::routes::device_ingest::authenticate(&state, &device, &parts.headers).await?
         }
         None => {
-            let mut parts = parts;
             let caller = <Caller as axum::extract::FromRequestParts<AppState>>::from_request_parts(
                 &mut parts, &state,
             )
@@ -418,6 +416,7 @@ async fn download(
             caller.tenant
         }
     };
+    let headers = &parts.headers;
     let firmware = state
         .bus
         .firmware()
