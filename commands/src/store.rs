@@ -295,17 +295,13 @@ where
             Some(loaded) => (loaded, true),
             None => (self.load(aggregate_id).await?, false),
         };
-        let version_before = loaded.version;
-        let decided = self.decide_batch(&mut loaded, commands).await;
-        let refused = match &decided {
-            Ok((_, outcomes)) => outcomes.iter().any(Result::is_err),
-            Err(_) => true,
-        };
-        if refused && from_cache && self.has_events_after(aggregate_id, version_before).await? {
+        let Some((events, outcomes)) = self
+            .decide_confirmed(&mut loaded, from_cache, commands)
+            .await?
+        else {
             // Refused by a stale copy: decide again on what is stored (slot left empty).
             return Ok(None);
-        }
-        let (events, outcomes) = decided?;
+        };
         if events.is_empty() {
             let version = loaded.version;
             *cached = Some(loaded);
@@ -402,6 +398,33 @@ where
         Ok((events, outcomes))
     }
 
+    /// [`decide_batch`](Self::decide_batch), with any refusal confirmed against the store when
+    /// `loaded` came from the cache: `Ok(None)` when the store has events the copy lacks, so the
+    /// caller decides again on fresh state.
+    #[allow(clippy::type_complexity)]
+    async fn decide_confirmed(
+        &self,
+        loaded: &mut LoadedAggregate<A>,
+        from_cache: bool,
+        commands: &[A::Command],
+    ) -> Result<Option<(Vec<A::Event>, Vec<Result<usize, A::Error>>)>, CommandError<A::Error>> {
+        let version_before = loaded.version;
+        let decided = self.decide_batch(loaded, commands).await;
+        let refused = match &decided {
+            Ok((_, outcomes)) => outcomes.iter().any(Result::is_err),
+            Err(_) => true,
+        };
+        if refused
+            && from_cache
+            && self
+                .has_events_after(&loaded.aggregate_id, version_before)
+                .await?
+        {
+            return Ok(None);
+        }
+        decided.map(Some)
+    }
+
     /// `Ok(None)` when an append conflicted (every aggregate of the batch is then dropped from
     /// the cache and nothing was written).
     async fn try_execute_many(
@@ -423,17 +446,14 @@ where
                 None => (self.load(id).await?, false),
             };
             let version_before = loaded.version;
-            let decided = self.decide_batch(&mut loaded, commands).await;
-            let refused = match &decided {
-                Ok((_, outcomes)) => outcomes.iter().any(Result::is_err),
-                Err(_) => true,
-            };
-            if refused && from_cache && self.has_events_after(id, version_before).await? {
+            let Some((events, outcomes)) = self
+                .decide_confirmed(&mut loaded, from_cache, commands)
+                .await?
+            else {
                 // Refused by a stale copy: every aggregate goes again on its own, from what
                 // is stored (the slots taken above stay empty).
                 return Ok(None);
-            }
-            let (events, outcomes) = decided?;
+            };
             let metadata = with_tenant(&metadata.to_map(), &loaded.aggregate).into_owned();
             states.push((loaded, version_before, events, outcomes, metadata));
         }
