@@ -33,6 +33,7 @@ use fleetlog_ingest::broker::BrokerUrl;
 use fleetlog_ingest::dispatch::{DispatchSettings, Dispatcher};
 use fleetlog_nats::{Relay, RelaySettings};
 use fleetlog_projections::liveness::{Liveness, LivenessSettings};
+use fleetlog_projections::rollout_manager::{RolloutManager, RolloutManagerSettings};
 use fleetlog_projections::WorkerSettings;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use secrecy::{ExposeSecret, SecretString};
@@ -502,9 +503,15 @@ async fn run_projections(
     let client = connect_nats(&nats_url).await?;
     let jetstream = async_nats::jetstream::new(client);
     let liveness = Liveness::new(CommandBus::new(pool.clone(), store), liveness);
+    let rollouts = RolloutManager::new(
+        CommandBus::new(pool.clone(), store),
+        jetstream.clone(),
+        RolloutManagerSettings::default(),
+    );
     tokio::join!(
         fleetlog_projections::run_all(pool, jetstream, WorkerSettings::default(), shutdown.clone()),
-        liveness.run(shutdown),
+        liveness.run(shutdown.clone()),
+        rollouts.run(shutdown),
     );
     Ok(())
 }

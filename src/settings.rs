@@ -68,6 +68,11 @@ pub struct Settings {
     #[arg(long, global = true, env = "FLEETLOG_FIRMWARE_STORE")]
     pub firmware_store: Option<String>,
 
+    /// The API's address as devices reach it, e.g. `https://fleet.example.com`: OTA messages
+    /// then carry a full download URL beside the path.
+    #[arg(long, global = true, env = "FLEETLOG_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
     /// The largest firmware image accepted, in bytes.
     #[arg(
         long,
@@ -385,6 +390,7 @@ impl Settings {
     pub fn dispatch(&self) -> DispatchSettings {
         let mut settings = DispatchSettings::new(self.mqtt_url.clone());
         settings.topic_root = self.mqtt_topic_root.trim_matches('/').to_string();
+        settings.public_url = self.public_url.clone().filter(|url| !url.trim().is_empty());
         settings
     }
 

@@ -366,6 +366,7 @@ async fn replay_verify_and_events_commands() {
             .await
             .unwrap();
         let heartbeat = DeviceCommand::Heartbeat {
+            firmware_version: None,
             delivery: None,
             device_time: None,
             received_at: chrono::Utc::now(),

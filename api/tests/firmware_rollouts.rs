@@ -280,7 +280,7 @@ async fn rollouts_are_planned_followed_and_steered() {
     assert_eq!(status, StatusCode::OK, "{rollout}");
     assert_eq!(rollout["target_count"], 4);
     assert_eq!(rollout["status"], "created");
-    assert_eq!(rollout["device_counts"], json!({"pending": 4}));
+    assert_eq!(rollout["device_counts"], json!({"queued": 4}));
     let (status, page) = platform
         .call(
             Method::GET,
@@ -343,6 +343,11 @@ async fn rollouts_are_planned_followed_and_steered() {
         )
         .await;
     assert_eq!(rollout["status"], "aborted");
+    // No device was sent the update (no rollout manager runs here): all four are canceled.
+    assert_eq!(rollout["canceled"], 4, "{rollout}");
+    assert_eq!(rollout["device_counts"], json!({"canceled": 4}));
+    assert_eq!(rollout["last_decision"]["decision"], "abort");
+    assert_eq!(rollout["last_decision"]["reason"], "field reports");
 
     // A deprecated image starts nothing new.
     platform

@@ -50,6 +50,7 @@ fn register() -> DeviceCommand {
 
 fn heartbeat(second: i64) -> DeviceCommand {
     DeviceCommand::Heartbeat {
+        firmware_version: None,
         delivery: None,
         device_time: None,
         received_at: at(second),

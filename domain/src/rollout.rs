@@ -1,15 +1,21 @@
 //! The Rollout aggregate: installing one firmware image on a set of devices, wave by wave.
 //!
 //! A rollout is created with its targets split into waves (cumulative percentages, e.g.
-//! `[5, 25, 100]`), a success threshold a wave must reach before the next one starts, and an error
-//! threshold that pauses the rollout by itself when too many devices of a wave fail. Outcomes per
-//! device are recorded here; the process manager that sends updates and watches timeouts lives in
-//! `projections`.
+//! `[5, 25, 100]`), a success threshold a wave must reach before the next one starts, an error
+//! threshold past which the rollout pauses or aborts itself (as configured), a per-device timeout
+//! for stuck installs and a window within which a device offline at its wave's start may still
+//! be updated.
+//!
+//! The aggregate records every decision with the counts that justified it: a wave started
+//! (advance), paused, aborted, completed. It records which devices the update was sent to, so a
+//! restarted process manager neither sends twice nor skips a device, and each device's outcome.
+//! The process manager that sends updates and watches timeouts lives in `projections`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::OnceLock;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +24,9 @@ use crate::ids::{DeviceId, RolloutId, TenantId};
 
 /// The most devices one rollout may target; larger fleets are rolled out in several rollouts.
 pub const MAX_TARGETS: usize = 100_000;
+
+/// The window of a rollout that does not name one: a week.
+pub const DEFAULT_WINDOW_SECS: u64 = 7 * 24 * 3600;
 
 /// Where a rollout is in its life.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,9 +38,9 @@ pub enum RolloutStatus {
     Created,
     /// Sending updates.
     Running,
-    /// Stopped by hand or by the error threshold; may resume.
+    /// Stopped by hand or by a threshold; may resume.
     Paused,
-    /// Every wave done.
+    /// Every device has its outcome.
     Completed,
     /// Stopped for good.
     Aborted,
@@ -51,19 +60,100 @@ impl fmt::Display for RolloutStatus {
     }
 }
 
+/// What the error threshold does when a wave exceeds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorAction {
+    /// Pause; an operator looks and resumes or aborts.
+    #[default]
+    Pause,
+    /// Abort: devices not sent yet are canceled.
+    Abort,
+}
+
 /// How the update ended on one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceOutcome {
-    /// The device runs the new firmware.
+    /// The device reported running the new firmware.
     Succeeded,
     /// The device reported a failure.
     Failed {
         /// What it reported.
         error: String,
     },
-    /// The device did not finish within the per-device timeout.
+    /// The device did not finish within the per-device timeout, or was not reachable within
+    /// the rollout's window.
     TimedOut,
+}
+
+/// Outcomes so far in one wave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveTally {
+    /// Devices that run the new firmware.
+    pub succeeded: usize,
+    /// Devices that reported a failure.
+    pub failed: usize,
+    /// Devices that timed out.
+    pub timed_out: usize,
+}
+
+impl WaveTally {
+    fn add(&mut self, outcome: &DeviceOutcome) {
+        match outcome {
+            DeviceOutcome::Succeeded => self.succeeded += 1,
+            DeviceOutcome::Failed { .. } => self.failed += 1,
+            DeviceOutcome::TimedOut => self.timed_out += 1,
+        }
+    }
+
+    /// Failures that count against the error threshold.
+    fn failures(&self) -> usize {
+        self.failed + self.timed_out
+    }
+
+    fn finished(&self) -> usize {
+        self.succeeded + self.failures()
+    }
+}
+
+/// The counts behind a decision: the wave it was taken on and the whole rollout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// The wave judged.
+    pub wave: usize,
+    /// Its devices.
+    pub wave_size: usize,
+    /// Its outcomes.
+    pub wave_succeeded: usize,
+    /// Its failures reported by devices.
+    pub wave_failed: usize,
+    /// Its timeouts.
+    pub wave_timed_out: usize,
+    /// Targets of the rollout.
+    pub targets: usize,
+    /// Devices the update was sent to.
+    pub sent: usize,
+    /// Devices that run the new firmware.
+    pub succeeded: usize,
+    /// Devices that reported a failure.
+    pub failed: usize,
+    /// Devices that timed out.
+    pub timed_out: usize,
+    /// Devices without an outcome.
+    pub pending: usize,
+}
+
+/// Device id to its index in `targets`, built on first use: waves are index ranges, so this
+/// finds a device's wave without scanning a list of up to [`MAX_TARGETS`].
+#[derive(Debug, Clone, Default)]
+struct TargetIndex(OnceLock<HashMap<DeviceId, usize>>);
+
+impl PartialEq for TargetIndex {
+    /// Derived from `targets`, which the aggregate compares.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The Rollout aggregate's state.
@@ -81,16 +171,38 @@ pub struct Rollout {
     pub waves: Vec<u8>,
     /// Percent of a wave that must succeed before the next wave.
     pub success_threshold: u8,
-    /// Percent of a wave that may fail before the rollout pauses itself.
+    /// Percent of a wave that may fail before the error action.
     pub error_threshold: u8,
-    /// Seconds a device has to finish its update.
+    /// What exceeding the error threshold does.
+    #[serde(default)]
+    pub on_error: ErrorAction,
+    /// Seconds a device has to finish its update once sent.
     pub device_timeout_secs: u64,
+    /// Seconds after its wave started within which an offline device may still be sent the
+    /// update; after that it times out.
+    #[serde(default = "default_window_secs")]
+    pub window_secs: u64,
     /// Created, running, paused, completed or aborted.
     pub status: RolloutStatus,
     /// The latest wave started, if any.
     pub current_wave: Option<usize>,
+    /// When each started wave started.
+    #[serde(default)]
+    pub wave_started_at: Vec<DateTime<Utc>>,
+    /// Devices the update was sent to, and when.
+    #[serde(default)]
+    pub sent: BTreeMap<DeviceId, DateTime<Utc>>,
     /// Outcome per device that finished.
     pub outcomes: BTreeMap<DeviceId, DeviceOutcome>,
+    /// Outcomes per wave.
+    #[serde(default)]
+    pub tallies: Vec<WaveTally>,
+    #[serde(skip)]
+    index: TargetIndex,
+}
+
+fn default_window_secs() -> u64 {
+    DEFAULT_WINDOW_SECS
 }
 
 /// A request to the Rollout aggregate.
@@ -110,10 +222,15 @@ pub enum RolloutCommand {
         waves: Vec<u8>,
         /// Percent of a wave that must succeed before the next one, 1 to 100.
         success_threshold: u8,
-        /// Percent of a wave that may fail before the rollout pauses, 0 to 100.
+        /// Percent of a wave that may fail before the error action, 0 to 100.
         error_threshold: u8,
-        /// Seconds a device has to finish, at least 1.
+        /// What exceeding the error threshold does.
+        on_error: ErrorAction,
+        /// Seconds a device has to finish once sent, at least 1.
         device_timeout_secs: u64,
+        /// Seconds after its wave started within which an offline device may still be
+        /// updated, at least 1.
+        window_secs: u64,
         /// Now.
         at: DateTime<Utc>,
     },
@@ -122,7 +239,17 @@ pub enum RolloutCommand {
         /// Now.
         at: DateTime<Utc>,
     },
-    /// Record how the update ended on one device.
+    /// Record that the update is being sent to these devices. Devices not due (their wave has
+    /// not started, or they were sent or finished already) are left out, so a repeated command
+    /// changes nothing.
+    SendToDevices {
+        /// The devices.
+        devices: Vec<DeviceId>,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Record how the update ended on one device; the rollout may advance, pause, abort or
+    /// complete as a result.
     RecordDeviceOutcome {
         /// The device.
         device_id: DeviceId,
@@ -143,12 +270,13 @@ pub enum RolloutCommand {
         /// Now.
         at: DateTime<Utc>,
     },
-    /// Continue after a pause.
+    /// Continue after a pause. A wave that finished below the success threshold is taken as
+    /// accepted by the operator: the next one starts.
     Resume {
         /// Now.
         at: DateTime<Utc>,
     },
-    /// Stop for good.
+    /// Stop for good; devices not sent yet are canceled.
     Abort {
         /// Why.
         reason: String,
@@ -181,8 +309,14 @@ pub enum RolloutEvent {
         success_threshold: u8,
         /// Error threshold in percent.
         error_threshold: u8,
+        /// What exceeding the error threshold does.
+        #[serde(default)]
+        on_error: ErrorAction,
         /// Per-device timeout in seconds.
         device_timeout_secs: u64,
+        /// Window for offline devices in seconds.
+        #[serde(default = "default_window_secs")]
+        window_secs: u64,
         /// When.
         at: DateTime<Utc>,
     },
@@ -196,6 +330,16 @@ pub enum RolloutEvent {
         /// The wave's index, from 0.
         wave: usize,
         /// Its devices.
+        devices: Vec<DeviceId>,
+        /// For a later wave, the counts of the wave before that let it start.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<Counts>,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The update was sent to these devices.
+    DevicesSent {
+        /// The devices.
         devices: Vec<DeviceId>,
         /// When.
         at: DateTime<Utc>,
@@ -213,8 +357,11 @@ pub enum RolloutEvent {
     RolloutPaused {
         /// Why.
         reason: String,
-        /// Whether the error threshold paused it, rather than a person.
+        /// Whether a threshold paused it, rather than a person.
         automatic: bool,
+        /// The counts when it paused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<Counts>,
         /// When.
         at: DateTime<Utc>,
     },
@@ -227,15 +374,27 @@ pub enum RolloutEvent {
     RolloutAborted {
         /// Why.
         reason: String,
+        /// Whether the error threshold aborted it, rather than a person.
+        #[serde(default)]
+        automatic: bool,
+        /// Devices that were not sent the update and never will be.
+        #[serde(default)]
+        canceled: usize,
+        /// The counts when it stopped.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<Counts>,
         /// When.
         at: DateTime<Utc>,
     },
-    /// Every wave is done.
+    /// Every device has its outcome.
     RolloutCompleted {
         /// Devices that succeeded.
         succeeded: usize,
         /// Devices that failed or timed out.
         failed: usize,
+        /// The final counts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        counts: Option<Counts>,
         /// When.
         at: DateTime<Utc>,
     },
@@ -247,6 +406,7 @@ impl DomainEvent for RolloutEvent {
             Self::RolloutCreated { .. } => "RolloutCreated",
             Self::RolloutStarted { .. } => "RolloutStarted",
             Self::WaveStarted { .. } => "WaveStarted",
+            Self::DevicesSent { .. } => "DevicesSent",
             Self::DeviceOutcomeRecorded { .. } => "DeviceOutcomeRecorded",
             Self::RolloutPaused { .. } => "RolloutPaused",
             Self::RolloutResumed { .. } => "RolloutResumed",
@@ -285,8 +445,8 @@ pub enum RolloutError {
     /// A threshold out of range.
     #[error("success threshold must be 1 to 100 and error threshold 0 to 100")]
     InvalidThreshold,
-    /// A zero per-device timeout.
-    #[error("the per-device timeout must be at least one second")]
+    /// A zero per-device timeout or window.
+    #[error("the per-device timeout and the window must be at least one second")]
     InvalidTimeout,
     /// The command does not fit the rollout's status.
     #[error("cannot {action} a rollout that is {from}")]
@@ -302,6 +462,15 @@ pub enum RolloutError {
     /// An outcome for a device whose wave has not started.
     #[error("device {0} belongs to a wave that has not started")]
     WaveNotStarted(DeviceId),
+    /// A device's report of an update it was never sent.
+    #[error("the update was not sent to device {0}")]
+    NotSent(DeviceId),
+    /// A timeout recorded before the device's time is up.
+    #[error("device {0} has not used up its time yet")]
+    NotTimedOut(DeviceId),
+    /// An outcome after the rollout was aborted for a device it never sent to.
+    #[error("device {0} was canceled")]
+    Canceled(DeviceId),
     /// The current wave is below the success threshold.
     #[error("wave {wave} has {succeeded_percent}% successes, the threshold is {threshold}%")]
     ThresholdNotReached {
@@ -338,6 +507,11 @@ fn wave_range(target_count: usize, waves: &[u8], wave: usize) -> std::ops::Range
     start..end_of(wave)
 }
 
+/// `part` of `whole` in whole percent, rounded down.
+fn percent(part: usize, whole: usize) -> u8 {
+    u8::try_from(part * 100 / whole.max(1)).unwrap_or(100)
+}
+
 impl Rollout {
     /// Folds one event into the state.
     pub fn evolve(&mut self, event: <Self as cqrs_es::Aggregate>::Event) {
@@ -350,26 +524,44 @@ impl Rollout {
                 waves,
                 success_threshold,
                 error_threshold,
+                on_error,
                 device_timeout_secs,
+                window_secs,
                 ..
             } => {
                 self.id = Some(rollout_id);
                 self.tenant = Some(tenant);
                 self.firmware_id = Some(firmware_id);
                 self.targets = targets;
+                self.tallies = vec![WaveTally::default(); waves.len()];
                 self.waves = waves;
                 self.success_threshold = success_threshold;
                 self.error_threshold = error_threshold;
+                self.on_error = on_error;
                 self.device_timeout_secs = device_timeout_secs;
+                self.window_secs = window_secs;
                 self.status = RolloutStatus::Created;
+                self.index = TargetIndex::default();
             }
             RolloutEvent::RolloutStarted { .. } | RolloutEvent::RolloutResumed { .. } => {
                 self.status = RolloutStatus::Running;
             }
-            RolloutEvent::WaveStarted { wave, .. } => self.current_wave = Some(wave),
+            RolloutEvent::WaveStarted { wave, at, .. } => {
+                self.current_wave = Some(wave);
+                self.wave_started_at.truncate(wave);
+                self.wave_started_at.push(at);
+            }
+            RolloutEvent::DevicesSent { devices, at } => {
+                self.sent.extend(devices.into_iter().map(|d| (d, at)));
+            }
             RolloutEvent::DeviceOutcomeRecorded {
                 device_id, outcome, ..
             } => {
+                if let Some(wave) = self.wave_of(&device_id) {
+                    if let Some(tally) = self.tallies.get_mut(wave) {
+                        tally.add(&outcome);
+                    }
+                }
                 self.outcomes.insert(device_id, outcome);
             }
             RolloutEvent::RolloutPaused { .. } => self.status = RolloutStatus::Paused,
@@ -385,29 +577,59 @@ impl Rollout {
 
     /// The index of the wave that holds `device`.
     pub fn wave_of(&self, device: &DeviceId) -> Option<usize> {
-        let index = self.targets.iter().position(|d| d == device)?;
+        let index = self.index.0.get_or_init(|| {
+            self.targets
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (d.clone(), i))
+                .collect()
+        });
+        let position = *index.get(device)?;
         (0..self.waves.len())
-            .find(|w| wave_range(self.targets.len(), &self.waves, *w).contains(&index))
+            .find(|w| wave_range(self.targets.len(), &self.waves, *w).contains(&position))
     }
 
-    /// Succeeded and failed (incl. timed-out) devices of a wave.
-    fn wave_tally(&self, wave: usize) -> (usize, usize) {
-        self.wave_devices(wave)
+    /// Whether `device`'s wave has started.
+    pub fn is_due(&self, device: &DeviceId) -> bool {
+        matches!((self.wave_of(device), self.current_wave), (Some(w), Some(c)) if w <= c)
+    }
+
+    /// The counts of wave `wave` and of the whole rollout under `tallies`.
+    pub fn counts(&self, wave: usize) -> Counts {
+        self.counts_with(&self.tallies, wave)
+    }
+
+    fn counts_with(&self, tallies: &[WaveTally], wave: usize) -> Counts {
+        let tally = tallies.get(wave).copied().unwrap_or_default();
+        let total = tallies
             .iter()
-            .filter_map(|d| self.outcomes.get(d))
-            .fold((0, 0), |(ok, failed), outcome| match outcome {
-                DeviceOutcome::Succeeded => (ok + 1, failed),
-                _ => (ok, failed + 1),
-            })
+            .fold(WaveTally::default(), |sum, t| WaveTally {
+                succeeded: sum.succeeded + t.succeeded,
+                failed: sum.failed + t.failed,
+                timed_out: sum.timed_out + t.timed_out,
+            });
+        Counts {
+            wave,
+            wave_size: self.wave_devices(wave).len(),
+            wave_succeeded: tally.succeeded,
+            wave_failed: tally.failed,
+            wave_timed_out: tally.timed_out,
+            targets: self.targets.len(),
+            sent: self.sent.len(),
+            succeeded: total.succeeded,
+            failed: total.failed,
+            timed_out: total.timed_out,
+            pending: self.targets.len() - total.finished(),
+        }
     }
 
     fn ensure_wave_succeeded(&self, wave: usize) -> Result<(), RolloutError> {
         let size = self.wave_devices(wave).len();
-        let (succeeded, _) = self.wave_tally(wave);
+        let succeeded = self.tallies[wave].succeeded;
         if succeeded * 100 < usize::from(self.success_threshold) * size {
             return Err(RolloutError::ThresholdNotReached {
                 wave,
-                succeeded_percent: u8::try_from(succeeded * 100 / size).unwrap_or(100),
+                succeeded_percent: percent(succeeded, size),
                 threshold: self.success_threshold,
             });
         }
@@ -421,6 +643,13 @@ impl Rollout {
         }
     }
 
+    /// Devices neither sent nor finished: the ones an abort cancels.
+    pub fn unsent(&self) -> impl Iterator<Item = &DeviceId> {
+        self.targets
+            .iter()
+            .filter(|d| !self.sent.contains_key(*d) && !self.outcomes.contains_key(*d))
+    }
+
     /// Decides which events a command produces, without changing the aggregate.
     pub fn decide(&self, command: RolloutCommand) -> Result<Vec<RolloutEvent>, RolloutError> {
         match command {
@@ -432,7 +661,9 @@ impl Rollout {
                 waves,
                 success_threshold,
                 error_threshold,
+                on_error,
                 device_timeout_secs,
+                window_secs,
                 at,
             } => {
                 if self.status != RolloutStatus::Unplanned {
@@ -442,7 +673,7 @@ impl Rollout {
                 if !(1..=100).contains(&success_threshold) || error_threshold > 100 {
                     return Err(RolloutError::InvalidThreshold);
                 }
-                if device_timeout_secs == 0 {
+                if device_timeout_secs == 0 || window_secs == 0 {
                     return Err(RolloutError::InvalidTimeout);
                 }
                 Ok(vec![RolloutEvent::RolloutCreated {
@@ -453,7 +684,9 @@ impl Rollout {
                     waves,
                     success_threshold,
                     error_threshold,
+                    on_error,
                     device_timeout_secs,
+                    window_secs,
                     at,
                 }])
             }
@@ -466,9 +699,31 @@ impl Rollout {
                     RolloutEvent::WaveStarted {
                         wave: 0,
                         devices: self.wave_devices(0).to_vec(),
+                        counts: None,
                         at,
                     },
                 ])
+            }
+            RolloutCommand::SendToDevices { devices, at } => {
+                if self.status != RolloutStatus::Running {
+                    return Err(self.transition("send updates in"));
+                }
+                let mut due = Vec::with_capacity(devices.len());
+                let mut seen = HashSet::with_capacity(devices.len());
+                for device in devices {
+                    if self.wave_of(&device).is_none() {
+                        return Err(RolloutError::UnknownDevice(device));
+                    }
+                    let fresh =
+                        !self.sent.contains_key(&device) && !self.outcomes.contains_key(&device);
+                    if fresh && self.is_due(&device) && seen.insert(device.clone()) {
+                        due.push(device);
+                    }
+                }
+                if due.is_empty() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![RolloutEvent::DevicesSent { devices: due, at }])
             }
             RolloutCommand::RecordDeviceOutcome {
                 device_id,
@@ -480,16 +735,11 @@ impl Rollout {
                     return Err(self.transition("advance"));
                 }
                 let current = self.current_wave.unwrap_or(0);
-                let next = current + 1;
-                if next >= self.waves.len() {
+                if current + 1 >= self.waves.len() {
                     return Err(RolloutError::NoMoreWaves);
                 }
                 self.ensure_wave_succeeded(current)?;
-                Ok(vec![RolloutEvent::WaveStarted {
-                    wave: next,
-                    devices: self.wave_devices(next).to_vec(),
-                    at,
-                }])
+                Ok(vec![self.next_wave(&self.tallies, current, at)])
             }
             RolloutCommand::Pause { reason, at } => {
                 validate_reason(&reason)?;
@@ -499,6 +749,7 @@ impl Rollout {
                 Ok(vec![RolloutEvent::RolloutPaused {
                     reason,
                     automatic: false,
+                    counts: Some(self.counts(self.current_wave.unwrap_or(0))),
                     at,
                 }])
             }
@@ -506,13 +757,15 @@ impl Rollout {
                 if self.status != RolloutStatus::Paused {
                     return Err(self.transition("resume"));
                 }
-                Ok(vec![RolloutEvent::RolloutResumed { at }])
+                let mut events = vec![RolloutEvent::RolloutResumed { at }];
+                events.extend(self.judge(&self.tallies, None, true, at));
+                Ok(events)
             }
             RolloutCommand::Abort { reason, at } => {
                 validate_reason(&reason)?;
                 match self.status {
                     RolloutStatus::Created | RolloutStatus::Running | RolloutStatus::Paused => {
-                        Ok(vec![RolloutEvent::RolloutAborted { reason, at }])
+                        Ok(vec![self.aborted(&self.tallies, reason, false, at)])
                     }
                     _ => Err(self.transition("abort")),
                 }
@@ -522,26 +775,11 @@ impl Rollout {
                     return Err(self.transition("complete"));
                 }
                 let last = self.waves.len() - 1;
-                if self.current_wave != Some(last) {
-                    return Err(RolloutError::OutcomesPending(
-                        self.targets.len() - self.outcomes.len(),
-                    ));
-                }
-                let pending = self.targets.len() - self.outcomes.len();
-                if pending > 0 {
+                let pending = self.counts(last).pending;
+                if self.current_wave != Some(last) || pending > 0 {
                     return Err(RolloutError::OutcomesPending(pending));
                 }
-                self.ensure_wave_succeeded(last)?;
-                let succeeded = self
-                    .outcomes
-                    .values()
-                    .filter(|o| **o == DeviceOutcome::Succeeded)
-                    .count();
-                Ok(vec![RolloutEvent::RolloutCompleted {
-                    succeeded,
-                    failed: self.outcomes.len() - succeeded,
-                    at,
-                }])
+                Ok(vec![self.completed(&self.tallies, at)])
             }
         }
     }
@@ -552,7 +790,10 @@ impl Rollout {
         outcome: DeviceOutcome,
         at: DateTime<Utc>,
     ) -> Result<Vec<RolloutEvent>, RolloutError> {
-        if !matches!(self.status, RolloutStatus::Running | RolloutStatus::Paused) {
+        if !matches!(
+            self.status,
+            RolloutStatus::Running | RolloutStatus::Paused | RolloutStatus::Aborted
+        ) {
             return Err(self.transition("record an outcome in"));
         }
         let wave = self
@@ -565,30 +806,138 @@ impl Rollout {
             // A device's outcome is final; a repeated report changes nothing.
             return Ok(vec![]);
         }
+        let sent_at = self.sent.get(&device_id).copied();
+        if self.status == RolloutStatus::Aborted && sent_at.is_none() {
+            return Err(RolloutError::Canceled(device_id));
+        }
+        match (&outcome, sent_at) {
+            (DeviceOutcome::TimedOut, Some(sent_at)) => {
+                if at < sent_at + seconds(self.device_timeout_secs) {
+                    return Err(RolloutError::NotTimedOut(device_id));
+                }
+            }
+            // Never sent: the device stayed out of reach for the whole window.
+            (DeviceOutcome::TimedOut, None) => {
+                let started = self.wave_started_at.get(wave).copied();
+                if started.is_none_or(|started| at < started + seconds(self.window_secs)) {
+                    return Err(RolloutError::NotTimedOut(device_id));
+                }
+            }
+            (_, None) => return Err(RolloutError::NotSent(device_id)),
+            (_, Some(_)) => {}
+        }
+        let mut tallies = self.tallies.clone();
+        tallies[wave].add(&outcome);
+        let failed_wave = (outcome != DeviceOutcome::Succeeded).then_some(wave);
         let mut events = vec![RolloutEvent::DeviceOutcomeRecorded {
             device_id,
-            outcome: outcome.clone(),
+            outcome,
             at,
         }];
-        if self.status == RolloutStatus::Running && outcome != DeviceOutcome::Succeeded {
-            let (_, failed) = self.wave_tally(wave);
-            let size = self.wave_devices(wave).len();
-            if (failed + 1) * 100 > usize::from(self.error_threshold) * size {
-                events.push(RolloutEvent::RolloutPaused {
-                    reason: format!(
-                        "error threshold exceeded: {} of {} devices in wave {} failed (threshold {}%)",
-                        failed + 1,
-                        size,
-                        wave,
-                        self.error_threshold
-                    ),
-                    automatic: true,
-                    at,
-                });
-            }
+        if self.status == RolloutStatus::Running {
+            events.extend(self.judge(&tallies, failed_wave, false, at));
         }
         Ok(events)
     }
+
+    /// The decision a running rollout takes with `tallies`, if any: pause or abort when the
+    /// wave of a new failure (`failed_wave`) exceeds the error threshold; start the next wave
+    /// when the current one reached the success threshold (or finished, when an operator
+    /// resumed: `accept_finished`); pause when the current wave finished below it; complete
+    /// when every device has its outcome.
+    fn judge(
+        &self,
+        tallies: &[WaveTally],
+        failed_wave: Option<usize>,
+        accept_finished: bool,
+        at: DateTime<Utc>,
+    ) -> Option<RolloutEvent> {
+        if let Some(wave) = failed_wave {
+            let size = self.wave_devices(wave).len();
+            let failures = tallies[wave].failures();
+            if failures * 100 > usize::from(self.error_threshold) * size {
+                let reason = format!(
+                    "error threshold exceeded: {failures} of {size} devices in wave {wave} failed or timed out (threshold {}%)",
+                    self.error_threshold
+                );
+                return Some(match self.on_error {
+                    ErrorAction::Pause => RolloutEvent::RolloutPaused {
+                        reason,
+                        automatic: true,
+                        counts: Some(self.counts_with(tallies, wave)),
+                        at,
+                    },
+                    ErrorAction::Abort => self.aborted(tallies, reason, true, at),
+                });
+            }
+        }
+        let current = self.current_wave?;
+        let last = self.waves.len() - 1;
+        let size = self.wave_devices(current).len();
+        let tally = tallies[current];
+        let reached = tally.succeeded * 100 >= usize::from(self.success_threshold) * size;
+        let finished = tally.finished() == size;
+        if current < last {
+            if reached || (finished && accept_finished) {
+                return Some(self.next_wave(tallies, current, at));
+            }
+            if finished {
+                return Some(RolloutEvent::RolloutPaused {
+                    reason: format!(
+                        "wave {current} finished with {}% successes, below the {}% threshold",
+                        percent(tally.succeeded, size),
+                        self.success_threshold
+                    ),
+                    automatic: true,
+                    counts: Some(self.counts_with(tallies, current)),
+                    at,
+                });
+            }
+            return None;
+        }
+        let all_finished =
+            tallies.iter().map(WaveTally::finished).sum::<usize>() == self.targets.len();
+        all_finished.then(|| self.completed(tallies, at))
+    }
+
+    fn next_wave(&self, tallies: &[WaveTally], current: usize, at: DateTime<Utc>) -> RolloutEvent {
+        RolloutEvent::WaveStarted {
+            wave: current + 1,
+            devices: self.wave_devices(current + 1).to_vec(),
+            counts: Some(self.counts_with(tallies, current)),
+            at,
+        }
+    }
+
+    fn aborted(
+        &self,
+        tallies: &[WaveTally],
+        reason: String,
+        automatic: bool,
+        at: DateTime<Utc>,
+    ) -> RolloutEvent {
+        RolloutEvent::RolloutAborted {
+            reason,
+            automatic,
+            canceled: self.unsent().count(),
+            counts: Some(self.counts_with(tallies, self.current_wave.unwrap_or(0))),
+            at,
+        }
+    }
+
+    fn completed(&self, tallies: &[WaveTally], at: DateTime<Utc>) -> RolloutEvent {
+        let counts = self.counts_with(tallies, self.waves.len() - 1);
+        RolloutEvent::RolloutCompleted {
+            succeeded: counts.succeeded,
+            failed: counts.failed + counts.timed_out,
+            counts: Some(counts),
+            at,
+        }
+    }
+}
+
+fn seconds(secs: u64) -> TimeDelta {
+    TimeDelta::seconds(i64::try_from(secs).unwrap_or(i64::MAX / 1000))
 }
 
 fn validate_plan(targets: &[DeviceId], waves: &[u8]) -> Result<(), RolloutError> {
@@ -628,10 +977,12 @@ mod tests {
 
     type Given = TestFramework<Rollout>;
 
-    fn at() -> DateTime<Utc> {
+    /// `n` seconds after the start of 2026.
+    fn at(n: i64) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
             .unwrap()
-            .into()
+            .to_utc()
+            + TimeDelta::seconds(n)
     }
 
     fn device(n: usize) -> DeviceId {
@@ -651,13 +1002,15 @@ mod tests {
             waves,
             success_threshold: 50,
             error_threshold: 50,
+            on_error: ErrorAction::Pause,
             device_timeout_secs: 600,
-            at: at(),
+            window_secs: 3600,
+            at: at(0),
         }
     }
 
-    /// Ten devices in waves of 2, 3 and 5.
-    fn created() -> RolloutEvent {
+    /// Ten devices in waves of 2, 3 and 5; success and error thresholds 50%.
+    fn created_with(on_error: ErrorAction) -> RolloutEvent {
         RolloutEvent::RolloutCreated {
             rollout_id: RolloutId::parse("r1").unwrap(),
             tenant: TenantId::parse("acme").unwrap(),
@@ -666,28 +1019,47 @@ mod tests {
             waves: vec![20, 50, 100],
             success_threshold: 50,
             error_threshold: 50,
+            on_error,
             device_timeout_secs: 600,
-            at: at(),
+            window_secs: 3600,
+            at: at(0),
         }
+    }
+
+    fn created() -> RolloutEvent {
+        created_with(ErrorAction::Pause)
     }
 
     fn started() -> Vec<RolloutEvent> {
         vec![
             created(),
-            RolloutEvent::RolloutStarted { at: at() },
+            RolloutEvent::RolloutStarted { at: at(1) },
             RolloutEvent::WaveStarted {
                 wave: 0,
                 devices: devices(0..2),
-                at: at(),
+                counts: None,
+                at: at(1),
             },
         ]
+    }
+
+    fn sent(range: std::ops::Range<usize>) -> RolloutEvent {
+        RolloutEvent::DevicesSent {
+            devices: devices(range),
+            at: at(2),
+        }
+    }
+
+    /// Wave 0 running, both its devices sent.
+    fn wave_0_sent() -> Vec<RolloutEvent> {
+        with(started(), vec![sent(0..2)])
     }
 
     fn outcome(n: usize, outcome: DeviceOutcome) -> RolloutEvent {
         RolloutEvent::DeviceOutcomeRecorded {
             device_id: device(n),
             outcome,
-            at: at(),
+            at: at(10),
         }
     }
 
@@ -695,13 +1067,27 @@ mod tests {
         RolloutCommand::RecordDeviceOutcome {
             device_id: device(n),
             outcome,
-            at: at(),
+            at: at(10),
+        }
+    }
+
+    fn failed() -> DeviceOutcome {
+        DeviceOutcome::Failed {
+            error: "flash write".into(),
         }
     }
 
     fn with(mut events: Vec<RolloutEvent>, more: Vec<RolloutEvent>) -> Vec<RolloutEvent> {
         events.extend(more);
         events
+    }
+
+    fn state(events: Vec<RolloutEvent>) -> Rollout {
+        let mut rollout = Rollout::default();
+        for event in events {
+            rollout.evolve(event);
+        }
+        rollout
     }
 
     #[test]
@@ -750,6 +1136,14 @@ mod tests {
             .given_no_previous_events()
             .when(bad_threshold)
             .then_expect_error(RolloutError::InvalidThreshold);
+        let mut no_window = create(devices(0..2), vec![100]);
+        if let RolloutCommand::Create { window_secs, .. } = &mut no_window {
+            *window_secs = 0;
+        }
+        Given::with(())
+            .given_no_previous_events()
+            .when(no_window)
+            .then_expect_error(RolloutError::InvalidTimeout);
         Given::with(())
             .given(vec![created()])
             .when(create(devices(0..10), vec![100]))
@@ -760,11 +1154,11 @@ mod tests {
     fn start_launches_the_first_wave() {
         Given::with(())
             .given(vec![created()])
-            .when(RolloutCommand::Start { at: at() })
+            .when(RolloutCommand::Start { at: at(1) })
             .then_expect_events(started()[1..].to_vec());
         Given::with(())
             .given(started())
-            .when(RolloutCommand::Start { at: at() })
+            .when(RolloutCommand::Start { at: at(1) })
             .then_expect_error(RolloutError::InvalidTransition {
                 from: RolloutStatus::Running,
                 action: "start",
@@ -772,13 +1166,73 @@ mod tests {
     }
 
     #[test]
-    fn records_outcomes_of_started_waves_once() {
+    fn sends_each_due_device_once() {
+        // d5 belongs to wave 2, which has not started; d1 is named twice.
+        Given::with(())
+            .given(started())
+            .when(RolloutCommand::SendToDevices {
+                devices: vec![device(0), device(1), device(5), device(1)],
+                at: at(2),
+            })
+            .then_expect_events(vec![sent(0..2)]);
+        Given::with(())
+            .given(wave_0_sent())
+            .when(RolloutCommand::SendToDevices {
+                devices: devices(0..2),
+                at: at(3),
+            })
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given(started())
+            .when(RolloutCommand::SendToDevices {
+                devices: vec![device(99)],
+                at: at(2),
+            })
+            .then_expect_error(RolloutError::UnknownDevice(device(99)));
+        let paused = RolloutEvent::RolloutPaused {
+            reason: "weekend".into(),
+            automatic: false,
+            counts: None,
+            at: at(2),
+        };
+        Given::with(())
+            .given(with(started(), vec![paused]))
+            .when(RolloutCommand::SendToDevices {
+                devices: devices(0..2),
+                at: at(3),
+            })
+            .then_expect_error(RolloutError::InvalidTransition {
+                from: RolloutStatus::Paused,
+                action: "send updates in",
+            });
+    }
+
+    #[test]
+    fn records_outcomes_of_sent_devices_once() {
         Given::with(())
             .given(started())
             .when(record(0, DeviceOutcome::Succeeded))
-            .then_expect_events(vec![outcome(0, DeviceOutcome::Succeeded)]);
+            .then_expect_error(RolloutError::NotSent(device(0)));
+        // d0 alone is 50% of wave 0: the success threshold is reached, wave 1 starts.
+        let mut after_d0 = state(wave_0_sent());
+        after_d0.evolve(outcome(0, DeviceOutcome::Succeeded));
         Given::with(())
-            .given(with(started(), vec![outcome(0, DeviceOutcome::Succeeded)]))
+            .given(wave_0_sent())
+            .when(record(0, DeviceOutcome::Succeeded))
+            .then_expect_events(vec![
+                outcome(0, DeviceOutcome::Succeeded),
+                RolloutEvent::WaveStarted {
+                    wave: 1,
+                    devices: devices(2..5),
+                    counts: Some(after_d0.counts(0)),
+                    at: at(10),
+                },
+            ]);
+        Given::with(())
+            .given(with(
+                wave_0_sent(),
+                vec![outcome(0, DeviceOutcome::Succeeded)],
+            ))
             .when(record(0, DeviceOutcome::Succeeded))
             .then_expect_events(vec![]);
         Given::with(())
@@ -792,49 +1246,164 @@ mod tests {
     }
 
     #[test]
-    fn too_many_failures_pause_the_rollout() {
-        // Wave 0 holds two devices; the error threshold is 50%: one failure is tolerated,
-        // the second exceeds it.
-        let failed = || DeviceOutcome::Failed {
-            error: "flash write".into(),
+    fn counts_say_what_justified_an_advance() {
+        let mut rollout = state(wave_0_sent());
+        rollout.evolve(outcome(0, DeviceOutcome::Succeeded));
+        assert_eq!(
+            rollout.counts(0),
+            Counts {
+                wave: 0,
+                wave_size: 2,
+                wave_succeeded: 1,
+                wave_failed: 0,
+                wave_timed_out: 0,
+                targets: 10,
+                sent: 2,
+                succeeded: 1,
+                failed: 0,
+                timed_out: 0,
+                pending: 9,
+            }
+        );
+    }
+
+    #[test]
+    fn timeouts_wait_for_their_time() {
+        // Sent at 2 s with a 600 s timeout.
+        let timed_out_at = |n: usize, secs: i64| RolloutCommand::RecordDeviceOutcome {
+            device_id: device(n),
+            outcome: DeviceOutcome::TimedOut,
+            at: at(secs),
         };
         Given::with(())
+            .given(wave_0_sent())
+            .when(timed_out_at(0, 601))
+            .then_expect_error(RolloutError::NotTimedOut(device(0)));
+        Given::with(())
+            .given(wave_0_sent())
+            .when(timed_out_at(0, 602))
+            .then_expect_events(vec![RolloutEvent::DeviceOutcomeRecorded {
+                device_id: device(0),
+                outcome: DeviceOutcome::TimedOut,
+                at: at(602),
+            }]);
+        // Never sent (offline): the window of 3600 s from the wave's start at 1 s.
+        Given::with(())
             .given(started())
+            .when(timed_out_at(1, 3600))
+            .then_expect_error(RolloutError::NotTimedOut(device(1)));
+        Given::with(())
+            .given(started())
+            .when(timed_out_at(1, 3601))
+            .then_expect_events(vec![RolloutEvent::DeviceOutcomeRecorded {
+                device_id: device(1),
+                outcome: DeviceOutcome::TimedOut,
+                at: at(3601),
+            }]);
+    }
+
+    #[test]
+    fn too_many_failures_pause_or_abort_as_configured() {
+        // Wave 0 holds two devices; the error threshold is 50%: one failure is tolerated,
+        // the second exceeds it.
+        Given::with(())
+            .given(wave_0_sent())
             .when(record(0, failed()))
             .then_expect_events(vec![outcome(0, failed())]);
+        let mut both_failed = state(wave_0_sent());
+        both_failed.evolve(outcome(0, failed()));
+        both_failed.evolve(outcome(1, failed()));
+        let reason =
+            "error threshold exceeded: 2 of 2 devices in wave 0 failed or timed out (threshold 50%)";
         Given::with(())
-            .given(with(started(), vec![outcome(0, failed())]))
-            .when(record(1, DeviceOutcome::TimedOut))
+            .given(with(wave_0_sent(), vec![outcome(0, failed())]))
+            .when(record(1, failed()))
             .then_expect_events(vec![
-                outcome(1, DeviceOutcome::TimedOut),
+                outcome(1, failed()),
                 RolloutEvent::RolloutPaused {
-                    reason:
-                        "error threshold exceeded: 2 of 2 devices in wave 0 failed (threshold 50%)"
-                            .into(),
+                    reason: reason.into(),
                     automatic: true,
-                    at: at(),
+                    counts: Some(both_failed.counts(0)),
+                    at: at(10),
+                },
+            ]);
+        let aborting = vec![
+            created_with(ErrorAction::Abort),
+            started()[1].clone(),
+            started()[2].clone(),
+            sent(0..2),
+            outcome(0, failed()),
+        ];
+        Given::with(())
+            .given(aborting)
+            .when(record(1, failed()))
+            .then_expect_events(vec![
+                outcome(1, failed()),
+                RolloutEvent::RolloutAborted {
+                    reason: reason.into(),
+                    automatic: true,
+                    canceled: 8,
+                    counts: Some(both_failed.counts(0)),
+                    at: at(10),
                 },
             ]);
     }
 
     #[test]
-    fn advances_only_past_the_success_threshold() {
+    fn a_wave_finished_below_the_threshold_pauses_until_resumed() {
+        // Success threshold 50% but error threshold 100%: two failures in wave 0 finish it
+        // below the threshold without tripping the error action.
+        let mut lenient = created();
+        if let RolloutEvent::RolloutCreated {
+            error_threshold, ..
+        } = &mut lenient
+        {
+            *error_threshold = 100;
+        }
+        let given = vec![
+            lenient,
+            started()[1].clone(),
+            started()[2].clone(),
+            sent(0..2),
+            outcome(0, failed()),
+        ];
+        let mut finished = state(given.clone());
+        finished.evolve(outcome(1, failed()));
+        let paused = RolloutEvent::RolloutPaused {
+            reason: "wave 0 finished with 0% successes, below the 50% threshold".into(),
+            automatic: true,
+            counts: Some(finished.counts(0)),
+            at: at(10),
+        };
+        Given::with(())
+            .given(given.clone())
+            .when(record(1, failed()))
+            .then_expect_events(vec![outcome(1, failed()), paused.clone()]);
+        // Resuming accepts the finished wave: the next one starts.
+        Given::with(())
+            .given(with(given, vec![outcome(1, failed()), paused]))
+            .when(RolloutCommand::Resume { at: at(20) })
+            .then_expect_events(vec![
+                RolloutEvent::RolloutResumed { at: at(20) },
+                RolloutEvent::WaveStarted {
+                    wave: 1,
+                    devices: devices(2..5),
+                    counts: Some(finished.counts(0)),
+                    at: at(20),
+                },
+            ]);
+    }
+
+    #[test]
+    fn advances_by_hand_only_past_the_success_threshold() {
         Given::with(())
             .given(started())
-            .when(RolloutCommand::AdvanceWave { at: at() })
+            .when(RolloutCommand::AdvanceWave { at: at(5) })
             .then_expect_error(RolloutError::ThresholdNotReached {
                 wave: 0,
                 succeeded_percent: 0,
                 threshold: 50,
             });
-        Given::with(())
-            .given(with(started(), vec![outcome(0, DeviceOutcome::Succeeded)]))
-            .when(RolloutCommand::AdvanceWave { at: at() })
-            .then_expect_events(vec![RolloutEvent::WaveStarted {
-                wave: 1,
-                devices: devices(2..5),
-                at: at(),
-            }]);
     }
 
     #[test]
@@ -842,55 +1411,73 @@ mod tests {
         let paused = RolloutEvent::RolloutPaused {
             reason: "weekend".into(),
             automatic: false,
-            at: at(),
+            counts: Some(state(wave_0_sent()).counts(0)),
+            at: at(5),
         };
         Given::with(())
-            .given(started())
+            .given(wave_0_sent())
             .when(RolloutCommand::Pause {
                 reason: "weekend".into(),
-                at: at(),
+                at: at(5),
             })
             .then_expect_events(vec![paused.clone()]);
         Given::with(())
-            .given(with(started(), vec![paused.clone()]))
-            .when(RolloutCommand::AdvanceWave { at: at() })
+            .given(with(wave_0_sent(), vec![paused.clone()]))
+            .when(RolloutCommand::AdvanceWave { at: at(6) })
             .then_expect_error(RolloutError::InvalidTransition {
                 from: RolloutStatus::Paused,
                 action: "advance",
             });
         Given::with(())
-            .given(with(started(), vec![paused.clone()]))
-            .when(RolloutCommand::Resume { at: at() })
-            .then_expect_events(vec![RolloutEvent::RolloutResumed { at: at() }]);
+            .given(with(wave_0_sent(), vec![paused.clone()]))
+            .when(RolloutCommand::Resume { at: at(6) })
+            .then_expect_events(vec![RolloutEvent::RolloutResumed { at: at(6) }]);
         Given::with(())
-            .given(started())
-            .when(RolloutCommand::Resume { at: at() })
+            .given(wave_0_sent())
+            .when(RolloutCommand::Resume { at: at(6) })
             .then_expect_error(RolloutError::InvalidTransition {
                 from: RolloutStatus::Running,
                 action: "resume",
             });
+        // An outcome while paused is recorded; nothing is decided until the rollout resumes.
+        Given::with(())
+            .given(with(wave_0_sent(), vec![paused.clone()]))
+            .when(record(0, DeviceOutcome::Succeeded))
+            .then_expect_events(vec![outcome(0, DeviceOutcome::Succeeded)]);
         let aborted = RolloutEvent::RolloutAborted {
             reason: "bad build".into(),
-            at: at(),
+            automatic: false,
+            canceled: 8,
+            counts: Some(state(wave_0_sent()).counts(0)),
+            at: at(7),
         };
         Given::with(())
-            .given(with(started(), vec![paused]))
+            .given(with(wave_0_sent(), vec![paused]))
             .when(RolloutCommand::Abort {
                 reason: "bad build".into(),
-                at: at(),
+                at: at(7),
             })
             .then_expect_events(vec![aborted.clone()]);
         Given::with(())
-            .given(with(started(), vec![aborted]))
-            .when(RolloutCommand::Resume { at: at() })
+            .given(with(wave_0_sent(), vec![aborted.clone()]))
+            .when(RolloutCommand::Resume { at: at(8) })
             .then_expect_error(RolloutError::InvalidTransition {
                 from: RolloutStatus::Aborted,
                 action: "resume",
             });
+        // After an abort, devices already sent still report; canceled ones cannot.
+        Given::with(())
+            .given(with(wave_0_sent(), vec![aborted.clone()]))
+            .when(record(0, failed()))
+            .then_expect_events(vec![outcome(0, failed())]);
+        Given::with(())
+            .given(with(started(), vec![aborted]))
+            .when(record(1, DeviceOutcome::TimedOut))
+            .then_expect_error(RolloutError::Canceled(device(1)));
     }
 
     #[test]
-    fn completes_when_the_last_wave_is_done() {
+    fn completes_when_every_device_has_its_outcome() {
         let one_wave = RolloutEvent::RolloutCreated {
             rollout_id: RolloutId::parse("r1").unwrap(),
             tenant: TenantId::parse("acme").unwrap(),
@@ -899,44 +1486,60 @@ mod tests {
             waves: vec![100],
             success_threshold: 50,
             error_threshold: 100,
-            device_timeout_secs: 600,
-            at: at(),
+            on_error: ErrorAction::Pause,
+            device_timeout_secs: 5,
+            window_secs: 3600,
+            at: at(0),
         };
         let running = vec![
             one_wave,
-            RolloutEvent::RolloutStarted { at: at() },
+            RolloutEvent::RolloutStarted { at: at(1) },
             RolloutEvent::WaveStarted {
                 wave: 0,
                 devices: devices(0..2),
-                at: at(),
+                counts: None,
+                at: at(1),
             },
+            sent(0..2),
             outcome(0, DeviceOutcome::Succeeded),
         ];
         Given::with(())
             .given(running.clone())
-            .when(RolloutCommand::Complete { at: at() })
+            .when(RolloutCommand::Complete { at: at(11) })
             .then_expect_error(RolloutError::OutcomesPending(1));
+        let mut done = state(running.clone());
+        done.evolve(outcome(1, DeviceOutcome::TimedOut));
         Given::with(())
-            .given(with(running, vec![outcome(1, DeviceOutcome::TimedOut)]))
-            .when(RolloutCommand::Complete { at: at() })
-            .then_expect_events(vec![RolloutEvent::RolloutCompleted {
-                succeeded: 1,
-                failed: 1,
-                at: at(),
-            }]);
-        Given::with(())
-            .given(started())
-            .when(RolloutCommand::Complete { at: at() })
-            .then_expect_error(RolloutError::OutcomesPending(10));
+            .given(running)
+            .when(record(1, DeviceOutcome::TimedOut))
+            .then_expect_events(vec![
+                outcome(1, DeviceOutcome::TimedOut),
+                RolloutEvent::RolloutCompleted {
+                    succeeded: 1,
+                    failed: 1,
+                    counts: Some(done.counts(0)),
+                    at: at(10),
+                },
+            ]);
     }
 
     #[test]
     fn waves_split_targets_by_cumulative_percent() {
-        let mut rollout = Rollout::default();
-        rollout.evolve(created());
+        let rollout = state(vec![created()]);
         assert_eq!(rollout.wave_devices(0), devices(0..2).as_slice());
         assert_eq!(rollout.wave_devices(1), devices(2..5).as_slice());
         assert_eq!(rollout.wave_devices(2), devices(5..10).as_slice());
         assert_eq!(rollout.wave_of(&device(4)), Some(1));
+        assert_eq!(rollout.wave_of(&device(10)), None);
+    }
+
+    #[test]
+    fn a_snapshot_finds_waves_again() {
+        let rollout = state(wave_0_sent());
+        let restored: Rollout =
+            serde_json::from_str(&serde_json::to_string(&rollout).unwrap()).unwrap();
+        assert_eq!(restored, rollout);
+        assert_eq!(restored.wave_of(&device(7)), Some(2));
+        assert!(restored.is_due(&device(1)) && !restored.is_due(&device(2)));
     }
 }

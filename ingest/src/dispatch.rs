@@ -6,7 +6,10 @@
 //! - `DesiredPropertiesSet` → `{root}/{id}/desired`, retained: `{"version", "desired"}`, the
 //!   device's whole desired document, so a device that connects later gets the latest;
 //! - `FirmwareUpdateRequested` → `{root}/{id}/ota`: `{"rollout_id", "firmware_id", "version",
-//!   "sha256", "size_bytes", "download_path"}`;
+//!   "sha256", "size_bytes", "signature", "signature_algorithm", "key_id", "download_path",
+//!   "download_url"}`: the device downloads the image (device token, HTTP Range to resume),
+//!   checks its SHA-256 and the platform's ed25519 signature of that digest (public key at
+//!   `/api/v1/firmware/signing-key`, by key id) before installing;
 //! - `DeviceDecommissioned` clears the retained desired document.
 //!
 //! Delivery is at least once, made effectively once by ids: the durable JetStream consumer's
@@ -28,7 +31,7 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::Context;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
-use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent};
+use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent, FirmwareImage};
 use fleetlog_domain::CommandId;
 use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
@@ -64,6 +67,9 @@ pub struct DispatchSettings {
     pub publish_timeout: Duration,
     /// How often commands past their expiry are looked for.
     pub expiry_interval: Duration,
+    /// The API's address as devices reach it (e.g. `https://fleet.example.com`); OTA messages
+    /// then carry a full `download_url` beside the path.
+    pub public_url: Option<String>,
 }
 
 impl DispatchSettings {
@@ -75,6 +81,7 @@ impl DispatchSettings {
             topic_root: "devices".into(),
             publish_timeout: Duration::from_secs(20),
             expiry_interval: Duration::from_secs(5),
+            public_url: None,
         }
     }
 }
@@ -278,22 +285,46 @@ impl Dispatcher {
                 rollout_id,
                 firmware_id,
                 version,
+                image,
                 at,
             } => {
-                let firmware = self
-                    .bus
-                    .firmware()
-                    .current(&firmware_id.to_string())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .aggregate;
+                // Requests recorded before images carried their digest in the event: ask the
+                // Firmware aggregate.
+                let image = match image {
+                    Some(image) => image,
+                    None => {
+                        let firmware = self
+                            .bus
+                            .firmware()
+                            .current(&firmware_id.to_string())
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .aggregate;
+                        FirmwareImage {
+                            sha256: firmware.sha256,
+                            size_bytes: firmware.size_bytes,
+                            signature: firmware.signature,
+                        }
+                    }
+                };
+                let download_path = format!("/api/v1/firmware/{firmware_id}/download");
+                let download_url = self
+                    .settings
+                    .public_url
+                    .as_ref()
+                    .map(|base| format!("{}{download_path}", base.trim_end_matches('/')));
+                let signature = image.signature.as_ref();
                 let body = json!({
                     "rollout_id": rollout_id,
                     "firmware_id": firmware_id,
                     "version": version,
-                    "sha256": firmware.sha256,
-                    "size_bytes": firmware.size_bytes,
-                    "download_path": format!("/api/v1/firmware/{firmware_id}/download"),
+                    "sha256": image.sha256,
+                    "size_bytes": image.size_bytes,
+                    "signature": signature.map(|s| &s.signature),
+                    "signature_algorithm": signature.map(|s| &s.algorithm),
+                    "key_id": signature.map(|s| &s.key_id),
+                    "download_path": download_path,
+                    "download_url": download_url,
                     "requested_at": at,
                 });
                 publisher

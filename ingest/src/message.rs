@@ -136,6 +136,8 @@ pub enum DeviceMessage {
     Heartbeat {
         /// The device's own timestamp.
         device_time: Option<DateTime<Utc>>,
+        /// The firmware version it says it runs (`firmware_version`).
+        firmware_version: Option<String>,
     },
     /// The result of a command.
     CommandReply {
@@ -398,7 +400,10 @@ fn parse_time(value: &Value) -> Result<DateTime<Utc>, String> {
 
 fn parse_heartbeat(payload: &[u8]) -> Result<DeviceMessage, Rejection> {
     if payload.iter().all(u8::is_ascii_whitespace) {
-        return Ok(DeviceMessage::Heartbeat { device_time: None });
+        return Ok(DeviceMessage::Heartbeat {
+            device_time: None,
+            firmware_version: None,
+        });
     }
     let object = parse_object(payload)?;
     let device_time = match object.get("timestamp") {
@@ -407,7 +412,21 @@ fn parse_heartbeat(payload: &[u8]) -> Result<DeviceMessage, Rejection> {
             parse_time(time).map_err(|reason| Rejection::Invalid(format!("timestamp {reason}")))?,
         ),
     };
-    Ok(DeviceMessage::Heartbeat { device_time })
+    let firmware_version = match object.get("firmware_version") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(version)) if !version.trim().is_empty() && version.len() <= 64 => {
+            Some(version.clone())
+        }
+        Some(_) => {
+            return Err(Rejection::Invalid(
+                "firmware_version must be a non-empty string of at most 64 bytes".into(),
+            ))
+        }
+    };
+    Ok(DeviceMessage::Heartbeat {
+        device_time,
+        firmware_version,
+    })
 }
 
 /// `{"status": "succeeded"|"failed", "result": any}`; `{"success": bool}` is read too, and an
@@ -617,8 +636,12 @@ impl DeviceMessage {
                 received_at,
                 delivery: Some(identity.into()),
             },
-            DeviceMessage::Heartbeat { device_time } => DeviceCommand::Heartbeat {
+            DeviceMessage::Heartbeat {
                 device_time,
+                firmware_version,
+            } => DeviceCommand::Heartbeat {
+                device_time,
+                firmware_version,
                 received_at,
                 delivery: Some(identity.into()),
             },

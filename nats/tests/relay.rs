@@ -95,6 +95,7 @@ async fn register(bus: &CommandBus, id: &str) {
 
 async fn heartbeat(bus: &CommandBus, id: &str) {
     let command = DeviceCommand::Heartbeat {
+        firmware_version: None,
         delivery: None,
         device_time: None,
         received_at: Utc::now(),

@@ -349,6 +349,7 @@ async fn apply(
             firmware_id,
             version,
             at,
+            ..
         } => {
             let update_state = json!({
                 "rollout_id": rollout_id,
@@ -394,10 +395,20 @@ async fn apply(
             .execute(connection)
             .await?;
         }
-        DeviceEvent::FirmwareUpdateFailed { at, .. } => {
+        DeviceEvent::FirmwareUpdateFailed { at, .. }
+        | DeviceEvent::FirmwareUpdateAbandoned { at, .. } => {
             sqlx::query(&update("firmware_update = NULL, updated_at = $3"))
                 .bind(id)
                 .bind(sequence)
+                .bind(at)
+                .execute(connection)
+                .await?;
+        }
+        DeviceEvent::FirmwareVersionReported { version, at } => {
+            sqlx::query(&update("firmware_version = $3, updated_at = $4"))
+                .bind(id)
+                .bind(sequence)
+                .bind(version)
                 .bind(at)
                 .execute(connection)
                 .await?;

@@ -14,13 +14,14 @@
 //! ([`TelemetryProjection`]), `firmware` ([`FirmwareProjection`]), `rollouts` and
 //! `rollout_devices` ([`RolloutsProjection`]), `users` ([`UsersProjection`]).
 //!
-//! Process managers react to the read models with commands: [`liveness`] marks silent devices
-//! offline.
+//! Process managers turn events and read models into commands: [`liveness`] marks silent devices
+//! offline; [`rollout_manager`] carries firmware rollouts out, wave by wave.
 
 pub mod devices;
 pub mod firmware;
 pub mod liveness;
 pub mod replay;
+pub mod rollout_manager;
 pub mod rollouts;
 pub mod telemetry;
 pub mod users;

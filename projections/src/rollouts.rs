@@ -1,9 +1,10 @@
 //! The `rollouts` read model with `rollout_devices`: each rollout's progress and how the update
 //! went on each of its target devices.
 
-use fleetlog_domain::rollout::{DeviceOutcome, Rollout, RolloutEvent};
+use fleetlog_domain::rollout::{DeviceOutcome, ErrorAction, Rollout, RolloutEvent};
 use fleetlog_nats::EventEnvelope;
 use serde::Deserialize;
+use serde_json::json;
 use sqlx::PgConnection;
 
 use crate::worker::{Projection, ProjectionError};
@@ -33,15 +34,17 @@ impl Projection for RolloutsProjection {
                 ref waves,
                 success_threshold,
                 error_threshold,
+                on_error,
                 device_timeout_secs,
+                window_secs,
                 at,
                 ..
             } => {
                 sqlx::query(
                     "INSERT INTO rollouts (rollout_id, tenant, firmware_id, status, waves,
                        success_threshold, error_threshold, device_timeout_secs, target_count,
-                       created_at, updated_at, last_sequence)
-                     VALUES ($1, $3, $4, 'created', $5, $6, $7, $8, $9, $10, $10, $2)",
+                       created_at, updated_at, last_sequence, on_error, window_secs)
+                     VALUES ($1, $3, $4, 'created', $5, $6, $7, $8, $9, $10, $10, $2, $11, $12)",
                 )
                 .bind(id)
                 .bind(sequence)
@@ -53,6 +56,8 @@ impl Projection for RolloutsProjection {
                 .bind(device_timeout_secs as i64)
                 .bind(targets.len() as i32)
                 .bind(at)
+                .bind(on_error_name(on_error))
+                .bind(window_secs as i64)
                 .execute(&mut *connection)
                 .await?;
                 // The wave split is the domain's rule; ask the aggregate rather than repeat it.
@@ -67,7 +72,7 @@ impl Projection for RolloutsProjection {
                 }
                 sqlx::query(
                     "INSERT INTO rollout_devices (rollout_id, device_id, wave, status, updated_at)
-                     SELECT $1, d, w, 'pending', $4 FROM UNNEST($2::text[], $3::int[]) AS t(d, w)",
+                     SELECT $1, d, w, 'queued', $4 FROM UNNEST($2::text[], $3::int[]) AS t(d, w)",
                 )
                 .bind(id)
                 .bind(devices)
@@ -85,24 +90,45 @@ impl Projection for RolloutsProjection {
                 )
                 .await?;
             }
-            RolloutEvent::WaveStarted { wave, devices, at } => {
-                let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+            RolloutEvent::WaveStarted {
+                wave, counts, at, ..
+            } => {
+                let decision = counts.map(|counts| {
+                    json!({"decision": "advance", "automatic": true, "wave": wave,
+                           "counts": counts, "at": at})
+                });
                 sqlx::query(
-                    "UPDATE rollout_devices SET status = 'updating', updated_at = $3
-                      WHERE rollout_id = $1 AND device_id = ANY($2)",
-                )
-                .bind(id)
-                .bind(devices)
-                .bind(at)
-                .execute(&mut *connection)
-                .await?;
-                sqlx::query(
-                    "UPDATE rollouts SET current_wave = $3, updated_at = $4, last_sequence = $2
+                    "UPDATE rollouts SET current_wave = $3, updated_at = $4, last_sequence = $2,
+                            wave_started_at = wave_started_at[1:$3] || $4::timestamptz,
+                            last_decision = COALESCE($5, last_decision)
                       WHERE rollout_id = $1",
                 )
                 .bind(id)
                 .bind(sequence)
                 .bind(wave as i32)
+                .bind(at)
+                .bind(decision)
+                .execute(connection)
+                .await?;
+            }
+            RolloutEvent::DevicesSent { devices, at } => {
+                let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+                sqlx::query(
+                    "UPDATE rollout_devices SET status = 'sent', sent_at = $3, updated_at = $3
+                      WHERE rollout_id = $1 AND device_id = ANY($2)",
+                )
+                .bind(id)
+                .bind(&devices)
+                .bind(at)
+                .execute(&mut *connection)
+                .await?;
+                sqlx::query(
+                    "UPDATE rollouts SET sent = sent + $3, updated_at = $4, last_sequence = $2
+                      WHERE rollout_id = $1",
+                )
+                .bind(id)
+                .bind(sequence)
+                .bind(devices.len() as i32)
                 .bind(at)
                 .execute(connection)
                 .await?;
@@ -117,7 +143,7 @@ impl Projection for RolloutsProjection {
                     DeviceOutcome::Failed { error } => {
                         ("failed", Some(error), "failed = failed + 1,")
                     }
-                    DeviceOutcome::TimedOut => ("timed_out", None, "failed = failed + 1,"),
+                    DeviceOutcome::TimedOut => ("timed_out", None, "timed_out = timed_out + 1,"),
                 };
                 sqlx::query(
                     "UPDATE rollout_devices SET status = $3, error = $4, updated_at = $5
@@ -132,15 +158,23 @@ impl Projection for RolloutsProjection {
                 .await?;
                 update(connection, envelope, counter, at).await?;
             }
-            RolloutEvent::RolloutPaused { reason, at, .. } => {
+            RolloutEvent::RolloutPaused {
+                reason,
+                automatic,
+                counts,
+                at,
+            } => {
+                let decision = json!({"decision": "pause", "automatic": automatic,
+                    "reason": reason, "counts": counts, "at": at});
                 sqlx::query(
                     "UPDATE rollouts SET status = 'paused', pause_reason = $3, updated_at = $4,
-                            last_sequence = $2 WHERE rollout_id = $1",
+                            last_decision = $5, last_sequence = $2 WHERE rollout_id = $1",
                 )
                 .bind(id)
                 .bind(sequence)
                 .bind(reason)
                 .bind(at)
+                .bind(decision)
                 .execute(connection)
                 .await?;
             }
@@ -153,25 +187,50 @@ impl Projection for RolloutsProjection {
                 )
                 .await?;
             }
-            RolloutEvent::RolloutAborted { reason, at } => {
+            RolloutEvent::RolloutAborted {
+                reason,
+                automatic,
+                canceled,
+                counts,
+                at,
+            } => {
+                // Devices not sent are canceled; sent ones still report their outcome.
+                sqlx::query(
+                    "UPDATE rollout_devices SET status = 'canceled', updated_at = $2
+                      WHERE rollout_id = $1 AND status = 'queued'",
+                )
+                .bind(id)
+                .bind(at)
+                .execute(&mut *connection)
+                .await?;
+                let decision = json!({"decision": "abort", "automatic": automatic,
+                    "reason": reason, "canceled": canceled, "counts": counts, "at": at});
                 sqlx::query(
                     "UPDATE rollouts SET status = 'aborted', pause_reason = $3, finished_at = $4,
-                            updated_at = $4, last_sequence = $2 WHERE rollout_id = $1",
+                            updated_at = $4, canceled = $5, last_decision = $6, last_sequence = $2
+                      WHERE rollout_id = $1",
                 )
                 .bind(id)
                 .bind(sequence)
                 .bind(reason)
                 .bind(at)
+                .bind(canceled as i32)
+                .bind(decision)
                 .execute(connection)
                 .await?;
             }
-            RolloutEvent::RolloutCompleted { at, .. } => {
-                update(
-                    connection,
-                    envelope,
-                    "status = 'completed', finished_at = $3,",
-                    at,
+            RolloutEvent::RolloutCompleted { counts, at, .. } => {
+                let decision = json!({"decision": "complete", "automatic": true,
+                    "counts": counts, "at": at});
+                sqlx::query(
+                    "UPDATE rollouts SET status = 'completed', finished_at = $3, updated_at = $3,
+                            last_decision = $4, last_sequence = $2 WHERE rollout_id = $1",
                 )
+                .bind(id)
+                .bind(sequence)
+                .bind(at)
+                .bind(decision)
+                .execute(connection)
                 .await?;
             }
         }
@@ -195,4 +254,11 @@ async fn update(
     .execute(connection)
     .await?;
     Ok(())
+}
+
+fn on_error_name(action: ErrorAction) -> &'static str {
+    match action {
+        ErrorAction::Pause => "pause",
+        ErrorAction::Abort => "abort",
+    }
 }

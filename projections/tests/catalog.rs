@@ -7,7 +7,7 @@ use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::firmware::{FirmwareCommand, FirmwareId, ImageSignature};
-use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand};
+use fleetlog_domain::rollout::{DeviceOutcome, ErrorAction, RolloutCommand};
 use fleetlog_domain::user::{Role, UserCommand};
 use fleetlog_domain::{DeviceId, RolloutId, SessionId, TenantId, UserId};
 use fleetlog_nats::{Relay, RelaySettings};
@@ -77,12 +77,19 @@ async fn firmware_rollouts_and_users_follow_their_events() {
         waves: vec![50, 100],
         success_threshold: 50,
         error_threshold: 50,
+        on_error: ErrorAction::Pause,
         device_timeout_secs: 600,
+        window_secs: 3600,
         at: at(2),
     })
     .await
     .unwrap();
     rollout(RolloutCommand::Start { at: at(3) }).await.unwrap();
+    let send = |devices: &[DeviceId]| RolloutCommand::SendToDevices {
+        devices: devices.to_vec(),
+        at: at(3),
+    };
+    rollout(send(&devices[..2])).await.unwrap();
     let outcome = |device: &DeviceId, outcome| RolloutCommand::RecordDeviceOutcome {
         device_id: device.clone(),
         outcome,
@@ -99,9 +106,8 @@ async fn firmware_rollouts_and_users_follow_their_events() {
     ))
     .await
     .unwrap();
-    rollout(RolloutCommand::AdvanceWave { at: at(5) })
-        .await
-        .unwrap();
+    // d0 alone reached the 50% success threshold of wave 0: wave 1 started by itself.
+    rollout(send(&devices[2..3])).await.unwrap();
     rollout(RolloutCommand::Pause {
         reason: "weekend".into(),
         at: at(6),
@@ -163,18 +169,30 @@ async fn firmware_rollouts_and_users_follow_their_events() {
     assert_eq!((status.as_str(), model.as_str()), ("released", "thermo"));
     assert_eq!(compatible, ["thermo", "thermo-v2"]);
 
-    let (status, current_wave, succeeded, failed, reason): (String, i32, i32, i32, String) =
-        sqlx::query_as(
-            "SELECT status, current_wave, succeeded, failed, pause_reason FROM rollouts WHERE rollout_id = 'r1'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let (status, current_wave, sent, succeeded, failed, reason, decision): (
+        String,
+        i32,
+        i32,
+        i32,
+        i32,
+        String,
+        serde_json::Value,
+    ) = sqlx::query_as(
+        "SELECT status, current_wave, sent, succeeded, failed, pause_reason, last_decision
+           FROM rollouts WHERE rollout_id = 'r1'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(
-        (status.as_str(), current_wave, succeeded, failed),
-        ("paused", 1, 1, 1)
+        (status.as_str(), current_wave, sent, succeeded, failed),
+        ("paused", 1, 3, 1, 1)
     );
     assert_eq!(reason, "weekend");
+    assert_eq!(decision["decision"], "pause");
+    assert_eq!(decision["automatic"], false);
+    assert_eq!(decision["counts"]["wave"], 1);
+    assert_eq!(decision["counts"]["sent"], 3);
     let per_device: Vec<(String, i32, String)> = sqlx::query_as(
         "SELECT device_id, wave, status FROM rollout_devices WHERE rollout_id = 'r1' ORDER BY device_id",
     )
@@ -186,8 +204,8 @@ async fn firmware_rollouts_and_users_follow_their_events() {
         [
             ("d0".into(), 0, "succeeded".into()),
             ("d1".into(), 0, "failed".into()),
-            ("d2".into(), 1, "updating".into()),
-            ("d3".into(), 1, "updating".into()),
+            ("d2".into(), 1, "sent".into()),
+            ("d3".into(), 1, "queued".into()),
         ]
     );
 

@@ -47,6 +47,7 @@ async fn silent_devices_go_offline_once_and_live_ones_stay() {
             .await
             .unwrap();
         let heartbeat = DeviceCommand::Heartbeat {
+            firmware_version: None,
             delivery: None,
             device_time: None,
             received_at: if id == "fresh" { at(350) } else { at(10) },
@@ -59,6 +60,7 @@ async fn silent_devices_go_offline_once_and_live_ones_stay() {
     // The read model as of now; then "chatty" speaks again, which the model has not seen yet.
     replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
     let late_heartbeat = DeviceCommand::Heartbeat {
+        firmware_version: None,
         delivery: None,
         device_time: None,
         received_at: at(390),

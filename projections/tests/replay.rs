@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
-use fleetlog_domain::device::{CommandOutcome, DeviceCommand, Location, Reading};
+use fleetlog_domain::device::{CommandOutcome, DeviceCommand, FirmwareImage, Location, Reading};
 use fleetlog_domain::firmware::FirmwareId;
 use fleetlog_domain::{CommandId, DeviceId, RolloutId, TenantId, UserId};
 use fleetlog_nats::{Relay, RelaySettings};
@@ -71,6 +71,7 @@ async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
                 received_at: at(n + 1),
             },
             DeviceCommand::Heartbeat {
+                firmware_version: None,
                 delivery: None,
                 device_time: None,
                 received_at: at(n + 2),
@@ -87,12 +88,18 @@ async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
             commands.push(DeviceCommand::RequestFirmwareUpdate {
                 rollout_id: Some(RolloutId::parse("r1").unwrap()),
                 firmware_id: FirmwareId::parse("thermo@2.0.0").unwrap(),
+                image: FirmwareImage {
+                    sha256: "ab".repeat(32),
+                    size_bytes: 4096,
+                    signature: None,
+                },
                 at: at(n),
             });
-            commands.push(DeviceCommand::RecordFirmwareSucceeded {
-                rollout_id: Some(RolloutId::parse("r1").unwrap()),
-                version: "2.0.0".into(),
-                at: at(n + 5),
+            commands.push(DeviceCommand::Heartbeat {
+                device_time: None,
+                firmware_version: Some("2.0.0".into()),
+                received_at: at(n + 5),
+                delivery: None,
             });
         }
         for command in commands {

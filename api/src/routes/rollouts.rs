@@ -11,7 +11,10 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandError, CommandMetadata, Committed};
 use fleetlog_domain::firmware::FirmwareStatus;
-use fleetlog_domain::rollout::{Rollout, RolloutCommand, RolloutError, RolloutStatus, MAX_TARGETS};
+use fleetlog_domain::rollout::{
+    ErrorAction, Rollout, RolloutCommand, RolloutError, RolloutStatus, DEFAULT_WINDOW_SECS,
+    MAX_TARGETS,
+};
 use fleetlog_domain::{DeviceId, RolloutId};
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, QueryBuilder};
@@ -67,8 +70,38 @@ struct CreateRollout {
     success_threshold: u8,
     #[serde(default = "default_error_threshold")]
     error_threshold: u8,
+    /// What exceeding the error threshold does: `pause` (default) or `abort`.
+    #[serde(default)]
+    on_error: OnError,
+    /// Seconds a device has to finish once the update was sent to it.
     #[serde(default = "default_device_timeout")]
     device_timeout_secs: u64,
+    /// Seconds after its wave started within which a device that is offline still gets the
+    /// update when it comes back; after that it counts as timed out.
+    #[serde(default = "default_window")]
+    window_secs: u64,
+}
+
+/// What exceeding the error threshold does.
+#[derive(Deserialize, Default, Clone, Copy, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum OnError {
+    #[default]
+    Pause,
+    Abort,
+}
+
+impl From<OnError> for ErrorAction {
+    fn from(action: OnError) -> Self {
+        match action {
+            OnError::Pause => ErrorAction::Pause,
+            OnError::Abort => ErrorAction::Abort,
+        }
+    }
+}
+
+fn default_window() -> u64 {
+    DEFAULT_WINDOW_SECS
 }
 
 fn default_waves() -> Vec<u8> {
@@ -156,7 +189,9 @@ async fn create(
         waves: request.waves,
         success_threshold: request.success_threshold,
         error_threshold: request.error_threshold,
+        on_error: request.on_error.into(),
         device_timeout_secs: request.device_timeout_secs,
+        window_secs: request.window_secs,
         at: Utc::now(),
     };
     match state
@@ -268,11 +303,19 @@ struct RolloutView {
     success_threshold: i16,
     error_threshold: i16,
     device_timeout_secs: i64,
+    on_error: String,
+    window_secs: i64,
     current_wave: Option<i32>,
+    wave_started_at: Vec<DateTime<Utc>>,
     target_count: i32,
+    sent: i32,
     succeeded: i32,
     failed: i32,
+    timed_out: i32,
+    canceled: i32,
     pause_reason: Option<String>,
+    /// The latest decision (advance, pause, abort, complete) with the counts behind it.
+    last_decision: Option<serde_json::Value>,
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
@@ -282,8 +325,9 @@ struct RolloutView {
 }
 
 const COLUMNS: &str = "rollout_id, firmware_id, status, waves, success_threshold, error_threshold,
-    device_timeout_secs, current_wave, target_count, succeeded, failed, pause_reason, created_at,
-    started_at, finished_at, updated_at, last_sequence";
+    device_timeout_secs, on_error, window_secs, current_wave, wave_started_at, target_count, sent,
+    succeeded, failed, timed_out, canceled, pause_reason, last_decision, created_at, started_at,
+    finished_at, updated_at, last_sequence";
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -358,9 +402,9 @@ async fn show(
     .fetch_optional(state.bus.pool())
     .await?
     .ok_or(ApiError::NotFound("rollout"))?;
-    let counts: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT status, count(*) FROM rollout_devices WHERE rollout_id = $1 GROUP BY status",
-    )
+    let counts: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT status, count(*) FROM ({DEVICE_STATES}$1) s GROUP BY status"
+    ))
     .bind(&id)
     .fetch_all(state.bus.pool())
     .await?;
@@ -372,6 +416,20 @@ async fn show(
             .collect(),
     }))
 }
+
+/// Each device of a rollout (the id follows) with its state: the rollout's own record (queued, sent,
+/// succeeded, failed, timed_out, canceled), a sent update refined by what the device reports
+/// about it (downloading, installing, rebooting) in the devices read model.
+const DEVICE_STATES: &str = "
+SELECT rd.device_id, rd.wave, rd.error, rd.sent_at, rd.updated_at,
+       CASE WHEN rd.status = 'sent' AND d.firmware_update ->> 'rollout_id' = rd.rollout_id
+                 AND d.firmware_update ->> 'state' IN ('downloading', 'installing', 'rebooting')
+            THEN d.firmware_update ->> 'state'
+            ELSE rd.status END AS status,
+       CASE WHEN rd.status = 'sent' AND d.firmware_update ->> 'rollout_id' = rd.rollout_id
+            THEN (d.firmware_update ->> 'progress')::int END AS progress
+  FROM rollout_devices rd LEFT JOIN devices d ON d.device_id = rd.device_id
+ WHERE rd.rollout_id = ";
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -386,8 +444,13 @@ struct DevicesQuery {
 struct RolloutDeviceView {
     device_id: String,
     wave: i32,
+    /// queued, sent, downloading, installing, rebooting, succeeded, failed, timed_out or
+    /// canceled.
     status: String,
+    /// Percent done, as the device last reported, while the update runs.
+    progress: Option<i32>,
     error: Option<String>,
+    sent_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
 }
 
@@ -423,9 +486,11 @@ async fn devices(
         return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
     }
     let mut sql = QueryBuilder::new(
-        "SELECT device_id, wave, status, error, updated_at FROM rollout_devices WHERE rollout_id = ",
+        "SELECT device_id, wave, status, progress, error, sent_at, updated_at FROM (",
     );
+    sql.push(DEVICE_STATES);
     sql.push_bind(&id);
+    sql.push(") s WHERE true");
     if let Some(status) = &query.status {
         sql.push(" AND status = ").push_bind(status);
     }

@@ -7,7 +7,8 @@ use serde_json::{Map, Value};
 use super::telemetry::{validate_location, validate_readings, TelemetryError};
 use super::{
     validate_model, validate_name, validate_properties, validate_tags, validate_text,
-    CommandOutcome, Connectivity, Device, DeviceError, DeviceEvent, Lifecycle, Location, Reading,
+    CommandOutcome, Connectivity, Device, DeviceError, DeviceEvent, FirmwareImage, Lifecycle,
+    Location, Reading,
 };
 use crate::firmware::FirmwareId;
 use crate::ids::{CommandId, DeviceId, RolloutId, TenantId, UserId};
@@ -99,6 +100,8 @@ pub enum DeviceCommand {
     Heartbeat {
         /// The device's own timestamp.
         device_time: Option<DateTime<Utc>>,
+        /// The firmware version the device says it runs.
+        firmware_version: Option<String>,
         /// When the platform received it.
         received_at: DateTime<Utc>,
         /// How the message can be recognised if it arrives again, when the transport says.
@@ -153,12 +156,15 @@ pub enum DeviceCommand {
         /// Now.
         at: DateTime<Utc>,
     },
-    /// Ask the device to install firmware.
+    /// Ask the device to install firmware. A rollout asks a device once: a repeated request of
+    /// the same rollout changes nothing, even after the update ended.
     RequestFirmwareUpdate {
         /// The rollout behind the request, if any.
         rollout_id: Option<RolloutId>,
         /// The image.
         firmware_id: FirmwareId,
+        /// Digest, size and signature of the image.
+        image: FirmwareImage,
         /// Now.
         at: DateTime<Utc>,
     },
@@ -189,6 +195,16 @@ pub enum DeviceCommand {
         /// What went wrong.
         error: String,
         /// When it arrived.
+        at: DateTime<Utc>,
+    },
+    /// Give up an update the device did not finish in time. Nothing happens when no update of
+    /// that rollout is under way.
+    AbandonFirmwareUpdate {
+        /// The rollout behind the update.
+        rollout_id: Option<RolloutId>,
+        /// Why.
+        reason: String,
+        /// Now.
         at: DateTime<Utc>,
     },
     /// Replace the device's secret; the caller hashes it.
@@ -307,6 +323,10 @@ pub(super) fn decide(
                 return Ok(vec![]);
             }
             validate_properties(&status)?;
+            let version = match status.get(super::FIRMWARE_VERSION_FIELD) {
+                Some(Value::String(version)) => Some(version.clone()),
+                _ => None,
+            };
             let mut events: Vec<DeviceEvent> =
                 device.came_online(received_at).into_iter().collect();
             events.push(DeviceEvent::StatusReported {
@@ -314,15 +334,20 @@ pub(super) fn decide(
                 received_at,
                 digest: delivery.map(|d| d.digest),
             });
+            events.extend(version.and_then(|v| device.version_reported(&v, received_at)));
             Ok(events)
         }
         DeviceCommand::Heartbeat {
             device_time,
+            firmware_version,
             received_at,
             delivery,
         } => {
             if delivery.as_ref().is_some_and(|d| d.is_repeat(device)) {
                 return Ok(vec![]);
+            }
+            if let Some(version) = &firmware_version {
+                validate_text("firmware_version", version)?;
             }
             let mut events: Vec<DeviceEvent> =
                 device.came_online(received_at).into_iter().collect();
@@ -331,6 +356,7 @@ pub(super) fn decide(
                 received_at,
                 digest: delivery.map(|d| d.digest),
             });
+            events.extend(firmware_version.and_then(|v| device.version_reported(&v, received_at)));
             Ok(events)
         }
         DeviceCommand::MarkOffline {
@@ -427,8 +453,15 @@ pub(super) fn decide(
         DeviceCommand::RequestFirmwareUpdate {
             rollout_id,
             firmware_id,
+            image,
             at,
         } => {
+            if rollout_id
+                .as_ref()
+                .is_some_and(|r| device.recent_rollouts.contains(r))
+            {
+                return Ok(vec![]);
+            }
             if let Some(pending) = &device.firmware_update {
                 if pending.firmware_id == firmware_id && pending.rollout_id == rollout_id {
                     return Ok(vec![]);
@@ -445,6 +478,7 @@ pub(super) fn decide(
                 rollout_id,
                 firmware_id,
                 version,
+                image: Some(image),
                 at,
             }])
         }
@@ -500,6 +534,22 @@ pub(super) fn decide(
             Ok(vec![DeviceEvent::FirmwareUpdateFailed {
                 rollout_id,
                 error,
+                at,
+            }])
+        }
+        DeviceCommand::AbandonFirmwareUpdate {
+            rollout_id,
+            reason,
+            at,
+        } => {
+            validate_text("reason", &reason)?;
+            let pending = device.firmware_update.as_ref();
+            if pending.is_none_or(|p| p.rollout_id != rollout_id) {
+                return Ok(vec![]);
+            }
+            Ok(vec![DeviceEvent::FirmwareUpdateAbandoned {
+                rollout_id,
+                reason,
                 at,
             }])
         }

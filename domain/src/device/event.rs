@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    merge_properties, remember, Connectivity, Device, Lifecycle, Location, OpenCommand,
-    PendingFirmwareUpdate, Reading, REMEMBERED_CLOSED_COMMANDS, REMEMBERED_DIGESTS,
+    merge_properties, remember, Connectivity, Device, FirmwareImage, Lifecycle, Location,
+    OpenCommand, PendingFirmwareUpdate, Reading, REMEMBERED_CLOSED_COMMANDS, REMEMBERED_DIGESTS,
+    REMEMBERED_ROLLOUTS,
 };
 use crate::firmware::FirmwareId;
 use crate::ids::{CommandId, DeviceId, RolloutId, TenantId, UserId};
@@ -163,6 +164,10 @@ pub enum DeviceEvent {
         firmware_id: FirmwareId,
         /// The version to install.
         version: String,
+        /// Digest, size and signature of the image (absent in events recorded before images
+        /// were stored by the platform).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<FirmwareImage>,
         /// When.
         at: DateTime<Utc>,
     },
@@ -198,6 +203,24 @@ pub enum DeviceEvent {
         /// When.
         at: DateTime<Utc>,
     },
+    /// The firmware update was given up without an answer from the device (it timed out).
+    FirmwareUpdateAbandoned {
+        /// The rollout behind the update, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rollout_id: Option<RolloutId>,
+        /// Why.
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The device reported running a firmware version other than the known one, outside an
+    /// update.
+    FirmwareVersionReported {
+        /// The version it runs.
+        version: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// The device got a new secret; only its hash is kept.
     DeviceCredentialsRotated {
         /// SHA-256 hex of the new secret.
@@ -225,6 +248,8 @@ impl DomainEvent for DeviceEvent {
             Self::CommandReplied { .. } => "CommandReplied",
             Self::CommandExpired { .. } => "CommandExpired",
             Self::FirmwareUpdateRequested { .. } => "FirmwareUpdateRequested",
+            Self::FirmwareUpdateAbandoned { .. } => "FirmwareUpdateAbandoned",
+            Self::FirmwareVersionReported { .. } => "FirmwareVersionReported",
             Self::FirmwareUpdateProgressed { .. } => "FirmwareUpdateProgressed",
             Self::FirmwareUpdateSucceeded { .. } => "FirmwareUpdateSucceeded",
             Self::FirmwareUpdateFailed { .. } => "FirmwareUpdateFailed",
@@ -338,6 +363,13 @@ pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
             version,
             ..
         } => {
+            if let Some(rollout) = &rollout_id {
+                remember(
+                    &mut device.recent_rollouts,
+                    rollout.clone(),
+                    REMEMBERED_ROLLOUTS,
+                );
+            }
             device.firmware_update = Some(PendingFirmwareUpdate {
                 rollout_id,
                 firmware_id,
@@ -358,7 +390,12 @@ pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
             device.firmware_version = Some(version);
             device.firmware_update = None;
         }
-        DeviceEvent::FirmwareUpdateFailed { .. } => device.firmware_update = None,
+        DeviceEvent::FirmwareUpdateFailed { .. } | DeviceEvent::FirmwareUpdateAbandoned { .. } => {
+            device.firmware_update = None;
+        }
+        DeviceEvent::FirmwareVersionReported { version, .. } => {
+            device.firmware_version = Some(version);
+        }
         DeviceEvent::DeviceCredentialsRotated {
             secret_hash,
             credential_version,

@@ -24,7 +24,7 @@ pub use telemetry::{
     MAX_READINGS,
 };
 
-use crate::firmware::FirmwareId;
+use crate::firmware::{FirmwareId, ImageSignature};
 use crate::ids::{validate_token, CommandId, DeviceId, IdError, RolloutId, TenantId, UserId};
 
 /// How many message digests a device remembers to recognise redelivered telemetry.
@@ -84,6 +84,24 @@ pub struct PendingFirmwareUpdate {
     pub progress: u8,
 }
 
+/// What a device needs to fetch and check a firmware image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirmwareImage {
+    /// SHA-256 hex of the image.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size_bytes: u64,
+    /// The platform's signature of the digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<ImageSignature>,
+}
+
+/// How many rollouts a device remembers having been sent an update by.
+pub const REMEMBERED_ROLLOUTS: usize = 16;
+
+/// The status field in which a device reports the firmware version it runs.
+pub const FIRMWARE_VERSION_FIELD: &str = "firmware_version";
+
 /// The Device aggregate's state, rebuilt from its events.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Device {
@@ -121,6 +139,10 @@ pub struct Device {
     pub firmware_version: Option<String>,
     /// A firmware update under way.
     pub firmware_update: Option<PendingFirmwareUpdate>,
+    /// The latest rollouts that sent the device an update, oldest first: a rollout sends its
+    /// update to a device once, however often it is asked to.
+    #[serde(default)]
+    pub recent_rollouts: VecDeque<RolloutId>,
     /// SHA-256 hex of the device's current secret.
     pub credential_hash: Option<String>,
     /// Incremented at every credential rotation.
@@ -257,6 +279,29 @@ impl Device {
     /// The event that says the device is back, if it was not online.
     fn came_online(&self, at: DateTime<Utc>) -> Option<DeviceEvent> {
         (self.connectivity != Connectivity::Online).then_some(DeviceEvent::DeviceCameOnline { at })
+    }
+
+    /// What a firmware version the device reports (in its status or heartbeat) says: the
+    /// pending update succeeded when it is the update's version (the only way an update
+    /// succeeds: a device saying "done" proves nothing), else the device runs another version
+    /// than known.
+    fn version_reported(&self, version: &str, at: DateTime<Utc>) -> Option<DeviceEvent> {
+        match &self.firmware_update {
+            Some(pending) if pending.version == version => {
+                Some(DeviceEvent::FirmwareUpdateSucceeded {
+                    rollout_id: pending.rollout_id.clone(),
+                    version: version.to_string(),
+                    at,
+                })
+            }
+            _ if self.firmware_version.as_deref() != Some(version) => {
+                Some(DeviceEvent::FirmwareVersionReported {
+                    version: version.to_string(),
+                    at,
+                })
+            }
+            _ => None,
+        }
     }
 }
 

@@ -107,11 +107,20 @@ fn issued(id: &str) -> DeviceEvent {
     }
 }
 
+fn image() -> FirmwareImage {
+    FirmwareImage {
+        sha256: "ab".repeat(32),
+        size_bytes: 1024,
+        signature: None,
+    }
+}
+
 fn update_requested() -> DeviceEvent {
     DeviceEvent::FirmwareUpdateRequested {
         rollout_id: rollout(),
         firmware_id: firmware("2.0.0"),
         version: "2.0.0".into(),
+        image: Some(image()),
         at: at(),
     }
 }
@@ -181,6 +190,7 @@ fn commands_need_a_registered_active_device() {
     let every_change = vec![
         telemetry("m1", vec![reading("temperature", 21.0)]),
         DeviceCommand::Heartbeat {
+            firmware_version: None,
             delivery: None,
             device_time: None,
             received_at: at(),
@@ -446,6 +456,7 @@ fn heartbeats_keep_the_device_alive() {
     Given::with(())
         .given(vec![registered(), online(), offline()])
         .when(DeviceCommand::Heartbeat {
+            firmware_version: None,
             delivery: None,
             device_time: None,
             received_at: later(400),
@@ -461,6 +472,7 @@ fn heartbeats_keep_the_device_alive() {
     Given::with(())
         .given_no_previous_events()
         .when(DeviceCommand::Heartbeat {
+            firmware_version: None,
             delivery: None,
             device_time: None,
             received_at: at(),
@@ -647,6 +659,7 @@ fn firmware_update_is_requested_once() {
     let request = |version: &str| DeviceCommand::RequestFirmwareUpdate {
         rollout_id: rollout(),
         firmware_id: firmware(version),
+        image: image(),
         at: at(),
     };
     Given::with(())
@@ -659,7 +672,12 @@ fn firmware_update_is_requested_once() {
         .then_expect_events(vec![]);
     Given::with(())
         .given(vec![registered(), update_requested()])
-        .when(request("2.1.0"))
+        .when(DeviceCommand::RequestFirmwareUpdate {
+            rollout_id: Some(RolloutId::parse("r2").unwrap()),
+            firmware_id: firmware("2.1.0"),
+            image: image(),
+            at: at(),
+        })
         .then_expect_error(DeviceError::UpdateInProgress("thermo@2.0.0".into()));
     Given::with(())
         .given(vec![
@@ -674,9 +692,112 @@ fn firmware_update_is_requested_once() {
         .when(DeviceCommand::RequestFirmwareUpdate {
             rollout_id: None,
             firmware_id: firmware("2.0.0"),
+            image: image(),
             at: at(),
         })
         .then_expect_error(DeviceError::AlreadyRunsVersion("2.0.0".into()));
+    // A rollout that sent its update once never sends it again, even after the update failed.
+    Given::with(())
+        .given(vec![
+            registered(),
+            update_requested(),
+            DeviceEvent::FirmwareUpdateFailed {
+                rollout_id: rollout(),
+                error: "flash write".into(),
+                at: at(),
+            },
+        ])
+        .when(request("2.0.0"))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn reporting_the_new_version_is_what_makes_an_update_succeed() {
+    let status = |version: &str| {
+        let mut status = serde_json::Map::new();
+        status.insert("firmware_version".into(), json!(version));
+        status
+    };
+    let report = |version: &str| DeviceCommand::ReportStatus {
+        status: status(version),
+        received_at: at(),
+        delivery: None,
+    };
+    let reported = |version: &str| DeviceEvent::StatusReported {
+        status: status(version),
+        received_at: at(),
+        digest: None,
+    };
+    let online = DeviceEvent::DeviceCameOnline { at: at() };
+    Given::with(())
+        .given(vec![registered(), online.clone(), update_requested()])
+        .when(report("2.0.0"))
+        .then_expect_events(vec![
+            reported("2.0.0"),
+            DeviceEvent::FirmwareUpdateSucceeded {
+                rollout_id: rollout(),
+                version: "2.0.0".into(),
+                at: at(),
+            },
+        ]);
+    // Still the old version: the update goes on.
+    Given::with(())
+        .given(vec![
+            registered(),
+            online.clone(),
+            DeviceEvent::FirmwareVersionReported {
+                version: "1.0.0".into(),
+                at: at(),
+            },
+            update_requested(),
+        ])
+        .when(report("1.0.0"))
+        .then_expect_events(vec![reported("1.0.0")]);
+    // Outside an update, a new version is recorded as such.
+    Given::with(())
+        .given(vec![registered(), online.clone()])
+        .when(DeviceCommand::Heartbeat {
+            device_time: None,
+            firmware_version: Some("1.2.0".into()),
+            received_at: at(),
+            delivery: None,
+        })
+        .then_expect_events(vec![
+            DeviceEvent::HeartbeatReceived {
+                device_time: None,
+                received_at: at(),
+                digest: None,
+            },
+            DeviceEvent::FirmwareVersionReported {
+                version: "1.2.0".into(),
+                at: at(),
+            },
+        ]);
+}
+
+#[test]
+fn an_update_given_up_frees_the_device() {
+    let abandon = |rollout_id| DeviceCommand::AbandonFirmwareUpdate {
+        rollout_id,
+        reason: "no answer within 600 s".into(),
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(abandon(rollout()))
+        .then_expect_events(vec![DeviceEvent::FirmwareUpdateAbandoned {
+            rollout_id: rollout(),
+            reason: "no answer within 600 s".into(),
+            at: at(),
+        }]);
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(abandon(None))
+        .then_expect_events(vec![]);
+    Given::with(())
+        .given(vec![registered()])
+        .when(abandon(rollout()))
+        .then_expect_events(vec![]);
 }
 
 #[test]
@@ -813,6 +934,7 @@ fn redelivered_heartbeats_and_status_reports_are_recognised_by_digest() {
         })
     };
     let heartbeat = |redelivery| DeviceCommand::Heartbeat {
+        firmware_version: None,
         device_time: None,
         received_at: later(10),
         delivery: delivery(redelivery),

@@ -273,12 +273,18 @@ fn heartbeats_may_be_empty() {
     for empty in [&b""[..], b"  \n"] {
         assert_eq!(
             parse_payload(&TopicKind::Heartbeat, empty).unwrap(),
-            DeviceMessage::Heartbeat { device_time: None }
+            DeviceMessage::Heartbeat {
+                device_time: None,
+                firmware_version: None
+            }
         );
     }
     assert_eq!(
         parse_payload(&TopicKind::Heartbeat, br#"{}"#).unwrap(),
-        DeviceMessage::Heartbeat { device_time: None }
+        DeviceMessage::Heartbeat {
+            device_time: None,
+            firmware_version: None
+        }
     );
     assert_eq!(
         parse_payload(
@@ -287,9 +293,18 @@ fn heartbeats_may_be_empty() {
         )
         .unwrap(),
         DeviceMessage::Heartbeat {
-            device_time: Some(time("2026-11-23T09:00:00Z"))
+            device_time: Some(time("2026-11-23T09:00:00Z")),
+            firmware_version: None
         }
     );
+    assert_eq!(
+        parse_payload(&TopicKind::Heartbeat, br#"{"firmware_version":"2.0.0"}"#).unwrap(),
+        DeviceMessage::Heartbeat {
+            device_time: None,
+            firmware_version: Some("2.0.0".into())
+        }
+    );
+    assert!(parse_payload(&TopicKind::Heartbeat, br#"{"firmware_version":2}"#).is_err());
     assert!(parse_payload(&TopicKind::Heartbeat, br#"{"timestamp":"soon"}"#).is_err());
     assert!(parse_payload(&TopicKind::Heartbeat, b"ping").is_err());
 }

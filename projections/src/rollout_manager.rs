@@ -1,0 +1,503 @@
+//! The rollout manager: the process manager that carries firmware rollouts out.
+//!
+//! It is fed by JetStream (a durable consumer of rollout events and one of device events) and
+//! by a periodic sweep over the read models, and acts only through commands, so every decision
+//! is an event of the Rollout or Device aggregate:
+//!
+//! - a wave started, the rollout resumed, or a queued device came online: the devices of
+//!   started waves that are online are recorded as sent (`SendToDevices`, which leaves out
+//!   devices already sent), then each is asked to update (`RequestFirmwareUpdate`, carrying
+//!   digest, size and signature for the OTA message);
+//! - a device reported the new version (`FirmwareUpdateSucceeded`) or a failure: its outcome is
+//!   recorded; the Rollout aggregate then advances, pauses, aborts or completes by itself;
+//! - the sweep times out sent devices past the per-device timeout (and gives their update up on
+//!   the device) and queued devices that stayed offline for the whole window.
+//!
+//! Restart-safe: a rollout records a device as sent before the device is asked, and a device
+//! takes a rollout's request once (a repeat changes nothing, even after the update ended), so
+//! the sweep may ask every sent device without a pending update of the rollout again: killed at
+//! any point, a restarted manager neither sends an update twice nor skips a device. Messages are
+//! acked after handling; handling twice is harmless.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{Context, Message};
+use chrono::{DateTime, Utc};
+use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
+use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent, FirmwareImage};
+use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand, RolloutEvent};
+use fleetlog_domain::{DeviceId, RolloutId};
+use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER};
+use fleetlog_nats::{EventEnvelope, STREAM_NAME};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// The durable consumer of rollout events.
+pub const ROLLOUT_CONSUMER: &str = "rollout-manager";
+/// The durable consumer of device events.
+pub const DEVICE_CONSUMER: &str = "rollout-manager-devices";
+
+/// Device events the manager acts on; the others are acked unread.
+const DEVICE_EVENTS: &[&str] = &[
+    "FirmwareUpdateSucceeded",
+    "FirmwareUpdateFailed",
+    "DeviceCameOnline",
+];
+
+/// Devices recorded as sent by one command.
+const SEND_BATCH: i64 = 500;
+
+/// Concurrent device commands when a batch is sent.
+const CONCURRENT_REQUESTS: usize = 16;
+
+const ACTOR: &str = "system:rollout-manager";
+
+/// Tuning of the rollout manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolloutManagerSettings {
+    /// How often the sweep runs (timeouts, devices to send, requests to repeat).
+    pub sweep_interval: Duration,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+}
+
+impl Default for RolloutManagerSettings {
+    fn default() -> Self {
+        Self {
+            sweep_interval: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The rollout manager.
+pub struct RolloutManager {
+    bus: CommandBus,
+    jetstream: Context,
+    settings: RolloutManagerSettings,
+}
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+impl RolloutManager {
+    /// A manager acting through `bus` on events from `jetstream`.
+    pub fn new(bus: CommandBus, jetstream: Context, settings: RolloutManagerSettings) -> Self {
+        Self {
+            bus,
+            jetstream,
+            settings,
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tokio::join!(
+            self.follow(ROLLOUT_CONSUMER, "rollout", &shutdown),
+            self.follow(DEVICE_CONSUMER, "device", &shutdown),
+            self.sweep_periodically(&shutdown),
+        );
+        tracing::info!("rollout manager stopped");
+    }
+
+    async fn follow(&self, consumer: &str, aggregate_type: &str, shutdown: &CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match self.consume(consumer, aggregate_type, shutdown).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(consumer, %error, "rollout manager consumer interrupted");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Handles the messages of one durable consumer in order. Acks are cumulative: acking the
+    /// last message of what arrived together acks all of it, one ack for a burst of telemetry.
+    /// A failure stops before acking, so the failed message and those after it come back.
+    async fn consume(
+        &self,
+        name: &str,
+        aggregate_type: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Failure> {
+        let stream = self.jetstream.get_stream(STREAM_NAME).await?;
+        let consumer = stream
+            .get_or_create_consumer(
+                name,
+                PullConfig {
+                    durable_name: Some(name.to_string()),
+                    filter_subject: subject_filter_for_type(aggregate_type),
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::All,
+                    ack_wait: self.settings.ack_wait,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?.ready_chunks(500);
+        tracing::info!(consumer = name, "rollout manager consuming");
+        let mut missed_heartbeats = 0;
+        loop {
+            let received = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                next = messages.next() => next,
+            };
+            let Some(received) = received else {
+                return Err("the consumer's message stream ended".into());
+            };
+            let mut last = None;
+            for message in received {
+                let message = match message {
+                    Ok(message) => {
+                        missed_heartbeats = 0;
+                        message
+                    }
+                    Err(error)
+                        if fleetlog_nats::is_missed_heartbeat(&error) && missed_heartbeats < 3 =>
+                    {
+                        missed_heartbeats += 1;
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                self.handle(&message).await?;
+                last = Some(message);
+            }
+            if let Some(message) = last {
+                message.ack().await?;
+            }
+        }
+    }
+
+    async fn handle(&self, message: &Message) -> Result<(), Failure> {
+        let kind = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
+            .map(|kind| kind.as_str().to_string());
+        let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                tracing::error!(%error, "skipping a message that is not an event envelope");
+                return Ok(());
+            }
+        };
+        match envelope.aggregate_type.as_str() {
+            "device" => {
+                if kind.is_some_and(|kind| !DEVICE_EVENTS.contains(&kind.as_str())) {
+                    return Ok(());
+                }
+                match DeviceEvent::deserialize(&envelope.payload) {
+                    Ok(event) => self.on_device_event(&envelope.aggregate_id, event).await,
+                    Err(error) => {
+                        tracing::error!(%error, "skipping an unreadable device event");
+                        Ok(())
+                    }
+                }
+            }
+            "rollout" => match RolloutEvent::deserialize(&envelope.payload) {
+                Ok(event) => self.on_rollout_event(&envelope.aggregate_id, event).await,
+                Err(error) => {
+                    tracing::error!(%error, "skipping an unreadable rollout event");
+                    Ok(())
+                }
+            },
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_rollout_event(&self, rollout_id: &str, event: RolloutEvent) -> Result<(), Failure> {
+        match event {
+            RolloutEvent::WaveStarted { .. } | RolloutEvent::RolloutResumed { .. } => {
+                // The read model may not show the wave yet: ask the aggregate.
+                let rollout = self.bus.rollouts().current(rollout_id).await?.aggregate;
+                let due: Vec<String> = rollout
+                    .targets
+                    .iter()
+                    .filter(|d| rollout.is_due(d) && !rollout.sent.contains_key(*d))
+                    .filter(|d| !rollout.outcomes.contains_key(*d))
+                    .map(ToString::to_string)
+                    .collect();
+                let online: Vec<String> = sqlx::query_scalar(
+                    "SELECT device_id FROM devices WHERE device_id = ANY($1) AND online",
+                )
+                .bind(&due)
+                .fetch_all(self.bus.pool())
+                .await?;
+                for chunk in online.chunks(SEND_BATCH as usize) {
+                    self.send(rollout_id, chunk).await?;
+                }
+                Ok(())
+            }
+            RolloutEvent::DevicesSent { devices, .. } => {
+                self.request_updates(rollout_id, &devices).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_device_event(&self, device_id: &str, event: DeviceEvent) -> Result<(), Failure> {
+        let (rollout_id, outcome) = match event {
+            DeviceEvent::FirmwareUpdateSucceeded {
+                rollout_id: Some(rollout_id),
+                ..
+            } => (rollout_id, DeviceOutcome::Succeeded),
+            DeviceEvent::FirmwareUpdateFailed {
+                rollout_id: Some(rollout_id),
+                error,
+                ..
+            } => (rollout_id, DeviceOutcome::Failed { error }),
+            DeviceEvent::DeviceCameOnline { .. } => {
+                let waiting: Vec<String> = sqlx::query_scalar(
+                    "SELECT rd.rollout_id FROM rollout_devices rd
+                       JOIN rollouts r ON r.rollout_id = rd.rollout_id
+                      WHERE rd.device_id = $1 AND rd.status = 'queued' AND r.status = 'running'
+                        AND rd.wave <= r.current_wave",
+                )
+                .bind(device_id)
+                .fetch_all(self.bus.pool())
+                .await?;
+                for rollout_id in waiting {
+                    self.send(&rollout_id, &[device_id.to_string()]).await?;
+                }
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
+        self.record(rollout_id.as_str(), device_id, outcome, Utc::now())
+            .await
+    }
+
+    /// Records `devices` as sent in the rollout, then asks those it recorded.
+    async fn send(&self, rollout_id: &str, devices: &[String]) -> Result<(), Failure> {
+        let devices: Vec<DeviceId> = devices
+            .iter()
+            .filter_map(|d| DeviceId::parse(d.as_str()).ok())
+            .collect();
+        let command = RolloutCommand::SendToDevices {
+            devices,
+            at: Utc::now(),
+        };
+        match self
+            .bus
+            .rollouts()
+            .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
+            .await
+        {
+            // The `DevicesSent` event reaches `on_rollout_event`, which asks the devices.
+            Ok(_) => Ok(()),
+            // Paused or ended meanwhile: nothing is due.
+            Err(CommandError::Refused(refusal)) => {
+                tracing::debug!(rollout_id, %refusal, "nothing sent");
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Asks each device the rollout recorded as sent to update. A device that cannot take the
+    /// update gets its outcome at once.
+    async fn request_updates(&self, rollout_id: &str, devices: &[DeviceId]) -> Result<(), Failure> {
+        let rollout = self.bus.rollouts().current(rollout_id).await?.aggregate;
+        let Some(firmware_id) = rollout.firmware_id.clone() else {
+            return Ok(());
+        };
+        let firmware = self
+            .bus
+            .firmware()
+            .current(&firmware_id.to_string())
+            .await?
+            .aggregate;
+        let image = FirmwareImage {
+            sha256: firmware.sha256,
+            size_bytes: firmware.size_bytes,
+            signature: firmware.signature,
+        };
+        let rollout_ref = RolloutId::parse(rollout_id)?;
+        let requests: Vec<_> = devices
+            .iter()
+            .map(|device| {
+                let command = DeviceCommand::RequestFirmwareUpdate {
+                    rollout_id: Some(rollout_ref.clone()),
+                    firmware_id: firmware_id.clone(),
+                    image: image.clone(),
+                    at: Utc::now(),
+                };
+                self.request_update(rollout_id, device.as_str(), command)
+            })
+            .collect();
+        let results: Vec<Result<(), Failure>> = futures::stream::iter(requests)
+            .buffer_unordered(CONCURRENT_REQUESTS)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    async fn request_update(
+        &self,
+        rollout_id: &str,
+        device_id: &str,
+        command: DeviceCommand,
+    ) -> Result<(), Failure> {
+        let metadata = CommandMetadata::new(ACTOR).with_causation_id(rollout_id);
+        let outcome = match self
+            .bus
+            .devices()
+            .execute(device_id, command, &metadata)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(CommandError::Refused(DeviceError::AlreadyRunsVersion(_))) => {
+                DeviceOutcome::Succeeded
+            }
+            Err(CommandError::Refused(refusal)) => DeviceOutcome::Failed {
+                error: format!("the device cannot take the update: {refusal}"),
+            },
+            Err(error) => return Err(error.into()),
+        };
+        self.record(rollout_id, device_id, outcome, Utc::now())
+            .await
+    }
+
+    async fn record(
+        &self,
+        rollout_id: &str,
+        device_id: &str,
+        outcome: DeviceOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), Failure> {
+        let command = RolloutCommand::RecordDeviceOutcome {
+            device_id: DeviceId::parse(device_id)?,
+            outcome,
+            at,
+        };
+        match self
+            .bus
+            .rollouts()
+            .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Not this rollout's device, not sent, canceled, or not timed out yet (a lagging
+            // read model): nothing to record.
+            Err(CommandError::Refused(refusal)) => {
+                tracing::debug!(rollout_id, device_id, %refusal, "outcome not recorded");
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn sweep_periodically(&self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.settings.sweep_interval) => {}
+            }
+            if let Err(error) = self.sweep(Utc::now()).await {
+                tracing::warn!(%error, "rollout sweep failed; the next one retries");
+            }
+        }
+    }
+
+    /// One sweep as of `now`: sends to online devices still queued in started waves, asks
+    /// again sent devices that show no pending update of the rollout, and records timeouts.
+    pub async fn sweep(&self, now: DateTime<Utc>) -> Result<(), Failure> {
+        let pool = self.bus.pool();
+        let online_queued: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT rd.rollout_id, array_agg(rd.device_id ORDER BY rd.device_id)
+               FROM rollout_devices rd
+               JOIN rollouts r ON r.rollout_id = rd.rollout_id
+               JOIN devices d ON d.device_id = rd.device_id
+              WHERE r.status = 'running' AND rd.status = 'queued' AND rd.wave <= r.current_wave
+                AND d.online
+              GROUP BY rd.rollout_id",
+        )
+        .fetch_all(pool)
+        .await?;
+        for (rollout_id, devices) in online_queued {
+            for chunk in devices.chunks(SEND_BATCH as usize) {
+                self.send(&rollout_id, chunk).await?;
+            }
+        }
+        // Sent, but the device shows no update of this rollout and no outcome came: the manager
+        // stopped between recording and asking. Asking again is harmless (a device takes a
+        // rollout's request once); a grace period leaves the usual path its time.
+        let unasked: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT rd.rollout_id, array_agg(rd.device_id ORDER BY rd.device_id)
+               FROM rollout_devices rd
+               JOIN devices d ON d.device_id = rd.device_id
+              WHERE rd.status = 'sent' AND rd.sent_at < $1
+                AND (d.firmware_update ->> 'rollout_id') IS DISTINCT FROM rd.rollout_id
+              GROUP BY rd.rollout_id",
+        )
+        .bind(now - chrono::Duration::from_std(self.settings.sweep_interval * 2)?)
+        .fetch_all(pool)
+        .await?;
+        for (rollout_id, devices) in unasked {
+            let devices: Vec<DeviceId> = devices
+                .iter()
+                .filter_map(|d| DeviceId::parse(d.as_str()).ok())
+                .collect();
+            self.request_updates(&rollout_id, &devices).await?;
+        }
+        // Sent devices past the per-device timeout.
+        let stuck: Vec<(String, String)> = sqlx::query_as(
+            "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd
+               JOIN rollouts r ON r.rollout_id = rd.rollout_id
+              WHERE rd.status = 'sent' AND r.status IN ('running', 'paused', 'aborted')
+                AND rd.sent_at + make_interval(secs => r.device_timeout_secs) <= $1
+              LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(pool)
+        .await?;
+        for (rollout_id, device_id) in stuck {
+            let rollout = self.bus.rollouts().current(&rollout_id).await?.aggregate;
+            self.record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now)
+                .await?;
+            let command = DeviceCommand::AbandonFirmwareUpdate {
+                rollout_id: Some(RolloutId::parse(rollout_id.as_str())?),
+                reason: format!(
+                    "no new version reported within {} s",
+                    rollout.device_timeout_secs
+                ),
+                at: now,
+            };
+            match self
+                .bus
+                .devices()
+                .execute(&device_id, command, &CommandMetadata::new(ACTOR))
+                .await
+            {
+                Ok(_) | Err(CommandError::Refused(_)) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        // Devices offline for the whole window of their wave.
+        let unreachable: Vec<(String, String)> = sqlx::query_as(
+            "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd
+               JOIN rollouts r ON r.rollout_id = rd.rollout_id
+              WHERE rd.status = 'queued' AND r.status = 'running' AND rd.wave <= r.current_wave
+                AND r.wave_started_at[rd.wave + 1] + make_interval(secs => r.window_secs) <= $1
+              LIMIT 1000",
+        )
+        .bind(now)
+        .fetch_all(pool)
+        .await?;
+        for (rollout_id, device_id) in unreachable {
+            self.record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now)
+                .await?;
+        }
+        Ok(())
+    }
+}

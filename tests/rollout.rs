@@ -1,0 +1,595 @@
+//! Firmware rollouts end to end with every server real: an image uploaded and released over
+//! REST, a 3-wave rollout over simulated devices speaking MQTT (some succeed, some fail, one
+//! never answers, one is offline when its wave starts), waves advancing on the success
+//! threshold, the error threshold pausing one rollout and aborting another, devices downloading
+//! the image with a resumed ranged download, and `replay --verify` of the rollout model.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use chrono::Utc;
+use fleetlog_api::auth::{Auth, Caller};
+use fleetlog_api::firmware_store::{FirmwareStore, ImageSigner};
+use fleetlog_api::AppState;
+use fleetlog_commands::{CommandBus, StoreSettings};
+use fleetlog_domain::user::Role;
+use fleetlog_domain::{SessionId, TenantId, UserId};
+use fleetlog_ingest::bridge::{Ingest, IngestSettings};
+use fleetlog_ingest::dispatch::{DispatchSettings, Dispatcher};
+use fleetlog_nats::{Relay, RelaySettings};
+use fleetlog_projections::replay::verify;
+use fleetlog_projections::rollout_manager::{RolloutManager, RolloutManagerSettings};
+use fleetlog_projections::{run_all, RolloutsProjection, WorkerSettings};
+use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+struct Stack {
+    router: axum::Router,
+    token: String,
+    db: TestDatabase,
+    broker: MosquittoServer,
+    shutdown: CancellationToken,
+    _nats_server: NatsServer,
+    firmware_dir: std::path::PathBuf,
+}
+
+impl Stack {
+    async fn start() -> Self {
+        let db = TestDatabase::create().await;
+        let nats_server = NatsServer::start();
+        let broker = MosquittoServer::start();
+        let nats = fleetlog_nats::connect(&nats_server.url()).await.unwrap();
+        let jetstream = || async_nats::jetstream::new(nats.clone());
+        let shutdown = CancellationToken::new();
+        let bus = || CommandBus::new(db.pool.clone(), StoreSettings::default());
+        let relay = RelaySettings {
+            poll_interval: Duration::from_millis(50),
+            ..RelaySettings::default()
+        };
+        tokio::spawn(Relay::new(db.pool.clone(), nats.clone(), relay).run(shutdown.clone()));
+        tokio::spawn(run_all(
+            db.pool.clone(),
+            jetstream(),
+            WorkerSettings::default(),
+            shutdown.clone(),
+        ));
+        let mut ingest = IngestSettings::new(broker.url().parse().unwrap());
+        ingest.shards = 2;
+        tokio::spawn(Ingest::new(bus(), jetstream(), ingest).run(shutdown.clone()));
+        let mut dispatch = DispatchSettings::new(broker.url().parse().unwrap());
+        dispatch.public_url = Some("https://fleet.example.com/".into());
+        tokio::spawn(Dispatcher::new(bus(), jetstream(), dispatch).run(shutdown.clone()));
+        let manager = RolloutManagerSettings {
+            sweep_interval: Duration::from_millis(300),
+            ..RolloutManagerSettings::default()
+        };
+        tokio::spawn(RolloutManager::new(bus(), jetstream(), manager).run(shutdown.clone()));
+
+        let firmware_dir = std::env::temp_dir().join(format!("fleetlog-rollout-{}", uuid()));
+        let store = FirmwareStore::local(
+            &firmware_dir.join("images"),
+            1 << 20,
+            ImageSigner::from_file(&firmware_dir.join("signing.pem"), true).unwrap(),
+        )
+        .unwrap();
+        let auth = Auth::new(
+            &SecretString::from("a test secret that is long enough to sign"),
+            Duration::from_secs(300),
+            Duration::from_secs(3600),
+        );
+        let caller = Caller {
+            user_id: UserId::parse("u-otto").unwrap(),
+            tenant: TenantId::parse("acme").unwrap(),
+            session_id: SessionId::parse("s1").unwrap(),
+            roles: vec![Role::Operator],
+        };
+        let token = auth.access_token(&caller, Utc::now()).unwrap();
+        let state = AppState {
+            auth,
+            nats: Some(nats.clone()),
+            mqtt: None,
+            login_throttle: Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
+            bus: bus(),
+            metrics: None,
+            firmware: Some(Arc::new(store)),
+        };
+        Self {
+            router: fleetlog_api::router(state),
+            token,
+            db,
+            broker,
+            shutdown,
+            _nats_server: nats_server,
+            firmware_dir,
+        }
+    }
+
+    async fn request(&self, request: Request<Body>) -> (StatusCode, axum::body::Bytes) {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 4 << 20)
+            .await
+            .unwrap();
+        (status, bytes)
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
+        let body = match body {
+            Some(body) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(body.to_string())
+            }
+            None => Body::empty(),
+        };
+        let (status, bytes) = self.request(request.body(body).unwrap()).await;
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Polls `path` until `done` holds for its body.
+    async fn wait_for(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self.call(Method::GET, path, None).await;
+            if status == StatusCode::OK && done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Registers a device of model `thermo`; answers its token.
+    async fn register(&self, id: &str) -> String {
+        let (status, created) = self
+            .call(
+                Method::POST,
+                "/api/v1/devices",
+                Some(json!({"device_id": id, "name": id, "model": "thermo"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created["device_token"].as_str().unwrap().to_string()
+    }
+
+    /// Uploads and releases an image; answers its id.
+    async fn release_firmware(&self, version: &str, image: &[u8]) -> String {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!(
+                "/api/v1/firmware?model=thermo&version={version}&compatible_models=thermo"
+            ))
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Body::from(image.to_vec()))
+            .unwrap();
+        let (status, body) = self.request(request).await;
+        assert_eq!(status, StatusCode::CREATED, "{body:?}");
+        let id = format!("thermo@{version}");
+        let (status, body) = self
+            .call(
+                Method::POST,
+                &format!("/api/v1/firmware/{id}/release"),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        id
+    }
+
+    /// The image as a device downloads it: the first 1,000 bytes, then (as after a cut
+    /// connection) the rest with `Range` and `If-Range`.
+    async fn download_resumed(&self, ota: &Value, device: &str, token: &str) -> Vec<u8> {
+        let path = ota["download_path"].as_str().unwrap();
+        let get = |range: String, if_range: Option<&str>| {
+            let mut request = Request::builder()
+                .uri(path)
+                .header("x-device-id", device)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::RANGE, range);
+            if let Some(etag) = if_range {
+                request = request.header(header::IF_RANGE, etag);
+            }
+            request.body(Body::empty()).unwrap()
+        };
+        let first = self.router.clone().oneshot(get("bytes=0-999".into(), None));
+        let first = first.await.unwrap();
+        assert_eq!(first.status(), StatusCode::PARTIAL_CONTENT);
+        let etag = first.headers()[header::ETAG].to_str().unwrap().to_string();
+        let mut image = axum::body::to_bytes(first.into_body(), 1 << 20)
+            .await
+            .unwrap()
+            .to_vec();
+        let (status, rest) = self
+            .request(get(format!("bytes={}-", image.len()), Some(&etag)))
+            .await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+        image.extend_from_slice(&rest);
+        image
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&self.firmware_dir);
+    }
+}
+
+fn uuid() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    )
+}
+
+/// How a simulated device answers an update.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Behaviour {
+    /// Downloads (resuming a cut download), checks the digest, installs, reboots and reports
+    /// the new version in its status.
+    Succeeds,
+    /// Downloads, then reports a failure.
+    Fails,
+    /// Takes the update and never says anything again.
+    Silent,
+}
+
+/// A device on MQTT that handles OTA messages by its behaviour. Each OTA message it gets is
+/// recorded in `received` so the test can check nothing was sent twice.
+struct SimulatedDevice {
+    received: Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl SimulatedDevice {
+    async fn connect(stack: &Arc<Stack>, id: &str, token: String, behaviour: Behaviour) -> Self {
+        let options = MqttOptions::new(format!("{id}-sim"), "127.0.0.1", stack.broker.port());
+        let (client, mut events) = AsyncClient::new(options, 100);
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (subscribed, ready) = tokio::sync::oneshot::channel();
+        let mut subscribed = Some(subscribed);
+        let (id, seen, stack) = (id.to_string(), received.clone(), stack.clone());
+        tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client
+                            .subscribe(format!("devices/{id}/ota"), QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        // Online once it says something.
+                        let heartbeat = json!({"firmware_version": "1.0.0"}).to_string();
+                        client
+                            .publish(
+                                format!("devices/{id}/heartbeat"),
+                                QoS::AtLeastOnce,
+                                false,
+                                heartbeat,
+                            )
+                            .await
+                            .unwrap();
+                        if let Some(subscribed) = subscribed.take() {
+                            let _ = subscribed.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let ota: Value = serde_json::from_slice(&publish.payload).unwrap();
+                        seen.lock().unwrap().push(ota.clone());
+                        let (client, id, token, stack) =
+                            (client.clone(), id.clone(), token.clone(), stack.clone());
+                        tokio::spawn(async move {
+                            answer(&stack, &client, &id, &token, &ota, behaviour).await;
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .expect("device subscribed")
+            .unwrap();
+        Self { received }
+    }
+
+    fn updates_received(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+async fn answer(
+    stack: &Stack,
+    client: &AsyncClient,
+    id: &str,
+    token: &str,
+    ota: &Value,
+    behaviour: Behaviour,
+) {
+    if behaviour == Behaviour::Silent {
+        return;
+    }
+    let progress = |state: &str, percent: u8| {
+        json!({"rollout_id": ota["rollout_id"], "state": state, "progress": percent}).to_string()
+    };
+    let publish = |topic: String, body: String| async move {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .unwrap();
+    };
+    publish(
+        format!("devices/{id}/ota/progress"),
+        progress("downloading", 0),
+    )
+    .await;
+    let image = stack.download_resumed(ota, id, token).await;
+    assert_eq!(
+        hex::encode(Sha256::digest(&image)),
+        ota["sha256"].as_str().unwrap(),
+        "the resumed download of {id} has the announced digest"
+    );
+    if behaviour == Behaviour::Fails {
+        let failed = json!({"rollout_id": ota["rollout_id"], "state": "failed",
+                            "error": "flash write failed"});
+        publish(format!("devices/{id}/ota/progress"), failed.to_string()).await;
+        return;
+    }
+    publish(
+        format!("devices/{id}/ota/progress"),
+        progress("installing", 60),
+    )
+    .await;
+    publish(
+        format!("devices/{id}/ota/progress"),
+        progress("rebooting", 90),
+    )
+    .await;
+    // Saying "done" proves nothing; reporting the new version does.
+    publish(
+        format!("devices/{id}/ota/progress"),
+        progress("succeeded", 100),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = json!({"status": "online", "firmware_version": ota["version"]});
+    publish(format!("devices/{id}/status"), status.to_string()).await;
+}
+
+fn image(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
+    let stack = Arc::new(Stack::start().await);
+    let firmware_id = stack.release_firmware("2.0.0", &image(150_000)).await;
+    let firmware = stack
+        .wait_for(
+            &format!("/api/v1/firmware/{firmware_id}"),
+            "the release",
+            |f| f["status"] == "released",
+        )
+        .await;
+
+    // Ten devices in waves of 2, 3 and 5.
+    let behaviours = [
+        ("d0", Behaviour::Succeeds),
+        ("d1", Behaviour::Fails),
+        ("d2", Behaviour::Succeeds),
+        ("d3", Behaviour::Silent),
+        ("d4", Behaviour::Succeeds),
+        ("d5", Behaviour::Succeeds), // offline when its wave starts
+        ("d6", Behaviour::Fails),
+        ("d7", Behaviour::Fails),
+        ("d8", Behaviour::Fails),
+        ("d9", Behaviour::Succeeds),
+    ];
+    let mut tokens = HashMap::new();
+    for (id, _) in behaviours {
+        tokens.insert(id, stack.register(id).await);
+    }
+    let mut devices = HashMap::new();
+    for (id, behaviour) in behaviours {
+        if id != "d5" {
+            let device = SimulatedDevice::connect(&stack, id, tokens[id].clone(), behaviour).await;
+            devices.insert(id, device);
+        }
+    }
+    stack
+        .wait_for("/api/v1/devices?online=true", "devices online", |page| {
+            page["items"]
+                .as_array()
+                .is_some_and(|items| items.len() == 9)
+        })
+        .await;
+
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(json!({
+                "rollout_id": "r-three-waves",
+                "firmware_id": firmware_id,
+                "device_ids": behaviours.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+                "waves": [20, 50, 100],
+                "success_threshold": 50,
+                "error_threshold": 50,
+                "on_error": "pause",
+                "device_timeout_secs": 3,
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (status, started) = stack
+        .call(Method::POST, "/api/v1/rollouts/r-three-waves/start", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+
+    // Wave 2 has three failures out of five: past the 50% error threshold, the rollout pauses.
+    let paused = stack
+        .wait_for(
+            "/api/v1/rollouts/r-three-waves",
+            "the automatic pause",
+            |r| r["status"] == "paused",
+        )
+        .await;
+    let decision = &paused["last_decision"];
+    assert_eq!(decision["decision"], "pause", "{paused}");
+    assert_eq!(decision["automatic"], true);
+    assert_eq!(decision["counts"]["wave"], 2);
+    assert_eq!(decision["counts"]["wave_failed"], 3, "{paused}");
+    assert_eq!(paused["current_wave"], 2);
+    assert_eq!(paused["wave_started_at"].as_array().unwrap().len(), 3);
+
+    // The OTA message carries what a device needs to fetch and check the image.
+    let ota = devices["d0"].received.lock().unwrap()[0].clone();
+    assert_eq!(ota["rollout_id"], "r-three-waves");
+    assert_eq!(ota["version"], "2.0.0");
+    assert_eq!(ota["sha256"], firmware["sha256"]);
+    assert_eq!(ota["size_bytes"], 150_000);
+    assert_eq!(ota["signature"], firmware["signature"]);
+    assert_eq!(ota["key_id"], firmware["signing_key_id"]);
+    assert_eq!(ota["signature_algorithm"], "ed25519");
+    assert_eq!(
+        ota["download_url"],
+        format!("https://fleet.example.com/api/v1/firmware/{firmware_id}/download")
+    );
+
+    // d5, offline when wave 2 started, comes back within the window; resuming sends it the
+    // update and the rollout completes once every device has its outcome (d3 times out).
+    let d5 =
+        SimulatedDevice::connect(&stack, "d5", tokens["d5"].clone(), Behaviour::Succeeds).await;
+    devices.insert("d5", d5);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        devices["d5"].updates_received(),
+        0,
+        "nothing is sent while paused"
+    );
+    let (status, resumed) = stack
+        .call(Method::POST, "/api/v1/rollouts/r-three-waves/resume", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resumed}");
+    let done = stack
+        .wait_for("/api/v1/rollouts/r-three-waves", "completion", |r| {
+            r["status"] == "completed"
+        })
+        .await;
+    assert_eq!(
+        (
+            &done["succeeded"],
+            &done["failed"],
+            &done["timed_out"],
+            &done["sent"]
+        ),
+        (&json!(5), &json!(4), &json!(1), &json!(10)),
+        "{done}"
+    );
+    assert_eq!(done["last_decision"]["decision"], "complete");
+    assert_eq!(done["last_decision"]["counts"]["pending"], 0);
+    assert_eq!(done["device_counts"]["succeeded"], 5, "{done}");
+
+    let (_, page) = stack
+        .call(Method::GET, "/api/v1/rollouts/r-three-waves/devices", None)
+        .await;
+    let states: HashMap<String, String> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().unwrap().to_string(),
+                d["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (id, behaviour) in behaviours {
+        let expected = match behaviour {
+            Behaviour::Succeeds => "succeeded",
+            Behaviour::Fails => "failed",
+            Behaviour::Silent => "timed_out",
+        };
+        assert_eq!(states[id], expected, "{id}");
+        // Each device got the update exactly once.
+        assert_eq!(devices[id].updates_received(), 1, "{id}");
+    }
+    // The devices read model shows the new version where it was reported.
+    let (_, d0) = stack.call(Method::GET, "/api/v1/devices/d0", None).await;
+    assert_eq!(d0["firmware_version"], "2.0.0");
+    let (_, d3) = stack.call(Method::GET, "/api/v1/devices/d3", None).await;
+    assert_eq!(d3["firmware_version"], "1.0.0");
+    assert!(
+        d3["firmware_update"].is_null(),
+        "the stuck update was given up: {d3}"
+    );
+
+    // The error threshold aborts a rollout so configured: its unsent devices are canceled.
+    let firmware_id = stack.release_firmware("2.1.0", &image(20_000)).await;
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(json!({
+                "rollout_id": "r-abort",
+                "firmware_id": firmware_id,
+                "device_ids": ["d1", "d6", "d7", "d8"],
+                "waves": [50, 100],
+                "success_threshold": 100,
+                "error_threshold": 0,
+                "on_error": "abort",
+                "device_timeout_secs": 30,
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    stack
+        .call(Method::POST, "/api/v1/rollouts/r-abort/start", None)
+        .await;
+    let aborted = stack
+        .wait_for("/api/v1/rollouts/r-abort", "the automatic abort", |r| {
+            r["status"] == "aborted" && r["failed"] == 2
+        })
+        .await;
+    assert_eq!(aborted["last_decision"]["decision"], "abort");
+    assert_eq!(aborted["last_decision"]["automatic"], true);
+    assert_eq!(aborted["canceled"], 2, "{aborted}");
+    assert_eq!(aborted["device_counts"]["canceled"], 2, "{aborted}");
+    for id in ["d7", "d8"] {
+        assert_eq!(
+            devices[id].updates_received(),
+            1,
+            "{id} got only the first rollout"
+        );
+    }
+
+    // The rollout read model equals one rebuilt from the events.
+    let differences = verify(
+        &RolloutsProjection,
+        &stack.db.pool,
+        Duration::from_secs(20),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(differences.is_empty(), "{differences:?}");
+}
