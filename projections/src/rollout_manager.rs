@@ -48,7 +48,7 @@ const DEVICE_EVENTS: &[&str] = &[
 ];
 
 /// Devices recorded as sent by one command.
-const SEND_BATCH: i64 = 500;
+const SEND_BATCH: usize = 500;
 
 /// Concurrent device commands when a batch is sent.
 const CONCURRENT_REQUESTS: usize = 16;
@@ -233,7 +233,7 @@ impl RolloutManager {
                 .bind(&due)
                 .fetch_all(self.bus.pool())
                 .await?;
-                for chunk in online.chunks(SEND_BATCH as usize) {
+                for chunk in online.chunks(SEND_BATCH) {
                     self.send(rollout_id, chunk).await?;
                 }
                 Ok(())
@@ -425,7 +425,7 @@ impl RolloutManager {
         .fetch_all(pool)
         .await?;
         for (rollout_id, devices) in online_queued {
-            for chunk in devices.chunks(SEND_BATCH as usize) {
+            for chunk in devices.chunks(SEND_BATCH) {
                 self.send(&rollout_id, chunk).await?;
             }
         }
