@@ -126,20 +126,10 @@ impl Dispatcher {
     }
 
     async fn forward_events(&self, publisher: &ConfirmedPublisher, shutdown: &CancellationToken) {
-        let mut delay = Duration::from_millis(200);
-        while !shutdown.is_cancelled() {
-            match self.consume(publisher, shutdown).await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "dispatch consumer interrupted");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+        fleetlog_nats::consume_until_shutdown(CONSUMER, shutdown, || {
+            self.consume(publisher, shutdown)
+        })
+        .await;
     }
 
     async fn consume(

@@ -35,3 +35,31 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::Connec
 pub fn is_missed_heartbeat(error: &async_nats::jetstream::consumer::pull::MessagesError) -> bool {
     error.kind() == async_nats::jetstream::consumer::pull::MessagesErrorKind::MissingHeartbeat
 }
+
+/// Runs `consume` until it returns `Ok` or `shutdown` fires. A consumer that fails (server gone,
+/// stream not created yet, pull lost) is set up again after a backoff from 200 ms doubling to
+/// 10 s; `name` says whose in the log.
+pub async fn consume_until_shutdown<F, Fut, E>(
+    name: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+    mut consume: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut delay = std::time::Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match consume().await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(consumer = name, %error, "consumer interrupted; setting it up again");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
+    }
+}

@@ -103,20 +103,10 @@ impl RolloutManager {
     }
 
     async fn follow(&self, consumer: &str, aggregate_type: &str, shutdown: &CancellationToken) {
-        let mut delay = Duration::from_millis(200);
-        while !shutdown.is_cancelled() {
-            match self.consume(consumer, aggregate_type, shutdown).await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(consumer, %error, "rollout manager consumer interrupted");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+        fleetlog_nats::consume_until_shutdown(consumer, shutdown, || {
+            self.consume(consumer, aggregate_type, shutdown)
+        })
+        .await;
     }
 
     /// Handles the messages of one durable consumer in order. Acks are cumulative: acking the

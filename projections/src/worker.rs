@@ -298,20 +298,7 @@ impl<P: Projection> Worker<P> {
     /// Consumes until `shutdown`; the message in hand is finished first. Lost connections to
     /// NATS or Postgres are retried, never returned.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            match self.consume(&shutdown).await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(projection = P::NAME, %error, "projection consumer interrupted");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+        fleetlog_nats::consume_until_shutdown(P::NAME, &shutdown, || self.consume(&shutdown)).await;
         tracing::info!(projection = P::NAME, "projection stopped");
     }
 
