@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use axum::http::header::IF_MATCH;
 use axum::http::HeaderMap;
+use fleetlog_nats::envelope::StoredEvent;
+use fleetlog_projections::ProjectionError;
 use sqlx::PgPool;
 
 use crate::error::ApiError;
@@ -23,29 +25,33 @@ pub async fn wait_for_position(
     projection: &str,
     position: i64,
 ) -> Result<(), ApiError> {
-    let event: Option<(String, String, i64)> = sqlx::query_as(
-        "SELECT aggregate_type, aggregate_id, sequence FROM events WHERE global_position = $1",
+    let event: Option<StoredEvent> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                metadata, global_position, transaction_id::text AS transaction_id, recorded_at
+           FROM events WHERE global_position = $1",
     )
     .bind(position)
     .fetch_optional(pool)
     .await?;
-    let Some((aggregate_type, aggregate_id, sequence)) = event else {
+    let Some(StoredEvent {
+        envelope: event, ..
+    }) = event
+    else {
         return Err(ApiError::BadRequest(format!(
             "min_position {position} names no event"
         )));
     };
     let deadline = Instant::now() + MAX_WAIT;
     loop {
-        let applied: Option<i64> = sqlx::query_scalar(
-            "SELECT last_sequence FROM projection_positions
-              WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
-        )
-        .bind(projection)
-        .bind(&aggregate_type)
-        .bind(&aggregate_id)
-        .fetch_optional(pool)
-        .await?;
-        if applied.is_some_and(|applied| applied >= sequence) {
+        let applied = fleetlog_projections::with_projection!(projection, |read_model| {
+            fleetlog_projections::has_applied(&read_model, pool, &event).await
+        })
+        .ok_or_else(|| ApiError::Internal(format!("no projection named {projection}").into()))?
+        .map_err(|error| match error {
+            ProjectionError::Database(error) => ApiError::from(error),
+            other => ApiError::Internal(Box::new(other)),
+        })?;
+        if applied {
             return Ok(());
         }
         if Instant::now() >= deadline {

@@ -10,7 +10,7 @@ use fleetlog_nats::EventEnvelope;
 use serde_json::{json, Map, Value};
 use sqlx::PgConnection;
 
-use crate::worker::{Projection, ProjectionError};
+use crate::worker::{OwnPositions, Positions, Projection, ProjectionError};
 
 /// Keeps `devices` and `device_commands`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -20,6 +20,13 @@ impl Projection for DevicesProjection {
     const NAME: &'static str = "devices";
     const AGGREGATE_TYPE: &'static str = "device";
     const TABLES: &'static [&'static str] = &["devices", "device_commands"];
+    /// Every event of a device sets `devices.last_sequence` (registration creates the row), so
+    /// it is the projection's position.
+    const POSITIONS: Positions = Positions::Own(OwnPositions {
+        table: "devices",
+        id_column: "device_id",
+        sequence_column: "last_sequence",
+    });
 
     async fn apply(
         &self,

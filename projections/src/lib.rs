@@ -2,9 +2,10 @@
 //! Postgres read models for the API's queries.
 //!
 //! Each projection ([`Projection`]) reads the events of one aggregate type through a durable
-//! JetStream pull consumer named after it; the [`Worker`] applies each event and the
-//! projection's per-aggregate position in one transaction and acks only after the commit, so an
-//! event takes effect exactly once however often it is delivered (invariant 2 of the
+//! JetStream pull consumer named after it; the [`Worker`] applies each event and moves the
+//! projection's per-aggregate position in one transaction (or, for a projection keyed by the
+//! event, writes rows that a second application leaves alone) and acks only after the commit,
+//! so an event takes effect exactly once however often it is delivered (invariant 2 of the
 //! architecture).
 //!
 //! [`replay`] rebuilds a read model from the events table into shadow tables and swaps them in
@@ -32,7 +33,10 @@ pub use firmware::FirmwareProjection;
 pub use rollouts::RolloutsProjection;
 pub use telemetry::TelemetryProjection;
 pub use users::UsersProjection;
-pub use worker::{Outcome, Projection, ProjectionError, Worker, WorkerSettings};
+pub use worker::{
+    has_applied, Outcome, OwnPositions, Positions, Projection, ProjectionError, Worker,
+    WorkerSettings,
+};
 
 use async_nats::jetstream::Context;
 use sqlx::PgPool;

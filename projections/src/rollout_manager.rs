@@ -29,7 +29,7 @@ use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
 use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent, FirmwareImage};
 use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand, RolloutEvent};
 use fleetlog_domain::{DeviceId, RolloutId};
-use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER};
+use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -173,7 +173,16 @@ impl RolloutManager {
             .headers
             .as_ref()
             .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
-            .map(|kind| kind.as_str().to_string());
+            .map(|kind| kind.as_str());
+        // Most device events (telemetry above all) ask nothing of the manager: they are skipped
+        // by the event-type header, before their body is read.
+        let device_subject = message
+            .subject
+            .strip_prefix(SUBJECT_PREFIX)
+            .is_some_and(|rest| rest.starts_with(".device."));
+        if device_subject && kind.is_some_and(|kind| !DEVICE_EVENTS.contains(&kind)) {
+            return Ok(());
+        }
         let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
             Ok(envelope) => envelope,
             Err(error) => {
@@ -182,18 +191,13 @@ impl RolloutManager {
             }
         };
         match envelope.aggregate_type.as_str() {
-            "device" => {
-                if kind.is_some_and(|kind| !DEVICE_EVENTS.contains(&kind.as_str())) {
-                    return Ok(());
+            "device" => match DeviceEvent::deserialize(&envelope.payload) {
+                Ok(event) => self.on_device_event(&envelope.aggregate_id, event).await,
+                Err(error) => {
+                    tracing::error!(%error, "skipping an unreadable device event");
+                    Ok(())
                 }
-                match DeviceEvent::deserialize(&envelope.payload) {
-                    Ok(event) => self.on_device_event(&envelope.aggregate_id, event).await,
-                    Err(error) => {
-                        tracing::error!(%error, "skipping an unreadable device event");
-                        Ok(())
-                    }
-                }
-            }
+            },
             "rollout" => match RolloutEvent::deserialize(&envelope.payload) {
                 Ok(event) => self.on_rollout_event(&envelope.aggregate_id, event).await,
                 Err(error) => {

@@ -1,6 +1,6 @@
 //! The projection worker: feeds one projection from its durable JetStream pull consumer.
 //!
-//! For each message, in one Postgres transaction: lock the projection's position row for the
+//! For each message, in one Postgres transaction: read the projection's position for the
 //! event's aggregate, compare the event's sequence with the last one applied, apply the event
 //! and move the position. The message is acked only after the commit. So:
 //!
@@ -10,7 +10,12 @@
 //! - the next sequence: apply.
 //!
 //! Several workers of one projection (in one or many processes) share the durable consumer; the
-//! position row's lock keeps them from applying one aggregate's events twice or out of order.
+//! position's lock keeps them from applying one aggregate's events twice or out of order.
+//!
+//! Where the positions live is the projection's choice ([`Positions`]): rows of
+//! `projection_positions`, a column of the projection's own table that its writes set anyway,
+//! or nowhere, for a projection whose rows are keyed by the event so that applying one twice
+//! changes nothing. The last two spare the busiest projections a second row write per event.
 //! A message that keeps failing is dead-lettered after `max_deliveries`: recorded with its
 //! reason in `projection_dead_letters` and published on `fleetlog.deadletter.{projection}`, its
 //! position moved past it, and acked, so it blocks nothing. Database outages are retried without
@@ -46,6 +51,8 @@ pub trait Projection: Send + Sync + 'static {
     const AGGREGATE_TYPE: &'static str;
     /// The read-model tables it writes, and nothing else writes. Replay rebuilds exactly these.
     const TABLES: &'static [&'static str];
+    /// Where it keeps which events it has applied.
+    const POSITIONS: Positions = Positions::Shared;
 
     /// Applies one event, inside the transaction that also moves the projection's position.
     fn apply(
@@ -69,6 +76,149 @@ pub trait Projection: Send + Sync + 'static {
             Ok(())
         }
     }
+
+    /// Whether `event` is in the model already: how read-your-writes asks a
+    /// [`Positions::Keyed`] projection, which keeps no positions. Projections with positions
+    /// are asked through them and need not implement it.
+    fn contains(
+        &self,
+        connection: &mut PgConnection,
+        event: &EventEnvelope,
+    ) -> impl Future<Output = Result<bool, ProjectionError>> + Send {
+        let _ = (connection, event);
+        async { Ok(false) }
+    }
+}
+
+/// Where a projection keeps which events it has applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// One row per aggregate in `projection_positions`, locked, judged and moved by the worker
+    /// in the transaction that applies the events.
+    Shared,
+    /// A column of the projection's own table, one row per aggregate, that every applied event
+    /// sets to its sequence (as `devices.last_sequence`): no second row to write per event. An
+    /// aggregate without a row is at 0.
+    Own(OwnPositions),
+    /// Nowhere: the projection's rows are keyed by the event they come from and rows it has
+    /// already are skipped (`ON CONFLICT DO NOTHING`), so applying an event again changes
+    /// nothing and events apply in any order. No gaps are waited for.
+    Keyed,
+}
+
+/// The table and columns of [`Positions::Own`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnPositions {
+    /// The table with one row per aggregate.
+    pub table: &'static str,
+    /// Its column holding the aggregate id.
+    pub id_column: &'static str,
+    /// Its column holding the sequence of the last event applied.
+    pub sequence_column: &'static str,
+}
+
+impl OwnPositions {
+    /// Locks the aggregate's row, if it has one, and returns its sequence (0 without a row).
+    async fn lock(&self, connection: &mut PgConnection, id: &str) -> Result<i64, sqlx::Error> {
+        let Self {
+            table,
+            id_column,
+            sequence_column,
+        } = self;
+        let sequence: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT {sequence_column} FROM {table} WHERE {id_column} = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(connection)
+        .await?;
+        Ok(sequence.unwrap_or(0))
+    }
+
+    /// The sequences of those of `ids` that have a row.
+    async fn read_many(
+        &self,
+        connection: &mut PgConnection,
+        ids: &[&str],
+    ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let Self {
+            table,
+            id_column,
+            sequence_column,
+        } = self;
+        sqlx::query_as(&format!(
+            "SELECT {id_column}, {sequence_column} FROM {table} WHERE {id_column} = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(connection)
+        .await
+    }
+
+    /// Moves the aggregate's row past `sequence` (a dead letter), if it has a row.
+    async fn move_past(
+        &self,
+        connection: &mut PgConnection,
+        id: &str,
+        sequence: i64,
+    ) -> Result<(), sqlx::Error> {
+        let Self {
+            table,
+            id_column,
+            sequence_column,
+        } = self;
+        sqlx::query(&format!(
+            "UPDATE {table} SET {sequence_column} = $2
+              WHERE {id_column} = $1 AND {sequence_column} < $2"
+        ))
+        .bind(id)
+        .bind(sequence)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+
+    /// The sequence of the aggregate's row (0 without a row).
+    async fn read(&self, pool: &PgPool, id: &str) -> Result<i64, sqlx::Error> {
+        let Self {
+            table,
+            id_column,
+            sequence_column,
+        } = self;
+        let sequence: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT {sequence_column} FROM {table} WHERE {id_column} = $1"
+        ))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        Ok(sequence.unwrap_or(0))
+    }
+}
+
+/// Whether `projection` has applied `event`: read-your-writes asks this.
+pub async fn has_applied<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    event: &EventEnvelope,
+) -> Result<bool, ProjectionError> {
+    let applied = match P::POSITIONS {
+        Positions::Shared => {
+            let sequence: Option<i64> = sqlx::query_scalar(
+                "SELECT last_sequence FROM projection_positions
+                  WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+            )
+            .bind(P::NAME)
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .fetch_optional(pool)
+            .await?;
+            sequence.is_some_and(|sequence| sequence >= event.sequence)
+        }
+        Positions::Own(own) => own.read(pool, &event.aggregate_id).await? >= event.sequence,
+        Positions::Keyed => {
+            let mut connection = pool.acquire().await?;
+            projection.contains(&mut connection, event).await?
+        }
+    };
+    Ok(applied)
 }
 
 /// Why an event could not be applied.
@@ -271,7 +421,14 @@ pub async fn apply_event<P: Projection>(
     connection: &mut PgConnection,
     event: &EventEnvelope,
 ) -> Result<Position, ProjectionError> {
-    let last = lock_position(connection, P::NAME, event).await?;
+    let last = match P::POSITIONS {
+        Positions::Shared => lock_position(connection, P::NAME, event).await?,
+        Positions::Own(own) => own.lock(connection, &event.aggregate_id).await?,
+        Positions::Keyed => {
+            projection.apply(connection, event).await?;
+            return Ok(Position::Applied);
+        }
+    };
     if event.sequence <= last {
         return Ok(Position::AlreadyApplied);
     }
@@ -279,8 +436,38 @@ pub async fn apply_event<P: Projection>(
         return Ok(Position::Gap { expected: last + 1 });
     }
     projection.apply(connection, event).await?;
-    store_position(connection, P::NAME, event).await?;
+    if P::POSITIONS == Positions::Shared {
+        store_position(connection, P::NAME, event).await?;
+    }
     Ok(Position::Applied)
+}
+
+/// Judges `events`, in order, against `last` (the last applied sequence per aggregate, 0 when
+/// missing) as [`apply_event`] would one by one, moving `last` along. Returns each event's
+/// position and the events to apply.
+fn judge<'a>(
+    events: &'a [EventEnvelope],
+    last: &mut HashMap<(&'a str, &'a str), i64>,
+) -> (Vec<Position>, Vec<&'a EventEnvelope>) {
+    let mut positions = Vec::with_capacity(events.len());
+    let mut applied = Vec::with_capacity(events.len());
+    for event in events {
+        let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+        let current = last.get(&key).copied().unwrap_or(0);
+        let position = if event.sequence <= current {
+            Position::AlreadyApplied
+        } else if event.sequence > current + 1 {
+            Position::Gap {
+                expected: current + 1,
+            }
+        } else {
+            last.insert(key, event.sequence);
+            applied.push(event);
+            Position::Applied
+        };
+        positions.push(position);
+    }
+    (positions, applied)
 }
 
 impl<P: Projection> Worker<P> {
@@ -415,14 +602,73 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    /// Applies `events` in order in one transaction.
+    /// Applies `events` in order in one transaction, judged against the projection's
+    /// positions wherever it keeps them.
+    async fn apply_all(&self, events: &[EventEnvelope]) -> Result<Vec<Position>, ProjectionError> {
+        match P::POSITIONS {
+            Positions::Shared => self.apply_all_shared(events).await,
+            Positions::Own(own) => self.apply_all_own(own, events).await,
+            Positions::Keyed => {
+                let mut tx = self.pool.begin().await?;
+                let all: Vec<&EventEnvelope> = events.iter().collect();
+                self.projection.apply_batch(&mut tx, &all).await?;
+                tx.commit().await?;
+                Ok(vec![Position::Applied; events.len()])
+            }
+        }
+    }
+
+    /// [`Positions::Own`]: reads the positions of the batch's aggregates, unlocked, in a
+    /// repeatable-read transaction. A row that another worker or a replay moves after that
+    /// read cannot be written by this transaction (Postgres refuses it with a serialization
+    /// failure), so nothing commits and the caller goes one by one, locking each row; a row
+    /// moved before the read is seen by it.
+    async fn apply_all_own(
+        &self,
+        own: OwnPositions,
+        events: &[EventEnvelope],
+    ) -> Result<Vec<Position>, ProjectionError> {
+        let mut ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
+        let stored = own.read_many(&mut tx, &ids).await?;
+        let stored: HashMap<&str, i64> = stored
+            .iter()
+            .map(|(id, sequence)| (id.as_str(), *sequence))
+            .collect();
+        let mut last: HashMap<(&str, &str), i64> = events
+            .iter()
+            .filter_map(|e| {
+                let sequence = stored.get(e.aggregate_id.as_str())?;
+                Some((
+                    (e.aggregate_type.as_str(), e.aggregate_id.as_str()),
+                    *sequence,
+                ))
+            })
+            .collect();
+        let (positions, applied) = judge(events, &mut last);
+        if !applied.is_empty() {
+            self.projection.apply_batch(&mut tx, &applied).await?;
+            tx.commit().await?;
+        }
+        Ok(positions)
+    }
+
+    /// [`Positions::Shared`]: applies `events` in order in one transaction.
     ///
     /// Aggregates this worker committed last (see [`KnownPositions`]) need no read of their
     /// position rows; the others are read and locked, in a fixed order. The closing UPDATE
     /// moves each position only if it still holds the value the batch was judged against
     /// (compare-and-set): if another worker or a replay moved one meanwhile, nothing commits
     /// and the caller goes one by one, which reads every position afresh.
-    async fn apply_all(&self, events: &[EventEnvelope]) -> Result<Vec<Position>, ProjectionError> {
+    async fn apply_all_shared(
+        &self,
+        events: &[EventEnvelope],
+    ) -> Result<Vec<Position>, ProjectionError> {
         let mut last: HashMap<(&str, &str), i64> = HashMap::new();
         let mut unknown: Vec<(&str, &str)> = Vec::new();
         let mut seen: HashSet<(&str, &str)> = HashSet::new();
@@ -481,25 +727,7 @@ impl<P: Projection> Worker<P> {
             }
         }
         let judged_against = last.clone();
-        // Judge every event against the positions, as `apply_event` would one by one.
-        let mut positions = Vec::with_capacity(events.len());
-        let mut applied = Vec::with_capacity(events.len());
-        for event in events {
-            let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
-            let current = last.get(&key).copied().unwrap_or(0);
-            let position = if event.sequence <= current {
-                Position::AlreadyApplied
-            } else if event.sequence > current + 1 {
-                Position::Gap {
-                    expected: current + 1,
-                }
-            } else {
-                last.insert(key, event.sequence);
-                applied.push(event);
-                Position::Applied
-            };
-            positions.push(position);
-        }
+        let (positions, applied) = judge(events, &mut last);
         if applied.is_empty() {
             return Ok(positions);
         }
@@ -616,7 +844,7 @@ impl<P: Projection> Worker<P> {
         delivered: i64,
     ) -> Outcome {
         let result = self.apply_once(event).await;
-        {
+        if P::POSITIONS == Positions::Shared {
             let mut known = self.known.lock();
             match result {
                 Ok(Position::Applied) => {
@@ -680,11 +908,18 @@ impl<P: Projection> Worker<P> {
         let body = String::from_utf8_lossy(&message.payload).into_owned();
         let recorded = async {
             let mut tx = self.pool.begin().await?;
-            if let Some(event) = event {
-                let last = lock_position(&mut tx, P::NAME, event).await?;
-                if event.sequence > last {
-                    store_position(&mut tx, P::NAME, event).await?;
+            match (event, P::POSITIONS) {
+                (Some(event), Positions::Shared) => {
+                    let last = lock_position(&mut tx, P::NAME, event).await?;
+                    if event.sequence > last {
+                        store_position(&mut tx, P::NAME, event).await?;
+                    }
                 }
+                (Some(event), Positions::Own(own)) => {
+                    own.move_past(&mut tx, &event.aggregate_id, event.sequence)
+                        .await?;
+                }
+                (None, _) | (Some(_), Positions::Keyed) => {}
             }
             sqlx::query(
                 "INSERT INTO projection_dead_letters

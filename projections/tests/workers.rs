@@ -14,12 +14,12 @@ use fleetlog_nats::{ensure_stream, EventEnvelope, Relay, RelaySettings, StreamSe
 use fleetlog_projections::replay::verify;
 use fleetlog_projections::worker::{apply_event, Position, DEAD_LETTER_STREAM};
 use fleetlog_projections::{
-    DevicesProjection, Projection, TelemetryProjection, Worker, WorkerSettings,
+    DevicesProjection, Projection, ProjectionError, TelemetryProjection, Worker, WorkerSettings,
 };
 use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -282,16 +282,62 @@ fn recorded(n: i64) -> DeviceEvent {
     }
 }
 
+fn issued(n: i64) -> DeviceEvent {
+    DeviceEvent::CommandIssued {
+        command_id: CommandId::parse(format!("c{n}")).unwrap(),
+        name: "reboot".into(),
+        params: json!({}),
+        issued_at: at(n),
+        expires_at: at(n + 60),
+    }
+}
+
+/// A projection that keeps its positions in `projection_positions`, as firmware, rollouts and
+/// users do, over device events so it is driven like the others: one row per applied event,
+/// with no key, so an event applied twice shows.
+#[derive(Clone, Copy)]
+struct EventLog;
+
+impl Projection for EventLog {
+    const NAME: &'static str = "event_log";
+    const AGGREGATE_TYPE: &'static str = "device";
+    const TABLES: &'static [&'static str] = &["event_log"];
+
+    async fn apply(
+        &self,
+        connection: &mut PgConnection,
+        event: &EventEnvelope,
+    ) -> Result<(), ProjectionError> {
+        sqlx::query("INSERT INTO event_log (device_id, sequence) VALUES ($1, $2)")
+            .bind(&event.aggregate_id)
+            .bind(event.sequence)
+            .execute(connection)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn create_event_log(pool: &PgPool) {
+    sqlx::query("CREATE TABLE event_log (device_id text NOT NULL, sequence bigint NOT NULL)")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The last sequence `projection` applied for `device`, wherever it keeps it.
 async fn position(pool: &PgPool, projection: &str, device: &str) -> i64 {
-    sqlx::query_scalar(
+    let query = if projection == DevicesProjection::NAME {
+        "SELECT COALESCE(max(last_sequence), 0) FROM devices WHERE device_id = $2 AND $1 = 'devices'"
+    } else {
         "SELECT COALESCE(max(last_sequence), 0) FROM projection_positions
-          WHERE projection = $1 AND aggregate_id = $2",
-    )
-    .bind(projection)
-    .bind(device)
-    .fetch_one(pool)
-    .await
-    .unwrap()
+          WHERE projection = $1 AND aggregate_id = $2"
+    };
+    sqlx::query_scalar(query)
+        .bind(projection)
+        .bind(device)
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 async fn wait_for_position(pool: &PgPool, projection: &str, device: &str, expected: i64) {
@@ -305,6 +351,20 @@ async fn wait_for_position(pool: &PgPool, projection: &str, device: &str, expect
     }
 }
 
+/// How many `issued` events `projection` has applied for `device`, counting repeats.
+async fn commands_applied(pool: &PgPool, projection: &str, device: &str) -> i64 {
+    let query = if projection == DevicesProjection::NAME {
+        "SELECT COALESCE(max(open_commands), 0)::bigint FROM devices WHERE device_id = $1"
+    } else {
+        "SELECT count(*) FROM event_log WHERE device_id = $1 AND sequence > 1"
+    };
+    sqlx::query_scalar(query)
+        .bind(device)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 async fn telemetry_rows(pool: &PgPool, device: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM telemetry WHERE device_id = $1")
         .bind(device)
@@ -313,8 +373,49 @@ async fn telemetry_rows(pool: &PgPool, device: &str) -> i64 {
         .unwrap()
 }
 
+async fn gaps_wait_and_redeliveries_apply_once<P: Projection>(projection: P) {
+    let db = TestDatabase::create().await;
+    create_event_log(&db.pool).await;
+    let nats = NatsServer::start();
+    let jetstream = jetstream_of(&nats).await;
+    ensure_stream(&jetstream, &StreamSettings::default())
+        .await
+        .unwrap();
+    let worker = start_worker(projection, &db.pool, &nats).await;
+
+    // Sequence 3 arrives before 2: it must wait, not be applied early or dropped.
+    publish(&jetstream, &envelope("d1", 1, &registered("d1"))).await;
+    publish(&jetstream, &envelope("d1", 3, &issued(3))).await;
+    wait_for_position(&db.pool, P::NAME, "d1", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(position(&db.pool, P::NAME, "d1").await, 1);
+    publish(&jetstream, &envelope("d1", 2, &issued(2))).await;
+    wait_for_position(&db.pool, P::NAME, "d1", 3).await;
+    assert_eq!(commands_applied(&db.pool, P::NAME, "d1").await, 2);
+
+    // The same events again (a redelivery, a relay republishing): no effect.
+    publish(&jetstream, &envelope("d1", 2, &issued(2))).await;
+    publish(&jetstream, &envelope("d1", 3, &issued(3))).await;
+    publish(&jetstream, &envelope("d1", 4, &issued(4))).await;
+    wait_for_position(&db.pool, P::NAME, "d1", 4).await;
+    assert_eq!(commands_applied(&db.pool, P::NAME, "d1").await, 3);
+    worker.stop().await;
+}
+
 #[tokio::test]
-async fn redeliveries_apply_once_and_gaps_wait_for_the_missing_event() {
+async fn with_shared_positions_redeliveries_apply_once_and_gaps_wait() {
+    gaps_wait_and_redeliveries_apply_once(EventLog).await;
+}
+
+#[tokio::test]
+async fn with_positions_in_the_read_model_redeliveries_apply_once_and_gaps_wait() {
+    gaps_wait_and_redeliveries_apply_once(DevicesProjection).await;
+}
+
+/// The telemetry projection keeps no positions: readings apply in any order, and an event
+/// delivered again adds nothing.
+#[tokio::test]
+async fn keyed_telemetry_applies_in_any_order_and_redeliveries_add_nothing() {
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
     let jetstream = jetstream_of(&nats).await;
@@ -322,23 +423,33 @@ async fn redeliveries_apply_once_and_gaps_wait_for_the_missing_event() {
         .await
         .unwrap();
     let worker = start_worker(TelemetryProjection, &db.pool, &nats).await;
+    let wait_for_rows = |expected: i64| {
+        let pool = db.pool.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while telemetry_rows(&pool, "d1").await != expected {
+                assert!(Instant::now() < deadline, "never {expected} rows");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
 
-    // Sequence 3 arrives before 2: it must wait, not be applied early or dropped.
     publish(&jetstream, &envelope("d1", 1, &registered("d1"))).await;
     publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
-    wait_for_position(&db.pool, "telemetry", "d1", 1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(position(&db.pool, "telemetry", "d1").await, 1);
+    wait_for_rows(1).await;
     publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
-    wait_for_position(&db.pool, "telemetry", "d1", 3).await;
-    assert_eq!(telemetry_rows(&db.pool, "d1").await, 2);
+    wait_for_rows(2).await;
 
-    // The same events again (a redelivery, a relay republishing): no effect.
     publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
     publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
     publish(&jetstream, &envelope("d1", 4, &recorded(4))).await;
-    wait_for_position(&db.pool, "telemetry", "d1", 4).await;
-    assert_eq!(telemetry_rows(&db.pool, "d1").await, 3);
+    wait_for_rows(3).await;
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM telemetry WHERE device_id = 'd1' ORDER BY time")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sequences, [2, 3, 4]);
     worker.stop().await;
 }
 
@@ -352,21 +463,22 @@ async fn a_poison_event_is_dead_lettered_and_the_projection_moves_on() {
         .unwrap();
     let worker = start_worker(DevicesProjection, &db.pool, &nats).await;
 
-    let mut poison = envelope("bad", 1, &registered("bad"));
+    publish(&jetstream, &envelope("bad", 1, &registered("bad"))).await;
+    let mut poison = envelope("bad", 2, &recorded(2));
     poison.payload = json!({"DeviceExploded": {"how": "loudly"}});
     publish(&jetstream, &poison).await;
-    publish(&jetstream, &envelope("bad", 2, &recorded(2))).await;
+    publish(&jetstream, &envelope("bad", 3, &recorded(3))).await;
     publish(&jetstream, &envelope("good", 1, &registered("good"))).await;
 
     wait_for_position(&db.pool, "devices", "good", 1).await;
-    wait_for_position(&db.pool, "devices", "bad", 2).await;
+    wait_for_position(&db.pool, "devices", "bad", 3).await;
     let (reason, sequence): (String, i64) = sqlx::query_as(
         "SELECT reason, sequence FROM projection_dead_letters WHERE projection = 'devices'",
     )
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(sequence, 1);
+    assert_eq!(sequence, 2);
     assert!(reason.contains("failed 3 times"), "{reason}");
     assert!(reason.contains("DeviceExploded"), "{reason}");
 
@@ -492,47 +604,48 @@ async fn next_messages<P: Projection>(worker: &Worker<P>, count: usize) -> Vec<j
     messages
 }
 
-#[tokio::test]
-async fn a_batch_notices_a_position_moved_by_someone_else() {
+async fn a_batch_notices_a_position_moved_by_someone_else<P: Projection + Copy>(projection: P) {
     let db = TestDatabase::create().await;
+    create_event_log(&db.pool).await;
     let nats = NatsServer::start();
     let jetstream = jetstream_of(&nats).await;
     ensure_stream(&jetstream, &StreamSettings::default())
         .await
         .unwrap();
-    let worker = Worker::new(
-        TelemetryProjection,
-        db.pool.clone(),
-        jetstream.clone(),
-        settings(),
-    );
+    let worker = Worker::new(projection, db.pool.clone(), jetstream.clone(), settings());
     for sequence in 1..=3 {
         let event = if sequence == 1 {
             registered("d1")
         } else {
-            recorded(sequence)
+            issued(sequence)
         };
         publish(&jetstream, &envelope("d1", sequence, &event)).await;
     }
     worker.handle_batch(next_messages(&worker, 3).await).await;
-    assert_eq!(position(&db.pool, "telemetry", "d1").await, 3);
+    assert_eq!(position(&db.pool, P::NAME, "d1").await, 3);
 
     // Another worker applies event 4; this one still remembers position 3.
     let mut tx = db.pool.begin().await.unwrap();
-    let moved = apply_event(
-        &TelemetryProjection,
-        &mut tx,
-        &envelope("d1", 4, &recorded(4)),
-    )
-    .await
-    .unwrap();
+    let moved = apply_event(&projection, &mut tx, &envelope("d1", 4, &issued(4)))
+        .await
+        .unwrap();
     assert_eq!(moved, Position::Applied);
     tx.commit().await.unwrap();
 
     // Event 4 comes to this worker too, with 5: 4 must not be applied a second time.
-    publish(&jetstream, &envelope("d1", 4, &recorded(4))).await;
-    publish(&jetstream, &envelope("d1", 5, &recorded(5))).await;
+    publish(&jetstream, &envelope("d1", 4, &issued(4))).await;
+    publish(&jetstream, &envelope("d1", 5, &issued(5))).await;
     worker.handle_batch(next_messages(&worker, 2).await).await;
-    assert_eq!(position(&db.pool, "telemetry", "d1").await, 5);
-    assert_eq!(telemetry_rows(&db.pool, "d1").await, 4);
+    assert_eq!(position(&db.pool, P::NAME, "d1").await, 5);
+    assert_eq!(commands_applied(&db.pool, P::NAME, "d1").await, 4);
+}
+
+#[tokio::test]
+async fn a_batch_notices_a_shared_position_moved_by_someone_else() {
+    a_batch_notices_a_position_moved_by_someone_else(EventLog).await;
+}
+
+#[tokio::test]
+async fn a_batch_notices_a_read_model_position_moved_by_someone_else() {
+    a_batch_notices_a_position_moved_by_someone_else(DevicesProjection).await;
 }

@@ -118,24 +118,43 @@ impl Drop for TestDatabase {
 }
 
 /// Waits (up to 30 s) until `projection` has applied every stored event of `aggregate_type`,
-/// judged by its positions table. Panics on timeout.
+/// judged by its positions: `devices.last_sequence` for the devices projection, the readings'
+/// rows for the telemetry projection (it keeps no positions), `projection_positions` for the
+/// others. Panics on timeout.
 pub async fn wait_until_projected(pool: &PgPool, projection: &str, aggregate_type: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let behind: i64 = sqlx::query_scalar(
+    let behind_query = match projection {
+        "devices" => {
+            "SELECT count(*) FROM (
+                 SELECT aggregate_id, max(sequence) AS last FROM events
+                  WHERE aggregate_type = $2 GROUP BY aggregate_id) latest
+             LEFT JOIN devices d ON d.device_id = latest.aggregate_id
+             WHERE d.last_sequence IS DISTINCT FROM latest.last AND $1 = 'devices'"
+        }
+        "telemetry" => {
+            "SELECT count(*) FROM events e
+              WHERE e.aggregate_type = $2 AND e.event_type = 'TelemetryRecorded' AND $1 = 'telemetry'
+                AND json_array_length(e.payload -> 'TelemetryRecorded' -> 'readings') > 0
+                AND NOT EXISTS (SELECT 1 FROM telemetry t
+                                 WHERE t.device_id = e.aggregate_id AND t.sequence = e.sequence)"
+        }
+        _ => {
             "SELECT count(*) FROM (
                  SELECT aggregate_id, max(sequence) AS last FROM events
                   WHERE aggregate_type = $2 GROUP BY aggregate_id) latest
              LEFT JOIN projection_positions p
                     ON p.projection = $1 AND p.aggregate_type = $2
                    AND p.aggregate_id = latest.aggregate_id
-             WHERE p.last_sequence IS DISTINCT FROM latest.last",
-        )
-        .bind(projection)
-        .bind(aggregate_type)
-        .fetch_one(pool)
-        .await
-        .expect("read projection positions");
+             WHERE p.last_sequence IS DISTINCT FROM latest.last"
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let behind: i64 = sqlx::query_scalar(behind_query)
+            .bind(projection)
+            .bind(aggregate_type)
+            .fetch_one(pool)
+            .await
+            .expect("read projection positions");
         if behind == 0 {
             return;
         }
