@@ -2,7 +2,9 @@
 //! REST, a 3-wave rollout over simulated devices speaking MQTT (some succeed, some fail, one
 //! never answers, one is offline when its wave starts), waves advancing on the success
 //! threshold, the error threshold pausing one rollout and aborting another, devices downloading
-//! the image with a resumed ranged download, and `replay --verify` of the rollout model.
+//! the image with a resumed ranged download, and `replay --verify` of the rollout model; and a
+//! rollout manager killed again and again mid-rollout that neither sends twice nor skips a
+//! device, with an offline device timing out when its window closes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,11 +40,19 @@ struct Stack {
     broker: MosquittoServer,
     shutdown: CancellationToken,
     _nats_server: NatsServer,
+    nats: async_nats::Client,
     firmware_dir: std::path::PathBuf,
 }
 
+/// Whether the stack runs a rollout manager of its own until the end of the test.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Manager {
+    Running,
+    LeftToTheTest,
+}
+
 impl Stack {
-    async fn start() -> Self {
+    async fn start(manager: Manager) -> Self {
         let db = TestDatabase::create().await;
         let nats_server = NatsServer::start();
         let broker = MosquittoServer::start();
@@ -67,11 +77,9 @@ impl Stack {
         let mut dispatch = DispatchSettings::new(broker.url().parse().unwrap());
         dispatch.public_url = Some("https://fleet.example.com/".into());
         tokio::spawn(Dispatcher::new(bus(), jetstream(), dispatch).run(shutdown.clone()));
-        let manager = RolloutManagerSettings {
-            sweep_interval: Duration::from_millis(300),
-            ..RolloutManagerSettings::default()
-        };
-        tokio::spawn(RolloutManager::new(bus(), jetstream(), manager).run(shutdown.clone()));
+        if manager == Manager::Running {
+            tokio::spawn(rollout_manager(&db, &nats).run(shutdown.clone()));
+        }
 
         let firmware_dir = std::env::temp_dir().join(format!("fleetlog-rollout-{}", uuid()));
         let store = FirmwareStore::local(
@@ -108,8 +116,14 @@ impl Stack {
             broker,
             shutdown,
             _nats_server: nats_server,
+            nats,
             firmware_dir,
         }
+    }
+
+    /// A rollout manager of this stack, to run (and kill) as the test likes.
+    fn rollout_manager(&self) -> RolloutManager {
+        rollout_manager(&self.db, &self.nats)
     }
 
     async fn request(&self, request: Request<Body>) -> (StatusCode, axum::body::Bytes) {
@@ -230,6 +244,19 @@ impl Drop for Stack {
         self.shutdown.cancel();
         let _ = std::fs::remove_dir_all(&self.firmware_dir);
     }
+}
+
+/// A manager that sweeps often and gets unacknowledged events back soon after a crash.
+fn rollout_manager(db: &TestDatabase, nats: &async_nats::Client) -> RolloutManager {
+    let settings = RolloutManagerSettings {
+        sweep_interval: Duration::from_millis(300),
+        ack_wait: Duration::from_secs(1),
+    };
+    RolloutManager::new(
+        CommandBus::new(db.pool.clone(), StoreSettings::default()),
+        async_nats::jetstream::new(nats.clone()),
+        settings,
+    )
 }
 
 fn uuid() -> String {
@@ -381,7 +408,7 @@ fn image(size: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
-    let stack = Arc::new(Stack::start().await);
+    let stack = Arc::new(Stack::start(Manager::Running).await);
     let firmware_id = stack.release_firmware("2.0.0", &image(150_000)).await;
     let firmware = stack
         .wait_for(
@@ -592,4 +619,112 @@ async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
     .await
     .unwrap();
     assert!(differences.is_empty(), "{differences:?}");
+}
+
+/// The rollout manager is killed without warning, over and over, at whatever it is doing
+/// (sending a wave, recording outcomes, sweeping); each time a new one takes over. Every device
+/// still gets the update exactly once, none is skipped, and the device that stays offline times
+/// out when the rollout's window closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_manager_killed_mid_rollout_neither_sends_twice_nor_skips_a_device() {
+    let stack = Arc::new(Stack::start(Manager::LeftToTheTest).await);
+    let firmware_id = stack.release_firmware("3.0.0", &image(20_000)).await;
+    stack
+        .wait_for(
+            &format!("/api/v1/firmware/{firmware_id}"),
+            "the release",
+            |f| f["status"] == "released",
+        )
+        .await;
+    let online: Vec<String> = (0..8).map(|n| format!("k{n}")).collect();
+    let mut devices = HashMap::new();
+    for id in &online {
+        let token = stack.register(id).await;
+        let device = SimulatedDevice::connect(&stack, id, token, Behaviour::Succeeds).await;
+        devices.insert(id.clone(), device);
+    }
+    // Registered, never connects: in the last wave, so its window starts with that wave.
+    stack.register("k-offline").await;
+    stack
+        .wait_for("/api/v1/devices?online=true", "devices online", |page| {
+            page["items"]
+                .as_array()
+                .is_some_and(|items| items.len() == online.len())
+        })
+        .await;
+    let mut targets = online.clone();
+    targets.push("k-offline".into());
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(json!({
+                "rollout_id": "r-restarts",
+                "firmware_id": firmware_id,
+                "device_ids": targets,
+                "waves": [25, 50, 100],
+                "success_threshold": 50,
+                "error_threshold": 50,
+                "window_secs": 3,
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (status, started) = stack
+        .call(Method::POST, "/api/v1/rollouts/r-restarts/start", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+
+    // Kill a manager after 100 to 400 ms, start the next, until the rollout is done or the
+    // managers have had 40 lives; then one runs to the end.
+    let mut lives = 0;
+    loop {
+        let manager = tokio::spawn(stack.rollout_manager().run(CancellationToken::new()));
+        tokio::time::sleep(Duration::from_millis(100 + 100 * (lives % 4))).await;
+        manager.abort();
+        let _ = manager.await;
+        lives += 1;
+        let (_, rollout) = stack
+            .call(Method::GET, "/api/v1/rollouts/r-restarts", None)
+            .await;
+        if rollout["status"] == "completed" || lives == 40 {
+            break;
+        }
+    }
+    tokio::spawn(stack.rollout_manager().run(stack.shutdown.clone()));
+    let done = stack
+        .wait_for("/api/v1/rollouts/r-restarts", "completion", |r| {
+            r["status"] == "completed"
+        })
+        .await;
+    assert!(lives > 3, "the managers were killed only {lives} times");
+    assert_eq!(
+        (
+            &done["succeeded"],
+            &done["failed"],
+            &done["timed_out"],
+            &done["sent"]
+        ),
+        (&json!(8), &json!(0), &json!(1), &json!(8)),
+        "{done}"
+    );
+    for id in &online {
+        assert_eq!(
+            devices[id].updates_received(),
+            1,
+            "{id} got the update exactly once"
+        );
+    }
+    let (_, offline) = stack
+        .call(Method::GET, "/api/v1/rollouts/r-restarts/devices", None)
+        .await;
+    let offline = offline["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == "k-offline")
+        .cloned()
+        .unwrap();
+    assert_eq!(offline["status"], "timed_out", "{offline}");
+    assert!(offline["sent_at"].is_null(), "{offline}");
 }
