@@ -32,9 +32,9 @@ echo "loading $rows rows ($devices devices x $sensors sensors x $readings readin
 start=$(date +%s)
 psql -X -q "$bench_url" <<SQL
 SET synchronous_commit = off;
-INSERT INTO telemetry (device_id, sensor, time, value, unit)
+INSERT INTO telemetry (device_id, sensor, time, value, unit, sequence)
 SELECT 'dev-' || d, 's' || s, timestamptz '2026-01-01' + i * interval '1 minute',
-       random() * 100, 'celsius'
+       random() * 100, 'celsius', i + 1
   FROM generate_series(1, $readings) AS i,
        generate_series(1, $devices) AS d,
        generate_series(1, $sensors) AS s
