@@ -175,22 +175,6 @@ impl OwnPositions {
         .await?;
         Ok(())
     }
-
-    /// The sequence of the aggregate's row (0 without a row).
-    async fn read(&self, pool: &PgPool, id: &str) -> Result<i64, sqlx::Error> {
-        let Self {
-            table,
-            id_column,
-            sequence_column,
-        } = self;
-        let sequence: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT {sequence_column} FROM {table} WHERE {id_column} = $1"
-        ))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-        Ok(sequence.unwrap_or(0))
-    }
 }
 
 /// Whether `projection` has applied `event`: read-your-writes asks this.
@@ -212,7 +196,15 @@ pub async fn has_applied<P: Projection>(
             .await?;
             sequence.is_some_and(|sequence| sequence >= event.sequence)
         }
-        Positions::Own(own) => own.read(pool, &event.aggregate_id).await? >= event.sequence,
+        Positions::Own(own) => {
+            let mut connection = pool.acquire().await?;
+            let stored = own
+                .read_many(&mut connection, &[event.aggregate_id.as_str()])
+                .await?;
+            stored
+                .first()
+                .is_some_and(|(_, sequence)| *sequence >= event.sequence)
+        }
         Positions::Keyed => {
             let mut connection = pool.acquire().await?;
             projection.contains(&mut connection, event).await?
