@@ -274,12 +274,13 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The projection role runs too: its durable consumers exist on the stream.
+    // The projection role runs too: its durable consumers exist on the stream (telemetry
+    // rides with devices).
     let stream = jetstream
         .get_stream(fleetlog_nats::STREAM_NAME)
         .await
         .unwrap();
-    for projection in ["devices", "telemetry"] {
+    for projection in ["devices", "users"] {
         let deadline = Instant::now() + Duration::from_secs(30);
         while stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(projection)

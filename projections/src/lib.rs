@@ -2,7 +2,8 @@
 //! Postgres read models for the API's queries.
 //!
 //! Each projection ([`Projection`]) reads the events of one aggregate type through a durable
-//! JetStream pull consumer named after it; the [`Worker`] applies each event and moves the
+//! JetStream pull consumer named after it (`telemetry` rides with the `devices` worker on its
+//! consumer, see [`Worker::alongside`]); the [`Worker`] applies each event and moves the
 //! projection's per-aggregate position in one transaction (or, for a projection keyed by the
 //! event, writes rows that a second application leaves alone) and acks only after the commit,
 //! so an event takes effect exactly once however often it is delivered (invariant 2 of the
@@ -34,8 +35,8 @@ pub use rollouts::RolloutsProjection;
 pub use telemetry::TelemetryProjection;
 pub use users::UsersProjection;
 pub use worker::{
-    has_applied, Outcome, OwnPositions, Positions, Projection, ProjectionError, Worker,
-    WorkerSettings,
+    has_applied, Alone, Alongside, Companion, Outcome, OwnPositions, Positions, Projection,
+    ProjectionError, Worker, WorkerSettings,
 };
 
 use async_nats::jetstream::Context;
@@ -82,7 +83,8 @@ macro_rules! with_projection {
     };
 }
 
-/// Runs a worker for every projection until `shutdown`.
+/// Runs a worker for every projection until `shutdown`; `telemetry` rides with `devices`
+/// (see [`Worker::alongside`]).
 pub async fn run_all(
     pool: PgPool,
     jetstream: Context,
@@ -92,8 +94,19 @@ pub async fn run_all(
     let mut workers = tokio::task::JoinSet::new();
     for name in PROJECTIONS {
         let (pool, jetstream, shutdown) = (pool.clone(), jetstream.clone(), shutdown.clone());
-        with_projection!(*name, |projection| workers
-            .spawn(Worker::new(projection, pool, jetstream, settings).run(shutdown)));
+        match *name {
+            // Telemetry rides with the devices worker: the same events, one consumer.
+            TelemetryProjection::NAME => {}
+            DevicesProjection::NAME => {
+                let worker = Worker::new(DevicesProjection, pool, jetstream, settings)
+                    .alongside(TelemetryProjection);
+                workers.spawn(worker.run(shutdown));
+            }
+            _ => {
+                with_projection!(*name, |projection| workers
+                    .spawn(Worker::new(projection, pool, jetstream, settings).run(shutdown)));
+            }
+        }
     }
     while workers.join_next().await.is_some() {}
 }

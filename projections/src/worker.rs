@@ -90,6 +90,53 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
+/// What a worker applies besides its own projection: nothing ([`Alone`]), or a keyed
+/// projection riding along ([`Alongside`]).
+pub trait Companion: Send + Sync + 'static {
+    /// The name of the riding projection, if there is one.
+    const NAME: Option<&'static str>;
+
+    /// Applies `events` (every event delivered, whatever the worker's projection judged of
+    /// them) inside the worker's transaction.
+    fn apply_batch(
+        &self,
+        connection: &mut PgConnection,
+        events: &[&EventEnvelope],
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}
+
+/// No companion: the worker applies its own projection only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Alone;
+
+impl Companion for Alone {
+    const NAME: Option<&'static str> = None;
+
+    async fn apply_batch(
+        &self,
+        _: &mut PgConnection,
+        _: &[&EventEnvelope],
+    ) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+/// A [`Positions::Keyed`] projection fed by another projection's worker.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Alongside<K: Projection>(pub K);
+
+impl<K: Projection> Companion for Alongside<K> {
+    const NAME: Option<&'static str> = Some(K::NAME);
+
+    fn apply_batch(
+        &self,
+        connection: &mut PgConnection,
+        events: &[&EventEnvelope],
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        self.0.apply_batch(connection, events)
+    }
+}
+
 /// Where a projection keeps which events it has applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Positions {
@@ -303,9 +350,10 @@ impl Outcome {
     }
 }
 
-/// Runs one projection.
-pub struct Worker<P: Projection> {
+/// Runs one projection (and its companion, if it has one).
+pub struct Worker<P: Projection, C: Companion = Alone> {
     projection: P,
+    companion: C,
     pool: PgPool,
     jetstream: Context,
     settings: WorkerSettings,
@@ -434,6 +482,22 @@ pub async fn apply_event<P: Projection>(
     Ok(Position::Applied)
 }
 
+/// `a == b`, in a const context.
+const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Judges `events`, in order, against `last` (the last applied sequence per aggregate, 0 when
 /// missing) as [`apply_event`] would one by one, moving `last` along. Returns each event's
 /// position and the events to apply.
@@ -467,6 +531,7 @@ impl<P: Projection> Worker<P> {
     pub fn new(projection: P, pool: PgPool, jetstream: Context, settings: WorkerSettings) -> Self {
         Self {
             projection,
+            companion: Alone,
             pool,
             jetstream,
             known: KnownPositions::new(settings.known_positions),
@@ -474,6 +539,32 @@ impl<P: Projection> Worker<P> {
         }
     }
 
+    /// This worker, applying the keyed projection `rider` as well to every event it is
+    /// delivered, in the same transactions. The rider's read model is then fed by this
+    /// worker's consumer: run no worker of its own beside it.
+    pub fn alongside<K: Projection>(self, rider: K) -> Worker<P, Alongside<K>> {
+        const {
+            assert!(
+                matches!(K::POSITIONS, Positions::Keyed),
+                "only a keyed projection can ride along"
+            );
+            assert!(
+                same_str(K::AGGREGATE_TYPE, P::AGGREGATE_TYPE),
+                "a rider reads the events of the same aggregate type"
+            );
+        };
+        Worker {
+            projection: self.projection,
+            companion: Alongside(rider),
+            pool: self.pool,
+            jetstream: self.jetstream,
+            settings: self.settings,
+            known: self.known,
+        }
+    }
+}
+
+impl<P: Projection, C: Companion> Worker<P, C> {
     /// Consumes until `shutdown`; the message in hand is finished first. Lost connections to
     /// NATS or Postgres are retried, never returned.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -487,6 +578,9 @@ impl<P: Projection> Worker<P> {
     pub async fn consumer(&self) -> Result<PullConsumer, async_nats::Error> {
         fleetlog_nats::topology::ensure_dead_letter_stream(&self.jetstream).await?;
         let stream = self.jetstream.get_stream(STREAM_NAME).await?;
+        if let Some(rider) = C::NAME {
+            retire_consumer_of(&stream, rider, P::NAME).await?;
+        }
         let consumer = stream
             .get_or_create_consumer(
                 P::NAME,
@@ -604,6 +698,7 @@ impl<P: Projection> Worker<P> {
                 let mut tx = self.pool.begin().await?;
                 let all: Vec<&EventEnvelope> = events.iter().collect();
                 self.projection.apply_batch(&mut tx, &all).await?;
+                self.companion.apply_batch(&mut tx, &all).await?;
                 tx.commit().await?;
                 Ok(vec![Position::Applied; events.len()])
             }
@@ -645,8 +740,10 @@ impl<P: Projection> Worker<P> {
         let (positions, applied) = judge(events, &mut last);
         if !applied.is_empty() {
             self.projection.apply_batch(&mut tx, &applied).await?;
-            tx.commit().await?;
         }
+        let all: Vec<&EventEnvelope> = events.iter().collect();
+        self.companion.apply_batch(&mut tx, &all).await?;
+        tx.commit().await?;
         Ok(positions)
     }
 
@@ -720,7 +817,10 @@ impl<P: Projection> Worker<P> {
         }
         let judged_against = last.clone();
         let (positions, applied) = judge(events, &mut last);
+        let all: Vec<&EventEnvelope> = events.iter().collect();
+        self.companion.apply_batch(&mut tx, &all).await?;
         if applied.is_empty() {
+            tx.commit().await?;
             return Ok(positions);
         }
         self.projection.apply_batch(&mut tx, &applied).await?;
@@ -882,14 +982,14 @@ impl<P: Projection> Worker<P> {
     async fn apply_once(&self, event: &EventEnvelope) -> Result<Position, ProjectionError> {
         let mut tx = self.pool.begin().await?;
         let position = apply_event(&self.projection, &mut tx, event).await?;
-        if position == Position::Applied {
-            tx.commit().await?;
-        }
+        self.companion.apply_batch(&mut tx, &[event]).await?;
+        tx.commit().await?;
         Ok(position)
     }
 
     /// Records the message as dead, moves the position past it (so the aggregate's later
-    /// events are not stuck behind it) and publishes it on the dead-letter subject.
+    /// events are not stuck behind it) and publishes it on the dead-letter subject. A
+    /// companion does not get the event either; a replay of its model tries it again.
     async fn dead_letter(
         &self,
         message: &Message,
@@ -961,6 +1061,41 @@ impl<P: Projection> Worker<P> {
         }
         Outcome::DeadLettered
     }
+}
+
+/// Deletes the durable consumer of `rider`, left from when it ran on its own, now that the
+/// worker of `carrier` feeds it. Events that consumer had not acked were applied by the
+/// carrier only if it had not acked them itself: if there were any, a warning says to replay
+/// the rider's model.
+async fn retire_consumer_of(
+    stream: &async_nats::jetstream::stream::Stream,
+    rider: &str,
+    carrier: &str,
+) -> Result<(), async_nats::Error> {
+    let info = match stream.consumer_info(rider).await {
+        Ok(info) => info,
+        Err(error)
+            if error.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound =>
+        {
+            return Ok(());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let left = info.num_pending + info.num_ack_pending as u64;
+    if left > 0 {
+        tracing::warn!(
+            projection = rider,
+            events_left = left,
+            "the {rider} read model is now fed by the {carrier} worker, but its own consumer \
+             had events left; run `fleetlog replay {rider}` to be sure it has them all"
+        );
+    }
+    stream.delete_consumer(rider).await?;
+    tracing::info!(
+        projection = rider,
+        "removed the {rider} consumer: the {carrier} worker feeds its read model"
+    );
+    Ok(())
 }
 
 /// Locks the projection's position row for the event's aggregate (creating it at 0) and

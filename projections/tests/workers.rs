@@ -453,6 +453,82 @@ async fn keyed_telemetry_applies_in_any_order_and_redeliveries_add_nothing() {
     worker.stop().await;
 }
 
+/// Telemetry rides with the devices worker: one consumer feeds both models, telemetry takes
+/// the events the devices model waits on, a redelivery changes neither, and the consumer
+/// telemetry had of its own (from when it ran alone) is removed.
+#[tokio::test]
+async fn telemetry_rides_with_the_devices_worker_on_one_consumer() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let jetstream = jetstream_of(&nats).await;
+    ensure_stream(&jetstream, &StreamSettings::default())
+        .await
+        .unwrap();
+    let stream = jetstream
+        .get_stream(fleetlog_nats::STREAM_NAME)
+        .await
+        .unwrap();
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(TelemetryProjection::NAME.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let worker = Worker::new(
+        DevicesProjection,
+        db.pool.clone(),
+        jetstream.clone(),
+        settings(),
+    )
+    .alongside(TelemetryProjection);
+    let shutdown = CancellationToken::new();
+    let worker = Running {
+        shutdown: shutdown.clone(),
+        task: tokio::spawn(worker.run(shutdown)),
+    };
+    let wait_for_rows = |expected: i64| {
+        let pool = db.pool.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while telemetry_rows(&pool, "d1").await != expected {
+                assert!(Instant::now() < deadline, "never {expected} rows");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // 3 before 2: the devices model waits for 2, telemetry takes 3 at once.
+    publish(&jetstream, &envelope("d1", 1, &registered("d1"))).await;
+    publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
+    wait_for_rows(1).await;
+    assert_eq!(position(&db.pool, DevicesProjection::NAME, "d1").await, 1);
+    publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
+    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", 3).await;
+    wait_for_rows(2).await;
+
+    // Delivered again, with one new event: each model takes the new one only.
+    publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
+    publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
+    publish(&jetstream, &envelope("d1", 4, &recorded(4))).await;
+    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", 4).await;
+    wait_for_rows(3).await;
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM telemetry WHERE device_id = 'd1' ORDER BY time")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sequences, [2, 3, 4]);
+
+    let consumers: Vec<String> = stream
+        .consumer_names()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(consumers, [DevicesProjection::NAME]);
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn a_poison_event_is_dead_lettered_and_the_projection_moves_on() {
     let db = TestDatabase::create().await;
