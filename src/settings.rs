@@ -278,6 +278,16 @@ pub struct Settings {
     )]
     pub relay_poll_interval_ms: u64,
 
+    /// How long the relay lets events gather after a commit notification before it reads
+    /// them, in milliseconds: fewer, larger rounds under load.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_RELAY_LINGER_MS",
+        default_value_t = 5
+    )]
+    pub relay_linger_ms: u64,
+
     /// Seconds without telemetry or heartbeat after which a device is marked offline.
     #[arg(
         long,
@@ -399,6 +409,7 @@ impl Settings {
         RelaySettings {
             batch_size: self.relay_batch_size.max(1),
             poll_interval: Duration::from_millis(self.relay_poll_interval_ms.max(10)),
+            linger: Duration::from_millis(self.relay_linger_ms),
             stream: StreamSettings {
                 max_age: Duration::from_secs(self.stream_max_age_secs),
                 duplicate_window: Duration::from_secs(self.stream_duplicate_window_secs.max(1)),

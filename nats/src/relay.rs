@@ -24,6 +24,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::OutgoingEvent;
@@ -64,6 +65,10 @@ pub struct RelaySettings {
     pub batch_size: i64,
     /// How often the relay looks for events when no notification arrives.
     pub poll_interval: Duration,
+    /// How long the relay lets events gather after a notification before it reads them: under
+    /// load, commits arrive hundreds of times a second, and a round per commit would spend
+    /// more on round trips (read, cursor, lock check) than on the events.
+    pub linger: Duration,
     /// How often a standby relay tries to take the lock.
     pub standby_interval: Duration,
     /// The longest wait between retries while NATS or Postgres fail.
@@ -80,6 +85,7 @@ impl Default for RelaySettings {
         Self {
             batch_size: 1_000,
             poll_interval: Duration::from_secs(1),
+            linger: Duration::from_millis(5),
             standby_interval: Duration::from_secs(2),
             max_backoff: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(5),
@@ -217,6 +223,7 @@ impl Relay {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(EVENTS_CHANNEL).await?;
         let mut cursor = self.load_cursor().await?;
+        let mut lock_checked = Instant::now();
         backoff.reset();
         loop {
             if shutdown.is_cancelled() {
@@ -242,17 +249,22 @@ impl Relay {
                 }
             }
             // Still the active relay? If the lock's connection died, another relay may have
-            // taken over; step down rather than publish beside it.
-            sqlx::query("SELECT 1")
-                .execute(&mut lock)
-                .await
-                .map_err(|_| RelayError::LostLock)?;
+            // taken over; step down rather than publish beside it. Once per poll interval is
+            // enough: a round trip per round would be a third of the relay's queries.
+            if lock_checked.elapsed() >= self.settings.poll_interval {
+                sqlx::query("SELECT 1")
+                    .execute(&mut lock)
+                    .await
+                    .map_err(|_| RelayError::LostLock)?;
+                lock_checked = Instant::now();
+            }
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 notification = listener.recv() => {
                     if let Err(error) = notification {
                         tracing::debug!(%error, "event notifications interrupted; polling");
                     }
+                    tokio::time::sleep(self.settings.linger).await;
                 }
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
             }

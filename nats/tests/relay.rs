@@ -23,6 +23,7 @@ fn settings() -> RelaySettings {
     RelaySettings {
         batch_size: 7,
         poll_interval: Duration::from_millis(200),
+        linger: Duration::from_millis(5),
         standby_interval: Duration::from_millis(100),
         max_backoff: Duration::from_millis(500),
         ack_timeout: Duration::from_secs(2),
