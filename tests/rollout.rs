@@ -662,7 +662,8 @@ async fn a_rollout_manager_killed_mid_rollout_neither_sends_twice_nor_skips_a_de
                 "rollout_id": "r-restarts",
                 "firmware_id": firmware_id,
                 "device_ids": targets,
-                "waves": [25, 50, 100],
+                // Three waves by size: 3 devices, 2, then the 4 left over.
+                "wave_sizes": [3, 2],
                 "success_threshold": 50,
                 "error_threshold": 50,
                 "window_secs": 3,
@@ -708,6 +709,8 @@ async fn a_rollout_manager_killed_mid_rollout_neither_sends_twice_nor_skips_a_de
         (&json!(8), &json!(0), &json!(1), &json!(8)),
         "{done}"
     );
+    assert_eq!(done["wave_sizes"], json!([3, 2, 4]), "{done}");
+    assert_eq!(done["current_wave"], 2, "every wave ran: {done}");
     for id in &online {
         assert_eq!(
             devices[id].updates_received(),

@@ -227,6 +227,22 @@ async fn rollouts_are_planned_followed_and_steered() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "",
         ),
+        (
+            "waves as percentages and as sizes",
+            json!(operator),
+            json!({"firmware_id": "thermo@2.0.0", "device_ids": ["d1"], "waves": [100],
+                   "wave_sizes": [1]}),
+            StatusCode::BAD_REQUEST,
+            "not both",
+        ),
+        (
+            "wave sizes beyond the targets",
+            json!(operator),
+            json!({"firmware_id": "thermo@2.0.0", "device_ids": ["d1", "d2"],
+                   "wave_sizes": [1, 2]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "adding up to at most the 2 targets",
+        ),
     ];
     for (case, token, body, expected, detail) in refused {
         let (status, problem) = platform
@@ -281,6 +297,52 @@ async fn rollouts_are_planned_followed_and_steered() {
     assert_eq!(rollout["target_count"], 4);
     assert_eq!(rollout["status"], "created");
     assert_eq!(rollout["device_counts"], json!({"queued": 4}));
+    assert_eq!(rollout["waves"], json!([25, 100]));
+    assert_eq!(rollout["wave_sizes"], json!([1, 3]));
+
+    // A canary of one device, then the rest: waves by size.
+    let (status, canary) = platform
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            &operator,
+            Some(
+                json!({"rollout_id": "r-canary", "firmware_id": "thermo@2.0.0",
+                        "filter": {"model": "thermo"}, "wave_sizes": [1]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{canary}");
+    let (status, canary) = platform
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/rollouts/r-canary?min_position={}",
+                position(&canary)
+            ),
+            &viewer,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{canary}");
+    assert_eq!(canary["waves"], json!([]));
+    assert_eq!(canary["wave_sizes"], json!([1, 3]));
+    let (status, page) = platform
+        .call(
+            Method::GET,
+            "/api/v1/rollouts/r-canary/devices",
+            &viewer,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let waves: Vec<i64> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|device| device["wave"].as_i64().unwrap())
+        .collect();
+    assert_eq!(waves, [0, 1, 1, 1]);
     let (status, page) = platform
         .call(
             Method::GET,

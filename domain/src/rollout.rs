@@ -1,10 +1,10 @@
 //! The Rollout aggregate: installing one firmware image on a set of devices, wave by wave.
 //!
 //! A rollout is created with its targets split into waves (cumulative percentages, e.g.
-//! `[5, 25, 100]`), a success threshold a wave must reach before the next one starts, an error
-//! threshold past which the rollout pauses or aborts itself (as configured), a per-device timeout
-//! for stuck installs and a window within which a device offline at its wave's start may still
-//! be updated.
+//! `[5, 25, 100]`, or device counts, e.g. `[5, 50]` with the rest in a last wave), a success
+//! threshold a wave must reach before the next one starts, an error threshold past which the
+//! rollout pauses or aborts itself (as configured), a per-device timeout for stuck installs and
+//! a window within which a device offline at its wave's start may still be updated.
 //!
 //! The aggregate records every decision with the counts that justified it: a wave started
 //! (advance), paused, aborted, completed. It records which devices the update was sent to, so a
@@ -24,6 +24,22 @@ use crate::ids::{DeviceId, RolloutId, TenantId};
 
 /// The most devices one rollout may target; larger fleets are rolled out in several rollouts.
 pub const MAX_TARGETS: usize = 100_000;
+
+/// The most waves one rollout may have.
+pub const MAX_WAVES: usize = 100;
+
+/// How a rollout's targets, in order, split into waves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Waves {
+    /// Cumulative percentages of the targets, strictly rising to 100: `[10, 50, 100]` puts
+    /// the first tenth in wave 0, up to half in wave 1, the rest in wave 2.
+    Percentages(Vec<u8>),
+    /// Devices per wave: `[5, 50]` puts the first 5 targets in wave 0, the next 50 in wave 1
+    /// and any left over in one last wave. Every size is at least 1, the sum at most the
+    /// number of targets.
+    Sizes(Vec<usize>),
+}
 
 /// The window of a rollout that does not name one: a week.
 pub const DEFAULT_WINDOW_SECS: u64 = 7 * 24 * 3600;
@@ -167,8 +183,12 @@ pub struct Rollout {
     pub firmware_id: Option<FirmwareId>,
     /// Target devices in wave order.
     pub targets: Vec<DeviceId>,
-    /// Cumulative wave boundaries in percent, the last one 100.
+    /// Cumulative wave boundaries in percent, the last one 100; empty when the plan gave
+    /// sizes.
     pub waves: Vec<u8>,
+    /// Devices per wave, adding up to the targets; empty when the plan gave percentages.
+    #[serde(default)]
+    pub wave_sizes: Vec<usize>,
     /// Percent of a wave that must succeed before the next wave.
     pub success_threshold: u8,
     /// Percent of a wave that may fail before the error action.
@@ -218,8 +238,8 @@ pub enum RolloutCommand {
         firmware_id: FirmwareId,
         /// Target devices, in the order they are rolled out.
         targets: Vec<DeviceId>,
-        /// Cumulative wave boundaries in percent, strictly rising, the last one 100.
-        waves: Vec<u8>,
+        /// How the targets split into waves.
+        waves: Waves,
         /// Percent of a wave that must succeed before the next one, 1 to 100.
         success_threshold: u8,
         /// Percent of a wave that may fail before the error action, 0 to 100.
@@ -303,8 +323,12 @@ pub enum RolloutEvent {
         firmware_id: FirmwareId,
         /// Target devices in wave order.
         targets: Vec<DeviceId>,
-        /// Cumulative wave boundaries in percent.
+        /// Cumulative wave boundaries in percent; empty when the plan gave sizes.
         waves: Vec<u8>,
+        /// Devices per wave, adding up to the targets (a remainder wave included); empty when
+        /// the plan gave percentages.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        wave_sizes: Vec<usize>,
         /// Success threshold in percent.
         success_threshold: u8,
         /// Error threshold in percent.
@@ -439,6 +463,9 @@ pub enum RolloutError {
     /// Wave boundaries that do not rise strictly to 100.
     #[error("waves must be cumulative percentages rising strictly to 100, e.g. [10, 50, 100]")]
     InvalidWaves,
+    /// Wave sizes that are empty, too many, or add up to more than the targets.
+    #[error("wave sizes must be 1 to {MAX_WAVES} device counts of at least 1, adding up to at most the {0} targets")]
+    InvalidWaveSizes(usize),
     /// A wave with no device in it.
     #[error("wave {0} would hold no device: use fewer waves for this many targets")]
     EmptyWave(usize),
@@ -500,8 +527,18 @@ crate::aggregate!(
     RolloutError
 );
 
-/// The index range of `targets` that wave `wave` covers.
-fn wave_range(target_count: usize, waves: &[u8], wave: usize) -> std::ops::Range<usize> {
+/// The index range of `targets` that wave `wave` covers, under cumulative percentages
+/// `waves` or, when given, the device counts `sizes`.
+fn wave_range(
+    target_count: usize,
+    waves: &[u8],
+    sizes: &[usize],
+    wave: usize,
+) -> std::ops::Range<usize> {
+    if !sizes.is_empty() {
+        let start = sizes[..wave].iter().sum();
+        return start..start + sizes[wave];
+    }
     let end_of = |i: usize| (target_count * usize::from(waves[i])).div_ceil(100);
     let start = if wave == 0 { 0 } else { end_of(wave - 1) };
     start..end_of(wave)
@@ -522,6 +559,7 @@ impl Rollout {
                 firmware_id,
                 targets,
                 waves,
+                wave_sizes,
                 success_threshold,
                 error_threshold,
                 on_error,
@@ -533,8 +571,9 @@ impl Rollout {
                 self.tenant = Some(tenant);
                 self.firmware_id = Some(firmware_id);
                 self.targets = targets;
-                self.tallies = vec![WaveTally::default(); waves.len()];
                 self.waves = waves;
+                self.wave_sizes = wave_sizes;
+                self.tallies = vec![WaveTally::default(); self.wave_count()];
                 self.success_threshold = success_threshold;
                 self.error_threshold = error_threshold;
                 self.on_error = on_error;
@@ -570,9 +609,22 @@ impl Rollout {
         }
     }
 
+    /// How many waves the rollout has.
+    pub fn wave_count(&self) -> usize {
+        if self.wave_sizes.is_empty() {
+            self.waves.len()
+        } else {
+            self.wave_sizes.len()
+        }
+    }
+
     /// The devices of wave `wave`, in order.
     pub fn wave_devices(&self, wave: usize) -> &[DeviceId] {
-        &self.targets[wave_range(self.targets.len(), &self.waves, wave)]
+        &self.targets[self.wave_range(wave)]
+    }
+
+    fn wave_range(&self, wave: usize) -> std::ops::Range<usize> {
+        wave_range(self.targets.len(), &self.waves, &self.wave_sizes, wave)
     }
 
     /// The index of the wave that holds `device`.
@@ -585,8 +637,7 @@ impl Rollout {
                 .collect()
         });
         let position = *index.get(device)?;
-        (0..self.waves.len())
-            .find(|w| wave_range(self.targets.len(), &self.waves, *w).contains(&position))
+        (0..self.wave_count()).find(|w| self.wave_range(*w).contains(&position))
     }
 
     /// Whether `device`'s wave has started.
@@ -669,7 +720,7 @@ impl Rollout {
                 if self.status != RolloutStatus::Unplanned {
                     return Err(RolloutError::AlreadyCreated);
                 }
-                validate_plan(&targets, &waves)?;
+                let (waves, wave_sizes) = validate_plan(&targets, waves)?;
                 if !(1..=100).contains(&success_threshold) || error_threshold > 100 {
                     return Err(RolloutError::InvalidThreshold);
                 }
@@ -682,6 +733,7 @@ impl Rollout {
                     firmware_id,
                     targets,
                     waves,
+                    wave_sizes,
                     success_threshold,
                     error_threshold,
                     on_error,
@@ -735,7 +787,7 @@ impl Rollout {
                     return Err(self.transition("advance"));
                 }
                 let current = self.current_wave.unwrap_or(0);
-                if current + 1 >= self.waves.len() {
+                if current + 1 >= self.wave_count() {
                     return Err(RolloutError::NoMoreWaves);
                 }
                 self.ensure_wave_succeeded(current)?;
@@ -774,7 +826,7 @@ impl Rollout {
                 if self.status != RolloutStatus::Running {
                     return Err(self.transition("complete"));
                 }
-                let last = self.waves.len() - 1;
+                let last = self.wave_count() - 1;
                 let pending = self.counts(last).pending;
                 if self.current_wave != Some(last) || pending > 0 {
                     return Err(RolloutError::OutcomesPending(pending));
@@ -872,7 +924,7 @@ impl Rollout {
             }
         }
         let current = self.current_wave?;
-        let last = self.waves.len() - 1;
+        let last = self.wave_count() - 1;
         let size = self.wave_devices(current).len();
         let tally = tallies[current];
         let reached = tally.succeeded * 100 >= usize::from(self.success_threshold) * size;
@@ -926,7 +978,7 @@ impl Rollout {
     }
 
     fn completed(&self, tallies: &[WaveTally], at: DateTime<Utc>) -> RolloutEvent {
-        let counts = self.counts_with(tallies, self.waves.len() - 1);
+        let counts = self.counts_with(tallies, self.wave_count() - 1);
         RolloutEvent::RolloutCompleted {
             succeeded: counts.succeeded,
             failed: counts.failed + counts.timed_out,
@@ -940,7 +992,12 @@ fn seconds(secs: u64) -> TimeDelta {
     TimeDelta::seconds(i64::try_from(secs).unwrap_or(i64::MAX / 1000))
 }
 
-fn validate_plan(targets: &[DeviceId], waves: &[u8]) -> Result<(), RolloutError> {
+/// Checks the targets and the wave plan; returns the plan as the event records it: the
+/// percentages, or the sizes with a last wave for the targets the sizes leave over.
+fn validate_plan(
+    targets: &[DeviceId],
+    waves: Waves,
+) -> Result<(Vec<u8>, Vec<usize>), RolloutError> {
     if targets.is_empty() {
         return Err(RolloutError::NoTargets);
     }
@@ -951,13 +1008,34 @@ fn validate_plan(targets: &[DeviceId], waves: &[u8]) -> Result<(), RolloutError>
     if let Some(duplicate) = targets.iter().find(|d| !seen.insert(*d)) {
         return Err(RolloutError::DuplicateTarget(duplicate.clone()));
     }
-    let rising = waves.windows(2).all(|w| w[0] < w[1]);
-    if waves.is_empty() || !rising || waves[0] == 0 || waves.last() != Some(&100) {
-        return Err(RolloutError::InvalidWaves);
-    }
-    match (0..waves.len()).find(|w| wave_range(targets.len(), waves, *w).is_empty()) {
-        Some(empty) => Err(RolloutError::EmptyWave(empty)),
-        None => Ok(()),
+    match waves {
+        Waves::Percentages(waves) => {
+            let rising = waves.windows(2).all(|w| w[0] < w[1]);
+            if waves.is_empty() || !rising || waves[0] == 0 || waves.last() != Some(&100) {
+                return Err(RolloutError::InvalidWaves);
+            }
+            match (0..waves.len()).find(|w| wave_range(targets.len(), &waves, &[], *w).is_empty()) {
+                Some(empty) => Err(RolloutError::EmptyWave(empty)),
+                None => Ok((waves, Vec::new())),
+            }
+        }
+        Waves::Sizes(mut sizes) => {
+            let total = sizes
+                .iter()
+                .try_fold(0usize, |sum, size| sum.checked_add(*size));
+            let fits = total.is_some_and(|total| total <= targets.len());
+            if sizes.is_empty() || sizes.len() > MAX_WAVES || sizes.contains(&0) || !fits {
+                return Err(RolloutError::InvalidWaveSizes(targets.len()));
+            }
+            let rest = targets.len() - total.unwrap_or(0);
+            if rest > 0 {
+                if sizes.len() == MAX_WAVES {
+                    return Err(RolloutError::InvalidWaveSizes(targets.len()));
+                }
+                sizes.push(rest);
+            }
+            Ok((Vec::new(), sizes))
+        }
     }
 }
 
@@ -994,6 +1072,10 @@ mod tests {
     }
 
     fn create(targets: Vec<DeviceId>, waves: Vec<u8>) -> RolloutCommand {
+        create_in(targets, Waves::Percentages(waves))
+    }
+
+    fn create_in(targets: Vec<DeviceId>, waves: Waves) -> RolloutCommand {
         RolloutCommand::Create {
             rollout_id: RolloutId::parse("r1").unwrap(),
             tenant: TenantId::parse("acme").unwrap(),
@@ -1017,6 +1099,7 @@ mod tests {
             firmware_id: FirmwareId::parse("thermo@2.0.0").unwrap(),
             targets: devices(0..10),
             waves: vec![20, 50, 100],
+            wave_sizes: Vec::new(),
             success_threshold: 50,
             error_threshold: 50,
             on_error,
@@ -1117,6 +1200,31 @@ mod tests {
             (
                 create(devices(0..2), vec![10, 20, 100]),
                 RolloutError::EmptyWave(1),
+            ),
+            (
+                create_in(devices(0..4), Waves::Sizes(vec![])),
+                RolloutError::InvalidWaveSizes(4),
+            ),
+            (
+                create_in(devices(0..4), Waves::Sizes(vec![1, 0, 3])),
+                RolloutError::InvalidWaveSizes(4),
+            ),
+            (
+                create_in(devices(0..4), Waves::Sizes(vec![2, 3])),
+                RolloutError::InvalidWaveSizes(4),
+            ),
+            (
+                create_in(devices(0..4), Waves::Sizes(vec![usize::MAX, 2])),
+                RolloutError::InvalidWaveSizes(4),
+            ),
+            (
+                create_in(devices(0..200), Waves::Sizes(vec![1; MAX_WAVES + 1])),
+                RolloutError::InvalidWaveSizes(200),
+            ),
+            (
+                // A hundred waves given, and devices left for a hundred and first.
+                create_in(devices(0..200), Waves::Sizes(vec![1; MAX_WAVES])),
+                RolloutError::InvalidWaveSizes(200),
             ),
         ];
         for (command, error) in cases {
@@ -1484,6 +1592,7 @@ mod tests {
             firmware_id: FirmwareId::parse("thermo@2.0.0").unwrap(),
             targets: devices(0..2),
             waves: vec![100],
+            wave_sizes: Vec::new(),
             success_threshold: 50,
             error_threshold: 100,
             on_error: ErrorAction::Pause,
@@ -1531,6 +1640,47 @@ mod tests {
         assert_eq!(rollout.wave_devices(2), devices(5..10).as_slice());
         assert_eq!(rollout.wave_of(&device(4)), Some(1));
         assert_eq!(rollout.wave_of(&device(10)), None);
+    }
+
+    #[test]
+    fn waves_split_targets_by_size_with_the_rest_in_a_last_wave() {
+        let created = |sizes: Vec<usize>| {
+            let mut rollout = Rollout::default();
+            let command = create_in(devices(0..10), Waves::Sizes(sizes));
+            for event in rollout.decide(command).unwrap() {
+                rollout.evolve(event);
+            }
+            rollout
+        };
+        let canary = created(vec![1, 4]);
+        assert_eq!(canary.wave_sizes, [1, 4, 5]);
+        assert!(canary.waves.is_empty());
+        assert_eq!(canary.wave_count(), 3);
+        assert_eq!(canary.wave_devices(0), devices(0..1).as_slice());
+        assert_eq!(canary.wave_devices(1), devices(1..5).as_slice());
+        assert_eq!(canary.wave_devices(2), devices(5..10).as_slice());
+        assert_eq!(canary.wave_of(&device(4)), Some(1));
+        assert_eq!(canary.tallies.len(), 3);
+        // Sizes that cover every target add no wave.
+        let exact = created(vec![3, 7]);
+        assert_eq!(exact.wave_sizes, [3, 7]);
+        assert_eq!(exact.wave_of(&device(9)), Some(1));
+        // The event keeps the resolved sizes; a percentage plan's event has none.
+        let event = canary_event();
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(
+            json["RolloutCreated"]["wave_sizes"],
+            serde_json::json!([1, 4, 5])
+        );
+        let json = serde_json::to_value(created_with(ErrorAction::Pause)).unwrap();
+        assert!(json["RolloutCreated"].get("wave_sizes").is_none());
+    }
+
+    fn canary_event() -> RolloutEvent {
+        Rollout::default()
+            .decide(create_in(devices(0..10), Waves::Sizes(vec![1, 4])))
+            .unwrap()
+            .remove(0)
     }
 
     #[test]

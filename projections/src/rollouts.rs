@@ -40,11 +40,17 @@ impl Projection for RolloutsProjection {
                 at,
                 ..
             } => {
+                // The wave split is the domain's rule; ask the aggregate rather than repeat it.
+                let mut rollout = Rollout::default();
+                rollout.evolve(event.clone());
+                let wave_sizes: Vec<i32> = (0..rollout.wave_count())
+                    .map(|wave| rollout.wave_devices(wave).len() as i32)
+                    .collect();
                 sqlx::query(
                     "INSERT INTO rollouts (rollout_id, tenant, firmware_id, status, waves,
                        success_threshold, error_threshold, device_timeout_secs, target_count,
-                       created_at, updated_at, last_sequence, on_error, window_secs)
-                     VALUES ($1, $3, $4, 'created', $5, $6, $7, $8, $9, $10, $10, $2, $11, $12)",
+                       created_at, updated_at, last_sequence, on_error, window_secs, wave_sizes)
+                     VALUES ($1, $3, $4, 'created', $5, $6, $7, $8, $9, $10, $10, $2, $11, $12, $13)",
                 )
                 .bind(id)
                 .bind(sequence)
@@ -58,13 +64,11 @@ impl Projection for RolloutsProjection {
                 .bind(at)
                 .bind(on_error_name(on_error))
                 .bind(window_secs as i64)
+                .bind(wave_sizes)
                 .execute(&mut *connection)
                 .await?;
-                // The wave split is the domain's rule; ask the aggregate rather than repeat it.
-                let mut rollout = Rollout::default();
-                rollout.evolve(event.clone());
                 let (mut devices, mut wave_of) = (Vec::new(), Vec::new());
-                for wave in 0..rollout.waves.len() {
+                for wave in 0..rollout.wave_count() {
                     for device in rollout.wave_devices(wave) {
                         devices.push(device.to_string());
                         wave_of.push(wave as i32);

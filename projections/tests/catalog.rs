@@ -7,7 +7,7 @@ use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::firmware::{FirmwareCommand, FirmwareId, ImageSignature};
-use fleetlog_domain::rollout::{DeviceOutcome, ErrorAction, RolloutCommand};
+use fleetlog_domain::rollout::{DeviceOutcome, ErrorAction, RolloutCommand, Waves};
 use fleetlog_domain::user::{Role, UserCommand};
 use fleetlog_domain::{DeviceId, RolloutId, SessionId, TenantId, UserId};
 use fleetlog_nats::{Relay, RelaySettings};
@@ -74,7 +74,7 @@ async fn firmware_rollouts_and_users_follow_their_events() {
         tenant: tenant.clone(),
         firmware_id,
         targets: devices.clone(),
-        waves: vec![50, 100],
+        waves: Waves::Percentages(vec![50, 100]),
         success_threshold: 50,
         error_threshold: 50,
         on_error: ErrorAction::Pause,

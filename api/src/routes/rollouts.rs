@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandError, CommandMetadata, Committed};
 use fleetlog_domain::firmware::FirmwareStatus;
 use fleetlog_domain::rollout::{
-    ErrorAction, Rollout, RolloutCommand, RolloutError, RolloutStatus, DEFAULT_WINDOW_SECS,
+    ErrorAction, Rollout, RolloutCommand, RolloutError, RolloutStatus, Waves, DEFAULT_WINDOW_SECS,
     MAX_TARGETS,
 };
 use fleetlog_domain::{DeviceId, RolloutId};
@@ -63,9 +63,12 @@ struct CreateRollout {
     device_ids: Option<Vec<String>>,
     /// Or a filter over the tenant's active devices.
     filter: Option<TargetFilter>,
-    /// Cumulative wave boundaries in percent, e.g. `[10, 50, 100]`.
-    #[serde(default = "default_waves")]
-    waves: Vec<u8>,
+    /// Cumulative wave boundaries in percent, strictly rising to 100, e.g. `[10, 50, 100]`
+    /// (the default). Give this or `wave_sizes`, not both.
+    waves: Option<Vec<u8>>,
+    /// Devices per wave, e.g. `[5, 50]`: the first 5 targets, then the next 50, then any
+    /// left over in one last wave.
+    wave_sizes: Option<Vec<usize>>,
     #[serde(default = "default_success_threshold")]
     success_threshold: u8,
     #[serde(default = "default_error_threshold")]
@@ -104,8 +107,8 @@ fn default_window() -> u64 {
     DEFAULT_WINDOW_SECS
 }
 
-fn default_waves() -> Vec<u8> {
-    vec![10, 50, 100]
+fn default_waves() -> Waves {
+    Waves::Percentages(vec![10, 50, 100])
 }
 fn default_success_threshold() -> u8 {
     90
@@ -145,7 +148,7 @@ fn metadata(caller: &Caller) -> CommandMetadata {
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    Json(request): Json<CreateRollout>,
+    Json(mut request): Json<CreateRollout>,
 ) -> Result<(StatusCode, axum::Json<Written>), ApiError> {
     caller.require(WRITERS)?;
     let rollout_id = match &request.rollout_id {
@@ -153,6 +156,17 @@ async fn create(
         None => RolloutId::parse(format!("r-{}", uuid::Uuid::now_v7().simple())),
     }
     .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let waves = match (request.waves.take(), request.wave_sizes.take()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give the waves as percentages (`waves`) or as sizes (`wave_sizes`), not both"
+                    .into(),
+            ))
+        }
+        (Some(percentages), None) => Waves::Percentages(percentages),
+        (None, Some(sizes)) => Waves::Sizes(sizes),
+        (None, None) => default_waves(),
+    };
     let firmware_id = parse_firmware_id(&request.firmware_id)?;
     let firmware = owned_firmware(&state, &caller, &firmware_id).await?;
     match firmware.status {
@@ -186,7 +200,7 @@ async fn create(
         tenant: caller.tenant.clone(),
         firmware_id,
         targets: targets.into_iter().map(|(id, _)| id).collect(),
-        waves: request.waves,
+        waves,
         success_threshold: request.success_threshold,
         error_threshold: request.error_threshold,
         on_error: request.on_error.into(),
@@ -299,7 +313,10 @@ struct RolloutView {
     rollout_id: String,
     firmware_id: String,
     status: String,
+    /// Cumulative wave boundaries in percent, as planned; empty for a plan by sizes.
     waves: Vec<i16>,
+    /// Devices in each wave, however the plan was given.
+    wave_sizes: Vec<i32>,
     success_threshold: i16,
     error_threshold: i16,
     device_timeout_secs: i64,
@@ -324,7 +341,8 @@ struct RolloutView {
     last_sequence: i64,
 }
 
-const COLUMNS: &str = "rollout_id, firmware_id, status, waves, success_threshold, error_threshold,
+const COLUMNS: &str =
+    "rollout_id, firmware_id, status, waves, wave_sizes, success_threshold, error_threshold,
     device_timeout_secs, on_error, window_secs, current_wave, wave_started_at, target_count, sent,
     succeeded, failed, timed_out, canceled, pause_reason, last_decision, created_at, started_at,
     finished_at, updated_at, last_sequence";
