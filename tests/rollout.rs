@@ -4,7 +4,8 @@
 //! threshold, the error threshold pausing one rollout and aborting another, devices downloading
 //! the image with a resumed ranged download, and `replay --verify` of the rollout model; and a
 //! rollout manager killed again and again mid-rollout that neither sends twice nor skips a
-//! device, with an offline device timing out when its window closes.
+//! device, with an offline device timing out when its window closes; and outcomes whose events
+//! were acked but never handled, recovered by the manager's sweep from the devices.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -730,4 +731,111 @@ async fn a_rollout_manager_killed_mid_rollout_neither_sends_twice_nor_skips_a_de
         .unwrap();
     assert_eq!(offline["status"], "timed_out", "{offline}");
     assert!(offline["sent_at"].is_null(), "{offline}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_acked_but_never_handled_are_recovered_from_the_devices() {
+    let stack = Arc::new(Stack::start(Manager::LeftToTheTest).await);
+    let firmware_id = stack.release_firmware("4.0.0", &image(5_000)).await;
+    stack
+        .wait_for(
+            &format!("/api/v1/firmware/{firmware_id}"),
+            "the release",
+            |f| f["status"] == "released",
+        )
+        .await;
+    let targets = ["m0", "m1"];
+    let mut devices = Vec::new();
+    for id in targets {
+        let token = stack.register(id).await;
+        devices.push(SimulatedDevice::connect(&stack, id, token, Behaviour::Succeeds).await);
+    }
+    stack
+        .wait_for("/api/v1/devices?online=true", "devices online", |page| {
+            page["items"]
+                .as_array()
+                .is_some_and(|items| items.len() == 2)
+        })
+        .await;
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(json!({
+                "rollout_id": "r-missed",
+                "firmware_id": firmware_id,
+                "device_ids": targets,
+                "wave_sizes": [2],
+                "success_threshold": 100,
+                // Far beyond the test: the outcomes must come from the devices, not a timeout.
+                "device_timeout_secs": 3600,
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (status, started) = stack
+        .call(Method::POST, "/api/v1/rollouts/r-missed/start", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+
+    // A manager sends the update, then stops before the devices finish.
+    let manager = CancellationToken::new();
+    tokio::spawn(stack.rollout_manager().run(manager.clone()));
+    stack
+        .wait_for("/api/v1/rollouts/r-missed", "both devices sent", |r| {
+            r["sent"] == 2
+        })
+        .await;
+    manager.cancel();
+    for id in targets {
+        stack
+            .wait_for(&format!("/api/v1/devices/{id}"), "the new version", |d| {
+                d["firmware_version"] == "4.0.0"
+            })
+            .await;
+    }
+    // As a restarted manager's cumulative ack would, ack the outcomes without handling them.
+    let stream = async_nats::jetstream::new(stack.nats.clone())
+        .get_stream(fleetlog_nats::STREAM_NAME)
+        .await
+        .unwrap();
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(fleetlog_projections::rollout_manager::DEVICE_CONSUMER)
+        .await
+        .unwrap();
+    let mut fetched = consumer
+        .fetch()
+        .max_messages(10_000)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .unwrap();
+    let (mut successes, mut last) = (0, None);
+    while let Some(message) = futures::StreamExt::next(&mut fetched).await {
+        let message = message.unwrap();
+        let kind = message.headers.as_ref().and_then(|h| {
+            h.get(fleetlog_nats::topology::EVENT_TYPE_HEADER)
+                .map(|kind| kind.to_string())
+        });
+        successes += usize::from(kind.as_deref() == Some("FirmwareUpdateSucceeded"));
+        last = Some(message);
+    }
+    assert_eq!(successes, 2, "both outcomes were waiting for the manager");
+    last.unwrap().double_ack().await.unwrap();
+
+    // The next manager never sees those events; its sweep learns the outcomes from the devices.
+    tokio::spawn(stack.rollout_manager().run(stack.shutdown.clone()));
+    let done = stack
+        .wait_for("/api/v1/rollouts/r-missed", "completion", |r| {
+            r["status"] == "completed"
+        })
+        .await;
+    assert_eq!(
+        (&done["succeeded"], &done["failed"], &done["timed_out"]),
+        (&json!(2), &json!(0), &json!(0)),
+        "{done}"
+    );
+    for device in &devices {
+        assert_eq!(device.updates_received(), 1, "no update was sent twice");
+    }
 }

@@ -14,10 +14,13 @@
 //!   the device) and queued devices that stayed offline for the whole window.
 //!
 //! Restart-safe: a rollout records a device as sent before the device is asked, and a device
-//! takes a rollout's request once (a repeat changes nothing, even after the update ended), so
-//! the sweep may ask every sent device without a pending update of the rollout again: killed at
-//! any point, a restarted manager neither sends an update twice nor skips a device. Messages are
-//! acked after handling; handling twice is harmless.
+//! takes a rollout's request once (a repeat changes nothing; after the update ended it answers
+//! how the update ended), so the sweep may ask every sent device without a pending update of
+//! the rollout again: killed at any point, a restarted manager neither sends an update twice
+//! nor skips a device, nor misses an outcome. Messages are acked after handling and handling
+//! twice is harmless. Acks are cumulative, so a restarted manager's first ack may also ack
+//! what its killed predecessor received but had not handled; everything such a message would
+//! have done, the sweep does: send to the due devices, ask the sent ones, learn the outcomes.
 
 use std::time::Duration;
 
@@ -26,7 +29,9 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{Context, Message};
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
-use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent, FirmwareImage};
+use fleetlog_domain::device::{
+    DeviceCommand, DeviceError, DeviceEvent, FirmwareImage, UpdateEnding,
+};
 use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand, RolloutEvent};
 use fleetlog_domain::{DeviceId, RolloutId};
 use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
@@ -353,6 +358,16 @@ impl RolloutManager {
             Err(CommandError::Refused(DeviceError::AlreadyRunsVersion(_))) => {
                 DeviceOutcome::Succeeded
             }
+            // Asked again (by the sweep) after the update ended: the outcome's event may never
+            // have reached this manager, so record it from what the device remembers.
+            Err(CommandError::Refused(DeviceError::RolloutUpdateEnded { ending, .. })) => {
+                match ending {
+                    UpdateEnding::Succeeded => DeviceOutcome::Succeeded,
+                    UpdateEnding::Failed { error } => DeviceOutcome::Failed { error },
+                    // Given up by the sweep, which recorded the timeout first.
+                    UpdateEnding::Abandoned => return Ok(()),
+                }
+            }
             Err(CommandError::Refused(refusal)) => DeviceOutcome::Failed {
                 error: format!("the device cannot take the update: {refusal}"),
             },
@@ -423,9 +438,10 @@ impl RolloutManager {
                 self.send(&rollout_id, chunk).await?;
             }
         }
-        // Sent, but the device shows no update of this rollout and no outcome came: the manager
-        // stopped between recording and asking. Asking again is harmless (a device takes a
-        // rollout's request once); a grace period leaves the usual path its time.
+        // Sent, but the device shows no update of this rollout and no outcome was recorded:
+        // the manager stopped between recording and asking, or the outcome's event was acked
+        // unhandled. Asking again is harmless (a device takes a rollout's request once) and
+        // brings a missed outcome back; a grace period leaves the usual path its time.
         let unasked: Vec<(String, Vec<String>)> = sqlx::query_as(
             "SELECT rd.rollout_id, array_agg(rd.device_id ORDER BY rd.device_id)
                FROM rollout_devices rd

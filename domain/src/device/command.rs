@@ -456,11 +456,23 @@ pub(super) fn decide(
             image,
             at,
         } => {
-            if rollout_id
+            if let Some(rollout) = rollout_id
                 .as_ref()
-                .is_some_and(|r| device.recent_rollouts.contains(r))
+                .filter(|r| device.recent_rollouts.contains(r))
             {
-                return Ok(vec![]);
+                // A rollout sends its update once; asking again after the update ended tells
+                // the rollout how it ended, in case it missed that.
+                let ended = device
+                    .ended_rollout_updates
+                    .iter()
+                    .rfind(|ended| &ended.rollout_id == rollout);
+                return match ended {
+                    Some(ended) => Err(DeviceError::RolloutUpdateEnded {
+                        rollout_id: rollout.clone(),
+                        ending: ended.ending.clone(),
+                    }),
+                    None => Ok(vec![]),
+                };
             }
             if let Some(pending) = &device.firmware_update {
                 if pending.firmware_id == firmware_id && pending.rollout_id == rollout_id {

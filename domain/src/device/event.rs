@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    merge_properties, remember, Connectivity, Device, FirmwareImage, Lifecycle, Location,
-    OpenCommand, PendingFirmwareUpdate, Reading, REMEMBERED_CLOSED_COMMANDS, REMEMBERED_DIGESTS,
-    REMEMBERED_ROLLOUTS,
+    merge_properties, remember, Connectivity, Device, EndedRolloutUpdate, FirmwareImage, Lifecycle,
+    Location, OpenCommand, PendingFirmwareUpdate, Reading, UpdateEnding,
+    REMEMBERED_CLOSED_COMMANDS, REMEMBERED_DIGESTS, REMEMBERED_ROLLOUTS,
 };
 use crate::firmware::FirmwareId;
 use crate::ids::{CommandId, DeviceId, RolloutId, TenantId, UserId};
@@ -386,12 +386,24 @@ pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
                 update.progress = progress;
             }
         }
-        DeviceEvent::FirmwareUpdateSucceeded { version, .. } => {
+        DeviceEvent::FirmwareUpdateSucceeded {
+            rollout_id,
+            version,
+            ..
+        } => {
             device.firmware_version = Some(version);
             device.firmware_update = None;
+            update_ended(device, rollout_id, UpdateEnding::Succeeded);
         }
-        DeviceEvent::FirmwareUpdateFailed { .. } | DeviceEvent::FirmwareUpdateAbandoned { .. } => {
+        DeviceEvent::FirmwareUpdateFailed {
+            rollout_id, error, ..
+        } => {
             device.firmware_update = None;
+            update_ended(device, rollout_id, UpdateEnding::Failed { error });
+        }
+        DeviceEvent::FirmwareUpdateAbandoned { rollout_id, .. } => {
+            device.firmware_update = None;
+            update_ended(device, rollout_id, UpdateEnding::Abandoned);
         }
         DeviceEvent::FirmwareVersionReported { version, .. } => {
             device.firmware_version = Some(version);
@@ -404,5 +416,16 @@ pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
             device.credential_hash = Some(secret_hash);
             device.credential_version = credential_version;
         }
+    }
+}
+
+/// Remembers how a rollout's update ended (updates outside a rollout are not asked again).
+fn update_ended(device: &mut Device, rollout_id: Option<RolloutId>, ending: UpdateEnding) {
+    if let Some(rollout_id) = rollout_id {
+        remember(
+            &mut device.ended_rollout_updates,
+            EndedRolloutUpdate { rollout_id, ending },
+            REMEMBERED_ROLLOUTS,
+        );
     }
 }

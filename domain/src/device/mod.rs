@@ -99,6 +99,30 @@ pub struct FirmwareImage {
 /// How many rollouts a device remembers having been sent an update by.
 pub const REMEMBERED_ROLLOUTS: usize = 16;
 
+/// How a rollout's update of a device ended, as the device remembers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum UpdateEnding {
+    /// The device reported the new version.
+    Succeeded,
+    /// The device reported a failure.
+    Failed {
+        /// What the device said went wrong.
+        error: String,
+    },
+    /// The platform gave the update up (the device took too long).
+    Abandoned,
+}
+
+/// A rollout whose update of the device ended, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedRolloutUpdate {
+    /// The rollout.
+    pub rollout_id: RolloutId,
+    /// How its update ended.
+    pub ending: UpdateEnding,
+}
+
 /// The status field in which a device reports the firmware version it runs.
 pub const FIRMWARE_VERSION_FIELD: &str = "firmware_version";
 
@@ -143,6 +167,10 @@ pub struct Device {
     /// update to a device once, however often it is asked to.
     #[serde(default)]
     pub recent_rollouts: VecDeque<RolloutId>,
+    /// How the updates of the latest rollouts ended, oldest first: a rollout that asks again
+    /// learns the outcome it may have missed.
+    #[serde(default)]
+    pub ended_rollout_updates: VecDeque<EndedRolloutUpdate>,
     /// SHA-256 hex of the device's current secret.
     pub credential_hash: Option<String>,
     /// Incremented at every credential rotation.
@@ -234,6 +262,14 @@ pub enum DeviceError {
     /// An update to the version the device already runs.
     #[error("device already runs firmware {0}")]
     AlreadyRunsVersion(String),
+    /// A rollout asking again for an update of the device that already ended.
+    #[error("the update of rollout {rollout_id} already ended: {ending:?}")]
+    RolloutUpdateEnded {
+        /// The rollout.
+        rollout_id: RolloutId,
+        /// How its update ended.
+        ending: UpdateEnding,
+    },
     /// Progress above 100 %.
     #[error("progress must be 0 to 100, got {0}")]
     InvalidProgress(u8),

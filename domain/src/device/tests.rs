@@ -696,19 +696,47 @@ fn firmware_update_is_requested_once() {
             at: at(),
         })
         .then_expect_error(DeviceError::AlreadyRunsVersion("2.0.0".into()));
-    // A rollout that sent its update once never sends it again, even after the update failed.
-    Given::with(())
-        .given(vec![
-            registered(),
-            update_requested(),
+    // A rollout that sent its update once never sends it again; asking after the update ended
+    // answers how it ended, so a rollout that missed the outcome learns it.
+    let ended = |event: DeviceEvent| vec![registered(), update_requested(), event];
+    let rollout_id = RolloutId::parse("r1").unwrap();
+    let endings = [
+        (
             DeviceEvent::FirmwareUpdateFailed {
                 rollout_id: rollout(),
                 error: "flash write".into(),
                 at: at(),
             },
-        ])
-        .when(request("2.0.0"))
-        .then_expect_events(vec![]);
+            UpdateEnding::Failed {
+                error: "flash write".into(),
+            },
+        ),
+        (
+            DeviceEvent::FirmwareUpdateSucceeded {
+                rollout_id: rollout(),
+                version: "2.0.0".into(),
+                at: at(),
+            },
+            UpdateEnding::Succeeded,
+        ),
+        (
+            DeviceEvent::FirmwareUpdateAbandoned {
+                rollout_id: rollout(),
+                reason: "too slow".into(),
+                at: at(),
+            },
+            UpdateEnding::Abandoned,
+        ),
+    ];
+    for (event, ending) in endings {
+        Given::with(())
+            .given(ended(event))
+            .when(request("2.0.0"))
+            .then_expect_error(DeviceError::RolloutUpdateEnded {
+                rollout_id: rollout_id.clone(),
+                ending,
+            });
+    }
 }
 
 #[test]
