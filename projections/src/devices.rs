@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use fleetlog_domain::device::{CommandOutcome, DeviceEvent};
 use fleetlog_nats::EventEnvelope;
 use serde_json::{json, Map, Value};
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, Postgres};
 
 use crate::worker::{OwnPositions, Positions, Projection, ProjectionError};
 
@@ -73,6 +75,8 @@ impl Projection for DevicesProjection {
 /// one.
 #[derive(Default)]
 struct LiveChange {
+    /// The sequence of the first event folded in: the row must stand just before it.
+    first_sequence: Option<i64>,
     sequence: i64,
     last_seen: Option<DateTime<Utc>>,
     last_telemetry_at: Option<DateTime<Utc>>,
@@ -84,6 +88,7 @@ struct LiveChange {
 
 impl LiveChange {
     fn absorb(&mut self, sequence: i64, event: DeviceEvent) {
+        self.first_sequence.get_or_insert(sequence);
         self.sequence = sequence;
         match event {
             DeviceEvent::TelemetryRecorded {
@@ -125,14 +130,18 @@ impl LiveChange {
     }
 }
 
+/// Writes the folded changes of many devices in one UPDATE, compare-and-set: each row only if
+/// it stands just before its change's first event.
 async fn write_live_changes(
     connection: &mut PgConnection,
     changes: Vec<(&str, LiveChange)>,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), ProjectionError> {
     if changes.is_empty() {
         return Ok(());
     }
+    let expected_rows = changes.len() as u64;
     let mut ids = Vec::with_capacity(changes.len());
+    let mut previous = Vec::with_capacity(changes.len());
     let mut sequences = Vec::with_capacity(changes.len());
     let mut last_seen = Vec::with_capacity(changes.len());
     let mut last_telemetry = Vec::with_capacity(changes.len());
@@ -142,6 +151,7 @@ async fn write_live_changes(
     let mut reported = Vec::with_capacity(changes.len());
     for (id, change) in changes {
         ids.push(id);
+        previous.push(change.first_sequence.unwrap_or(change.sequence) - 1);
         sequences.push(change.sequence);
         last_seen.push(change.last_seen);
         last_telemetry.push(change.last_telemetry_at);
@@ -150,7 +160,7 @@ async fn write_live_changes(
         locations.push(change.location);
         reported.push(Value::Object(change.reported));
     }
-    sqlx::query(
+    let done = sqlx::query(
         "UPDATE devices d
             SET last_seen = u.last_seen, updated_at = u.last_seen,
                 last_telemetry_at = COALESCE(u.last_telemetry_at, d.last_telemetry_at),
@@ -163,10 +173,10 @@ async fn write_live_changes(
                              ELSE fleetlog_delta(d.desired, fleetlog_merge(d.reported, u.reported)) END,
                 last_sequence = u.sequence
            FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
-                       $5::timestamptz[], $6::jsonb[], $7::jsonb[], $8::jsonb[])
+                       $5::timestamptz[], $6::jsonb[], $7::jsonb[], $8::jsonb[], $9::bigint[])
                 AS u(id, sequence, last_seen, last_telemetry_at, last_heartbeat, sensors,
-                     location, reported)
-          WHERE d.device_id = u.id",
+                     location, reported, previous)
+          WHERE d.device_id = u.id AND d.last_sequence = u.previous",
     )
     .bind(ids)
     .bind(sequences)
@@ -176,22 +186,46 @@ async fn write_live_changes(
     .bind(sensors)
     .bind(locations)
     .bind(reported)
+    .bind(previous)
     .execute(connection)
     .await?;
-    Ok(())
+    if done.rows_affected() == expected_rows {
+        Ok(())
+    } else {
+        Err(ProjectionError::PositionMoved)
+    }
 }
 
 /// `UPDATE devices SET {assignments}, last_sequence = $2 WHERE device_id = $1`; the caller binds
 /// its own values from `$3` on.
+///
+/// Compare-and-set, as [`Positions::Own`] requires: the row changes only if it stood at the
+/// event's sequence - 1; run it with [`update_row`].
 fn update(assignments: &str) -> String {
-    format!("UPDATE devices SET {assignments}, last_sequence = $2 WHERE device_id = $1")
+    format!(
+        "UPDATE devices SET {assignments}, last_sequence = $2
+          WHERE device_id = $1 AND last_sequence = $2 - 1"
+    )
+}
+
+/// Runs an [`update`]: anything but one row changed means the position was not where the
+/// batch was judged against (another worker or a replay moved it).
+async fn update_row(
+    query: Query<'_, Postgres, PgArguments>,
+    connection: &mut PgConnection,
+) -> Result<(), ProjectionError> {
+    if query.execute(connection).await?.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(ProjectionError::PositionMoved)
+    }
 }
 
 async fn apply(
     connection: &mut PgConnection,
     envelope: &EventEnvelope,
     event: DeviceEvent,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), ProjectionError> {
     let id = envelope.aggregate_id.as_str();
     let sequence = envelope.sequence;
     match event {
@@ -226,27 +260,31 @@ async fn apply(
             tags,
             at,
         } => {
-            sqlx::query(&update(
-                "name = COALESCE($3, name), model = COALESCE($4, model),
+            update_row(
+                sqlx::query(&update(
+                    "name = COALESCE($3, name), model = COALESCE($4, model),
                  tags = COALESCE($5, tags), updated_at = $6",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(name)
-            .bind(model)
-            .bind(tags)
-            .bind(at)
-            .execute(connection)
+                ))
+                .bind(id)
+                .bind(sequence)
+                .bind(name)
+                .bind(model)
+                .bind(tags)
+                .bind(at),
+                connection,
+            )
             .await?;
         }
         DeviceEvent::DeviceDecommissioned { at, .. } => {
-            sqlx::query(&update(
-                "lifecycle = 'decommissioned', online = false, updated_at = $3",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(at)
-            .execute(connection)
+            update_row(
+                sqlx::query(&update(
+                    "lifecycle = 'decommissioned', online = false, updated_at = $3",
+                ))
+                .bind(id)
+                .bind(sequence)
+                .bind(at),
+                connection,
+            )
             .await?;
         }
         // Folded by `apply_batch` (`LiveChange`), never applied one by one.
@@ -254,24 +292,28 @@ async fn apply(
         | DeviceEvent::StatusReported { .. }
         | DeviceEvent::HeartbeatReceived { .. } => {}
         DeviceEvent::DeviceCameOnline { at } => {
-            sqlx::query(&update(
-                "online = true, offline_reason = NULL, updated_at = $3",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(at)
-            .execute(connection)
+            update_row(
+                sqlx::query(&update(
+                    "online = true, offline_reason = NULL, updated_at = $3",
+                ))
+                .bind(id)
+                .bind(sequence)
+                .bind(at),
+                connection,
+            )
             .await?;
         }
         DeviceEvent::DeviceWentOffline { reason, at } => {
-            sqlx::query(&update(
-                "online = false, offline_reason = $3, updated_at = $4",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(reason)
-            .bind(at)
-            .execute(connection)
+            update_row(
+                sqlx::query(&update(
+                    "online = false, offline_reason = $3, updated_at = $4",
+                ))
+                .bind(id)
+                .bind(sequence)
+                .bind(reason)
+                .bind(at),
+                connection,
+            )
             .await?;
         }
         DeviceEvent::DesiredPropertiesSet {
@@ -279,16 +321,18 @@ async fn apply(
             version,
             at,
         } => {
-            sqlx::query(&update(
-                "desired = fleetlog_merge(desired, $3), desired_version = $4, updated_at = $5,
+            update_row(
+                sqlx::query(&update(
+                    "desired = fleetlog_merge(desired, $3), desired_version = $4, updated_at = $5,
                  delta = fleetlog_delta(fleetlog_merge(desired, $3), reported)",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(Value::Object(properties))
-            .bind(version as i64)
-            .bind(at)
-            .execute(connection)
+                ))
+                .bind(id)
+                .bind(sequence)
+                .bind(Value::Object(properties))
+                .bind(version as i64)
+                .bind(at),
+                connection,
+            )
             .await?;
         }
         DeviceEvent::CommandIssued {
@@ -311,13 +355,15 @@ async fn apply(
             .bind(expires_at)
             .execute(&mut *connection)
             .await?;
-            sqlx::query(&update(
-                "open_commands = open_commands + 1, updated_at = $3",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(issued_at)
-            .execute(connection)
+            update_row(
+                sqlx::query(&update(
+                    "open_commands = open_commands + 1, updated_at = $3",
+                ))
+                .bind(id)
+                .bind(sequence)
+                .bind(issued_at),
+                connection,
+            )
             .await?;
         }
         DeviceEvent::CommandReplied {
@@ -365,13 +411,15 @@ async fn apply(
                 "state": "requested",
                 "progress": 0,
             });
-            sqlx::query(&update("firmware_update = $3, updated_at = $4"))
-                .bind(id)
-                .bind(sequence)
-                .bind(update_state)
-                .bind(at)
-                .execute(connection)
-                .await?;
+            update_row(
+                sqlx::query(&update("firmware_update = $3, updated_at = $4"))
+                    .bind(id)
+                    .bind(sequence)
+                    .bind(update_state)
+                    .bind(at),
+                connection,
+            )
+            .await?;
         }
         DeviceEvent::FirmwareUpdateProgressed {
             state,
@@ -379,7 +427,8 @@ async fn apply(
             at,
             ..
         } => {
-            sqlx::query(&update(
+            update_row(
+ sqlx::query(&update(
                 "firmware_update = firmware_update || jsonb_build_object('state', $3::text, 'progress', $4::int),
                  updated_at = $5",
             ))
@@ -387,51 +436,60 @@ async fn apply(
             .bind(sequence)
             .bind(state)
             .bind(i32::from(progress))
-            .bind(at)
-            .execute(connection)
-            .await?;
+            .bind(at),
+ connection,
+)
+.await?;
         }
         DeviceEvent::FirmwareUpdateSucceeded { version, at, .. } => {
-            sqlx::query(&update(
-                "firmware_version = $3, firmware_update = NULL, updated_at = $4",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(version)
-            .bind(at)
-            .execute(connection)
+            update_row(
+                sqlx::query(&update(
+                    "firmware_version = $3, firmware_update = NULL, updated_at = $4",
+                ))
+                .bind(id)
+                .bind(sequence)
+                .bind(version)
+                .bind(at),
+                connection,
+            )
             .await?;
         }
         DeviceEvent::FirmwareUpdateFailed { at, .. }
         | DeviceEvent::FirmwareUpdateAbandoned { at, .. } => {
-            sqlx::query(&update("firmware_update = NULL, updated_at = $3"))
-                .bind(id)
-                .bind(sequence)
-                .bind(at)
-                .execute(connection)
-                .await?;
+            update_row(
+                sqlx::query(&update("firmware_update = NULL, updated_at = $3"))
+                    .bind(id)
+                    .bind(sequence)
+                    .bind(at),
+                connection,
+            )
+            .await?;
         }
         DeviceEvent::FirmwareVersionReported { version, at } => {
-            sqlx::query(&update("firmware_version = $3, updated_at = $4"))
-                .bind(id)
-                .bind(sequence)
-                .bind(version)
-                .bind(at)
-                .execute(connection)
-                .await?;
+            update_row(
+                sqlx::query(&update("firmware_version = $3, updated_at = $4"))
+                    .bind(id)
+                    .bind(sequence)
+                    .bind(version)
+                    .bind(at),
+                connection,
+            )
+            .await?;
         }
         DeviceEvent::DeviceCredentialsRotated {
             credential_version,
             at,
             ..
         } => {
-            sqlx::query(&update("credential_version = $3, updated_at = $4"))
-                .bind(id)
-                .bind(sequence)
-                .bind(credential_version as i32)
-                .bind(at)
-                .execute(connection)
-                .await?;
+            update_row(
+                sqlx::query(&update("credential_version = $3, updated_at = $4"))
+                    .bind(id)
+                    .bind(sequence)
+                    .bind(credential_version as i32)
+                    .bind(at),
+                connection,
+            )
+            .await?;
         }
     }
     Ok(())
@@ -444,7 +502,7 @@ async fn finish_command(
     status: &str,
     result: Option<Value>,
     at: chrono::DateTime<chrono::Utc>,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), ProjectionError> {
     sqlx::query(
         "UPDATE device_commands SET status = $3, result = $4, finished_at = $5
           WHERE device_id = $1 AND command_id = $2",
@@ -456,13 +514,15 @@ async fn finish_command(
     .bind(at)
     .execute(&mut *connection)
     .await?;
-    sqlx::query(&update(
-        "open_commands = GREATEST(open_commands - 1, 0), updated_at = $3",
-    ))
-    .bind(&envelope.aggregate_id)
-    .bind(envelope.sequence)
-    .bind(at)
-    .execute(connection)
+    update_row(
+        sqlx::query(&update(
+            "open_commands = GREATEST(open_commands - 1, 0), updated_at = $3",
+        ))
+        .bind(&envelope.aggregate_id)
+        .bind(envelope.sequence)
+        .bind(at),
+        connection,
+    )
     .await?;
     Ok(())
 }

@@ -146,6 +146,11 @@ pub enum Positions {
     /// A column of the projection's own table, one row per aggregate, that every applied event
     /// sets to its sequence (as `devices.last_sequence`): no second row to write per event. An
     /// aggregate without a row is at 0.
+    ///
+    /// The projection's writes must be compare-and-set: a write for event `n` changes the row
+    /// only where the column holds `n - 1`, and fails with [`ProjectionError::PositionMoved`]
+    /// otherwise. That lets the worker judge a batch against the positions it committed last
+    /// without reading the rows: a stale guess fails the batch instead of applying twice.
     Own(OwnPositions),
     /// Nowhere: the projection's rows are keyed by the event they come from and rows it has
     /// already are skipped (`ON CONFLICT DO NOTHING`), so applying an event again changes
@@ -361,7 +366,8 @@ pub struct Worker<P: Projection, C: Companion = Alone> {
 }
 
 /// The positions this worker committed last, per aggregate: a hint that saves reading position
-/// rows, never trusted on its own (the batch's closing UPDATE checks each one).
+/// rows, never trusted on its own (the batch's closing UPDATE checks each one for
+/// [`Positions::Shared`], the projection's compare-and-set writes for [`Positions::Own`]).
 struct KnownPositions {
     state: Mutex<Known>,
     capacity: usize,
@@ -438,6 +444,9 @@ impl KnownPositionsGuard<'_> {
         }
     }
 }
+
+/// An aggregate as the worker keys positions: type, then id.
+type AggregateKey<'a> = (&'a str, &'a str);
 
 /// Where an event stood against the projection's position for its aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -705,38 +714,31 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         }
     }
 
-    /// [`Positions::Own`]: reads the positions of the batch's aggregates, unlocked, in a
-    /// repeatable-read transaction. A row that another worker or a replay moves after that
-    /// read cannot be written by this transaction (Postgres refuses it with a serialization
-    /// failure), so nothing commits and the caller goes one by one, locking each row; a row
-    /// moved before the read is seen by it.
+    /// [`Positions::Own`]: judges the batch against the positions this worker committed last
+    /// ([`KnownPositions`]) and reads the others, unlocked. Neither is trusted on its own: the
+    /// projection's writes are compare-and-set (each fails with [`ProjectionError::PositionMoved`]
+    /// unless its row stood at the event's sequence - 1), so a row that another worker or a
+    /// replay moved meanwhile makes the batch fail and the caller go one by one, locking each row.
     async fn apply_all_own(
         &self,
         own: OwnPositions,
         events: &[EventEnvelope],
     ) -> Result<Vec<Position>, ProjectionError> {
-        let mut ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let (mut last, unknown) = self.remembered(events);
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            .execute(&mut *tx)
-            .await?;
-        let stored = own.read_many(&mut tx, &ids).await?;
-        let stored: HashMap<&str, i64> = stored
-            .iter()
-            .map(|(id, sequence)| (id.as_str(), *sequence))
-            .collect();
-        let mut last: HashMap<(&str, &str), i64> = events
-            .iter()
-            .filter_map(|e| {
-                let sequence = stored.get(e.aggregate_id.as_str())?;
-                Some((
-                    (e.aggregate_type.as_str(), e.aggregate_id.as_str()),
-                    *sequence,
-                ))
-            })
-            .collect();
+        if !unknown.is_empty() {
+            let ids: Vec<&str> = unknown.iter().map(|(_, id)| *id).collect();
+            let stored = own.read_many(&mut tx, &ids).await?;
+            let stored: HashMap<&str, i64> = stored
+                .iter()
+                .map(|(id, sequence)| (id.as_str(), *sequence))
+                .collect();
+            for key in &unknown {
+                if let Some(sequence) = stored.get(key.1) {
+                    last.insert(*key, *sequence);
+                }
+            }
+        }
         let (positions, applied) = judge(events, &mut last);
         if !applied.is_empty() {
             self.projection.apply_batch(&mut tx, &applied).await?;
@@ -744,7 +746,38 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         let all: Vec<&EventEnvelope> = events.iter().collect();
         self.companion.apply_batch(&mut tx, &all).await?;
         tx.commit().await?;
+        let mut known = self.known.lock();
+        for event in applied {
+            known.remember(&event.aggregate_type, &event.aggregate_id, event.sequence);
+        }
         Ok(positions)
+    }
+
+    /// Splits the batch's aggregates into those whose remembered position can stand in for
+    /// their row (returned as the judge's starting point) and those whose row must be read.
+    /// Only a remembered position followed by the very next event is used; anything else (a
+    /// redelivery, a gap) is judged against the row itself.
+    fn remembered<'a>(
+        &self,
+        events: &'a [EventEnvelope],
+    ) -> (HashMap<AggregateKey<'a>, i64>, Vec<AggregateKey<'a>>) {
+        let mut last: HashMap<AggregateKey, i64> = HashMap::new();
+        let mut unknown: Vec<AggregateKey> = Vec::new();
+        let mut seen: HashSet<AggregateKey> = HashSet::new();
+        let known = self.known.lock();
+        for event in events {
+            let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+            if !seen.insert(key) {
+                continue;
+            }
+            match known.get(key.0, key.1) {
+                Some(sequence) if event.sequence == sequence + 1 => {
+                    last.insert(key, sequence);
+                }
+                _ => unknown.push(key),
+            }
+        }
+        (last, unknown)
     }
 
     /// [`Positions::Shared`]: applies `events` in order in one transaction.
@@ -758,26 +791,7 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         &self,
         events: &[EventEnvelope],
     ) -> Result<Vec<Position>, ProjectionError> {
-        let mut last: HashMap<(&str, &str), i64> = HashMap::new();
-        let mut unknown: Vec<(&str, &str)> = Vec::new();
-        let mut seen: HashSet<(&str, &str)> = HashSet::new();
-        {
-            let known = self.known.lock();
-            for event in events {
-                let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
-                if !seen.insert(key) {
-                    continue;
-                }
-                // Only a known position followed by the very next event is trusted; anything
-                // else (a redelivery, a gap) is judged against the row itself.
-                match known.get(key.0, key.1) {
-                    Some(sequence) if event.sequence == sequence + 1 => {
-                        last.insert(key, sequence);
-                    }
-                    _ => unknown.push(key),
-                }
-            }
-        }
+        let (mut last, mut unknown) = self.remembered(events);
         let mut tx = self.pool.begin().await?;
         if !unknown.is_empty() {
             unknown.sort_unstable();
@@ -936,7 +950,7 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         delivered: i64,
     ) -> Outcome {
         let result = self.apply_once(event).await;
-        if P::POSITIONS == Positions::Shared {
+        if P::POSITIONS != Positions::Keyed {
             let mut known = self.known.lock();
             match result {
                 Ok(Position::Applied) => {
