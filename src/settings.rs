@@ -429,7 +429,12 @@ impl Settings {
         }
         .context("FLEETLOG_FIRMWARE_SIGNING_KEY_FILE")?;
         let store = match &self.firmware_store {
-            Some(url) => FirmwareStore::at_url(url, self.firmware_max_bytes, signer),
+            Some(url) => FirmwareStore::at_url(
+                url,
+                fleetlog_api::firmware_store::options_from_env(),
+                self.firmware_max_bytes,
+                signer,
+            ),
             None => FirmwareStore::local(
                 &self.data_dir.join("firmware"),
                 self.firmware_max_bytes,

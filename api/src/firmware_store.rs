@@ -94,10 +94,12 @@ impl FirmwareStore {
         Ok(Self::new(Arc::new(objects), max_image_bytes, signer))
     }
 
-    /// A store at `url`: `file:///dir`, `s3://bucket/prefix` (credentials and endpoint from
-    /// the usual `AWS_*` environment variables), or any other scheme `object_store` knows.
+    /// A store at `url`: `file:///dir`, `s3://bucket/prefix`, or any other scheme
+    /// `object_store` knows, configured by `options` (`object_store`'s keys, such as
+    /// `aws_endpoint`, `aws_region`, `aws_access_key_id`; see [`options_from_env`]).
     pub fn at_url(
         url: &str,
+        options: impl IntoIterator<Item = (String, String)>,
         max_image_bytes: u64,
         signer: ImageSigner,
     ) -> Result<Self, object_store::Error> {
@@ -114,9 +116,6 @@ impl FirmwareStore {
                 })?;
             return Self::local(&directory, max_image_bytes, signer);
         }
-        let options = std::env::vars()
-            .filter(|(name, _)| name.starts_with("AWS_"))
-            .map(|(name, value)| (name.to_ascii_lowercase(), value));
         let (objects, prefix) = object_store::parse_url_opts(&parsed, options)?;
         let objects: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
             Arc::from(objects)
@@ -242,6 +241,15 @@ impl FirmwareStore {
             .await?;
         Ok(result.into_stream())
     }
+}
+
+/// The store options in the environment: every `AWS_*` variable, as the `aws_*` key of the
+/// same name (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_ALLOW_HTTP` ...).
+pub fn options_from_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(name, _)| name.starts_with("AWS_"))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value))
+        .collect()
 }
 
 /// The ed25519 key that signs released images.

@@ -1,6 +1,8 @@
 //! Firmware images over HTTP against a real Postgres and a local object store: streamed upload
 //! with digest check, size limit and content addressing; download with Range, If-Range, ETag and
-//! device tokens; release signatures that verify with the served public key.
+//! device tokens; release signatures that verify with the served public key; and the same
+//! upload and download through an S3-compatible server (s3s-fs, speaking the S3 protocol over
+//! HTTP with signed requests) configured by URL.
 
 mod common;
 
@@ -9,7 +11,7 @@ use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use bytes::Bytes;
-use common::{Platform, FIRMWARE_MAX_BYTES};
+use common::{Platform, TempDir, FIRMWARE_MAX_BYTES};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use fleetlog_domain::user::Role;
 use sha2::{Digest, Sha256};
@@ -397,4 +399,143 @@ async fn devices_download_with_their_token_and_releases_are_signed() {
     assert!(public
         .verify(&Sha256::digest(b"another image"), &signature)
         .is_err());
+}
+
+const S3_ACCESS_KEY: &str = "fleetlog-test";
+const S3_SECRET_KEY: &str = "fleetlog-test-secret";
+
+/// An S3-compatible server (s3s-fs) over `root` on a free local port, with a `firmware`
+/// bucket; its endpoint URL.
+async fn start_s3_server(root: &std::path::Path) -> String {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use s3s::auth::SimpleAuth;
+    use s3s::service::S3ServiceBuilder;
+
+    std::fs::create_dir_all(root.join("firmware")).unwrap();
+    let mut service = S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).unwrap());
+    service.set_auth(SimpleAuth::from_single(S3_ACCESS_KEY, S3_SECRET_KEY));
+    let service = service.build().into_shared();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let http = Builder::new(TokioExecutor::new());
+        while let Ok((socket, _)) = listener.accept().await {
+            let connection = http
+                .serve_connection(TokioIo::new(socket), service.clone())
+                .into_owned();
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+        }
+    });
+    endpoint
+}
+
+/// The keys under `prefix` in the `firmware` bucket, listed through the S3 protocol.
+async fn s3_keys(store: &dyn object_store::ObjectStore, prefix: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    let mut keys: Vec<String> = store
+        .list(Some(&object_store::path::Path::from(prefix)))
+        .map_ok(|meta| meta.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+/// `FLEETLOG_FIRMWARE_STORE=s3://...`: images go to an S3-compatible store, streamed in a
+/// multipart upload, moved to their content address, stored once, and come back whole or in
+/// ranges. A refused upload leaves nothing in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_live_in_an_s3_compatible_store_configured_by_url() {
+    let root = TempDir::new();
+    let endpoint = start_s3_server(&root.0).await;
+    let options: Vec<(String, String)> = [
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", S3_ACCESS_KEY),
+        ("aws_secret_access_key", S3_SECRET_KEY),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value.to_string()))
+    .collect();
+    let platform =
+        Platform::start_with_firmware_store("s3://firmware/images", options.clone()).await;
+    let (bucket, _) =
+        object_store::parse_url_opts(&url::Url::parse("s3://firmware").unwrap(), options.clone())
+            .unwrap();
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let bytes = image(700_000, 7);
+    let digest = sha256(&bytes);
+
+    for version in ["2.0.0", "2.0.1"] {
+        let (status, _, body) = raw(
+            &platform,
+            Method::POST,
+            &format!("/api/v1/firmware?model=thermo&version={version}&sha256={digest}"),
+            &[bearer(&operator)],
+            streamed(bytes.clone()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body:?}");
+    }
+    assert_eq!(
+        s3_keys(bucket.as_ref(), "images").await,
+        vec![format!("images/sha256/{digest}")],
+        "stored once, at its content address, with no upload left behind"
+    );
+
+    let (status, _, _) = raw(
+        &platform,
+        Method::POST,
+        &format!(
+            "/api/v1/firmware?model=thermo&version=2.0.2&sha256={}",
+            "0".repeat(64)
+        ),
+        &[bearer(&operator)],
+        streamed(image(1_000, 8)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _, _) = raw(
+        &platform,
+        Method::POST,
+        "/api/v1/firmware?model=thermo&version=2.0.3",
+        &[bearer(&operator)],
+        streamed(image(FIRMWARE_MAX_BYTES as usize + 1, 9)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        s3_keys(bucket.as_ref(), "images").await,
+        vec![format!("images/sha256/{digest}")],
+        "refused uploads leave nothing"
+    );
+
+    let path = "/api/v1/firmware/thermo@2.0.1/download";
+    let (status, headers, whole) = raw(
+        &platform,
+        Method::GET,
+        path,
+        &[bearer(&operator)],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::ETAG], format!("\"{digest}\"").as_str());
+    assert_eq!(sha256(&whole), digest);
+    let (status, headers, part) = raw(
+        &platform,
+        Method::GET,
+        path,
+        &[bearer(&operator), ("range", "bytes=500000-".into())],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(headers[header::CONTENT_RANGE], "bytes 500000-699999/700000");
+    assert_eq!(part.as_ref(), &bytes[500_000..]);
 }

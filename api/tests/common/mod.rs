@@ -46,7 +46,7 @@ pub const FIRMWARE_MAX_BYTES: u64 = 1024 * 1024;
 pub struct TempDir(pub std::path::PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let path = std::env::temp_dir().join(format!("fleetlog-api-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&path).unwrap();
         Self(path)
@@ -66,6 +66,16 @@ impl Platform {
 
     /// `projections: false` leaves the read models behind, as a lagging projection would.
     pub async fn start_with(projections: bool) -> Self {
+        Self::start_full(projections, None).await
+    }
+
+    /// Firmware images kept in the object store at `url` (say `s3://bucket/prefix`), set up
+    /// with `options`, instead of the local directory.
+    pub async fn start_with_firmware_store(url: &str, options: Vec<(String, String)>) -> Self {
+        Self::start_full(true, Some((url, options))).await
+    }
+
+    async fn start_full(projections: bool, store: Option<(&str, Vec<(String, String)>)>) -> Self {
         let db = TestDatabase::create().await;
         let nats = NatsServer::start();
         let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
@@ -99,14 +109,21 @@ impl Platform {
             auth: auth.clone(),
             bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
             metrics: None,
-            firmware: Some(std::sync::Arc::new(
-                FirmwareStore::local(
-                    &firmware_dir.0.join("images"),
-                    FIRMWARE_MAX_BYTES,
-                    ImageSigner::from_file(&firmware_dir.0.join("signing.pem"), true).unwrap(),
-                )
-                .unwrap(),
-            )),
+            firmware: Some(std::sync::Arc::new({
+                let signer =
+                    ImageSigner::from_file(&firmware_dir.0.join("signing.pem"), true).unwrap();
+                match store {
+                    Some((url, options)) => {
+                        FirmwareStore::at_url(url, options, FIRMWARE_MAX_BYTES, signer)
+                    }
+                    None => FirmwareStore::local(
+                        &firmware_dir.0.join("images"),
+                        FIRMWARE_MAX_BYTES,
+                        signer,
+                    ),
+                }
+                .unwrap()
+            })),
         };
         Self {
             nats: client_for_tests,
