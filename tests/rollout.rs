@@ -170,6 +170,16 @@ impl Stack {
         }
     }
 
+    /// Waits until the devices read model shows `count` devices online.
+    async fn wait_until_online(&self, count: usize) {
+        self.wait_for("/api/v1/devices?online=true", "devices online", |page| {
+            page["items"]
+                .as_array()
+                .is_some_and(|items| items.len() == count)
+        })
+        .await;
+    }
+
     /// Registers a device of model `thermo`; answers its token.
     async fn register(&self, id: &str) -> String {
         let (status, created) = self
@@ -442,13 +452,7 @@ async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
             devices.insert(id, device);
         }
     }
-    stack
-        .wait_for("/api/v1/devices?online=true", "devices online", |page| {
-            page["items"]
-                .as_array()
-                .is_some_and(|items| items.len() == 9)
-        })
-        .await;
+    stack.wait_until_online(9).await;
 
     let (status, created) = stack
         .call(
@@ -655,13 +659,7 @@ async fn a_rollout_manager_killed_mid_rollout_neither_sends_twice_nor_skips_a_de
     }
     // Registered, never connects: in the last wave, so its window starts with that wave.
     stack.register("k-offline").await;
-    stack
-        .wait_for("/api/v1/devices?online=true", "devices online", |page| {
-            page["items"]
-                .as_array()
-                .is_some_and(|items| items.len() == online.len())
-        })
-        .await;
+    stack.wait_until_online(online.len()).await;
     let mut targets = online.clone();
     targets.push("k-offline".into());
     let (status, created) = stack
@@ -759,13 +757,7 @@ async fn outcomes_acked_but_never_handled_are_recovered_from_the_devices() {
         let token = stack.register(id).await;
         devices.push(SimulatedDevice::connect(&stack, id, token, Behaviour::Succeeds).await);
     }
-    stack
-        .wait_for("/api/v1/devices?online=true", "devices online", |page| {
-            page["items"]
-                .as_array()
-                .is_some_and(|items| items.len() == 2)
-        })
-        .await;
+    stack.wait_until_online(2).await;
     let (status, created) = stack
         .call(
             Method::POST,
