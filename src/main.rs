@@ -31,7 +31,7 @@ use fleetlog_domain::{TenantId, UserId};
 use fleetlog_ingest::bridge::{Ingest, IngestSettings};
 use fleetlog_ingest::broker::BrokerUrl;
 use fleetlog_ingest::dispatch::{DispatchSettings, Dispatcher};
-use fleetlog_nats::{Relay, RelaySettings};
+use fleetlog_nats::{ensure_stream, Relay, RelaySettings};
 use fleetlog_projections::liveness::{Liveness, LivenessSettings};
 use fleetlog_projections::rollout_manager::{RolloutManager, RolloutManagerSettings};
 use fleetlog_projections::WorkerSettings;
@@ -338,6 +338,17 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     fleetlog_commands::migrate(&pool)
         .await
         .context("cannot apply migrations")?;
+    // The relay owns the event stream, but the consumers of the other roles start with it:
+    // set the stream up first, so that they find it rather than warn and retry. Best effort,
+    // and brief: with NATS away, every role waits for it on its own.
+    let client = connect_nats(&settings.nats_url).await?;
+    let jetstream = async_nats::jetstream::new(client);
+    let stream = settings.relay().stream;
+    match tokio::time::timeout(Duration::from_secs(5), ensure_stream(&jetstream, &stream)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot set up the event stream yet"),
+        Err(_) => tracing::warn!("NATS does not answer yet; the roles wait for it"),
+    }
     let shutdown = shutdown_on_signal();
     let mut roles = tokio::task::JoinSet::new();
     roles.spawn(run_relay(
