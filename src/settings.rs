@@ -278,6 +278,16 @@ pub struct Settings {
     )]
     pub relay_poll_interval_ms: u64,
 
+    /// How long an ingest round that is not full waits for more messages, in milliseconds:
+    /// fewer, larger transactions under load.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETLOG_INGEST_LINGER_MS",
+        default_value_t = 5
+    )]
+    pub ingest_linger_ms: u64,
+
     /// How long the relay lets events gather after a commit notification before it reads
     /// them, in milliseconds: fewer, larger rounds under load.
     #[arg(
@@ -391,6 +401,7 @@ impl Settings {
         };
         settings.shards = self.ingest_shards.max(1);
         settings.max_batch = self.ingest_max_batch.max(1);
+        settings.linger = Duration::from_millis(self.ingest_linger_ms);
         settings.inflight = self.ingest_inflight.max(1);
         settings.report_every = Duration::from_secs(self.ingest_report_secs.max(1));
         Ok(settings)

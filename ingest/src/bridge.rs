@@ -57,6 +57,9 @@ pub struct IngestSettings {
     pub shards: usize,
     /// The most messages of one shard handled in one round.
     pub max_batch: usize,
+    /// How long a round that is not full waits for more messages before it runs: fewer,
+    /// larger transactions under load, for at most this much latency.
+    pub linger: Duration,
     /// QoS 1 messages the broker may have in flight to this client.
     pub inflight: u16,
     /// How often the summary line is logged.
@@ -78,6 +81,7 @@ impl IngestSettings {
             auto_register_tenant: None,
             shards: 2,
             max_batch: 500,
+            linger: Duration::from_millis(5),
             inflight: 1000,
             report_every: Duration::from_secs(300),
             min_backoff: Duration::from_secs(2),
@@ -288,6 +292,7 @@ impl Ingest {
                 shared.clone(),
                 receiver,
                 settings.max_batch.max(1),
+                settings.linger,
             ));
         }
         let reporter = tokio::spawn({
@@ -430,9 +435,24 @@ fn shard_of(topic: &str, root: &str, shards: usize) -> usize {
     (hasher.finish() % shards as u64) as usize
 }
 
-async fn run_shard(shared: Arc<Shared>, mut inbox: mpsc::Receiver<Publish>, max_batch: usize) {
+async fn run_shard(
+    shared: Arc<Shared>,
+    mut inbox: mpsc::Receiver<Publish>,
+    max_batch: usize,
+    linger: Duration,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     while inbox.recv_many(&mut batch, max_batch).await > 0 {
+        if !linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + linger;
+            while batch.len() < max_batch {
+                let room = max_batch - batch.len();
+                match tokio::time::timeout_at(deadline, inbox.recv_many(&mut batch, room)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
         handle_batch(&shared, std::mem::take(&mut batch)).await;
     }
 }
