@@ -193,8 +193,9 @@ impl Stack {
         created["device_token"].as_str().unwrap().to_string()
     }
 
-    /// Uploads and releases an image; answers its id.
-    async fn release_firmware(&self, version: &str, image: &[u8]) -> String {
+    /// Uploads and releases an image, and waits for the catalogue to show it released;
+    /// answers its id and its catalogue entry.
+    async fn release_firmware(&self, version: &str, image: &[u8]) -> (String, Value) {
         let request = Request::builder()
             .method(Method::POST)
             .uri(format!(
@@ -214,7 +215,12 @@ impl Stack {
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        id
+        let firmware = self
+            .wait_for(&format!("/api/v1/firmware/{id}"), "the release", |f| {
+                f["status"] == "released"
+            })
+            .await;
+        (id, firmware)
     }
 
     /// The image as a device downloads it: the first 1,000 bytes, then (as after a cut
@@ -419,14 +425,7 @@ fn image(size: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
     let stack = Arc::new(Stack::start(Manager::Running).await);
-    let firmware_id = stack.release_firmware("2.0.0", &image(150_000)).await;
-    let firmware = stack
-        .wait_for(
-            &format!("/api/v1/firmware/{firmware_id}"),
-            "the release",
-            |f| f["status"] == "released",
-        )
-        .await;
+    let (firmware_id, firmware) = stack.release_firmware("2.0.0", &image(150_000)).await;
 
     // Ten devices in waves of 2, 3 and 5.
     let behaviours = [
@@ -575,7 +574,7 @@ async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
     );
 
     // The error threshold aborts a rollout so configured: its unsent devices are canceled.
-    let firmware_id = stack.release_firmware("2.1.0", &image(20_000)).await;
+    let (firmware_id, _) = stack.release_firmware("2.1.0", &image(20_000)).await;
     let (status, created) = stack
         .call(
             Method::POST,
@@ -642,14 +641,7 @@ async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_manager_killed_mid_rollout_neither_sends_twice_nor_skips_a_device() {
     let stack = Arc::new(Stack::start(Manager::LeftToTheTest).await);
-    let firmware_id = stack.release_firmware("3.0.0", &image(20_000)).await;
-    stack
-        .wait_for(
-            &format!("/api/v1/firmware/{firmware_id}"),
-            "the release",
-            |f| f["status"] == "released",
-        )
-        .await;
+    let (firmware_id, _) = stack.release_firmware("3.0.0", &image(20_000)).await;
     let online: Vec<String> = (0..8).map(|n| format!("k{n}")).collect();
     let mut devices = HashMap::new();
     for id in &online {
@@ -740,17 +732,12 @@ async fn a_rollout_manager_killed_mid_rollout_neither_sends_twice_nor_skips_a_de
     assert!(offline["sent_at"].is_null(), "{offline}");
 }
 
+/// The manager's device consumer acks cumulatively: after a crash, outcomes whose events were
+/// acked but never handled are learnt again by the sweep, from the devices it asks once more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_acked_but_never_handled_are_recovered_from_the_devices() {
     let stack = Arc::new(Stack::start(Manager::LeftToTheTest).await);
-    let firmware_id = stack.release_firmware("4.0.0", &image(5_000)).await;
-    stack
-        .wait_for(
-            &format!("/api/v1/firmware/{firmware_id}"),
-            "the release",
-            |f| f["status"] == "released",
-        )
-        .await;
+    let (firmware_id, _) = stack.release_firmware("4.0.0", &image(5_000)).await;
     let targets = ["m0", "m1"];
     let mut devices = Vec::new();
     for id in targets {
