@@ -21,6 +21,44 @@ pub use ids::{CommandId, DeviceId, IdError, RolloutId, SessionId, TenantId, User
 /// that old payloads cannot be read as gets a new version and an upcaster.
 pub const EVENT_VERSION: &str = "1.0";
 
+/// Which of two kinds of traffic an event belongs to, so that consumers can take only the kind
+/// they need (the event stream puts it in each subject).
+///
+/// - `Data`: what devices report about themselves, at the fleet's full rate: telemetry, status
+///   and heartbeats. Read models that show the latest readings consume these.
+/// - `Control`: everything the platform decides or manages, at human or rollout rate:
+///   registration, metadata, commands, desired properties, firmware updates, connectivity, and
+///   every event of the other aggregates. Dispatch to devices and the rollout manager need only
+///   these, and would otherwise wade through the data plane to find them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Plane {
+    /// Device reports: telemetry, status, heartbeats.
+    Data,
+    /// Everything else.
+    Control,
+}
+
+impl Plane {
+    /// The plane of an event, from its aggregate type and event type as stored.
+    pub fn of(aggregate_type: &str, event_type: &str) -> Self {
+        if aggregate_type == <device::Device as cqrs_es::Aggregate>::TYPE
+            && device::DeviceEvent::DATA_PLANE.contains(&event_type)
+        {
+            Self::Data
+        } else {
+            Self::Control
+        }
+    }
+
+    /// `data` or `control`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Data => "data",
+            Self::Control => "control",
+        }
+    }
+}
+
 /// Implements `cqrs_es::Aggregate` for a type that has `decide(&self, command)` and
 /// `evolve(&mut self, event)`: `handle` decides first and only then writes the events through
 /// the sink (which applies each once), so a refusal leaves the aggregate untouched.

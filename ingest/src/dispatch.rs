@@ -33,7 +33,7 @@ use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
 use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent, FirmwareImage};
 use fleetlog_domain::CommandId;
-use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER};
+use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
@@ -138,20 +138,21 @@ impl Dispatcher {
         shutdown: &CancellationToken,
     ) -> Result<(), async_nats::Error> {
         let stream = self.jetstream.get_stream(STREAM_NAME).await?;
-        let consumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                PullConfig {
-                    durable_name: Some(CONSUMER.to_string()),
-                    filter_subject: subject_filter_for_type("device"),
-                    deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: self.settings.publish_timeout * 3,
-                    max_ack_pending: 1_000,
-                    ..Default::default()
-                },
-            )
-            .await?;
+        // Control events only: telemetry, status and heartbeats never ask for a message to a
+        // device, and at fleet rate they would be nearly all the dispatcher reads.
+        let consumer = fleetlog_nats::durable_consumer(
+            &stream,
+            PullConfig {
+                durable_name: Some(CONSUMER.to_string()),
+                filter_subject: control_subject_filter_for_type("device"),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.settings.publish_timeout * 3,
+                max_ack_pending: 1_000,
+                ..Default::default()
+            },
+        )
+        .await?;
         let mut messages = consumer.messages().await?;
         tracing::info!("dispatcher consuming device events");
         let mut missed_heartbeats = 0;
@@ -175,8 +176,8 @@ impl Dispatcher {
                     None => return Err("the consumer's message stream ended".into()),
                 },
             };
-            // Most device events (telemetry above all) ask for nothing: the event type header
-            // says so without reading the body.
+            // Most control events ask for nothing either: the event type header says so
+            // without reading the body.
             let wanted = message
                 .headers
                 .as_ref()

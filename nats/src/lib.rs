@@ -5,7 +5,8 @@
 //! consumers). This crate owns
 //!
 //! - the topology: the `FLEETLOG_EVENTS` stream and its subjects
-//!   `fleetlog.events.{aggregate_type}.{aggregate_id}` ([`topology`]);
+//!   `fleetlog.events.{aggregate_type}.{aggregate_id}.{plane}` ([`topology`]), and the durable
+//!   consumers' set-up ([`durable_consumer`]);
 //! - the message body, an [`EventEnvelope`] in JSON ([`envelope`]);
 //! - the [`relay`], which tails the events table gap-safely and publishes each event with
 //!   `Nats-Msg-Id = {aggregate_type}:{aggregate_id}:{sequence}`, so a republished event is
@@ -26,6 +27,32 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::Connec
         .retry_on_initial_connect()
         .connect(url)
         .await
+}
+
+/// The durable pull consumer `config` names, created if missing. One that exists with another
+/// subject filter (an upgrade moved the subjects it reads) takes the new filter in place and
+/// keeps its position: deleting and recreating it would deliver the stream again from the start.
+pub async fn durable_consumer(
+    stream: &async_nats::jetstream::stream::Stream,
+    config: async_nats::jetstream::consumer::pull::Config,
+) -> Result<async_nats::jetstream::consumer::PullConsumer, async_nats::Error> {
+    let name = config
+        .durable_name
+        .clone()
+        .ok_or("a durable consumer needs a name")?;
+    let mut consumer = stream.get_or_create_consumer(&name, config.clone()).await?;
+    let current = consumer.cached_info().config.filter_subject.clone();
+    if current != config.filter_subject {
+        let filter = config.filter_subject.clone();
+        consumer = stream.create_consumer(config).await?;
+        tracing::info!(
+            consumer = name,
+            from = current,
+            to = filter,
+            "moved the consumer to new subjects"
+        );
+    }
+    Ok(consumer)
 }
 
 /// Whether a pull consumer's message stream only reports a missed idle heartbeat. The stream

@@ -335,7 +335,7 @@ impl Relay {
                 .message_id(envelope.message_id())
                 .header(EVENT_TYPE_HEADER, envelope.event_type.as_str());
             let (aggregate_type, aggregate_id) = envelope.aggregate();
-            let subject = subject_for(aggregate_type, aggregate_id);
+            let subject = subject_for(aggregate_type, aggregate_id, &envelope.event_type);
             match self.jetstream.send_publish(subject, message).await {
                 Ok(ack) => acks.push((*cursor, ack)),
                 Err(error) => {

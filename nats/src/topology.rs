@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
 use async_nats::jetstream::Context;
+use fleetlog_domain::Plane;
 
 /// The stream every event is published to.
 pub const STREAM_NAME: &str = "FLEETLOG_EVENTS";
@@ -44,18 +45,39 @@ pub fn subject_token(id: &str) -> String {
         .collect()
 }
 
-/// `fleetlog.events.{aggregate_type}.{aggregate_id}`.
-pub fn subject_for(aggregate_type: &str, aggregate_id: &str) -> String {
+/// `fleetlog.events.{aggregate_type}.{aggregate_id}.{plane}`, the plane (`data` or `control`,
+/// see [`Plane`]) told by the event type: a consumer that needs only control events filters
+/// the data plane out on the server instead of receiving every reading to skip it.
+pub fn subject_for(aggregate_type: &str, aggregate_id: &str, event_type: &str) -> String {
     format!(
-        "{SUBJECT_PREFIX}.{}.{}",
+        "{SUBJECT_PREFIX}.{}.{}.{}",
         subject_token(aggregate_type),
-        subject_token(aggregate_id)
+        subject_token(aggregate_id),
+        Plane::of(aggregate_type, event_type).as_str()
     )
 }
 
-/// `fleetlog.events.{aggregate_type}.*`: every event of one aggregate type.
+/// `fleetlog.events.{aggregate_type}.>`: every event of one aggregate type, on both planes.
 pub fn subject_filter_for_type(aggregate_type: &str) -> String {
-    format!("{SUBJECT_PREFIX}.{}.*", subject_token(aggregate_type))
+    format!("{SUBJECT_PREFIX}.{}.>", subject_token(aggregate_type))
+}
+
+/// `fleetlog.events.{aggregate_type}.*.control`: the control events of one aggregate type.
+pub fn control_subject_filter_for_type(aggregate_type: &str) -> String {
+    format!(
+        "{SUBJECT_PREFIX}.{}.*.{}",
+        subject_token(aggregate_type),
+        Plane::Control.as_str()
+    )
+}
+
+/// `fleetlog.events.{aggregate_type}.{aggregate_id}.*`: every event of one aggregate.
+pub fn subject_filter_for_aggregate(aggregate_type: &str, aggregate_id: &str) -> String {
+    format!(
+        "{SUBJECT_PREFIX}.{}.{}.*",
+        subject_token(aggregate_type),
+        subject_token(aggregate_id)
+    )
 }
 
 fn stream_config(settings: &StreamSettings) -> Config {
@@ -118,18 +140,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subjects_name_type_and_id() {
+    fn subjects_name_type_id_and_plane() {
         assert_eq!(
-            subject_for("device", "dev-1"),
-            "fleetlog.events.device.dev-1"
+            subject_for("device", "dev-1", "TelemetryRecorded"),
+            "fleetlog.events.device.dev-1.data"
         );
         assert_eq!(
-            subject_for("firmware", "thermo@1.2.0-rc.1"),
-            "fleetlog.events.firmware.thermo@1_2_0-rc_1"
+            subject_for("device", "dev-1", "CommandIssued"),
+            "fleetlog.events.device.dev-1.control"
+        );
+        assert_eq!(
+            subject_for("firmware", "thermo@1.2.0-rc.1", "FirmwareUploaded"),
+            "fleetlog.events.firmware.thermo@1_2_0-rc_1.control"
         );
         assert_eq!(
             subject_filter_for_type("device"),
-            "fleetlog.events.device.*"
+            "fleetlog.events.device.>"
+        );
+        assert_eq!(
+            control_subject_filter_for_type("device"),
+            "fleetlog.events.device.*.control"
+        );
+        assert_eq!(
+            subject_filter_for_aggregate("device", "dev-1"),
+            "fleetlog.events.device.dev-1.*"
         );
     }
 }

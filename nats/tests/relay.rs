@@ -170,7 +170,11 @@ async fn assert_stream_matches_events(pool: &PgPool, jetstream: &Context) {
         assert_eq!(message_id, &envelope.message_id());
         assert_eq!(
             subject,
-            &subject_for(&envelope.aggregate_type, &envelope.aggregate_id)
+            &subject_for(
+                &envelope.aggregate_type,
+                &envelope.aggregate_id,
+                &envelope.event_type
+            )
         );
         let key = (
             envelope.aggregate_type.clone(),

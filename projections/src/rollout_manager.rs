@@ -34,7 +34,7 @@ use fleetlog_domain::device::{
 };
 use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand, RolloutEvent};
 use fleetlog_domain::{DeviceId, RolloutId};
-use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
+use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -115,7 +115,7 @@ impl RolloutManager {
     }
 
     /// Handles the messages of one durable consumer in order. Acks are cumulative: acking the
-    /// last message of what arrived together acks all of it, one ack for a burst of telemetry.
+    /// last message of what arrived together acks all of it, one ack for a burst.
     /// A failure stops before acking, so the failed message and those after it come back.
     async fn consume(
         &self,
@@ -124,20 +124,21 @@ impl RolloutManager {
         shutdown: &CancellationToken,
     ) -> Result<(), Failure> {
         let stream = self.jetstream.get_stream(STREAM_NAME).await?;
-        let consumer = stream
-            .get_or_create_consumer(
-                name,
-                PullConfig {
-                    durable_name: Some(name.to_string()),
-                    filter_subject: subject_filter_for_type(aggregate_type),
-                    deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::All,
-                    ack_wait: self.settings.ack_wait,
-                    max_ack_pending: 10_000,
-                    ..Default::default()
-                },
-            )
-            .await?;
+        // Control events only: the manager acts on firmware outcomes and devices coming online,
+        // never on telemetry, status or heartbeats.
+        let consumer = fleetlog_nats::durable_consumer(
+            &stream,
+            PullConfig {
+                durable_name: Some(name.to_string()),
+                filter_subject: control_subject_filter_for_type(aggregate_type),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::All,
+                ack_wait: self.settings.ack_wait,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await?;
         let mut messages = consumer.messages().await?.ready_chunks(500);
         tracing::info!(consumer = name, "rollout manager consuming");
         let mut missed_heartbeats = 0;
@@ -179,8 +180,8 @@ impl RolloutManager {
             .as_ref()
             .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
             .map(|kind| kind.as_str());
-        // Most device events (telemetry above all) ask nothing of the manager: they are skipped
-        // by the event-type header, before their body is read.
+        // Most device control events (commands, metadata) ask nothing of the manager: they are
+        // skipped by the event-type header, before their body is read.
         let device_subject = message
             .subject
             .strip_prefix(SUBJECT_PREFIX)

@@ -590,21 +590,19 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         if let Some(rider) = C::NAME {
             retire_consumer_of(&stream, rider, P::NAME).await?;
         }
-        let consumer = stream
-            .get_or_create_consumer(
-                P::NAME,
-                PullConfig {
-                    durable_name: Some(P::NAME.to_string()),
-                    filter_subject: subject_filter_for_type(P::AGGREGATE_TYPE),
-                    deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: self.settings.ack_wait,
-                    max_ack_pending: self.settings.max_ack_pending,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        Ok(consumer)
+        fleetlog_nats::durable_consumer(
+            &stream,
+            PullConfig {
+                durable_name: Some(P::NAME.to_string()),
+                filter_subject: subject_filter_for_type(P::AGGREGATE_TYPE),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.settings.ack_wait,
+                max_ack_pending: self.settings.max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
     }
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), async_nats::Error> {

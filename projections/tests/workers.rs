@@ -230,7 +230,11 @@ async fn the_devices_model_follows_the_events() {
 async fn publish(jetstream: &Context, envelope: &EventEnvelope) {
     jetstream
         .publish(
-            subject_for(&envelope.aggregate_type, &envelope.aggregate_id),
+            subject_for(
+                &envelope.aggregate_type,
+                &envelope.aggregate_id,
+                &envelope.event_type,
+            ),
             serde_json::to_vec(envelope).unwrap().into(),
         )
         .await

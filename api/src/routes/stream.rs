@@ -20,7 +20,9 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use fleetlog_domain::user::Role;
-use fleetlog_nats::topology::{subject_filter_for_type, subject_for, SUBJECT_PREFIX};
+use fleetlog_nats::topology::{
+    subject_filter_for_aggregate, subject_filter_for_type, SUBJECT_PREFIX,
+};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
@@ -85,7 +87,13 @@ pub(crate) async fn device_stream(
         ));
     }
     let resume = resume_after(&headers, query.last_event_id)?;
-    open(&state, subject_for("device", id.as_str()), caller, resume).await
+    open(
+        &state,
+        subject_filter_for_aggregate("device", id.as_str()),
+        caller,
+        resume,
+    )
+    .await
 }
 
 #[utoipa::path(

@@ -263,6 +263,13 @@ impl DomainEvent for DeviceEvent {
     }
 }
 
+impl DeviceEvent {
+    /// The event types devices report at their own rate ([`crate::Plane::Data`]); every other
+    /// device event is [`crate::Plane::Control`].
+    pub const DATA_PLANE: &'static [&'static str] =
+        &["TelemetryRecorded", "StatusReported", "HeartbeatReceived"];
+}
+
 /// Folds one event into the state.
 pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
     match event {

@@ -1000,3 +1000,31 @@ fn redelivered_heartbeats_and_status_reports_are_recognised_by_digest() {
         })
         .then_expect_events(vec![]);
 }
+
+#[test]
+fn only_what_devices_report_at_their_own_rate_is_data_plane() {
+    use crate::Plane;
+    use cqrs_es::DomainEvent;
+    let plane = |event: &DeviceEvent| Plane::of("device", &event.event_type());
+    let data = [
+        recorded("d1", vec![]),
+        DeviceEvent::StatusReported {
+            status: Map::new(),
+            received_at: at(),
+            digest: None,
+        },
+        DeviceEvent::HeartbeatReceived {
+            device_time: None,
+            received_at: at(),
+            digest: None,
+        },
+    ];
+    for event in &data {
+        assert_eq!(plane(event), Plane::Data, "{}", event.event_type());
+    }
+    for event in [registered(), online(), issued("c1")] {
+        assert_eq!(plane(&event), Plane::Control, "{}", event.event_type());
+    }
+    // The names are a device's: another aggregate's event of the same name is control.
+    assert_eq!(Plane::of("rollout", "TelemetryRecorded"), Plane::Control);
+}
