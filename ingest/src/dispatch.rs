@@ -492,3 +492,23 @@ async fn drive(mut events: EventLoop, tracker: Arc<Mutex<Tracker>>, shutdown: Ca
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fleetlog_domain::Plane;
+
+    use super::DISPATCHED;
+
+    #[test]
+    fn every_dispatched_event_travels_on_the_control_plane() {
+        // The dispatcher's consumer filters on the control plane: an event it sends to devices
+        // that moved to the data plane would never reach it.
+        for event_type in DISPATCHED {
+            assert_eq!(
+                Plane::of("device", event_type),
+                Plane::Control,
+                "{event_type}"
+            );
+        }
+    }
+}

@@ -512,3 +512,23 @@ impl RolloutManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fleetlog_domain::Plane;
+
+    use super::DEVICE_EVENTS;
+
+    #[test]
+    fn every_device_event_the_manager_acts_on_travels_on_the_control_plane() {
+        // The manager's consumers filter on the control plane: an outcome that moved to the
+        // data plane would never reach it, and its rollout would wait forever.
+        for event_type in DEVICE_EVENTS {
+            assert_eq!(
+                Plane::of("device", event_type),
+                Plane::Control,
+                "{event_type}"
+            );
+        }
+    }
+}
