@@ -27,7 +27,7 @@ pub async fn wait_for_position(
 ) -> Result<(), ApiError> {
     let event: Option<StoredEvent> = sqlx::query_as(
         "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                metadata, global_position, transaction_id::text AS transaction_id, recorded_at
+                metadata, global_position, transaction_id::text AS transaction_text, recorded_at
            FROM events WHERE global_position = $1",
     )
     .bind(position)

@@ -52,7 +52,10 @@ pub struct EventEnvelope {
 /// the table (relay, replay).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredEvent {
-    /// The inserting transaction, as Postgres prints an `xid8`.
+    /// The inserting transaction, as Postgres prints an `xid8`. Selected as
+    /// `transaction_id::text AS transaction_text`: an output column named `transaction_id`
+    /// would capture a bare `ORDER BY transaction_id`, which would then sort as text.
+    #[sqlx(rename = "transaction_text")]
     pub transaction_id: String,
     /// The event.
     #[sqlx(flatten)]
@@ -93,6 +96,8 @@ pub struct OutgoingEvent {
     payload: Json<Box<RawValue>>,
     metadata: Json<Box<RawValue>>,
     recorded_at: DateTime<Utc>,
+    /// See [`StoredEvent::transaction_id`].
+    #[sqlx(rename = "transaction_text")]
     transaction_id: String,
 }
 

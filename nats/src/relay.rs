@@ -39,15 +39,15 @@ const CURSOR_NAME: &str = "FLEETLOG_EVENTS";
 
 const SELECT_BATCH: &str = "
 SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
-       global_position, transaction_id::text AS transaction_id, recorded_at
+       global_position, transaction_id::text AS transaction_text, recorded_at
   FROM events
  WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
    AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
- ORDER BY transaction_id, global_position
+ ORDER BY events.transaction_id, events.global_position
  LIMIT $3";
 
 const SELECT_CURSOR: &str = "
-SELECT transaction_id::text AS transaction_id, global_position
+SELECT transaction_id::text AS transaction_text, global_position
   FROM relay_cursors WHERE relay = $1";
 
 const UPSERT_CURSOR: &str = "
@@ -278,7 +278,10 @@ impl Relay {
             .await?;
         Ok(match row {
             Some(row) => Cursor {
-                transaction_id: row.get::<String, _>("transaction_id").parse().unwrap_or(0),
+                transaction_id: row
+                    .get::<String, _>("transaction_text")
+                    .parse()
+                    .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
                 global_position: row.get("global_position"),
             },
             None => Cursor::default(),

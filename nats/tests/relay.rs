@@ -367,3 +367,21 @@ async fn appending_events_notifies_the_relay_channel() {
         .unwrap();
     assert_eq!(notification.channel(), EVENTS_CHANNEL);
 }
+
+#[tokio::test]
+async fn a_backlog_across_a_power_of_ten_of_transaction_ids_is_relayed_whole_and_in_order() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    register(&bus, "edge").await;
+    heartbeat(&bus, "edge").await;
+    // Written while no relay runs: the relay meets them as one backlog, several batches long,
+    // whose transaction ids print with one digit more past the boundary.
+    fleetlog_testkit::append_copies_across_a_power_of_ten(&db.pool, "device", "edge", 40).await;
+    let mut relay = start_relay(&db.pool, &nats).await;
+    relay.wait_for(RelayStatus::Active).await;
+    let jetstream = jetstream_of(&nats).await;
+    wait_for_stream_count(&jetstream, stored_event_count(&db.pool).await).await;
+    assert_stream_matches_events(&db.pool, &jetstream).await;
+    relay.stop().await;
+}

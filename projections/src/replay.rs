@@ -28,12 +28,12 @@ const PAGE_SIZE: i64 = 1_000;
 
 const SELECT_PAGE: &str = "
 SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
-       global_position, transaction_id::text AS transaction_id, recorded_at
+       global_position, transaction_id::text AS transaction_text, recorded_at
   FROM events
  WHERE aggregate_type = $1
    AND (transaction_id, global_position) > ($2::text::xid8, $3)
    AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
- ORDER BY transaction_id, global_position
+ ORDER BY events.transaction_id, events.global_position
  LIMIT $4";
 
 /// Why a replay failed.

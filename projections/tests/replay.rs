@@ -253,3 +253,47 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
         result.unwrap();
     }
 }
+
+#[tokio::test]
+async fn replay_reads_events_across_a_power_of_ten_of_transaction_ids_in_order() {
+    let db = TestDatabase::create().await;
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let metadata = CommandMetadata::new("test");
+    let register = DeviceCommand::Register {
+        device_id: DeviceId::parse("edge").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: "edge".into(),
+        model: "thermo".into(),
+        tags: vec![],
+        at: at(0),
+    };
+    bus.devices()
+        .execute("edge", register, &metadata)
+        .await
+        .unwrap();
+    let heartbeat = DeviceCommand::Heartbeat {
+        firmware_version: None,
+        delivery: None,
+        device_time: None,
+        received_at: at(1),
+    };
+    bus.devices()
+        .execute("edge", heartbeat, &metadata)
+        .await
+        .unwrap();
+    fleetlog_testkit::append_copies_across_a_power_of_ten(&db.pool, "device", "edge", 40).await;
+
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let applied = replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
+    assert_eq!(applied as i64, stored);
+    let last_sequence: i64 =
+        sqlx::query_scalar("SELECT last_sequence FROM devices WHERE device_id = 'edge'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(last_sequence, stored);
+}

@@ -117,6 +117,77 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Appends `copies` copies of an aggregate's last event after it, stamped with transaction ids
+/// that straddle a power of ten (half just below it, half from it on), all older than every
+/// running transaction, and moves the aggregate's earlier events just before them; returns
+/// that power of ten. For tests of everything that orders or
+/// compares transaction ids: sorted as text, "10001" comes before "9991", and fresh test
+/// clusters never get that far by themselves (they start near 750). The column is an ordinary
+/// `xid8` with a default, so the copies can carry the ids such transactions would have had;
+/// a few hundred transaction ids are burned first where the cluster is younger than 1,000.
+pub async fn append_copies_across_a_power_of_ten(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    copies: u32,
+) -> u64 {
+    let half = u64::from(copies / 2);
+    let current = || async {
+        let current: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+            .fetch_one(pool)
+            .await
+            .expect("read the transaction id");
+        current.parse::<u64>().expect("an xid8 prints as digits")
+    };
+    let mut now = current().await;
+    while now < 1_000 + u64::from(copies) + 10 {
+        sqlx::raw_sql("DO $$ BEGIN FOR i IN 1..100 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$")
+            .execute(pool)
+            .await
+            .expect("burn transaction ids");
+        now = current().await;
+    }
+    let mut boundary = 1_000_u64;
+    while (boundary * 10) + u64::from(copies) + 10 < now {
+        boundary *= 10;
+    }
+    // The aggregate's own events move just before the copies, so its sequence still rises with
+    // the transaction ids, as it does for real transactions.
+    sqlx::query(
+        "UPDATE events e SET transaction_id = ($3::bigint - $4::bigint - o.back)::text::xid8
+           FROM (SELECT sequence, count(*) OVER (ORDER BY sequence DESC) AS back FROM events
+                  WHERE aggregate_type = $1 AND aggregate_id = $2) o
+          WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 AND e.sequence = o.sequence",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(boundary as i64)
+    .bind(half as i64)
+    .execute(pool)
+    .await
+    .expect("move the aggregate's events before the copies");
+    let inserted = sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, transaction_id)
+         SELECT t.aggregate_type, t.aggregate_id, t.sequence + n, t.event_type, t.event_version,
+                t.payload, t.metadata, ($3::bigint - $4::bigint + n - 1)::text::xid8
+           FROM (SELECT * FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
+                  ORDER BY sequence DESC LIMIT 1) t,
+                generate_series(1, $5::bigint) n
+          ORDER BY n",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(boundary as i64)
+    .bind(half as i64)
+    .bind(i64::from(copies))
+    .execute(pool)
+    .await
+    .expect("append copies across a power of ten");
+    assert_eq!(inserted.rows_affected(), u64::from(copies));
+    boundary
+}
+
 /// Waits (up to 30 s) until `projection` has applied every stored event of `aggregate_type`,
 /// judged by its positions: `devices.last_sequence` for the devices projection, the readings'
 /// rows for the telemetry projection (it keeps no positions), `projection_positions` for the
