@@ -164,6 +164,9 @@ impl<E: std::error::Error + Send + Sync + 'static> From<CommandError<E>> for Api
     fn from(error: CommandError<E>) -> Self {
         match error {
             CommandError::Refused(refusal) => Self::Unprocessable(refusal.to_string()),
+            unstorable @ CommandError::Unstorable { .. } => {
+                Self::Unprocessable(unstorable.to_string())
+            }
             conflict @ CommandError::Conflict { .. } => Self::Conflict(conflict.to_string()),
             mismatch @ CommandError::VersionMismatch { .. } => {
                 Self::PreconditionFailed(mismatch.to_string())

@@ -421,3 +421,34 @@ async fn login_attempts_are_throttled_per_client_address() {
     let other = api.call(attempt("198.51.100.2:40000", "u5")).await;
     assert_eq!(other.status, StatusCode::UNAUTHORIZED);
 }
+
+/// `fleetlog user create` runs in a process of its own: a user it creates can log in at once,
+/// also after a failed attempt made the API look that user up (and cache it) before it existed.
+#[tokio::test]
+async fn a_user_created_by_another_process_logs_in_after_a_failed_attempt() {
+    let api = Api::start().await;
+    let bob = json!({"tenant": "acme", "username": "bob", "password": "bob's long password"});
+    assert_problem(
+        &api.post("/api/v1/auth/login", bob.clone()).await,
+        StatusCode::UNAUTHORIZED,
+    );
+    let cli = CommandBus::new(api._db.pool.clone(), StoreSettings::default());
+    let tenant = TenantId::parse("acme").unwrap();
+    let register = UserCommand::Register {
+        tenant: tenant.clone(),
+        username: "bob".into(),
+        password_hash: hash_password(&SecretString::from("bob's long password")).unwrap(),
+        roles: vec![Role::Viewer],
+        at: Utc::now(),
+    };
+    cli.users()
+        .execute(
+            UserId::for_username(&tenant, "bob").as_str(),
+            register,
+            &CommandMetadata::new("cli"),
+        )
+        .await
+        .unwrap();
+    let reply = api.post("/api/v1/auth/login", bob).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}

@@ -56,6 +56,18 @@ pub enum CommandError<E: std::error::Error + 'static> {
         /// The version it is at.
         actual: u64,
     },
+    /// The command's events hold what no consumer of the event log could apply (a NUL
+    /// character, which Postgres's `jsonb` refuses), so nothing was stored: a refusal of the
+    /// input, final like [`Refused`](Self::Refused), not a failure to retry.
+    #[error("cannot store the events of {aggregate_type}/{aggregate_id}: {reason}")]
+    Unstorable {
+        /// The aggregate type.
+        aggregate_type: &'static str,
+        /// The aggregate id.
+        aggregate_id: String,
+        /// What is wrong with them.
+        reason: String,
+    },
     /// The event store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -165,7 +165,16 @@ impl<A: Aggregate> Clone for AggregateStore<A> {
 
 enum AppendError {
     Conflict,
+    /// The events hold text no read model could store (see [`CommandError::Unstorable`]).
+    Unstorable(String),
     Store(StoreError),
+}
+
+/// Why serialized event JSON could not be applied by the read models (their `jsonb` columns),
+/// if so: such an event is never stored, so it can never poison a consumer or a replay.
+fn unstorable(json: &str) -> Option<String> {
+    fleetlog_domain::limits::json_has_nul(json.as_bytes())
+        .then(|| fleetlog_domain::limits::LimitError::Nul.to_string())
 }
 
 impl From<sqlx::Error> for AppendError {
@@ -330,7 +339,18 @@ where
                 }))
             }
             Err(AppendError::Conflict) => Ok(None),
+            Err(AppendError::Unstorable(reason)) => {
+                Err(self.unstorable_error(aggregate_id, reason))
+            }
             Err(AppendError::Store(error)) => Err(error.into()),
+        }
+    }
+
+    fn unstorable_error(&self, aggregate_id: &str, reason: String) -> CommandError<A::Error> {
+        CommandError::Unstorable {
+            aggregate_type: A::TYPE,
+            aggregate_id: aggregate_id.to_string(),
+            reason,
         }
     }
 
@@ -471,11 +491,20 @@ where
         for (loaded, version_before, events, _, metadata) in &states {
             let metadata = serde_json::to_string(metadata).map_err(serialize_error)?;
             for (offset, event) in events.iter().enumerate() {
+                let payload = serde_json::to_string(event).map_err(serialize_error)?;
+                if unstorable(&payload)
+                    .or_else(|| unstorable(&metadata))
+                    .is_some()
+                {
+                    // Each aggregate goes again on its own: the one whose events cannot be
+                    // stored is refused, the others are written.
+                    return Ok(None);
+                }
                 ids.push(loaded.aggregate_id.as_str());
                 sequences.push((version_before + 1 + offset as u64) as i64);
                 event_types.push(event.event_type());
                 event_versions.push(event.event_version());
-                payloads.push(serde_json::to_string(event).map_err(serialize_error)?);
+                payloads.push(payload);
                 metadatas.push(metadata.clone());
             }
         }
@@ -527,7 +556,7 @@ where
             match written {
                 Ok(()) => {}
                 // The slots stay empty: the retry reloads what the other writer stored.
-                Err(AppendError::Conflict) => return Ok(None),
+                Err(AppendError::Conflict | AppendError::Unstorable(_)) => return Ok(None),
                 Err(AppendError::Store(error)) => return Err(error.into()),
             }
         }
@@ -619,6 +648,9 @@ where
             }
             // The slot stays empty: the next attempt reloads what the other writer stored.
             Err(AppendError::Conflict) => Ok(None),
+            Err(AppendError::Unstorable(reason)) => {
+                Err(self.unstorable_error(aggregate_id, reason))
+            }
             Err(AppendError::Store(error)) => Err(error.into()),
         }
     }
@@ -642,12 +674,19 @@ where
         let mut event_versions = Vec::with_capacity(events.len());
         let mut payloads = Vec::with_capacity(events.len());
         for (offset, event) in events.iter().enumerate() {
+            let payload = serde_json::to_string(event).map_err(serialize_error)?;
+            if let Some(reason) = unstorable(&payload) {
+                return Err(AppendError::Unstorable(reason));
+            }
             sequences.push((loaded.version + 1 + offset as u64) as i64);
             event_types.push(event.event_type());
             event_versions.push(event.event_version());
-            payloads.push(serde_json::to_string(event).map_err(serialize_error)?);
+            payloads.push(payload);
         }
         let metadata = serde_json::to_string(metadata).map_err(serialize_error)?;
+        if let Some(reason) = unstorable(&metadata) {
+            return Err(AppendError::Unstorable(reason));
+        }
         let new_version = loaded.version + events.len() as u64;
 
         let mut tx = self.pool.begin().await?;
@@ -735,43 +774,26 @@ where
         }
     }
 
-    /// The aggregate as the next command would see it: the cached copy, or else loaded (and
-    /// then cached).
+    /// The aggregate as it is stored now: the cached copy brought up to date with the events
+    /// other processes (or other stores in this one) appended since it was cached, or else
+    /// loaded (and then cached). One indexed query when the copy is current. Everything that
+    /// reads an aggregate to decide or to send something reads it through here (or
+    /// [`inspect`](Self::inspect)), so no role acts on state older than what it is handling.
     pub async fn current(&self, aggregate_id: &str) -> Result<LoadedAggregate<A>, StoreError>
     where
         A: Clone,
     {
-        let slot = self.slot(aggregate_id);
-        let mut cached = slot.lock().await;
-        if let Some(loaded) = cached.as_ref() {
-            return Ok(loaded.clone());
-        }
-        let loaded = self.load(aggregate_id).await?;
-        *cached = Some(loaded.clone());
-        Ok(loaded)
+        self.inspect(aggregate_id, |aggregate, version| LoadedAggregate {
+            aggregate_id: aggregate_id.to_string(),
+            aggregate: aggregate.clone(),
+            version,
+        })
+        .await
     }
 
-    /// Looks at the aggregate as the next command would see it, without copying it: `look`
-    /// gets the state and version. Cheaper than [`current`](Self::current) for a quick check
-    /// on a hot path.
+    /// Like [`current`](Self::current), but `look` gets the up-to-date state and version
+    /// without copying it.
     pub async fn inspect<R>(
-        &self,
-        aggregate_id: &str,
-        look: impl FnOnce(&A, u64) -> R,
-    ) -> Result<R, StoreError> {
-        let slot = self.slot(aggregate_id);
-        let mut cached = slot.lock().await;
-        if cached.is_none() {
-            *cached = Some(self.load(aggregate_id).await?);
-        }
-        let loaded = cached.as_ref().expect("loaded just above");
-        Ok(look(&loaded.aggregate, loaded.version))
-    }
-
-    /// Like [`inspect`](Self::inspect), but the cached copy first takes in any events other
-    /// processes appended since it was loaded. For answers that must not be stale, such as
-    /// whether a device is registered yet.
-    pub async fn inspect_latest<R>(
         &self,
         aggregate_id: &str,
         look: impl FnOnce(&A, u64) -> R,
@@ -783,6 +805,25 @@ where
                 self.catch_up(&mut loaded).await?;
                 loaded
             }
+            None => self.load(aggregate_id).await?,
+        };
+        let answer = look(&loaded.aggregate, loaded.version);
+        *cached = Some(loaded);
+        Ok(answer)
+    }
+
+    /// Looks at the cached copy as it is, possibly older than the store: only for a hint
+    /// that whatever acts on it checks again, such as ingest's "is this device registered"
+    /// before it runs commands (which are decided on fresh state or fail to append).
+    pub async fn inspect_cached<R>(
+        &self,
+        aggregate_id: &str,
+        look: impl FnOnce(&A, u64) -> R,
+    ) -> Result<R, StoreError> {
+        let slot = self.slot(aggregate_id);
+        let mut cached = slot.lock().await;
+        let loaded = match cached.take() {
+            Some(loaded) => loaded,
             None => self.load(aggregate_id).await?,
         };
         let answer = look(&loaded.aggregate, loaded.version);
@@ -906,6 +947,9 @@ where
         match self.append(&context, &events, &metadata).await {
             Ok(_) => {}
             Err(AppendError::Conflict) => return Err(AggregateError::AggregateConflict),
+            Err(AppendError::Unstorable(reason)) => {
+                return Err(AggregateError::UnexpectedError(reason.into()))
+            }
             Err(AppendError::Store(error)) => return Err(to_aggregate_error(error)),
         }
         Ok(events

@@ -383,7 +383,9 @@ async fn a_refusal_by_a_stale_cached_copy_is_checked_against_the_store() {
     let lifecycle = ingest.inspect(DEVICE, |device, _| device.lifecycle).await;
     assert_eq!(lifecycle.unwrap(), Lifecycle::Unregistered);
     api.execute(DEVICE, register(), &metadata()).await.unwrap();
-    let lifecycle = ingest.inspect_latest(DEVICE, |device, _| device.lifecycle);
+    let lifecycle = ingest.inspect_cached(DEVICE, |device, _| device.lifecycle);
+    assert_eq!(lifecycle.await.unwrap(), Lifecycle::Unregistered);
+    let lifecycle = ingest.inspect(DEVICE, |device, _| device.lifecycle);
     assert_eq!(lifecycle.await.unwrap(), Lifecycle::Active);
 
     // One command at a time, a batch, and a round of many devices all see the API's command.
@@ -722,4 +724,45 @@ async fn conditional_commands_need_the_expected_version() {
         .await
         .unwrap();
     assert_eq!(current.version, 3);
+}
+
+/// Roles in other processes (here: other stores over the same database, each with a cache of
+/// its own) append to the same aggregates. Whatever a store answers from `current` or
+/// `inspect` is at least as new as every event committed before the call, however it was
+/// cached: desired properties set three times elsewhere read as the third.
+#[tokio::test]
+async fn reads_see_what_other_processes_appended_since_the_copy_was_cached() {
+    let db = TestDatabase::create().await;
+    let dispatcher = store(&db.pool, StoreSettings::default());
+    let api = store(&db.pool, StoreSettings::default());
+    api.execute(DEVICE, register(), &metadata()).await.unwrap();
+    // The dispatcher caches the device before any desired document exists.
+    let cached = dispatcher.current(DEVICE).await.unwrap();
+    assert!(cached.aggregate.desired.is_empty());
+    for (n, mode) in ["a", "b", "c"].into_iter().enumerate() {
+        let mut properties = Map::new();
+        properties.insert("mode".into(), json!(mode));
+        let set = DeviceCommand::SetDesired {
+            properties,
+            at: at(10 + n as i64),
+        };
+        let committed = api.execute(DEVICE, set, &metadata()).await.unwrap();
+        let seen = dispatcher.current(DEVICE).await.unwrap();
+        assert_eq!(seen.version, committed.version);
+        assert_eq!(seen.aggregate.desired["mode"], json!(mode));
+        let (version, desired_mode) = dispatcher
+            .inspect(DEVICE, |device, version| {
+                (version, device.desired.get("mode").cloned())
+            })
+            .await
+            .unwrap();
+        assert_eq!(version, committed.version);
+        assert_eq!(desired_mode, Some(json!(mode)));
+    }
+    // A cold load agrees with the copy kept current.
+    let cold = store(&db.pool, StoreSettings::default());
+    assert_eq!(
+        cold.current(DEVICE).await.unwrap().aggregate,
+        dispatcher.current(DEVICE).await.unwrap().aggregate
+    );
 }

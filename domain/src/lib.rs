@@ -12,6 +12,7 @@
 pub mod device;
 pub mod firmware;
 pub mod ids;
+pub mod limits;
 pub mod rollout;
 pub mod user;
 

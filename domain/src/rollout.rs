@@ -15,12 +15,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::OnceLock;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 use crate::firmware::FirmwareId;
 use crate::ids::{DeviceId, RolloutId, TenantId};
+use crate::limits::deadline;
 
 /// The most devices one rollout may target; larger fleets are rolled out in several rollouts.
 pub const MAX_TARGETS: usize = 100_000;
@@ -43,6 +44,10 @@ pub enum Waves {
 
 /// The window of a rollout that does not name one: a week.
 pub const DEFAULT_WINDOW_SECS: u64 = 7 * 24 * 3600;
+/// The longest a device may be given to finish its update: 30 days.
+pub const MAX_DEVICE_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+/// The longest window for reaching offline devices after their wave started: 365 days.
+pub const MAX_WINDOW_SECS: u64 = 365 * 24 * 3600;
 
 /// Where a rollout is in its life.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -472,8 +477,8 @@ pub enum RolloutError {
     /// A threshold out of range.
     #[error("success threshold must be 1 to 100 and error threshold 0 to 100")]
     InvalidThreshold,
-    /// A zero per-device timeout or window.
-    #[error("the per-device timeout and the window must be at least one second")]
+    /// A per-device timeout or window out of range.
+    #[error("device_timeout_secs must be 1 to {MAX_DEVICE_TIMEOUT_SECS} (30 days) and window_secs 1 to {MAX_WINDOW_SECS} (365 days)")]
     InvalidTimeout,
     /// The command does not fit the rollout's status.
     #[error("cannot {action} a rollout that is {from}")]
@@ -724,7 +729,9 @@ impl Rollout {
                 if !(1..=100).contains(&success_threshold) || error_threshold > 100 {
                     return Err(RolloutError::InvalidThreshold);
                 }
-                if device_timeout_secs == 0 || window_secs == 0 {
+                if !(1..=MAX_DEVICE_TIMEOUT_SECS).contains(&device_timeout_secs)
+                    || !(1..=MAX_WINDOW_SECS).contains(&window_secs)
+                {
                     return Err(RolloutError::InvalidTimeout);
                 }
                 Ok(vec![RolloutEvent::RolloutCreated {
@@ -864,14 +871,17 @@ impl Rollout {
         }
         match (&outcome, sent_at) {
             (DeviceOutcome::TimedOut, Some(sent_at)) => {
-                if at < sent_at + seconds(self.device_timeout_secs) {
+                // A deadline past the calendar never comes (rollouts created before the
+                // bounds above may carry any number).
+                if deadline(sent_at, self.device_timeout_secs).is_none_or(|due| at < due) {
                     return Err(RolloutError::NotTimedOut(device_id));
                 }
             }
             // Never sent: the device stayed out of reach for the whole window.
             (DeviceOutcome::TimedOut, None) => {
                 let started = self.wave_started_at.get(wave).copied();
-                if started.is_none_or(|started| at < started + seconds(self.window_secs)) {
+                let due = started.and_then(|started| deadline(started, self.window_secs));
+                if due.is_none_or(|due| at < due) {
                     return Err(RolloutError::NotTimedOut(device_id));
                 }
             }
@@ -988,10 +998,6 @@ impl Rollout {
     }
 }
 
-fn seconds(secs: u64) -> TimeDelta {
-    TimeDelta::seconds(i64::try_from(secs).unwrap_or(i64::MAX / 1000))
-}
-
 /// Checks the targets and the wave plan; returns the plan as the event records it: the
 /// percentages, or the sizes with a last wave for the targets the sizes leave over.
 fn validate_plan(
@@ -1049,6 +1055,7 @@ fn validate_reason(reason: &str) -> Result<(), RolloutError> {
 
 #[cfg(test)]
 mod tests {
+    use chrono::TimeDelta;
     use cqrs_es::test::TestFramework;
 
     use super::*;
@@ -1252,6 +1259,29 @@ mod tests {
             .given_no_previous_events()
             .when(no_window)
             .then_expect_error(RolloutError::InvalidTimeout);
+        // The largest numbers a client can send are refused, one past each bound too.
+        for (timeout, window) in [
+            (u64::MAX, 3600),
+            (600, u64::MAX),
+            (MAX_DEVICE_TIMEOUT_SECS + 1, 3600),
+            (600, MAX_WINDOW_SECS + 1),
+            (0, 3600),
+        ] {
+            let mut out_of_range = create(devices(0..2), vec![100]);
+            if let RolloutCommand::Create {
+                device_timeout_secs,
+                window_secs,
+                ..
+            } = &mut out_of_range
+            {
+                *device_timeout_secs = timeout;
+                *window_secs = window;
+            }
+            Given::with(())
+                .given_no_previous_events()
+                .when(out_of_range)
+                .then_expect_error(RolloutError::InvalidTimeout);
+        }
         Given::with(())
             .given(vec![created()])
             .when(create(devices(0..10), vec![100]))
@@ -1408,6 +1438,36 @@ mod tests {
                 outcome: DeviceOutcome::TimedOut,
                 at: at(3601),
             }]);
+    }
+
+    /// Rollouts stored before the bounds were checked may hold any timeout: their deadlines
+    /// lie past the calendar and never come, instead of overflowing.
+    #[test]
+    fn timeouts_past_the_calendar_never_come() {
+        let mut given = wave_0_sent();
+        if let RolloutEvent::RolloutCreated {
+            device_timeout_secs,
+            window_secs,
+            ..
+        } = &mut given[0]
+        {
+            *device_timeout_secs = u64::MAX;
+            *window_secs = u64::MAX;
+        }
+        for n in [0, 1] {
+            let mut late = DateTime::<Utc>::MAX_UTC;
+            if n == 1 {
+                late = at(1 << 40);
+            }
+            Given::with(())
+                .given(given.clone())
+                .when(RolloutCommand::RecordDeviceOutcome {
+                    device_id: device(n),
+                    outcome: DeviceOutcome::TimedOut,
+                    at: late,
+                })
+                .then_expect_error(RolloutError::NotTimedOut(device(n)));
+        }
     }
 
     #[test]

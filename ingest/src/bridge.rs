@@ -776,6 +776,12 @@ async fn execute_until_done(
                             .collect(),
                     );
                 }
+                // Final like a refusal: retrying would stall the shard behind it forever.
+                Err(unstorable @ CommandError::Unstorable { .. }) => {
+                    let reason = unstorable.to_string();
+                    outcomes[index] =
+                        Some(work[index].1.iter().map(|_| Err(reason.clone())).collect());
+                }
                 Err(error) => failure = Some(error.to_string()),
             }
         }
@@ -798,11 +804,11 @@ async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> 
         let devices = shared.bus.devices();
         let lookup = if latest {
             devices
-                .inspect_latest(device.as_str(), |device, _| device.lifecycle)
+                .inspect(device.as_str(), |device, _| device.lifecycle)
                 .await
         } else {
             devices
-                .inspect(device.as_str(), |device, _| device.lifecycle)
+                .inspect_cached(device.as_str(), |device, _| device.lifecycle)
                 .await
         };
         match lookup {

@@ -374,8 +374,11 @@ fn parse_location(value: &Value) -> Result<Location, String> {
 fn parse_time(value: &Value) -> Result<DateTime<Utc>, String> {
     match value {
         Value::String(text) => DateTime::parse_from_rfc3339(text)
-            .map(|time| time.with_timezone(&Utc))
-            .map_err(|_| format!("{text:?} is not an RFC 3339 time")),
+            .map_err(|_| format!("{text:?} is not an RFC 3339 time"))
+            .and_then(|time| {
+                fleetlog_domain::limits::check_instant(time.with_timezone(&Utc))
+                    .map_err(|error| error.to_string())
+            }),
         Value::Number(number) => {
             let seconds = number.as_f64().unwrap_or(f64::NAN);
             let millis = if seconds.abs() > 1e11 {
@@ -514,6 +517,13 @@ fn parse_ota_progress(payload: &[u8]) -> Result<OtaProgress, Rejection> {
 }
 
 fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, Rejection> {
+    // Postgres's jsonb cannot hold a NUL: a message with one is refused whole, before any of
+    // it could reach the event log (where it would poison every read model that applies it).
+    if fleetlog_domain::limits::json_has_nul(payload) {
+        return Err(Rejection::Invalid(
+            fleetlog_domain::limits::LimitError::Nul.to_string(),
+        ));
+    }
     match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(object)) => Ok(object),
         Ok(other) => Err(Rejection::Invalid(format!(

@@ -403,6 +403,11 @@ impl RolloutManager {
                 tracing::debug!(rollout_id, device_id, %refusal, "outcome not recorded");
                 Ok(())
             }
+            // Final too: trying again would hold up the rollout's other devices.
+            Err(error @ CommandError::Unstorable { .. }) => {
+                tracing::warn!(rollout_id, device_id, %error, "outcome not recorded");
+                Ok(())
+            }
             Err(error) => Err(error.into()),
         }
     }
@@ -490,7 +495,7 @@ impl RolloutManager {
                 .execute(&device_id, command, &CommandMetadata::new(ACTOR))
                 .await
             {
-                Ok(_) | Err(CommandError::Refused(_)) => {}
+                Ok(_) | Err(CommandError::Refused(_) | CommandError::Unstorable { .. }) => {}
                 Err(error) => return Err(error.into()),
             }
         }

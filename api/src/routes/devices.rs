@@ -21,7 +21,7 @@ use sqlx::{FromRow, QueryBuilder};
 use crate::auth::Caller;
 use crate::consistency::{if_match, wait_for_position};
 use crate::error::ApiError;
-use crate::extract::{Json, Query};
+use crate::extract::{ClientInstant, Json, Query};
 use crate::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -208,8 +208,10 @@ const DEVICE_COLUMNS: &str = "device_id, tenant, owner, name, model, tags, lifec
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ShowQuery {
-    /// Fold the device's events up to this instant instead of reading the live model.
-    at: Option<DateTime<Utc>>,
+    /// Fold the device's events up to this instant instead of reading the live model
+    /// (1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z).
+    #[param(value_type = Option<String>, format = DateTime)]
+    at: Option<ClientInstant>,
     /// Wait until the read model has applied the event at this position (read-your-writes).
     min_position: Option<i64>,
 }
@@ -229,7 +231,7 @@ async fn show(
     caller.require(READERS)?;
     let id = parse_id(&id)?;
     if let Some(at) = query.at {
-        return Ok(axum::Json(as_of(&state, &caller, &id, at).await?).into_response());
+        return Ok(axum::Json(as_of(&state, &caller, &id, at.0).await?).into_response());
     }
     if let Some(position) = query.min_position {
         wait_for_position(state.bus.pool(), PROJECTION, position).await?;
@@ -688,10 +690,12 @@ async fn events(
 struct TelemetryQuery {
     /// Only this sensor.
     sensor: Option<String>,
-    /// From this instant (inclusive; default: 24 hours before `to`).
-    from: Option<DateTime<Utc>>,
-    /// Up to this instant (exclusive; default: now).
-    to: Option<DateTime<Utc>>,
+    /// From this instant (inclusive; default: 24 hours before `to`; 1970 to 9999).
+    #[param(value_type = Option<String>, format = DateTime)]
+    from: Option<ClientInstant>,
+    /// Up to this instant (exclusive; default: now; 1970 to 9999).
+    #[param(value_type = Option<String>, format = DateTime)]
+    to: Option<ClientInstant>,
     /// Aggregate into buckets of this many seconds (min, max, avg, count per bucket).
     bucket_secs: Option<i64>,
     limit: Option<i64>,
@@ -735,8 +739,14 @@ async fn telemetry(
     if let Some(position) = query.min_position {
         wait_for_position(state.bus.pool(), "telemetry", position).await?;
     }
-    let to = query.to.unwrap_or_else(Utc::now);
-    let from = query.from.unwrap_or(to - chrono::Duration::hours(24));
+    let to = query.to.map_or_else(Utc::now, |to| to.0);
+    let from = query.from.map_or_else(
+        || {
+            to.checked_sub_signed(chrono::Duration::hours(24))
+                .unwrap_or(to)
+        },
+        |from| from.0,
+    );
     if from >= to {
         return Err(ApiError::BadRequest("from must be before to".into()));
     }

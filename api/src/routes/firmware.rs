@@ -312,7 +312,7 @@ async fn upload(
     let taken = state
         .bus
         .firmware()
-        .inspect_latest(&id.to_string(), |firmware, _| {
+        .inspect(&id.to_string(), |firmware, _| {
             firmware.status != FirmwareStatus::Unregistered
         })
         .await?;
@@ -539,7 +539,7 @@ fn parse_range(value: &HeaderValue, size: u64) -> RangeRequest {
             None => return RangeRequest::Ignored,
         },
         (false, false) => match (number(start), number(end)) {
-            (Some(first), Some(last)) if first <= last => first..(last + 1).min(size),
+            (Some(first), Some(last)) if first <= last => first..last.saturating_add(1).min(size),
             _ => return RangeRequest::Ignored,
         },
         (true, true) => return RangeRequest::Ignored,
@@ -597,6 +597,20 @@ mod tests {
         assert_eq!(r("bytes=9-1"), RangeRequest::Ignored);
         assert_eq!(r("items=0-1"), RangeRequest::Ignored);
         assert_eq!(r("bytes=x-"), RangeRequest::Ignored);
+        // The largest numbers a client can write.
+        assert_eq!(
+            r("bytes=0-18446744073709551615"),
+            RangeRequest::Satisfiable(0..100)
+        );
+        assert_eq!(
+            r("bytes=18446744073709551615-18446744073709551615"),
+            RangeRequest::Unsatisfiable
+        );
+        assert_eq!(
+            r("bytes=-18446744073709551615"),
+            RangeRequest::Satisfiable(0..100)
+        );
+        assert_eq!(r("bytes=0-18446744073709551616"), RangeRequest::Ignored);
     }
 }
 

@@ -69,19 +69,25 @@ struct CreateRollout {
     /// Devices per wave, e.g. `[5, 50]`: the first 5 targets, then the next 50, then any
     /// left over in one last wave.
     wave_sizes: Option<Vec<usize>>,
+    /// Percent of a wave that must succeed before the next starts.
     #[serde(default = "default_success_threshold")]
+    #[schema(minimum = 1, maximum = 100)]
     success_threshold: u8,
+    /// Percent of a wave that may fail before `on_error` applies.
     #[serde(default = "default_error_threshold")]
+    #[schema(minimum = 0, maximum = 100)]
     error_threshold: u8,
     /// What exceeding the error threshold does: `pause` (default) or `abort`.
     #[serde(default)]
     on_error: OnError,
     /// Seconds a device has to finish once the update was sent to it.
     #[serde(default = "default_device_timeout")]
+    #[schema(minimum = 1, maximum = 2_592_000)]
     device_timeout_secs: u64,
     /// Seconds after its wave started within which a device that is offline still gets the
     /// update when it comes back; after that it counts as timed out.
     #[serde(default = "default_window")]
+    #[schema(minimum = 1, maximum = 31_536_000)]
     window_secs: u64,
 }
 

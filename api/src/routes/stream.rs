@@ -153,7 +153,7 @@ async fn open(
         .map_err(|error| unavailable(error.to_string()))?;
     let deliver_policy = match resume_after {
         Some(last) => DeliverPolicy::ByStartSequence {
-            start_sequence: last + 1,
+            start_sequence: last.saturating_add(1),
         },
         None => DeliverPolicy::New,
     };

@@ -253,6 +253,37 @@ fn status_only_or_location_only_telemetry_is_accepted() {
 }
 
 #[test]
+fn a_nul_anywhere_refuses_the_message() {
+    for payload in [
+        r#"{"note":"a\u0000b","battery":42}"#,
+        r#"{"\u0000":1}"#,
+        r#"{"status":{"x":["ok","\u0000"]}}"#,
+        r#"{"sensors":[{"sensor_name":"t","value":1,"unit":"\u0000C"}]}"#,
+    ] {
+        for kind in [TopicKind::Data, TopicKind::Status, TopicKind::OtaProgress] {
+            let refused = parse_payload(&kind, payload.as_bytes()).unwrap_err();
+            assert!(refused.to_string().contains("NUL"), "{payload}: {refused}");
+        }
+    }
+    let reply = TopicKind::CommandReply(CommandId::parse("c1").unwrap());
+    let refused = parse_payload(&reply, br#"{"status":"failed","result":"\u0000"}"#);
+    assert!(refused.unwrap_err().to_string().contains("NUL"));
+    // A backslash before the letters u0000 is text like any other.
+    assert!(parse_payload(&TopicKind::Status, br#"{"path":"C:\\u0000"}"#).is_ok());
+}
+
+#[test]
+fn device_times_outside_the_calendar_bounds_are_dropped() {
+    for stamp in ["0000-01-01T00:00:00Z", "1969-12-31T23:59:59Z"] {
+        let parsed = telemetry(json!({"temperature": 1.0, "timestamp": stamp})).unwrap();
+        assert_eq!(parsed.device_time, None, "{stamp}");
+        assert_eq!(parsed.dropped.len(), 1, "{stamp}");
+    }
+    let parsed = telemetry(json!({"temperature": 1.0, "timestamp": "9999-12-31T23:59:59Z"}));
+    assert!(parsed.unwrap().device_time.is_some());
+}
+
+#[test]
 fn status_messages_are_objects_with_fields() {
     assert_eq!(
         parse_payload(&TopicKind::Status, br#"{"status":"online","battery":95}"#).unwrap(),
@@ -388,6 +419,8 @@ mod arbitrary_input {
             any::<f64>().prop_map(|f| json!(f)),
             any::<i64>().prop_map(|i| json!(i)),
             "[a-zA-Z0-9_ .:-]{0,12}".prop_map(Value::String),
+            // Any text at all, NUL and other control characters included.
+            "\\PC{0,4}[\\x00-\\x1f]?\\PC{0,4}".prop_map(Value::String),
         ];
         leaf.prop_recursive(3, 32, 6, |inner| {
             prop_oneof![
@@ -425,6 +458,35 @@ mod arbitrary_input {
                 prop_assert!(parsed.readings.iter().all(|r| validate_reading(r).is_ok()));
                 prop_assert!(parsed.location.iter().all(|l| validate_location(l).is_ok()));
                 prop_assert!(!parsed.readings.is_empty() || parsed.location.is_some() || !parsed.status.is_empty());
+            }
+        }
+
+        /// Nothing accepted holds a NUL, which the read models' jsonb could not store.
+        #[test]
+        fn accepted_messages_hold_no_nul(value in json_value()) {
+            let payload = value.to_string();
+            for kind in [TopicKind::Data, TopicKind::Status, TopicKind::Heartbeat, TopicKind::OtaProgress] {
+                if let Ok(message) = parse_payload(&kind, payload.as_bytes()) {
+                    let command = serde_json::to_string(&message.into_command(
+                        Identity { digest: "d".into(), redelivery: false },
+                        Utc::now(),
+                    ))
+                    .unwrap();
+                    prop_assert!(!fleetlog_domain::limits::json_has_nul(command.as_bytes()), "{command}");
+                }
+            }
+        }
+
+        /// Payloads of every size up to past the limit: refused by size or parsed, never a
+        /// panic.
+        #[test]
+        fn large_payloads_are_refused_by_size(extra in 0usize..4096, note in "\\PC{0,64}") {
+            let filler = "x".repeat(MAX_PAYLOAD_BYTES - 64 + extra);
+            let payload = json!({"status": "online", "note": note, "filler": filler}).to_string();
+            match parse_payload(&TopicKind::Status, payload.as_bytes()) {
+                Err(Rejection::TooLarge(size)) => prop_assert!(size > MAX_PAYLOAD_BYTES),
+                Ok(_) => prop_assert!(payload.len() <= MAX_PAYLOAD_BYTES),
+                Err(other) => prop_assert!(false, "{other}"),
             }
         }
 
