@@ -31,7 +31,7 @@ use fleetlog_domain::{TenantId, UserId};
 use fleetlog_ingest::bridge::{Ingest, IngestSettings};
 use fleetlog_ingest::broker::BrokerUrl;
 use fleetlog_ingest::dispatch::{DispatchSettings, Dispatcher};
-use fleetlog_nats::{ensure_stream, Relay, RelaySettings};
+use fleetlog_nats::{ensure_stream, supervise, Relay, RelaySettings};
 use fleetlog_projections::liveness::{Liveness, LivenessSettings};
 use fleetlog_projections::rollout_manager::{RolloutManager, RolloutManagerSettings};
 use fleetlog_projections::WorkerSettings;
@@ -405,8 +405,9 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     })
     .await
     .context("roles did not stop within the shutdown timeout")?;
+    // Roles run supervised (a panic restarts the role), so only an error ends one early.
     for result in first.into_iter().chain(rest) {
-        result.context("a role panicked")??;
+        result.context("a role was cancelled")??;
     }
     pool.close().await;
     tracing::info!("fleetlog stopped");
@@ -462,9 +463,15 @@ async fn run_relay(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client = connect_nats(&nats_url).await?;
-    let relay = Relay::new(pool, client, settings);
-    relay.run(shutdown).await;
-    Ok(())
+    supervise("relay", shutdown.clone(), move || {
+        let relay = Relay::new(pool.clone(), client.clone(), settings);
+        let shutdown = shutdown.clone();
+        async move {
+            relay.run(shutdown).await;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// The ingest role. An unreachable broker is not an error: the bridge retries with backoff.
@@ -476,13 +483,19 @@ async fn run_ingest(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client = connect_nats(&nats_url).await?;
-    let bridge = Ingest::new(
-        CommandBus::new(pool, store),
-        async_nats::jetstream::new(client),
-        settings,
-    );
-    bridge.run(shutdown).await;
-    Ok(())
+    supervise("ingest", shutdown.clone(), move || {
+        let bridge = Ingest::new(
+            CommandBus::new(pool.clone(), store),
+            async_nats::jetstream::new(client.clone()),
+            settings.clone(),
+        );
+        let shutdown = shutdown.clone();
+        async move {
+            bridge.run(shutdown).await;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// The dispatch role.
@@ -494,13 +507,19 @@ async fn run_dispatch(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client = connect_nats(&nats_url).await?;
-    let dispatcher = Dispatcher::new(
-        CommandBus::new(pool, store),
-        async_nats::jetstream::new(client),
-        settings,
-    );
-    dispatcher.run(shutdown).await;
-    Ok(())
+    supervise("dispatch", shutdown.clone(), move || {
+        let dispatcher = Dispatcher::new(
+            CommandBus::new(pool.clone(), store),
+            async_nats::jetstream::new(client.clone()),
+            settings.clone(),
+        );
+        let shutdown = shutdown.clone();
+        async move {
+            dispatcher.run(shutdown).await;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// The projection role: a worker per read model, and the process managers.
@@ -513,18 +532,38 @@ async fn run_projections(
 ) -> anyhow::Result<()> {
     let client = connect_nats(&nats_url).await?;
     let jetstream = async_nats::jetstream::new(client);
-    let liveness = Liveness::new(CommandBus::new(pool.clone(), store), liveness);
-    let rollouts = RolloutManager::new(
-        CommandBus::new(pool.clone(), store),
-        jetstream.clone(),
-        RolloutManagerSettings::default(),
+    let live = {
+        let (pool, shutdown) = (pool.clone(), shutdown.clone());
+        supervise("liveness", shutdown.clone(), move || {
+            let liveness = Liveness::new(CommandBus::new(pool.clone(), store), liveness);
+            let shutdown = shutdown.clone();
+            async move {
+                liveness.run(shutdown).await;
+                Ok::<(), anyhow::Error>(())
+            }
+        })
+    };
+    let rollouts = {
+        let (pool, jetstream, shutdown) = (pool.clone(), jetstream.clone(), shutdown.clone());
+        supervise("rollout-manager", shutdown.clone(), move || {
+            let manager = RolloutManager::new(
+                CommandBus::new(pool.clone(), store),
+                jetstream.clone(),
+                RolloutManagerSettings::default(),
+            );
+            let shutdown = shutdown.clone();
+            async move {
+                manager.run(shutdown).await;
+                Ok::<(), anyhow::Error>(())
+            }
+        })
+    };
+    let (_, live, rollouts) = tokio::join!(
+        fleetlog_projections::run_all(pool, jetstream, WorkerSettings::default(), shutdown),
+        live,
+        rollouts,
     );
-    tokio::join!(
-        fleetlog_projections::run_all(pool, jetstream, WorkerSettings::default(), shutdown.clone()),
-        liveness.run(shutdown.clone()),
-        rollouts.run(shutdown),
-    );
-    Ok(())
+    live.and(rollouts)
 }
 
 /// Token keys for the API, from `FLEETLOG_JWT_SECRET`.

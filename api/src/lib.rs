@@ -40,6 +40,7 @@ use axum::http::{header, HeaderValue};
 use axum::middleware;
 use axum::response::Response;
 use tower::util::option_layer;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -104,6 +105,7 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
             .expose_headers([header::ETAG, HeaderName::from_static("x-request-id")])
     });
     routes(state)
+        .layer(CatchPanicLayer::custom(answer_panic))
         .layer(middleware::map_response(problem_for_bare_errors))
         .layer(middleware::from_fn(record_request))
         .layer(option_layer(cors))
@@ -121,6 +123,23 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// A handler that panicked (a bug: no input is meant to reach one) answers 500 problem+json,
+/// is logged with the panic message and counted in `fleetlog_http_panics_total`; the server
+/// and every other request go on.
+fn answer_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    metrics::counter!("fleetlog_http_panics_total").increment(1);
+    tracing::error!(panic = message, "a request handler panicked");
+    problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "an internal error occurred".into(),
+    )
 }
 
 /// Answers 408 when a request takes longer than `limit`. Firmware uploads are exempt: they

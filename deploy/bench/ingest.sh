@@ -44,6 +44,7 @@ persistence true
 persistence_location $scratch/mosquitto/
 max_inflight_messages 1000
 max_queued_messages 1000000
+message_size_limit 262144
 CONF
 "$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$scratch/nats" >"$scratch/nats.log" 2>&1 &
 nats_pid=$!

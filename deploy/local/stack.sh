@@ -242,6 +242,9 @@ log_dest file $log_file
 # queue plenty for it while it restarts.
 max_inflight_messages 1000
 max_queued_messages 1000000
+# Payloads up to 256 KiB: what ingest reads without dropping its connection
+# (fleetlog_ingest::broker::BROKER_MESSAGE_LIMIT). Larger ones are refused by the broker.
+message_size_limit 262144
 EOF
     log "starting mosquitto on 127.0.0.1:$mqtt_port"
     "$(mosquitto_bin)" -c "$dir/mosquitto.conf" -d 2>>"$log_file"

@@ -266,8 +266,8 @@ impl Ingest {
             .set_keep_alive(Duration::from_secs(30))
             .set_inflight(settings.inflight)
             .set_max_packet_size(
-                crate::message::MAX_PAYLOAD_BYTES + 1024,
-                crate::message::MAX_PAYLOAD_BYTES + 1024,
+                crate::broker::BROKER_MESSAGE_LIMIT + crate::broker::PACKET_OVERHEAD,
+                crate::broker::BROKER_MESSAGE_LIMIT + crate::broker::PACKET_OVERHEAD,
             );
         let (client, events) = AsyncClient::new(options, 10_000);
         let shared = Arc::new(Shared {

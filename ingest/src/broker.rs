@@ -5,6 +5,17 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Transport};
 
+/// The largest message payload the broker accepts: Mosquitto's `message_size_limit` in the
+/// configurations fleetlog ships (`deploy/`) is this, 256 KiB. Ingest reads packets up to this
+/// plus [`PACKET_OVERHEAD`], so no message the broker let through can make it drop its
+/// connection (the persistent session would redeliver it at every reconnect, stalling ingest
+/// for everyone); it refuses larger-than-useful payloads itself, with a dead letter. Dispatch
+/// never publishes more than this, so the broker takes everything it sends.
+pub const BROKER_MESSAGE_LIMIT: usize = 256 * 1024;
+/// Room for an MQTT PUBLISH's fixed header, topic and packet id beside the payload (a topic is
+/// at most 65,535 bytes).
+pub const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
+
 /// A broker address from `mqtt://[user[:password]@]host[:port]` (`mqtts://` for TLS with the
 /// system's roots; default ports 1883 and 8883).
 #[derive(Clone, PartialEq, Eq)]

@@ -109,7 +109,10 @@ impl Dispatcher {
         options
             .set_clean_session(true)
             .set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(256 * 1024, 256 * 1024);
+            .set_max_packet_size(
+                crate::broker::BROKER_MESSAGE_LIMIT + crate::broker::PACKET_OVERHEAD,
+                crate::broker::BROKER_MESSAGE_LIMIT + crate::broker::PACKET_OVERHEAD,
+            );
         let (client, events) = AsyncClient::new(options, 1000);
         let publisher = ConfirmedPublisher {
             client: client.clone(),
@@ -416,6 +419,20 @@ impl ConfirmedPublisher {
         timeout: Duration,
     ) -> Result<(), String> {
         let payload = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+        if payload.len() > crate::broker::BROKER_MESSAGE_LIMIT {
+            // The API and the domain cap what goes out well below this, so only an event from
+            // before those caps gets here. Publishing it would make the client drop its
+            // connection (and with it every tenant's messages in flight), again and again:
+            // it is passed over instead, and counted.
+            metrics::counter!("fleetlog_dispatch_undeliverable_total").increment(1);
+            tracing::warn!(
+                topic,
+                bytes = payload.len(),
+                limit = crate::broker::BROKER_MESSAGE_LIMIT,
+                "not sending a message larger than the broker accepts"
+            );
+            return Ok(());
+        }
         self.publish_raw(topic, payload, retain, timeout).await
     }
 

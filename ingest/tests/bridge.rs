@@ -134,6 +134,8 @@ impl Device {
     async fn connect(broker: &MosquittoServer, id: &str) -> Self {
         let mut options = MqttOptions::new(id, "127.0.0.1", broker.port());
         options.set_inflight(200);
+        // Room for the oversized messages the hostile-input test sends.
+        options.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(options, 1000);
         let (connected, ready) = tokio::sync::oneshot::channel();
         let mut connected = Some(connected);
@@ -349,6 +351,109 @@ async fn both_formats_land_in_the_read_models_and_bad_input_in_dead_letters() {
             .await
             .unwrap();
     assert!(d2_heartbeat.is_some());
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), bridge)
+        .await
+        .expect("the bridge stops on request")
+        .unwrap();
+}
+
+/// Input that once stalled or poisoned ingest for every tenant: a payload past the parser's
+/// limit (rumqttc used to drop the connection, and the persistent session redelivered it at
+/// every reconnect), one past the broker's limit, a NUL in a string, and status messages that
+/// would grow the reported document past its cap. Each is dead-lettered with its reason (the
+/// one past the broker's limit is refused by the broker), and ingest goes on for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_unstorable_messages_are_dead_lettered_and_ingest_goes_on() {
+    let platform = Platform::start().await;
+    platform.register("d1").await;
+    platform.register("d2").await;
+    let (bridge, stop) = platform.ingest(platform.settings());
+    platform.wait_subscribed().await;
+    let device = Device::connect(&platform.broker, "sim").await;
+
+    let oversized = json!({"temperature": 1, "filler": "x".repeat(70 * 1024)}).to_string();
+    device
+        .publish("devices/d1/data", oversized.as_bytes())
+        .await;
+    let past_the_broker = json!({"filler": "x".repeat(300 * 1024)}).to_string();
+    Device::connect(&platform.broker, "big-sender")
+        .await
+        .publish("devices/d1/status", past_the_broker.as_bytes())
+        .await;
+    device
+        .publish("devices/d2/status", br#"{"note":"a\u0000b","battery":42}"#)
+        .await;
+    // 128 keys of 300 bytes each, three times: the third would pass 64 KiB.
+    for round in 0..3 {
+        let status: serde_json::Map<String, Value> = (0..128)
+            .map(|n| (format!("r{round}_{n}"), json!("y".repeat(300))))
+            .collect();
+        device
+            .publish(
+                "devices/d2/status",
+                Value::Object(status).to_string().as_bytes(),
+            )
+            .await;
+    }
+    let letters = dead_letters(&platform.client, 3).await;
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|letter| letter["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("larger than the 65536")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("NUL")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("at most 65536 bytes")),
+        "{reasons:?}"
+    );
+
+    // Ingest goes on: later messages of both devices are recorded.
+    device.publish("devices/d1/heartbeat", b"").await;
+    device
+        .publish("devices/d2/status", br#"{"battery": 41}"#)
+        .await;
+    let pool = platform.pool().clone();
+    wait_until("later messages", || {
+        let pool = pool.clone();
+        async move {
+            let d2: Option<Value> =
+                sqlx::query_scalar("SELECT reported FROM devices WHERE device_id = 'd2'")
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+            let d1: Option<Option<chrono::DateTime<Utc>>> =
+                sqlx::query_scalar("SELECT last_heartbeat FROM devices WHERE device_id = 'd1'")
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+            d2.is_some_and(|r| r["battery"] == 41) && d1.flatten().is_some()
+        }
+    })
+    .await;
+    // Nothing past the broker's limit and nothing with a NUL reached the event store.
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE payload::text LIKE '%filler%' OR payload::text LIKE '%\\u0000%'",
+    )
+    .fetch_one(platform.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored, 0);
+    // The dead-letter stream is bounded.
+    let mut stream = async_nats::jetstream::new(platform.client.clone())
+        .get_stream(fleetlog_nats::topology::DEAD_LETTER_STREAM)
+        .await
+        .unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    assert_eq!(
+        config.max_bytes,
+        fleetlog_nats::topology::DEAD_LETTER_MAX_BYTES
+    );
+    assert_eq!(config.max_age, fleetlog_nats::topology::DEAD_LETTER_MAX_AGE);
 
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(30), bridge)

@@ -122,16 +122,40 @@ pub const DEAD_LETTER_STREAM: &str = "FLEETLOG_DEADLETTER";
 /// `fleetlog.deadletter.{source}`.
 pub const DEAD_LETTER_PREFIX: &str = "fleetlog.deadletter";
 
-/// Creates the dead-letter stream if it is missing.
+/// How long a dead letter is kept: 30 days.
+pub const DEAD_LETTER_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+/// The most the dead-letter stream holds: 1 GiB; the oldest letters go first past that, so
+/// garbage sent for unknown devices can never fill the disk.
+pub const DEAD_LETTER_MAX_BYTES: i64 = 1 << 30;
+
+fn dead_letter_config() -> async_nats::jetstream::stream::Config {
+    async_nats::jetstream::stream::Config {
+        name: DEAD_LETTER_STREAM.to_string(),
+        subjects: vec![format!("{DEAD_LETTER_PREFIX}.>")],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        max_age: DEAD_LETTER_MAX_AGE,
+        max_bytes: DEAD_LETTER_MAX_BYTES,
+        discard: async_nats::jetstream::stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// Creates the dead-letter stream if it is missing, and gives one created by an earlier
+/// version (with no limits) the limits above.
 pub async fn ensure_dead_letter_stream(jetstream: &Context) -> Result<(), async_nats::Error> {
-    jetstream
-        .get_or_create_stream(async_nats::jetstream::stream::Config {
-            name: DEAD_LETTER_STREAM.to_string(),
-            subjects: vec![format!("{DEAD_LETTER_PREFIX}.>")],
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await?;
+    let config = dead_letter_config();
+    let mut stream = jetstream.get_or_create_stream(config.clone()).await?;
+    let current = &stream.info().await?.config;
+    if current.max_age != config.max_age
+        || current.max_bytes != config.max_bytes
+        || current.discard != config.discard
+    {
+        let mut updated = current.clone();
+        updated.max_age = config.max_age;
+        updated.max_bytes = config.max_bytes;
+        updated.discard = config.discard;
+        jetstream.update_stream(updated).await?;
+    }
     Ok(())
 }
 

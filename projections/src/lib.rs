@@ -98,13 +98,39 @@ pub async fn run_all(
             // Telemetry rides with the devices worker: the same events, one consumer.
             TelemetryProjection::NAME => {}
             DevicesProjection::NAME => {
-                let worker = Worker::new(DevicesProjection, pool, jetstream, settings)
-                    .alongside(TelemetryProjection);
-                workers.spawn(worker.run(shutdown));
+                workers.spawn(fleetlog_nats::supervise(
+                    name,
+                    shutdown.clone(),
+                    move || {
+                        let worker = Worker::new(
+                            DevicesProjection,
+                            pool.clone(),
+                            jetstream.clone(),
+                            settings,
+                        )
+                        .alongside(TelemetryProjection);
+                        let shutdown = shutdown.clone();
+                        async move {
+                            worker.run(shutdown).await;
+                            Ok::<(), std::convert::Infallible>(())
+                        }
+                    },
+                ));
             }
             _ => {
-                with_projection!(*name, |projection| workers
-                    .spawn(Worker::new(projection, pool, jetstream, settings).run(shutdown)));
+                with_projection!(*name, |projection| workers.spawn(fleetlog_nats::supervise(
+                    name,
+                    shutdown.clone(),
+                    move || {
+                        let worker =
+                            Worker::new(projection, pool.clone(), jetstream.clone(), settings);
+                        let shutdown = shutdown.clone();
+                        async move {
+                            worker.run(shutdown).await;
+                            Ok::<(), std::convert::Infallible>(())
+                        }
+                    }
+                )));
             }
         }
     }

@@ -6,9 +6,9 @@ use serde_json::{Map, Value};
 
 use super::telemetry::{validate_location, validate_readings, TelemetryError};
 use super::{
-    validate_model, validate_name, validate_properties, validate_tags, validate_text,
-    CommandOutcome, Connectivity, Device, DeviceError, DeviceEvent, FirmwareImage, Lifecycle,
-    Location, Reading,
+    check_document, merged_within_caps, validate_model, validate_name, validate_properties,
+    validate_tags, validate_text, CommandOutcome, Connectivity, Device, DeviceError, DeviceEvent,
+    FirmwareImage, Lifecycle, Location, Reading,
 };
 use crate::firmware::FirmwareId;
 use crate::ids::{CommandId, DeviceId, RolloutId, TenantId, UserId};
@@ -301,6 +301,7 @@ pub(super) fn decide(
             }
             if !status.is_empty() {
                 validate_properties(&status)?;
+                merged_within_caps("the reported properties", &device.reported, &status)?;
             }
             let mut events: Vec<DeviceEvent> =
                 device.came_online(received_at).into_iter().collect();
@@ -323,6 +324,7 @@ pub(super) fn decide(
                 return Ok(vec![]);
             }
             validate_properties(&status)?;
+            merged_within_caps("the reported properties", &device.reported, &status)?;
             let version = match status.get(super::FIRMWARE_VERSION_FIELD) {
                 Some(Value::String(version)) => Some(version.clone()),
                 _ => None,
@@ -383,6 +385,7 @@ pub(super) fn decide(
             if !changes {
                 return Ok(vec![]);
             }
+            merged_within_caps("the desired properties", &device.desired, &properties)?;
             Ok(vec![DeviceEvent::DesiredPropertiesSet {
                 properties,
                 version: device.desired_version + 1,
@@ -404,9 +407,10 @@ pub(super) fn decide(
             if super::telemetry::validate_sensor_name(&name).is_err() {
                 return Err(DeviceError::InvalidCommandName(name));
             }
-            if !params.is_object() {
+            let Some(fields) = params.as_object() else {
                 return Err(DeviceError::InvalidCommandParams);
-            }
+            };
+            check_document("the command parameters", fields)?;
             if expires_at <= issued_at {
                 return Err(DeviceError::ExpiryNotAfterIssue);
             }

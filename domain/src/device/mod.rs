@@ -35,6 +35,12 @@ pub const REMEMBERED_CLOSED_COMMANDS: usize = 64;
 pub const MAX_TAGS: usize = 32;
 /// The most keys one desired-properties change may touch.
 pub const MAX_PROPERTY_KEYS: usize = 128;
+/// The most keys a device's whole reported or desired document may hold.
+pub const MAX_DOCUMENT_KEYS: usize = 256;
+/// The largest a device's whole reported or desired document, or a command's parameters, may
+/// be as JSON: 64 KiB. What the platform sends a device (the desired document, a command) then
+/// stays well below the 256 KiB the broker and the dispatcher carry.
+pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 
 /// Where a device is in its life.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +234,16 @@ pub enum DeviceError {
     /// Command parameters that are not a JSON object.
     #[error("command parameters must be a JSON object")]
     InvalidCommandParams,
+    /// A reported or desired document, or command parameters, past the caps.
+    #[error("{what} would be {bytes} bytes with {keys} keys; at most {MAX_DOCUMENT_BYTES} bytes and {MAX_DOCUMENT_KEYS} keys are kept")]
+    DocumentTooLarge {
+        /// Which document.
+        what: &'static str,
+        /// Its size as JSON.
+        bytes: usize,
+        /// Its number of top-level keys.
+        keys: usize,
+    },
     /// A command whose expiry is not after its issue time.
     #[error("a command must expire after it is issued")]
     ExpiryNotAfterIssue,
@@ -398,6 +414,44 @@ fn validate_properties(properties: &Map<String, Value>) -> Result<(), DeviceErro
         }
     }
     Ok(())
+}
+
+/// Checks a whole document against [`MAX_DOCUMENT_BYTES`] and [`MAX_DOCUMENT_KEYS`].
+fn check_document(what: &'static str, document: &Map<String, Value>) -> Result<(), DeviceError> {
+    let keys = document.len();
+    // Counting bytes by writing into a sink allocates nothing.
+    let mut counter = ByteCounter(0);
+    let _ = serde_json::to_writer(&mut counter, document);
+    let bytes = counter.0;
+    if keys > MAX_DOCUMENT_KEYS || bytes > MAX_DOCUMENT_BYTES {
+        return Err(DeviceError::DocumentTooLarge { what, bytes, keys });
+    }
+    Ok(())
+}
+
+/// The reported or desired document `patch` would leave, checked against the caps.
+fn merged_within_caps(
+    what: &'static str,
+    document: &Map<String, Value>,
+    patch: &Map<String, Value>,
+) -> Result<(), DeviceError> {
+    let mut merged = document.clone();
+    merge_properties(&mut merged, patch);
+    check_document(what, &merged)
+}
+
+/// An `io::Write` that only counts.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Applies a JSON merge patch of one level: `null` removes a key.

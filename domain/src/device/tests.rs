@@ -451,6 +451,104 @@ fn status_reports_are_recorded_and_validated() {
         .then_expect_error(DeviceError::InvalidPropertyName("bad key".into()));
 }
 
+/// Reported and desired documents are capped as a whole, not only per change: four status
+/// messages of 128 keys each, or a few large values, cannot grow a device without bound.
+#[test]
+fn whole_documents_are_capped() {
+    let keys = |from: usize| -> Map<String, Value> {
+        (from..from + MAX_PROPERTY_KEYS)
+            .map(|n| (format!("k{n}"), json!(n)))
+            .collect()
+    };
+    let reported = |status: Map<String, Value>| DeviceEvent::StatusReported {
+        digest: None,
+        status,
+        received_at: at(),
+    };
+    // Two full changes reach the key cap exactly; a third key more is refused.
+    let report = DeviceCommand::ReportStatus {
+        delivery: None,
+        status: object(json!({"one_more": 1})),
+        received_at: at(),
+    };
+    Given::with(())
+        .given(vec![
+            registered(),
+            online(),
+            reported(keys(0)),
+            reported(keys(MAX_PROPERTY_KEYS)),
+        ])
+        .when(report.clone())
+        .then_expect_error(DeviceError::DocumentTooLarge {
+            what: "the reported properties",
+            bytes: 2_610,
+            keys: MAX_DOCUMENT_KEYS + 1,
+        });
+    // Replacing a key keeps the count.
+    Given::with(())
+        .given(vec![
+            registered(),
+            online(),
+            reported(keys(0)),
+            reported(keys(MAX_PROPERTY_KEYS)),
+        ])
+        .when(DeviceCommand::ReportStatus {
+            delivery: None,
+            status: object(json!({"k0": "again"})),
+            received_at: at(),
+        })
+        .then_expect_events(vec![reported(object(json!({"k0": "again"})))]);
+    // Bytes: one 40 KiB value is fine, a second one passes the cap; telemetry's status too.
+    let big = || json!("x".repeat(40 * 1024));
+    let refused = Given::with(())
+        .given(vec![
+            registered(),
+            online(),
+            reported(object(json!({"a": big()}))),
+        ])
+        .when(DeviceCommand::RecordTelemetry {
+            digest: "m1".into(),
+            redelivery: false,
+            readings: vec![],
+            device_time: None,
+            received_at: at(),
+            location: None,
+            status: object(json!({"b": big()})),
+        });
+    refused.then_expect_error_message(
+        "the reported properties would be 81935 bytes with 2 keys; at most 65536 bytes and 256 keys are kept",
+    );
+    Given::with(())
+        .given(vec![
+            registered(),
+            DeviceEvent::DesiredPropertiesSet {
+                properties: object(json!({"a": big()})),
+                version: 1,
+                at: at(),
+            },
+        ])
+        .when(DeviceCommand::SetDesired {
+            properties: object(json!({"b": big()})),
+            at: at(),
+        })
+        .then_expect_error_message(
+            "the desired properties would be 81935 bytes with 2 keys; at most 65536 bytes and 256 keys are kept",
+        );
+    Given::with(())
+        .given(vec![registered()])
+        .when(DeviceCommand::IssueCommand {
+            command_id: command_id("c1"),
+            name: "configure".into(),
+            params: json!({"blob": "x".repeat(MAX_DOCUMENT_BYTES)}),
+            issued_at: at(),
+            expires_at: later(60),
+        })
+        .then_expect_error_message(&format!(
+            "the command parameters would be {} bytes with 1 keys; at most 65536 bytes and 256 keys are kept",
+            MAX_DOCUMENT_BYTES + 11
+        ));
+}
+
 #[test]
 fn heartbeats_keep_the_device_alive() {
     Given::with(())

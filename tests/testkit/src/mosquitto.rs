@@ -52,7 +52,7 @@ impl MosquittoServer {
         let config = format!(
             "user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
              persistence_location {dir}/\nmax_queued_messages 1000000\nmax_inflight_messages 0\n\
-             log_dest stderr\n",
+             message_size_limit 262144\nlog_dest stderr\n",
             user = current_user(),
             dir = dir.display(),
         );
