@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fleetlog_projections::replay::{self, Difference, Progress};
+use fleetlog_projections::replay::{self, Difference, PassedOver, Progress, Replayed, Verified};
 use fleetlog_projections::{with_projection, Projection, PROJECTIONS};
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::PgPool;
@@ -18,6 +18,7 @@ pub async fn run(
     patience: Duration,
 ) -> anyhow::Result<()> {
     let mut differing = Vec::new();
+    let mut passed_over = 0;
     for name in &projections {
         let Some(result) = with_projection!(name.as_str(), |projection| {
             one(&projection, pool, verify, patience).await
@@ -27,15 +28,21 @@ pub async fn run(
                 PROJECTIONS.join(", ")
             );
         };
-        let differences = result?;
+        let (differences, passed) = result?;
         if !differences.is_empty() {
             differing.push(format!("{name} ({} rows)", differences.len()));
         }
+        passed_over += passed;
     }
     if !differing.is_empty() {
         bail!(
             "the rebuilt model differs from the live one: {}",
             differing.join(", ")
+        );
+    }
+    if passed_over > 0 {
+        bail!(
+            "{passed_over} events could not be applied and were passed over (listed above, and in projection_dead_letters)"
         );
     }
     Ok(())
@@ -46,13 +53,17 @@ async fn one<P: Projection>(
     pool: &PgPool,
     verify: bool,
     patience: Duration,
-) -> anyhow::Result<Vec<Difference>> {
+) -> anyhow::Result<(Vec<Difference>, usize)> {
     let reporter = Reporter::new(P::NAME);
     if verify {
-        let differences = replay::verify(projection, pool, patience, |p| reporter.report(p))
+        let Verified {
+            differences,
+            passed_over,
+        } = replay::verify(projection, pool, patience, |p| reporter.report(p))
             .await
             .with_context(|| format!("cannot verify {}", P::NAME))?;
         reporter.finish();
+        report_passed_over(P::NAME, &passed_over);
         for difference in &differences {
             println!(
                 "{}: only in {}: {}",
@@ -62,17 +73,27 @@ async fn one<P: Projection>(
         if differences.is_empty() {
             println!("{}: the live model equals the replay", P::NAME);
         }
-        Ok(differences)
+        Ok((differences, passed_over.len()))
     } else {
-        let applied = replay::replay(projection, pool, |p| reporter.report(p))
+        let Replayed {
+            applied,
+            passed_over,
+        } = replay::replay(projection, pool, |p| reporter.report(p))
             .await
             .with_context(|| format!("cannot replay {}", P::NAME))?;
         reporter.finish();
+        report_passed_over(P::NAME, &passed_over);
         println!(
             "{}: replayed {applied} events and swapped the model in",
             P::NAME
         );
-        Ok(Vec::new())
+        Ok((Vec::new(), passed_over.len()))
+    }
+}
+
+fn report_passed_over(name: &str, passed_over: &[PassedOver]) {
+    for event in passed_over {
+        println!("{name}: passed over {}: {}", event.message_id, event.reason);
     }
 }
 

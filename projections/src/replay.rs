@@ -17,9 +17,12 @@
 use std::time::Instant;
 
 use fleetlog_nats::envelope::StoredEvent;
+use fleetlog_nats::EventEnvelope;
 use sqlx::{PgConnection, PgPool};
 
-use crate::worker::{apply_event, OwnPositions, Position, Positions, Projection, ProjectionError};
+use crate::worker::{
+    apply_event, move_position_past, OwnPositions, Position, Positions, Projection, ProjectionError,
+};
 
 /// The schema the shadow tables are built in.
 pub const REPLAY_SCHEMA: &str = "fleetlog_replay";
@@ -42,8 +45,9 @@ pub enum ReplayError {
     /// Postgres failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    /// The projection could not apply an event: the live worker would dead-letter it, replay
-    /// stops so the operator sees it.
+    /// Applying an event failed for a reason that may pass (the database went away): the
+    /// replay stops and can be run again. An event that can never be applied is passed over
+    /// instead ([`PassedOver`]).
     #[error("event {message_id} cannot be applied: {source}")]
     Apply {
         /// The event.
@@ -81,6 +85,36 @@ pub struct Progress {
     pub rate: f64,
 }
 
+/// An event the projection could not apply, passed over by the same rule as the live
+/// worker's dead letters (its position moves past it, so the aggregate's later events still
+/// apply), so an old poison event never blocks a rebuild. Recorded in
+/// `projection_dead_letters` (once per event) and reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassedOver {
+    /// The event's `Nats-Msg-Id`.
+    pub message_id: String,
+    /// Why it could not be applied.
+    pub reason: String,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Events applied (passed-over ones included).
+    pub applied: u64,
+    /// Events that could not be applied.
+    pub passed_over: Vec<PassedOver>,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Verified {
+    /// Rows present on one side only.
+    pub differences: Vec<Difference>,
+    /// Events the rebuild could not apply (the live worker dead-letters the same ones).
+    pub passed_over: Vec<PassedOver>,
+}
+
 /// A row present on one side only.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Difference {
@@ -104,12 +138,14 @@ pub async fn replay<P: Projection>(
     projection: &P,
     pool: &PgPool,
     progress: impl FnMut(Progress),
-) -> Result<u64, ReplayError> {
+) -> Result<Replayed, ReplayError> {
     let guard = ReplayLock::take::<P>(pool).await?;
-    let (cursor, applied) = rebuild(projection, pool, progress).await?;
+    let (cursor, mut replayed) = rebuild(projection, pool, progress).await?;
     let mut tx = pool.begin().await?;
     lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
     let tail = catch_up(projection, &mut tx, cursor).await?;
+    replayed.applied += tail.applied;
+    replayed.passed_over.extend(tail.passed_over);
     ddl(
         &mut tx,
         format!("CREATE SCHEMA IF NOT EXISTS {RETIRED_SCHEMA}"),
@@ -147,7 +183,7 @@ pub async fn replay<P: Projection>(
     clear_shadow_positions::<P>(&mut tx).await?;
     tx.commit().await?;
     guard.release().await;
-    Ok(applied + tail)
+    Ok(replayed)
 }
 
 /// Rebuilds `projection` into shadow tables and compares them with the live ones, waiting up to
@@ -157,14 +193,15 @@ pub async fn verify<P: Projection>(
     pool: &PgPool,
     patience: std::time::Duration,
     progress: impl FnMut(Progress),
-) -> Result<Vec<Difference>, ReplayError> {
+) -> Result<Verified, ReplayError> {
     let guard = ReplayLock::take::<P>(pool).await?;
-    let (cursor, _) = rebuild(projection, pool, progress).await?;
+    let (cursor, rebuilt) = rebuild(projection, pool, progress).await?;
     let deadline = Instant::now() + patience;
+    let mut passed_over = rebuilt.passed_over;
     let differences = loop {
         let mut tx = pool.begin().await?;
         lock_live(&mut tx, P::TABLES, "SHARE").await?;
-        catch_up(projection, &mut tx, cursor).await?;
+        let tail = catch_up(projection, &mut tx, cursor).await?;
         let behind = live_behind::<P>(&mut tx).await?;
         // Without positions, lagging and missing rows look alike: after `patience` the missing
         // rows are reported as differences.
@@ -183,11 +220,15 @@ pub async fn verify<P: Projection>(
         }
         let differences = compare::<P>(&mut tx).await?;
         tx.rollback().await?;
+        passed_over.extend(tail.passed_over);
         break differences;
     };
     drop_shadow::<P>(pool).await?;
     guard.release().await;
-    Ok(differences)
+    Ok(Verified {
+        differences,
+        passed_over,
+    })
 }
 
 /// One replay per projection at a time: a session advisory lock on a connection of its own.
@@ -216,7 +257,7 @@ async fn rebuild<P: Projection>(
     projection: &P,
     pool: &PgPool,
     mut progress: impl FnMut(Progress),
-) -> Result<(Cursor, u64), ReplayError> {
+) -> Result<(Cursor, Replayed), ReplayError> {
     prepare_shadow::<P>(pool).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = $1")
         .bind(P::AGGREGATE_TYPE)
@@ -224,16 +265,18 @@ async fn rebuild<P: Projection>(
         .await?;
     let started = Instant::now();
     let mut cursor = Cursor::default();
-    let mut applied = 0u64;
+    let mut replayed = Replayed::default();
     loop {
         let mut tx = pool.begin().await?;
         let page = apply_page(projection, &mut tx, cursor).await?;
         tx.commit().await?;
-        let Some((last, count)) = page else {
+        let Some((last, count, passed_over)) = page else {
             break;
         };
         cursor = last;
-        applied += count;
+        replayed.applied += count;
+        replayed.passed_over.extend(passed_over);
+        let applied = replayed.applied;
         let seconds = started.elapsed().as_secs_f64().max(1e-6);
         progress(Progress {
             applied,
@@ -241,7 +284,7 @@ async fn rebuild<P: Projection>(
             rate: applied as f64 / seconds,
         });
     }
-    Ok((cursor, applied))
+    Ok((cursor, replayed))
 }
 
 /// Applies every page after `cursor` within `tx`. Returns how many events it applied.
@@ -249,22 +292,28 @@ async fn catch_up<P: Projection>(
     projection: &P,
     tx: &mut PgConnection,
     mut cursor: Cursor,
-) -> Result<u64, ReplayError> {
-    let mut applied = 0;
-    while let Some((last, count)) = apply_page(projection, tx, cursor).await? {
+) -> Result<Replayed, ReplayError> {
+    let mut replayed = Replayed::default();
+    while let Some((last, count, passed_over)) = apply_page(projection, tx, cursor).await? {
         cursor = last;
-        applied += count;
+        replayed.applied += count;
+        replayed.passed_over.extend(passed_over);
     }
-    Ok(applied)
+    Ok(replayed)
 }
 
 /// Applies one page of events after `cursor` to the shadow tables, within `connection`'s
-/// transaction. `None` when there are no more events.
+/// transaction: where it got to, how many events it went through, and those it passed over.
+/// `None` when there are no more events.
+///
+/// The page runs under a savepoint. An event that fails for good rolls the page back to it;
+/// the events before it are applied again, the failing one is passed over (as the live worker
+/// dead-letters it), and the page goes on after it: one savepoint per page, not per event.
 async fn apply_page<P: Projection>(
     projection: &P,
     connection: &mut PgConnection,
     cursor: Cursor,
-) -> Result<Option<(Cursor, u64)>, ReplayError> {
+) -> Result<Option<(Cursor, u64, Vec<PassedOver>)>, ReplayError> {
     let rows: Vec<StoredEvent> = sqlx::query_as(SELECT_PAGE)
         .bind(P::AGGREGATE_TYPE)
         .bind(cursor.transaction_id.to_string())
@@ -285,30 +334,87 @@ async fn apply_page<P: Projection>(
     )
     .await?;
     let count = rows.len() as u64;
-    for StoredEvent {
-        envelope: event, ..
-    } in rows
-    {
-        match apply_event(projection, connection, &event).await {
-            Ok(Position::Applied | Position::AlreadyApplied) => {}
-            Ok(Position::Gap { expected }) => {
-                return Err(ReplayError::Gap {
-                    message_id: event.message_id(),
-                    expected,
-                })
+    let events: Vec<EventEnvelope> = rows.into_iter().map(|row| row.envelope).collect();
+    let mut passed_over = Vec::new();
+    let mut start = 0;
+    'page: loop {
+        ddl(connection, "SAVEPOINT replay_page".into()).await?;
+        for (index, event) in events.iter().enumerate().skip(start) {
+            let failure = match apply_event(projection, connection, event).await {
+                Ok(Position::Applied | Position::AlreadyApplied) => continue,
+                Ok(Position::Gap { expected }) => {
+                    return Err(ReplayError::Gap {
+                        message_id: event.message_id(),
+                        expected,
+                    })
+                }
+                Err(source) if source.is_transient() => {
+                    return Err(ReplayError::Apply {
+                        message_id: event.message_id(),
+                        source,
+                    })
+                }
+                Err(source) => source,
+            };
+            ddl(connection, "ROLLBACK TO SAVEPOINT replay_page".into()).await?;
+            for earlier in &events[start..index] {
+                apply_event(projection, connection, earlier)
+                    .await
+                    .map_err(|source| ReplayError::Apply {
+                        message_id: earlier.message_id(),
+                        source,
+                    })?;
             }
-            Err(source) => {
-                return Err(ReplayError::Apply {
-                    message_id: event.message_id(),
-                    source,
-                })
-            }
+            let reason = format!("replay: {failure}");
+            pass_over::<P>(connection, event, &reason).await?;
+            tracing::error!(
+                projection = P::NAME,
+                message_id = event.message_id(),
+                reason,
+                "passing over an event the projection cannot apply"
+            );
+            passed_over.push(PassedOver {
+                message_id: event.message_id(),
+                reason,
+            });
+            start = index + 1;
+            continue 'page;
         }
+        ddl(connection, "RELEASE SAVEPOINT replay_page".into()).await?;
+        break;
     }
     sqlx::query("SET LOCAL search_path TO public")
         .execute(&mut *connection)
         .await?;
-    Ok(Some((last, count)))
+    Ok(Some((last, count, passed_over)))
+}
+
+/// Moves the shadow position past `event` and records it in `projection_dead_letters`,
+/// unless the live worker (or an earlier replay) recorded it already.
+async fn pass_over<P: Projection>(
+    connection: &mut PgConnection,
+    event: &EventEnvelope,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    move_position_past::<P>(connection, event).await?;
+    let message = serde_json::to_string(event).unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO public.projection_dead_letters
+           (projection, aggregate_type, aggregate_id, sequence, reason, message)
+         SELECT $1, $2, $3, $4, $5, $6
+          WHERE NOT EXISTS (SELECT 1 FROM public.projection_dead_letters
+                             WHERE projection = $1 AND aggregate_type = $2
+                               AND aggregate_id = $3 AND sequence = $4)",
+    )
+    .bind(P::NAME)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .bind(event.sequence)
+    .bind(reason)
+    .bind(message)
+    .execute(connection)
+    .await?;
+    Ok(())
 }
 
 /// Runs one statement without parameters (DDL and locks, whose names cannot be bound).

@@ -282,7 +282,7 @@ pub enum ProjectionError {
 impl ProjectionError {
     /// Failures that say nothing about the event (Postgres unreachable, pool exhausted):
     /// retried for as long as they last, never dead-lettered.
-    fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             Self::Database(
@@ -1012,18 +1012,8 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         let body = String::from_utf8_lossy(&message.payload).into_owned();
         let recorded = async {
             let mut tx = self.pool.begin().await?;
-            match (event, P::POSITIONS) {
-                (Some(event), Positions::Shared) => {
-                    let last = lock_position(&mut tx, P::NAME, event).await?;
-                    if event.sequence > last {
-                        store_position(&mut tx, P::NAME, event).await?;
-                    }
-                }
-                (Some(event), Positions::Own(own)) => {
-                    own.move_past(&mut tx, &event.aggregate_id, event.sequence)
-                        .await?;
-                }
-                (None, _) | (Some(_), Positions::Keyed) => {}
+            if let Some(event) = event {
+                move_position_past::<P>(&mut tx, event).await?;
             }
             sqlx::query(
                 "INSERT INTO projection_dead_letters
@@ -1107,6 +1097,28 @@ async fn retire_consumer_of(
         projection = rider,
         "removed the {rider} consumer: the {carrier} worker feeds its read model"
     );
+    Ok(())
+}
+
+/// Moves `P`'s position for the event's aggregate past the event without applying it: how a
+/// dead letter is passed over, so the aggregate's later events are not stuck behind it.
+pub(crate) async fn move_position_past<P: Projection>(
+    connection: &mut PgConnection,
+    event: &EventEnvelope,
+) -> Result<(), sqlx::Error> {
+    match P::POSITIONS {
+        Positions::Shared => {
+            let last = lock_position(connection, P::NAME, event).await?;
+            if event.sequence > last {
+                store_position(connection, P::NAME, event).await?;
+            }
+        }
+        Positions::Own(own) => {
+            own.move_past(connection, &event.aggregate_id, event.sequence)
+                .await?;
+        }
+        Positions::Keyed => {}
+    }
     Ok(())
 }
 

@@ -231,14 +231,17 @@ async fn firmware_rollouts_and_users_follow_their_events() {
     assert!(verify(&FirmwareProjection, &db.pool, patience, |_| {})
         .await
         .unwrap()
+        .differences
         .is_empty());
     assert!(verify(&RolloutsProjection, &db.pool, patience, |_| {})
         .await
         .unwrap()
+        .differences
         .is_empty());
     assert!(verify(&UsersProjection, &db.pool, patience, |_| {})
         .await
         .unwrap()
+        .differences
         .is_empty());
 
     shutdown.cancel();

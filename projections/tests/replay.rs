@@ -176,11 +176,13 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
     let patience = Duration::from_secs(20);
     let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
         .await
-        .unwrap();
+        .unwrap()
+        .differences;
     assert!(differences.is_empty(), "{differences:#?}");
     let differences = verify(&TelemetryProjection, &db.pool, patience, |_| {})
         .await
-        .unwrap();
+        .unwrap()
+        .differences;
     assert!(differences.is_empty(), "{differences:#?}");
     let telemetry_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
         .fetch_one(&db.pool)
@@ -195,7 +197,8 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
         .unwrap();
     let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
         .await
-        .unwrap();
+        .unwrap()
+        .differences;
     assert_eq!(differences.len(), 2, "{differences:#?}");
     let live = differences.iter().find(|d| d.only_in == "live").unwrap();
     assert_eq!(live.table, "devices");
@@ -210,7 +213,8 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
         assert!(progress.applied <= progress.total);
     })
     .await
-    .unwrap();
+    .unwrap()
+    .applied;
     assert!(reports > 0);
     let events: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'device'")
@@ -239,7 +243,8 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
     wait_until_projected(&db.pool, DevicesProjection::NAME, "device").await;
     let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
         .await
-        .unwrap();
+        .unwrap()
+        .differences;
     assert!(differences.is_empty(), "{differences:#?}");
     let interval: Value =
         sqlx::query_scalar("SELECT desired -> 'interval' FROM devices WHERE device_id = 'd0'")
@@ -288,7 +293,10 @@ async fn replay_reads_events_across_a_power_of_ten_of_transaction_ids_in_order()
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let applied = replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
+    let applied = replay(&DevicesProjection, &db.pool, |_| {})
+        .await
+        .unwrap()
+        .applied;
     assert_eq!(applied as i64, stored);
     let last_sequence: i64 =
         sqlx::query_scalar("SELECT last_sequence FROM devices WHERE device_id = 'edge'")
@@ -296,4 +304,81 @@ async fn replay_reads_events_across_a_power_of_ten_of_transaction_ids_in_order()
             .await
             .unwrap();
     assert_eq!(last_sequence, stored);
+}
+
+/// An event stored before NULs were refused (the events table is `json`, so it took it) can
+/// never be applied to a `jsonb` read model. Replay passes it over by the live worker's
+/// dead-letter rule, reports it, and rebuilds everything else.
+#[tokio::test]
+async fn replay_passes_over_an_event_it_cannot_apply_and_reports_it() {
+    let db = TestDatabase::create().await;
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let metadata = CommandMetadata::new("test");
+    let register = DeviceCommand::Register {
+        device_id: DeviceId::parse("poisoned").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: "poisoned".into(),
+        model: "thermo".into(),
+        tags: vec![],
+        at: at(0),
+    };
+    bus.devices()
+        .execute("poisoned", register, &metadata)
+        .await
+        .unwrap();
+    let poison = fleetlog_domain::device::DeviceEvent::StatusReported {
+        status: object(json!({"note": "a\u{0}b", "battery": 42})),
+        received_at: at(1),
+        digest: None,
+    };
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('device', 'poisoned', 2, 'StatusReported', '1.0', $1::json, '{}')",
+    )
+    .bind(serde_json::to_string(&poison).unwrap())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    bus.devices().evict("poisoned");
+    let report = DeviceCommand::ReportStatus {
+        status: object(json!({"battery": 41})),
+        received_at: at(2),
+        delivery: None,
+    };
+    bus.devices()
+        .execute("poisoned", report, &metadata)
+        .await
+        .unwrap();
+
+    let replayed = replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
+    assert_eq!(replayed.passed_over.len(), 1, "{replayed:?}");
+    assert_eq!(replayed.passed_over[0].message_id, "device:poisoned:2");
+    let (battery, last_sequence): (Value, i64) = sqlx::query_as(
+        "SELECT reported -> 'battery', last_sequence FROM devices WHERE device_id = 'poisoned'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(battery, json!(41));
+    let last: i64 = sqlx::query_scalar("SELECT max(sequence) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(last_sequence, last);
+    let dead: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM projection_dead_letters WHERE aggregate_id = 'poisoned' AND sequence = 2",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead, 1);
+    // A second replay records it once only, and passes it over again.
+    let again = replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
+    assert_eq!(again.passed_over.len(), 1);
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_dead_letters")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 1);
 }

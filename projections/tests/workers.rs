@@ -648,11 +648,13 @@ async fn crashed_and_parallel_workers_end_with_the_same_model() {
     let patience = Duration::from_secs(20);
     let differences = verify(&TelemetryProjection, &db.pool, patience, |_| {})
         .await
-        .unwrap();
+        .unwrap()
+        .differences;
     assert!(differences.is_empty(), "{differences:#?}");
     let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
         .await
-        .unwrap();
+        .unwrap()
+        .differences;
     assert!(differences.is_empty(), "{differences:#?}");
     for running in [second, third, devices_worker, relay] {
         running.stop().await;
