@@ -266,6 +266,13 @@ async fn refresh_rotates_and_a_reused_token_revokes_the_session() {
             json!({"refresh_token": token.as_str().unwrap()}),
         )
     };
+    // A forged token: the real user and session ids (both derivable) and a made-up secret.
+    // It is refused, and the victim's session goes on.
+    let real = first["refresh_token"].as_str().unwrap();
+    let (ids, _) = real.rsplit_once('.').unwrap();
+    let forged = refresh(&json!(format!("{ids}.madeup"))).await;
+    assert_problem(&forged, StatusCode::UNAUTHORIZED);
+    assert!(!forged.body["detail"].as_str().unwrap().contains("revoked"));
     let second = refresh(&first["refresh_token"]).await;
     assert_eq!(second.status, StatusCode::OK, "{}", second.body);
     assert_ne!(second.body["refresh_token"], first["refresh_token"]);

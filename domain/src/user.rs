@@ -67,7 +67,16 @@ pub struct Session {
     pub refresh_token_hash: String,
     /// When the refresh token stops working.
     pub expires_at: DateTime<Utc>,
+    /// SHA-256 hex of the session's latest [`REMEMBERED_ROTATED_TOKENS`] refresh tokens that
+    /// were exchanged already: presenting one of these again is reuse of a real, copied token
+    /// (and revokes the session). Any other token is merely invalid, so nobody can end a
+    /// victim's session by guessing the token's format.
+    #[serde(default)]
+    pub rotated_token_hashes: Vec<String>,
 }
+
+/// How many exchanged refresh tokens a session remembers, to recognise their reuse.
+pub const REMEMBERED_ROTATED_TOKENS: usize = 64;
 
 /// The User aggregate's state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -312,9 +321,13 @@ pub enum UserError {
     /// A session whose refresh token expired.
     #[error("session {0} has expired")]
     SessionExpired(SessionId),
-    /// A refresh token other than the session's current one.
+    /// A refresh token that was never the session's.
     #[error("refresh token does not match session {0}")]
     RefreshTokenMismatch(SessionId),
+    /// A refresh token of the session that was exchanged already: presented again, it was
+    /// copied.
+    #[error("refresh token of session {0} was already exchanged")]
+    RefreshTokenReused(SessionId),
     /// A session that would expire before it opens.
     #[error("a session must expire after it opens")]
     ExpiryNotAfterOpen,
@@ -376,6 +389,7 @@ impl User {
                     Session {
                         refresh_token_hash,
                         expires_at,
+                        rotated_token_hashes: Vec::new(),
                     },
                 );
             }
@@ -385,11 +399,19 @@ impl User {
                 expires_at,
                 ..
             } => {
+                let mut rotated = Vec::new();
+                if let Some(previous) = self.sessions.remove(&session_id) {
+                    rotated = previous.rotated_token_hashes;
+                    rotated.push(previous.refresh_token_hash);
+                    let excess = rotated.len().saturating_sub(REMEMBERED_ROTATED_TOKENS);
+                    rotated.drain(..excess);
+                }
                 self.sessions.insert(
                     session_id,
                     Session {
                         refresh_token_hash,
                         expires_at,
+                        rotated_token_hashes: rotated,
                     },
                 );
             }
@@ -509,6 +531,9 @@ impl User {
                     return Err(UserError::SessionExpired(session_id));
                 }
                 if session.refresh_token_hash != presented_token_hash {
+                    if session.rotated_token_hashes.contains(&presented_token_hash) {
+                        return Err(UserError::RefreshTokenReused(session_id));
+                    }
                     return Err(UserError::RefreshTokenMismatch(session_id));
                 }
                 if expires_at <= at {
@@ -798,6 +823,21 @@ mod tests {
             }]);
         Given::with(())
             .given(vec![registered(), opened()])
+            .when(rotate('b', at()))
+            .then_expect_error(UserError::RefreshTokenMismatch(session()));
+        // Once exchanged, the first token presented again is reuse; a made-up one is not.
+        let rotated = UserEvent::SessionRotated {
+            session_id: session(),
+            refresh_token_hash: hash('c'),
+            expires_at: at() + Duration::days(30),
+            at: at(),
+        };
+        Given::with(())
+            .given(vec![registered(), opened(), rotated.clone()])
+            .when(rotate('a', at()))
+            .then_expect_error(UserError::RefreshTokenReused(session()));
+        Given::with(())
+            .given(vec![registered(), opened(), rotated])
             .when(rotate('b', at()))
             .then_expect_error(UserError::RefreshTokenMismatch(session()));
         Given::with(())

@@ -152,9 +152,10 @@ async fn refresh(
         .await
     {
         Ok(_) => {}
-        Err(CommandError::Refused(UserError::RefreshTokenMismatch(session_id))) => {
-            // A token that was already exchanged is presented again: it was copied. End the
-            // session, so neither copy works any more.
+        Err(CommandError::Refused(UserError::RefreshTokenReused(session_id))) => {
+            // A token that was really issued and already exchanged is presented again: it
+            // was copied. End the session, so neither copy works any more. A token that was
+            // never issued (forged from the user and session ids) is merely invalid below.
             let revoke = UserCommand::RevokeSession {
                 session_id,
                 reason: "refresh token reused".into(),
