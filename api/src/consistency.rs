@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use axum::http::header::IF_MATCH;
 use axum::http::HeaderMap;
+use fleetlog_domain::TenantId;
 use fleetlog_nats::envelope::StoredEvent;
-use fleetlog_projections::ProjectionError;
+use fleetlog_projections::{Projection, ProjectionError};
 use sqlx::PgPool;
 
 use crate::error::ApiError;
@@ -19,11 +20,21 @@ use crate::error::ApiError;
 /// The longest a query waits for its read model.
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
 
-/// Waits until `projection` has applied the event at `position`.
+/// The aggregate type a projection reads.
+fn aggregate_type_of<P: Projection>(_: &P) -> &'static str {
+    P::AGGREGATE_TYPE
+}
+
+/// Waits until `projection` has applied the event at `position`: read-your-writes. Only an
+/// event the read model will apply is waited for, one of its own aggregate type and of the
+/// caller's `tenant`; for any other (a user event given to a device query, another tenant's
+/// event) there is nothing to wait for and the query answers at once, so the answer tells
+/// nothing about another tenant's events.
 pub async fn wait_for_position(
     pool: &PgPool,
     projection: &str,
     position: i64,
+    tenant: &TenantId,
 ) -> Result<(), ApiError> {
     let event: Option<StoredEvent> = sqlx::query_as(
         "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
@@ -41,6 +52,14 @@ pub async fn wait_for_position(
             "min_position {position} names no event"
         )));
     };
+    let reads = fleetlog_projections::with_projection!(projection, |read_model| {
+        aggregate_type_of(&read_model)
+    })
+    .ok_or_else(|| ApiError::Internal(format!("no projection named {projection}").into()))?;
+    let of_tenant = event.metadata.get("tenant").and_then(|t| t.as_str()) == Some(tenant.as_str());
+    if event.aggregate_type != reads || !of_tenant {
+        return Ok(());
+    }
     let deadline = Instant::now() + MAX_WAIT;
     loop {
         let applied = fleetlog_projections::with_projection!(projection, |read_model| {

@@ -377,6 +377,46 @@ async fn a_read_model_that_lags_answers_503_with_retry_after() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
     assert_eq!(headers[header::RETRY_AFTER], "1");
     assert!(started.elapsed() >= fleetlog_api::consistency::MAX_WAIT);
+
+    // Positions the devices model will never apply for this caller answer at once, while the
+    // model still lags: another tenant's device event (nothing about it shows) and an event of
+    // another aggregate type (a user's).
+    let globex = platform.token("globex", "gina", Role::Operator);
+    let (_, theirs) = platform.create(&globex, "g1").await;
+    let user = fleetlog_domain::user::UserCommand::Register {
+        tenant: fleetlog_domain::TenantId::parse("acme").unwrap(),
+        username: "vera".into(),
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
+        roles: vec![Role::Viewer],
+        at: chrono::Utc::now(),
+    };
+    let user_id = fleetlog_domain::UserId::for_username(
+        &fleetlog_domain::TenantId::parse("acme").unwrap(),
+        "vera",
+    );
+    let user_event = platform
+        .bus
+        .users()
+        .execute(
+            user_id.as_str(),
+            user,
+            &fleetlog_commands::CommandMetadata::new("test"),
+        )
+        .await
+        .unwrap()
+        .global_position
+        .unwrap();
+    for position in [theirs["global_position"].as_i64().unwrap(), user_event] {
+        for path in [
+            format!("/api/v1/devices?min_position={position}"),
+            format!("/api/v1/devices/d1/telemetry?min_position={position}"),
+        ] {
+            let started = Instant::now();
+            let (status, body) = platform.call(Method::GET, &path, &operator, None).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{path} waited");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

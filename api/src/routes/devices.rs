@@ -234,7 +234,7 @@ async fn show(
         return Ok(axum::Json(as_of(&state, &caller, &id, at.0).await?).into_response());
     }
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+        wait_for_position(state.bus.pool(), PROJECTION, position, &caller.tenant).await?;
     }
     let device: Option<DeviceView> = sqlx::query_as(&format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1 AND tenant = $2"
@@ -328,7 +328,7 @@ async fn list(
 ) -> Result<axum::Json<Page>, ApiError> {
     caller.require(READERS)?;
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+        wait_for_position(state.bus.pool(), PROJECTION, position, &caller.tenant).await?;
     }
     let limit = query.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -589,7 +589,7 @@ async fn command_status(
 ) -> Result<axum::Json<CommandView>, ApiError> {
     caller.require(READERS)?;
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+        wait_for_position(state.bus.pool(), PROJECTION, position, &caller.tenant).await?;
     }
     let command: Option<CommandView> = sqlx::query_as(
         "SELECT c.device_id, c.command_id, c.name, c.params, c.status, c.issued_at, c.expires_at,
@@ -737,7 +737,7 @@ async fn telemetry(
     let id = parse_id(&id)?;
     owned_device(&state, &caller, &id).await?;
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), "telemetry", position).await?;
+        wait_for_position(state.bus.pool(), "telemetry", position, &caller.tenant).await?;
     }
     let to = query.to.map_or_else(Utc::now, |to| to.0);
     let from = query.from.map_or_else(

@@ -94,7 +94,7 @@ async fn list(
 ) -> Result<axum::Json<Vec<FirmwareView>>, ApiError> {
     caller.require(READERS)?;
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), "firmware", position).await?;
+        wait_for_position(state.bus.pool(), "firmware", position, &caller.tenant).await?;
     }
     let mut sql = QueryBuilder::new(format!("SELECT {COLUMNS} FROM firmware WHERE tenant = "));
     sql.push_bind(caller.tenant.as_str());
@@ -134,7 +134,7 @@ async fn show(
     caller.require(READERS)?;
     let id = parse_id(&id)?;
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), "firmware", position).await?;
+        wait_for_position(state.bus.pool(), "firmware", position, &caller.tenant).await?;
     }
     let row = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM firmware WHERE tenant = $1 AND firmware_id = $2"

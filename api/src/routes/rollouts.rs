@@ -373,7 +373,7 @@ async fn list(
 ) -> Result<axum::Json<Vec<RolloutView>>, ApiError> {
     caller.require(READERS)?;
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+        wait_for_position(state.bus.pool(), PROJECTION, position, &caller.tenant).await?;
     }
     let mut sql = QueryBuilder::new(format!("SELECT {COLUMNS} FROM rollouts WHERE tenant = "));
     sql.push_bind(caller.tenant.as_str());
@@ -416,7 +416,7 @@ async fn show(
 ) -> Result<axum::Json<RolloutDetail>, ApiError> {
     caller.require(READERS)?;
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), PROJECTION, position).await?;
+        wait_for_position(state.bus.pool(), PROJECTION, position, &caller.tenant).await?;
     }
     let rollout: RolloutView = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM rollouts WHERE tenant = $1 AND rollout_id = $2"

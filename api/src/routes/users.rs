@@ -98,7 +98,7 @@ async fn list(
 ) -> Result<axum::Json<Vec<UserRow>>, ApiError> {
     caller.require(ADMIN)?;
     if let Some(position) = query.min_position {
-        wait_for_position(state.bus.pool(), "users", position).await?;
+        wait_for_position(state.bus.pool(), "users", position, &caller.tenant).await?;
     }
     let users = sqlx::query_as(
         "SELECT user_id, username, roles, disabled, last_login_at, registered_at, last_sequence
