@@ -1,6 +1,10 @@
-//! Login throttling: at most a few attempts per minute per username and per client address,
-//! so passwords cannot be guessed at speed. In memory, per process: behind a load balancer each
-//! API process counts on its own, which still bounds guessing by the number of processes.
+//! Login throttling: at most a few attempts per minute per username *from one client address*,
+//! and a few more per address over all usernames, so passwords cannot be guessed at speed.
+//! The per-username limit is keyed by the address too, so a stranger who burns a username's
+//! attempts from their address cannot lock its owner out: the owner, logging in from another
+//! address, has attempts of their own. In memory, per process: behind a load balancer each API
+//! process counts on its own, which still bounds guessing by the number of processes. The
+//! address is the TCP peer's: behind a reverse proxy every client shares the proxy's.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -15,17 +19,17 @@ const MAX_KEYS: usize = 100_000;
 
 /// Rate limits on login attempts.
 pub struct LoginThrottle {
-    per_user: DefaultKeyedRateLimiter<String>,
+    per_user_and_address: DefaultKeyedRateLimiter<(String, Option<IpAddr>)>,
     per_address: DefaultKeyedRateLimiter<IpAddr>,
 }
 
 impl LoginThrottle {
-    /// `per_user` and `per_address` attempts per minute.
+    /// `per_user` attempts per minute per username and address, and `per_address` per address.
     pub fn new(per_user: u32, per_address: u32) -> Self {
         let per_minute =
             |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
         Self {
-            per_user: RateLimiter::keyed(per_minute(per_user)),
+            per_user_and_address: RateLimiter::keyed(per_minute(per_user)),
             per_address: RateLimiter::keyed(per_minute(per_address)),
         }
     }
@@ -33,8 +37,8 @@ impl LoginThrottle {
     /// Counts an attempt for `user` (tenant and username) from `address`; 429 if either is
     /// over its limit.
     pub fn attempt(&self, user: &str, address: Option<IpAddr>) -> Result<(), ApiError> {
-        if self.per_user.len() > MAX_KEYS {
-            self.per_user.retain_recent();
+        if self.per_user_and_address.len() > MAX_KEYS {
+            self.per_user_and_address.retain_recent();
         }
         if self.per_address.len() > MAX_KEYS {
             self.per_address.retain_recent();
@@ -46,15 +50,15 @@ impl LoginThrottle {
         if let Some(address) = address {
             self.per_address.check_key(&address).map_err(wait)?;
         }
-        self.per_user
-            .check_key(&user.to_lowercase())
+        self.per_user_and_address
+            .check_key(&(user.to_lowercase(), address))
             .map_err(wait)?;
         Ok(())
     }
 }
 
 impl Default for LoginThrottle {
-    /// 10 attempts a minute per username, 30 per address.
+    /// 10 attempts a minute per username and address, 30 per address.
     fn default() -> Self {
         Self::new(10, 30)
     }

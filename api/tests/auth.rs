@@ -398,6 +398,41 @@ async fn login_attempts_are_throttled_per_user() {
     assert_eq!(other.status, StatusCode::UNAUTHORIZED);
 }
 
+/// A stranger who burns a username's attempts cannot lock its owner out: the owner logs in
+/// from another address.
+#[tokio::test]
+async fn a_stranger_cannot_lock_an_owner_out() {
+    use axum::extract::ConnectInfo;
+    use std::net::SocketAddr;
+
+    let api = Api::start().await;
+    let attempt = |address: &str, password: &str| {
+        let mut request = Request::post("/api/v1/auth/login")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"tenant": "acme", "username": "alice", "password": password}).to_string(),
+            ))
+            .unwrap();
+        let address: SocketAddr = address.parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(address));
+        request
+    };
+    for _ in 0..5 {
+        let wrong = api
+            .call(attempt("127.0.0.2:4000", "wrong horse battery"))
+            .await;
+        assert_problem(&wrong, StatusCode::UNAUTHORIZED);
+    }
+    let stranger = api
+        .call(attempt("127.0.0.2:4001", "correct horse battery"))
+        .await;
+    assert_problem(&stranger, StatusCode::TOO_MANY_REQUESTS);
+    let owner = api
+        .call(attempt("127.0.0.3:5000", "correct horse battery"))
+        .await;
+    assert_eq!(owner.status, StatusCode::OK, "{}", owner.body);
+}
+
 #[tokio::test]
 async fn login_attempts_are_throttled_per_client_address() {
     use axum::extract::ConnectInfo;
