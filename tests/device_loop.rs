@@ -71,6 +71,7 @@ impl Stack {
             tenant: TenantId::parse("acme").unwrap(),
             session_id: SessionId::parse("s1").unwrap(),
             roles: vec![Role::Operator],
+            expires_at: None,
         };
         let token = auth.access_token(&caller, Utc::now()).unwrap();
         let state = AppState {

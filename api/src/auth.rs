@@ -76,6 +76,7 @@ impl Auth {
             tenant: TenantId::parse(claims.tenant).map_err(invalid)?,
             session_id: SessionId::parse(claims.sid).map_err(invalid)?,
             roles: claims.roles,
+            expires_at: DateTime::from_timestamp(claims.exp, 0),
         })
     }
 }
@@ -103,6 +104,9 @@ pub struct Caller {
     pub session_id: SessionId,
     /// The user's roles when the token was issued.
     pub roles: Vec<Role>,
+    /// When the access token the caller presented expires; `None` for a caller made in the
+    /// process (to mint a token). Live streams end then.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl Caller {

@@ -215,3 +215,23 @@ async fn the_tenant_stream_carries_only_the_tenants_events_without_secrets() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+/// A stream ends when the access token it was opened with expires: a viewer who logged out
+/// or was disabled since receives nothing past that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires() {
+    let platform = Platform::start().await;
+    let operator = platform.token("acme", "otto", Role::Operator);
+    platform.create(&operator, "d1").await;
+    let short = platform.token_expiring_in("acme", "vic", Role::Viewer, 3);
+    let opened = std::time::Instant::now();
+    let mut stream = Subscription::open(&platform, "/api/v1/stream", &short, None).await;
+    rename(&platform, &operator, "d1", "Before expiry").await;
+    while stream.expect().await.event != "DeviceMetadataUpdated" {}
+    // Past the expiry the stream ends, whatever happens after.
+    assert!(stream.next(Duration::from_secs(20)).await.is_none());
+    let ended = opened.elapsed();
+    assert!(ended < Duration::from_secs(15), "ended after {ended:?}");
+    rename(&platform, &operator, "d1", "After expiry").await;
+    assert!(stream.next(Duration::from_secs(1)).await.is_none());
+}

@@ -120,6 +120,7 @@ async fn login(
         tenant,
         session_id,
         roles: user.roles,
+        expires_at: None,
     };
     tokens(&state, &caller, &refresh, now)
 }
@@ -182,6 +183,7 @@ async fn refresh(
         tenant,
         session_id: presented.session_id,
         roles: user.roles,
+        expires_at: None,
     };
     tokens(&state, &caller, &next, now)
 }

@@ -172,7 +172,21 @@ async fn open(
         .await
         .map_err(|error| unavailable(error.to_string()))?;
     let tenant = caller.tenant.to_string();
+    // The stream ends when the access token does: a caller logged out or disabled since keeps
+    // nothing past that. Clients reconnect with a fresh token and `Last-Event-ID`.
+    let token_left = caller.expires_at.map(|expires_at| {
+        (expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default()
+    });
+    let expired = async move {
+        match token_left {
+            Some(left) => tokio::time::sleep(left).await,
+            None => std::future::pending().await,
+        }
+    };
     let events = messages
+        .take_until(expired)
         .take_while(|message| {
             let keep_going = message.is_ok();
             if let Err(error) = message {

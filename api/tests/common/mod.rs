@@ -145,8 +145,30 @@ impl Platform {
             tenant,
             session_id: SessionId::parse("s1").unwrap(),
             roles: vec![role],
+            expires_at: None,
         };
         self.auth.access_token(&caller, Utc::now()).unwrap()
+    }
+
+    /// A token that expires `seconds` from now (issued as long ago as that makes it).
+    pub fn token_expiring_in(
+        &self,
+        tenant: &str,
+        username: &str,
+        role: Role,
+        seconds: i64,
+    ) -> String {
+        let tenant = TenantId::parse(tenant).unwrap();
+        let caller = Caller {
+            user_id: UserId::for_username(&tenant, username),
+            tenant,
+            session_id: SessionId::parse("s1").unwrap(),
+            roles: vec![role],
+            expires_at: None,
+        };
+        let ttl = self.auth.access_ttl.as_secs() as i64;
+        let issued = Utc::now() - chrono::Duration::seconds(ttl - seconds);
+        self.auth.access_token(&caller, issued).unwrap()
     }
 
     pub async fn call(
