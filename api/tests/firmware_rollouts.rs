@@ -57,13 +57,14 @@ async fn the_catalogue_is_per_tenant_and_only_writers_release() {
     let viewer = platform.token("acme", "vic", Role::Viewer);
     let operator = platform.token("acme", "otto", Role::Operator);
     let stranger = platform.token("globex", "gus", Role::Admin);
-    register_firmware(&platform, "acme", "thermo@1.2.0").await;
-    let last = register_firmware(&platform, "globex", "thermo@9.0.0").await;
+    // Read-your-writes waits for the caller's own tenant's event only.
+    let ours = register_firmware(&platform, "acme", "thermo@1.2.0").await;
+    register_firmware(&platform, "globex", "thermo@9.0.0").await;
 
     let (status, list) = platform
         .call(
             Method::GET,
-            &format!("/api/v1/firmware?min_position={last}"),
+            &format!("/api/v1/firmware?min_position={ours}"),
             &viewer,
             None,
         )
@@ -143,11 +144,11 @@ async fn rollouts_are_planned_followed_and_steered() {
     let stranger = platform.token("globex", "gus", Role::Admin);
     register_firmware(&platform, "acme", "thermo@2.0.0").await;
     register_firmware(&platform, "acme", "thermo@2.1.0").await;
+    device(&platform, &stranger, "theirs", "thermo").await;
     for id in ["d1", "d2", "d3", "d4"] {
         device(&platform, &operator, id, "thermo").await;
     }
-    device(&platform, &operator, "gw1", "gateway").await;
-    let last = device(&platform, &stranger, "theirs", "thermo").await;
+    let last = device(&platform, &operator, "gw1", "gateway").await;
     platform
         .call(
             Method::POST,
@@ -156,7 +157,8 @@ async fn rollouts_are_planned_followed_and_steered() {
             None,
         )
         .await;
-    // Wait until the devices model knows every device: plans resolve targets from it.
+    // Wait until the devices model has the tenant's last device (one worker applies the
+    // stream in order, so the others are there too): plans resolve targets from it.
     platform
         .call(
             Method::GET,

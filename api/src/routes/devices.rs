@@ -703,7 +703,8 @@ struct TelemetryQuery {
     min_position: Option<i64>,
 }
 
-#[derive(Serialize, FromRow)]
+/// One reading.
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct Sample {
     sensor: String,
     time: DateTime<Utc>,
@@ -711,7 +712,8 @@ struct Sample {
     unit: Option<String>,
 }
 
-#[derive(Serialize, FromRow)]
+/// Readings of one sensor in one bucket.
+#[derive(Serialize, FromRow, utoipa::ToSchema)]
 struct Bucket {
     sensor: String,
     bucket: DateTime<Utc>,
@@ -721,18 +723,29 @@ struct Bucket {
     count: i64,
 }
 
+/// What a telemetry query answers: the readings (without `bucket_secs`) or the buckets (with
+/// it), each ordered by sensor and time.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum TelemetryAnswer {
+    /// Raw readings.
+    Samples(Vec<Sample>),
+    /// Min, max, avg and count per sensor and bucket.
+    Buckets(Vec<Bucket>),
+}
+
 /// Readings of the device over a time range, raw or bucketed.
 #[utoipa::path(
     get, path = "/{id}/telemetry", tag = "devices", summary = "Telemetry over a time range, raw or bucketed",
     params(("id" = String, Path, description = "The device id"), TelemetryQuery),
-    responses((status = 200, description = "`samples` (raw) or `buckets` (min, max, avg, count per bucket)", body = Object))
+    responses((status = 200, description = "An array of readings (raw), or with `bucket_secs` an array of buckets (min, max, avg, count)", body = TelemetryAnswer))
 )]
 async fn telemetry(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     Query(query): Query<TelemetryQuery>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<TelemetryAnswer>, ApiError> {
     caller.require(READERS)?;
     let id = parse_id(&id)?;
     owned_device(&state, &caller, &id).await?;
@@ -770,7 +783,7 @@ async fn telemetry(
             .bind(limit)
             .fetch_all(pool)
             .await?;
-            serde_json::to_value(samples)
+            TelemetryAnswer::Samples(samples)
         }
         Some(seconds) if (1..=31 * 86_400).contains(&seconds) => {
             let buckets: Vec<Bucket> = sqlx::query_as(
@@ -789,7 +802,7 @@ async fn telemetry(
             .bind(limit)
             .fetch_all(pool)
             .await?;
-            serde_json::to_value(buckets)
+            TelemetryAnswer::Buckets(buckets)
         }
         Some(_) => {
             return Err(ApiError::BadRequest(
@@ -797,6 +810,5 @@ async fn telemetry(
             ))
         }
     };
-    body.map(axum::Json)
-        .map_err(|error| ApiError::Internal(Box::new(error)))
+    Ok(axum::Json(body))
 }
