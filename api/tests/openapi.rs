@@ -120,6 +120,70 @@ async fn the_document_lists_every_route_and_every_listed_route_exists() {
         Some(serde_json::json!([{"device_token": []}]))
     );
     assert!(document["components"]["schemas"]["Problem"].is_object());
+
+    // The rules the API enforces are in the document, so a generated client builds requests
+    // the API takes: every path parameter has its pattern, every limit and min_position its
+    // range, and the bodies their bounds.
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                let name = parameter["name"].as_str().unwrap();
+                let schema = &parameter["schema"];
+                match parameter["in"].as_str().unwrap() {
+                    "path" => assert!(
+                        schema["pattern"].is_string(),
+                        "{method} {path}: path parameter {name} has no pattern"
+                    ),
+                    "query" if name == "limit" || name == "bucket_secs" => assert!(
+                        schema["minimum"].is_number() && schema["maximum"].is_number(),
+                        "{method} {path}: {name} has no range"
+                    ),
+                    "query" if name == "min_position" => assert_eq!(
+                        schema["minimum"], 1,
+                        "{method} {path}: min_position has no minimum"
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let schemas = &document["components"]["schemas"];
+    let property = |schema: &str, field: &str| schemas[schema]["properties"][field].clone();
+    assert_eq!(
+        property("CreateDevice", "device_id")["pattern"],
+        "^[A-Za-z0-9_-]{1,64}$"
+    );
+    assert_eq!(property("CreateDevice", "name")["maxLength"], 128);
+    assert_eq!(property("CreateDevice", "tags")["maxItems"], 32);
+    assert_eq!(property("IssueCommand", "ttl_secs")["maximum"], 86_400);
+    assert_eq!(
+        property("CreateRollout", "window_secs")["maximum"],
+        31_536_000
+    );
+    assert_eq!(
+        property("CreateRollout", "device_timeout_secs")["maximum"],
+        2_592_000
+    );
+    assert_eq!(property("CreateRollout", "success_threshold")["minimum"], 1);
+    assert_eq!(property("CreateUser", "password")["minLength"], 8);
+    // Each write answers the id of what it wrote: one schema per kind, no name shared.
+    for (schema, id) in [
+        ("WriteResult", "device_id"),
+        ("UserWritten", "user_id"),
+        ("FirmwareWritten", "firmware_id"),
+        ("RolloutWritten", "rollout_id"),
+    ] {
+        assert!(property(schema, id).is_object(), "{schema} lacks {id}");
+    }
+    // What telemetry answers is what its schema says: an array of readings or of buckets.
+    let answer = &paths["/api/v1/devices/{id}/telemetry"]["get"]["responses"]["200"]["content"]
+        ["application/json"]["schema"]["$ref"];
+    assert_eq!(answer, "#/components/schemas/TelemetryAnswer");
+    let shapes = schemas["TelemetryAnswer"]["oneOf"].as_array().unwrap();
+    assert!(
+        shapes.iter().all(|shape| shape["type"] == "array"),
+        "{shapes:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,8 +32,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     tenant: String,
+    #[schema(max_length = 64)]
     username: String,
+    #[schema(max_length = 1024)]
     password: String,
 }
 

@@ -56,7 +56,7 @@ pub(crate) struct Accepted {
     post, path = "/{id}/telemetry", tag = "device ingest", security(("device_token" = [])),
     summary = "A device posts telemetry (device token)",
     description = "The full or the simple telemetry format, judged by the same rules as MQTT. Invalid readings are dropped with a reason and the rest kept. An `Idempotency-Key` header makes retries record once.",
-    params(("id" = String, Path, description = "The device id"), ("Idempotency-Key" = Option<String>, Header, description = "Names the upload so a retry is recorded once")),
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("Idempotency-Key" = Option<String>, Header, description = "Names the upload so a retry is recorded once")),
     request_body(content = Object, description = "Telemetry, full or simple format"),
     responses((status = 200, description = "Accepted, perhaps partially", body = Accepted))
 )]

@@ -105,10 +105,16 @@ async fn execute(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateDevice {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     device_id: String,
+    /// 1 to 128 characters, no control characters.
+    #[schema(min_length = 1, max_length = 128)]
     name: String,
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     model: String,
+    /// At most 32 tags of 1 to 64 characters each, no control characters.
     #[serde(default)]
+    #[schema(max_items = 32)]
     tags: Vec<String>,
 }
 
@@ -213,13 +219,14 @@ struct ShowQuery {
     #[param(value_type = Option<String>, format = DateTime)]
     at: Option<ClientInstant>,
     /// Wait until the read model has applied the event at this position (read-your-writes).
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
 #[utoipa::path(
     get, path = "/{id}", tag = "devices", summary = "A device: registry, live state, desired, reported and delta",
     description = "With `at`, the device as it stood at that instant, folded from its events. The ETag is the device's version.",
-    params(("id" = String, Path, description = "The device id"), ShowQuery),
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ShowQuery),
     responses((status = 200, description = "The device", body = DeviceView, headers(("ETag" = String, description = "The device's version"))))
 )]
 async fn show(
@@ -302,8 +309,11 @@ struct ListQuery {
     sort: Option<String>,
     /// From the `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
     /// Wait until the read model has applied the event at this position (read-your-writes).
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
@@ -428,14 +438,19 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpdateDevice {
+    /// 1 to 128 characters, no control characters.
+    #[schema(min_length = 1, max_length = 128)]
     name: Option<String>,
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     model: Option<String>,
+    /// At most 32 tags of 1 to 64 characters each.
+    #[schema(max_items = 32)]
     tags: Option<Vec<String>>,
 }
 
 #[utoipa::path(
     patch, path = "/{id}", tag = "devices", summary = "Change name, model or tags",
-    params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = UpdateDevice,
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = UpdateDevice,
     responses((status = 200, description = "Changed", body = WriteResult))
 )]
 async fn update(
@@ -458,7 +473,7 @@ async fn update(
 
 #[utoipa::path(
     delete, path = "/{id}", tag = "devices", summary = "Decommission a device",
-    params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")),
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")),
     responses((status = 200, description = "Decommissioned", body = WriteResult))
 )]
 async fn decommission(
@@ -479,7 +494,7 @@ async fn decommission(
 #[utoipa::path(
     put, path = "/{id}/desired", tag = "devices", summary = "Set desired properties",
     description = "A one-level merge patch: `null` removes a property. The device receives them retained on `devices/{id}/desired`.",
-    params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body(content = Object, description = "Properties to set"),
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body(content = Object, description = "Properties to set: 1 to 128 keys matching `^[A-Za-z_][A-Za-z0-9_]{0,63}$`; the whole desired document stays within 64 KiB and 256 keys"),
     responses((status = 200, description = "Set", body = WriteResult))
 )]
 async fn set_desired(
@@ -501,10 +516,14 @@ async fn set_desired(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct IssueCommand {
+    #[schema(pattern = "^[a-z_][a-z0-9_]{0,49}$")]
     name: String,
+    /// A JSON object of at most 64 KiB and 256 keys.
     #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
     params: Value,
     /// Seconds the device has to answer; 1 to 86,400 (default 300).
+    #[schema(minimum = 1, maximum = 86_400)]
     ttl_secs: Option<i64>,
 }
 
@@ -521,7 +540,7 @@ struct Accepted {
 
 #[utoipa::path(
     post, path = "/{id}/commands", tag = "devices", summary = "Send a command to the device",
-    params(("id" = String, Path, description = "The device id"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = IssueCommand,
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = IssueCommand,
     responses((status = 202, description = "Accepted; follow it with the command status route", body = Accepted))
 )]
 async fn issue_command(
@@ -573,12 +592,13 @@ struct CommandView {
 #[serde(deny_unknown_fields)]
 struct ConsistentQuery {
     /// Wait until the read model has applied the event at this position (read-your-writes).
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
 #[utoipa::path(
     get, path = "/{id}/commands/{command_id}", tag = "devices", summary = "A command's status and result",
-    params(("id" = String, Path, description = "The device id"), ("command_id" = String, Path, description = "The command id"), ConsistentQuery),
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("command_id" = String, Path, description = "The command id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ConsistentQuery),
     responses((status = 200, description = "The command", body = CommandView))
 )]
 async fn command_status(
@@ -609,10 +629,13 @@ async fn command_status(
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     /// Only events after this sequence (the `next_after` of the previous page).
+    #[param(minimum = 0)]
     after: Option<i64>,
     /// Only events of this type.
     #[serde(rename = "type")]
     event_type: Option<String>,
+    /// 1 to 1,000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -637,7 +660,7 @@ struct EventPage {
 /// The device's history, oldest first, a page at a time.
 #[utoipa::path(
     get, path = "/{id}/events", tag = "devices", summary = "The device's event history, paged",
-    params(("id" = String, Path, description = "The device id"), EventsQuery),
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), EventsQuery),
     responses((status = 200, description = "A page of events", body = EventPage))
 )]
 async fn events(
@@ -697,9 +720,13 @@ struct TelemetryQuery {
     #[param(value_type = Option<String>, format = DateTime)]
     to: Option<ClientInstant>,
     /// Aggregate into buckets of this many seconds (min, max, avg, count per bucket).
+    #[param(minimum = 1, maximum = 2_678_400)]
     bucket_secs: Option<i64>,
+    /// 1 to 10,000 (default 1,000).
+    #[param(minimum = 1, maximum = 10_000)]
     limit: Option<i64>,
     /// Wait until the telemetry model has applied the event at this position.
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
@@ -737,7 +764,7 @@ enum TelemetryAnswer {
 /// Readings of the device over a time range, raw or bucketed.
 #[utoipa::path(
     get, path = "/{id}/telemetry", tag = "devices", summary = "Telemetry over a time range, raw or bucketed",
-    params(("id" = String, Path, description = "The device id"), TelemetryQuery),
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), TelemetryQuery),
     responses((status = 200, description = "An array of readings (raw), or with `bucket_secs` an array of buckets (min, max, avg, count)", body = TelemetryAnswer))
 )]
 async fn telemetry(

@@ -79,6 +79,7 @@ const COLUMNS: &str = "firmware_id, model, version, sha256, size_bytes, compatib
 struct ListQuery {
     model: Option<String>,
     status: Option<String>,
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
@@ -117,12 +118,13 @@ async fn list(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ShowQuery {
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
 #[utoipa::path(
     get, path = "/{id}", tag = "firmware", summary = "One firmware image",
-    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`"), ShowQuery),
+    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`", pattern = "^[A-Za-z0-9_-]{1,64}@(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?$"), ShowQuery),
     responses((status = 200, description = "The image", body = FirmwareView))
 )]
 async fn show(
@@ -171,7 +173,7 @@ pub(crate) async fn owned_firmware(
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct Written {
+struct FirmwareWritten {
     firmware_id: String,
     version: u64,
     global_position: Option<i64>,
@@ -182,7 +184,7 @@ async fn execute(
     caller: &Caller,
     id: &str,
     command: FirmwareCommand,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<FirmwareWritten>, ApiError> {
     caller.require(WRITERS)?;
     let id = parse_id(id)?;
     owned_firmware(state, caller, &id).await?;
@@ -196,7 +198,7 @@ async fn execute(
         .firmware()
         .execute(&id.to_string(), command, &metadata)
         .await?;
-    Ok(axum::Json(Written {
+    Ok(axum::Json(FirmwareWritten {
         firmware_id: id.to_string(),
         version,
         global_position,
@@ -205,14 +207,14 @@ async fn execute(
 
 #[utoipa::path(
     post, path = "/{id}/release", tag = "firmware", summary = "Release an image for rollouts (operator, admin)",
-    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`")),
-    responses((status = 200, description = "Released", body = Written))
+    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`", pattern = "^[A-Za-z0-9_-]{1,64}@(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?$")),
+    responses((status = 200, description = "Released", body = FirmwareWritten))
 )]
 async fn release(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<FirmwareWritten>, ApiError> {
     caller.require(WRITERS)?;
     let store = firmware_store(&state)?;
     let firmware = owned_firmware(&state, &caller, &parse_id(&id)?).await?;
@@ -382,7 +384,7 @@ fn too_large(limit: u64) -> ApiError {
 #[utoipa::path(
     get, path = "/{id}/download", tag = "firmware",
     summary = "Download an image; `Range` resumes, `ETag` is the quoted sha256. A user's token, or a device's token with `X-Device-Id` (the device's tenant must own the image)",
-    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`")),
+    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`", pattern = "^[A-Za-z0-9_-]{1,64}@(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?$")),
     responses(
         (status = 200, description = "The image", content_type = "application/octet-stream"),
         (status = 206, description = "The requested range", content_type = "application/octet-stream"),
@@ -617,20 +619,22 @@ mod tests {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Deprecate {
+    /// 1 to 512 characters, not only blanks.
+    #[schema(min_length = 1, max_length = 512)]
     reason: String,
 }
 
 #[utoipa::path(
     post, path = "/{id}/deprecate", tag = "firmware", summary = "Deprecate an image: no new rollout may use it (operator, admin)",
-    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`")), request_body = Deprecate,
-    responses((status = 200, description = "Deprecated", body = Written))
+    params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`", pattern = "^[A-Za-z0-9_-]{1,64}@(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?$")), request_body = Deprecate,
+    responses((status = 200, description = "Deprecated", body = FirmwareWritten))
 )]
 async fn deprecate(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     Json(request): Json<Deprecate>,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<FirmwareWritten>, ApiError> {
     let command = FirmwareCommand::Deprecate {
         reason: request.reason,
         at: Utc::now(),

@@ -57,17 +57,22 @@ struct TargetFilter {
 #[serde(deny_unknown_fields)]
 struct CreateRollout {
     /// Chosen by the client, or generated.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     rollout_id: Option<String>,
+    /// `{model}@{semver}` of a released image.
     firmware_id: String,
-    /// Explicit targets, in rollout order.
+    /// Explicit targets, in rollout order: 1 to 100,000 device ids.
+    #[schema(min_items = 1, max_items = 100_000)]
     device_ids: Option<Vec<String>>,
     /// Or a filter over the tenant's active devices.
     filter: Option<TargetFilter>,
     /// Cumulative wave boundaries in percent, strictly rising to 100, e.g. `[10, 50, 100]`
     /// (the default). Give this or `wave_sizes`, not both.
+    #[schema(min_items = 1, max_items = 100)]
     waves: Option<Vec<u8>>,
     /// Devices per wave, e.g. `[5, 50]`: the first 5 targets, then the next 50, then any
     /// left over in one last wave.
+    #[schema(min_items = 1, max_items = 100)]
     wave_sizes: Option<Vec<usize>>,
     /// Percent of a wave that must succeed before the next starts.
     #[serde(default = "default_success_threshold")]
@@ -127,14 +132,14 @@ fn default_device_timeout() -> u64 {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct Written {
+struct RolloutWritten {
     rollout_id: String,
     version: u64,
     global_position: Option<i64>,
 }
 
-fn written(id: &RolloutId, committed: Committed) -> axum::Json<Written> {
-    axum::Json(Written {
+fn written(id: &RolloutId, committed: Committed) -> axum::Json<RolloutWritten> {
+    axum::Json(RolloutWritten {
         rollout_id: id.to_string(),
         version: committed.version,
         global_position: committed.global_position,
@@ -149,13 +154,13 @@ fn metadata(caller: &Caller) -> CommandMetadata {
     post, path = "/", tag = "rollouts", summary = "Plan a rollout (operator, admin)",
     description = "Targets are explicit device ids or a filter over the devices read model. The image must be released, every target an active device of the tenant whose model the image supports.",
     request_body = CreateRollout,
-    responses((status = 201, description = "Planned", body = Written))
+    responses((status = 201, description = "Planned", body = RolloutWritten))
 )]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Json(mut request): Json<CreateRollout>,
-) -> Result<(StatusCode, axum::Json<Written>), ApiError> {
+) -> Result<(StatusCode, axum::Json<RolloutWritten>), ApiError> {
     caller.require(WRITERS)?;
     let rollout_id = match &request.rollout_id {
         Some(id) => RolloutId::parse(id.as_str()),
@@ -358,6 +363,7 @@ const COLUMNS: &str =
 struct ListQuery {
     status: Option<String>,
     firmware_id: Option<String>,
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
@@ -392,6 +398,7 @@ async fn list(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ShowQuery {
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
@@ -405,7 +412,7 @@ struct RolloutDetail {
 
 #[utoipa::path(
     get, path = "/{id}", tag = "rollouts", summary = "A rollout with its counts per device state",
-    params(("id" = String, Path, description = "The rollout id"), ShowQuery),
+    params(("id" = String, Path, description = "The rollout id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ShowQuery),
     responses((status = 200, description = "The rollout", body = RolloutDetail))
 )]
 async fn show(
@@ -461,6 +468,8 @@ struct DevicesQuery {
     status: Option<String>,
     /// The last device id of the previous page.
     after: Option<String>,
+    /// 1 to 1,000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -486,7 +495,7 @@ struct DevicePage {
 
 #[utoipa::path(
     get, path = "/{id}/devices", tag = "rollouts", summary = "The rollout's devices and their states, paged",
-    params(("id" = String, Path, description = "The rollout id"), DevicesQuery),
+    params(("id" = String, Path, description = "The rollout id", pattern = "^[A-Za-z0-9_-]{1,64}$"), DevicesQuery),
     responses((status = 200, description = "A page of devices", body = DevicePage))
 )]
 async fn devices(
@@ -535,7 +544,7 @@ async fn execute(
     caller: &Caller,
     id: &str,
     command: RolloutCommand,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<RolloutWritten>, ApiError> {
     caller.require(WRITERS)?;
     let id = RolloutId::parse(id).map_err(|error| ApiError::BadRequest(error.to_string()))?;
     let rollout: Rollout = state.bus.rollouts().current(id.as_str()).await?.aggregate;
@@ -575,14 +584,14 @@ fn reason(body: &[u8]) -> Result<Option<String>, ApiError> {
 
 #[utoipa::path(
     post, path = "/{id}/start", tag = "rollouts", summary = "Start the first wave (operator, admin)",
-    params(("id" = String, Path, description = "The rollout id")),
-    responses((status = 200, description = "Started", body = Written))
+    params(("id" = String, Path, description = "The rollout id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses((status = 200, description = "Started", body = RolloutWritten))
 )]
 async fn start(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<RolloutWritten>, ApiError> {
     caller.require(WRITERS)?;
     // The image may have been deprecated since the rollout was planned.
     if let Ok(parsed) = RolloutId::parse(id.as_str()) {
@@ -614,15 +623,15 @@ async fn start(
 
 #[utoipa::path(
     post, path = "/{id}/pause", tag = "rollouts", summary = "Pause (operator, admin)",
-    params(("id" = String, Path, description = "The rollout id")), request_body(content = Option<Reason>, description = "An optional reason"),
-    responses((status = 200, description = "Paused", body = Written))
+    params(("id" = String, Path, description = "The rollout id", pattern = "^[A-Za-z0-9_-]{1,64}$")), request_body(content = Option<Reason>, description = "An optional reason"),
+    responses((status = 200, description = "Paused", body = RolloutWritten))
 )]
 async fn pause(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<RolloutWritten>, ApiError> {
     let reason = reason(&body)?.unwrap_or_else(|| format!("paused by {}", caller.actor()));
     let command = RolloutCommand::Pause {
         reason,
@@ -633,14 +642,14 @@ async fn pause(
 
 #[utoipa::path(
     post, path = "/{id}/resume", tag = "rollouts", summary = "Resume after a pause (operator, admin)",
-    params(("id" = String, Path, description = "The rollout id")),
-    responses((status = 200, description = "Resumed", body = Written))
+    params(("id" = String, Path, description = "The rollout id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses((status = 200, description = "Resumed", body = RolloutWritten))
 )]
 async fn resume(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<RolloutWritten>, ApiError> {
     execute(
         &state,
         &caller,
@@ -652,15 +661,15 @@ async fn resume(
 
 #[utoipa::path(
     post, path = "/{id}/abort", tag = "rollouts", summary = "Abort: devices not yet sent are canceled (operator, admin)",
-    params(("id" = String, Path, description = "The rollout id")), request_body(content = Option<Reason>, description = "An optional reason"),
-    responses((status = 200, description = "Aborted", body = Written))
+    params(("id" = String, Path, description = "The rollout id", pattern = "^[A-Za-z0-9_-]{1,64}$")), request_body(content = Option<Reason>, description = "An optional reason"),
+    responses((status = 200, description = "Aborted", body = RolloutWritten))
 )]
 async fn abort(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<RolloutWritten>, ApiError> {
     let reason = reason(&body)?.unwrap_or_else(|| format!("aborted by {}", caller.actor()));
     let command = RolloutCommand::Abort {
         reason,

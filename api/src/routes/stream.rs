@@ -64,7 +64,7 @@ type EventStream = Sse<
 #[utoipa::path(
     get, path = "/{id}/stream", tag = "live", summary = "The device's events as Server-Sent Events",
     description = "Each SSE `id` is a stream position: reconnect with `Last-Event-ID` (or `last_event_id`) to continue after it without gaps or repeats.",
-    params(("id" = String, Path, description = "The device id"), ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"), StreamQuery),
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"), StreamQuery),
     responses((status = 200, description = "An event stream; each event's data is the event envelope", content_type = "text/event-stream", body = String))
 )]
 pub(crate) async fn device_stream(

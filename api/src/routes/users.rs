@@ -83,6 +83,7 @@ struct UserRow {
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Wait until the users model has applied the event at this position.
+    #[param(minimum = 1)]
     min_position: Option<i64>,
 }
 
@@ -113,21 +114,24 @@ async fn list(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateUser {
+    #[schema(pattern = "^[A-Za-z0-9_.@-]{3,64}$")]
     username: String,
+    /// At least 8 characters, at most 1,024 bytes.
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
     #[schema(value_type = Vec<String>)]
     roles: Vec<Role>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct Written {
+struct UserWritten {
     user_id: String,
     version: u64,
     global_position: Option<i64>,
 }
 
-fn written(user_id: &UserId, committed: Committed) -> axum::Json<Written> {
-    axum::Json(Written {
+fn written(user_id: &UserId, committed: Committed) -> axum::Json<UserWritten> {
+    axum::Json(UserWritten {
         user_id: user_id.to_string(),
         version: committed.version,
         global_position: committed.global_position,
@@ -137,13 +141,13 @@ fn written(user_id: &UserId, committed: Committed) -> axum::Json<Written> {
 #[utoipa::path(
     post, path = "/", tag = "users", summary = "Create a user (admin)",
     request_body = CreateUser,
-    responses((status = 201, description = "Created", body = Written))
+    responses((status = 201, description = "Created", body = UserWritten))
 )]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Json(request): Json<CreateUser>,
-) -> Result<(StatusCode, axum::Json<Written>), ApiError> {
+) -> Result<(StatusCode, axum::Json<UserWritten>), ApiError> {
     caller.require(ADMIN)?;
     let password = SecretString::from(request.password);
     let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
@@ -179,7 +183,7 @@ async fn administer(
     caller: &Caller,
     id: &str,
     command: UserCommand,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<UserWritten>, ApiError> {
     caller.require(ADMIN)?;
     let user_id = UserId::parse(id).map_err(|_| ApiError::NotFound("user"))?;
     let user: User = state.bus.users().current(user_id.as_str()).await?.aggregate;
@@ -204,15 +208,15 @@ struct GrantRole {
 
 #[utoipa::path(
     post, path = "/{id}/roles", tag = "users", summary = "Grant a role (admin)",
-    params(("id" = String, Path, description = "The user id")), request_body = GrantRole,
-    responses((status = 200, description = "Granted", body = Written))
+    params(("id" = String, Path, description = "The user id", pattern = "^[A-Za-z0-9_-]{1,64}$")), request_body = GrantRole,
+    responses((status = 200, description = "Granted", body = UserWritten))
 )]
 async fn grant_role(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     Json(request): Json<GrantRole>,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<UserWritten>, ApiError> {
     let command = UserCommand::GrantRole {
         role: request.role,
         at: Utc::now(),
@@ -222,14 +226,14 @@ async fn grant_role(
 
 #[utoipa::path(
     delete, path = "/{id}/roles/{role}", tag = "users", summary = "Revoke a role (admin)",
-    params(("id" = String, Path, description = "The user id"), ("role" = String, Path, description = "admin, operator or viewer")),
-    responses((status = 200, description = "Revoked", body = Written))
+    params(("id" = String, Path, description = "The user id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("role" = String, Path, description = "admin, operator or viewer", pattern = "^(admin|operator|viewer)$")),
+    responses((status = 200, description = "Revoked", body = UserWritten))
 )]
 async fn revoke_role(
     State(state): State<AppState>,
     caller: Caller,
     Path((id, role)): Path<(String, String)>,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<UserWritten>, ApiError> {
     let role: Role = role
         .parse()
         .map_err(|error: fleetlog_domain::user::UnknownRole| {
@@ -245,21 +249,23 @@ async fn revoke_role(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Disable {
+    /// 1 to 512 characters, not only blanks.
+    #[schema(min_length = 1, max_length = 512)]
     reason: String,
 }
 
 #[utoipa::path(
     post, path = "/{id}/disable", tag = "users", summary = "Disable a user (admin)",
     description = "The user can no longer log in or refresh; access tokens already issued expire within their lifetime.",
-    params(("id" = String, Path, description = "The user id")), request_body = Disable,
-    responses((status = 200, description = "Disabled", body = Written))
+    params(("id" = String, Path, description = "The user id", pattern = "^[A-Za-z0-9_-]{1,64}$")), request_body = Disable,
+    responses((status = 200, description = "Disabled", body = UserWritten))
 )]
 async fn disable(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     Json(request): Json<Disable>,
-) -> Result<axum::Json<Written>, ApiError> {
+) -> Result<axum::Json<UserWritten>, ApiError> {
     let command = UserCommand::Disable {
         reason: request.reason,
         at: Utc::now(),
