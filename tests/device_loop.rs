@@ -307,6 +307,24 @@ async fn commands_and_desired_properties_travel_to_the_device_and_back() {
     assert_eq!(topic, "devices/d1/desired");
     assert_eq!(retained["version"], 1);
 
+    // The dispatcher has a cache of its own, as a dispatcher in another process would: each
+    // later document reaches the device as it was set, not as the dispatcher first saw it.
+    for (version, mode) in [(2, "away"), (3, "night")] {
+        let (status, _) = stack
+            .call(
+                Method::PUT,
+                "/api/v1/devices/d1/desired",
+                Some(json!({ "mode": mode })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (topic, desired) = device.next(Duration::from_secs(30)).await.expect("desired");
+        assert_eq!(topic, "devices/d1/desired");
+        assert_eq!(desired["version"], version);
+        assert_eq!(desired["desired"]["mode"], mode);
+    }
+    while late.next(Duration::from_millis(200)).await.is_some() {}
+
     // A restarted dispatcher resumes after what the broker confirmed: nothing is sent twice.
     dispatcher.cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
