@@ -1,8 +1,10 @@
-//! Feeds arbitrary topics and payloads to the device message parser: it must never panic, and
-//! whatever it accepts must turn into a command.
+//! Feeds arbitrary topics and payloads to the device message parser: it must never panic,
+//! whatever it accepts must fit the size limit and turn into a command, and that command must
+//! hold no NUL (which the read models' jsonb could not store, so it would poison them).
 #![no_main]
 
-use fleetlog_ingest::message::{parse_payload, parse_topic, Identity};
+use fleetlog_domain::limits::json_has_nul;
+use fleetlog_ingest::message::{parse_payload, parse_topic, Identity, MAX_PAYLOAD_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {
@@ -15,8 +17,11 @@ fuzz_target!(|input: &[u8]| {
     };
     if let Ok((device, kind)) = parse_topic("devices", topic) {
         if let Ok(message) = parse_payload(&kind, payload) {
+            assert!(payload.len() <= MAX_PAYLOAD_BYTES, "accepted past the size limit");
             let identity = Identity::of_mqtt(&device, payload, 1, false);
-            let _ = message.into_command(identity, chrono::DateTime::UNIX_EPOCH);
+            let command = message.into_command(identity, chrono::DateTime::UNIX_EPOCH);
+            let stored = serde_json::to_vec(&command).expect("commands serialize");
+            assert!(!json_has_nul(&stored), "accepted a NUL: {command:?}");
         }
     }
 });
