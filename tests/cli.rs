@@ -1,26 +1,15 @@
 //! The `fleetlog` binary as users run it: subcommands, exit codes, one-line errors, and `up`
 //! serving until SIGTERM. Every test runs against a fresh database on a real Postgres.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{fleetlog, fleetlog_up, free_port};
 use fleetlog_testkit::{NatsServer, TestDatabase};
-
-fn fleetlog(database_url: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlog"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("FLEETLOG_DATABASE_URL", database_url)
-        .env(
-            "FLEETLOG_JWT_SECRET",
-            "a test secret that is long enough to sign",
-        )
-        .env("FLEETLOG_LOG", "warn");
-    command
-}
 
 fn run_with_stdin(mut command: Command, stdin: &str) -> Output {
     command
@@ -182,14 +171,6 @@ async fn an_unreachable_database_is_a_one_line_error() {
     assert_one_line_error(&output, "cannot connect to Postgres");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A minimal HTTP/1.1 GET, enough to probe `/health` without an HTTP client dependency.
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -210,12 +191,7 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
     let nats = NatsServer::start();
     let broker = fleetlog_testkit::MosquittoServer::start();
     let port = free_port();
-    let mut child = fleetlog(&db.url)
-        .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("FLEETLOG_NATS_URL", nats.url())
-        .env("FLEETLOG_MQTT_URL", broker.url())
-        .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
-        .arg("up")
+    let mut child = fleetlog_up(&db.url, &nats.url(), &broker.url(), port)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

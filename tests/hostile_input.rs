@@ -7,35 +7,17 @@
 //!
 //! Run it alone with `cargo test --test hostile_input` (the stack from `deploy/local/test.sh`).
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{fleetlog, fleetlog_up, free_port};
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
-
-const SECRET: &str = "a test secret that is long enough to sign";
-
-fn fleetlog(database_url: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlog"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("FLEETLOG_DATABASE_URL", database_url)
-        .env("FLEETLOG_JWT_SECRET", SECRET)
-        .env("FLEETLOG_LOG", "warn");
-    command
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One HTTP/1.1 exchange: the status and the body (read until the connection closes, or only
 /// the head for `text/event-stream`, which never closes by itself).
@@ -120,12 +102,7 @@ impl Platform {
         let nats = NatsServer::start();
         let broker = MosquittoServer::start();
         let port = free_port();
-        let child = fleetlog(&db.url)
-            .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("FLEETLOG_NATS_URL", nats.url())
-            .env("FLEETLOG_MQTT_URL", broker.url())
-            .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
-            .arg("up")
+        let child = fleetlog_up(&db.url, &nats.url(), &broker.url(), port)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -139,15 +139,8 @@ impl Platform {
     }
 
     pub fn token(&self, tenant: &str, username: &str, role: Role) -> String {
-        let tenant = TenantId::parse(tenant).unwrap();
-        let caller = Caller {
-            user_id: UserId::for_username(&tenant, username),
-            tenant,
-            session_id: SessionId::parse("s1").unwrap(),
-            roles: vec![role],
-            expires_at: None,
-        };
-        self.auth.access_token(&caller, Utc::now()).unwrap()
+        let ttl = self.auth.access_ttl.as_secs() as i64;
+        self.token_expiring_in(tenant, username, role, ttl)
     }
 
     /// A token that expires `seconds` from now (issued as long ago as that makes it).

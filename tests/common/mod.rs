@@ -1,0 +1,43 @@
+//! Helpers shared by the tests that run the built `fleetlog` binary.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::Command;
+
+/// The secret the tests sign access tokens with.
+pub const SECRET: &str = "a test secret that is long enough to sign";
+
+/// The built binary with a clean environment: only `PATH`, the database, the signing secret
+/// and quiet logs.
+pub fn fleetlog(database_url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fleetlog"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("FLEETLOG_DATABASE_URL", database_url)
+        .env("FLEETLOG_JWT_SECRET", SECRET)
+        .env("FLEETLOG_LOG", "warn");
+    command
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `fleetlog up` on the given servers, serving HTTP on `port`, relaying every 100 ms.
+pub fn fleetlog_up(database_url: &str, nats_url: &str, mqtt_url: &str, port: u16) -> Command {
+    let mut command = fleetlog(database_url);
+    command
+        .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("FLEETLOG_NATS_URL", nats_url)
+        .env("FLEETLOG_MQTT_URL", mqtt_url)
+        .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
+        .arg("up");
+    command
+}
