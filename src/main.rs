@@ -142,7 +142,24 @@ enum UserAction {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout as clap writes them.
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        // A bad argument or setting: one line, like every other error.
+        Err(error) => {
+            let rendered = error.render().to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            eprintln!(
+                "fleetlog: {}",
+                first.strip_prefix("error: ").unwrap_or(first)
+            );
+            return ExitCode::from(2);
+        }
+    };
     init_logging(&cli.settings);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

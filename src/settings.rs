@@ -113,7 +113,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_ACCESS_TOKEN_TTL_SECS",
-        default_value_t = 300
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     pub access_token_ttl_secs: u64,
 
@@ -122,7 +123,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_REFRESH_TOKEN_TTL_SECS",
-        default_value_t = 30 * 24 * 3600
+        default_value_t = 30 * 24 * 3600,
+        value_parser = clap::value_parser!(u64).range(60..=31_536_000)
     )]
     pub refresh_token_ttl_secs: u64,
 
@@ -131,7 +133,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_HTTP_REQUEST_TIMEOUT_SECS",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3_600)
     )]
     pub http_request_timeout_secs: u64,
 
@@ -238,7 +241,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_INGEST_REPORT_SECS",
-        default_value_t = 300
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     pub ingest_report_secs: u64,
 
@@ -247,7 +251,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_STREAM_MAX_AGE_SECS",
-        default_value_t = 7 * 24 * 3600
+        default_value_t = 7 * 24 * 3600,
+        value_parser = clap::value_parser!(u64).range(0..=315_360_000)
     )]
     pub stream_max_age_secs: u64,
 
@@ -256,7 +261,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_STREAM_DUPLICATE_WINDOW_SECS",
-        default_value_t = 600
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     pub stream_duplicate_window_secs: u64,
 
@@ -274,7 +280,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_RELAY_POLL_INTERVAL_MS",
-        default_value_t = 1000
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(10..=60_000)
     )]
     pub relay_poll_interval_ms: u64,
 
@@ -284,7 +291,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_INGEST_LINGER_MS",
-        default_value_t = 5
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(0..=1_000)
     )]
     pub ingest_linger_ms: u64,
 
@@ -294,7 +302,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_RELAY_LINGER_MS",
-        default_value_t = 5
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(0..=1_000)
     )]
     pub relay_linger_ms: u64,
 
@@ -303,7 +312,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_LIVENESS_TIMEOUT_SECS",
-        default_value_t = 300
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=2_592_000)
     )]
     pub liveness_timeout_secs: u64,
 
@@ -312,7 +322,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_LIVENESS_INTERVAL_SECS",
-        default_value_t = 15
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     pub liveness_interval_secs: u64,
 
@@ -348,7 +359,8 @@ pub struct Settings {
         long,
         global = true,
         env = "FLEETLOG_SHUTDOWN_TIMEOUT_SECS",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3_600)
     )]
     pub shutdown_timeout_secs: u64,
 

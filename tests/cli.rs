@@ -171,6 +171,52 @@ async fn an_unreachable_database_is_a_one_line_error() {
     assert_one_line_error(&output, "cannot connect to Postgres");
 }
 
+/// Settings outside their documented ranges are refused at start, in one line, before
+/// anything runs: a token lifetime past what chrono can add, a liveness timeout of zero.
+#[test]
+fn settings_outside_their_ranges_are_one_line_errors() {
+    for (variable, value, expected) in [
+        (
+            "FLEETLOG_ACCESS_TOKEN_TTL_SECS",
+            "18446744073709551615",
+            "access-token-ttl-secs",
+        ),
+        (
+            "FLEETLOG_ACCESS_TOKEN_TTL_SECS",
+            "0",
+            "access-token-ttl-secs",
+        ),
+        (
+            "FLEETLOG_REFRESH_TOKEN_TTL_SECS",
+            "-1",
+            "refresh-token-ttl-secs",
+        ),
+        (
+            "FLEETLOG_LIVENESS_TIMEOUT_SECS",
+            "0",
+            "liveness-timeout-secs",
+        ),
+        (
+            "FLEETLOG_RELAY_POLL_INTERVAL_MS",
+            "9",
+            "relay-poll-interval-ms",
+        ),
+        (
+            "FLEETLOG_SHUTDOWN_TIMEOUT_SECS",
+            "ten",
+            "shutdown-timeout-secs",
+        ),
+    ] {
+        let output = fleetlog("postgres://unused")
+            .env(variable, value)
+            .arg("migrate")
+            .output()
+            .unwrap();
+        assert_one_line_error(&output, expected);
+        assert_eq!(output.status.code(), Some(2), "{variable}={value}");
+    }
+}
+
 /// A minimal HTTP/1.1 GET, enough to probe `/health` without an HTTP client dependency.
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;

@@ -6,6 +6,7 @@ mod common;
 use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use common::Platform;
+use serde_json::Value;
 
 /// The REST contract, route by route.
 const CONTRACT: &[(&str, &str)] = &[
@@ -221,6 +222,188 @@ async fn the_docs_page_is_served_from_the_binary() {
         assert!(!body.is_empty(), "{asset}");
         if asset.ends_with("initializer.js") {
             assert!(String::from_utf8_lossy(&body).contains("/openapi.json"));
+        }
+    }
+}
+
+/// Checks `value` against `schema` of the document, as far as the document uses JSON Schema:
+/// `$ref`, `type` (a name or a list of names, `null` included), `properties` and `required`,
+/// `items`, `oneOf`/`anyOf`, `enum`. Returns where it does not match.
+fn mismatch(
+    document: &serde_json::Value,
+    schema: &serde_json::Value,
+    value: &serde_json::Value,
+    at: &str,
+) -> Option<String> {
+    use serde_json::Value;
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference.trim_start_matches("#/components/schemas/");
+        return mismatch(
+            document,
+            &document["components"]["schemas"][name],
+            value,
+            at,
+        );
+    }
+    for combinator in ["oneOf", "anyOf"] {
+        if let Some(options) = schema[combinator].as_array() {
+            let matching = options
+                .iter()
+                .filter(|option| mismatch(document, option, value, at).is_none())
+                .count();
+            return (matching == 0).then(|| format!("{at}: {value} matches none of {combinator}"));
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(value) {
+            return Some(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+    }
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(name) => vec![name.as_str()],
+        Value::Array(names) => names.iter().filter_map(Value::as_str).collect(),
+        _ => return None,
+    };
+    let fits = |name: &str| match (name, value) {
+        ("null", Value::Null) => true,
+        ("boolean", Value::Bool(_)) => true,
+        ("integer", Value::Number(n)) => n.is_i64() || n.is_u64(),
+        ("number", Value::Number(_)) => true,
+        ("string", Value::String(_)) => true,
+        ("array", Value::Array(_)) => true,
+        ("object", Value::Object(_)) => true,
+        _ => false,
+    };
+    if !types.iter().any(|name| fits(name)) {
+        return Some(format!("{at}: {value} is not {types:?}"));
+    }
+    match value {
+        Value::Object(fields) => {
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let required = required.as_str().unwrap();
+                if !fields.contains_key(required) {
+                    return Some(format!("{at}: lacks required {required}"));
+                }
+            }
+            if let Some(properties) = schema["properties"].as_object() {
+                for (name, field) in fields {
+                    match properties.get(name) {
+                        Some(field_schema) => {
+                            if let Some(error) =
+                                mismatch(document, field_schema, field, &format!("{at}.{name}"))
+                            {
+                                return Some(error);
+                            }
+                        }
+                        None if schema["additionalProperties"] == Value::Bool(false) => {
+                            return Some(format!("{at}: {name} is not in the schema"));
+                        }
+                        None => {}
+                    }
+                }
+            }
+            None
+        }
+        Value::Array(items) => items.iter().enumerate().find_map(|(index, item)| {
+            mismatch(document, &schema["items"], item, &format!("{at}[{index}]"))
+        }),
+        _ => None,
+    }
+}
+
+/// Every answer of the main routes matches the schema its operation declares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_match_their_schemas() {
+    use fleetlog_domain::user::Role;
+    let platform = Platform::start().await;
+    let (_, _, document) = platform
+        .send(Method::GET, "/openapi.json", &[], Body::empty())
+        .await;
+    let admin = platform.token("acme", "ada", Role::Admin);
+    let (_, created) = platform.create(&admin, "d1").await;
+    platform
+        .wait_for("d1", created["version"].as_u64().unwrap())
+        .await;
+    let issued = platform
+        .call(
+            Method::POST,
+            "/api/v1/devices/d1/commands",
+            &admin,
+            Some(serde_json::json!({"name": "reboot"})),
+        )
+        .await
+        .1;
+    let command_id = issued["command_id"].as_str().unwrap().to_string();
+    let user = platform
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            &admin,
+            Some(serde_json::json!({"username": "vera", "password": "a long password", "roles": ["viewer"]})),
+        )
+        .await
+        .1;
+    let position = user["global_position"].as_i64().unwrap();
+    let checks: Vec<(&str, String, &str, Value)> = vec![
+        ("post", "/api/v1/devices".into(), "201", created.clone()),
+        (
+            "post",
+            "/api/v1/devices/{id}/commands".into(),
+            "202",
+            issued.clone(),
+        ),
+        ("post", "/api/v1/users".into(), "201", user.clone()),
+    ];
+    let reads = [
+        (
+            "/api/v1/devices",
+            format!(
+                "/api/v1/devices?min_position={}",
+                created["global_position"]
+            ),
+        ),
+        ("/api/v1/devices/{id}", "/api/v1/devices/d1".to_string()),
+        (
+            "/api/v1/devices/{id}/events",
+            "/api/v1/devices/d1/events".to_string(),
+        ),
+        (
+            "/api/v1/devices/{id}/telemetry",
+            "/api/v1/devices/d1/telemetry".to_string(),
+        ),
+        (
+            "/api/v1/devices/{id}/telemetry",
+            "/api/v1/devices/d1/telemetry?bucket_secs=60".to_string(),
+        ),
+        (
+            "/api/v1/devices/{id}/commands/{command_id}",
+            format!(
+                "/api/v1/devices/d1/commands/{command_id}?min_position={}",
+                issued["global_position"]
+            ),
+        ),
+        (
+            "/api/v1/users",
+            format!("/api/v1/users?min_position={position}"),
+        ),
+        ("/api/v1/firmware", "/api/v1/firmware".to_string()),
+        ("/api/v1/rollouts", "/api/v1/rollouts".to_string()),
+    ];
+    let mut checks = checks;
+    for (template, path) in reads {
+        let (status, answer) = platform.call(Method::GET, &path, &admin, None).await;
+        assert_eq!(status, StatusCode::OK, "GET {path}: {answer}");
+        checks.push(("get", template.to_string(), "200", answer));
+    }
+    for (method, template, status, answer) in checks {
+        let schema = &document["paths"][template.as_str()][method]["responses"][status]["content"]
+            ["application/json"]["schema"];
+        assert!(
+            schema.is_object(),
+            "{method} {template} {status} declares no schema"
+        );
+        if let Some(error) = mismatch(&document, schema, &answer, &format!("{method} {template}")) {
+            panic!("{error}\nanswer: {answer}");
         }
     }
 }

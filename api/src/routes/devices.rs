@@ -532,7 +532,7 @@ fn empty_object() -> Value {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct Accepted {
+struct CommandAccepted {
     command_id: String,
     #[serde(flatten)]
     write: WriteResult,
@@ -541,7 +541,7 @@ struct Accepted {
 #[utoipa::path(
     post, path = "/{id}/commands", tag = "devices", summary = "Send a command to the device",
     params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = IssueCommand,
-    responses((status = 202, description = "Accepted; follow it with the command status route", body = Accepted))
+    responses((status = 202, description = "Accepted; follow it with the command status route", body = CommandAccepted))
 )]
 async fn issue_command(
     State(state): State<AppState>,
@@ -549,7 +549,7 @@ async fn issue_command(
     headers: HeaderMap,
     Path(id): Path<String>,
     Json(request): Json<IssueCommand>,
-) -> Result<(StatusCode, axum::Json<Accepted>), ApiError> {
+) -> Result<(StatusCode, axum::Json<CommandAccepted>), ApiError> {
     let id = parse_id(&id)?;
     let ttl = request.ttl_secs.unwrap_or(300);
     if !(1..=86_400).contains(&ttl) {
@@ -568,7 +568,7 @@ async fn issue_command(
     let committed = execute(&state, &caller, &headers, &id, command).await?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(Accepted {
+        axum::Json(CommandAccepted {
             command_id: command_id.to_string(),
             write: written(id.as_str(), committed).0,
         }),
