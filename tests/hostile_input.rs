@@ -313,6 +313,16 @@ async fn hostile_input_gets_4xx_stops_nothing_and_leaves_replay_clean() {
             Some(r#"{"refresh_token":"u.s.\u0000"}"#.into()),
         ),
         ("GET", "/api/v1/firmware/thermo@1.0.0/download".into(), None),
+        // NULs in path parameters and inside a cursor.
+        ("GET", "/api/v1/rollouts/a%00b".into(), None),
+        ("GET", "/api/v1/rollouts/a%00b/devices".into(), None),
+        ("GET", "/api/v1/devices/d1/commands/a%00b".into(), None),
+        (
+            "POST",
+            "/api/v1/rollouts/a%00b/pause".into(),
+            Some(r#"{"reason":"x"}"#.into()),
+        ),
+        ("GET", "/api/v1/devices?cursor=6100620063".into(), None),
         // Before the device existed: nothing to show.
         (
             "GET",

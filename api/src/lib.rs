@@ -106,6 +106,7 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
     });
     routes(state)
         .layer(CatchPanicLayer::custom(answer_panic))
+        .layer(middleware::from_fn(refuse_nul_in_uri))
         .layer(middleware::map_response(problem_for_bare_errors))
         .layer(middleware::from_fn(record_request))
         .layer(option_layer(cors))
@@ -123,6 +124,23 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// `%00` (the only way to write a NUL in a URI) anywhere in the path or the query answers 400
+/// before any route sees it: path parameters and query values reach Postgres, which can
+/// store no NUL, and would otherwise answer 5xx.
+async fn refuse_nul_in_uri(request: Request, next: middleware::Next) -> Response {
+    let holds_nul = request
+        .uri()
+        .path_and_query()
+        .is_some_and(|uri| uri.as_str().contains("%00"));
+    if holds_nul {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!("invalid URI: {}", fleetlog_domain::limits::LimitError::Nul),
+        );
+    }
+    next.run(request).await
 }
 
 /// A handler that panicked (a bug: no input is meant to reach one) answers 500 problem+json,

@@ -322,11 +322,24 @@ impl Ingest {
         let events = poll_events(&self, &client, events, &senders, &shutdown).await;
         // Let the shards finish what they hold, then send their acks before leaving.
         drop(senders);
-        while shards.join_next().await.is_some() {}
+        let mut panicked = None;
+        while let Some(finished) = shards.join_next().await {
+            if let Err(error) = finished {
+                if error.is_panic() && panicked.is_none() {
+                    panicked = Some(error.into_panic());
+                }
+            }
+        }
         reporter.abort();
         flush_and_disconnect(&client, events).await;
         self.stats.set_connected(false);
         self.stats.report(true);
+        // A shard that panicked ended the bridge: pass the panic on, so the supervisor
+        // restarts the role (what that shard held is redelivered by the broker), instead of
+        // this looking like a clean stop.
+        if let Some(panic) = panicked {
+            std::panic::resume_unwind(panic);
+        }
         tracing::info!("ingest stopped");
     }
 }

@@ -118,7 +118,12 @@ impl Dispatcher {
             client: client.clone(),
             tracker: Arc::new(Mutex::new(Tracker::default())),
         };
-        let driver = tokio::spawn(drive(events, publisher.tracker.clone(), shutdown.clone()));
+        // The connection's driver stops with this dispatcher, also when it unwinds from a
+        // panic: a restarted dispatcher must not compete with the old connection for the
+        // broker session under the same client id.
+        let driver_stop = shutdown.child_token();
+        let _stop_driver_on_drop = driver_stop.clone().drop_guard();
+        let driver = tokio::spawn(drive(events, publisher.tracker.clone(), driver_stop));
         tokio::join!(
             self.forward_events(&publisher, &shutdown),
             self.expire_commands(&shutdown),

@@ -45,8 +45,8 @@ pub enum ReplayError {
     /// Postgres failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    /// Applying an event failed for a reason that may pass (the database went away): the
-    /// replay stops and can be run again. An event that can never be applied is passed over
+    /// Applying an event failed for a reason that may pass (the database went away, a
+    /// timeout, a deadlock): the replay stops, nothing is swapped in, and it can be run again. An event that can never be applied is passed over
     /// instead ([`PassedOver`]).
     #[error("event {message_id} cannot be applied: {source}")]
     Apply {
@@ -348,7 +348,9 @@ async fn apply_page<P: Projection>(
                         expected,
                     })
                 }
-                Err(source) if source.is_transient() => {
+                // Only a failure that would come again is passed over; any other stops the
+                // replay before anything is swapped in, and running it again goes on.
+                Err(source) if !source.is_about_the_event() => {
                     return Err(ReplayError::Apply {
                         message_id: event.message_id(),
                         source,

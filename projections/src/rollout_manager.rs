@@ -59,6 +59,10 @@ const SEND_BATCH: usize = 500;
 const CONCURRENT_REQUESTS: usize = 16;
 
 const ACTOR: &str = "system:rollout-manager";
+/// The longest interval the sweep adds in SQL: 10 years. Timeouts and windows are bounded far
+/// below it now; rollouts stored before the bounds may hold any number, which would overflow
+/// Postgres's interval (and stop the sweep for every tenant).
+const LONGEST_INTERVAL_SECS: i64 = 10 * 365 * 86_400;
 
 /// Tuning of the rollout manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +279,7 @@ impl RolloutManager {
         };
         self.record(rollout_id.as_str(), device_id, outcome, Utc::now())
             .await
+            .map(|_| ())
     }
 
     /// Records `devices` as sent in the rollout, then asks those it recorded.
@@ -376,6 +381,7 @@ impl RolloutManager {
         };
         self.record(rollout_id, device_id, outcome, Utc::now())
             .await
+            .map(|_| ())
     }
 
     async fn record(
@@ -384,7 +390,7 @@ impl RolloutManager {
         device_id: &str,
         outcome: DeviceOutcome,
         at: DateTime<Utc>,
-    ) -> Result<(), Failure> {
+    ) -> Result<bool, Failure> {
         let command = RolloutCommand::RecordDeviceOutcome {
             device_id: DeviceId::parse(device_id)?,
             outcome,
@@ -396,17 +402,17 @@ impl RolloutManager {
             .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(true),
             // Not this rollout's device, not sent, canceled, or not timed out yet (a lagging
             // read model): nothing to record.
             Err(CommandError::Refused(refusal)) => {
                 tracing::debug!(rollout_id, device_id, %refusal, "outcome not recorded");
-                Ok(())
+                Ok(false)
             }
             // Final too: trying again would hold up the rollout's other devices.
             Err(error @ CommandError::Unstorable { .. }) => {
                 tracing::warn!(rollout_id, device_id, %error, "outcome not recorded");
-                Ok(())
+                Ok(false)
             }
             Err(error) => Err(error.into()),
         }
@@ -471,16 +477,23 @@ impl RolloutManager {
             "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd
                JOIN rollouts r ON r.rollout_id = rd.rollout_id
               WHERE rd.status = 'sent' AND r.status IN ('running', 'paused', 'aborted')
-                AND rd.sent_at + make_interval(secs => r.device_timeout_secs) <= $1
+                AND rd.sent_at + make_interval(secs => LEAST(r.device_timeout_secs, $2)) <= $1
               LIMIT 1000",
         )
         .bind(now)
+        .bind(LONGEST_INTERVAL_SECS)
         .fetch_all(pool)
         .await?;
         for (rollout_id, device_id) in stuck {
             let rollout = self.bus.rollouts().current(&rollout_id).await?.aggregate;
-            self.record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now)
-                .await?;
+            // The rollout decides whether the time is really up (a rollout from before the
+            // bounds may never time out): the device's update is given up only if it was.
+            if !self
+                .record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now)
+                .await?
+            {
+                continue;
+            }
             let command = DeviceCommand::AbandonFirmwareUpdate {
                 rollout_id: Some(RolloutId::parse(rollout_id.as_str())?),
                 reason: format!(
@@ -504,10 +517,11 @@ impl RolloutManager {
             "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd
                JOIN rollouts r ON r.rollout_id = rd.rollout_id
               WHERE rd.status = 'queued' AND r.status = 'running' AND rd.wave <= r.current_wave
-                AND r.wave_started_at[rd.wave + 1] + make_interval(secs => r.window_secs) <= $1
+                AND r.wave_started_at[rd.wave + 1] + make_interval(secs => LEAST(r.window_secs, $2)) <= $1
               LIMIT 1000",
         )
         .bind(now)
+        .bind(LONGEST_INTERVAL_SECS)
         .fetch_all(pool)
         .await?;
         for (rollout_id, device_id) in unreachable {

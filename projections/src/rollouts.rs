@@ -59,11 +59,11 @@ impl Projection for RolloutsProjection {
                 .bind(waves.iter().map(|w| i16::from(*w)).collect::<Vec<_>>())
                 .bind(i16::from(success_threshold))
                 .bind(i16::from(error_threshold))
-                .bind(device_timeout_secs as i64)
+                .bind(i64::try_from(device_timeout_secs).unwrap_or(i64::MAX))
                 .bind(targets.len() as i32)
                 .bind(at)
                 .bind(on_error_name(on_error))
-                .bind(window_secs as i64)
+                .bind(i64::try_from(window_secs).unwrap_or(i64::MAX))
                 .bind(wave_sizes)
                 .execute(&mut *connection)
                 .await?;

@@ -280,9 +280,24 @@ pub enum ProjectionError {
 }
 
 impl ProjectionError {
+    /// Failures that come from the event itself and would come again however often it is
+    /// applied: it does not decode, or Postgres refuses its data (SQLSTATE class 22, data
+    /// exception, such as a NUL that jsonb cannot hold; class 23, integrity constraint).
+    /// Anything else (a timeout, a deadlock, a full disk) says nothing about the event.
+    pub(crate) fn is_about_the_event(&self) -> bool {
+        match self {
+            Self::Undecodable(_) => true,
+            Self::Database(error) => error
+                .as_database_error()
+                .and_then(|error| error.code())
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+            Self::PositionMoved => false,
+        }
+    }
+
     /// Failures that say nothing about the event (Postgres unreachable, pool exhausted):
     /// retried for as long as they last, never dead-lettered.
-    pub(crate) fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(
             self,
             Self::Database(

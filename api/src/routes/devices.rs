@@ -264,7 +264,7 @@ async fn as_of(
     at: DateTime<Utc>,
 ) -> Result<Value, ApiError> {
     let payloads: Vec<(i64, Value)> = sqlx::query_as(
-        "SELECT sequence, payload::jsonb FROM events
+        "SELECT sequence, payload FROM events
           WHERE aggregate_type = 'device' AND aggregate_id = $1 AND recorded_at <= $2
           ORDER BY sequence",
     )
@@ -432,6 +432,11 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
     let bytes = hex::decode(cursor).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let (key, id) = text.split_once('\0').ok_or_else(invalid)?;
+    // The key and the id are a sort value and a device id: neither holds a NUL, and Postgres
+    // could not take one.
+    if id.contains('\0') {
+        return Err(invalid());
+    }
     Ok((key.to_string(), id.to_string()))
 }
 
@@ -679,7 +684,7 @@ async fn events(
     let mut items: Vec<EventView> = sqlx::query_as(
         "SELECT sequence, global_position, event_type, event_version, recorded_at,
                 metadata ->> 'actor' AS actor, metadata ->> 'correlation_id' AS correlation_id,
-                payload::jsonb AS payload
+                payload
            FROM events
           WHERE aggregate_type = 'device' AND aggregate_id = $1 AND sequence > $2
             AND ($3::text IS NULL OR event_type = $3)
