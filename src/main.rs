@@ -445,23 +445,31 @@ async fn serve_api(
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot listen on {address}"))?;
     // Readiness reports on NATS too; the connection comes up in the background.
     let nats = connect_nats(&nats_url).await?;
-    let state = fleetlog_api::AppState {
-        auth,
-        nats: Some(nats),
-        mqtt: Some(mqtt),
-        login_throttle: Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
-        bus: CommandBus::new(pool, store),
-        metrics,
-        firmware: Some(firmware),
-    };
-    fleetlog_api::run(listener, state, &http, shutdown.cancelled_owned())
-        .await
-        .context("api failed")
+    let login_throttle = Arc::new(fleetlog_api::throttle::LoginThrottle::default());
+    supervise("api", shutdown.clone(), move || {
+        let state = fleetlog_api::AppState {
+            auth: auth.clone(),
+            nats: Some(nats.clone()),
+            mqtt: Some(mqtt.clone()),
+            login_throttle: login_throttle.clone(),
+            bus: CommandBus::new(pool.clone(), store),
+            metrics: metrics.clone(),
+            firmware: Some(firmware.clone()),
+        };
+        let (http, shutdown) = (http.clone(), shutdown.clone());
+        async move {
+            // Bound again on a restart: the listener went with the unit that panicked.
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address}"))?;
+            fleetlog_api::run(listener, state, &http, shutdown.cancelled_owned())
+                .await
+                .context("api failed")
+        }
+    })
+    .await
 }
 
 /// Connects to NATS, saying which setting names the server if it fails. The connection

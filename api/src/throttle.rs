@@ -37,6 +37,17 @@ impl LoginThrottle {
     /// Counts an attempt for `user` (tenant and username) from `address`; 429 if either is
     /// over its limit.
     pub fn attempt(&self, user: &str, address: Option<IpAddr>) -> Result<(), ApiError> {
+        // One IPv6 client usually holds a whole /64: it counts as one address.
+        let address = address.map(|address| match address {
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+            v4 => v4,
+        });
+        // Keys stay small whatever a client sends: a name longer than any valid one shares
+        // one key with all such names.
+        let user = if user.len() > 160 { "(too long)" } else { user };
         if self.per_user_and_address.len() > MAX_KEYS {
             self.per_user_and_address.retain_recent();
         }
@@ -61,5 +72,27 @@ impl Default for LoginThrottle {
     /// 10 attempts a minute per username and address, 30 per address.
     fn default() -> Self {
         Self::new(10, 30)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_64_counts_as_one_address_and_names_stay_bounded() {
+        let throttle = LoginThrottle::new(100, 2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(throttle.attempt("acme/alice", Some(a)).is_ok());
+        assert!(throttle.attempt("acme/bob", Some(b)).is_ok());
+        assert!(throttle.attempt("acme/carol", Some(a)).is_err());
+        assert!(throttle.attempt("acme/carol", Some(elsewhere)).is_ok());
+        // Huge names share one key instead of growing the table.
+        let throttle = LoginThrottle::new(1, 100);
+        let long = |n: usize| format!("acme/{}", "x".repeat(200 + n));
+        assert!(throttle.attempt(&long(1), None).is_ok());
+        assert!(throttle.attempt(&long(2), None).is_err());
     }
 }

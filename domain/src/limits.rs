@@ -1,7 +1,7 @@
-//! The bounds every input is held to, in one place: instants, durations, and text that the
-//! event store and the read models can hold. The edges (HTTP, MQTT, CLI) check against these
-//! and answer a clear refusal; the aggregates check again, so nothing out of range is ever
-//! decided on, and arithmetic on a client's value cannot overflow.
+//! The bounds inputs are held to, in one place: instants, overflow-free deadlines, and text
+//! the event store and the read models can hold. The edges (HTTP, MQTT, CLI) check instants
+//! and NULs and answer a clear refusal; the aggregates check what they decide on (reading
+//! timestamps, timeouts, document sizes); the event store refuses any event holding a NUL.
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 
@@ -43,14 +43,6 @@ pub fn check_instant(instant: DateTime<Utc>) -> Result<DateTime<Utc>, LimitError
 pub fn deadline(start: DateTime<Utc>, seconds: u64) -> Option<DateTime<Utc>> {
     let seconds = i64::try_from(seconds).ok()?;
     start.checked_add_signed(TimeDelta::try_seconds(seconds)?)
-}
-
-/// `Ok` unless `text` holds a NUL character.
-pub fn check_text(text: &str) -> Result<(), LimitError> {
-    if text.contains('\0') {
-        return Err(LimitError::Nul);
-    }
-    Ok(())
 }
 
 /// Whether JSON text holds a NUL character in any string (a member name included): a raw NUL

@@ -141,15 +141,15 @@ fn dead_letter_config() -> async_nats::jetstream::stream::Config {
 }
 
 /// Creates the dead-letter stream if it is missing, and gives one created by an earlier
-/// version (with no limits) the limits above.
+/// version (with no limits at all) the limits above.
 pub async fn ensure_dead_letter_stream(jetstream: &Context) -> Result<(), async_nats::Error> {
     let config = dead_letter_config();
     let mut stream = jetstream.get_or_create_stream(config.clone()).await?;
     let current = &stream.info().await?.config;
-    if current.max_age != config.max_age
-        || current.max_bytes != config.max_bytes
-        || current.discard != config.discard
-    {
+    // Only a stream without any limit (as earlier versions created it) is changed: limits an
+    // operator set on purpose stay as they are.
+    let unbounded = current.max_age.is_zero() && current.max_bytes < 0;
+    if unbounded {
         let mut updated = current.clone();
         updated.max_age = config.max_age;
         updated.max_bytes = config.max_bytes;

@@ -46,9 +46,17 @@ pub enum TelemetryError {
     /// NaN or infinity.
     #[error("sensor {0:?} has a value that is not a finite number")]
     NonFiniteValue(String),
-    /// A unit that is empty or longer than 32 characters.
-    #[error("sensor {0:?} has a unit that is empty or longer than 32 characters")]
+    /// A unit that is empty, longer than 32 characters or holds control characters.
+    #[error("sensor {0:?} has a unit that is empty, longer than 32 characters or holds control characters")]
     InvalidUnit(String),
+    /// A reading's timestamp outside the instants fleetlog accepts.
+    #[error("sensor {sensor:?}: {error}")]
+    InstantOutOfRange {
+        /// The sensor.
+        sensor: String,
+        /// Why.
+        error: crate::limits::LimitError,
+    },
     /// A position off the globe.
     #[error("location ({latitude}, {longitude}) is outside latitude -90..90, longitude -180..180")]
     InvalidLocation {
@@ -83,9 +91,17 @@ pub fn validate_reading(reading: &Reading) -> Result<(), TelemetryError> {
         return Err(TelemetryError::NonFiniteValue(reading.sensor.clone()));
     }
     if let Some(unit) = &reading.unit {
-        if unit.is_empty() || unit.chars().count() > 32 {
+        if unit.is_empty() || unit.chars().count() > 32 || unit.chars().any(char::is_control) {
             return Err(TelemetryError::InvalidUnit(reading.sensor.clone()));
         }
+    }
+    if let Some(timestamp) = reading.timestamp {
+        crate::limits::check_instant(timestamp).map_err(|error| {
+            TelemetryError::InstantOutOfRange {
+                sensor: reading.sensor.clone(),
+                error,
+            }
+        })?;
     }
     Ok(())
 }
@@ -117,6 +133,22 @@ pub fn validate_location(location: &Location) -> Result<(), TelemetryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readings_outside_the_calendar_bounds_or_with_control_characters_are_refused() {
+        let reading = |unit: Option<&str>, timestamp| Reading {
+            sensor: "t".into(),
+            value: 1.0,
+            unit: unit.map(Into::into),
+            timestamp,
+        };
+        assert!(validate_reading(&reading(Some("a\0b"), None)).is_err());
+        let past = chrono::DateTime::<chrono::Utc>::MIN_UTC;
+        assert!(validate_reading(&reading(None, Some(past))).is_err());
+        assert!(
+            validate_reading(&reading(Some("°C"), Some(crate::limits::latest_instant()))).is_ok()
+        );
+    }
 
     #[test]
     fn sensor_names_follow_the_contract() {
