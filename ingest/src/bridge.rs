@@ -21,7 +21,7 @@ use async_nats::jetstream::Context;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
-use fleetlog_domain::device::{DeviceCommand, DeviceError, Lifecycle};
+use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, Lifecycle};
 use fleetlog_domain::{DeviceId, TenantId, UserId};
 use fleetlog_nats::topology::ensure_dead_letter_stream;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
@@ -563,6 +563,8 @@ async fn prepare_device(shared: &Shared, device: DeviceId, items: Vec<Item>) -> 
         return None;
     }
     let device = &device;
+    let mut items = items;
+    keep_readings_past_a_full_document(shared, device, &mut items).await;
     let commands: Vec<Option<DeviceCommand>> = items
         .iter()
         .map(|item| {
@@ -594,6 +596,55 @@ async fn prepare_device(shared: &Shared, device: DeviceId, items: Vec<Item>) -> 
         has_commands: !batch.is_empty(),
         commands: batch,
     })
+}
+
+/// A telemetry message whose status part the device's reported document has no room for
+/// (past its caps) would be refused whole, readings included. Its status is dropped instead,
+/// with the reason, and the readings and location go in; the status part goes to the dead
+/// letter of a partially accepted message. Judged on this process's copy of the device (the
+/// aggregate checks again: if that copy was stale, the message is refused whole and
+/// dead-lettered, never lost silently).
+async fn keep_readings_past_a_full_document(
+    shared: &Shared,
+    device: &DeviceId,
+    items: &mut [Item],
+) {
+    let has_status = |item: &Item| matches!(&item.parsed, Ok(DeviceMessage::Telemetry(t)) if !t.status.is_empty());
+    if !items.iter().any(has_status) {
+        return;
+    }
+    let Ok(mut reported) = shared
+        .bus
+        .devices()
+        .inspect_cached(device.as_str(), |device, _| device.reported.clone())
+        .await
+    else {
+        return;
+    };
+    for item in items.iter_mut() {
+        let status = match &mut item.parsed {
+            Ok(DeviceMessage::Telemetry(telemetry)) if !telemetry.status.is_empty() => {
+                if telemetry.readings.is_empty() && telemetry.location.is_none() {
+                    // Nothing else to keep: the aggregate refuses it whole, with the reason.
+                    continue;
+                }
+                match Device::reported_room_for(&reported, &telemetry.status) {
+                    Ok(()) => &telemetry.status,
+                    Err(refusal) => {
+                        telemetry.status.clear();
+                        telemetry.dropped.push(Dropped {
+                            field: "status".into(),
+                            reason: refusal.to_string(),
+                        });
+                        continue;
+                    }
+                }
+            }
+            Ok(DeviceMessage::Status(status)) => &*status,
+            _ => continue,
+        };
+        fleetlog_domain::device::merge_properties(&mut reported, status);
+    }
 }
 
 /// Acks each message of a device once its fate is sealed: committed, a recognised copy, or

@@ -397,7 +397,38 @@ async fn oversized_and_unstorable_messages_are_dead_lettered_and_ingest_goes_on(
             )
             .await;
     }
-    let letters = dead_letters(&platform.client, 3).await;
+    // The document is full now: a reading sent with more status keeps the reading and
+    // dead-letters only the status part, as a partially accepted message.
+    device
+        .publish(
+            "devices/d2/data",
+            br#"{"temperature": 5.5, "status": {"one_more": 1}}"#,
+        )
+        .await;
+    let letters = dead_letters(&platform.client, 4).await;
+    let partial = letters
+        .iter()
+        .find(|letter| letter["payload"].as_str().unwrap().contains("one_more"))
+        .unwrap_or_else(|| panic!("no dead letter for the status part: {letters:?}"));
+    assert!(partial["reason"]
+        .as_str()
+        .unwrap()
+        .contains("partially accepted"));
+    assert_eq!(partial["dropped"][0]["field"], "status");
+    let pool = platform.pool().clone();
+    wait_until("the reading sent with a status past the cap", || {
+        let pool = pool.clone();
+        async move {
+            let rows: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM telemetry WHERE device_id = 'd2' AND value = 5.5",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            rows == 1
+        }
+    })
+    .await;
     let reasons: Vec<&str> = letters
         .iter()
         .map(|letter| letter["reason"].as_str().unwrap())

@@ -416,6 +416,18 @@ fn validate_properties(properties: &Map<String, Value>) -> Result<(), DeviceErro
     Ok(())
 }
 
+impl Device {
+    /// `Ok` when merging `status` into `reported` keeps it within the document caps, as the
+    /// aggregate will check: lets ingest keep a message's readings and drop only a status
+    /// part the device's document has no room for.
+    pub fn reported_room_for(
+        reported: &Map<String, Value>,
+        status: &Map<String, Value>,
+    ) -> Result<(), DeviceError> {
+        merged_within_caps("the reported properties", reported, status)
+    }
+}
+
 /// Checks a whole document against [`MAX_DOCUMENT_BYTES`] and [`MAX_DOCUMENT_KEYS`].
 fn check_document(what: &'static str, document: &Map<String, Value>) -> Result<(), DeviceError> {
     let keys = document.len();
@@ -455,7 +467,7 @@ impl std::io::Write for ByteCounter {
 }
 
 /// Applies a JSON merge patch of one level: `null` removes a key.
-fn merge_properties(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+pub fn merge_properties(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
     for (key, value) in patch {
         if value.is_null() {
             target.remove(key);
