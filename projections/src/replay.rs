@@ -93,6 +93,9 @@ pub struct Progress {
 pub struct PassedOver {
     /// The event's `Nats-Msg-Id`.
     pub message_id: String,
+    /// Its aggregate: the aggregate's later events that the model can then not apply (a row
+    /// its first event would have created is missing) are passed over too.
+    pub aggregate: (String, String),
     /// Why it could not be applied.
     pub reason: String,
 }
@@ -143,7 +146,7 @@ pub async fn replay<P: Projection>(
     let (cursor, mut replayed) = rebuild(projection, pool, progress).await?;
     let mut tx = pool.begin().await?;
     lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
-    let tail = catch_up(projection, &mut tx, cursor).await?;
+    let tail = catch_up(projection, &mut tx, cursor, &replayed.passed_over).await?;
     replayed.applied += tail.applied;
     replayed.passed_over.extend(tail.passed_over);
     ddl(
@@ -201,7 +204,7 @@ pub async fn verify<P: Projection>(
     let differences = loop {
         let mut tx = pool.begin().await?;
         lock_live(&mut tx, P::TABLES, "SHARE").await?;
-        let tail = catch_up(projection, &mut tx, cursor).await?;
+        let tail = catch_up(projection, &mut tx, cursor, &passed_over).await?;
         let behind = live_behind::<P>(&mut tx).await?;
         // Without positions, lagging and missing rows look alike: after `patience` the missing
         // rows are reported as differences.
@@ -268,7 +271,7 @@ async fn rebuild<P: Projection>(
     let mut replayed = Replayed::default();
     loop {
         let mut tx = pool.begin().await?;
-        let page = apply_page(projection, &mut tx, cursor).await?;
+        let page = apply_page(projection, &mut tx, cursor, &replayed.passed_over).await?;
         tx.commit().await?;
         let Some((last, count, passed_over)) = page else {
             break;
@@ -292,9 +295,19 @@ async fn catch_up<P: Projection>(
     projection: &P,
     tx: &mut PgConnection,
     mut cursor: Cursor,
+    earlier: &[PassedOver],
 ) -> Result<Replayed, ReplayError> {
     let mut replayed = Replayed::default();
-    while let Some((last, count, passed_over)) = apply_page(projection, tx, cursor).await? {
+    loop {
+        let known: Vec<PassedOver> = earlier
+            .iter()
+            .chain(&replayed.passed_over)
+            .cloned()
+            .collect();
+        let Some((last, count, passed_over)) = apply_page(projection, tx, cursor, &known).await?
+        else {
+            break;
+        };
         cursor = last;
         replayed.applied += count;
         replayed.passed_over.extend(passed_over);
@@ -313,6 +326,7 @@ async fn apply_page<P: Projection>(
     projection: &P,
     connection: &mut PgConnection,
     cursor: Cursor,
+    earlier: &[PassedOver],
 ) -> Result<Option<(Cursor, u64, Vec<PassedOver>)>, ReplayError> {
     let rows: Vec<StoredEvent> = sqlx::query_as(SELECT_PAGE)
         .bind(P::AGGREGATE_TYPE)
@@ -343,10 +357,29 @@ async fn apply_page<P: Projection>(
             let failure = match apply_event(projection, connection, event).await {
                 Ok(Position::Applied | Position::AlreadyApplied) => continue,
                 Ok(Position::Gap { expected }) => {
-                    return Err(ReplayError::Gap {
+                    let aggregate = (event.aggregate_type.clone(), event.aggregate_id.clone());
+                    let after = earlier
+                        .iter()
+                        .chain(&passed_over)
+                        .find(|passed| passed.aggregate == aggregate);
+                    let Some(after) = after else {
+                        return Err(ReplayError::Gap {
+                            message_id: event.message_id(),
+                            expected,
+                        });
+                    };
+                    // Nothing was written for a gap: no rollback needed.
+                    let reason = format!(
+                        "replay: follows {}, which was passed over",
+                        after.message_id
+                    );
+                    pass_over::<P>(connection, event, &reason).await?;
+                    passed_over.push(PassedOver {
                         message_id: event.message_id(),
-                        expected,
-                    })
+                        aggregate,
+                        reason,
+                    });
+                    continue;
                 }
                 // Only a failure that would come again is passed over; any other stops the
                 // replay before anything is swapped in, and running it again goes on.
@@ -360,12 +393,15 @@ async fn apply_page<P: Projection>(
             };
             ddl(connection, "ROLLBACK TO SAVEPOINT replay_page".into()).await?;
             for earlier in &events[start..index] {
+                // Those passed over after a gap are passed over again: the rollback undid it.
+                let message_id = earlier.message_id();
+                if let Some(passed) = passed_over.iter().find(|p| p.message_id == message_id) {
+                    pass_over::<P>(connection, earlier, &passed.reason).await?;
+                    continue;
+                }
                 apply_event(projection, connection, earlier)
                     .await
-                    .map_err(|source| ReplayError::Apply {
-                        message_id: earlier.message_id(),
-                        source,
-                    })?;
+                    .map_err(|source| ReplayError::Apply { message_id, source })?;
             }
             let reason = format!("replay: {failure}");
             pass_over::<P>(connection, event, &reason).await?;
@@ -377,6 +413,7 @@ async fn apply_page<P: Projection>(
             );
             passed_over.push(PassedOver {
                 message_id: event.message_id(),
+                aggregate: (event.aggregate_type.clone(), event.aggregate_id.clone()),
                 reason,
             });
             start = index + 1;

@@ -351,9 +351,46 @@ async fn replay_passes_over_an_event_it_cannot_apply_and_reports_it() {
         .await
         .unwrap();
 
+    // A device whose very first event cannot be applied: its row is never created, so its
+    // later events are passed over after it instead of stopping the rebuild at a gap.
+    let broken_registration = fleetlog_domain::device::DeviceEvent::DeviceRegistered {
+        device_id: DeviceId::parse("broken").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: "a\u{0}b".into(),
+        model: "thermo".into(),
+        tags: vec![],
+        at: at(0),
+    };
+    let broken_heartbeat = fleetlog_domain::device::DeviceEvent::HeartbeatReceived {
+        device_time: None,
+        received_at: at(3),
+        digest: None,
+    };
+    for (sequence, event) in [(1, &broken_registration), (2, &broken_heartbeat)] {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('device', 'broken', $1, $2, '1.0', $3::json, '{}')",
+        )
+        .bind(sequence)
+        .bind(cqrs_es::DomainEvent::event_type(event))
+        .bind(serde_json::to_string(event).unwrap())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+
     let replayed = replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
-    assert_eq!(replayed.passed_over.len(), 1, "{replayed:?}");
-    assert_eq!(replayed.passed_over[0].message_id, "device:poisoned:2");
+    let passed: Vec<&str> = replayed
+        .passed_over
+        .iter()
+        .map(|p| p.message_id.as_str())
+        .collect();
+    assert_eq!(
+        passed,
+        ["device:poisoned:2", "device:broken:1", "device:broken:2"],
+        "{replayed:?}"
+    );
     let (battery, last_sequence): (Value, i64) = sqlx::query_as(
         "SELECT reported -> 'battery', last_sequence FROM devices WHERE device_id = 'poisoned'",
     )
@@ -373,12 +410,12 @@ async fn replay_passes_over_an_event_it_cannot_apply_and_reports_it() {
     .await
     .unwrap();
     assert_eq!(dead, 1);
-    // A second replay records it once only, and passes it over again.
+    // A second replay records each once only, and passes them over again.
     let again = replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
-    assert_eq!(again.passed_over.len(), 1);
+    assert_eq!(again.passed_over.len(), 3);
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_dead_letters")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(dead, 1);
+    assert_eq!(dead, 3);
 }
