@@ -45,6 +45,18 @@ pub fn deadline(start: DateTime<Utc>, seconds: u64) -> Option<DateTime<Utc>> {
     start.checked_add_signed(TimeDelta::try_seconds(seconds)?)
 }
 
+/// `instant` cut to whole microseconds: the precision of Postgres's `timestamptz`, and so of
+/// every read model. An instant compared with one read back from a read model is cut first:
+/// Postgres rounds to the nearest microsecond, so the cut instant is never later than the
+/// stored copy of itself.
+pub fn to_microseconds(instant: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::Timelike;
+    let nanos = instant.nanosecond();
+    instant
+        .with_nanosecond(nanos - nanos % 1_000)
+        .unwrap_or(instant)
+}
+
 /// Whether JSON text holds a NUL character in any string (a member name included): a raw NUL
 /// byte, or the escape `\u0000` (whose backslash is not itself escaped). Postgres's `jsonb`
 /// refuses such a document, so an event holding one could be stored (the events table is
@@ -96,6 +108,16 @@ mod tests {
         assert!(check_instant(DateTime::<Utc>::MAX_UTC).is_err());
         assert!(check_instant(earliest_instant() - TimeDelta::microseconds(1)).is_err());
         assert!(check_instant(latest_instant() + TimeDelta::microseconds(1)).is_err());
+    }
+
+    #[test]
+    fn microseconds_are_cut_not_rounded() {
+        let instant = DateTime::parse_from_rfc3339("2026-01-01T00:00:00.123456789Z")
+            .unwrap()
+            .to_utc();
+        let cut = to_microseconds(instant);
+        assert_eq!(cut.to_rfc3339(), "2026-01-01T00:00:00.123456+00:00");
+        assert_eq!(to_microseconds(cut), cut);
     }
 
     #[test]

@@ -98,9 +98,18 @@ impl Liveness {
                     marked.push(device_id);
                 }
                 // Already offline, or heard from meanwhile: the read model lags; nothing to do.
+                // Counted, so a check that never fires shows as refusals, not as silence.
                 Err(CommandError::Refused(
-                    DeviceError::AlreadyOffline | DeviceError::HeardFromSince(_),
-                )) => {}
+                    refusal @ (DeviceError::AlreadyOffline | DeviceError::HeardFromSince(_)),
+                )) => {
+                    let reason = match refusal {
+                        DeviceError::AlreadyOffline => "already_offline",
+                        _ => "heard_from_since",
+                    };
+                    metrics::counter!("fleetlog_liveness_refused_total", "reason" => reason)
+                        .increment(1);
+                    tracing::debug!(device_id, %refusal, "not marked offline");
+                }
                 Err(error) => {
                     tracing::warn!(device_id, %error, "cannot mark device offline");
                 }

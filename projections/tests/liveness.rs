@@ -109,3 +109,58 @@ async fn silent_devices_go_offline_once_and_live_ones_stay() {
     assert!(restarted.scan(at(500)).await.unwrap().is_empty());
     assert_eq!(events_of(&db, "quiet").await.len(), 4);
 }
+
+/// With real clocks: the heartbeat's instant has nanoseconds, the read model keeps
+/// microseconds. The device still goes offline once its silence is long enough.
+#[tokio::test]
+async fn a_device_heard_from_by_the_real_clock_goes_offline_after_its_silence() {
+    let db = TestDatabase::create().await;
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let metadata = CommandMetadata::new("test");
+    let register = DeviceCommand::Register {
+        device_id: DeviceId::parse("clocked").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: "clocked".into(),
+        model: "thermo".into(),
+        tags: vec![],
+        at: Utc::now(),
+    };
+    bus.devices()
+        .execute("clocked", register, &metadata)
+        .await
+        .unwrap();
+    // Find a clock reading with sub-microsecond digits, as almost every reading has.
+    let mut heard = Utc::now();
+    while heard.timestamp_subsec_nanos().is_multiple_of(1_000) {
+        heard = Utc::now();
+    }
+    let heartbeat = DeviceCommand::Heartbeat {
+        firmware_version: None,
+        delivery: None,
+        device_time: None,
+        received_at: heard,
+    };
+    bus.devices()
+        .execute("clocked", heartbeat, &metadata)
+        .await
+        .unwrap();
+    replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
+    let liveness = Liveness::new(
+        bus,
+        LivenessSettings {
+            timeout: Duration::from_secs(1),
+            interval: Duration::from_secs(1),
+        },
+    );
+    assert!(liveness.scan(Utc::now()).await.unwrap().is_empty());
+    let marked = liveness
+        .scan(Utc::now() + chrono::Duration::seconds(2))
+        .await
+        .unwrap();
+    assert_eq!(marked, ["clocked"]);
+    assert_eq!(
+        events_of(&db, "clocked").await.last().map(String::as_str),
+        Some("DeviceWentOffline")
+    );
+}

@@ -371,7 +371,10 @@ pub(super) fn decide(
                 return Err(DeviceError::AlreadyOffline);
             }
             if let (Some(silent_since), Some(last_seen)) = (silent_since, device.last_seen) {
-                if last_seen > silent_since {
+                // `silent_since` comes from the read model, which keeps microseconds (as
+                // Postgres does); the event keeps what the clock gave, nanoseconds. Compared at
+                // the read model's precision, the same contact is never "since" itself.
+                if crate::limits::to_microseconds(last_seen) > silent_since {
                     return Err(DeviceError::HeardFromSince(last_seen));
                 }
             }
