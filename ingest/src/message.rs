@@ -432,22 +432,22 @@ fn parse_heartbeat(payload: &[u8]) -> Result<DeviceMessage, Rejection> {
     })
 }
 
-/// `{"status": "succeeded"|"failed", "result": any}`; `{"success": bool}` is read too, and an
-/// `error` text of a failed command is kept in the result.
+/// `{"status": "succeeded"|"failed", "result": any}`, and nothing else; an `error` text of a
+/// failed command is kept in the result.
 fn parse_reply(command_id: CommandId, payload: &[u8]) -> Result<DeviceMessage, Rejection> {
     let mut object = parse_object(payload)?;
-    let outcome = match (object.get("status"), object.get("success")) {
-        (Some(Value::String(status)), _) => match status.as_str() {
-            "succeeded" | "success" | "ok" | "done" => CommandOutcome::Succeeded,
-            "failed" | "failure" | "error" | "rejected" => CommandOutcome::Failed,
+    let outcome = match object.get("status") {
+        // Exactly the two statuses of the contract: a guess at what "done" or "ok" meant
+        // could record a failed command as succeeded.
+        Some(Value::String(status)) => match status.as_str() {
+            "succeeded" => CommandOutcome::Succeeded,
+            "failed" => CommandOutcome::Failed,
             other => {
                 return Err(Rejection::Invalid(format!(
                     "reply status {other:?} is neither \"succeeded\" nor \"failed\""
                 )))
             }
         },
-        (None, Some(Value::Bool(true))) => CommandOutcome::Succeeded,
-        (None, Some(Value::Bool(false))) => CommandOutcome::Failed,
         _ => {
             return Err(Rejection::Invalid(
                 "reply needs \"status\": \"succeeded\" or \"failed\"".into(),

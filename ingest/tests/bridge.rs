@@ -279,8 +279,12 @@ async fn both_formats_land_in_the_read_models_and_bad_input_in_dead_letters() {
             br#"{"status": "succeeded"}"#,
         )
         .await;
+    // A status outside the contract is no guess at success.
+    device
+        .publish("devices/d1/commands/c-405/reply", br#"{"status": "done"}"#)
+        .await;
 
-    let letters = dead_letters(&platform.client, 5).await;
+    let letters = dead_letters(&platform.client, 6).await;
     let reason_for = |topic: &str, payload_contains: &str| -> String {
         letters
             .iter()
@@ -297,6 +301,7 @@ async fn both_formats_land_in_the_read_models_and_bad_input_in_dead_letters() {
     assert!(reason_for("devices/d2/data", "Bad-Name").contains("no valid reading"));
     assert!(reason_for("devices/ghost/data", "temperature").contains("unknown device ghost"));
     assert!(reason_for("devices/d1/commands/c-404/reply", "succeeded").contains("c-404"));
+    assert!(reason_for("devices/d1/commands/c-405/reply", "done").contains("neither"));
     let partial = letters
         .iter()
         .find(|l| l["payload"].as_str().unwrap().contains("voltage"))

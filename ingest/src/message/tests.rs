@@ -352,11 +352,12 @@ fn command_replies_say_how_the_command_ended() {
             json!({"status": "failed", "error": "busy"}),
             Ok((CommandOutcome::Failed, json!({"error": "busy"}))),
         ),
-        (
-            json!({"success": true}),
-            Ok((CommandOutcome::Succeeded, Value::Null)),
-        ),
+        (json!({"success": true}), Err("needs \"status\"")),
         (json!({"status": "maybe"}), Err("neither")),
+        (json!({"status": "done"}), Err("neither")),
+        (json!({"status": "ok"}), Err("neither")),
+        (json!({"status": "Succeeded"}), Err("neither")),
+        (json!({"status": "error"}), Err("neither")),
         (json!({"result": 1}), Err("needs \"status\"")),
     ];
     for (payload, expected) in cases {
