@@ -70,6 +70,10 @@ impl Projection for DevicesProjection {
     }
 }
 
+/// How far ahead of its arrival a reading's own timestamp may be and still become the
+/// sensor's latest value: 5 minutes of clock drift.
+pub const MAX_READING_LEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
 /// Telemetry, status and heartbeats of one device, folded in order. One-level merge patches
 /// compose by union (later keys win, `null` included), so the fold equals applying them one by
 /// one.
@@ -101,10 +105,22 @@ impl LiveChange {
             } => {
                 for reading in readings {
                     let timestamp = reading.timestamp.or(device_time).unwrap_or(received_at);
-                    self.sensors.insert(
-                        reading.sensor,
-                        json!({"value": reading.value, "unit": reading.unit, "timestamp": timestamp}),
-                    );
+                    // The latest reading is the newest by reading time; one stamped further
+                    // ahead of its arrival than a clock may drift is kept in the history only.
+                    if timestamp > received_at + MAX_READING_LEAD {
+                        continue;
+                    }
+                    let newer = self.sensors.get(&reading.sensor).is_none_or(|held| {
+                        held.get("timestamp")
+                            .and_then(|t| serde_json::from_value::<DateTime<Utc>>(t.clone()).ok())
+                            .is_none_or(|held| timestamp >= held)
+                    });
+                    if newer {
+                        self.sensors.insert(
+                            reading.sensor,
+                            json!({"value": reading.value, "unit": reading.unit, "timestamp": timestamp}),
+                        );
+                    }
                 }
                 if let Some(l) = location {
                     self.location = Some(json!({"latitude": l.latitude, "longitude": l.longitude}));
@@ -165,7 +181,7 @@ async fn write_live_changes(
             SET last_seen = u.last_seen, updated_at = u.last_seen,
                 last_telemetry_at = COALESCE(u.last_telemetry_at, d.last_telemetry_at),
                 last_heartbeat = COALESCE(u.last_heartbeat, d.last_heartbeat),
-                sensors = d.sensors || u.sensors,
+                sensors = fleetlog_newer_readings(d.sensors, u.sensors),
                 location = COALESCE(u.location, d.location),
                 reported = CASE WHEN u.reported = '{}' THEN d.reported
                                 ELSE fleetlog_merge(d.reported, u.reported) END,

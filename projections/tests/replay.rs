@@ -419,3 +419,78 @@ async fn replay_passes_over_an_event_it_cannot_apply_and_reports_it() {
         .unwrap();
     assert_eq!(dead, 3);
 }
+
+/// A sensor's latest value is its newest reading by reading time: an old reading arriving
+/// later does not replace it, nor does one stamped far in the future (a device clock gone
+/// wrong), though both stay in the history. Within a batch and across batches alike.
+#[tokio::test]
+async fn the_latest_reading_is_the_newest_by_reading_time() {
+    let db = TestDatabase::create().await;
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let metadata = CommandMetadata::new("test");
+    let register = DeviceCommand::Register {
+        device_id: DeviceId::parse("t1").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: "t1".into(),
+        model: "thermo".into(),
+        tags: vec![],
+        at: at(0),
+    };
+    bus.devices()
+        .execute("t1", register, &metadata)
+        .await
+        .unwrap();
+    let now = Utc::now();
+    let reading = |n: i64, value: f64, timestamp: DateTime<Utc>| DeviceCommand::RecordTelemetry {
+        digest: format!("r{n}"),
+        redelivery: true,
+        readings: vec![Reading {
+            sensor: "temp".into(),
+            value,
+            unit: None,
+            timestamp: Some(timestamp),
+        }],
+        device_time: None,
+        received_at: now,
+        location: None,
+        status: Map::new(),
+    };
+    let today = now - chrono::Duration::seconds(10);
+    for (n, value, timestamp) in [
+        (1, 21.0, today),
+        (2, 5.0, at(-60 * 86_400)),
+        (3, 99.0, now + chrono::Duration::days(1)),
+    ] {
+        bus.devices()
+            .execute("t1", reading(n, value, timestamp), &metadata)
+            .await
+            .unwrap();
+    }
+    replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
+    let latest: Value = sqlx::query_scalar("SELECT sensors -> 'temp' -> 'value' FROM devices")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(latest, json!(21.0));
+    replay(&TelemetryProjection, &db.pool, |_| {})
+        .await
+        .unwrap();
+    let history: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry WHERE device_id = 't1'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(history, 3);
+    // Across batches the stored value is compared the same way.
+    let merged: Value = sqlx::query_scalar(
+        "SELECT fleetlog_newer_readings(
+                  '{\"temp\": {\"value\": 21, \"timestamp\": \"2026-01-02T00:00:00Z\"}}',
+                  '{\"temp\": {\"value\": 5, \"timestamp\": \"2024-01-01T00:00:00Z\"},
+                    \"hum\": {\"value\": 40, \"timestamp\": \"2024-01-01T00:00:00Z\"}}')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(merged["temp"]["value"], 21);
+    assert_eq!(merged["hum"]["value"], 40);
+}
