@@ -118,3 +118,50 @@ async fn admins_manage_the_users_of_their_tenant_only() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+/// Roles travel in the access token: a revoked role keeps working until the token expires
+/// (the documented window), and `/users/me` says so, showing the token's roles beside the
+/// account's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_me_shows_the_tokens_roles_beside_the_accounts() {
+    let platform = Platform::start().await;
+    let admin = platform.token("acme", "ann", Role::Admin);
+    let (status, created) = platform
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            &admin,
+            Some(
+                json!({"username": "otto", "password": "long enough pass", "roles": ["operator"]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let otto = created["user_id"].as_str().unwrap().to_string();
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let (status, _) = platform
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{otto}/roles"),
+            &admin,
+            Some(json!({"role": "viewer"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, revoked) = platform
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/users/{otto}/roles/operator"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    let (status, me) = platform
+        .call(Method::GET, "/api/v1/users/me", &operator, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["roles"], json!(["operator"]));
+    assert_eq!(me["account_roles"], json!(["viewer"]));
+    assert!(me["token_expires_at"].is_string());
+}

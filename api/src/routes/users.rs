@@ -30,14 +30,23 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(disable))
 }
 
-/// A user as the API shows it: never a secret.
+/// The caller as the API shows it: never a secret. Roles are checked against the access
+/// token, so `roles` is what this token grants; `account_roles` is what the account holds
+/// now. They differ after a role was granted or revoked, until the token is refreshed (at
+/// most `FLEETLOG_ACCESS_TOKEN_TTL_SECS`).
 #[derive(Serialize, utoipa::ToSchema)]
 struct UserView {
     user_id: String,
     tenant: String,
     username: String,
+    /// The roles this access token grants.
     #[schema(value_type = Vec<String>)]
     roles: Vec<Role>,
+    /// The roles the account holds now; the next token carries these.
+    #[schema(value_type = Vec<String>)]
+    account_roles: Vec<Role>,
+    /// When this access token expires.
+    token_expires_at: Option<DateTime<Utc>>,
     disabled: bool,
 }
 
@@ -62,7 +71,9 @@ async fn me(
         user_id: caller.user_id.to_string(),
         tenant: caller.tenant.to_string(),
         username: user.username,
-        roles: user.roles,
+        roles: caller.roles,
+        account_roles: user.roles,
+        token_expires_at: caller.expires_at,
         disabled: user.disabled,
     }))
 }
