@@ -590,3 +590,49 @@ async fn history_and_as_of_read_old_events_holding_a_nul() {
 fn encode_instant(instant: chrono::DateTime<Utc>) -> String {
     instant.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// Decommissioning a device closes its open commands: they answer "canceled" with the reason,
+/// and the device counts none open, instead of staying pending for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decommissioning_cancels_open_commands() {
+    let platform = Platform::start().await;
+    let operator = platform.token("acme", "otto", Role::Operator);
+    platform.create(&operator, "d1").await;
+    let (status, issued) = platform
+        .call(
+            Method::POST,
+            "/api/v1/devices/d1/commands",
+            &operator,
+            Some(json!({"name": "reboot", "ttl_secs": 3600})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{issued}");
+    let command_id = issued["command_id"].as_str().unwrap();
+    let (status, gone) = platform
+        .call(Method::DELETE, "/api/v1/devices/d1", &operator, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{gone}");
+    let path = format!(
+        "/api/v1/devices/d1/commands/{command_id}?min_position={}",
+        gone["global_position"]
+    );
+    let (status, command) = platform.call(Method::GET, &path, &operator, None).await;
+    assert_eq!(status, StatusCode::OK, "{command}");
+    assert_eq!(command["status"], "canceled");
+    assert!(command["result"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("device decommissioned"));
+    let (_, device) = platform
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/devices/d1?min_position={}",
+                gone["global_position"]
+            ),
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(device["open_commands"], 0, "{device}");
+}

@@ -362,9 +362,10 @@ impl Dispatcher {
     /// Expires the commands due at `now`; returns how many were expired.
     pub async fn expire_due(&self, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
         let due: Vec<(String, String)> = sqlx::query_as(
-            "SELECT device_id, command_id FROM device_commands
-              WHERE status = 'pending' AND expires_at <= $1
-              ORDER BY expires_at LIMIT 1000",
+            "SELECT c.device_id, c.command_id FROM device_commands c
+               JOIN devices d ON d.device_id = c.device_id AND d.lifecycle = 'active'
+              WHERE c.status = 'pending' AND c.expires_at <= $1
+              ORDER BY c.expires_at LIMIT 1000",
         )
         .bind(now)
         .fetch_all(self.bus.pool())

@@ -413,6 +413,21 @@ async fn apply(
             )
             .await?;
         }
+        DeviceEvent::CommandCanceled {
+            command_id,
+            reason,
+            at,
+        } => {
+            finish_command(
+                connection,
+                envelope,
+                command_id.as_str(),
+                "canceled",
+                Some(json!({ "reason": reason })),
+                at,
+            )
+            .await?;
+        }
         DeviceEvent::FirmwareUpdateRequested {
             rollout_id,
             firmware_id,

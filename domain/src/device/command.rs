@@ -275,7 +275,19 @@ pub(super) fn decide(
         }
         DeviceCommand::Decommission { reason, at } => {
             validate_text("reason", &reason)?;
-            Ok(vec![DeviceEvent::DeviceDecommissioned { reason, at }])
+            // Its open commands can never be answered or expired any more: they close now,
+            // with the reason, instead of staying pending for good.
+            let mut events: Vec<DeviceEvent> = device
+                .open_commands
+                .keys()
+                .map(|command_id| DeviceEvent::CommandCanceled {
+                    command_id: command_id.clone(),
+                    reason: format!("device decommissioned: {reason}"),
+                    at,
+                })
+                .collect();
+            events.push(DeviceEvent::DeviceDecommissioned { reason, at });
+            Ok(events)
         }
         DeviceCommand::RecordTelemetry {
             digest,

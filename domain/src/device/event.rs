@@ -155,6 +155,15 @@ pub enum DeviceEvent {
         /// When the expiry was recorded.
         at: DateTime<Utc>,
     },
+    /// An open command was closed without a reply because the device was decommissioned.
+    CommandCanceled {
+        /// The command.
+        command_id: CommandId,
+        /// Why.
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// The device was asked to install firmware.
     FirmwareUpdateRequested {
         /// The rollout behind the request, if any.
@@ -247,6 +256,7 @@ impl DomainEvent for DeviceEvent {
             Self::CommandIssued { .. } => "CommandIssued",
             Self::CommandReplied { .. } => "CommandReplied",
             Self::CommandExpired { .. } => "CommandExpired",
+            Self::CommandCanceled { .. } => "CommandCanceled",
             Self::FirmwareUpdateRequested { .. } => "FirmwareUpdateRequested",
             Self::FirmwareUpdateAbandoned { .. } => "FirmwareUpdateAbandoned",
             Self::FirmwareVersionReported { .. } => "FirmwareVersionReported",
@@ -356,7 +366,8 @@ pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
                 .insert(command_id, OpenCommand { name, expires_at });
         }
         DeviceEvent::CommandReplied { command_id, .. }
-        | DeviceEvent::CommandExpired { command_id, .. } => {
+        | DeviceEvent::CommandExpired { command_id, .. }
+        | DeviceEvent::CommandCanceled { command_id, .. } => {
             device.open_commands.remove(&command_id);
             remember(
                 &mut device.closed_commands,

@@ -276,6 +276,24 @@ fn decommission_needs_a_reason() {
         .then_expect_error(DeviceError::InvalidText("reason"));
 }
 
+/// A decommissioned device can never answer, and its commands can no longer expire: they
+/// close with the reason when it is decommissioned.
+#[test]
+fn decommissioning_cancels_the_open_commands() {
+    let canceled = |id: &str| DeviceEvent::CommandCanceled {
+        command_id: command_id(id),
+        reason: "device decommissioned: replaced".into(),
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered(), issued("c1"), issued("c2")])
+        .when(DeviceCommand::Decommission {
+            reason: "replaced".into(),
+            at: at(),
+        })
+        .then_expect_events(vec![canceled("c1"), canceled("c2"), decommissioned()]);
+}
+
 #[test]
 fn first_telemetry_brings_the_device_online() {
     Given::with(())
