@@ -132,10 +132,44 @@ async fn roles_and_tenants_decide_who_sees_and_changes_a_device() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(refused["detail"].as_str().unwrap().contains("command name"));
 
-    let (status, _) = platform
+    let (status, gone) = platform
         .call(Method::DELETE, "/api/v1/devices/d1", &admin, None)
         .await;
     assert_eq!(status, StatusCode::OK);
+    // Deleting again is not an error: the same version, nothing written.
+    let (status, again) = platform
+        .call(Method::DELETE, "/api/v1/devices/d1", &admin, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["version"], gone["version"]);
+    assert!(again["global_position"].is_null());
+    // The list shows active devices unless asked otherwise; the id stays taken.
+    let list = |query: &str| {
+        format!(
+            "/api/v1/devices?min_position={}&{query}",
+            gone["global_position"]
+        )
+    };
+    let (_, active) = platform
+        .call(Method::GET, &list("lifecycle=active"), &admin, None)
+        .await;
+    assert!(active["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["device_id"] != "d1"));
+    let (_, default) = platform.call(Method::GET, &list(""), &admin, None).await;
+    assert_eq!(default["items"], active["items"]);
+    let (_, retired) = platform
+        .call(Method::GET, &list("lifecycle=decommissioned"), &admin, None)
+        .await;
+    assert_eq!(retired["items"][0]["device_id"], "d1", "{retired}");
+    let (status, _) = platform
+        .call(Method::GET, &list("lifecycle=gone"), &admin, None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = platform.create(&admin, "d1").await;
+    assert_eq!(status, StatusCode::CONFLICT);
     let (status, _) = platform
         .call(
             Method::PATCH,

@@ -299,6 +299,9 @@ async fn as_of(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// `active` (default), `decommissioned` or `all`.
+    #[param(pattern = "^(active|decommissioned|all)$")]
+    lifecycle: Option<String>,
     online: Option<bool>,
     model: Option<String>,
     tag: Option<String>,
@@ -360,6 +363,18 @@ async fn list(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant = "
     ));
     sql.push_bind(caller.tenant.as_str());
+    match query.lifecycle.as_deref().unwrap_or("active") {
+        "all" => {}
+        lifecycle @ ("active" | "decommissioned") => {
+            sql.push(" AND lifecycle = ")
+                .push_bind(lifecycle.to_string());
+        }
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "lifecycle must be active, decommissioned or all, not {other:?}"
+            )))
+        }
+    }
     if let Some(online) = query.online {
         sql.push(" AND online = ").push_bind(online);
     }
@@ -492,6 +507,22 @@ async fn decommission(
         reason: format!("decommissioned by {}", caller.actor()),
         at: Utc::now(),
     };
+    // A DELETE repeated (a retry after a lost answer) finds what the first one did: 200 with
+    // the version, nothing written.
+    caller.require(WRITERS)?;
+    owned_device(&state, &caller, &id).await?;
+    let (lifecycle, version) = state
+        .bus
+        .devices()
+        .inspect(id.as_str(), |device, version| (device.lifecycle, version))
+        .await?;
+    if lifecycle == Lifecycle::Decommissioned {
+        return Ok(axum::Json(WriteResult {
+            device_id: id.to_string(),
+            version,
+            global_position: None,
+        }));
+    }
     let committed = execute(&state, &caller, &headers, &id, command).await?;
     Ok(written(id.as_str(), committed))
 }
