@@ -24,6 +24,7 @@ const CONTRACT: &[(&str, &str)] = &[
     ("post", "/api/v1/users/{id}/roles"),
     ("delete", "/api/v1/users/{id}/roles/{role}"),
     ("post", "/api/v1/users/{id}/disable"),
+    ("post", "/api/v1/users/{id}/enable"),
     ("post", "/api/v1/devices"),
     ("get", "/api/v1/devices"),
     ("get", "/api/v1/devices/{id}"),

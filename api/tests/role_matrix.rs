@@ -72,6 +72,13 @@ fn matrix(user_id: &str) -> Vec<Row> {
             Some(json!({"reason": "left"})),
             ADMIN,
         ),
+        (
+            "post",
+            "/api/v1/users/{id}/enable",
+            format!("/api/v1/users/{user_id}/enable"),
+            None,
+            ADMIN,
+        ),
         row(
             "post",
             "/api/v1/devices",

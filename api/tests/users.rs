@@ -165,3 +165,104 @@ async fn users_me_shows_the_tokens_roles_beside_the_accounts() {
     assert_eq!(me["account_roles"], json!(["viewer"]));
     assert!(me["token_expires_at"].is_string());
 }
+
+/// A tenant keeps an admin: the last active one can neither lose the role nor be disabled;
+/// with a second admin both work, and a disabled user can be enabled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_admin_stays_and_disabled_users_can_come_back() {
+    let platform = Platform::start().await;
+    let root = platform.token("acme", "root", Role::Admin);
+    let create = |username: &str, role: &str| json!({"username": username, "password": "long enough pass", "roles": [role]});
+    let (_, ann) = platform
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            &root,
+            Some(create("ann", "admin")),
+        )
+        .await;
+    let ann_id = ann["user_id"].as_str().unwrap().to_string();
+    let wait = format!("/api/v1/users?min_position={}", ann["global_position"]);
+    platform.call(Method::GET, &wait, &root, None).await;
+    let as_ann = platform.token("acme", "ann", Role::Admin);
+    // Ann is the only admin the tenant's users know.
+    let (status, refused) = platform
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{ann_id}/disable"),
+            &as_ann,
+            Some(json!({"reason": "leaving"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert!(refused["detail"]
+        .as_str()
+        .unwrap()
+        .contains("last active admin"));
+    let (status, _) = platform
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{ann_id}/roles"),
+            &as_ann,
+            Some(json!({"role": "viewer"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = platform
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/users/{ann_id}/roles/admin"),
+            &as_ann,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // With a second admin, Ann can step down and be disabled, then enabled again.
+    let (_, ben) = platform
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            &as_ann,
+            Some(create("ben", "admin")),
+        )
+        .await;
+    let wait = format!("/api/v1/users?min_position={}", ben["global_position"]);
+    platform.call(Method::GET, &wait, &as_ann, None).await;
+    let (status, disabled) = platform
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{ann_id}/disable"),
+            &as_ann,
+            Some(json!({"reason": "leaving"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{disabled}");
+    let login = |password: &str| {
+        let body = json!({"tenant": "acme", "username": "ann", "password": password});
+        platform.call(Method::POST, "/api/v1/auth/login", "", Some(body))
+    };
+    assert_eq!(login("long enough pass").await.0, StatusCode::UNAUTHORIZED);
+    let as_ben = platform.token("acme", "ben", Role::Admin);
+    let (status, enabled) = platform
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{ann_id}/enable"),
+            &as_ben,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{enabled}");
+    assert_eq!(login("long enough pass").await.0, StatusCode::OK);
+    // Enabling an enabled user changes nothing.
+    let (status, again) = platform
+        .call(
+            Method::POST,
+            &format!("/api/v1/users/{ann_id}/enable"),
+            &as_ben,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(again["global_position"].is_null());
+}

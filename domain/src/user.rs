@@ -134,7 +134,12 @@ pub enum UserCommand {
         /// Now.
         at: DateTime<Utc>,
     },
-    /// Lock the user out for good; every session is revoked.
+    /// Let a disabled user log in again (a user already enabled: nothing happens).
+    Enable {
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Lock the user out until enabled again; every session is revoked.
     Disable {
         /// Why.
         reason: String,
@@ -217,6 +222,11 @@ pub enum UserEvent {
         /// When.
         at: DateTime<Utc>,
     },
+    /// A disabled user may log in again.
+    UserEnabled {
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// The user was locked out; these sessions ended with it.
     UserDisabled {
         /// Why.
@@ -267,6 +277,7 @@ impl DomainEvent for UserEvent {
             Self::RoleGranted { .. } => "RoleGranted",
             Self::RoleRevoked { .. } => "RoleRevoked",
             Self::UserDisabled { .. } => "UserDisabled",
+            Self::UserEnabled { .. } => "UserEnabled",
             Self::SessionOpened { .. } => "SessionOpened",
             Self::SessionRotated { .. } => "SessionRotated",
             Self::SessionRevoked { .. } => "SessionRevoked",
@@ -368,6 +379,7 @@ impl User {
                 self.roles.sort();
             }
             UserEvent::RoleRevoked { role, .. } => self.roles.retain(|r| *r != role),
+            UserEvent::UserEnabled { .. } => self.disabled = false,
             UserEvent::UserDisabled {
                 revoked_sessions, ..
             } => {
@@ -459,10 +471,18 @@ impl User {
         if self.id.is_none() {
             return Err(UserError::NotRegistered);
         }
+        if let UserCommand::Enable { at } = command {
+            return Ok(if self.disabled {
+                vec![UserEvent::UserEnabled { at }]
+            } else {
+                vec![]
+            });
+        }
         if self.disabled {
             return Err(UserError::Disabled);
         }
         match command {
+            UserCommand::Enable { .. } => unreachable!("handled above"),
             UserCommand::Register { .. } => unreachable!("handled above"),
             UserCommand::ChangePassword { password_hash, at } => {
                 validate_password_hash(&password_hash)?;
@@ -760,6 +780,41 @@ mod tests {
                 at: at(),
             })
             .then_expect_error(UserError::LastRole);
+    }
+
+    #[test]
+    fn a_disabled_user_can_be_enabled_again_and_only_then() {
+        let disabled = UserEvent::UserDisabled {
+            reason: "left".into(),
+            revoked_sessions: vec![],
+            at: at(),
+        };
+        Given::with(())
+            .given(vec![registered(), disabled.clone()])
+            .when(UserCommand::Enable { at: at() })
+            .then_expect_events(vec![UserEvent::UserEnabled { at: at() }]);
+        Given::with(())
+            .given(vec![registered()])
+            .when(UserCommand::Enable { at: at() })
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given(vec![
+                registered(),
+                disabled,
+                UserEvent::UserEnabled { at: at() },
+            ])
+            .when(UserCommand::GrantRole {
+                role: Role::Operator,
+                at: at(),
+            })
+            .then_expect_events(vec![UserEvent::RoleGranted {
+                role: Role::Operator,
+                at: at(),
+            }]);
+        Given::with(())
+            .given_no_previous_events()
+            .when(UserCommand::Enable { at: at() })
+            .then_expect_error(UserError::NotRegistered);
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl Projection for UsersProjection {
                 return Ok(());
             }
             UserEvent::UserDisabled { at, .. } => ("disabled = true,", at),
+            UserEvent::UserEnabled { at } => ("disabled = false,", at),
             UserEvent::SessionOpened { at, .. } => ("last_login_at = $3,", at),
             // Secrets and sessions change; nothing this model shows does.
             UserEvent::PasswordChanged { at, .. }

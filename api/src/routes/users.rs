@@ -28,6 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(grant_role))
         .routes(routes!(revoke_role))
         .routes(routes!(disable))
+        .routes(routes!(enable))
 }
 
 /// The caller as the API shows it: never a secret. Roles are checked against the access
@@ -250,11 +251,43 @@ async fn revoke_role(
         .map_err(|error: fleetlog_domain::user::UnknownRole| {
             ApiError::BadRequest(error.to_string())
         })?;
+    if role == Role::Admin {
+        keep_an_admin(&state, &caller, &id).await?;
+    }
     let command = UserCommand::RevokeRole {
         role,
         at: Utc::now(),
     };
     administer(&state, &caller, &id, command).await
+}
+
+/// Refuses (409) to take the admin role or the account away from the tenant's last active
+/// admin: the tenant would be left with nobody to manage its users. Judged on the users read
+/// model, so two admins demoting each other at the very same moment could still both pass.
+async fn keep_an_admin(state: &AppState, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    caller.require(ADMIN)?;
+    let others: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM users
+          WHERE tenant = $1 AND user_id <> $2 AND NOT disabled AND 'admin' = ANY(roles)",
+    )
+    .bind(caller.tenant.as_str())
+    .bind(id)
+    .fetch_one(state.bus.pool())
+    .await?;
+    if others > 0 {
+        return Ok(());
+    }
+    let user_id = UserId::parse(id).map_err(|_| ApiError::NotFound("user"))?;
+    let target: User = state.bus.users().current(user_id.as_str()).await?.aggregate;
+    if target.tenant.as_ref() == Some(&caller.tenant)
+        && !target.disabled
+        && target.roles.contains(&Role::Admin)
+    {
+        return Err(ApiError::Conflict(
+            "this is the tenant's last active admin: make another user admin first".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -277,9 +310,25 @@ async fn disable(
     Path(id): Path<String>,
     Json(request): Json<Disable>,
 ) -> Result<axum::Json<UserWritten>, ApiError> {
+    keep_an_admin(&state, &caller, &id).await?;
     let command = UserCommand::Disable {
         reason: request.reason,
         at: Utc::now(),
     };
+    administer(&state, &caller, &id, command).await
+}
+
+#[utoipa::path(
+    post, path = "/{id}/enable", tag = "users", summary = "Enable a disabled user again (admin)",
+    description = "The user can log in again; sessions that disabling ended stay ended.",
+    params(("id" = String, Path, description = "The user id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses((status = 200, description = "Enabled", body = UserWritten))
+)]
+async fn enable(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<UserWritten>, ApiError> {
+    let command = UserCommand::Enable { at: Utc::now() };
     administer(&state, &caller, &id, command).await
 }
