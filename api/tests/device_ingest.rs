@@ -226,6 +226,17 @@ async fn retries_with_an_idempotency_key_are_recorded_once() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(retry["version"], first["version"]);
     assert_eq!(telemetry_events(&platform, "d1").await, 1);
+    // The same key with another body is no retry: refused, nothing recorded.
+    let (status, _, reused) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &headers,
+        json!({"temperature": 99}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reused}");
+    assert!(reused["detail"].as_str().unwrap().contains("another body"));
+    assert_eq!(telemetry_events(&platform, "d1").await, 1);
 
     // Without a key or a timestamp, the same reading sent twice is two readings.
     let plain = [("x-device-token", token.as_str())];

@@ -578,16 +578,29 @@ impl Identity {
         }
     }
 
-    /// For an HTTP request that names itself with an `Idempotency-Key`: a retry is a duplicate.
-    pub fn of_idempotency_key(device: &DeviceId, key: &str) -> Self {
+    /// For an HTTP request that names itself with an `Idempotency-Key`: a retry (the same key
+    /// and the same body) is a duplicate. The digest is the key's part, then the body's, so a
+    /// key used again with another body can be told from a retry
+    /// ([`Identity::idempotency_key_prefix`]).
+    pub fn of_idempotency_key(device: &DeviceId, key: &str, payload: &[u8]) -> Self {
         Identity {
-            digest: digest(&[
-                device.as_str().as_bytes(),
-                b"idempotency-key",
-                key.as_bytes(),
-            ]),
+            digest: format!(
+                "{}{}",
+                Self::idempotency_key_prefix(device, key),
+                digest(&[payload])
+            ),
             redelivery: true,
         }
+    }
+
+    /// What every digest of uploads under `key` starts with.
+    pub fn idempotency_key_prefix(device: &DeviceId, key: &str) -> String {
+        let key = digest(&[
+            device.as_str().as_bytes(),
+            b"idempotency-key",
+            key.as_bytes(),
+        ]);
+        format!("{key}:")
     }
 
     /// For a message nothing identifies: recorded, never treated as a duplicate.

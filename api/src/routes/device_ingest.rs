@@ -55,7 +55,7 @@ pub(crate) struct Accepted {
 #[utoipa::path(
     post, path = "/{id}/telemetry", tag = "device ingest", security(("device_token" = [])),
     summary = "A device posts telemetry (device token)",
-    description = "The full or the simple telemetry format, judged by the same rules as MQTT. Invalid readings are dropped with a reason and the rest kept. An `Idempotency-Key` header makes retries record once.",
+    description = "The full or the simple telemetry format, judged by the same rules as MQTT. Invalid readings are dropped with a reason and the rest kept. An `Idempotency-Key` header makes retries record once; the same key with another body is a 422.",
     params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("Idempotency-Key" = Option<String>, Header, description = "Names the upload so a retry is recorded once")),
     request_body(content = Object, description = "Telemetry, full or simple format"),
     responses((status = 200, description = "Accepted, perhaps partially", body = Accepted))
@@ -137,7 +137,29 @@ async fn record(
         unreachable!("a data payload parses into telemetry");
     };
     let identity = match idempotency_key(headers)? {
-        Some(key) => Identity::of_idempotency_key(device_id, key),
+        Some(key) => {
+            let identity = Identity::of_idempotency_key(device_id, key, body);
+            // The key was used for another body: a client bug, not a retry. Refused, as the
+            // HTTP Idempotency-Key draft asks, instead of answering "accepted" for nothing.
+            let prefix = Identity::idempotency_key_prefix(device_id, key);
+            let reused = state
+                .bus
+                .devices()
+                .inspect(device_id.as_str(), |device, _| {
+                    device
+                        .recent_digests
+                        .iter()
+                        .any(|seen| seen.starts_with(&prefix) && *seen != identity.digest)
+                })
+                .await?;
+            if reused {
+                count("rejected");
+                return Err(ApiError::Unprocessable(format!(
+                    "Idempotency-Key {key:?} was already used for another body"
+                )));
+            }
+            identity
+        }
         None if telemetry.is_timestamped() => Identity::of_timestamped(device_id, body),
         None => Identity::unique(device_id, body, received_at),
     };

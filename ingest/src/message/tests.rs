@@ -518,7 +518,13 @@ fn identities_tell_redeliveries_from_repeats() {
     assert!(Identity::of_timestamped(&device, payload).redelivery);
     let now = Utc::now();
     assert!(!Identity::unique(&device, payload, now).redelivery);
-    assert_eq!(Identity::of_idempotency_key(&device, "k").digest.len(), 32);
+    let keyed = Identity::of_idempotency_key(&device, "k", payload);
+    assert_eq!(keyed.digest.len(), 65);
+    assert_eq!(Identity::of_idempotency_key(&device, "k", payload), keyed);
+    let prefix = Identity::idempotency_key_prefix(&device, "k");
+    assert!(keyed.digest.starts_with(&prefix));
+    let other_body = Identity::of_idempotency_key(&device, "k", b"{}");
+    assert!(other_body.digest.starts_with(&prefix) && other_body != keyed);
 }
 
 #[test]
