@@ -490,14 +490,14 @@ where
         let mut metadatas = Vec::new();
         for (loaded, version_before, events, _, metadata) in &states {
             let metadata = serde_json::to_string(metadata).map_err(serialize_error)?;
+            // Each aggregate goes again on its own when one's events cannot be stored: that
+            // one is refused, the others are written.
+            if !events.is_empty() && unstorable(&metadata).is_some() {
+                return Ok(None);
+            }
             for (offset, event) in events.iter().enumerate() {
                 let payload = serde_json::to_string(event).map_err(serialize_error)?;
-                if unstorable(&payload)
-                    .or_else(|| unstorable(&metadata))
-                    .is_some()
-                {
-                    // Each aggregate goes again on its own: the one whose events cannot be
-                    // stored is refused, the others are written.
+                if unstorable(&payload).is_some() {
                     return Ok(None);
                 }
                 ids.push(loaded.aggregate_id.as_str());
