@@ -294,12 +294,16 @@ enum Behaviour {
     Fails,
     /// Takes the update and never says anything again.
     Silent,
+    /// Takes an update to this version and never finishes it; succeeds with any other.
+    HangsOn(&'static str),
 }
 
-/// A device on MQTT that handles OTA messages by its behaviour. Each OTA message it gets is
-/// recorded in `received` so the test can check nothing was sent twice.
+/// A device on MQTT that handles OTA messages by its behaviour. Each install it is asked for
+/// is recorded in `received` so the test can check nothing was sent twice; each cancel in
+/// `cancels`.
 struct SimulatedDevice {
     received: Arc<std::sync::Mutex<Vec<Value>>>,
+    cancels: Arc<std::sync::Mutex<Vec<Value>>>,
 }
 
 impl SimulatedDevice {
@@ -307,9 +311,11 @@ impl SimulatedDevice {
         let options = MqttOptions::new(format!("{id}-sim"), "127.0.0.1", stack.broker.port());
         let (client, mut events) = AsyncClient::new(options, 100);
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let cancels = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (subscribed, ready) = tokio::sync::oneshot::channel();
         let mut subscribed = Some(subscribed);
         let (id, seen, stack) = (id.to_string(), received.clone(), stack.clone());
+        let canceled = cancels.clone();
         tokio::spawn(async move {
             loop {
                 match events.poll().await {
@@ -337,6 +343,11 @@ impl SimulatedDevice {
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
                         let ota: Value = serde_json::from_slice(&publish.payload).unwrap();
+                        if ota["action"] == "cancel" {
+                            canceled.lock().unwrap().push(ota);
+                            continue;
+                        }
+                        assert_eq!(ota["action"], "install", "{ota}");
                         seen.lock().unwrap().push(ota.clone());
                         let (client, id, token, stack) =
                             (client.clone(), id.clone(), token.clone(), stack.clone());
@@ -353,11 +364,15 @@ impl SimulatedDevice {
             .await
             .expect("device subscribed")
             .unwrap();
-        Self { received }
+        Self { received, cancels }
     }
 
     fn updates_received(&self) -> usize {
         self.received.lock().unwrap().len()
+    }
+
+    fn cancels_received(&self) -> Vec<Value> {
+        self.cancels.lock().unwrap().clone()
     }
 }
 
@@ -369,7 +384,8 @@ async fn answer(
     ota: &Value,
     behaviour: Behaviour,
 ) {
-    if behaviour == Behaviour::Silent {
+    let hangs = matches!(behaviour, Behaviour::HangsOn(version) if ota["version"] == version);
+    if behaviour == Behaviour::Silent || hangs {
         return;
     }
     let progress = |state: &str, percent: u8| {
@@ -559,6 +575,7 @@ async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
             Behaviour::Succeeds => "succeeded",
             Behaviour::Fails => "failed",
             Behaviour::Silent => "timed_out",
+            Behaviour::HangsOn(_) => unreachable!(),
         };
         assert_eq!(states[id], expected, "{id}");
         // Each device got the update exactly once.
@@ -573,6 +590,10 @@ async fn a_three_wave_rollout_advances_pauses_and_completes_on_real_devices() {
         d3["firmware_update"].is_null(),
         "the stuck update was given up: {d3}"
     );
+    let cancels = devices["d3"].cancels_received();
+    assert_eq!(cancels.len(), 1, "d3 was told: {cancels:?}");
+    assert_eq!(cancels[0]["rollout_id"], "r-three-waves");
+    assert_eq!(cancels[0]["firmware_id"], firmware_id);
 
     // The error threshold aborts a rollout so configured: its unsent devices are canceled.
     let (firmware_id, _) = stack.release_firmware("2.1.0", &image(20_000)).await;
@@ -827,4 +848,373 @@ async fn outcomes_acked_but_never_handled_are_recovered_from_the_devices() {
     for device in &devices {
         assert_eq!(device.updates_received(), 1, "no update was sent twice");
     }
+}
+
+/// A rollout device's row from `/rollouts/{id}/devices`.
+async fn rollout_device(stack: &Stack, rollout: &str, device: &str) -> Value {
+    let (_, page) = stack
+        .call(
+            Method::GET,
+            &format!("/api/v1/rollouts/{rollout}/devices"),
+            None,
+        )
+        .await;
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == device)
+        .cloned()
+        .unwrap_or_else(|| panic!("{device} in {page}"))
+}
+
+/// A device download of `firmware_id` with the device's token; answers the status.
+async fn device_download(
+    stack: &Stack,
+    firmware_id: &str,
+    device: &str,
+    token: &str,
+) -> StatusCode {
+    let request = Request::builder()
+        .uri(format!("/api/v1/firmware/{firmware_id}/download"))
+        .header("x-device-id", device)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    stack.request(request).await.0
+}
+
+/// What operators do besides the happy path, on real devices: a second rollout of busy devices
+/// is refused; an abort tells the devices to give the update up so a fix goes out at once; a
+/// deprecated image pauses (or aborts) its rollouts and is no longer downloaded by devices not
+/// updating to it; targets decommissioned or moved to another model are canceled, not failed;
+/// one-device rollouts run on the default waves and oversize wave sizes clamp; progress
+/// reports never move a device's state back; a device that waits says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborts_deprecations_overlaps_and_changed_targets_behave_as_operators_expect() {
+    let stack = Arc::new(Stack::start(Manager::Running).await);
+    let (bad, _) = stack.release_firmware("5.0.0", &image(8_000)).await;
+    let (fix, _) = stack.release_firmware("5.0.1", &image(9_000)).await;
+    let mut devices = HashMap::new();
+    let mut tokens = HashMap::new();
+    for id in ["a0", "a1"] {
+        let token = stack.register(id).await;
+        let device =
+            SimulatedDevice::connect(&stack, id, token.clone(), Behaviour::HangsOn("5.0.0")).await;
+        devices.insert(id, device);
+        tokens.insert(id, token);
+    }
+    stack.wait_until_online(2).await;
+    let create = |body: Value| {
+        let stack = stack.clone();
+        async move {
+            stack
+                .call(Method::POST, "/api/v1/rollouts", Some(body))
+                .await
+        }
+    };
+    let (status, body) = create(json!({"rollout_id": "r-bad", "firmware_id": bad,
+        "device_ids": ["a0", "a1"], "waves": [100], "device_timeout_secs": 3600}))
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    stack
+        .call(Method::POST, "/api/v1/rollouts/r-bad/start", None)
+        .await;
+    stack
+        .wait_for("/api/v1/rollouts/r-bad", "both sent", |r| r["sent"] == 2)
+        .await;
+    let sent = rollout_device(&stack, "r-bad", "a0").await;
+    assert!(
+        sent["waiting"]
+            .as_str()
+            .is_some_and(|w| w.contains("reports the new version, or times out at")),
+        "{sent}"
+    );
+
+    // 4. A second rollout of devices that the first still waits for is refused, with why.
+    let (status, body) = create(json!({"rollout_id": "r-overlap", "firmware_id": fix,
+        "device_ids": ["a1"]}))
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("a1 (rollout r-bad, running)"),
+        "{body}"
+    );
+
+    // 2. Aborting cancels the outstanding updates: the devices are told and freed, so the fix
+    // goes out at once (oversize wave sizes clamp to the two targets).
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/rollouts/r-bad/abort",
+            Some(json!({"reason": "bricks the radio"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let aborted = stack
+        .wait_for("/api/v1/rollouts/r-bad", "the abort", |r| {
+            r["status"] == "aborted"
+        })
+        .await;
+    assert_eq!(aborted["canceled"], 2, "{aborted}");
+    assert_eq!(aborted["device_counts"]["canceled"], 2, "{aborted}");
+    for id in ["a0", "a1"] {
+        stack
+            .wait_for(&format!("/api/v1/devices/{id}"), "the freed device", |d| {
+                d["firmware_update"].is_null()
+            })
+            .await;
+    }
+    let (status, body) = create(json!({"rollout_id": "r-fix", "firmware_id": fix,
+        "device_ids": ["a0", "a1"], "wave_sizes": [5, 50], "success_threshold": 100,
+        "error_threshold": 0}))
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    stack
+        .call(Method::POST, "/api/v1/rollouts/r-fix/start", None)
+        .await;
+    let fixed = stack
+        .wait_for("/api/v1/rollouts/r-fix", "the fix", |r| {
+            r["status"] == "completed"
+        })
+        .await;
+    assert_eq!(fixed["wave_sizes"], json!([2]), "{fixed}");
+    assert_eq!(
+        (&fixed["succeeded"], &fixed["failed"]),
+        (&json!(2), &json!(0)),
+        "{fixed}"
+    );
+    for id in ["a0", "a1"] {
+        let cancels = devices[id].cancels_received();
+        assert_eq!(cancels.len(), 1, "{id}: {cancels:?}");
+        assert_eq!(cancels[0]["rollout_id"], "r-bad");
+        assert!(
+            cancels[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("bricks the radio"),
+            "{cancels:?}"
+        );
+        assert_eq!(
+            devices[id].updates_received(),
+            2,
+            "{id}: the bad image, then the fix"
+        );
+    }
+
+    // 3. Deprecating an image pauses its running rollout before the next wave; the image is
+    // no longer downloaded by devices not updating to it, and the rollout cannot resume.
+    let (brick, _) = stack.release_firmware("6.0.0", &image(7_000)).await;
+    for id in ["b0", "b1", "b2"] {
+        let token = stack.register(id).await;
+        let device =
+            SimulatedDevice::connect(&stack, id, token.clone(), Behaviour::HangsOn("6.0.0")).await;
+        devices.insert(id, device);
+        tokens.insert(id, token);
+    }
+    stack.wait_until_online(5).await;
+    let (status, body) = create(json!({"rollout_id": "r-brick", "firmware_id": brick,
+        "device_ids": ["b0", "b1", "b2"], "wave_sizes": [1], "device_timeout_secs": 3600}))
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    stack
+        .call(Method::POST, "/api/v1/rollouts/r-brick/start", None)
+        .await;
+    stack
+        .wait_for("/api/v1/devices/b0", "b0 updating", |d| {
+            d["firmware_update"]["rollout_id"] == "r-brick"
+        })
+        .await;
+    let waiting = rollout_device(&stack, "r-brick", "b1").await;
+    assert_eq!(waiting["waiting"], "wave 1 has not started", "{waiting}");
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            &format!("/api/v1/firmware/{brick}/deprecate"),
+            Some(json!({"reason": "bricks devices"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let paused = stack
+        .wait_for("/api/v1/rollouts/r-brick", "the pause", |r| {
+            r["status"] == "paused"
+        })
+        .await;
+    assert!(
+        paused["pause_reason"]
+            .as_str()
+            .unwrap()
+            .contains("deprecated: bricks devices"),
+        "{paused}"
+    );
+    assert_eq!(
+        device_download(&stack, &brick, "b1", &tokens["b1"]).await,
+        StatusCode::GONE
+    );
+    assert_eq!(
+        device_download(&stack, &brick, "b0", &tokens["b0"]).await,
+        StatusCode::OK,
+        "a device updating to it may finish its download"
+    );
+    let (status, body) = stack
+        .call(Method::POST, "/api/v1/rollouts/r-brick/resume", None)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let waiting = rollout_device(&stack, "r-brick", "b1").await;
+    assert!(
+        waiting["waiting"]
+            .as_str()
+            .unwrap()
+            .starts_with("the rollout is paused"),
+        "{waiting}"
+    );
+    for id in ["b1", "b2"] {
+        assert_eq!(devices[id].updates_received(), 0, "{id} was never sent it");
+    }
+
+    // 6 and 3, abort policy: a one-device rollout on the default waves runs; deprecating its
+    // image with `rollouts: abort` aborts it and tells the device.
+    let (brick2, _) = stack.release_firmware("6.1.0", &image(6_000)).await;
+    let token = stack.register("c0").await;
+    let c0 = SimulatedDevice::connect(&stack, "c0", token, Behaviour::HangsOn("6.1.0")).await;
+    devices.insert("c0", c0);
+    stack.wait_until_online(6).await;
+    let (status, body) =
+        create(json!({"rollout_id": "r-one", "firmware_id": brick2, "device_ids": ["c0"]})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    stack
+        .call(Method::POST, "/api/v1/rollouts/r-one/start", None)
+        .await;
+    let one = stack
+        .wait_for("/api/v1/rollouts/r-one", "c0 sent", |r| r["sent"] == 1)
+        .await;
+    assert_eq!(one["waves"], json!([100]), "{one}");
+    stack
+        .wait_for("/api/v1/devices/c0", "c0 updating", |d| {
+            d["firmware_update"]["rollout_id"] == "r-one"
+        })
+        .await;
+
+    // 7. A late progress report of an earlier state does not move the device back.
+    let options = MqttOptions::new("progress-tester", "127.0.0.1", stack.broker.port());
+    let (tester, mut tester_events) = AsyncClient::new(options, 10);
+    tokio::spawn(async move { while tester_events.poll().await.is_ok() {} });
+    for (state, percent) in [("installing", 50), ("downloading", 100)] {
+        let body = json!({"rollout_id": "r-one", "state": state, "progress": percent});
+        tester
+            .publish(
+                "devices/c0/ota/progress",
+                QoS::AtLeastOnce,
+                false,
+                body.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    let installing = stack
+        .wait_for("/api/v1/rollouts/r-one/devices", "installing", |page| {
+            page["items"][0]["status"] == "installing"
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = rollout_device(&stack, "r-one", "c0").await;
+    assert_eq!(still["status"], "installing", "{installing} then {still}");
+    assert_eq!(still["progress"], 50, "{still}");
+
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            &format!("/api/v1/firmware/{brick2}/deprecate"),
+            Some(json!({"reason": "bricks devices too", "rollouts": "abort"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let aborted = stack
+        .wait_for("/api/v1/rollouts/r-one", "the abort", |r| {
+            r["status"] == "aborted"
+        })
+        .await;
+    assert!(
+        aborted["pause_reason"]
+            .as_str()
+            .unwrap()
+            .contains("deprecated"),
+        "{aborted}"
+    );
+    stack
+        .wait_for("/api/v1/devices/c0", "c0 freed", |d| {
+            d["firmware_update"].is_null()
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while devices["c0"].cancels_received().is_empty() {
+        assert!(Instant::now() < deadline, "c0 was never told to cancel");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 5. Targets that change during a rollout: one moved to a model the image does not
+    // support, one decommissioned; both are canceled with their reason and neither counts
+    // against the (zero) error threshold. A device never seen online says so.
+    let (change, _) = stack.release_firmware("7.0.0", &image(5_000)).await;
+    for id in ["e0", "e1", "e2"] {
+        let token = stack.register(id).await;
+        let device = SimulatedDevice::connect(&stack, id, token, Behaviour::Succeeds).await;
+        devices.insert(id, device);
+    }
+    stack.register("e3").await;
+    stack.wait_until_online(9).await;
+    let (status, body) = create(json!({"rollout_id": "r-change", "firmware_id": change,
+        "device_ids": ["e0", "e1", "e2", "e3"], "wave_sizes": [1], "success_threshold": 100,
+        "error_threshold": 0, "window_secs": 3600}))
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = stack
+        .call(
+            Method::PATCH,
+            "/api/v1/devices/e1",
+            Some(json!({"model": "thermo-x"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = stack.call(Method::DELETE, "/api/v1/devices/e2", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    stack
+        .wait_for("/api/v1/devices/e1", "the new model", |d| {
+            d["model"] == "thermo-x"
+        })
+        .await;
+    stack
+        .call(Method::POST, "/api/v1/rollouts/r-change/start", None)
+        .await;
+    let changed = stack
+        .wait_for(
+            "/api/v1/rollouts/r-change",
+            "e0 done, e1 and e2 canceled",
+            |r| r["succeeded"] == 1 && r["canceled"] == 2,
+        )
+        .await;
+    assert_eq!(changed["status"], "running", "{changed}");
+    assert_eq!(
+        (&changed["failed"], &changed["timed_out"]),
+        (&json!(0), &json!(0))
+    );
+    let e1 = rollout_device(&stack, "r-change", "e1").await;
+    assert_eq!(e1["status"], "canceled", "{e1}");
+    assert!(e1["error"].as_str().unwrap().contains("thermo-x"), "{e1}");
+    let e2 = rollout_device(&stack, "r-change", "e2").await;
+    assert_eq!(e2["status"], "canceled", "{e2}");
+    assert_eq!(e2["error"], "device decommissioned", "{e2}");
+    assert_eq!(devices["e1"].updates_received(), 0);
+    let e3 = rollout_device(&stack, "r-change", "e3").await;
+    assert_eq!(e3["status"], "queued", "{e3}");
+    assert!(
+        e3["waiting"]
+            .as_str()
+            .unwrap()
+            .starts_with("never seen online: sent when it comes online, or times out at "),
+        "{e3}"
+    );
 }

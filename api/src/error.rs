@@ -30,6 +30,9 @@ pub enum ApiError {
     /// The request conflicts with the current state (e.g. it exists already).
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for was withdrawn for good (a deprecated image).
+    #[error("{0}")]
+    Gone(String),
     /// The request is well-formed but the domain refuses it.
     #[error("{0}")]
     Unprocessable(String),
@@ -76,6 +79,7 @@ impl ApiError {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Gone(_) => StatusCode::GONE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::NotCaughtUp(_) => StatusCode::SERVICE_UNAVAILABLE,

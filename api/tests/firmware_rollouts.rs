@@ -238,12 +238,12 @@ async fn rollouts_are_planned_followed_and_steered() {
             "not both",
         ),
         (
-            "wave sizes beyond the targets",
+            "an empty wave size",
             json!(operator),
             json!({"firmware_id": "thermo@2.0.0", "device_ids": ["d1", "d2"],
-                   "wave_sizes": [1, 2]}),
+                   "wave_sizes": [1, 0]}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "adding up to at most the 2 targets",
+            "device counts of at least 1",
         ),
     ];
     for (case, token, body, expected, detail) in refused {
@@ -302,49 +302,6 @@ async fn rollouts_are_planned_followed_and_steered() {
     assert_eq!(rollout["waves"], json!([25, 100]));
     assert_eq!(rollout["wave_sizes"], json!([1, 3]));
 
-    // A canary of one device, then the rest: waves by size.
-    let (status, canary) = platform
-        .call(
-            Method::POST,
-            "/api/v1/rollouts",
-            &operator,
-            Some(
-                json!({"rollout_id": "r-canary", "firmware_id": "thermo@2.0.0",
-                        "filter": {"model": "thermo"}, "wave_sizes": [1]}),
-            ),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{canary}");
-    let (status, canary) = platform
-        .call(
-            Method::GET,
-            &format!(
-                "/api/v1/rollouts/r-canary?min_position={}",
-                position(&canary)
-            ),
-            &viewer,
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{canary}");
-    assert_eq!(canary["waves"], json!([]));
-    assert_eq!(canary["wave_sizes"], json!([1, 3]));
-    let (status, page) = platform
-        .call(
-            Method::GET,
-            "/api/v1/rollouts/r-canary/devices",
-            &viewer,
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let waves: Vec<i64> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|device| device["wave"].as_i64().unwrap())
-        .collect();
-    assert_eq!(waves, [0, 1, 1, 1]);
     let (status, page) = platform
         .call(
             Method::GET,
@@ -413,6 +370,50 @@ async fn rollouts_are_planned_followed_and_steered() {
     assert_eq!(rollout["last_decision"]["decision"], "abort");
     assert_eq!(rollout["last_decision"]["reason"], "field reports");
 
+    // Once r-1 ended, its devices may be targeted again: a canary of one device, then the
+    // rest, waves by size.
+    let (status, canary) = platform
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            &operator,
+            Some(
+                json!({"rollout_id": "r-canary", "firmware_id": "thermo@2.0.0",
+                        "filter": {"model": "thermo"}, "wave_sizes": [1]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{canary}");
+    let (status, canary) = platform
+        .call(
+            Method::GET,
+            &format!(
+                "/api/v1/rollouts/r-canary?min_position={}",
+                position(&canary)
+            ),
+            &viewer,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{canary}");
+    assert_eq!(canary["waves"], json!([]));
+    assert_eq!(canary["wave_sizes"], json!([1, 3]));
+    let (status, page) = platform
+        .call(
+            Method::GET,
+            "/api/v1/rollouts/r-canary/devices",
+            &viewer,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let waves: Vec<i64> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|device| device["wave"].as_i64().unwrap())
+        .collect();
+    assert_eq!(waves, [0, 1, 1, 1]);
     // A deprecated image starts nothing new.
     platform
         .call(

@@ -150,6 +150,24 @@ pub struct Firmware {
     /// The platform's signature of the digest, from the release on.
     #[serde(default)]
     pub signature: Option<ImageSignature>,
+    /// What deprecation does to the rollouts still using the image.
+    #[serde(default)]
+    pub on_deprecation: RolloutsOnDeprecation,
+    /// Why the image was deprecated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecation_reason: Option<String>,
+}
+
+/// What deprecating an image does to the rollouts that use it and have not ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutsOnDeprecation {
+    /// Pause them: nothing more is sent; an operator aborts them (a paused rollout of a
+    /// deprecated image cannot resume).
+    #[default]
+    Pause,
+    /// Abort them: devices not sent are canceled, devices updating are told to give it up.
+    Abort,
 }
 
 /// A request to the Firmware aggregate.
@@ -185,6 +203,8 @@ pub enum FirmwareCommand {
     Deprecate {
         /// Why.
         reason: String,
+        /// What happens to the rollouts that use it.
+        rollouts: RolloutsOnDeprecation,
         /// Now.
         at: DateTime<Utc>,
     },
@@ -224,6 +244,10 @@ pub enum FirmwareEvent {
     FirmwareDeprecated {
         /// Why.
         reason: String,
+        /// What happens to the rollouts that use it (pause for events recorded before it was
+        /// a choice, which is what the rollout manager then does).
+        #[serde(default)]
+        rollouts: RolloutsOnDeprecation,
         /// When.
         at: DateTime<Utc>,
     },
@@ -319,7 +343,13 @@ impl Firmware {
                 self.status = FirmwareStatus::Released;
                 self.signature = signature;
             }
-            FirmwareEvent::FirmwareDeprecated { .. } => self.status = FirmwareStatus::Deprecated,
+            FirmwareEvent::FirmwareDeprecated {
+                reason, rollouts, ..
+            } => {
+                self.status = FirmwareStatus::Deprecated;
+                self.on_deprecation = rollouts;
+                self.deprecation_reason = Some(reason);
+            }
         }
     }
 
@@ -381,7 +411,11 @@ impl Firmware {
                 FirmwareStatus::Released => Err(FirmwareError::AlreadyReleased),
                 FirmwareStatus::Deprecated => Err(FirmwareError::Deprecated),
             },
-            FirmwareCommand::Deprecate { reason, at } => {
+            FirmwareCommand::Deprecate {
+                reason,
+                rollouts,
+                at,
+            } => {
                 if !crate::is_valid_reason(&reason) {
                     return Err(FirmwareError::InvalidReason);
                 }
@@ -389,7 +423,11 @@ impl Firmware {
                     FirmwareStatus::Unregistered => Err(FirmwareError::NotRegistered),
                     FirmwareStatus::Deprecated => Err(FirmwareError::Deprecated),
                     FirmwareStatus::Draft | FirmwareStatus::Released => {
-                        Ok(vec![FirmwareEvent::FirmwareDeprecated { reason, at }])
+                        Ok(vec![FirmwareEvent::FirmwareDeprecated {
+                            reason,
+                            rollouts,
+                            at,
+                        }])
                     }
                 }
             }
@@ -553,12 +591,14 @@ mod tests {
     fn deprecates_and_then_refuses_everything() {
         let deprecated = FirmwareEvent::FirmwareDeprecated {
             reason: "bricks devices".into(),
+            rollouts: RolloutsOnDeprecation::Abort,
             at: at(),
         };
         Given::with(())
             .given(vec![registered(), released()])
             .when(FirmwareCommand::Deprecate {
                 reason: "bricks devices".into(),
+                rollouts: RolloutsOnDeprecation::Abort,
                 at: at(),
             })
             .then_expect_events(vec![deprecated.clone()]);
@@ -570,6 +610,7 @@ mod tests {
             .given(vec![registered(), deprecated])
             .when(FirmwareCommand::Deprecate {
                 reason: "again".into(),
+                rollouts: RolloutsOnDeprecation::Pause,
                 at: at(),
             })
             .then_expect_error(FirmwareError::Deprecated);
@@ -577,6 +618,7 @@ mod tests {
             .given(vec![registered()])
             .when(FirmwareCommand::Deprecate {
                 reason: " ".into(),
+                rollouts: RolloutsOnDeprecation::Pause,
                 at: at(),
             })
             .then_expect_error(FirmwareError::InvalidReason);

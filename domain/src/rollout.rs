@@ -37,8 +37,8 @@ pub enum Waves {
     /// the first tenth in wave 0, up to half in wave 1, the rest in wave 2.
     Percentages(Vec<u8>),
     /// Devices per wave: `[5, 50]` puts the first 5 targets in wave 0, the next 50 in wave 1
-    /// and any left over in one last wave. Every size is at least 1, the sum at most the
-    /// number of targets.
+    /// and any left over in one last wave. Every size is at least 1; sizes past the targets
+    /// are clamped, and waves left with no device dropped.
     Sizes(Vec<usize>),
 }
 
@@ -106,6 +106,12 @@ pub enum DeviceOutcome {
     /// The device did not finish within the per-device timeout, or was not reachable within
     /// the rollout's window.
     TimedOut,
+    /// The device left the rollout without an attempt: decommissioned, or its model no longer
+    /// fits the image. Neither a success nor a failure: thresholds judge a wave without it.
+    Canceled {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Outcomes so far in one wave.
@@ -117,6 +123,9 @@ pub struct WaveTally {
     pub failed: usize,
     /// Devices that timed out.
     pub timed_out: usize,
+    /// Devices canceled without an attempt.
+    #[serde(default)]
+    pub canceled: usize,
 }
 
 impl WaveTally {
@@ -125,6 +134,7 @@ impl WaveTally {
             DeviceOutcome::Succeeded => self.succeeded += 1,
             DeviceOutcome::Failed { .. } => self.failed += 1,
             DeviceOutcome::TimedOut => self.timed_out += 1,
+            DeviceOutcome::Canceled { .. } => self.canceled += 1,
         }
     }
 
@@ -133,8 +143,9 @@ impl WaveTally {
         self.failed + self.timed_out
     }
 
+    /// Devices with an outcome, canceled ones included.
     fn finished(&self) -> usize {
-        self.succeeded + self.failures()
+        self.succeeded + self.failures() + self.canceled
     }
 }
 
@@ -151,6 +162,9 @@ pub struct Counts {
     pub wave_failed: usize,
     /// Its timeouts.
     pub wave_timed_out: usize,
+    /// Its devices canceled without an attempt, which the thresholds leave out.
+    #[serde(default)]
+    pub wave_canceled: usize,
     /// Targets of the rollout.
     pub targets: usize,
     /// Devices the update was sent to.
@@ -161,6 +175,9 @@ pub struct Counts {
     pub failed: usize,
     /// Devices that timed out.
     pub timed_out: usize,
+    /// Devices canceled without an attempt.
+    #[serde(default)]
+    pub canceled: usize,
     /// Devices without an outcome.
     pub pending: usize,
 }
@@ -222,6 +239,13 @@ pub struct Rollout {
     /// Outcomes per wave.
     #[serde(default)]
     pub tallies: Vec<WaveTally>,
+    /// The wave an operator accepted by resuming while it ran: its thresholds no longer pause
+    /// it, and it leads to the next wave once every device in it has an outcome.
+    #[serde(default)]
+    pub accepted_wave: Option<usize>,
+    /// When the rollout was aborted: outcomes devices reported before it still count.
+    #[serde(default)]
+    pub aborted_at: Option<DateTime<Utc>>,
     #[serde(skip)]
     index: TargetIndex,
 }
@@ -273,6 +297,16 @@ pub enum RolloutCommand {
         /// Now.
         at: DateTime<Utc>,
     },
+    /// Put a device recorded as sent back in the queue: it could not take the update now
+    /// (another update is under way on it), which is neither its success nor its failure.
+    ReturnToQueue {
+        /// The device.
+        device_id: DeviceId,
+        /// Why it waits.
+        reason: String,
+        /// Now.
+        at: DateTime<Utc>,
+    },
     /// Record how the update ended on one device; the rollout may advance, pause, abort or
     /// complete as a result.
     RecordDeviceOutcome {
@@ -295,13 +329,15 @@ pub enum RolloutCommand {
         /// Now.
         at: DateTime<Utc>,
     },
-    /// Continue after a pause. A wave that finished below the success threshold is taken as
-    /// accepted by the operator: the next one starts.
+    /// Continue after a pause. The current wave is taken as accepted by the operator: its
+    /// thresholds no longer pause it, and once every device in it has an outcome (now or
+    /// later) the next one starts.
     Resume {
         /// Now.
         at: DateTime<Utc>,
     },
-    /// Stop for good; devices not sent yet are canceled.
+    /// Stop for good; every device without an outcome is canceled (the rollout manager tells
+    /// those sent to give the update up).
     Abort {
         /// Why.
         reason: String,
@@ -373,6 +409,15 @@ pub enum RolloutEvent {
         /// When.
         at: DateTime<Utc>,
     },
+    /// A device recorded as sent could not take the update now and waits in the queue again.
+    DeviceReturnedToQueue {
+        /// The device.
+        device_id: DeviceId,
+        /// Why it waits.
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// The update ended on one device.
     DeviceOutcomeRecorded {
         /// The device.
@@ -406,7 +451,8 @@ pub enum RolloutEvent {
         /// Whether the error threshold aborted it, rather than a person.
         #[serde(default)]
         automatic: bool,
-        /// Devices that were not sent the update and never will be.
+        /// Devices left without an outcome: those not sent the update never will be, those
+        /// sent are told to give it up.
         #[serde(default)]
         canceled: usize,
         /// The counts when it stopped.
@@ -436,6 +482,7 @@ impl DomainEvent for RolloutEvent {
             Self::RolloutStarted { .. } => "RolloutStarted",
             Self::WaveStarted { .. } => "WaveStarted",
             Self::DevicesSent { .. } => "DevicesSent",
+            Self::DeviceReturnedToQueue { .. } => "DeviceReturnedToQueue",
             Self::DeviceOutcomeRecorded { .. } => "DeviceOutcomeRecorded",
             Self::RolloutPaused { .. } => "RolloutPaused",
             Self::RolloutResumed { .. } => "RolloutResumed",
@@ -468,12 +515,9 @@ pub enum RolloutError {
     /// Wave boundaries that do not rise strictly to 100.
     #[error("waves must be cumulative percentages rising strictly to 100, e.g. [10, 50, 100]")]
     InvalidWaves,
-    /// Wave sizes that are empty, too many, or add up to more than the targets.
-    #[error("wave sizes must be 1 to {MAX_WAVES} device counts of at least 1, adding up to at most the {0} targets")]
+    /// Wave sizes that are empty, zero, or more waves than allowed (a remainder wave included).
+    #[error("wave sizes must be 1 to {MAX_WAVES} device counts of at least 1, the rest of the {0} targets included")]
     InvalidWaveSizes(usize),
-    /// A wave with no device in it.
-    #[error("wave {0} would hold no device: use fewer waves for this many targets")]
-    EmptyWave(usize),
     /// A threshold out of range.
     #[error("success threshold must be 1 to 100 and error threshold 0 to 100")]
     InvalidThreshold,
@@ -500,9 +544,13 @@ pub enum RolloutError {
     /// A timeout recorded before the device's time is up.
     #[error("device {0} has not used up its time yet")]
     NotTimedOut(DeviceId),
-    /// An outcome after the rollout was aborted for a device it never sent to.
+    /// An outcome after the rollout was aborted, for a device it never sent to or one that
+    /// reported after the abort.
     #[error("device {0} was canceled")]
     Canceled(DeviceId),
+    /// A device put back in the queue that is not waiting for its outcome.
+    #[error("device {0} is not waiting for its update")]
+    NotInFlight(DeviceId),
     /// The current wave is below the success threshold.
     #[error("wave {wave} has {succeeded_percent}% successes, the threshold is {threshold}%")]
     ThresholdNotReached {
@@ -587,8 +635,10 @@ impl Rollout {
                 self.status = RolloutStatus::Created;
                 self.index = TargetIndex::default();
             }
-            RolloutEvent::RolloutStarted { .. } | RolloutEvent::RolloutResumed { .. } => {
+            RolloutEvent::RolloutStarted { .. } => self.status = RolloutStatus::Running,
+            RolloutEvent::RolloutResumed { .. } => {
                 self.status = RolloutStatus::Running;
+                self.accepted_wave = self.current_wave;
             }
             RolloutEvent::WaveStarted { wave, at, .. } => {
                 self.current_wave = Some(wave);
@@ -597,6 +647,9 @@ impl Rollout {
             }
             RolloutEvent::DevicesSent { devices, at } => {
                 self.sent.extend(devices.into_iter().map(|d| (d, at)));
+            }
+            RolloutEvent::DeviceReturnedToQueue { device_id, .. } => {
+                self.sent.remove(&device_id);
             }
             RolloutEvent::DeviceOutcomeRecorded {
                 device_id, outcome, ..
@@ -609,7 +662,10 @@ impl Rollout {
                 self.outcomes.insert(device_id, outcome);
             }
             RolloutEvent::RolloutPaused { .. } => self.status = RolloutStatus::Paused,
-            RolloutEvent::RolloutAborted { .. } => self.status = RolloutStatus::Aborted,
+            RolloutEvent::RolloutAborted { at, .. } => {
+                self.status = RolloutStatus::Aborted;
+                self.aborted_at = Some(at);
+            }
             RolloutEvent::RolloutCompleted { .. } => self.status = RolloutStatus::Completed,
         }
     }
@@ -663,6 +719,7 @@ impl Rollout {
                 succeeded: sum.succeeded + t.succeeded,
                 failed: sum.failed + t.failed,
                 timed_out: sum.timed_out + t.timed_out,
+                canceled: sum.canceled + t.canceled,
             });
         Counts {
             wave,
@@ -670,17 +727,24 @@ impl Rollout {
             wave_succeeded: tally.succeeded,
             wave_failed: tally.failed,
             wave_timed_out: tally.timed_out,
+            wave_canceled: tally.canceled,
             targets: self.targets.len(),
             sent: self.sent.len(),
             succeeded: total.succeeded,
             failed: total.failed,
             timed_out: total.timed_out,
+            canceled: total.canceled,
             pending: self.targets.len() - total.finished(),
         }
     }
 
+    /// The devices of wave `wave` that its thresholds judge: the canceled ones left out.
+    fn judged_size(&self, tallies: &[WaveTally], wave: usize) -> usize {
+        self.wave_devices(wave).len() - tallies[wave].canceled
+    }
+
     fn ensure_wave_succeeded(&self, wave: usize) -> Result<(), RolloutError> {
-        let size = self.wave_devices(wave).len();
+        let size = self.judged_size(&self.tallies, wave);
         let succeeded = self.tallies[wave].succeeded;
         if succeeded * 100 < usize::from(self.success_threshold) * size {
             return Err(RolloutError::ThresholdNotReached {
@@ -699,11 +763,16 @@ impl Rollout {
         }
     }
 
-    /// Devices neither sent nor finished: the ones an abort cancels.
-    pub fn unsent(&self) -> impl Iterator<Item = &DeviceId> {
+    /// Devices without an outcome: the ones an abort cancels.
+    pub fn outstanding(&self) -> impl Iterator<Item = &DeviceId> {
         self.targets
             .iter()
-            .filter(|d| !self.sent.contains_key(*d) && !self.outcomes.contains_key(*d))
+            .filter(|d| !self.outcomes.contains_key(*d))
+    }
+
+    /// Devices sent the update that have no outcome yet: the ones an abort tells to give it up.
+    pub fn in_flight(&self) -> impl Iterator<Item = &DeviceId> {
+        self.sent.keys().filter(|d| !self.outcomes.contains_key(*d))
     }
 
     /// Decides which events a command produces, without changing the aggregate.
@@ -784,6 +853,24 @@ impl Rollout {
                 }
                 Ok(vec![RolloutEvent::DevicesSent { devices: due, at }])
             }
+            RolloutCommand::ReturnToQueue {
+                device_id,
+                reason,
+                at,
+            } => {
+                validate_reason(&reason)?;
+                if !matches!(self.status, RolloutStatus::Running | RolloutStatus::Paused) {
+                    return Err(self.transition("return a device to the queue of"));
+                }
+                if !self.sent.contains_key(&device_id) || self.outcomes.contains_key(&device_id) {
+                    return Err(RolloutError::NotInFlight(device_id));
+                }
+                Ok(vec![RolloutEvent::DeviceReturnedToQueue {
+                    device_id,
+                    reason,
+                    at,
+                }])
+            }
             RolloutCommand::RecordDeviceOutcome {
                 device_id,
                 outcome,
@@ -849,27 +936,45 @@ impl Rollout {
         outcome: DeviceOutcome,
         at: DateTime<Utc>,
     ) -> Result<Vec<RolloutEvent>, RolloutError> {
-        if !matches!(
-            self.status,
-            RolloutStatus::Running | RolloutStatus::Paused | RolloutStatus::Aborted
-        ) {
-            return Err(self.transition("record an outcome in"));
-        }
         let wave = self
             .wave_of(&device_id)
             .ok_or_else(|| RolloutError::UnknownDevice(device_id.clone()))?;
-        if self.current_wave.is_none_or(|current| wave > current) {
-            return Err(RolloutError::WaveNotStarted(device_id));
-        }
         if self.outcomes.contains_key(&device_id) {
             // A device's outcome is final; a repeated report changes nothing.
             return Ok(vec![]);
         }
+        if let DeviceOutcome::Canceled { reason } = &outcome {
+            // A target that left the rollout (decommissioned, another model) is canceled
+            // whenever that is found, in any wave, before it is ever sent.
+            validate_reason(reason)?;
+            if !matches!(
+                self.status,
+                RolloutStatus::Created | RolloutStatus::Running | RolloutStatus::Paused
+            ) {
+                return Err(self.transition("cancel a device of"));
+            }
+        } else if !matches!(
+            self.status,
+            RolloutStatus::Running | RolloutStatus::Paused | RolloutStatus::Aborted
+        ) {
+            return Err(self.transition("record an outcome in"));
+        } else if self.current_wave.is_none_or(|current| wave > current) {
+            return Err(RolloutError::WaveNotStarted(device_id));
+        }
         let sent_at = self.sent.get(&device_id).copied();
-        if self.status == RolloutStatus::Aborted && sent_at.is_none() {
-            return Err(RolloutError::Canceled(device_id));
+        if let Some(aborted_at) = self.aborted_at {
+            // The abort canceled every device without an outcome; only what a device sent
+            // the update reported before the abort still counts.
+            let reported_before = matches!(
+                outcome,
+                DeviceOutcome::Succeeded | DeviceOutcome::Failed { .. }
+            ) && at <= aborted_at;
+            if sent_at.is_none() || !reported_before {
+                return Err(RolloutError::Canceled(device_id));
+            }
         }
         match (&outcome, sent_at) {
+            (DeviceOutcome::Canceled { .. }, _) => {}
             (DeviceOutcome::TimedOut, Some(sent_at)) => {
                 // A deadline past the calendar never comes (rollouts created before the
                 // bounds above may carry any number).
@@ -890,7 +995,11 @@ impl Rollout {
         }
         let mut tallies = self.tallies.clone();
         tallies[wave].add(&outcome);
-        let failed_wave = (outcome != DeviceOutcome::Succeeded).then_some(wave);
+        let failed_wave = matches!(
+            outcome,
+            DeviceOutcome::Failed { .. } | DeviceOutcome::TimedOut
+        )
+        .then_some(wave);
         let mut events = vec![RolloutEvent::DeviceOutcomeRecorded {
             device_id,
             outcome,
@@ -905,8 +1014,9 @@ impl Rollout {
     /// The decision a running rollout takes with `tallies`, if any: pause or abort when the
     /// wave of a new failure (`failed_wave`) exceeds the error threshold; start the next wave
     /// when the current one reached the success threshold (or finished, when an operator
-    /// resumed: `accept_finished`); pause when the current wave finished below it; complete
-    /// when every device has its outcome.
+    /// resumed: `accept_finished`, or accepted it by an earlier resume); pause when the current
+    /// wave finished below it; complete when every device has its outcome. Canceled devices
+    /// count for neither threshold.
     fn judge(
         &self,
         tallies: &[WaveTally],
@@ -914,8 +1024,8 @@ impl Rollout {
         accept_finished: bool,
         at: DateTime<Utc>,
     ) -> Option<RolloutEvent> {
-        if let Some(wave) = failed_wave {
-            let size = self.wave_devices(wave).len();
+        if let Some(wave) = failed_wave.filter(|wave| self.accepted_wave != Some(*wave)) {
+            let size = self.judged_size(tallies, wave);
             let failures = tallies[wave].failures();
             if failures * 100 > usize::from(self.error_threshold) * size {
                 let reason = format!(
@@ -935,12 +1045,13 @@ impl Rollout {
         }
         let current = self.current_wave?;
         let last = self.wave_count() - 1;
-        let size = self.wave_devices(current).len();
+        let size = self.judged_size(tallies, current);
         let tally = tallies[current];
         let reached = tally.succeeded * 100 >= usize::from(self.success_threshold) * size;
-        let finished = tally.finished() == size;
+        let finished = tally.finished() == self.wave_devices(current).len();
+        let accepted = accept_finished || self.accepted_wave == Some(current);
         if current < last {
-            if reached || (finished && accept_finished) {
+            if reached || (finished && accepted) {
                 return Some(self.next_wave(tallies, current, at));
             }
             if finished {
@@ -981,7 +1092,9 @@ impl Rollout {
         RolloutEvent::RolloutAborted {
             reason,
             automatic,
-            canceled: self.unsent().count(),
+            // Every device without an outcome under `tallies`, which may hold one more than
+            // the state does.
+            canceled: self.targets.len() - tallies.iter().map(WaveTally::finished).sum::<usize>(),
             counts: Some(self.counts_with(tallies, self.current_wave.unwrap_or(0))),
             at,
         }
@@ -1020,27 +1133,45 @@ fn validate_plan(
             if waves.is_empty() || !rising || waves[0] == 0 || waves.last() != Some(&100) {
                 return Err(RolloutError::InvalidWaves);
             }
-            match (0..waves.len()).find(|w| wave_range(targets.len(), &waves, &[], *w).is_empty()) {
-                Some(empty) => Err(RolloutError::EmptyWave(empty)),
-                None => Ok((waves, Vec::new())),
-            }
-        }
-        Waves::Sizes(mut sizes) => {
-            let total = sizes
+            // A wave that would hold no device (a tenth of one device is none) is left out,
+            // so the default plan serves a fleet of one: of several boundaries that fall on
+            // the same device, the last one stays.
+            let end_of = |p: u8| (targets.len() * usize::from(p)).div_ceil(100);
+            let kept: Vec<u8> = waves
                 .iter()
-                .try_fold(0usize, |sum, size| sum.checked_add(*size));
-            let fits = total.is_some_and(|total| total <= targets.len());
-            if sizes.is_empty() || sizes.len() > MAX_WAVES || sizes.contains(&0) || !fits {
+                .enumerate()
+                .filter(|(i, p)| {
+                    waves
+                        .get(i + 1)
+                        .is_none_or(|next| end_of(*next) > end_of(**p))
+                })
+                .map(|(_, p)| *p)
+                .collect();
+            Ok((kept, Vec::new()))
+        }
+        Waves::Sizes(sizes) => {
+            if sizes.is_empty() || sizes.len() > MAX_WAVES || sizes.contains(&0) {
                 return Err(RolloutError::InvalidWaveSizes(targets.len()));
             }
-            let rest = targets.len() - total.unwrap_or(0);
-            if rest > 0 {
-                if sizes.len() == MAX_WAVES {
+            // Sizes past the targets are clamped: the waves fill up in order and those left
+            // with no device are dropped; the targets the sizes leave over form a last wave.
+            let mut left = targets.len();
+            let mut clamped = Vec::with_capacity(sizes.len() + 1);
+            for size in sizes {
+                let size = size.min(left);
+                if size == 0 {
+                    break;
+                }
+                clamped.push(size);
+                left -= size;
+            }
+            if left > 0 {
+                if clamped.len() == MAX_WAVES {
                     return Err(RolloutError::InvalidWaveSizes(targets.len()));
                 }
-                sizes.push(rest);
+                clamped.push(left);
             }
-            Ok((Vec::new(), sizes))
+            Ok((Vec::new(), clamped))
         }
     }
 }
@@ -1205,23 +1336,11 @@ mod tests {
                 RolloutError::InvalidWaves,
             ),
             (
-                create(devices(0..2), vec![10, 20, 100]),
-                RolloutError::EmptyWave(1),
-            ),
-            (
                 create_in(devices(0..4), Waves::Sizes(vec![])),
                 RolloutError::InvalidWaveSizes(4),
             ),
             (
                 create_in(devices(0..4), Waves::Sizes(vec![1, 0, 3])),
-                RolloutError::InvalidWaveSizes(4),
-            ),
-            (
-                create_in(devices(0..4), Waves::Sizes(vec![2, 3])),
-                RolloutError::InvalidWaveSizes(4),
-            ),
-            (
-                create_in(devices(0..4), Waves::Sizes(vec![usize::MAX, 2])),
                 RolloutError::InvalidWaveSizes(4),
             ),
             (
@@ -1395,11 +1514,13 @@ mod tests {
                 wave_succeeded: 1,
                 wave_failed: 0,
                 wave_timed_out: 0,
+                wave_canceled: 0,
                 targets: 10,
                 sent: 2,
                 succeeded: 1,
                 failed: 0,
                 timed_out: 0,
+                canceled: 0,
                 pending: 9,
             }
         );
@@ -1615,7 +1736,8 @@ mod tests {
         let aborted = RolloutEvent::RolloutAborted {
             reason: "bad build".into(),
             automatic: false,
-            canceled: 8,
+            // Every device without an outcome: the two sent ones too.
+            canceled: 10,
             counts: Some(state(wave_0_sent()).counts(0)),
             at: at(7),
         };
@@ -1633,11 +1755,29 @@ mod tests {
                 from: RolloutStatus::Aborted,
                 action: "resume",
             });
-        // After an abort, devices already sent still report; canceled ones cannot.
+        // After an abort, what a sent device reported before it still counts; a later report
+        // or a timeout does not: the device was told to give the update up.
+        let reported_before_the_abort = RolloutCommand::RecordDeviceOutcome {
+            device_id: device(0),
+            outcome: failed(),
+            at: at(6),
+        };
+        Given::with(())
+            .given(with(wave_0_sent(), vec![aborted.clone()]))
+            .when(reported_before_the_abort)
+            .then_expect_events(vec![RolloutEvent::DeviceOutcomeRecorded {
+                device_id: device(0),
+                outcome: failed(),
+                at: at(6),
+            }]);
         Given::with(())
             .given(with(wave_0_sent(), vec![aborted.clone()]))
             .when(record(0, failed()))
-            .then_expect_events(vec![outcome(0, failed())]);
+            .then_expect_error(RolloutError::Canceled(device(0)));
+        Given::with(())
+            .given(with(wave_0_sent(), vec![aborted.clone()]))
+            .when(record(1, DeviceOutcome::TimedOut))
+            .then_expect_error(RolloutError::Canceled(device(1)));
         Given::with(())
             .given(with(started(), vec![aborted]))
             .when(record(1, DeviceOutcome::TimedOut))
@@ -1734,6 +1874,230 @@ mod tests {
         );
         let json = serde_json::to_value(created_with(ErrorAction::Pause)).unwrap();
         assert!(json["RolloutCreated"].get("wave_sizes").is_none());
+    }
+
+    fn plan_of(targets: usize, waves: Waves) -> (Vec<u8>, Vec<usize>) {
+        let rollout = state(
+            Rollout::default()
+                .decide(create_in(devices(0..targets), waves))
+                .unwrap(),
+        );
+        let sizes = (0..rollout.wave_count())
+            .map(|w| rollout.wave_devices(w).len())
+            .collect();
+        (rollout.waves, sizes)
+    }
+
+    #[test]
+    fn small_fleets_get_the_waves_they_can_fill() {
+        let default = || Waves::Percentages(vec![10, 50, 100]);
+        // Waves that would hold no device are left out; the last boundary of those that fall
+        // on the same device stays.
+        assert_eq!(plan_of(1, default()), (vec![100], vec![1]));
+        assert_eq!(plan_of(2, default()), (vec![50, 100], vec![1, 1]));
+        assert_eq!(plan_of(3, default()), (vec![10, 50, 100], vec![1, 1, 1]));
+        assert_eq!(plan_of(10, default()), (vec![10, 50, 100], vec![1, 4, 5]));
+        let percent = |w: Vec<u8>| Waves::Percentages(w);
+        assert_eq!(
+            plan_of(4, percent(vec![10, 20, 100])),
+            (vec![20, 100], vec![1, 3])
+        );
+        assert_eq!(
+            plan_of(1, percent(vec![1, 2, 3, 100])),
+            (vec![100], vec![1])
+        );
+        // Sizes past the targets are clamped in order.
+        let sizes = |s: Vec<usize>| Waves::Sizes(s);
+        assert_eq!(plan_of(3, sizes(vec![5, 50])), (vec![], vec![3]));
+        assert_eq!(plan_of(3, sizes(vec![1, 5])), (vec![], vec![1, 2]));
+        assert_eq!(plan_of(4, sizes(vec![2, 3])), (vec![], vec![2, 2]));
+        assert_eq!(plan_of(4, sizes(vec![usize::MAX, 2])), (vec![], vec![4]));
+        assert_eq!(plan_of(1, sizes(vec![1; MAX_WAVES])), (vec![], vec![1]));
+        // A one-device rollout with the defaults runs to its end.
+        let mut rollout = state(
+            Rollout::default()
+                .decide(create_in(devices(0..1), default()))
+                .unwrap(),
+        );
+        for command in [
+            RolloutCommand::Start { at: at(1) },
+            RolloutCommand::SendToDevices {
+                devices: devices(0..1),
+                at: at(2),
+            },
+            record(0, DeviceOutcome::Succeeded),
+        ] {
+            for event in rollout.decide(command).unwrap() {
+                rollout.evolve(event);
+            }
+        }
+        assert_eq!(rollout.status, RolloutStatus::Completed);
+    }
+
+    fn canceled(reason: &str) -> DeviceOutcome {
+        DeviceOutcome::Canceled {
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn canceled_devices_count_for_neither_threshold() {
+        let gone = canceled("device decommissioned");
+        // Canceled in a wave not started, and before the rollout started.
+        Given::with(())
+            .given(vec![created()])
+            .when(record(7, gone.clone()))
+            .then_expect_events(vec![outcome(7, gone.clone())]);
+        Given::with(())
+            .given(started())
+            .when(record(7, gone.clone()))
+            .then_expect_events(vec![outcome(7, gone.clone())]);
+        // Wave 0 of two with one canceled: the other one's success is 100% of the wave.
+        Given::with(())
+            .given(wave_0_sent())
+            .when(record(1, gone.clone()))
+            .then_expect_events(vec![outcome(1, gone.clone())]);
+        let mut judged = state(wave_0_sent());
+        judged.evolve(outcome(1, gone.clone()));
+        judged.evolve(outcome(0, DeviceOutcome::Succeeded));
+        Given::with(())
+            .given(with(wave_0_sent(), vec![outcome(1, gone.clone())]))
+            .when(record(0, DeviceOutcome::Succeeded))
+            .then_expect_events(vec![
+                outcome(0, DeviceOutcome::Succeeded),
+                RolloutEvent::WaveStarted {
+                    wave: 1,
+                    devices: devices(2..5),
+                    counts: Some(judged.counts(0)),
+                    at: at(10),
+                },
+            ]);
+        assert_eq!(judged.counts(0).wave_canceled, 1);
+        assert_eq!(judged.counts(0).pending, 8);
+        // A wave whose every device was canceled leads on to the next.
+        let events = state(with(wave_0_sent(), vec![outcome(0, gone.clone())]))
+            .decide(record(1, gone.clone()))
+            .unwrap();
+        assert!(matches!(
+            events[1],
+            RolloutEvent::WaveStarted { wave: 1, .. }
+        ));
+        // A reason is required; a finished rollout cancels nothing.
+        Given::with(())
+            .given(wave_0_sent())
+            .when(record(1, canceled("")))
+            .then_expect_error(RolloutError::InvalidReason);
+    }
+
+    #[test]
+    fn one_resume_accepts_the_wave() {
+        // Every device of wave 0 must succeed, and no failure is tolerated.
+        let strict = match created() {
+            RolloutEvent::RolloutCreated {
+                rollout_id,
+                tenant,
+                firmware_id,
+                targets,
+                waves,
+                wave_sizes,
+                on_error,
+                device_timeout_secs,
+                window_secs,
+                at,
+                ..
+            } => RolloutEvent::RolloutCreated {
+                rollout_id,
+                tenant,
+                firmware_id,
+                targets,
+                waves,
+                wave_sizes,
+                success_threshold: 100,
+                error_threshold: 0,
+                on_error,
+                device_timeout_secs,
+                window_secs,
+                at,
+            },
+            _ => unreachable!(),
+        };
+        let mut rollout = state(with(vec![strict], started()[1..].to_vec()));
+        rollout.evolve(sent(0..2));
+        let mut apply = |command| {
+            let events = rollout.decide(command).unwrap();
+            for event in events.clone() {
+                rollout.evolve(event);
+            }
+            events
+        };
+        // The first failure pauses at the error threshold, with d1 still installing.
+        let events = apply(record(0, failed()));
+        assert!(matches!(
+            events[1],
+            RolloutEvent::RolloutPaused {
+                automatic: true,
+                ..
+            }
+        ));
+        let events = apply(RolloutCommand::Resume { at: at(11) });
+        assert_eq!(events, vec![RolloutEvent::RolloutResumed { at: at(11) }]);
+        // d1 ends the wave below the success threshold: the resume accepted it, so the next
+        // wave starts instead of a second pause.
+        let events = apply(record(1, failed()));
+        assert!(
+            matches!(events[1], RolloutEvent::WaveStarted { wave: 1, .. }),
+            "{events:?}"
+        );
+        // The next wave is judged by the thresholds again.
+        apply(RolloutCommand::SendToDevices {
+            devices: devices(2..5),
+            at: at(12),
+        });
+        let events = apply(record(2, failed()));
+        assert!(matches!(
+            events[1],
+            RolloutEvent::RolloutPaused {
+                automatic: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_busy_device_returns_to_the_queue() {
+        let back = RolloutCommand::ReturnToQueue {
+            device_id: device(0),
+            reason: "another firmware update (thermo@1.9.0) is under way".into(),
+            at: at(3),
+        };
+        let returned = RolloutEvent::DeviceReturnedToQueue {
+            device_id: device(0),
+            reason: "another firmware update (thermo@1.9.0) is under way".into(),
+            at: at(3),
+        };
+        Given::with(())
+            .given(wave_0_sent())
+            .when(back.clone())
+            .then_expect_events(vec![returned.clone()]);
+        Given::with(())
+            .given(started())
+            .when(back)
+            .then_expect_error(RolloutError::NotInFlight(device(0)));
+        // Sent again later, once; it was neither a success nor a failure.
+        let rollout = state(with(wave_0_sent(), vec![returned]));
+        assert_eq!(rollout.counts(0).sent, 1);
+        assert_eq!(
+            rollout
+                .decide(RolloutCommand::SendToDevices {
+                    devices: devices(0..2),
+                    at: at(4)
+                })
+                .unwrap(),
+            vec![RolloutEvent::DevicesSent {
+                devices: devices(0..1),
+                at: at(4)
+            }]
+        );
     }
 
     fn canary_event() -> RolloutEvent {

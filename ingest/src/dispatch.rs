@@ -5,11 +5,15 @@
 //!   "expires_at"}` (not sent once expired);
 //! - `DesiredPropertiesSet` → `{root}/{id}/desired`, retained: `{"version", "desired"}`, the
 //!   device's whole desired document, so a device that connects later gets the latest;
-//! - `FirmwareUpdateRequested` → `{root}/{id}/ota`: `{"rollout_id", "firmware_id", "version",
-//!   "sha256", "size_bytes", "signature", "signature_algorithm", "key_id", "download_path",
-//!   "download_url"}`: the device downloads the image (device token, HTTP Range to resume),
-//!   checks its SHA-256 and the platform's ed25519 signature of that digest (public key at
-//!   `/api/v1/firmware/signing-key`, by key id) before installing;
+//! - `FirmwareUpdateRequested` → `{root}/{id}/ota`: `{"action": "install", "rollout_id",
+//!   "firmware_id", "version", "sha256", "size_bytes", "signature", "signature_algorithm",
+//!   "key_id", "download_path", "download_url"}`: the device downloads the image (device token,
+//!   HTTP Range to resume), checks its SHA-256 and the platform's ed25519 signature of that
+//!   digest (public key at `/api/v1/firmware/signing-key`, by key id) before installing;
+//! - `FirmwareUpdateAbandoned` (rollout aborted, update timed out, device decommissioned) →
+//!   `{root}/{id}/ota`: `{"action": "cancel", "rollout_id", "firmware_id", "reason"}`: the
+//!   device stops that update if it still can; on the same topic as the install, so it
+//!   arrives after it;
 //! - `DeviceDecommissioned` clears the retained desired document.
 //!
 //! Delivery is at least once, made effectively once by ids: the durable JetStream consumer's
@@ -51,6 +55,7 @@ const DISPATCHED: &[&str] = &[
     "CommandIssued",
     "DesiredPropertiesSet",
     "FirmwareUpdateRequested",
+    "FirmwareUpdateAbandoned",
     "DeviceDecommissioned",
 ];
 
@@ -314,6 +319,7 @@ impl Dispatcher {
                     .map(|base| format!("{}{download_path}", base.trim_end_matches('/')));
                 let signature = image.signature.as_ref();
                 let body = json!({
+                    "action": "install",
                     "rollout_id": rollout_id,
                     "firmware_id": firmware_id,
                     "version": version,
@@ -325,6 +331,23 @@ impl Dispatcher {
                     "download_path": download_path,
                     "download_url": download_url,
                     "requested_at": at,
+                });
+                publisher
+                    .publish(format!("{root}/{device}/ota"), &body, false, timeout)
+                    .await
+            }
+            DeviceEvent::FirmwareUpdateAbandoned {
+                rollout_id,
+                firmware_id,
+                reason,
+                at,
+            } => {
+                let body = json!({
+                    "action": "cancel",
+                    "rollout_id": rollout_id,
+                    "firmware_id": firmware_id,
+                    "reason": reason,
+                    "canceled_at": at,
                 });
                 publisher
                     .publish(format!("{root}/{device}/ota"), &body, false, timeout)

@@ -69,7 +69,7 @@ impl Projection for FirmwareProjection {
                 .execute(connection)
                 .await?;
             }
-            FirmwareEvent::FirmwareDeprecated { reason, at } => {
+            FirmwareEvent::FirmwareDeprecated { reason, at, .. } => {
                 sqlx::query(
                     "UPDATE firmware SET status = 'deprecated', deprecated_at = $3,
                             deprecation_reason = $4, last_sequence = $2

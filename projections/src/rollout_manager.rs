@@ -11,7 +11,15 @@
 //! - a device reported the new version (`FirmwareUpdateSucceeded`) or a failure: its outcome is
 //!   recorded; the Rollout aggregate then advances, pauses, aborts or completes by itself;
 //! - the sweep times out sent devices past the per-device timeout (and gives their update up on
-//!   the device) and queued devices that stayed offline for the whole window.
+//!   the device) and queued devices that stayed offline for the whole window;
+//! - a rollout aborted: every device it sent the update to and that has no outcome is told to
+//!   give the update up (`AbandonFirmwareUpdate`, which the dispatcher sends as an OTA cancel),
+//!   so the device is free for a fixed image at once;
+//! - an image deprecated: its rollouts that have not ended pause or abort, as the deprecation
+//!   says; and nothing of a deprecated image is sent, whatever the read models show yet;
+//! - a target decommissioned, or whose model the image no longer supports when it is sent: it
+//!   is canceled in the rollout (neither success nor failure); a target busy with another
+//!   update when it is sent goes back to the queue and is sent once it is free.
 //!
 //! Restart-safe: a rollout records a device as sent before the device is asked, and a device
 //! takes a rollout's request once (a repeat changes nothing; after the update ended it answers
@@ -32,6 +40,7 @@ use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
 use fleetlog_domain::device::{
     DeviceCommand, DeviceError, DeviceEvent, FirmwareImage, UpdateEnding,
 };
+use fleetlog_domain::firmware::{Firmware, FirmwareEvent, FirmwareStatus, RolloutsOnDeprecation};
 use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand, RolloutEvent};
 use fleetlog_domain::{DeviceId, RolloutId};
 use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
@@ -44,13 +53,19 @@ use tokio_util::sync::CancellationToken;
 pub const ROLLOUT_CONSUMER: &str = "rollout-manager";
 /// The durable consumer of device events.
 pub const DEVICE_CONSUMER: &str = "rollout-manager-devices";
+/// The durable consumer of firmware events.
+pub const FIRMWARE_CONSUMER: &str = "rollout-manager-firmware";
 
 /// Device events the manager acts on; the others are acked unread.
 const DEVICE_EVENTS: &[&str] = &[
     "FirmwareUpdateSucceeded",
     "FirmwareUpdateFailed",
     "DeviceCameOnline",
+    "DeviceDecommissioned",
 ];
+
+/// Rollouts that have not ended, as the read model names their status.
+const LIVE_STATUSES: &str = "('created', 'running', 'paused')";
 
 /// Devices recorded as sent by one command.
 const SEND_BATCH: usize = 500;
@@ -106,6 +121,7 @@ impl RolloutManager {
         tokio::join!(
             self.follow(ROLLOUT_CONSUMER, "rollout", &shutdown),
             self.follow(DEVICE_CONSUMER, "device", &shutdown),
+            self.follow(FIRMWARE_CONSUMER, "firmware", &shutdown),
             self.sweep_periodically(&shutdown),
         );
         tracing::info!("rollout manager stopped");
@@ -215,6 +231,16 @@ impl RolloutManager {
                     Ok(())
                 }
             },
+            "firmware" => match FirmwareEvent::deserialize(&envelope.payload) {
+                Ok(FirmwareEvent::FirmwareDeprecated { .. }) => {
+                    self.on_deprecated(&envelope.aggregate_id).await
+                }
+                Ok(_) => Ok(()),
+                Err(error) => {
+                    tracing::error!(%error, "skipping an unreadable firmware event");
+                    Ok(())
+                }
+            },
             _ => Ok(()),
         }
     }
@@ -245,27 +271,165 @@ impl RolloutManager {
             RolloutEvent::DevicesSent { devices, .. } => {
                 self.request_updates(rollout_id, &devices).await
             }
+            RolloutEvent::RolloutAborted { reason, .. } => {
+                let rollout = self.bus.rollouts().current(rollout_id).await?.aggregate;
+                let in_flight: Vec<DeviceId> = rollout.in_flight().cloned().collect();
+                let reason = format!("rollout {rollout_id} aborted: {reason}");
+                self.abandon_updates(rollout_id, &in_flight, &reason).await
+            }
             _ => Ok(()),
         }
     }
 
+    /// Tells `devices` to give up the update of `rollout_id` (a device without it changes
+    /// nothing), concurrently.
+    async fn abandon_updates(
+        &self,
+        rollout_id: &str,
+        devices: &[DeviceId],
+        reason: &str,
+    ) -> Result<(), Failure> {
+        let rollout_ref = RolloutId::parse(rollout_id)?;
+        let reason: String = reason.chars().take(512).collect();
+        let abandons: Vec<_> = devices
+            .iter()
+            .map(|device| {
+                let command = DeviceCommand::AbandonFirmwareUpdate {
+                    rollout_id: Some(rollout_ref.clone()),
+                    reason: reason.clone(),
+                    at: Utc::now(),
+                };
+                self.abandon_update(rollout_id, device.as_str(), command)
+            })
+            .collect();
+        let results: Vec<Result<(), Failure>> = futures::stream::iter(abandons)
+            .buffer_unordered(CONCURRENT_REQUESTS)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    async fn abandon_update(
+        &self,
+        rollout_id: &str,
+        device_id: &str,
+        command: DeviceCommand,
+    ) -> Result<(), Failure> {
+        let metadata = CommandMetadata::new(ACTOR).with_causation_id(rollout_id);
+        match self
+            .bus
+            .devices()
+            .execute(device_id, command, &metadata)
+            .await
+        {
+            Ok(_) | Err(CommandError::Refused(_) | CommandError::Unstorable { .. }) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// An image was deprecated: its rollouts that have not ended pause or abort, as the
+    /// deprecation says. Rollouts the read model does not show running yet are caught when
+    /// they try to send.
+    async fn on_deprecated(&self, firmware_id: &str) -> Result<(), Failure> {
+        let rollouts: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT rollout_id FROM rollouts WHERE firmware_id = $1 AND status IN {LIVE_STATUSES}"
+        ))
+        .bind(firmware_id)
+        .fetch_all(self.bus.pool())
+        .await?;
+        let firmware = self.bus.firmware().current(firmware_id).await?.aggregate;
+        for rollout_id in rollouts {
+            self.stop_for_deprecation(&rollout_id, &firmware).await?;
+        }
+        Ok(())
+    }
+
+    /// Pauses or aborts `rollout_id` because its image `firmware` is deprecated. A rollout
+    /// that cannot (paused already, ended) is left as it is.
+    async fn stop_for_deprecation(
+        &self,
+        rollout_id: &str,
+        firmware: &Firmware,
+    ) -> Result<(), Failure> {
+        let why = firmware
+            .deprecation_reason
+            .as_deref()
+            .unwrap_or("no reason given");
+        let firmware_id = firmware
+            .id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let reason: String = format!("firmware {firmware_id} was deprecated: {why}")
+            .chars()
+            .take(512)
+            .collect();
+        let command = match firmware.on_deprecation {
+            RolloutsOnDeprecation::Pause => RolloutCommand::Pause {
+                reason,
+                at: Utc::now(),
+            },
+            RolloutsOnDeprecation::Abort => RolloutCommand::Abort {
+                reason,
+                at: Utc::now(),
+            },
+        };
+        match self
+            .bus
+            .rollouts()
+            .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(CommandError::Refused(refusal)) => {
+                tracing::debug!(rollout_id, %refusal, "rollout of a deprecated image left as it is");
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
     async fn on_device_event(&self, device_id: &str, event: DeviceEvent) -> Result<(), Failure> {
-        let (rollout_id, outcome) = match event {
+        // The device's own time of the outcome: an outcome reported before an abort counts.
+        let (rollout_id, outcome, at) = match event {
             DeviceEvent::FirmwareUpdateSucceeded {
                 rollout_id: Some(rollout_id),
+                at,
                 ..
-            } => (rollout_id, DeviceOutcome::Succeeded),
+            } => (rollout_id, DeviceOutcome::Succeeded, at),
             DeviceEvent::FirmwareUpdateFailed {
                 rollout_id: Some(rollout_id),
                 error,
-                ..
-            } => (rollout_id, DeviceOutcome::Failed { error }),
+                at,
+            } => (rollout_id, DeviceOutcome::Failed { error }, at),
+            DeviceEvent::DeviceDecommissioned { .. } => {
+                let rollouts: Vec<String> = sqlx::query_scalar(&format!(
+                    "SELECT rd.rollout_id FROM rollout_devices rd
+                       JOIN rollouts r ON r.rollout_id = rd.rollout_id
+                      WHERE rd.device_id = $1 AND rd.status IN ('queued', 'sent')
+                        AND r.status IN {LIVE_STATUSES}"
+                ))
+                .bind(device_id)
+                .fetch_all(self.bus.pool())
+                .await?;
+                for rollout_id in rollouts {
+                    let outcome = DeviceOutcome::Canceled {
+                        reason: "device decommissioned".into(),
+                    };
+                    self.record(&rollout_id, device_id, outcome, Utc::now())
+                        .await?;
+                }
+                return Ok(());
+            }
             DeviceEvent::DeviceCameOnline { .. } => {
                 let waiting: Vec<String> = sqlx::query_scalar(
                     "SELECT rd.rollout_id FROM rollout_devices rd
                        JOIN rollouts r ON r.rollout_id = rd.rollout_id
+                       JOIN devices d ON d.device_id = rd.device_id
                       WHERE rd.device_id = $1 AND rd.status = 'queued' AND r.status = 'running'
-                        AND rd.wave <= r.current_wave",
+                        AND rd.wave <= r.current_wave AND d.lifecycle = 'active'
+                        AND (d.firmware_update IS NULL
+                             OR d.firmware_update ->> 'rollout_id' = rd.rollout_id)",
                 )
                 .bind(device_id)
                 .fetch_all(self.bus.pool())
@@ -277,13 +441,26 @@ impl RolloutManager {
             }
             _ => return Ok(()),
         };
-        self.record(rollout_id.as_str(), device_id, outcome, Utc::now())
+        self.record(rollout_id.as_str(), device_id, outcome, at)
             .await
             .map(|_| ())
     }
 
-    /// Records `devices` as sent in the rollout, then asks those it recorded.
+    /// Records `devices` as sent in the rollout, then asks those it recorded. Nothing of a
+    /// deprecated image is sent: the rollout pauses or aborts instead.
     async fn send(&self, rollout_id: &str, devices: &[String]) -> Result<(), Failure> {
+        let rollout = self.bus.rollouts().current(rollout_id).await?.aggregate;
+        if let Some(firmware_id) = &rollout.firmware_id {
+            let firmware = self
+                .bus
+                .firmware()
+                .current(&firmware_id.to_string())
+                .await?
+                .aggregate;
+            if firmware.status == FirmwareStatus::Deprecated {
+                return self.stop_for_deprecation(rollout_id, &firmware).await;
+            }
+        }
         let devices: Vec<DeviceId> = devices
             .iter()
             .filter_map(|d| DeviceId::parse(d.as_str()).ok())
@@ -335,6 +512,7 @@ impl RolloutManager {
                     rollout_id: Some(rollout_ref.clone()),
                     firmware_id: firmware_id.clone(),
                     image: image.clone(),
+                    compatible_models: firmware.compatible_models.clone(),
                     at: Utc::now(),
                 };
                 self.request_update(rollout_id, device.as_str(), command)
@@ -373,6 +551,30 @@ impl RolloutManager {
                     // Given up by the sweep, which recorded the timeout first.
                     UpdateEnding::Abandoned => return Ok(()),
                 }
+            }
+            // The target left the rollout since it was planned: neither success nor failure.
+            Err(CommandError::Refused(
+                refusal @ (DeviceError::Decommissioned | DeviceError::IncompatibleModel { .. }),
+            )) => DeviceOutcome::Canceled {
+                reason: refusal.to_string(),
+            },
+            // Busy with another update (one the read model did not show yet): not a failure
+            // of this image; the device waits in the queue until it is free.
+            Err(CommandError::Refused(refusal @ DeviceError::UpdateInProgress(_))) => {
+                let command = RolloutCommand::ReturnToQueue {
+                    device_id: DeviceId::parse(device_id)?,
+                    reason: refusal.to_string(),
+                    at: Utc::now(),
+                };
+                return match self
+                    .bus
+                    .rollouts()
+                    .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
+                    .await
+                {
+                    Ok(_) | Err(CommandError::Refused(_)) => Ok(()),
+                    Err(error) => Err(error.into()),
+                };
             }
             Err(CommandError::Refused(refusal)) => DeviceOutcome::Failed {
                 error: format!("the device cannot take the update: {refusal}"),
@@ -440,7 +642,9 @@ impl RolloutManager {
                JOIN rollouts r ON r.rollout_id = rd.rollout_id
                JOIN devices d ON d.device_id = rd.device_id
               WHERE r.status = 'running' AND rd.status = 'queued' AND rd.wave <= r.current_wave
-                AND d.online
+                AND d.online AND d.lifecycle = 'active'
+                AND (d.firmware_update IS NULL
+                     OR d.firmware_update ->> 'rollout_id' = rd.rollout_id)
               GROUP BY rd.rollout_id",
         )
         .fetch_all(pool)
@@ -476,7 +680,7 @@ impl RolloutManager {
         let stuck: Vec<(String, String)> = sqlx::query_as(
             "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd
                JOIN rollouts r ON r.rollout_id = rd.rollout_id
-              WHERE rd.status = 'sent' AND r.status IN ('running', 'paused', 'aborted')
+              WHERE rd.status = 'sent' AND r.status IN ('running', 'paused')
                 AND rd.sent_at + make_interval(secs => LEAST(r.device_timeout_secs, $2)) <= $1
               LIMIT 1000",
         )
@@ -527,6 +731,44 @@ impl RolloutManager {
         for (rollout_id, device_id) in unreachable {
             self.record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now)
                 .await?;
+        }
+        // Targets decommissioned whose cancelation this manager missed.
+        let decommissioned: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd
+               JOIN rollouts r ON r.rollout_id = rd.rollout_id
+               JOIN devices d ON d.device_id = rd.device_id
+              WHERE rd.status IN ('queued', 'sent') AND r.status IN {LIVE_STATUSES}
+                AND d.lifecycle = 'decommissioned'
+              LIMIT 1000"
+        ))
+        .fetch_all(pool)
+        .await?;
+        for (rollout_id, device_id) in decommissioned {
+            let outcome = DeviceOutcome::Canceled {
+                reason: "device decommissioned".into(),
+            };
+            self.record(&rollout_id, &device_id, outcome, now).await?;
+        }
+        // Devices of aborted rollouts that still show the rollout's update: the manager
+        // stopped before telling them, or the rollout was aborted before aborts did.
+        let not_told: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT rd.rollout_id, array_agg(rd.device_id ORDER BY rd.device_id)
+               FROM rollout_devices rd
+               JOIN rollouts r ON r.rollout_id = rd.rollout_id
+               JOIN devices d ON d.device_id = rd.device_id
+              WHERE r.status = 'aborted' AND rd.status IN ('sent', 'canceled')
+                AND d.firmware_update ->> 'rollout_id' = rd.rollout_id
+              GROUP BY rd.rollout_id",
+        )
+        .fetch_all(pool)
+        .await?;
+        for (rollout_id, devices) in not_told {
+            let devices: Vec<DeviceId> = devices
+                .iter()
+                .filter_map(|d| DeviceId::parse(d.as_str()).ok())
+                .collect();
+            let reason = format!("rollout {rollout_id} aborted");
+            self.abandon_updates(&rollout_id, &devices, &reason).await?;
         }
         Ok(())
     }

@@ -137,6 +137,18 @@ impl Projection for RolloutsProjection {
                 .execute(connection)
                 .await?;
             }
+            RolloutEvent::DeviceReturnedToQueue { device_id, at, .. } => {
+                sqlx::query(
+                    "UPDATE rollout_devices SET status = 'queued', sent_at = NULL, updated_at = $3
+                      WHERE rollout_id = $1 AND device_id = $2",
+                )
+                .bind(id)
+                .bind(device_id.as_str())
+                .bind(at)
+                .execute(&mut *connection)
+                .await?;
+                update(connection, envelope, "sent = sent - 1,", at).await?;
+            }
             RolloutEvent::DeviceOutcomeRecorded {
                 device_id,
                 outcome,
@@ -148,19 +160,32 @@ impl Projection for RolloutsProjection {
                         ("failed", Some(error), "failed = failed + 1,")
                     }
                     DeviceOutcome::TimedOut => ("timed_out", None, "timed_out = timed_out + 1,"),
+                    DeviceOutcome::Canceled { reason } => {
+                        ("canceled", Some(reason), "canceled = canceled + 1,")
+                    }
                 };
-                sqlx::query(
-                    "UPDATE rollout_devices SET status = $3, error = $4, updated_at = $5
-                      WHERE rollout_id = $1 AND device_id = $2",
+                // An outcome a device reported before an abort that was recorded after it
+                // turns one of the abort's canceled devices into that outcome.
+                let was_canceled: Option<bool> = sqlx::query_scalar(
+                    "UPDATE rollout_devices new SET status = $3, error = $4, updated_at = $5
+                       FROM rollout_devices old
+                      WHERE new.rollout_id = $1 AND new.device_id = $2
+                        AND old.rollout_id = new.rollout_id AND old.device_id = new.device_id
+                  RETURNING old.status = 'canceled'",
                 )
                 .bind(id)
                 .bind(device_id.as_str())
                 .bind(status)
                 .bind(error)
                 .bind(at)
-                .execute(&mut *connection)
+                .fetch_optional(&mut *connection)
                 .await?;
-                update(connection, envelope, counter, at).await?;
+                let counter = if was_canceled == Some(true) {
+                    format!("{counter} canceled = canceled - 1,")
+                } else {
+                    counter.to_string()
+                };
+                update(connection, envelope, &counter, at).await?;
             }
             RolloutEvent::RolloutPaused {
                 reason,
@@ -198,10 +223,11 @@ impl Projection for RolloutsProjection {
                 counts,
                 at,
             } => {
-                // Devices not sent are canceled; sent ones still report their outcome.
+                // Every device without an outcome is canceled: those sent are told to give the
+                // update up.
                 sqlx::query(
                     "UPDATE rollout_devices SET status = 'canceled', updated_at = $2
-                      WHERE rollout_id = $1 AND status = 'queued'",
+                      WHERE rollout_id = $1 AND status IN ('queued', 'sent')",
                 )
                 .bind(id)
                 .bind(at)
@@ -211,7 +237,7 @@ impl Projection for RolloutsProjection {
                     "reason": reason, "canceled": canceled, "counts": counts, "at": at});
                 sqlx::query(
                     "UPDATE rollouts SET status = 'aborted', pause_reason = $3, finished_at = $4,
-                            updated_at = $4, canceled = $5, last_decision = $6, last_sequence = $2
+                            updated_at = $4, canceled = canceled + $5, last_decision = $6, last_sequence = $2
                       WHERE rollout_id = $1",
                 )
                 .bind(id)

@@ -93,6 +93,7 @@ async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
                     size_bytes: 4096,
                     signature: None,
                 },
+                compatible_models: vec![],
                 at: at(n),
             });
             commands.push(DeviceCommand::Heartbeat {

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandMetadata, Committed};
 use fleetlog_domain::firmware::{
-    Firmware, FirmwareCommand, FirmwareId, FirmwareStatus, ImageSignature,
+    Firmware, FirmwareCommand, FirmwareId, FirmwareStatus, ImageSignature, RolloutsOnDeprecation,
 };
 use fleetlog_domain::user::Role;
 use fleetlog_domain::DeviceId;
@@ -400,6 +400,7 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let store = firmware_store(&state)?;
     let id = parse_id(&id)?;
+    let mut downloading_device = None;
     let tenant = match parts.headers.get("x-device-id") {
         Some(device) => {
             let device = device
@@ -407,7 +408,10 @@ async fn download(
                 .ok()
                 .and_then(|d| DeviceId::parse(d).ok())
                 .ok_or_else(|| ApiError::BadRequest("X-Device-Id is not a device id".into()))?;
-            crate::routes::device_ingest::authenticate(&state, &device, &parts.headers).await?
+            let tenant =
+                crate::routes::device_ingest::authenticate(&state, &device, &parts.headers).await?;
+            downloading_device = Some(device);
+            tenant
         }
         None => {
             let caller = <Caller as axum::extract::FromRequestParts<AppState>>::from_request_parts(
@@ -428,6 +432,27 @@ async fn download(
     if firmware.status == FirmwareStatus::Unregistered || firmware.tenant.as_ref() != Some(&tenant)
     {
         return Err(ApiError::NotFound("firmware"));
+    }
+    // A deprecated image goes only to devices already updating to it (to finish a cut
+    // download); users may still fetch it to look at it.
+    if let (FirmwareStatus::Deprecated, Some(device)) = (firmware.status, &downloading_device) {
+        let pending = state
+            .bus
+            .devices()
+            .current(device.as_str())
+            .await?
+            .aggregate
+            .firmware_update
+            .map(|update| update.firmware_id);
+        if pending.as_ref() != Some(&id) {
+            return Err(ApiError::Gone(format!(
+                "firmware {id} is deprecated ({}) and no update to it is under way on this device",
+                firmware
+                    .deprecation_reason
+                    .as_deref()
+                    .unwrap_or("no reason given")
+            )));
+        }
     }
     let etag = format!("\"{}\"", firmware.sha256);
     let size = firmware.size_bytes;
@@ -622,10 +647,24 @@ struct Deprecate {
     /// 1 to 512 characters, not only blanks.
     #[schema(min_length = 1, max_length = 512)]
     reason: String,
+    /// What happens to the rollouts of the image that have not ended: `pause` (the default;
+    /// they cannot resume, only be aborted) or `abort` (devices updating are told to give the
+    /// update up).
+    #[serde(default)]
+    rollouts: OnDeprecation,
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum OnDeprecation {
+    #[default]
+    Pause,
+    Abort,
 }
 
 #[utoipa::path(
-    post, path = "/{id}/deprecate", tag = "firmware", summary = "Deprecate an image: no new rollout may use it (operator, admin)",
+    post, path = "/{id}/deprecate", tag = "firmware", summary = "Deprecate an image: no rollout may use it; running ones pause or abort (operator, admin)",
+    description = "Rollouts of the image that have not ended are paused (`rollouts: pause`, the default) or aborted (`abort`) by the rollout manager; devices not already updating to the image can no longer download it.",
     params(("id" = String, Path, description = "The firmware id, `{model}@{semver}`", pattern = "^[A-Za-z0-9_-]{1,64}@(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?$")), request_body = Deprecate,
     responses((status = 200, description = "Deprecated", body = FirmwareWritten))
 )]
@@ -637,6 +676,10 @@ async fn deprecate(
 ) -> Result<axum::Json<FirmwareWritten>, ApiError> {
     let command = FirmwareCommand::Deprecate {
         reason: request.reason,
+        rollouts: match request.rollouts {
+            OnDeprecation::Pause => RolloutsOnDeprecation::Pause,
+            OnDeprecation::Abort => RolloutsOnDeprecation::Abort,
+        },
         at: Utc::now(),
     };
     execute(&state, &caller, &id, command).await

@@ -67,11 +67,12 @@ struct CreateRollout {
     /// Or a filter over the tenant's active devices.
     filter: Option<TargetFilter>,
     /// Cumulative wave boundaries in percent, strictly rising to 100, e.g. `[10, 50, 100]`
-    /// (the default). Give this or `wave_sizes`, not both.
+    /// (the default); waves that would hold no device are left out. Give this or
+    /// `wave_sizes`, not both.
     #[schema(min_items = 1, max_items = 100)]
     waves: Option<Vec<u8>>,
     /// Devices per wave, e.g. `[5, 50]`: the first 5 targets, then the next 50, then any
-    /// left over in one last wave.
+    /// left over in one last wave; sizes past the targets are clamped.
     #[schema(min_items = 1, max_items = 100)]
     wave_sizes: Option<Vec<usize>>,
     /// Percent of a wave that must succeed before the next starts.
@@ -206,6 +207,7 @@ async fn create(
             incompatible.join(", ")
         )));
     }
+    refuse_overlapping_targets(&state, &caller, &targets).await?;
     let command = RolloutCommand::Create {
         rollout_id: rollout_id.clone(),
         tenant: caller.tenant.clone(),
@@ -230,6 +232,41 @@ async fn create(
         )),
         other => Ok((StatusCode::CREATED, written(&rollout_id, other?))),
     }
+}
+
+/// A device is the target of one rollout at a time: while a rollout that has not ended waits
+/// for a device's outcome, a second rollout of the device is refused (a busy device is not a
+/// failure of the new image). Abort the first rollout, which frees its devices at once, to
+/// push a fix. Two creations racing past this check meet at send time, where the device is
+/// sent the second update only once the first one ended.
+async fn refuse_overlapping_targets(
+    state: &AppState,
+    caller: &Caller,
+    targets: &[(DeviceId, String)],
+) -> Result<(), ApiError> {
+    let ids: Vec<&str> = targets.iter().map(|(id, _)| id.as_str()).collect();
+    let busy: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT rd.device_id, rd.rollout_id, r.status
+           FROM rollout_devices rd JOIN rollouts r ON r.rollout_id = rd.rollout_id
+          WHERE r.tenant = $1 AND rd.device_id = ANY($2)
+            AND r.status IN ('created', 'running', 'paused') AND rd.status IN ('queued', 'sent')
+          ORDER BY rd.device_id LIMIT 20",
+    )
+    .bind(caller.tenant.as_str())
+    .bind(&ids)
+    .fetch_all(state.bus.pool())
+    .await?;
+    if busy.is_empty() {
+        return Ok(());
+    }
+    let listed: Vec<String> = busy
+        .iter()
+        .map(|(device, rollout, status)| format!("{device} (rollout {rollout}, {status})"))
+        .collect();
+    Err(ApiError::Conflict(format!(
+        "devices are targets of rollouts that have not ended: {}; abort those rollouts or wait for them to end",
+        listed.join(", ")
+    )))
 }
 
 /// The targets with their models, in the order given (explicit ids) or by device id (filter).
@@ -450,7 +487,8 @@ async fn show(
 
 /// Each device of a rollout (the id follows) with its state: the rollout's own record (queued, sent,
 /// succeeded, failed, timed_out, canceled), a sent update refined by what the device reports
-/// about it (downloading, installing, rebooting) in the devices read model.
+/// about it (downloading, installing, rebooting) in the devices read model, and for a device
+/// without an outcome what it waits for.
 const DEVICE_STATES: &str = "
 SELECT rd.device_id, rd.wave, rd.error, rd.sent_at, rd.updated_at,
        CASE WHEN rd.status = 'sent' AND d.firmware_update ->> 'rollout_id' = rd.rollout_id
@@ -458,8 +496,33 @@ SELECT rd.device_id, rd.wave, rd.error, rd.sent_at, rd.updated_at,
             THEN d.firmware_update ->> 'state'
             ELSE rd.status END AS status,
        CASE WHEN rd.status = 'sent' AND d.firmware_update ->> 'rollout_id' = rd.rollout_id
-            THEN (d.firmware_update ->> 'progress')::int END AS progress
-  FROM rollout_devices rd LEFT JOIN devices d ON d.device_id = rd.device_id
+            THEN (d.firmware_update ->> 'progress')::int END AS progress,
+       CASE WHEN rd.status NOT IN ('queued', 'sent') OR r.status IN ('aborted', 'completed')
+                 THEN NULL
+            WHEN rd.status = 'sent'
+                 THEN 'the device reports the new version, or times out at '
+                      || fleetlog_rfc3339(rd.sent_at
+                           + make_interval(secs => LEAST(r.device_timeout_secs, 315360000)))
+            WHEN r.status = 'created' THEN 'the rollout has not started'
+            WHEN r.status = 'paused' THEN 'the rollout is paused: ' || COALESCE(r.pause_reason, '')
+            WHEN r.current_wave IS NULL OR rd.wave > r.current_wave
+                 THEN 'wave ' || rd.wave || ' has not started'
+            WHEN d.device_id IS NULL OR d.lifecycle <> 'active'
+                 THEN 'the device is decommissioned and is being canceled'
+            WHEN d.firmware_update IS NOT NULL
+                 AND d.firmware_update ->> 'rollout_id' IS DISTINCT FROM rd.rollout_id
+                 THEN 'another firmware update (' || (d.firmware_update ->> 'firmware_id')
+                      || ') is under way on the device; sent once it ends'
+            WHEN NOT d.online
+                 THEN CASE WHEN d.last_seen IS NULL THEN 'never seen online'
+                           ELSE 'offline since ' || fleetlog_rfc3339(d.last_seen) END
+                      || ': sent when it comes online, or times out at '
+                      || fleetlog_rfc3339(r.wave_started_at[rd.wave + 1]
+                           + make_interval(secs => LEAST(r.window_secs, 315360000)))
+            ELSE 'online: sent at the next sweep' END AS waiting
+  FROM rollout_devices rd
+  JOIN rollouts r ON r.rollout_id = rd.rollout_id
+  LEFT JOIN devices d ON d.device_id = rd.device_id
  WHERE rd.rollout_id = ";
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -482,6 +545,10 @@ struct RolloutDeviceView {
     status: String,
     /// Percent done, as the device last reported, while the update runs.
     progress: Option<i32>,
+    /// For a device without an outcome, what it waits for: the wave or the rollout to start
+    /// or resume, the device to come online (updates are not queued for offline devices), an
+    /// update of another rollout to end, or the device's report.
+    waiting: Option<String>,
     error: Option<String>,
     sent_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
@@ -519,7 +586,7 @@ async fn devices(
         return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
     }
     let mut sql = QueryBuilder::new(
-        "SELECT device_id, wave, status, progress, error, sent_at, updated_at FROM (",
+        "SELECT device_id, wave, status, progress, waiting, error, sent_at, updated_at FROM (",
     );
     sql.push(DEVICE_STATES);
     sql.push_bind(&id);
@@ -582,6 +649,38 @@ fn reason(body: &[u8]) -> Result<Option<String>, ApiError> {
         .map_err(|error| ApiError::BadRequest(format!("invalid JSON body: {error}")))
 }
 
+/// A rollout whose image was deprecated since it was planned neither starts nor resumes: it
+/// can only be aborted.
+async fn refuse_a_deprecated_image(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    action: &str,
+) -> Result<(), ApiError> {
+    let Ok(parsed) = RolloutId::parse(id) else {
+        return Ok(());
+    };
+    let rollout = state
+        .bus
+        .rollouts()
+        .current(parsed.as_str())
+        .await?
+        .aggregate;
+    if rollout.tenant.as_ref() != Some(&caller.tenant) {
+        return Ok(());
+    }
+    if let Some(firmware_id) = &rollout.firmware_id {
+        let firmware = owned_firmware(state, caller, firmware_id).await?;
+        if firmware.status == FirmwareStatus::Deprecated {
+            return Err(ApiError::Unprocessable(format!(
+                "firmware {firmware_id} is deprecated ({}): the rollout cannot {action}, only be aborted",
+                firmware.deprecation_reason.as_deref().unwrap_or("no reason given")
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[utoipa::path(
     post, path = "/{id}/start", tag = "rollouts", summary = "Start the first wave (operator, admin)",
     params(("id" = String, Path, description = "The rollout id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
@@ -593,25 +692,7 @@ async fn start(
     Path(id): Path<String>,
 ) -> Result<axum::Json<RolloutWritten>, ApiError> {
     caller.require(WRITERS)?;
-    // The image may have been deprecated since the rollout was planned.
-    if let Ok(parsed) = RolloutId::parse(id.as_str()) {
-        let rollout = state
-            .bus
-            .rollouts()
-            .current(parsed.as_str())
-            .await?
-            .aggregate;
-        if rollout.tenant.as_ref() == Some(&caller.tenant) {
-            if let Some(firmware_id) = &rollout.firmware_id {
-                let firmware = owned_firmware(&state, &caller, firmware_id).await?;
-                if firmware.status == FirmwareStatus::Deprecated {
-                    return Err(ApiError::Unprocessable(format!(
-                        "firmware {firmware_id} is deprecated and cannot start a rollout"
-                    )));
-                }
-            }
-        }
-    }
+    refuse_a_deprecated_image(&state, &caller, &id, "start").await?;
     execute(
         &state,
         &caller,
@@ -650,6 +731,8 @@ async fn resume(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<axum::Json<RolloutWritten>, ApiError> {
+    caller.require(WRITERS)?;
+    refuse_a_deprecated_image(&state, &caller, &id, "resume").await?;
     execute(
         &state,
         &caller,
@@ -660,7 +743,7 @@ async fn resume(
 }
 
 #[utoipa::path(
-    post, path = "/{id}/abort", tag = "rollouts", summary = "Abort: devices not yet sent are canceled (operator, admin)",
+    post, path = "/{id}/abort", tag = "rollouts", summary = "Abort: devices without an outcome are canceled, those updating are told to give the update up (operator, admin)",
     params(("id" = String, Path, description = "The rollout id", pattern = "^[A-Za-z0-9_-]{1,64}$")), request_body(content = Option<Reason>, description = "An optional reason"),
     responses((status = 200, description = "Aborted", body = RolloutWritten))
 )]

@@ -165,10 +165,14 @@ pub enum DeviceCommand {
         firmware_id: FirmwareId,
         /// Digest, size and signature of the image.
         image: FirmwareImage,
+        /// The models the image supports: a device whose model changed since the rollout was
+        /// planned is refused. Empty: not checked.
+        compatible_models: Vec<String>,
         /// Now.
         at: DateTime<Utc>,
     },
-    /// Record the device's progress on a firmware update.
+    /// Record the device's progress on a firmware update. A known state (see
+    /// [`super::progress_rank`]) never moves back: a late report of an earlier one is refused.
     RecordFirmwareProgress {
         /// The rollout the device names.
         rollout_id: Option<RolloutId>,
@@ -286,6 +290,16 @@ pub(super) fn decide(
                     at,
                 })
                 .collect();
+            // So does an update under way: the device is told to give it up, and its rollout
+            // cancels it rather than waiting for it to time out.
+            if let Some(pending) = &device.firmware_update {
+                events.push(DeviceEvent::FirmwareUpdateAbandoned {
+                    rollout_id: pending.rollout_id.clone(),
+                    firmware_id: Some(pending.firmware_id.clone()),
+                    reason: format!("device decommissioned: {reason}"),
+                    at,
+                });
+            }
             events.push(DeviceEvent::DeviceDecommissioned { reason, at });
             Ok(events)
         }
@@ -473,6 +487,7 @@ pub(super) fn decide(
             rollout_id,
             firmware_id,
             image,
+            compatible_models,
             at,
         } => {
             if let Some(rollout) = rollout_id
@@ -501,6 +516,12 @@ pub(super) fn decide(
                     pending.firmware_id.to_string(),
                 ));
             }
+            if !compatible_models.is_empty() && !compatible_models.contains(&device.model) {
+                return Err(DeviceError::IncompatibleModel {
+                    model: device.model.clone(),
+                    firmware_id: firmware_id.to_string(),
+                });
+            }
             let version = firmware_id.version().to_string();
             if device.firmware_version.as_deref() == Some(version.as_str()) {
                 return Err(DeviceError::AlreadyRunsVersion(version));
@@ -523,7 +544,18 @@ pub(super) fn decide(
             if progress > 100 {
                 return Err(DeviceError::InvalidProgress(progress));
             }
-            device.pending_update_for(&rollout_id)?;
+            let pending = device.pending_update_for(&rollout_id)?;
+            if let (Some(from), Some(to)) = (
+                super::progress_rank(&pending.state),
+                super::progress_rank(&state),
+            ) {
+                if to < from {
+                    return Err(DeviceError::ProgressBackwards {
+                        from: pending.state.clone(),
+                        to: state,
+                    });
+                }
+            }
             Ok(vec![DeviceEvent::FirmwareUpdateProgressed {
                 rollout_id,
                 state,
@@ -574,12 +606,16 @@ pub(super) fn decide(
             at,
         } => {
             validate_text("reason", &reason)?;
-            let pending = device.firmware_update.as_ref();
-            if pending.is_none_or(|p| p.rollout_id != rollout_id) {
+            let Some(pending) = device
+                .firmware_update
+                .as_ref()
+                .filter(|p| p.rollout_id == rollout_id)
+            else {
                 return Ok(vec![]);
-            }
+            };
             Ok(vec![DeviceEvent::FirmwareUpdateAbandoned {
                 rollout_id,
+                firmware_id: Some(pending.firmware_id.clone()),
                 reason,
                 at,
             }])

@@ -217,6 +217,9 @@ pub enum DeviceEvent {
         /// The rollout behind the update, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rollout_id: Option<RolloutId>,
+        /// The image given up (recorded since the device is told).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        firmware_id: Option<FirmwareId>,
         /// Why.
         reason: String,
         /// When.

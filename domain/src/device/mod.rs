@@ -129,6 +129,24 @@ pub struct EndedRolloutUpdate {
     pub ending: UpdateEnding,
 }
 
+/// The order of the firmware update states the platform knows, as devices report them on
+/// `ota/progress`: an update only moves forward through them. Other states are the device's
+/// own and are taken as they come.
+pub const PROGRESS_STATES: &[&str] = &[
+    "requested",
+    "downloading",
+    "downloaded",
+    "verifying",
+    "installing",
+    "installed",
+    "rebooting",
+];
+
+/// Where `state` lies in [`PROGRESS_STATES`], if it is one of them.
+pub fn progress_rank(state: &str) -> Option<usize> {
+    PROGRESS_STATES.iter().position(|known| *known == state)
+}
+
 /// The status field in which a device reports the firmware version it runs.
 pub const FIRMWARE_VERSION_FIELD: &str = "firmware_version";
 
@@ -285,6 +303,22 @@ pub enum DeviceError {
         rollout_id: RolloutId,
         /// How its update ended.
         ending: UpdateEnding,
+    },
+    /// A firmware progress report of a state the update is already past.
+    #[error("firmware update state cannot move back from {from:?} to {to:?}")]
+    ProgressBackwards {
+        /// The state the update is in.
+        from: String,
+        /// The state reported.
+        to: String,
+    },
+    /// A rollout's image does not support the device's model (it changed since planning).
+    #[error("firmware {firmware_id} does not support the device's model {model:?}")]
+    IncompatibleModel {
+        /// The device's model.
+        model: String,
+        /// The image.
+        firmware_id: String,
     },
     /// Progress above 100 %.
     #[error("progress must be 0 to 100, got {0}")]

@@ -776,6 +776,7 @@ fn firmware_update_is_requested_once() {
         rollout_id: rollout(),
         firmware_id: firmware(version),
         image: image(),
+        compatible_models: vec![],
         at: at(),
     };
     Given::with(())
@@ -792,6 +793,7 @@ fn firmware_update_is_requested_once() {
             rollout_id: Some(RolloutId::parse("r2").unwrap()),
             firmware_id: firmware("2.1.0"),
             image: image(),
+            compatible_models: vec![],
             at: at(),
         })
         .then_expect_error(DeviceError::UpdateInProgress("thermo@2.0.0".into()));
@@ -809,6 +811,7 @@ fn firmware_update_is_requested_once() {
             rollout_id: None,
             firmware_id: firmware("2.0.0"),
             image: image(),
+            compatible_models: vec![],
             at: at(),
         })
         .then_expect_error(DeviceError::AlreadyRunsVersion("2.0.0".into()));
@@ -838,6 +841,7 @@ fn firmware_update_is_requested_once() {
         (
             DeviceEvent::FirmwareUpdateAbandoned {
                 rollout_id: rollout(),
+                firmware_id: Some(firmware("2.0.0")),
                 reason: "too slow".into(),
                 at: at(),
             },
@@ -931,6 +935,7 @@ fn an_update_given_up_frees_the_device() {
         .when(abandon(rollout()))
         .then_expect_events(vec![DeviceEvent::FirmwareUpdateAbandoned {
             rollout_id: rollout(),
+            firmware_id: Some(firmware("2.0.0")),
             reason: "no answer within 600 s".into(),
             at: at(),
         }]);
@@ -1143,4 +1148,85 @@ fn only_what_devices_report_at_their_own_rate_is_data_plane() {
     }
     // The names are a device's: another aggregate's event of the same name is control.
     assert_eq!(Plane::of("rollout", "TelemetryRecorded"), Plane::Control);
+}
+
+#[test]
+fn an_update_is_refused_to_a_model_the_image_does_not_support() {
+    let request = |models: Vec<&str>| DeviceCommand::RequestFirmwareUpdate {
+        rollout_id: rollout(),
+        firmware_id: firmware("2.0.0"),
+        image: image(),
+        compatible_models: models.into_iter().map(String::from).collect(),
+        at: at(),
+    };
+    Given::with(())
+        .given(vec![registered()])
+        .when(request(vec!["thermo-v2"]))
+        .then_expect_error(DeviceError::IncompatibleModel {
+            model: "thermo".into(),
+            firmware_id: "thermo@2.0.0".into(),
+        });
+    Given::with(())
+        .given(vec![registered()])
+        .when(request(vec!["thermo-v2", "thermo"]))
+        .then_expect_events(vec![update_requested()]);
+}
+
+#[test]
+fn firmware_progress_only_moves_forward() {
+    let progress = |state: &str, progress| DeviceCommand::RecordFirmwareProgress {
+        rollout_id: rollout(),
+        state: state.into(),
+        progress,
+        at: at(),
+    };
+    let progressed = |state: &str, progress| DeviceEvent::FirmwareUpdateProgressed {
+        rollout_id: rollout(),
+        state: state.into(),
+        progress,
+        at: at(),
+    };
+    let installing = vec![
+        registered(),
+        update_requested(),
+        progressed("downloading", 100),
+        progressed("installing", 10),
+    ];
+    Given::with(())
+        .given(installing.clone())
+        .when(progress("downloading", 100))
+        .then_expect_error(DeviceError::ProgressBackwards {
+            from: "installing".into(),
+            to: "downloading".into(),
+        });
+    // The same state again (a restarted download's percent, too) and later states are taken;
+    // so are a device's own states, which have no place in the order.
+    for (state, percent) in [("installing", 5), ("rebooting", 0), ("flashing-bank-b", 50)] {
+        Given::with(())
+            .given(installing.clone())
+            .when(progress(state, percent))
+            .then_expect_events(vec![progressed(state, percent)]);
+    }
+}
+
+#[test]
+fn decommissioning_gives_up_an_update_under_way() {
+    Given::with(())
+        .given(vec![registered(), update_requested()])
+        .when(DeviceCommand::Decommission {
+            reason: "scrapped".into(),
+            at: at(),
+        })
+        .then_expect_events(vec![
+            DeviceEvent::FirmwareUpdateAbandoned {
+                rollout_id: rollout(),
+                firmware_id: Some(firmware("2.0.0")),
+                reason: "device decommissioned: scrapped".into(),
+                at: at(),
+            },
+            DeviceEvent::DeviceDecommissioned {
+                reason: "scrapped".into(),
+                at: at(),
+            },
+        ]);
 }
