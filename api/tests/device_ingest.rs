@@ -305,3 +305,78 @@ async fn the_compatibility_path_accepts_the_full_format() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(problem["detail"].as_str().unwrap().contains("X-Device-Id"));
 }
+
+/// Desired and reported merge at any depth, `null` deletes a nested key, the delta holds only
+/// the leaves that differ and compares numbers by value, in every view: live, as of now, and
+/// the aggregate's own (in the desired document the device receives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_documents_merge_and_compare_by_value_in_every_view() {
+    let platform = Platform::start().await;
+    let token = device(&platform, "d1").await;
+    let bearer = format!("Bearer {token}");
+    let auth = ("authorization", bearer.as_str());
+    let operator = platform.token("acme", "otto", Role::Operator);
+    for desired in [
+        json!({"cfg": {"a": 1, "b": 2, "net": {"ssid": "x", "pw": "y"}}}),
+        json!({"cfg": {"a": null, "net": {"pw": null}}}),
+    ] {
+        let (status, written) = platform
+            .call(
+                Method::PUT,
+                "/api/v1/devices/d1/desired",
+                &operator,
+                Some(desired),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{written}");
+    }
+    for status in [
+        json!({"cfg": {"b": 2.0, "net": {"ssid": "x", "rssi": -60}}}),
+        json!({"cfg": {"net": {"rssi": null}}}),
+    ] {
+        let (code, _, accepted) = upload(
+            &platform,
+            "/api/v1/devices/d1/telemetry",
+            &[auth, JSON],
+            json!({"status": status}),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{accepted}");
+    }
+    let last: i64 =
+        sqlx::query_scalar("SELECT max(global_position) FROM events WHERE aggregate_id = 'd1'")
+            .fetch_one(&platform.pool)
+            .await
+            .unwrap();
+    let (_, live) = platform
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/d1?min_position={last}"),
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(
+        live["desired"],
+        json!({"cfg": {"b": 2, "net": {"ssid": "x"}}}),
+        "{live}"
+    );
+    assert_eq!(
+        live["reported"],
+        json!({"cfg": {"b": 2.0, "net": {"ssid": "x"}}}),
+        "{live}"
+    );
+    assert_eq!(live["delta"], json!({}), "{live}");
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (status, past) = platform
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/d1?at={at}"),
+            &operator,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{past}");
+    assert_eq!(past, live);
+}

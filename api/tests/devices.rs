@@ -10,7 +10,7 @@ use axum::http::{header, Method, StatusCode};
 use chrono::Utc;
 use common::Platform;
 use fleetlog_domain::user::Role;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_and_tenants_decide_who_sees_and_changes_a_device() {
@@ -215,10 +215,44 @@ async fn a_device_can_be_read_as_it_was() {
     assert_eq!(status, StatusCode::OK, "{past}");
     assert_eq!(past["name"], "Device d1");
     assert!(past.get("credential_hash").is_none());
-    let (_, now) = platform
+    let (status, written) = platform
+        .call(
+            Method::PUT,
+            "/api/v1/devices/d1/desired",
+            &operator,
+            Some(json!({"cfg": {"interval": 30, "mode": "eco"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{written}");
+    platform
+        .wait_for("d1", written["version"].as_u64().unwrap())
+        .await;
+    // The past view is the live view's shape, as of that instant: the same fields, the same
+    // values once nothing happened since.
+    let (_, live) = platform
+        .call(Method::GET, "/api/v1/devices/d1", &operator, None)
+        .await;
+    let (status, now) = platform
         .call(Method::GET, &at(Utc::now()), &operator, None)
         .await;
+    assert_eq!(status, StatusCode::OK, "{now}");
     assert_eq!(now["name"], "Renamed");
+    assert_eq!(now, live);
+    assert_eq!(now["lifecycle"], "active");
+    assert_eq!(
+        now["delta"],
+        json!({"cfg": {"interval": 30, "mode": "eco"}})
+    );
+    let keys = |view: &Value| {
+        let mut keys: Vec<String> = view.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(keys(&past), keys(&live));
+    for field in ["sensors", "registered_at", "updated_at", "open_commands"] {
+        assert!(!past[field].is_null(), "{field}: {past}");
+    }
+    assert_eq!(past["desired"], json!({}));
     let (status, _) = platform
         .call(Method::GET, &at(before_registration), &operator, None)
         .await;

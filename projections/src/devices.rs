@@ -5,7 +5,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use fleetlog_domain::device::{CommandOutcome, DeviceEvent};
+use fleetlog_domain::device::{compose_patches, CommandOutcome, DeviceEvent};
 use fleetlog_nats::EventEnvelope;
 use serde_json::{json, Map, Value};
 use sqlx::postgres::PgArguments;
@@ -74,9 +74,9 @@ impl Projection for DevicesProjection {
 /// sensor's latest value: 5 minutes of clock drift.
 pub const MAX_READING_LEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
-/// Telemetry, status and heartbeats of one device, folded in order. One-level merge patches
-/// compose by union (later keys win, `null` included), so the fold equals applying them one by
-/// one.
+/// Telemetry, status and heartbeats of one device, folded in order. Merge patches of the
+/// reported document compose into one where a single patch can say both, else follow each
+/// other in a list applied in order, so the fold equals applying them one by one.
 #[derive(Default)]
 struct LiveChange {
     /// The sequence of the first event folded in: the row must stand just before it.
@@ -87,7 +87,7 @@ struct LiveChange {
     last_heartbeat: Option<DateTime<Utc>>,
     sensors: Map<String, Value>,
     location: Option<Value>,
-    reported: Map<String, Value>,
+    reported: Vec<Map<String, Value>>,
 }
 
 impl LiveChange {
@@ -125,7 +125,7 @@ impl LiveChange {
                 if let Some(l) = location {
                     self.location = Some(json!({"latitude": l.latitude, "longitude": l.longitude}));
                 }
-                self.reported.extend(status);
+                self.report(status);
                 self.last_seen = Some(received_at);
                 self.last_telemetry_at = Some(received_at);
             }
@@ -134,7 +134,7 @@ impl LiveChange {
                 received_at,
                 ..
             } => {
-                self.reported.extend(status);
+                self.report(status);
                 self.last_seen = Some(received_at);
             }
             DeviceEvent::HeartbeatReceived { received_at, .. } => {
@@ -142,6 +142,19 @@ impl LiveChange {
                 self.last_heartbeat = Some(received_at);
             }
             _ => {}
+        }
+    }
+
+    fn report(&mut self, status: Map<String, Value>) {
+        if status.is_empty() {
+            return;
+        }
+        let composed = self
+            .reported
+            .last_mut()
+            .is_some_and(|last| compose_patches(last, &status));
+        if !composed {
+            self.reported.push(status);
         }
     }
 }
@@ -174,7 +187,9 @@ async fn write_live_changes(
         last_heartbeat.push(change.last_heartbeat);
         sensors.push(Value::Object(change.sensors));
         locations.push(change.location);
-        reported.push(Value::Object(change.reported));
+        reported.push(Value::Array(
+            change.reported.into_iter().map(Value::Object).collect(),
+        ));
     }
     let done = sqlx::query(
         "UPDATE devices d
@@ -183,10 +198,10 @@ async fn write_live_changes(
                 last_heartbeat = COALESCE(u.last_heartbeat, d.last_heartbeat),
                 sensors = fleetlog_newer_readings(d.sensors, u.sensors),
                 location = COALESCE(u.location, d.location),
-                reported = CASE WHEN u.reported = '{}' THEN d.reported
-                                ELSE fleetlog_merge(d.reported, u.reported) END,
-                delta = CASE WHEN u.reported = '{}' THEN d.delta
-                             ELSE fleetlog_delta(d.desired, fleetlog_merge(d.reported, u.reported)) END,
+                reported = CASE WHEN u.reported = '[]' THEN d.reported
+                                ELSE fleetlog_merge_each(d.reported, u.reported) END,
+                delta = CASE WHEN u.reported = '[]' THEN d.delta
+                             ELSE fleetlog_delta(d.desired, fleetlog_merge_each(d.reported, u.reported)) END,
                 last_sequence = u.sequence
            FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
                        $5::timestamptz[], $6::jsonb[], $7::jsonb[], $8::jsonb[], $9::bigint[])

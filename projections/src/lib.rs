@@ -9,6 +9,8 @@
 //! so an event takes effect exactly once however often it is delivered (invariant 2 of the
 //! architecture).
 //!
+//! [`as_of`] shows a read model as it stood at an instant, for one aggregate.
+//!
 //! [`replay`] rebuilds a read model from the events table into shadow tables and swaps them in
 //! atomically (invariant 3), or compares them with the live model.
 //!
@@ -19,6 +21,7 @@
 //! Process managers turn events and read models into commands: [`liveness`] marks silent devices
 //! offline; [`rollout_manager`] carries firmware rollouts out, wave by wave.
 
+pub mod as_of;
 pub mod devices;
 pub mod firmware;
 pub mod liveness;

@@ -238,7 +238,9 @@ async fn show(
     caller.require(READERS)?;
     let id = parse_id(&id)?;
     if let Some(at) = query.at {
-        return Ok(axum::Json(as_of(&state, &caller, &id, at.0).await?).into_response());
+        let device = as_of(&state, &caller, &id, at.0).await?;
+        let etag = format!("\"{}\"", device.last_sequence);
+        return Ok(([(ETAG, etag)], axum::Json(device)).into_response());
     }
     if let Some(position) = query.min_position {
         wait_for_position(state.bus.pool(), PROJECTION, position, &caller.tenant).await?;
@@ -256,44 +258,33 @@ async fn show(
     Ok(([(ETAG, etag)], axum::Json(device)).into_response())
 }
 
-/// The device as it stood at `at`: its events recorded until then, folded.
+/// The device as it stood at `at`: its events recorded until then, applied by the devices
+/// projection to private copies of its tables, so it is the same view as the live one.
 async fn as_of(
     state: &AppState,
     caller: &Caller,
     id: &DeviceId,
     at: DateTime<Utc>,
-) -> Result<Value, ApiError> {
-    let payloads: Vec<(i64, Value)> = sqlx::query_as(
-        "SELECT sequence, payload FROM events
-          WHERE aggregate_type = 'device' AND aggregate_id = $1 AND recorded_at <= $2
-          ORDER BY sequence",
+) -> Result<DeviceView, ApiError> {
+    let mut past = fleetlog_projections::as_of::as_of(
+        state.bus.pool(),
+        &fleetlog_projections::DevicesProjection,
+        id.as_str(),
+        at,
     )
+    .await
+    .map_err(|error| match error {
+        fleetlog_projections::ProjectionError::Database(error) => ApiError::from(error),
+        other => ApiError::Internal(Box::new(other)),
+    })?;
+    let device: Option<DeviceView> = sqlx::query_as(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1 AND tenant = $2"
+    ))
     .bind(id.as_str())
-    .bind(at)
-    .fetch_all(state.bus.pool())
+    .bind(caller.tenant.as_str())
+    .fetch_optional(past.connection())
     .await?;
-    let mut device = Device::default();
-    let mut version = 0;
-    for (sequence, payload) in payloads {
-        let event = serde_json::from_value(payload).map_err(|e| ApiError::Internal(Box::new(e)))?;
-        device.evolve(event);
-        version = sequence;
-    }
-    if device.lifecycle == Lifecycle::Unregistered || device.tenant.as_ref() != Some(&caller.tenant)
-    {
-        return Err(ApiError::NotFound("device"));
-    }
-    let delta = Value::Object(device.delta());
-    let mut view = serde_json::to_value(&device).map_err(|e| ApiError::Internal(Box::new(e)))?;
-    if let Some(object) = view.as_object_mut() {
-        // Secrets stay out of every answer, past ones included.
-        object.remove("credential_hash");
-        object.remove("recent_digests");
-        object.insert("delta".into(), delta);
-        object.insert("version".into(), version.into());
-        object.insert("at".into(), Value::String(at.to_rfc3339()));
-    }
-    Ok(view)
+    device.ok_or(ApiError::NotFound("device"))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -342,11 +342,7 @@ impl Device {
     /// The desired properties whose value differs from the reported one: what the device still
     /// has to do.
     pub fn delta(&self) -> Map<String, Value> {
-        self.desired
-            .iter()
-            .filter(|(key, value)| self.reported.get(*key) != Some(*value))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect()
+        document_delta(&self.desired, &self.reported)
     }
 
     /// Decides which events a command produces, without changing the aggregate.
@@ -500,14 +496,113 @@ impl std::io::Write for ByteCounter {
     }
 }
 
-/// Applies a JSON merge patch of one level: `null` removes a key.
+/// Applies a JSON merge patch (RFC 7386), as AWS IoT Device Shadow does: an object merges
+/// into an object key by key at any depth, `null` removes a key at any depth, anything else
+/// (arrays included) replaces. The `fleetlog_merge` SQL function of the read models is the
+/// same rule.
 pub fn merge_properties(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
     for (key, value) in patch {
-        if value.is_null() {
-            target.remove(key);
-        } else {
-            target.insert(key.clone(), value.clone());
+        match value {
+            Value::Null => {
+                target.remove(key);
+            }
+            Value::Object(inner) => match target.get_mut(key) {
+                Some(Value::Object(existing)) => merge_properties(existing, inner),
+                _ => {
+                    let mut fresh = Map::new();
+                    merge_properties(&mut fresh, inner);
+                    target.insert(key.clone(), Value::Object(fresh));
+                }
+            },
+            other => {
+                target.insert(key.clone(), other.clone());
+            }
         }
+    }
+}
+
+/// Composes merge patch `later` into `earlier`, so that applying the result equals applying
+/// `earlier` then `later`; `false` (and `earlier` unchanged) when no single patch says that: a
+/// key `earlier` sets to a value or `null` that `later` sets to an object (an object patch
+/// merges into what it finds, so it cannot say "replace").
+pub fn compose_patches(earlier: &mut Map<String, Value>, later: &Map<String, Value>) -> bool {
+    fn composable(earlier: &Map<String, Value>, later: &Map<String, Value>) -> bool {
+        later
+            .iter()
+            .all(|(key, value)| match (earlier.get(key), value) {
+                (Some(Value::Object(before)), Value::Object(after)) => composable(before, after),
+                (Some(_), Value::Object(_)) => false,
+                _ => true,
+            })
+    }
+    fn compose(earlier: &mut Map<String, Value>, later: &Map<String, Value>) {
+        for (key, value) in later {
+            match (earlier.get_mut(key), value) {
+                (Some(Value::Object(before)), Value::Object(after)) => compose(before, after),
+                _ => {
+                    earlier.insert(key.clone(), value.clone());
+                }
+            }
+        }
+    }
+    if !composable(earlier, later) {
+        return false;
+    }
+    compose(earlier, later);
+    true
+}
+
+/// The desired properties the reported ones do not match: the leaves that differ, at any
+/// depth (an object holds only its differing leaves, and is left out when none differ).
+/// Numbers compare by value: `1` equals `1.0`.
+pub fn document_delta(
+    desired: &Map<String, Value>,
+    reported: &Map<String, Value>,
+) -> Map<String, Value> {
+    let mut delta = Map::new();
+    for (key, wanted) in desired {
+        let held = reported.get(key);
+        match (wanted, held) {
+            (Value::Object(wanted), held) => {
+                let empty = Map::new();
+                let held = match held {
+                    Some(Value::Object(held)) => held,
+                    _ => &empty,
+                };
+                let inner = document_delta(wanted, held);
+                if !inner.is_empty() {
+                    delta.insert(key.clone(), Value::Object(inner));
+                }
+            }
+            (wanted, Some(held)) if same_value(wanted, held) => {}
+            (wanted, _) => {
+                delta.insert(key.clone(), wanted.clone());
+            }
+        }
+    }
+    delta
+}
+
+/// JSON equality with numbers compared by value (`1`, `1.0` and `1e0` are one number), as
+/// Postgres compares `jsonb`.
+pub fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(a), Value::Number(b)) => {
+            match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
+                (Some(a), Some(b), _, _) => a == b,
+                (_, _, Some(a), Some(b)) => a == b,
+                _ => a.as_f64() == b.as_f64(),
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same_value(a, b))
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            a.len() == b.len()
+                && a.iter()
+                    .all(|(key, a)| b.get(key).is_some_and(|b| same_value(a, b)))
+        }
+        _ => a == b,
     }
 }
 

@@ -1230,3 +1230,36 @@ fn decommissioning_gives_up_an_update_under_way() {
             },
         ]);
 }
+
+#[test]
+fn desired_and_reported_merge_at_any_depth() {
+    let set = |properties: serde_json::Value| DeviceCommand::SetDesired {
+        properties: properties.as_object().unwrap().clone(),
+        at: at(),
+    };
+    let mut device = Device::default();
+    device.evolve(registered());
+    for properties in [
+        json!({"cfg": {"a": 1, "b": 2}}),
+        json!({"cfg": {"a": null}}),
+    ] {
+        for event in device.decide(set(properties)).unwrap() {
+            device.evolve(event);
+        }
+    }
+    assert_eq!(
+        serde_json::Value::Object(device.desired.clone()),
+        json!({"cfg": {"b": 2}})
+    );
+    // The delta asks for the leaves that differ, and 2.0 is 2.
+    device.reported = json!({"cfg": {"b": 2.0, "c": 3}})
+        .as_object()
+        .unwrap()
+        .clone();
+    assert!(device.delta().is_empty(), "{:?}", device.delta());
+    device.reported = json!({"cfg": {"b": 3}}).as_object().unwrap().clone();
+    assert_eq!(
+        serde_json::Value::Object(device.delta()),
+        json!({"cfg": {"b": 2}})
+    );
+}

@@ -1,0 +1,128 @@
+//! A read model as it stood at an instant: one aggregate's events recorded until then, applied
+//! by the projection's own code to private copies of its tables.
+//!
+//! The copies are temporary tables (`LIKE ... INCLUDING ALL`, shadowing the live ones on the
+//! transaction's `search_path`) that the transaction drops when it ends; nothing is ever
+//! committed. So a past view has exactly the shape and the rules of the live one (latest
+//! readings, merged documents, delta, counters): there is one way to apply an event.
+
+use chrono::{DateTime, Utc};
+use fleetlog_nats::envelope::StoredEvent;
+use fleetlog_nats::EventEnvelope;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use crate::worker::{Projection, ProjectionError};
+
+/// Events applied per batch.
+const PAGE_SIZE: i64 = 1_000;
+
+const SELECT_PAGE: &str = "
+SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
+       global_position, transaction_id::text AS transaction_text, recorded_at
+  FROM events
+ WHERE aggregate_type = $1 AND aggregate_id = $2 AND recorded_at <= $3 AND sequence > $4
+ ORDER BY sequence
+ LIMIT $5";
+
+/// A projection's tables as they stood at an instant, for one aggregate; query them through
+/// [`PastModel::connection`] by their usual names. Dropping it throws them away.
+pub struct PastModel {
+    transaction: Transaction<'static, Postgres>,
+    /// The sequence of the last event applied, if any.
+    pub last_sequence: Option<i64>,
+}
+
+impl PastModel {
+    /// The connection on which the projection's table names mean the past copies.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.transaction
+    }
+}
+
+/// Applies the events of `aggregate_id` recorded until `at` (inclusive) with `projection` to
+/// empty copies of its tables.
+pub async fn as_of<P: Projection>(
+    pool: &PgPool,
+    projection: &P,
+    aggregate_id: &str,
+    at: DateTime<Utc>,
+) -> Result<PastModel, ProjectionError> {
+    let mut transaction = pool.begin().await?;
+    // Only reads of the events table leave the transaction; the copies are its own.
+    sqlx::query("SET LOCAL search_path TO pg_temp, public")
+        .execute(&mut *transaction)
+        .await?;
+    for table in P::TABLES {
+        sqlx::query(&format!(
+            "CREATE TEMPORARY TABLE {table} (LIKE public.{table} INCLUDING ALL) ON COMMIT DROP"
+        ))
+        .execute(&mut *transaction)
+        .await?;
+    }
+    let mut last_sequence = None;
+    loop {
+        let rows: Vec<StoredEvent> = sqlx::query_as(SELECT_PAGE)
+            .bind(P::AGGREGATE_TYPE)
+            .bind(aggregate_id)
+            .bind(at)
+            .bind(last_sequence.unwrap_or(0))
+            .bind(PAGE_SIZE)
+            .fetch_all(&mut *transaction)
+            .await?;
+        let Some(last) = rows.last() else { break };
+        last_sequence = Some(last.envelope.sequence);
+        let events: Vec<EventEnvelope> = rows.into_iter().map(|row| row.envelope).collect();
+        let events: Vec<&EventEnvelope> = events.iter().collect();
+        apply_passing_over(projection, &mut transaction, &events).await?;
+        if (events.len() as i64) < PAGE_SIZE {
+            break;
+        }
+    }
+    Ok(PastModel {
+        transaction,
+        last_sequence,
+    })
+}
+
+/// Applies `events` as one batch; if one of them cannot be applied (as the live worker would
+/// find, and pass it over with a dead letter), applies them one by one and passes over those,
+/// so the past view leaves out what the live one left out.
+async fn apply_passing_over<P: Projection>(
+    projection: &P,
+    connection: &mut PgConnection,
+    events: &[&EventEnvelope],
+) -> Result<(), ProjectionError> {
+    sqlx::query("SAVEPOINT as_of_batch")
+        .execute(&mut *connection)
+        .await?;
+    match projection.apply_batch(connection, events).await {
+        Ok(()) => {}
+        Err(error) if error.is_about_the_event() => {
+            sqlx::query("ROLLBACK TO SAVEPOINT as_of_batch")
+                .execute(&mut *connection)
+                .await?;
+            for event in events {
+                sqlx::query("SAVEPOINT as_of_event")
+                    .execute(&mut *connection)
+                    .await?;
+                match projection.apply(connection, event).await {
+                    Ok(()) => {}
+                    Err(error) if error.is_about_the_event() => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT as_of_event")
+                            .execute(&mut *connection)
+                            .await?;
+                    }
+                    Err(error) => return Err(error),
+                }
+                sqlx::query("RELEASE SAVEPOINT as_of_event")
+                    .execute(&mut *connection)
+                    .await?;
+            }
+        }
+        Err(error) => return Err(error),
+    }
+    sqlx::query("RELEASE SAVEPOINT as_of_batch")
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
