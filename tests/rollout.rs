@@ -931,6 +931,18 @@ async fn aborts_deprecations_overlaps_and_changed_targets_behave_as_operators_ex
         "{sent}"
     );
 
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ["a0", "a1"]
+        .iter()
+        .any(|id| devices[id].updates_received() == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the devices never got the install"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // 4. A second rollout of devices that the first still waits for is refused, with why.
     let (status, body) = create(json!({"rollout_id": "r-overlap", "firmware_id": fix,
         "device_ids": ["a1"]}))
@@ -1217,4 +1229,76 @@ async fn aborts_deprecations_overlaps_and_changed_targets_behave_as_operators_ex
             .starts_with("never seen online: sent when it comes online, or times out at "),
         "{e3}"
     );
+}
+
+/// An image deprecated after a manager recorded its devices as sent and before it asked them
+/// (the manager stopped in between): the next manager sends nothing of it; the devices go back
+/// to the queue of a paused rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_deprecated_between_recording_and_asking_is_never_sent() {
+    let stack = Arc::new(Stack::start(Manager::LeftToTheTest).await);
+    let (firmware_id, _) = stack.release_firmware("8.0.0", &image(4_000)).await;
+    let mut devices = Vec::new();
+    for id in ["g0", "g1"] {
+        let token = stack.register(id).await;
+        devices.push(SimulatedDevice::connect(&stack, id, token, Behaviour::Succeeds).await);
+    }
+    stack.wait_until_online(2).await;
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(json!({"rollout_id": "r-late", "firmware_id": firmware_id,
+                        "device_ids": ["g0", "g1"], "waves": [100]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    stack
+        .call(Method::POST, "/api/v1/rollouts/r-late/start", None)
+        .await;
+    // What a manager does before it asks the devices.
+    let bus = CommandBus::new(stack.db.pool.clone(), StoreSettings::default());
+    let sent = fleetlog_domain::rollout::RolloutCommand::SendToDevices {
+        devices: ["g0", "g1"]
+            .iter()
+            .map(|d| fleetlog_domain::DeviceId::parse(*d).unwrap())
+            .collect(),
+        at: Utc::now(),
+    };
+    bus.rollouts()
+        .execute(
+            "r-late",
+            sent,
+            &fleetlog_commands::CommandMetadata::new("test"),
+        )
+        .await
+        .unwrap();
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            &format!("/api/v1/firmware/{firmware_id}/deprecate"),
+            Some(json!({"reason": "found wanting"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    tokio::spawn(stack.rollout_manager().run(stack.shutdown.clone()));
+    let paused = stack
+        .wait_for("/api/v1/rollouts/r-late", "the pause", |r| {
+            r["status"] == "paused" && r["sent"] == 0
+        })
+        .await;
+    assert!(
+        paused["pause_reason"]
+            .as_str()
+            .unwrap()
+            .contains("deprecated"),
+        "{paused}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (device, id) in devices.iter().zip(["g0", "g1"]) {
+        assert_eq!(device.updates_received(), 0, "{id} was sent the image");
+        let row = rollout_device(&stack, "r-late", id).await;
+        assert_eq!(row["status"], "queued", "{row}");
+    }
 }

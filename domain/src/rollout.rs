@@ -149,6 +149,18 @@ impl WaveTally {
     }
 }
 
+/// A wave an operator accepted by resuming while it ran: the success threshold no longer
+/// holds it (it leads to the next wave once every device in it has an outcome), and the
+/// error threshold judges only what fails after the resume, among the devices that had no
+/// outcome then.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedWave {
+    /// The wave.
+    pub wave: usize,
+    /// Its outcomes at the resume.
+    pub tally: WaveTally,
+}
+
 /// The counts behind a decision: the wave it was taken on and the whole rollout.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
@@ -239,10 +251,9 @@ pub struct Rollout {
     /// Outcomes per wave.
     #[serde(default)]
     pub tallies: Vec<WaveTally>,
-    /// The wave an operator accepted by resuming while it ran: its thresholds no longer pause
-    /// it, and it leads to the next wave once every device in it has an outcome.
+    /// The wave an operator accepted by resuming while it ran, with its outcomes then.
     #[serde(default)]
-    pub accepted_wave: Option<usize>,
+    pub accepted: Option<AcceptedWave>,
     /// When the rollout was aborted: outcomes devices reported before it still count.
     #[serde(default)]
     pub aborted_at: Option<DateTime<Utc>>,
@@ -314,6 +325,10 @@ pub enum RolloutCommand {
         device_id: DeviceId,
         /// How it ended.
         outcome: DeviceOutcome,
+        /// When the device reported it, if it did (else `at`): what it reported before an
+        /// abort still counts.
+        #[serde(default)]
+        reported_at: Option<DateTime<Utc>>,
         /// Now.
         at: DateTime<Utc>,
     },
@@ -638,7 +653,10 @@ impl Rollout {
             RolloutEvent::RolloutStarted { .. } => self.status = RolloutStatus::Running,
             RolloutEvent::RolloutResumed { .. } => {
                 self.status = RolloutStatus::Running;
-                self.accepted_wave = self.current_wave;
+                self.accepted = self.current_wave.map(|wave| AcceptedWave {
+                    wave,
+                    tally: self.tallies.get(wave).copied().unwrap_or_default(),
+                });
             }
             RolloutEvent::WaveStarted { wave, at, .. } => {
                 self.current_wave = Some(wave);
@@ -777,6 +795,35 @@ impl Rollout {
 
     /// Decides which events a command produces, without changing the aggregate.
     pub fn decide(&self, command: RolloutCommand) -> Result<Vec<RolloutEvent>, RolloutError> {
+        let events = self.decide_one(command)?;
+        Ok(self.with_follow_ups(events))
+    }
+
+    /// A wave that starts with every device already done (all canceled before it started)
+    /// is judged at once, and so on: otherwise nothing would ever judge it.
+    fn with_follow_ups(&self, mut events: Vec<RolloutEvent>) -> Vec<RolloutEvent> {
+        if !matches!(events.last(), Some(RolloutEvent::WaveStarted { .. })) {
+            return events;
+        }
+        let mut state = self.clone();
+        for event in &events {
+            state.evolve(event.clone());
+        }
+        while let Some(RolloutEvent::WaveStarted { at, .. }) = events.last() {
+            let at = *at;
+            if state.status != RolloutStatus::Running {
+                break;
+            }
+            let Some(next) = state.judge(&state.tallies, None, false, at) else {
+                break;
+            };
+            state.evolve(next.clone());
+            events.push(next);
+        }
+        events
+    }
+
+    fn decide_one(&self, command: RolloutCommand) -> Result<Vec<RolloutEvent>, RolloutError> {
         match command {
             RolloutCommand::Create {
                 rollout_id,
@@ -874,8 +921,9 @@ impl Rollout {
             RolloutCommand::RecordDeviceOutcome {
                 device_id,
                 outcome,
+                reported_at,
                 at,
-            } => self.record_outcome(device_id, outcome, at),
+            } => self.record_outcome(device_id, outcome, reported_at.unwrap_or(at), at),
             RolloutCommand::AdvanceWave { at } => {
                 if self.status != RolloutStatus::Running {
                     return Err(self.transition("advance"));
@@ -934,6 +982,7 @@ impl Rollout {
         &self,
         device_id: DeviceId,
         outcome: DeviceOutcome,
+        reported_at: DateTime<Utc>,
         at: DateTime<Utc>,
     ) -> Result<Vec<RolloutEvent>, RolloutError> {
         let wave = self
@@ -968,7 +1017,7 @@ impl Rollout {
             let reported_before = matches!(
                 outcome,
                 DeviceOutcome::Succeeded | DeviceOutcome::Failed { .. }
-            ) && at <= aborted_at;
+            ) && reported_at <= aborted_at;
             if sent_at.is_none() || !reported_before {
                 return Err(RolloutError::Canceled(device_id));
             }
@@ -995,11 +1044,9 @@ impl Rollout {
         }
         let mut tallies = self.tallies.clone();
         tallies[wave].add(&outcome);
-        let failed_wave = matches!(
-            outcome,
-            DeviceOutcome::Failed { .. } | DeviceOutcome::TimedOut
-        )
-        .then_some(wave);
+        // A cancel is no failure, but it shrinks the wave the failures so far are judged
+        // against.
+        let failed_wave = (outcome != DeviceOutcome::Succeeded).then_some(wave);
         let mut events = vec![RolloutEvent::DeviceOutcomeRecorded {
             device_id,
             outcome,
@@ -1024,9 +1071,15 @@ impl Rollout {
         accept_finished: bool,
         at: DateTime<Utc>,
     ) -> Option<RolloutEvent> {
-        if let Some(wave) = failed_wave.filter(|wave| self.accepted_wave != Some(*wave)) {
-            let size = self.judged_size(tallies, wave);
-            let failures = tallies[wave].failures();
+        if let Some(wave) = failed_wave {
+            let (mut size, mut failures) =
+                (self.judged_size(tallies, wave), tallies[wave].failures());
+            if let Some(accepted) = self.accepted.filter(|accepted| accepted.wave == wave) {
+                // What failed before the resume was accepted with the wave: only the devices
+                // open then, and their failures since, are judged.
+                size = size.saturating_sub(accepted.tally.succeeded + accepted.tally.failures());
+                failures = failures.saturating_sub(accepted.tally.failures());
+            }
             if failures * 100 > usize::from(self.error_threshold) * size {
                 let reason = format!(
                     "error threshold exceeded: {failures} of {size} devices in wave {wave} failed or timed out (threshold {}%)",
@@ -1049,7 +1102,10 @@ impl Rollout {
         let tally = tallies[current];
         let reached = tally.succeeded * 100 >= usize::from(self.success_threshold) * size;
         let finished = tally.finished() == self.wave_devices(current).len();
-        let accepted = accept_finished || self.accepted_wave == Some(current);
+        let accepted = accept_finished
+            || self
+                .accepted
+                .is_some_and(|accepted| accepted.wave == current);
         if current < last {
             if reached || (finished && accepted) {
                 return Some(self.next_wave(tallies, current, at));
@@ -1288,6 +1344,7 @@ mod tests {
         RolloutCommand::RecordDeviceOutcome {
             device_id: device(n),
             outcome,
+            reported_at: None,
             at: at(10),
         }
     }
@@ -1532,6 +1589,7 @@ mod tests {
         let timed_out_at = |n: usize, secs: i64| RolloutCommand::RecordDeviceOutcome {
             device_id: device(n),
             outcome: DeviceOutcome::TimedOut,
+            reported_at: None,
             at: at(secs),
         };
         Given::with(())
@@ -1585,6 +1643,7 @@ mod tests {
                 .when(RolloutCommand::RecordDeviceOutcome {
                     device_id: device(n),
                     outcome: DeviceOutcome::TimedOut,
+                    reported_at: None,
                     at: late,
                 })
                 .then_expect_error(RolloutError::NotTimedOut(device(n)));
@@ -1760,6 +1819,7 @@ mod tests {
         let reported_before_the_abort = RolloutCommand::RecordDeviceOutcome {
             device_id: device(0),
             outcome: failed(),
+            reported_at: None,
             at: at(6),
         };
         Given::with(())
@@ -2023,15 +2083,15 @@ mod tests {
         };
         let mut rollout = state(with(vec![strict], started()[1..].to_vec()));
         rollout.evolve(sent(0..2));
-        let mut apply = |command| {
+        fn apply(rollout: &mut Rollout, command: RolloutCommand) -> Vec<RolloutEvent> {
             let events = rollout.decide(command).unwrap();
             for event in events.clone() {
                 rollout.evolve(event);
             }
             events
-        };
+        }
         // The first failure pauses at the error threshold, with d1 still installing.
-        let events = apply(record(0, failed()));
+        let events = apply(&mut rollout, record(0, failed()));
         assert!(matches!(
             events[1],
             RolloutEvent::RolloutPaused {
@@ -2039,21 +2099,33 @@ mod tests {
                 ..
             }
         ));
-        let events = apply(RolloutCommand::Resume { at: at(11) });
+        let events = apply(&mut rollout, RolloutCommand::Resume { at: at(11) });
         assert_eq!(events, vec![RolloutEvent::RolloutResumed { at: at(11) }]);
-        // d1 ends the wave below the success threshold: the resume accepted it, so the next
-        // wave starts instead of a second pause.
-        let events = apply(record(1, failed()));
+        // A failure after the resume, among the devices open then, is judged again: with no
+        // failure tolerated, d1's pauses the rollout once more.
+        let failing_again = rollout.clone();
+        let events = failing_again.decide(record(1, failed())).unwrap();
+        assert!(
+            matches!(&events[1], RolloutEvent::RolloutPaused { reason, .. }
+                if reason.contains("1 of 1 devices")),
+            "{events:?}"
+        );
+        // d1 succeeds, ending the wave below the 100% success threshold: the resume accepted
+        // the wave, so the next one starts instead of a second pause.
+        let events = apply(&mut rollout, record(1, DeviceOutcome::Succeeded));
         assert!(
             matches!(events[1], RolloutEvent::WaveStarted { wave: 1, .. }),
             "{events:?}"
         );
         // The next wave is judged by the thresholds again.
-        apply(RolloutCommand::SendToDevices {
-            devices: devices(2..5),
-            at: at(12),
-        });
-        let events = apply(record(2, failed()));
+        apply(
+            &mut rollout,
+            RolloutCommand::SendToDevices {
+                devices: devices(2..5),
+                at: at(12),
+            },
+        );
+        let events = apply(&mut rollout, record(2, failed()));
         assert!(matches!(
             events[1],
             RolloutEvent::RolloutPaused {
@@ -2061,6 +2133,110 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn waves_whose_devices_were_all_canceled_are_passed_at_once() {
+        let gone = canceled("device decommissioned");
+        // Wave 0 (d0, d1) canceled before the start: starting goes on to wave 1.
+        let before = with(
+            vec![created()],
+            vec![outcome(0, gone.clone()), outcome(1, gone.clone())],
+        );
+        let events = state(before)
+            .decide(RolloutCommand::Start { at: at(1) })
+            .unwrap();
+        assert!(
+            matches!(
+                events.as_slice(),
+                [
+                    RolloutEvent::RolloutStarted { .. },
+                    RolloutEvent::WaveStarted { wave: 0, .. },
+                    RolloutEvent::WaveStarted { wave: 1, .. },
+                ]
+            ),
+            "{events:?}"
+        );
+        // Every device canceled: the start completes the rollout.
+        let all: Vec<RolloutEvent> = (0..10).map(|n| outcome(n, gone.clone())).collect();
+        let events = state(with(vec![created()], all))
+            .decide(RolloutCommand::Start { at: at(1) })
+            .unwrap();
+        assert!(
+            matches!(
+                events.last(),
+                Some(RolloutEvent::RolloutCompleted {
+                    succeeded: 0,
+                    failed: 0,
+                    ..
+                })
+            ),
+            "{events:?}"
+        );
+        // Wave 1 canceled while wave 0 ran: wave 0's success starts wave 1, then wave 2.
+        let mut running = wave_0_sent();
+        for n in 2..5 {
+            running.push(outcome(n, gone.clone()));
+        }
+        running.push(outcome(0, DeviceOutcome::Succeeded));
+        let events = state(running)
+            .decide(record(1, DeviceOutcome::Succeeded))
+            .unwrap();
+        assert!(
+            matches!(
+                events.as_slice(),
+                [
+                    RolloutEvent::DeviceOutcomeRecorded { .. },
+                    RolloutEvent::WaveStarted { wave: 1, .. },
+                    RolloutEvent::WaveStarted { wave: 2, .. },
+                ]
+            ),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_cancel_that_shrinks_a_wave_judges_its_failures_again() {
+        // Wave 0 of two, error threshold 50%: one failure is tolerated, until the other
+        // device is canceled and the failure is all of the wave.
+        let events = state(with(wave_0_sent(), vec![outcome(0, failed())]))
+            .decide(record(1, canceled("device decommissioned")))
+            .unwrap();
+        assert!(
+            matches!(
+                &events[1],
+                RolloutEvent::RolloutPaused {
+                    automatic: true,
+                    ..
+                }
+            ),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn an_outcome_counts_from_when_the_device_reported_it() {
+        let aborted = RolloutEvent::RolloutAborted {
+            reason: "bad build".into(),
+            automatic: false,
+            canceled: 10,
+            counts: None,
+            at: at(7),
+        };
+        let late_record = RolloutCommand::RecordDeviceOutcome {
+            device_id: device(0),
+            outcome: DeviceOutcome::Succeeded,
+            reported_at: Some(at(6)),
+            at: at(30),
+        };
+        Given::with(())
+            .given(with(wave_0_sent(), vec![aborted]))
+            .when(late_record)
+            .then_expect_events(vec![RolloutEvent::DeviceOutcomeRecorded {
+                device_id: device(0),
+                outcome: DeviceOutcome::Succeeded,
+                at: at(30),
+            }]);
     }
 
     #[test]

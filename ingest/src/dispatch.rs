@@ -12,8 +12,8 @@
 //!   digest (public key at `/api/v1/firmware/signing-key`, by key id) before installing;
 //! - `FirmwareUpdateAbandoned` (rollout aborted, update timed out, device decommissioned) →
 //!   `{root}/{id}/ota`: `{"action": "cancel", "rollout_id", "firmware_id", "reason"}`: the
-//!   device stops that update if it still can; on the same topic as the install, so it
-//!   arrives after it;
+//!   device stops that update if it still can. An install goes out only while the device
+//!   still has that update under way, so a redelivered install never follows its cancel;
 //! - `DeviceDecommissioned` clears the retained desired document.
 //!
 //! Delivery is at least once, made effectively once by ids: the durable JetStream consumer's
@@ -292,6 +292,23 @@ impl Dispatcher {
                 image,
                 at,
             } => {
+                // An install redelivered (or handled by another dispatcher) after the update
+                // was given up must not follow its cancel to the device: it goes out only while
+                // the device still has that update under way.
+                let current = self
+                    .bus
+                    .devices()
+                    .current(device)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .aggregate;
+                let still_wanted = current.firmware_update.as_ref().is_some_and(|pending| {
+                    pending.rollout_id == rollout_id && pending.firmware_id == firmware_id
+                });
+                if !still_wanted {
+                    tracing::debug!(device, "firmware update no longer under way; not sent");
+                    return Ok(());
+                }
                 // Requests recorded before images carried their digest in the event: ask the
                 // Firmware aggregate.
                 let image = match image {

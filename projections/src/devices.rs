@@ -5,7 +5,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use fleetlog_domain::device::{compose_patches, CommandOutcome, DeviceEvent};
+use fleetlog_domain::device::{compose_patches, CommandOutcome, DeviceEvent, PROGRESS_STATES};
 use fleetlog_nats::EventEnvelope;
 use serde_json::{json, Map, Value};
 use sqlx::postgres::PgArguments;
@@ -456,6 +456,7 @@ async fn apply(
                 "version": version,
                 "state": "requested",
                 "progress": 0,
+                "stage": "requested",
             });
             update_row(
                 sqlx::query(&update("firmware_update = $3, updated_at = $4"))
@@ -473,19 +474,26 @@ async fn apply(
             at,
             ..
         } => {
+            // `stage`: the furthest known state reached, as the aggregate keeps it; a device's
+            // own state (not in the list) leaves it as it is.
+            let assignments = "firmware_update = firmware_update || jsonb_build_object(
+                    'state', $3::text, 'progress', $4::int,
+                    'stage', CASE WHEN array_position($6::text[], $3::text)
+                                       >= COALESCE(array_position($6::text[],
+                                                   firmware_update ->> 'stage'), 0)
+                                  THEN $3::text ELSE firmware_update ->> 'stage' END),
+                 updated_at = $5";
             update_row(
- sqlx::query(&update(
-                "firmware_update = firmware_update || jsonb_build_object('state', $3::text, 'progress', $4::int),
-                 updated_at = $5",
-            ))
-            .bind(id)
-            .bind(sequence)
-            .bind(state)
-            .bind(i32::from(progress))
-            .bind(at),
- connection,
-)
-.await?;
+                sqlx::query(&update(assignments))
+                    .bind(id)
+                    .bind(sequence)
+                    .bind(state)
+                    .bind(i32::from(progress))
+                    .bind(at)
+                    .bind(PROGRESS_STATES),
+                connection,
+            )
+            .await?;
         }
         DeviceEvent::FirmwareUpdateSucceeded { version, at, .. } => {
             update_row(

@@ -390,8 +390,8 @@ impl RolloutManager {
     }
 
     async fn on_device_event(&self, device_id: &str, event: DeviceEvent) -> Result<(), Failure> {
-        // The device's own time of the outcome: an outcome reported before an abort counts.
-        let (rollout_id, outcome, at) = match event {
+        // When the device reported the outcome: one reported before an abort counts.
+        let (rollout_id, outcome, reported_at) = match event {
             DeviceEvent::FirmwareUpdateSucceeded {
                 rollout_id: Some(rollout_id),
                 at,
@@ -416,7 +416,7 @@ impl RolloutManager {
                     let outcome = DeviceOutcome::Canceled {
                         reason: "device decommissioned".into(),
                     };
-                    self.record(&rollout_id, device_id, outcome, Utc::now())
+                    self.record(&rollout_id, device_id, outcome, Utc::now(), None)
                         .await?;
                 }
                 return Ok(());
@@ -441,9 +441,15 @@ impl RolloutManager {
             }
             _ => return Ok(()),
         };
-        self.record(rollout_id.as_str(), device_id, outcome, at)
-            .await
-            .map(|_| ())
+        self.record(
+            rollout_id.as_str(),
+            device_id,
+            outcome,
+            Utc::now(),
+            Some(reported_at),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Records `devices` as sent in the rollout, then asks those it recorded. Nothing of a
@@ -499,6 +505,15 @@ impl RolloutManager {
             .current(&firmware_id.to_string())
             .await?
             .aggregate;
+        if firmware.status == FirmwareStatus::Deprecated {
+            // Deprecated after these devices were recorded as sent, before they were asked:
+            // they are not asked, and wait in the queue of a rollout that pauses or aborts.
+            let reason = format!("firmware {firmware_id} was deprecated before it was sent");
+            for device in devices {
+                self.return_to_queue(rollout_id, device, &reason).await?;
+            }
+            return self.stop_for_deprecation(rollout_id, &firmware).await;
+        }
         let image = FirmwareImage {
             sha256: firmware.sha256,
             size_bytes: firmware.size_bytes,
@@ -561,41 +576,57 @@ impl RolloutManager {
             // Busy with another update (one the read model did not show yet): not a failure
             // of this image; the device waits in the queue until it is free.
             Err(CommandError::Refused(refusal @ DeviceError::UpdateInProgress(_))) => {
-                let command = RolloutCommand::ReturnToQueue {
-                    device_id: DeviceId::parse(device_id)?,
-                    reason: refusal.to_string(),
-                    at: Utc::now(),
-                };
-                return match self
-                    .bus
-                    .rollouts()
-                    .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
-                    .await
-                {
-                    Ok(_) | Err(CommandError::Refused(_)) => Ok(()),
-                    Err(error) => Err(error.into()),
-                };
+                let device_id = DeviceId::parse(device_id)?;
+                return self
+                    .return_to_queue(rollout_id, &device_id, &refusal.to_string())
+                    .await;
             }
             Err(CommandError::Refused(refusal)) => DeviceOutcome::Failed {
                 error: format!("the device cannot take the update: {refusal}"),
             },
             Err(error) => return Err(error.into()),
         };
-        self.record(rollout_id, device_id, outcome, Utc::now())
+        self.record(rollout_id, device_id, outcome, Utc::now(), None)
             .await
             .map(|_| ())
     }
 
+    /// Puts a device recorded as sent but not asked back in the rollout's queue.
+    async fn return_to_queue(
+        &self,
+        rollout_id: &str,
+        device_id: &DeviceId,
+        reason: &str,
+    ) -> Result<(), Failure> {
+        let command = RolloutCommand::ReturnToQueue {
+            device_id: device_id.clone(),
+            reason: reason.chars().take(512).collect(),
+            at: Utc::now(),
+        };
+        match self
+            .bus
+            .rollouts()
+            .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
+            .await
+        {
+            Ok(_) | Err(CommandError::Refused(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Records `outcome` at `at`; `reported_at` is when the device reported it, if it did.
     async fn record(
         &self,
         rollout_id: &str,
         device_id: &str,
         outcome: DeviceOutcome,
         at: DateTime<Utc>,
+        reported_at: Option<DateTime<Utc>>,
     ) -> Result<bool, Failure> {
         let command = RolloutCommand::RecordDeviceOutcome {
             device_id: DeviceId::parse(device_id)?,
             outcome,
+            reported_at,
             at,
         };
         match self
@@ -661,8 +692,9 @@ impl RolloutManager {
         let unasked: Vec<(String, Vec<String>)> = sqlx::query_as(
             "SELECT rd.rollout_id, array_agg(rd.device_id ORDER BY rd.device_id)
                FROM rollout_devices rd
+               JOIN rollouts r ON r.rollout_id = rd.rollout_id
                JOIN devices d ON d.device_id = rd.device_id
-              WHERE rd.status = 'sent' AND rd.sent_at < $1
+              WHERE rd.status = 'sent' AND rd.sent_at < $1 AND r.status IN ('running', 'paused')
                 AND (d.firmware_update ->> 'rollout_id') IS DISTINCT FROM rd.rollout_id
               GROUP BY rd.rollout_id",
         )
@@ -693,7 +725,7 @@ impl RolloutManager {
             // The rollout decides whether the time is really up (a rollout from before the
             // bounds may never time out): the device's update is given up only if it was.
             if !self
-                .record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now)
+                .record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now, None)
                 .await?
             {
                 continue;
@@ -720,8 +752,11 @@ impl RolloutManager {
         let unreachable: Vec<(String, String)> = sqlx::query_as(
             "SELECT rd.rollout_id, rd.device_id FROM rollout_devices rd
                JOIN rollouts r ON r.rollout_id = rd.rollout_id
+               JOIN devices d ON d.device_id = rd.device_id
               WHERE rd.status = 'queued' AND r.status = 'running' AND rd.wave <= r.current_wave
                 AND r.wave_started_at[rd.wave + 1] + make_interval(secs => LEAST(r.window_secs, $2)) <= $1
+                AND (d.firmware_update IS NULL
+                     OR d.firmware_update ->> 'rollout_id' = rd.rollout_id)
               LIMIT 1000",
         )
         .bind(now)
@@ -729,7 +764,7 @@ impl RolloutManager {
         .fetch_all(pool)
         .await?;
         for (rollout_id, device_id) in unreachable {
-            self.record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now)
+            self.record(&rollout_id, &device_id, DeviceOutcome::TimedOut, now, None)
                 .await?;
         }
         // Targets decommissioned whose cancelation this manager missed.
@@ -747,18 +782,17 @@ impl RolloutManager {
             let outcome = DeviceOutcome::Canceled {
                 reason: "device decommissioned".into(),
             };
-            self.record(&rollout_id, &device_id, outcome, now).await?;
+            self.record(&rollout_id, &device_id, outcome, now, None)
+                .await?;
         }
         // Devices of aborted rollouts that still show the rollout's update: the manager
         // stopped before telling them, or the rollout was aborted before aborts did.
         let not_told: Vec<(String, Vec<String>)> = sqlx::query_as(
-            "SELECT rd.rollout_id, array_agg(rd.device_id ORDER BY rd.device_id)
-               FROM rollout_devices rd
-               JOIN rollouts r ON r.rollout_id = rd.rollout_id
-               JOIN devices d ON d.device_id = rd.device_id
-              WHERE r.status = 'aborted' AND rd.status IN ('sent', 'canceled')
-                AND d.firmware_update ->> 'rollout_id' = rd.rollout_id
-              GROUP BY rd.rollout_id",
+            "SELECT r.rollout_id, array_agg(d.device_id ORDER BY d.device_id)
+               FROM devices d
+               JOIN rollouts r ON r.rollout_id = d.firmware_update ->> 'rollout_id'
+              WHERE d.firmware_update IS NOT NULL AND r.status = 'aborted'
+              GROUP BY r.rollout_id",
         )
         .fetch_all(pool)
         .await?;

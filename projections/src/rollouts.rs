@@ -224,15 +224,17 @@ impl Projection for RolloutsProjection {
                 at,
             } => {
                 // Every device without an outcome is canceled: those sent are told to give the
-                // update up.
-                sqlx::query(
+                // update up. The rows are counted, as aborts recorded before sent devices were
+                // canceled too counted only those not sent (`canceled` in the decision).
+                let rows = sqlx::query(
                     "UPDATE rollout_devices SET status = 'canceled', updated_at = $2
                       WHERE rollout_id = $1 AND status IN ('queued', 'sent')",
                 )
                 .bind(id)
                 .bind(at)
                 .execute(&mut *connection)
-                .await?;
+                .await?
+                .rows_affected();
                 let decision = json!({"decision": "abort", "automatic": automatic,
                     "reason": reason, "canceled": canceled, "counts": counts, "at": at});
                 sqlx::query(
@@ -244,7 +246,7 @@ impl Projection for RolloutsProjection {
                 .bind(sequence)
                 .bind(reason)
                 .bind(at)
-                .bind(canceled as i32)
+                .bind(rows as i32)
                 .bind(decision)
                 .execute(connection)
                 .await?;

@@ -93,6 +93,7 @@ async fn firmware_rollouts_and_users_follow_their_events() {
     let outcome = |device: &DeviceId, outcome| RolloutCommand::RecordDeviceOutcome {
         device_id: device.clone(),
         outcome,
+        reported_at: None,
         at: at(4),
     };
     rollout(outcome(&devices[0], DeviceOutcome::Succeeded))
@@ -111,6 +112,62 @@ async fn firmware_rollouts_and_users_follow_their_events() {
     rollout(RolloutCommand::Pause {
         reason: "weekend".into(),
         at: at(6),
+    })
+    .await
+    .unwrap();
+
+    // A second rollout through the less-trodden events: a busy device returned to the queue,
+    // a decommissioned one canceled, an abort, and an outcome reported before the abort that
+    // arrives after it.
+    let others: Vec<DeviceId> = (0..5)
+        .map(|n| DeviceId::parse(format!("e{n}")).unwrap())
+        .collect();
+    let second = |command| bus.rollouts().execute("r2", command, &metadata);
+    second(RolloutCommand::Create {
+        rollout_id: RolloutId::parse("r2").unwrap(),
+        tenant: tenant.clone(),
+        firmware_id: FirmwareId::parse("thermo@2.1.0").unwrap(),
+        targets: others.clone(),
+        waves: Waves::Percentages(vec![100]),
+        success_threshold: 50,
+        error_threshold: 50,
+        on_error: ErrorAction::Pause,
+        device_timeout_secs: 600,
+        window_secs: 3600,
+        at: at(2),
+    })
+    .await
+    .unwrap();
+    second(RolloutCommand::Start { at: at(3) }).await.unwrap();
+    second(send(&others[..3])).await.unwrap();
+    second(RolloutCommand::ReturnToQueue {
+        device_id: others[2].clone(),
+        reason: "another firmware update (thermo@2.0.0) is under way".into(),
+        at: at(4),
+    })
+    .await
+    .unwrap();
+    second(RolloutCommand::RecordDeviceOutcome {
+        device_id: others[3].clone(),
+        outcome: DeviceOutcome::Canceled {
+            reason: "device decommissioned".into(),
+        },
+        reported_at: None,
+        at: at(5),
+    })
+    .await
+    .unwrap();
+    second(RolloutCommand::Abort {
+        reason: "bad batch".into(),
+        at: at(10),
+    })
+    .await
+    .unwrap();
+    second(RolloutCommand::RecordDeviceOutcome {
+        device_id: others[0].clone(),
+        outcome: DeviceOutcome::Succeeded,
+        reported_at: Some(at(9)),
+        at: at(11),
     })
     .await
     .unwrap();
@@ -206,6 +263,37 @@ async fn firmware_rollouts_and_users_follow_their_events() {
             ("d1".into(), 0, "failed".into()),
             ("d2".into(), 1, "sent".into()),
             ("d3".into(), 1, "queued".into()),
+        ]
+    );
+
+    let (status, sent, succeeded, canceled): (String, i32, i32, i32) = sqlx::query_as(
+        "SELECT status, sent, succeeded, canceled FROM rollouts WHERE rollout_id = 'r2'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), sent, succeeded, canceled),
+        ("aborted", 2, 1, 4)
+    );
+    let per_device: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT device_id, status, error FROM rollout_devices WHERE rollout_id = 'r2' ORDER BY device_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        per_device,
+        [
+            ("e0".into(), "succeeded".into(), None),
+            ("e1".into(), "canceled".into(), None),
+            ("e2".into(), "canceled".into(), None),
+            (
+                "e3".into(),
+                "canceled".into(),
+                Some("device decommissioned".into())
+            ),
+            ("e4".into(), "canceled".into(), None),
         ]
     );
 

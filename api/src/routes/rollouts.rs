@@ -259,10 +259,35 @@ async fn refuse_overlapping_targets(
     if busy.is_empty() {
         return Ok(());
     }
+    // The read model may lag an abort or an outcome that just happened: the rollouts it names
+    // are asked, so a fix can follow an abort at once.
+    let mut rollouts = std::collections::HashMap::new();
+    for (_, rollout_id, _) in &busy {
+        if !rollouts.contains_key(rollout_id) {
+            let rollout = state.bus.rollouts().current(rollout_id).await?.aggregate;
+            rollouts.insert(rollout_id.clone(), rollout);
+        }
+    }
     let listed: Vec<String> = busy
         .iter()
-        .map(|(device, rollout, status)| format!("{device} (rollout {rollout}, {status})"))
+        .filter(|(device, rollout_id, _)| {
+            let rollout = &rollouts[rollout_id];
+            let live = matches!(
+                rollout.status,
+                RolloutStatus::Created | RolloutStatus::Running | RolloutStatus::Paused
+            );
+            let open = DeviceId::parse(device.as_str())
+                .is_ok_and(|device| !rollout.outcomes.contains_key(&device));
+            live && open
+        })
+        .map(|(device, rollout_id, _)| {
+            let status = rollouts[rollout_id].status;
+            format!("{device} (rollout {rollout_id}, {status})")
+        })
         .collect();
+    if listed.is_empty() {
+        return Ok(());
+    }
     Err(ApiError::Conflict(format!(
         "devices are targets of rollouts that have not ended: {}; abort those rollouts or wait for them to end",
         listed.join(", ")
@@ -492,17 +517,18 @@ async fn show(
 const DEVICE_STATES: &str = "
 SELECT rd.device_id, rd.wave, rd.error, rd.sent_at, rd.updated_at,
        CASE WHEN rd.status = 'sent' AND d.firmware_update ->> 'rollout_id' = rd.rollout_id
-                 AND d.firmware_update ->> 'state' IN ('downloading', 'installing', 'rebooting')
-            THEN d.firmware_update ->> 'state'
+                 AND COALESCE(d.firmware_update ->> 'stage', d.firmware_update ->> 'state')
+                     IN ('downloading', 'installing', 'rebooting')
+            THEN COALESCE(d.firmware_update ->> 'stage', d.firmware_update ->> 'state')
             ELSE rd.status END AS status,
        CASE WHEN rd.status = 'sent' AND d.firmware_update ->> 'rollout_id' = rd.rollout_id
             THEN (d.firmware_update ->> 'progress')::int END AS progress,
        CASE WHEN rd.status NOT IN ('queued', 'sent') OR r.status IN ('aborted', 'completed')
                  THEN NULL
             WHEN rd.status = 'sent'
-                 THEN 'the device reports the new version, or times out at '
-                      || fleetlog_rfc3339(rd.sent_at
-                           + make_interval(secs => LEAST(r.device_timeout_secs, 315360000)))
+                 THEN 'the device reports the new version'
+                      || COALESCE(', or times out at ' || fleetlog_rfc3339(rd.sent_at
+                           + make_interval(secs => LEAST(r.device_timeout_secs, 315360000))), '')
             WHEN r.status = 'created' THEN 'the rollout has not started'
             WHEN r.status = 'paused' THEN 'the rollout is paused: ' || COALESCE(r.pause_reason, '')
             WHEN r.current_wave IS NULL OR rd.wave > r.current_wave
@@ -511,14 +537,16 @@ SELECT rd.device_id, rd.wave, rd.error, rd.sent_at, rd.updated_at,
                  THEN 'the device is decommissioned and is being canceled'
             WHEN d.firmware_update IS NOT NULL
                  AND d.firmware_update ->> 'rollout_id' IS DISTINCT FROM rd.rollout_id
-                 THEN 'another firmware update (' || (d.firmware_update ->> 'firmware_id')
+                 THEN 'another firmware update ('
+                      || COALESCE(d.firmware_update ->> 'firmware_id', 'unknown')
                       || ') is under way on the device; sent once it ends'
             WHEN NOT d.online
                  THEN CASE WHEN d.last_seen IS NULL THEN 'never seen online'
                            ELSE 'offline since ' || fleetlog_rfc3339(d.last_seen) END
-                      || ': sent when it comes online, or times out at '
-                      || fleetlog_rfc3339(r.wave_started_at[rd.wave + 1]
-                           + make_interval(secs => LEAST(r.window_secs, 315360000)))
+                      || ': sent when it comes online'
+                      || COALESCE(', or times out at ' || fleetlog_rfc3339(
+                           r.wave_started_at[rd.wave + 1]
+                           + make_interval(secs => LEAST(r.window_secs, 315360000))), '')
             ELSE 'online: sent at the next sweep' END AS waiting
   FROM rollout_devices rd
   JOIN rollouts r ON r.rollout_id = rd.rollout_id

@@ -545,13 +545,13 @@ pub(super) fn decide(
                 return Err(DeviceError::InvalidProgress(progress));
             }
             let pending = device.pending_update_for(&rollout_id)?;
-            if let (Some(from), Some(to)) = (
-                super::progress_rank(&pending.state),
-                super::progress_rank(&state),
-            ) {
+            let furthest = pending.stage.as_deref().unwrap_or(&pending.state);
+            if let (Some(from), Some(to)) =
+                (super::progress_rank(furthest), super::progress_rank(&state))
+            {
                 if to < from {
                     return Err(DeviceError::ProgressBackwards {
-                        from: pending.state.clone(),
+                        from: furthest.to_string(),
                         to: state,
                     });
                 }

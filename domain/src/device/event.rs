@@ -397,12 +397,19 @@ pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
                 version,
                 state: "requested".to_string(),
                 progress: 0,
+                stage: Some("requested".to_string()),
             });
         }
         DeviceEvent::FirmwareUpdateProgressed {
             state, progress, ..
         } => {
             if let Some(update) = device.firmware_update.as_mut() {
+                let furthest = update.stage.as_deref().and_then(super::progress_rank);
+                if super::progress_rank(&state)
+                    .is_some_and(|rank| furthest.is_none_or(|f| rank >= f))
+                {
+                    update.stage = Some(state.clone());
+                }
                 update.state = state;
                 update.progress = progress;
             }

@@ -88,6 +88,10 @@ pub struct PendingFirmwareUpdate {
     pub state: String,
     /// The last progress in percent the device reported.
     pub progress: u8,
+    /// The furthest of the known states ([`PROGRESS_STATES`]) the update reached: reports
+    /// of earlier ones are refused, whatever device-specific states came in between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }
 
 /// What a device needs to fetch and check a firmware image.

@@ -1172,6 +1172,16 @@ fn an_update_is_refused_to_a_model_the_image_does_not_support() {
         .then_expect_events(vec![update_requested()]);
 }
 
+fn with_own_state(mut events: Vec<DeviceEvent>) -> Vec<DeviceEvent> {
+    events.push(DeviceEvent::FirmwareUpdateProgressed {
+        rollout_id: rollout(),
+        state: "flashing-bank-b".into(),
+        progress: 70,
+        at: at(),
+    });
+    events
+}
+
 #[test]
 fn firmware_progress_only_moves_forward() {
     let progress = |state: &str, progress| DeviceCommand::RecordFirmwareProgress {
@@ -1194,6 +1204,14 @@ fn firmware_progress_only_moves_forward() {
     ];
     Given::with(())
         .given(installing.clone())
+        .when(progress("downloading", 100))
+        .then_expect_error(DeviceError::ProgressBackwards {
+            from: "installing".into(),
+            to: "downloading".into(),
+        });
+    // A device's own state in between does not reset the order.
+    Given::with(())
+        .given(with_own_state(installing.clone()))
         .when(progress("downloading", 100))
         .then_expect_error(DeviceError::ProgressBackwards {
             from: "installing".into(),
