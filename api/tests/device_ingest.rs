@@ -380,3 +380,121 @@ async fn nested_documents_merge_and_compare_by_value_in_every_view() {
     assert_eq!(status, StatusCode::OK, "{past}");
     assert_eq!(past, live);
 }
+
+/// Two readings of one sensor at one instant: in one message the second is dropped with its
+/// reason; in two messages both are kept and the later one is the latest. An event stored
+/// with both (before ingest dropped the second) shows its first in the history and as the
+/// latest. The event, `/telemetry` and the latest value agree in every case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sensor_at_one_instant_reads_the_same_in_every_view() {
+    use fleetlog_commands::CommandMetadata;
+    use fleetlog_domain::device::{DeviceCommand, Reading};
+
+    let platform = Platform::start().await;
+    let token = device(&platform, "d1").await;
+    let bearer = format!("Bearer {token}");
+    let auth = ("authorization", bearer.as_str());
+    let operator = platform.token("acme", "otto", Role::Operator);
+    let instant = "2026-05-01T10:00:00Z";
+    let (status, _, answer) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &[auth, JSON],
+        json!({"timestamp": instant, "sensors": [
+            {"sensor_name": "temp", "value": 1.0},
+            {"sensor_name": "temp", "value": 2.0},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "partially_accepted", "{answer}");
+    assert!(
+        answer.to_string().contains("came earlier in the message"),
+        "{answer}"
+    );
+    let stored: Vec<Value> = sqlx::query_scalar(
+        "SELECT payload -> 'TelemetryRecorded' -> 'readings' FROM events
+          WHERE aggregate_id = 'd1' AND event_type = 'TelemetryRecorded'",
+    )
+    .fetch_all(&platform.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].as_array().unwrap().len(), 1, "{stored:?}");
+
+    let views = |position: i64| {
+        let platform = &platform;
+        let operator = operator.clone();
+        async move {
+            let (_, device) = platform
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/devices/d1?min_position={position}"),
+                    &operator,
+                    None,
+                )
+                .await;
+            let (_, history) = platform
+                .call(
+                    Method::GET,
+                    "/api/v1/devices/d1/telemetry?sensor=temp&from=2026-05-01T00:00:00Z&to=2026-05-02T00:00:00Z",
+                    &operator,
+                    None,
+                )
+                .await;
+            let values: Vec<f64> = history
+                .as_array()
+                .or_else(|| history["items"].as_array())
+                .unwrap_or_else(|| panic!("{history}"))
+                .iter()
+                .map(|sample| sample["value"].as_f64().unwrap())
+                .collect();
+            (device["sensors"]["temp"]["value"].as_f64(), values)
+        }
+    };
+    let position = answer["global_position"].as_i64().unwrap();
+    assert_eq!(views(position).await, (Some(1.0), vec![1.0]));
+
+    // A second message at the same instant: both kept, the later one latest and last.
+    let (status, _, answer) = upload(
+        &platform,
+        "/api/v1/devices/d1/telemetry",
+        &[auth, JSON],
+        json!({"timestamp": instant, "sensors": [{"sensor_name": "temp", "value": 3.0}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let position = answer["global_position"].as_i64().unwrap();
+    assert_eq!(views(position).await, (Some(3.0), vec![1.0, 3.0]));
+
+    // An event holding both readings, as stored before ingest dropped the second.
+    let later = chrono::DateTime::parse_from_rfc3339("2026-05-01T11:00:00Z")
+        .unwrap()
+        .to_utc();
+    let both = |value| Reading {
+        sensor: "temp".into(),
+        value,
+        unit: None,
+        timestamp: Some(later),
+    };
+    let committed = platform
+        .bus
+        .devices()
+        .execute(
+            "d1",
+            DeviceCommand::RecordTelemetry {
+                digest: "legacy".into(),
+                redelivery: false,
+                readings: vec![both(4.0), both(5.0)],
+                device_time: Some(later),
+                received_at: later,
+                location: None,
+                status: Default::default(),
+            },
+            &CommandMetadata::new("device:d1"),
+        )
+        .await
+        .unwrap();
+    let position = committed.global_position.unwrap();
+    assert_eq!(views(position).await, (Some(4.0), vec![1.0, 3.0, 4.0]));
+}

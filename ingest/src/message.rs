@@ -269,6 +269,7 @@ pub fn parse_telemetry(payload: &[u8]) -> Result<Telemetry, Rejection> {
             telemetry.readings.len()
         )));
     }
+    drop_readings_of_one_instant(&mut telemetry);
     if telemetry.readings.is_empty() && telemetry.location.is_none() && telemetry.status.is_empty()
     {
         return Err(Rejection::NothingValid(telemetry.dropped));
@@ -339,6 +340,31 @@ fn parse_sensor(value: Value) -> Result<Reading, String> {
         unit,
         timestamp,
     })
+}
+
+/// One sensor has one value at one instant: a second reading of a sensor at the instant of an
+/// earlier one in the message (its own timestamp, else the message's, else the arrival shared
+/// by both) is dropped with the reason, so the history and the latest value cannot disagree
+/// about which one counts. The first is kept.
+fn drop_readings_of_one_instant(telemetry: &mut Telemetry) {
+    let device_time = telemetry.device_time;
+    let mut seen = std::collections::HashSet::with_capacity(telemetry.readings.len());
+    let mut dropped = Vec::new();
+    telemetry.readings.retain(|reading| {
+        let instant = reading.timestamp.or(device_time);
+        if seen.insert((reading.sensor.clone(), instant)) {
+            return true;
+        }
+        let when = instant.map_or("the same arrival".to_string(), |t| t.to_rfc3339());
+        dropped.push(Dropped {
+            field: reading.sensor.clone(),
+            reason: format!(
+                "a reading of this sensor at {when} came earlier in the message; the first is kept"
+            ),
+        });
+        false
+    });
+    telemetry.dropped.extend(dropped);
 }
 
 fn keep_if_valid(reading: Reading, field: String, telemetry: &mut Telemetry) {

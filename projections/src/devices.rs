@@ -103,8 +103,14 @@ impl LiveChange {
                 status,
                 ..
             } => {
+                // Of two readings of one sensor at one instant in one event (stored before
+                // ingest dropped the second), the first counts, as in the `telemetry` history.
+                let mut in_this_event = std::collections::HashSet::new();
                 for reading in readings {
                     let timestamp = reading.timestamp.or(device_time).unwrap_or(received_at);
+                    if !in_this_event.insert((reading.sensor.clone(), timestamp)) {
+                        continue;
+                    }
                     // The latest reading is the newest by reading time; one stamped further
                     // ahead of its arrival than a clock may drift is kept in the history only.
                     if timestamp > received_at + MAX_READING_LEAD {

@@ -828,7 +828,7 @@ async fn telemetry(
                 "SELECT sensor, time, value, unit FROM telemetry
                   WHERE device_id = $1 AND ($2::text IS NULL OR sensor = $2)
                     AND time >= $3 AND time < $4
-                  ORDER BY sensor, time LIMIT $5",
+                  ORDER BY sensor, time, sequence LIMIT $5",
             )
             .bind(id.as_str())
             .bind(&query.sensor)

@@ -244,6 +244,43 @@ fn every_rejection_says_why() {
 }
 
 #[test]
+fn a_second_reading_of_a_sensor_at_one_instant_is_dropped_with_its_reason() {
+    let parsed = telemetry(json!({
+        "timestamp": "2026-01-01T00:00:00Z",
+        "sensors": [
+            {"sensor_name": "temp", "value": 1.0},
+            {"sensor_name": "temp", "value": 2.0, "timestamp": "2026-01-01T00:00:00Z"},
+            {"sensor_name": "temp", "value": 3.0, "timestamp": "2026-01-01T00:00:01Z"},
+            {"sensor_name": "hum", "value": 4.0},
+        ]
+    }))
+    .unwrap();
+    let kept: Vec<(&str, f64)> = parsed
+        .readings
+        .iter()
+        .map(|r| (r.sensor.as_str(), r.value))
+        .collect();
+    assert_eq!(kept, [("temp", 1.0), ("temp", 3.0), ("hum", 4.0)]);
+    assert_eq!(parsed.dropped.len(), 1, "{:?}", parsed.dropped);
+    assert_eq!(parsed.dropped[0].field, "temp");
+    assert!(
+        parsed.dropped[0]
+            .reason
+            .contains("came earlier in the message"),
+        "{:?}",
+        parsed.dropped
+    );
+    // Without any timestamp, both share the arrival.
+    let parsed = telemetry(json!({"sensors": [
+        {"sensor_name": "temp", "value": 1.0},
+        {"sensor_name": "temp", "value": 2.0},
+    ]}))
+    .unwrap();
+    assert_eq!(parsed.readings.len(), 1);
+    assert!(parsed.dropped[0].reason.contains("the same arrival"));
+}
+
+#[test]
 fn status_only_or_location_only_telemetry_is_accepted() {
     let status = telemetry(json!({"status": {"mode": "eco"}})).unwrap();
     assert!(status.readings.is_empty());
