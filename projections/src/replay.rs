@@ -64,6 +64,13 @@ pub enum ReplayError {
         /// The missing sequence.
         expected: i64,
     },
+    /// A transaction older than the replay's last events stayed open (in any database of the
+    /// cluster: transaction ids are the cluster's), so those events could not be read in order.
+    #[error("a transaction open for over {seconds} s keeps the replay from the latest events; end it and run the replay again")]
+    HeldBack {
+        /// How long the replay waited.
+        seconds: u64,
+    },
     /// The live model did not catch up with the events table in time to be compared.
     #[error("the live {projection} model is {behind} aggregates behind the events table; is `fleetlog project` running?")]
     LiveBehind {
@@ -144,8 +151,7 @@ pub async fn replay<P: Projection>(
 ) -> Result<Replayed, ReplayError> {
     let guard = ReplayLock::take::<P>(pool).await?;
     let (cursor, mut replayed) = rebuild(projection, pool, progress).await?;
-    let mut tx = pool.begin().await?;
-    lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
+    let mut tx = lock_for_catch_up::<P>(pool, "ACCESS EXCLUSIVE").await?;
     let tail = catch_up(projection, &mut tx, cursor, &replayed.passed_over).await?;
     replayed.applied += tail.applied;
     replayed.passed_over.extend(tail.passed_over);
@@ -202,8 +208,7 @@ pub async fn verify<P: Projection>(
     let deadline = Instant::now() + patience;
     let mut passed_over = rebuilt.passed_over;
     let differences = loop {
-        let mut tx = pool.begin().await?;
-        lock_live(&mut tx, P::TABLES, "SHARE").await?;
+        let mut tx = lock_for_catch_up::<P>(pool, "SHARE").await?;
         let tail = catch_up(projection, &mut tx, cursor, &passed_over).await?;
         let behind = live_behind::<P>(&mut tx).await?;
         // Without positions, lagging and missing rows look alike: after `patience` the missing
@@ -313,6 +318,55 @@ async fn catch_up<P: Projection>(
         replayed.passed_over.extend(passed_over);
     }
     Ok(replayed)
+}
+
+/// How long the final catch-up waits for transactions older than the latest events to end.
+const OLDER_TRANSACTIONS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Pages read only transactions older than the oldest one running, so that an event written
+/// by a transaction that commits later is never skipped. Under the swap's lock that alone could
+/// leave out events already committed (and applied by the live model) while any transaction of
+/// the cluster, however unrelated, is open. So the final catch-up runs only once every
+/// transaction up to the newest one holding an event of the aggregate type has ended; it waits
+/// for that without holding the lock (a live worker blocked on the lock must not be waited for).
+async fn older_transactions_ended<P: Projection>(
+    connection: &mut PgConnection,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(pg_snapshot_xmin(pg_current_snapshot())
+                         > (SELECT max(transaction_id) FROM events WHERE aggregate_type = $1),
+                         true)",
+    )
+    .bind(P::AGGREGATE_TYPE)
+    .fetch_one(connection)
+    .await
+}
+
+/// Begins the final catch-up's transaction with the live tables locked in `mode`, once the
+/// transactions older than the newest events have ended (see [`older_transactions_ended`]).
+async fn lock_for_catch_up<P: Projection>(
+    pool: &PgPool,
+    mode: &str,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, ReplayError> {
+    let deadline = Instant::now() + OLDER_TRANSACTIONS_PATIENCE;
+    loop {
+        let mut waiting = pool.acquire().await?;
+        while !older_transactions_ended::<P>(&mut waiting).await? {
+            if Instant::now() >= deadline {
+                return Err(ReplayError::HeldBack {
+                    seconds: OLDER_TRANSACTIONS_PATIENCE.as_secs(),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drop(waiting);
+        let mut tx = pool.begin().await?;
+        lock_live(&mut tx, P::TABLES, mode).await?;
+        if older_transactions_ended::<P>(&mut tx).await? {
+            return Ok(tx);
+        }
+        tx.rollback().await?;
+    }
 }
 
 /// Applies one page of events after `cursor` to the shadow tables, within `connection`'s

@@ -495,3 +495,57 @@ async fn the_latest_reading_is_the_newest_by_reading_time() {
     assert_eq!(merged["temp"]["value"], 21);
     assert_eq!(merged["hum"]["value"], 40);
 }
+
+/// An unrelated transaction that began before the latest events and is still open (in this
+/// database or any other of the cluster) keeps those events from the paged rebuild; the final
+/// catch-up waits for it to end rather than swap in a model without them.
+#[tokio::test]
+async fn replay_waits_for_an_older_open_transaction_rather_than_miss_events() {
+    let db = TestDatabase::create().await;
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let metadata = CommandMetadata::new("test");
+    let register = DeviceCommand::Register {
+        device_id: DeviceId::parse("w1").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u-1").unwrap(),
+        name: "before".into(),
+        model: "thermo".into(),
+        tags: vec![],
+        at: at(0),
+    };
+    bus.devices()
+        .execute("w1", register, &metadata)
+        .await
+        .unwrap();
+    let mut older = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older)
+        .await
+        .unwrap();
+    let rename = DeviceCommand::UpdateMetadata {
+        name: Some("after".into()),
+        model: None,
+        tags: None,
+        at: at(1),
+    };
+    bus.devices()
+        .execute("w1", rename, &metadata)
+        .await
+        .unwrap();
+    let pool = db.pool.clone();
+    let replaying = tokio::spawn(async move {
+        replay(&DevicesProjection, &pool, |_| {})
+            .await
+            .map(|r| r.applied)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!replaying.is_finished(), "the replay did not wait");
+    older.rollback().await.unwrap();
+    let applied = replaying.await.unwrap().unwrap();
+    assert_eq!(applied, 2);
+    let name: String = sqlx::query_scalar("SELECT name FROM devices WHERE device_id = 'w1'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(name, "after");
+}
