@@ -643,6 +643,17 @@ async fn history_and_as_of_read_old_events_holding_a_nul() {
         items.last().unwrap()["payload"]["StatusReported"]["status"]["note"],
         "a\u{0}b"
     );
+    // An event after it: the past view passes the unstorable one over, as the live model does,
+    // and goes on with the rest.
+    let (status, renamed) = platform
+        .call(
+            Method::PATCH,
+            "/api/v1/devices/d1",
+            &operator,
+            Some(json!({"name": "after the NUL"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{renamed}");
     let at = encode_instant(Utc::now() + chrono::Duration::seconds(5));
     let (status, device) = platform
         .call(
@@ -653,6 +664,8 @@ async fn history_and_as_of_read_old_events_holding_a_nul() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{device}");
+    assert_eq!(device["name"], "after the NUL", "{device}");
+    assert!(device["reported"].get("note").is_none(), "{device}");
 }
 
 fn encode_instant(instant: chrono::DateTime<Utc>) -> String {

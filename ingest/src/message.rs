@@ -397,7 +397,13 @@ fn parse_location(value: &Value) -> Result<Location, String> {
 }
 
 /// RFC 3339 text, or a Unix time in seconds (milliseconds when above 10^11).
+/// A device's time, cut to the microsecond that Postgres keeps: two readings a fraction of a
+/// microsecond apart are one instant in every view, so they are one here too.
 fn parse_time(value: &Value) -> Result<DateTime<Utc>, String> {
+    parse_exact_time(value).map(fleetlog_domain::limits::to_microseconds)
+}
+
+fn parse_exact_time(value: &Value) -> Result<DateTime<Utc>, String> {
     match value {
         Value::String(text) => DateTime::parse_from_rfc3339(text)
             .map_err(|_| format!("{text:?} is not an RFC 3339 time"))

@@ -5,16 +5,44 @@
 //! transaction's `search_path`) that the transaction drops when it ends; nothing is ever
 //! committed. So a past view has exactly the shape and the rules of the live one (latest
 //! readings, merged documents, delta, counters): there is one way to apply an event.
+//!
+//! Writing to the copies gives the transaction an id, and while it is open the relay holds
+//! back events of younger transactions (it publishes only those older than the oldest one
+//! running). So a fold is bounded: at most [`MAX_EVENTS`] events, or it is refused before any
+//! copy is made; callers should also bound how many run at once.
 
 use chrono::{DateTime, Utc};
 use fleetlog_nats::envelope::StoredEvent;
 use fleetlog_nats::EventEnvelope;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-use crate::worker::{Projection, ProjectionError};
+use crate::worker::{move_position_past, Positions, Projection, ProjectionError};
 
 /// Events applied per batch.
 const PAGE_SIZE: i64 = 1_000;
+
+/// The most events one fold applies: a few seconds of work at most.
+pub const MAX_EVENTS: i64 = 100_000;
+
+/// Why a past view could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum AsOfError {
+    /// The aggregate has more events until the instant than one fold applies.
+    #[error("{count} events until that instant, more than the {MAX_EVENTS} one view folds; read the history (`/events`) instead")]
+    TooLong {
+        /// How many.
+        count: i64,
+    },
+    /// Applying failed.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+}
+
+impl From<sqlx::Error> for AsOfError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Projection(ProjectionError::Database(error))
+    }
+}
 
 const SELECT_PAGE: &str = "
 SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
@@ -40,19 +68,38 @@ impl PastModel {
 }
 
 /// Applies the events of `aggregate_id` recorded until `at` (inclusive) with `projection` to
-/// empty copies of its tables.
+/// empty copies of its tables. An event the projection cannot apply is passed over, as the
+/// live worker passes it over.
 pub async fn as_of<P: Projection>(
     pool: &PgPool,
     projection: &P,
     aggregate_id: &str,
     at: DateTime<Utc>,
-) -> Result<PastModel, ProjectionError> {
+) -> Result<PastModel, AsOfError> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM events
+                                WHERE aggregate_type = $1 AND aggregate_id = $2 AND recorded_at <= $3
+                                LIMIT $4) AS until_then",
+    )
+    .bind(P::AGGREGATE_TYPE)
+    .bind(aggregate_id)
+    .bind(at)
+    .bind(MAX_EVENTS + 1)
+    .fetch_one(pool)
+    .await?;
+    if count > MAX_EVENTS {
+        return Err(AsOfError::TooLong { count });
+    }
     let mut transaction = pool.begin().await?;
     // Only reads of the events table leave the transaction; the copies are its own.
     sqlx::query("SET LOCAL search_path TO pg_temp, public")
         .execute(&mut *transaction)
         .await?;
-    for table in P::TABLES {
+    let positions: &[&str] = match P::POSITIONS {
+        Positions::Shared => &["projection_positions"],
+        _ => &[],
+    };
+    for table in P::TABLES.iter().chain(positions) {
         sqlx::query(&format!(
             "CREATE TEMPORARY TABLE {table} (LIKE public.{table} INCLUDING ALL) ON COMMIT DROP"
         ))
@@ -111,6 +158,9 @@ async fn apply_passing_over<P: Projection>(
                         sqlx::query("ROLLBACK TO SAVEPOINT as_of_event")
                             .execute(&mut *connection)
                             .await?;
+                        // As the worker's dead letter does: the aggregate's later events
+                        // follow on.
+                        move_position_past::<P>(connection, event).await?;
                     }
                     Err(error) => return Err(error),
                 }

@@ -3,8 +3,9 @@
 //! The model is rebuilt into shadow tables in the schema `fleetlog_replay`, copies of the live
 //! tables (`LIKE ... INCLUDING ALL`) with a positions table of their own (for projections that
 //! keep positions in `projection_positions`; the others keep them in their tables, or none). Events are applied in
-//! global order, `(transaction_id, global_position)`, reading only transactions older than the
-//! oldest one running, like the relay. The projection's own SQL runs unchanged: the replay's
+//! global order, `(transaction_id, global_position)`; the rebuild reads only transactions older
+//! than the oldest one running, like the relay, and the final catch-up under the swap's lock
+//! every committed event. The projection's own SQL runs unchanged: the replay's
 //! transactions put `fleetlog_replay` first on their `search_path`.
 //!
 //! Swap, in one transaction: lock the positions table against writers and the live tables
@@ -29,6 +30,8 @@ pub const REPLAY_SCHEMA: &str = "fleetlog_replay";
 const RETIRED_SCHEMA: &str = "fleetlog_retired";
 const PAGE_SIZE: i64 = 1_000;
 
+/// A page of the rebuild: only transactions older than the oldest one running, so that an
+/// event of a transaction that commits later is never left behind the cursor.
 const SELECT_PAGE: &str = "
 SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
        global_position, transaction_id::text AS transaction_text, recorded_at
@@ -36,6 +39,21 @@ SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payloa
  WHERE aggregate_type = $1
    AND (transaction_id, global_position) > ($2::text::xid8, $3)
    AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY events.transaction_id, events.global_position
+ LIMIT $4";
+
+/// A page of the final catch-up, under the swap's lock: every committed event after the
+/// cursor. Holding back those of transactions newer than the oldest one running (any
+/// transaction of the cluster, however unrelated: transaction ids are the cluster's) would
+/// swap in a model without events the live workers had already applied and acked. An event
+/// whose transaction commits later, behind the cursor or not, reaches the live workers after
+/// the swap and is applied then: positions say the shadow has not seen it.
+const SELECT_CATCH_UP_PAGE: &str = "
+SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
+       global_position, transaction_id::text AS transaction_text, recorded_at
+  FROM events
+ WHERE aggregate_type = $1
+   AND (transaction_id, global_position) > ($2::text::xid8, $3)
  ORDER BY events.transaction_id, events.global_position
  LIMIT $4";
 
@@ -63,13 +81,6 @@ pub enum ReplayError {
         message_id: String,
         /// The missing sequence.
         expected: i64,
-    },
-    /// A transaction older than the replay's last events stayed open (in any database of the
-    /// cluster: transaction ids are the cluster's), so those events could not be read in order.
-    #[error("a transaction open for over {seconds} s keeps the replay from the latest events; end it and run the replay again")]
-    HeldBack {
-        /// How long the replay waited.
-        seconds: u64,
     },
     /// The live model did not catch up with the events table in time to be compared.
     #[error("the live {projection} model is {behind} aggregates behind the events table; is `fleetlog project` running?")]
@@ -151,7 +162,8 @@ pub async fn replay<P: Projection>(
 ) -> Result<Replayed, ReplayError> {
     let guard = ReplayLock::take::<P>(pool).await?;
     let (cursor, mut replayed) = rebuild(projection, pool, progress).await?;
-    let mut tx = lock_for_catch_up::<P>(pool, "ACCESS EXCLUSIVE").await?;
+    let mut tx = pool.begin().await?;
+    lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
     let tail = catch_up(projection, &mut tx, cursor, &replayed.passed_over).await?;
     replayed.applied += tail.applied;
     replayed.passed_over.extend(tail.passed_over);
@@ -208,7 +220,8 @@ pub async fn verify<P: Projection>(
     let deadline = Instant::now() + patience;
     let mut passed_over = rebuilt.passed_over;
     let differences = loop {
-        let mut tx = lock_for_catch_up::<P>(pool, "SHARE").await?;
+        let mut tx = pool.begin().await?;
+        lock_live(&mut tx, P::TABLES, "SHARE").await?;
         let tail = catch_up(projection, &mut tx, cursor, &passed_over).await?;
         let behind = live_behind::<P>(&mut tx).await?;
         // Without positions, lagging and missing rows look alike: after `patience` the missing
@@ -276,7 +289,14 @@ async fn rebuild<P: Projection>(
     let mut replayed = Replayed::default();
     loop {
         let mut tx = pool.begin().await?;
-        let page = apply_page(projection, &mut tx, cursor, &replayed.passed_over).await?;
+        let page = apply_page(
+            projection,
+            &mut tx,
+            SELECT_PAGE,
+            cursor,
+            &replayed.passed_over,
+        )
+        .await?;
         tx.commit().await?;
         let Some((last, count, passed_over)) = page else {
             break;
@@ -309,8 +329,8 @@ async fn catch_up<P: Projection>(
             .chain(&replayed.passed_over)
             .cloned()
             .collect();
-        let Some((last, count, passed_over)) = apply_page(projection, tx, cursor, &known).await?
-        else {
+        let page = apply_page(projection, tx, SELECT_CATCH_UP_PAGE, cursor, &known).await?;
+        let Some((last, count, passed_over)) = page else {
             break;
         };
         cursor = last;
@@ -318,55 +338,6 @@ async fn catch_up<P: Projection>(
         replayed.passed_over.extend(passed_over);
     }
     Ok(replayed)
-}
-
-/// How long the final catch-up waits for transactions older than the latest events to end.
-const OLDER_TRANSACTIONS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Pages read only transactions older than the oldest one running, so that an event written
-/// by a transaction that commits later is never skipped. Under the swap's lock that alone could
-/// leave out events already committed (and applied by the live model) while any transaction of
-/// the cluster, however unrelated, is open. So the final catch-up runs only once every
-/// transaction up to the newest one holding an event of the aggregate type has ended; it waits
-/// for that without holding the lock (a live worker blocked on the lock must not be waited for).
-async fn older_transactions_ended<P: Projection>(
-    connection: &mut PgConnection,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT COALESCE(pg_snapshot_xmin(pg_current_snapshot())
-                         > (SELECT max(transaction_id) FROM events WHERE aggregate_type = $1),
-                         true)",
-    )
-    .bind(P::AGGREGATE_TYPE)
-    .fetch_one(connection)
-    .await
-}
-
-/// Begins the final catch-up's transaction with the live tables locked in `mode`, once the
-/// transactions older than the newest events have ended (see [`older_transactions_ended`]).
-async fn lock_for_catch_up<P: Projection>(
-    pool: &PgPool,
-    mode: &str,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, ReplayError> {
-    let deadline = Instant::now() + OLDER_TRANSACTIONS_PATIENCE;
-    loop {
-        let mut waiting = pool.acquire().await?;
-        while !older_transactions_ended::<P>(&mut waiting).await? {
-            if Instant::now() >= deadline {
-                return Err(ReplayError::HeldBack {
-                    seconds: OLDER_TRANSACTIONS_PATIENCE.as_secs(),
-                });
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        drop(waiting);
-        let mut tx = pool.begin().await?;
-        lock_live(&mut tx, P::TABLES, mode).await?;
-        if older_transactions_ended::<P>(&mut tx).await? {
-            return Ok(tx);
-        }
-        tx.rollback().await?;
-    }
 }
 
 /// Applies one page of events after `cursor` to the shadow tables, within `connection`'s
@@ -379,10 +350,11 @@ async fn lock_for_catch_up<P: Projection>(
 async fn apply_page<P: Projection>(
     projection: &P,
     connection: &mut PgConnection,
+    select: &str,
     cursor: Cursor,
     earlier: &[PassedOver],
 ) -> Result<Option<(Cursor, u64, Vec<PassedOver>)>, ReplayError> {
-    let rows: Vec<StoredEvent> = sqlx::query_as(SELECT_PAGE)
+    let rows: Vec<StoredEvent> = sqlx::query_as(select)
         .bind(P::AGGREGATE_TYPE)
         .bind(cursor.transaction_id.to_string())
         .bind(cursor.global_position)

@@ -121,6 +121,12 @@ async fn deltas_hold_only_differing_leaves_and_compare_numbers_by_value() {
             json!({"n": 18_446_744_073_709_551_615_u64}),
             json!({"n": -1}),
         ),
+        // The nearest double to an integer past 2^53 is not that integer.
+        (
+            json!({"n": 9_007_199_254_740_993_u64}),
+            json!({"n": 9_007_199_254_740_992.0}),
+            json!({"n": 9_007_199_254_740_993_u64}),
+        ),
     ];
     for (desired, reported, expected) in cases {
         let rust = document_delta(&object(desired.clone()), &object(reported.clone()));

@@ -23,6 +23,7 @@ use crate::consistency::{if_match, wait_for_position};
 use crate::error::ApiError;
 use crate::extract::{ClientInstant, Json, Query};
 use crate::AppState;
+use fleetlog_projections::as_of::AsOfError;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 const WRITERS: &[Role] = &[Role::Admin, Role::Operator];
@@ -258,6 +259,10 @@ async fn show(
     Ok(([(ETAG, etag)], axum::Json(device)).into_response())
 }
 
+/// Past views folded at once by this process: each holds a transaction (and with it the
+/// relay's view of what is committed) for as long as it folds.
+static PAST_VIEW_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// The device as it stood at `at`: its events recorded until then, applied by the devices
 /// projection to private copies of its tables, so it is the same view as the live one.
 async fn as_of(
@@ -266,6 +271,16 @@ async fn as_of(
     id: &DeviceId,
     at: DateTime<Utc>,
 ) -> Result<DeviceView, ApiError> {
+    // A device never changes tenant: another tenant's id is a 404 before anything is folded
+    // (asked of the aggregate, a snapshot and its tail, not of a read model that may lag).
+    let device = state.bus.devices().current(id.as_str()).await?.aggregate;
+    if device.tenant.as_ref() != Some(&caller.tenant) {
+        return Err(ApiError::NotFound("device"));
+    }
+    let _slot = PAST_VIEW_SLOTS
+        .acquire()
+        .await
+        .map_err(|error| ApiError::Internal(Box::new(error)))?;
     let mut past = fleetlog_projections::as_of::as_of(
         state.bus.pool(),
         &fleetlog_projections::DevicesProjection,
@@ -274,7 +289,10 @@ async fn as_of(
     )
     .await
     .map_err(|error| match error {
-        fleetlog_projections::ProjectionError::Database(error) => ApiError::from(error),
+        too_long @ AsOfError::TooLong { .. } => ApiError::Unprocessable(too_long.to_string()),
+        AsOfError::Projection(fleetlog_projections::ProjectionError::Database(error)) => {
+            ApiError::from(error)
+        }
         other => ApiError::Internal(Box::new(other)),
     })?;
     let device: Option<DeviceView> = sqlx::query_as(&format!(

@@ -35,8 +35,12 @@ pub const REMEMBERED_CLOSED_COMMANDS: usize = 64;
 pub const MAX_TAGS: usize = 32;
 /// The most keys one desired-properties change may touch.
 pub const MAX_PROPERTY_KEYS: usize = 128;
-/// The most keys a device's whole reported or desired document may hold.
+/// The most keys a device's whole reported or desired document may hold, nested ones
+/// included.
 pub const MAX_DOCUMENT_KEYS: usize = 256;
+/// The deepest a reported or desired document, or a command's parameters, may nest objects
+/// and arrays below the top level.
+pub const MAX_DOCUMENT_DEPTH: usize = 8;
 /// The largest a device's whole reported or desired document, or a command's parameters, may
 /// be as JSON: 64 KiB. What the platform sends a device (the desired document, a command) then
 /// stays well below the 256 KiB the broker and the dispatcher carry.
@@ -266,6 +270,14 @@ pub enum DeviceError {
         /// Its number of top-level keys.
         keys: usize,
     },
+    /// A reported or desired document, or command parameters, nested too deep.
+    #[error("{what} would nest {depth} levels deep; at most {MAX_DOCUMENT_DEPTH} are kept")]
+    DocumentTooDeep {
+        /// Which document.
+        what: &'static str,
+        /// How deep.
+        depth: usize,
+    },
     /// A command whose expiry is not after its issue time.
     #[error("a command must expire after it is issued")]
     ExpiryNotAfterIssue,
@@ -464,7 +476,29 @@ impl Device {
 
 /// Checks a whole document against [`MAX_DOCUMENT_BYTES`] and [`MAX_DOCUMENT_KEYS`].
 fn check_document(what: &'static str, document: &Map<String, Value>) -> Result<(), DeviceError> {
-    let keys = document.len();
+    /// Keys at every depth, and how deep values nest below this one.
+    fn shape(value: &Value) -> (usize, usize) {
+        match value {
+            Value::Object(map) => map.values().fold((map.len(), 1), |(keys, depth), inner| {
+                let (k, d) = shape(inner);
+                (keys + k, depth.max(d + 1))
+            }),
+            Value::Array(items) => items.iter().fold((0, 1), |(keys, depth), inner| {
+                let (k, d) = shape(inner);
+                (keys + k, depth.max(d + 1))
+            }),
+            _ => (0, 0),
+        }
+    }
+    let (keys, depth) = document
+        .values()
+        .fold((document.len(), 0), |(keys, depth), inner| {
+            let (k, d) = shape(inner);
+            (keys + k, depth.max(d))
+        });
+    if depth > MAX_DOCUMENT_DEPTH {
+        return Err(DeviceError::DocumentTooDeep { what, depth });
+    }
     // Counting bytes by writing into a sink allocates nothing.
     let mut counter = ByteCounter(0);
     let _ = serde_json::to_writer(&mut counter, document);
@@ -592,10 +626,19 @@ pub fn document_delta(
 pub fn same_value(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(a), Value::Number(b)) => {
-            match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
-                (Some(a), Some(b), _, _) => a == b,
-                (_, _, Some(a), Some(b)) => a == b,
-                _ => a.as_f64() == b.as_f64(),
+            // Integers compare exactly; an integer equals a float only if the float is that
+            // very integer (not merely the nearest double to it).
+            let integer = |n: &serde_json::Number| {
+                n.as_i64()
+                    .map(i128::from)
+                    .or_else(|| n.as_u64().map(i128::from))
+            };
+            let integral = |f: f64| (f.fract() == 0.0 && f.abs() < 1.0e38).then_some(f as i128);
+            match (integer(a), integer(b)) {
+                (Some(a), Some(b)) => a == b,
+                (Some(i), None) => b.as_f64().and_then(integral) == Some(i),
+                (None, Some(i)) => a.as_f64().and_then(integral) == Some(i),
+                (None, None) => a.as_f64() == b.as_f64(),
             }
         }
         (Value::Array(a), Value::Array(b)) => {

@@ -1281,3 +1281,35 @@ fn desired_and_reported_merge_at_any_depth() {
         json!({"cfg": {"b": 2}})
     );
 }
+
+#[test]
+fn documents_are_capped_in_keys_at_every_depth_and_in_nesting() {
+    let set = |properties: serde_json::Value| DeviceCommand::SetDesired {
+        properties: properties.as_object().unwrap().clone(),
+        at: at(),
+    };
+    let nested = |levels: usize| {
+        let mut value = json!(1);
+        for _ in 0..levels {
+            value = json!({ "n": value });
+        }
+        value
+    };
+    let mut device = Device::default();
+    device.evolve(registered());
+    assert!(device.decide(set(json!({ "cfg": nested(8) }))).is_ok());
+    assert_eq!(
+        device.decide(set(json!({ "cfg": nested(9) }))).unwrap_err(),
+        DeviceError::DocumentTooDeep {
+            what: "the desired properties",
+            depth: 9,
+        }
+    );
+    // Keys nested in one top-level key count too.
+    let many: serde_json::Map<String, serde_json::Value> =
+        (0..300).map(|n| (format!("k{n}"), json!(n))).collect();
+    assert!(matches!(
+        device.decide(set(json!({ "cfg": many }))),
+        Err(DeviceError::DocumentTooLarge { keys: 301, .. })
+    ));
+}

@@ -270,6 +270,17 @@ fn a_second_reading_of_a_sensor_at_one_instant_is_dropped_with_its_reason() {
         "{:?}",
         parsed.dropped
     );
+    // Less than a microsecond apart is one instant, as Postgres keeps it.
+    let parsed = telemetry(json!({"sensors": [
+        {"sensor_name": "temp", "value": 1.0, "timestamp": "2026-01-01T00:00:00.0000001Z"},
+        {"sensor_name": "temp", "value": 2.0, "timestamp": "2026-01-01T00:00:00.0000002Z"},
+    ]}))
+    .unwrap();
+    assert_eq!(parsed.readings.len(), 1, "{:?}", parsed.readings);
+    assert_eq!(
+        parsed.readings[0].timestamp,
+        Some(time("2026-01-01T00:00:00Z"))
+    );
     // Without any timestamp, both share the arrival.
     let parsed = telemetry(json!({"sensors": [
         {"sensor_name": "temp", "value": 1.0},
