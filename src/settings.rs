@@ -17,7 +17,7 @@ use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_ingest::broker::BrokerUrl;
 use fleetlog_ingest::dispatch::DispatchSettings;
 use fleetlog_nats::{RelaySettings, StreamSettings};
-use fleetlog_projections::liveness::LivenessSettings;
+use fleetlog_process::liveness::LivenessSettings;
 use secrecy::SecretString;
 
 /// How log lines are written.

@@ -23,7 +23,7 @@ use fleetlog_domain::{SessionId, TenantId, UserId};
 use fleetlog_ingest::bridge::{Ingest, IngestSettings};
 use fleetlog_ingest::dispatch::{DispatchSettings, Dispatcher};
 use fleetlog_nats::{Relay, RelaySettings};
-use fleetlog_projections::rollout_manager::{RolloutManager, RolloutManagerSettings};
+use fleetlog_process::rollout_manager::{RolloutManager, RolloutManagerSettings};
 use fleetlog_projections::{run_all, WorkerSettings};
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -810,7 +810,7 @@ async fn outcomes_acked_but_never_handled_are_recovered_from_the_devices() {
         .await
         .unwrap();
     let consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_consumer(fleetlog_projections::rollout_manager::DEVICE_CONSUMER)
+        .get_consumer(fleetlog_process::rollout_manager::DEVICE_CONSUMER)
         .await
         .unwrap();
     let mut fetched = consumer

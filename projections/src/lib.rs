@@ -18,15 +18,13 @@
 //! ([`TelemetryProjection`]), `firmware` ([`FirmwareProjection`]), `rollouts` and
 //! `rollout_devices` ([`RolloutsProjection`]), `users` ([`UsersProjection`]).
 //!
-//! Process managers turn events and read models into commands: [`liveness`] marks silent devices
-//! offline; [`rollout_manager`] carries firmware rollouts out, wave by wave.
+//! Nothing here issues commands: the process managers that act on what the read models show
+//! live in `fleetlog-process`.
 
 pub mod as_of;
 pub mod devices;
 pub mod firmware;
-pub mod liveness;
 pub mod replay;
-pub mod rollout_manager;
 pub mod rollouts;
 pub mod telemetry;
 pub mod users;

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::DeviceCommand;
 use fleetlog_domain::{DeviceId, TenantId, UserId};
-use fleetlog_projections::liveness::{Liveness, LivenessSettings};
+use fleetlog_process::liveness::{Liveness, LivenessSettings};
 use fleetlog_projections::replay::replay;
 use fleetlog_projections::DevicesProjection;
 use fleetlog_testkit::TestDatabase;

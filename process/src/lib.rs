@@ -1,0 +1,10 @@
+//! fleetlog's process managers: each follows events (from JetStream) and read models (in
+//! Postgres) and acts only through commands, so every decision it takes is an event of an
+//! aggregate, recorded with the reason. They hold no state of their own: a restarted one, or
+//! several at once, decide the same, because the aggregates refuse what no longer applies.
+//!
+//! - [`liveness`] marks devices offline after a silence;
+//! - [`rollout_manager`] carries firmware rollouts out, wave by wave.
+
+pub mod liveness;
+pub mod rollout_manager;
