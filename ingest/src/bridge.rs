@@ -30,8 +30,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::BrokerUrl;
-use crate::message::{parse_payload, parse_topic, DeviceMessage, Dropped, Identity, Rejection};
+use fleetlog_broker::BrokerUrl;
+use fleetlog_protocol::message::{
+    parse_payload, parse_topic, DeviceMessage, Dropped, Identity, Rejection,
+};
 
 /// Dead letters of the bridge go to `fleetlog.deadletter.ingest` (under
 /// [`fleetlog_nats::topology::DEAD_LETTER_PREFIX`]).
@@ -266,8 +268,8 @@ impl Ingest {
             .set_keep_alive(Duration::from_secs(30))
             .set_inflight(settings.inflight)
             .set_max_packet_size(
-                crate::broker::BROKER_MESSAGE_LIMIT + crate::broker::PACKET_OVERHEAD,
-                crate::broker::BROKER_MESSAGE_LIMIT + crate::broker::PACKET_OVERHEAD,
+                fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
+                fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
             );
         let (client, events) = AsyncClient::new(options, 10_000);
         let shared = Arc::new(Shared {

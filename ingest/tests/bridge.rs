@@ -601,7 +601,7 @@ async fn a_killed_bridge_loses_nothing_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
-    use fleetlog_ingest::message::{parse_payload, parse_topic, Identity};
+    use fleetlog_protocol::message::{parse_payload, parse_topic, Identity};
 
     let platform = Platform::start().await;
     platform.register("w1").await;

@@ -3,7 +3,7 @@
 //!
 //! Devices authenticate with the device token they were given at registration
 //! (`Authorization: Bearer <token>` or `X-Device-Token`), never with a user's JWT. Payloads go
-//! through the same parser as MQTT messages (`fleetlog_ingest::message`), so the formats, the
+//! through the same parser as MQTT messages (`fleetlog_protocol::message`), so the formats, the
 //! validation rules and the reasons are the same; a retry carrying an `Idempotency-Key` header
 //! is recorded once.
 
@@ -15,7 +15,7 @@ use fleetlog_commands::credentials::sha256_hex;
 use fleetlog_commands::CommandMetadata;
 use fleetlog_domain::device::Lifecycle;
 use fleetlog_domain::DeviceId;
-use fleetlog_ingest::message::{parse_payload, Dropped, Identity, Rejection, TopicKind};
+use fleetlog_protocol::message::{parse_payload, Dropped, Identity, Rejection, TopicKind};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -28,7 +28,7 @@ pub fn compatibility_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(upload_compatible))
 }
 
-/// A part of a message left out, and why (the schema of `fleetlog_ingest::message::Dropped`).
+/// A part of a message left out, and why (the schema of `fleetlog_protocol::message::Dropped`).
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)]
 struct DroppedPart {
@@ -133,7 +133,7 @@ async fn record(
         }
     })?;
     let received_at = Utc::now();
-    let fleetlog_ingest::message::DeviceMessage::Telemetry(telemetry) = &message else {
+    let fleetlog_protocol::message::DeviceMessage::Telemetry(telemetry) = &message else {
         unreachable!("a data payload parses into telemetry");
     };
     let identity = match idempotency_key(headers)? {

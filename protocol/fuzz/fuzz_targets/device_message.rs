@@ -4,7 +4,7 @@
 #![no_main]
 
 use fleetlog_domain::limits::json_has_nul;
-use fleetlog_ingest::message::{parse_payload, parse_topic, Identity, MAX_PAYLOAD_BYTES};
+use fleetlog_protocol::message::{parse_payload, parse_topic, Identity, MAX_PAYLOAD_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

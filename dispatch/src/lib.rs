@@ -45,7 +45,7 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::BrokerUrl;
+use fleetlog_broker::BrokerUrl;
 
 /// The durable consumer of the dispatcher.
 pub const CONSUMER: &str = "dispatch";
@@ -115,8 +115,8 @@ impl Dispatcher {
             .set_clean_session(true)
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(
-                crate::broker::BROKER_MESSAGE_LIMIT + crate::broker::PACKET_OVERHEAD,
-                crate::broker::BROKER_MESSAGE_LIMIT + crate::broker::PACKET_OVERHEAD,
+                fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
+                fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
             );
         let (client, events) = AsyncClient::new(options, 1000);
         let publisher = ConfirmedPublisher {
@@ -465,7 +465,7 @@ impl ConfirmedPublisher {
         timeout: Duration,
     ) -> Result<(), String> {
         let payload = serde_json::to_vec(body).map_err(|e| e.to_string())?;
-        if payload.len() > crate::broker::BROKER_MESSAGE_LIMIT {
+        if payload.len() > fleetlog_broker::BROKER_MESSAGE_LIMIT {
             // The API and the domain cap what goes out well below this, so only an event from
             // before those caps gets here. Publishing it would make the client drop its
             // connection (and with it every tenant's messages in flight), again and again:
@@ -474,7 +474,7 @@ impl ConfirmedPublisher {
             tracing::warn!(
                 topic,
                 bytes = payload.len(),
-                limit = crate::broker::BROKER_MESSAGE_LIMIT,
+                limit = fleetlog_broker::BROKER_MESSAGE_LIMIT,
                 "not sending a message larger than the broker accepts"
             );
             return Ok(());
