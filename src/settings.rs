@@ -16,8 +16,9 @@ use fleetlog_commands::StoreSettings;
 use fleetlog_dispatch::DispatchSettings;
 use fleetlog_domain::TenantId;
 use fleetlog_ingest::bridge::IngestSettings;
-use fleetlog_nats::{RelaySettings, StreamSettings};
+use fleetlog_nats::StreamSettings;
 use fleetlog_process::liveness::LivenessSettings;
+use fleetlog_relay::RelaySettings;
 use secrecy::SecretString;
 
 /// How log lines are written.

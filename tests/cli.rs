@@ -429,13 +429,13 @@ async fn replay_verify_and_events_commands() {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let js = async_nats::jetstream::new(fleetlog_nats::connect(&nats.url()).await.unwrap());
-    let relay_settings = fleetlog_nats::RelaySettings {
+    let relay_settings = fleetlog_relay::RelaySettings {
         poll_interval: Duration::from_millis(100),
         ..Default::default()
     };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(
-        fleetlog_nats::Relay::new(db.pool.clone(), js.client(), relay_settings)
+        fleetlog_relay::Relay::new(db.pool.clone(), js.client(), relay_settings)
             .run(shutdown.clone()),
     );
     tasks.spawn(fleetlog_projections::run_all(

@@ -8,18 +8,16 @@
 //!   `fleetlog.events.{aggregate_type}.{aggregate_id}.{plane}` ([`topology`]), and the durable
 //!   consumers' set-up ([`durable_consumer`]);
 //! - the message body, an [`EventEnvelope`] in JSON ([`envelope`]);
-//! - the [`relay`], which tails the events table gap-safely and publishes each event with
-//!   `Nats-Msg-Id = {aggregate_type}:{aggregate_id}:{sequence}`, so a republished event is
-//!   dropped by the stream's duplicate window;
+//! - the `Nats-Msg-Id` every event is published under, `{aggregate_type}:{aggregate_id}:{sequence}`,
+//!   so a republished event is dropped by the stream's duplicate window (the relay that
+//!   publishes them is `fleetlog-relay`);
 //! - [`supervise`], the restart policy every role's long-running loops run under.
 
 pub mod envelope;
-pub mod relay;
 pub mod supervise;
 pub mod topology;
 
 pub use envelope::EventEnvelope;
-pub use relay::{Relay, RelaySettings};
 pub use supervise::supervise;
 pub use topology::{ensure_stream, StreamSettings, STREAM_NAME};
 

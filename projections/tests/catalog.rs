@@ -10,11 +10,11 @@ use fleetlog_domain::firmware::{FirmwareCommand, FirmwareId, ImageSignature};
 use fleetlog_domain::rollout::{DeviceOutcome, ErrorAction, RolloutCommand, Waves};
 use fleetlog_domain::user::{Role, UserCommand};
 use fleetlog_domain::{DeviceId, RolloutId, SessionId, TenantId, UserId};
-use fleetlog_nats::{Relay, RelaySettings};
 use fleetlog_projections::replay::verify;
 use fleetlog_projections::{
     run_all, FirmwareProjection, RolloutsProjection, UsersProjection, WorkerSettings,
 };
+use fleetlog_relay::{Relay, RelaySettings};
 use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use tokio_util::sync::CancellationToken;
 

@@ -10,11 +10,11 @@ use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::{CommandOutcome, DeviceCommand, FirmwareImage, Location, Reading};
 use fleetlog_domain::firmware::FirmwareId;
 use fleetlog_domain::{CommandId, DeviceId, RolloutId, TenantId, UserId};
-use fleetlog_nats::{Relay, RelaySettings};
 use fleetlog_projections::replay::{replay, verify};
 use fleetlog_projections::{
     DevicesProjection, Projection, TelemetryProjection, Worker, WorkerSettings,
 };
+use fleetlog_relay::{Relay, RelaySettings};
 use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;

@@ -10,12 +10,13 @@ use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::{CommandOutcome, DeviceCommand, DeviceEvent, Reading};
 use fleetlog_domain::{CommandId, DeviceId, TenantId, UserId};
 use fleetlog_nats::topology::subject_for;
-use fleetlog_nats::{ensure_stream, EventEnvelope, Relay, RelaySettings, StreamSettings};
+use fleetlog_nats::{ensure_stream, EventEnvelope, StreamSettings};
 use fleetlog_projections::replay::verify;
 use fleetlog_projections::worker::{apply_event, Position, DEAD_LETTER_STREAM};
 use fleetlog_projections::{
     DevicesProjection, Projection, ProjectionError, TelemetryProjection, Worker, WorkerSettings,
 };
+use fleetlog_relay::{Relay, RelaySettings};
 use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};

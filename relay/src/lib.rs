@@ -27,8 +27,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::OutgoingEvent;
-use crate::topology::{ensure_stream, subject_for, StreamSettings, EVENT_TYPE_HEADER};
+use fleetlog_nats::envelope::OutgoingEvent;
+use fleetlog_nats::topology::{ensure_stream, subject_for, StreamSettings, EVENT_TYPE_HEADER};
 
 /// The Postgres channel the events table notifies on.
 pub const EVENTS_CHANNEL: &str = "fleetlog_events";
