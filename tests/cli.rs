@@ -66,6 +66,61 @@ fn help_lists_the_subcommands() {
     assert!(help.contains("--password-stdin"), "{help}");
 }
 
+/// Every `FLEETLOG_` variable a subcommand reads (as its `--help` names it) is documented in
+/// `.env.example`, so the example never falls behind the code.
+#[test]
+fn every_variable_the_binary_reads_is_in_the_env_example() {
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example"))
+        .expect(".env.example at the repository root");
+    let documented: std::collections::BTreeSet<&str> = example
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim_start_matches('#').trim_start();
+            line.split_once('=').map(|(name, _)| name.trim())
+        })
+        .filter(|name| name.starts_with("FLEETLOG_"))
+        .collect();
+    let mut read = std::collections::BTreeSet::new();
+    let subcommands = [
+        vec![],
+        vec!["up"],
+        vec!["api"],
+        vec!["ingest"],
+        vec!["dispatch"],
+        vec!["relay"],
+        vec!["project"],
+        vec!["migrate"],
+        vec!["replay"],
+        vec!["events"],
+        vec!["user"],
+    ];
+    for subcommand in subcommands {
+        let output = fleetlog("postgres://unused")
+            .args(&subcommand)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{subcommand:?} --help");
+        let help = String::from_utf8(output.stdout).unwrap();
+        for (_, rest) in help
+            .match_indices("[env: ")
+            .map(|(i, _)| help.split_at(i + 6))
+        {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            read.insert(name);
+        }
+    }
+    assert!(read.len() > 20, "the help names the variables: {read:?}");
+    let missing: Vec<&String> = read
+        .iter()
+        .filter(|name| !documented.contains(name.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "not in .env.example: {missing:?}");
+}
+
 #[tokio::test]
 async fn migrate_twice_is_a_no_op_the_second_time() {
     let db = TestDatabase::create_empty().await;
