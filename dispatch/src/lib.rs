@@ -168,24 +168,17 @@ impl Dispatcher {
         .await?;
         let mut messages = consumer.messages().await?;
         tracing::info!("dispatcher consuming device events");
-        let mut missed_heartbeats = 0;
+        let mut heartbeats = fleetlog_nats::HeartbeatWatch::default();
         loop {
             let message = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 next = messages.next() => match next {
                     // Polled late while busy: go on, unless nothing but missed heartbeats comes
                     // any more (then the pull is lost and the consumer is set up again).
-                    Some(Err(error))
-                        if fleetlog_nats::is_missed_heartbeat(&error) && missed_heartbeats < 3 =>
-                    {
-                        missed_heartbeats += 1;
-                        tracing::debug!("missed an idle heartbeat; going on");
-                        continue;
-                    }
-                    Some(message) => {
-                        missed_heartbeats = 0;
-                        message?
-                    }
+                    Some(next) => match heartbeats.check(next)? {
+                        Some(message) => message,
+                        None => continue,
+                    },
                     None => return Err("the consumer's message stream ended".into()),
                 },
             };

@@ -64,6 +64,48 @@ pub fn is_missed_heartbeat(error: &async_nats::jetstream::consumer::pull::Messag
     error.kind() == async_nats::jetstream::consumer::pull::MessagesErrorKind::MissingHeartbeat
 }
 
+/// How many missed idle heartbeats in a row a consumer goes on through before it takes the
+/// pull as lost and sets the consumer up again.
+pub const MISSED_HEARTBEATS_TOLERATED: u32 = 3;
+
+/// The one rule every consumer loop applies to what its message stream yields: a message
+/// passes and resets the count; a missed idle heartbeat is let by, up to
+/// [`MISSED_HEARTBEATS_TOLERATED`] in a row (see [`is_missed_heartbeat`]); any other error, or
+/// one heartbeat too many, is the caller's to act on.
+#[derive(Debug, Default)]
+pub struct HeartbeatWatch {
+    missed: u32,
+}
+
+impl HeartbeatWatch {
+    /// `Some(message)` to handle, `None` to go on with the next, or the error.
+    pub fn check(
+        &mut self,
+        next: Result<
+            async_nats::jetstream::Message,
+            async_nats::jetstream::consumer::pull::MessagesError,
+        >,
+    ) -> Result<
+        Option<async_nats::jetstream::Message>,
+        async_nats::jetstream::consumer::pull::MessagesError,
+    > {
+        match next {
+            Ok(message) => {
+                self.missed = 0;
+                Ok(Some(message))
+            }
+            Err(error)
+                if is_missed_heartbeat(&error) && self.missed < MISSED_HEARTBEATS_TOLERATED =>
+            {
+                self.missed += 1;
+                tracing::debug!("missed an idle heartbeat; going on");
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
 /// Runs `consume` until it returns `Ok` or `shutdown` fires. A consumer that fails (server gone,
 /// stream not created yet, pull lost) is set up again after a backoff from 200 ms doubling to
 /// 10 s; `name` says whose in the log.

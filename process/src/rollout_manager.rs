@@ -161,7 +161,7 @@ impl RolloutManager {
         .await?;
         let mut messages = consumer.messages().await?.ready_chunks(500);
         tracing::info!(consumer = name, "rollout manager consuming");
-        let mut missed_heartbeats = 0;
+        let mut heartbeats = fleetlog_nats::HeartbeatWatch::default();
         loop {
             let received = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -172,18 +172,8 @@ impl RolloutManager {
             };
             let mut last = None;
             for message in received {
-                let message = match message {
-                    Ok(message) => {
-                        missed_heartbeats = 0;
-                        message
-                    }
-                    Err(error)
-                        if fleetlog_nats::is_missed_heartbeat(&error) && missed_heartbeats < 3 =>
-                    {
-                        missed_heartbeats += 1;
-                        continue;
-                    }
-                    Err(error) => return Err(error.into()),
+                let Some(message) = heartbeats.check(message)? else {
+                    continue;
                 };
                 self.handle(&message).await?;
                 last = Some(message);

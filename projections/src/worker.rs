@@ -39,10 +39,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use fleetlog_nats::topology::{DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM};
 
-/// Missed idle heartbeats in a row, with no message between them, before the consumer is set
-/// up again.
-const MISSED_HEARTBEATS_TOLERATED: u32 = 3;
-
 /// A read model fed by the events of one aggregate type.
 pub trait Projection: Send + Sync + 'static {
     /// The projection's name: its durable consumer and its key in `projection_positions`.
@@ -627,7 +623,7 @@ impl<P: Projection, C: Companion> Worker<P, C> {
             .await?
             .ready_chunks(self.settings.max_batch.max(1));
         tracing::info!(projection = P::NAME, "projection consuming");
-        let mut missed_heartbeats = 0;
+        let mut heartbeats = fleetlog_nats::HeartbeatWatch::default();
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -639,20 +635,11 @@ impl<P: Projection, C: Companion> Worker<P, C> {
             let mut batch = Vec::with_capacity(received.len());
             let mut failure = None;
             for message in received {
-                match message {
-                    Ok(message) => {
-                        missed_heartbeats = 0;
-                        batch.push(message);
-                    }
-                    // A busy worker polls late: go on, unless nothing but missed heartbeats
-                    // comes any more (then the pull is lost and the consumer is set up again).
-                    Err(error)
-                        if fleetlog_nats::is_missed_heartbeat(&error)
-                            && missed_heartbeats < MISSED_HEARTBEATS_TOLERATED =>
-                    {
-                        missed_heartbeats += 1;
-                        tracing::debug!(projection = P::NAME, "missed an idle heartbeat; going on");
-                    }
+                // A busy worker polls late: go on, unless nothing but missed heartbeats comes
+                // any more (then the pull is lost and the consumer is set up again).
+                match heartbeats.check(message) {
+                    Ok(Some(message)) => batch.push(message),
+                    Ok(None) => {}
                     Err(error) => failure = Some(error),
                 }
             }
