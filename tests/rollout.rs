@@ -850,6 +850,18 @@ async fn outcomes_acked_but_never_handled_are_recovered_from_the_devices() {
     }
 }
 
+/// Deprecates `firmware_id` over the API with `body` (`reason`, `rollouts`).
+async fn deprecate(stack: &Stack, firmware_id: &str, body: Value) {
+    let (status, answer) = stack
+        .call(
+            Method::POST,
+            &format!("/api/v1/firmware/{firmware_id}/deprecate"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
 /// A rollout device's row from `/rollouts/{id}/devices`.
 async fn rollout_device(stack: &Stack, rollout: &str, device: &str) -> Value {
     let (_, page) = stack
@@ -1042,14 +1054,7 @@ async fn aborts_deprecations_overlaps_and_changed_targets_behave_as_operators_ex
         .await;
     let waiting = rollout_device(&stack, "r-brick", "b1").await;
     assert_eq!(waiting["waiting"], "wave 1 has not started", "{waiting}");
-    let (status, body) = stack
-        .call(
-            Method::POST,
-            &format!("/api/v1/firmware/{brick}/deprecate"),
-            Some(json!({"reason": "bricks devices"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    deprecate(&stack, &brick, json!({"reason": "bricks devices"})).await;
     let paused = stack
         .wait_for("/api/v1/rollouts/r-brick", "the pause", |r| {
             r["status"] == "paused"
@@ -1136,14 +1141,12 @@ async fn aborts_deprecations_overlaps_and_changed_targets_behave_as_operators_ex
     assert_eq!(still["status"], "installing", "{installing} then {still}");
     assert_eq!(still["progress"], 50, "{still}");
 
-    let (status, body) = stack
-        .call(
-            Method::POST,
-            &format!("/api/v1/firmware/{brick2}/deprecate"),
-            Some(json!({"reason": "bricks devices too", "rollouts": "abort"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    deprecate(
+        &stack,
+        &brick2,
+        json!({"reason": "bricks devices too", "rollouts": "abort"}),
+    )
+    .await;
     let aborted = stack
         .wait_for("/api/v1/rollouts/r-one", "the abort", |r| {
             r["status"] == "aborted"
@@ -1273,14 +1276,7 @@ async fn an_image_deprecated_between_recording_and_asking_is_never_sent() {
         )
         .await
         .unwrap();
-    let (status, body) = stack
-        .call(
-            Method::POST,
-            &format!("/api/v1/firmware/{firmware_id}/deprecate"),
-            Some(json!({"reason": "found wanting"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    deprecate(&stack, &firmware_id, json!({"reason": "found wanting"})).await;
 
     tokio::spawn(stack.rollout_manager().run(stack.shutdown.clone()));
     let paused = stack

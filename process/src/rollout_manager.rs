@@ -106,6 +106,17 @@ pub struct RolloutManager {
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
+/// Runs device commands [`CONCURRENT_REQUESTS`] at a time; the first failure, if any.
+async fn all_of(
+    commands: Vec<impl std::future::Future<Output = Result<(), Failure>>>,
+) -> Result<(), Failure> {
+    let results: Vec<Result<(), Failure>> = futures::stream::iter(commands)
+        .buffer_unordered(CONCURRENT_REQUESTS)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
 impl RolloutManager {
     /// A manager acting through `bus` on events from `jetstream`.
     pub fn new(bus: CommandBus, jetstream: Context, settings: RolloutManagerSettings) -> Self {
@@ -292,11 +303,7 @@ impl RolloutManager {
                 self.abandon_update(rollout_id, device.as_str(), command)
             })
             .collect();
-        let results: Vec<Result<(), Failure>> = futures::stream::iter(abandons)
-            .buffer_unordered(CONCURRENT_REQUESTS)
-            .collect()
-            .await;
-        results.into_iter().collect()
+        all_of(abandons).await
     }
 
     async fn abandon_update(
@@ -523,11 +530,7 @@ impl RolloutManager {
                 self.request_update(rollout_id, device.as_str(), command)
             })
             .collect();
-        let results: Vec<Result<(), Failure>> = futures::stream::iter(requests)
-            .buffer_unordered(CONCURRENT_REQUESTS)
-            .collect()
-            .await;
-        results.into_iter().collect()
+        all_of(requests).await
     }
 
     async fn request_update(

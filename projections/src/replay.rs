@@ -30,17 +30,28 @@ pub const REPLAY_SCHEMA: &str = "fleetlog_replay";
 const RETIRED_SCHEMA: &str = "fleetlog_retired";
 const PAGE_SIZE: i64 = 1_000;
 
+/// A page of events of one aggregate type after a `(transaction_id, global_position)` cursor,
+/// in that order, with the filter given.
+macro_rules! events_page {
+    ($filter:literal) => {
+        concat!(
+            "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                    metadata, global_position, transaction_id::text AS transaction_text,
+                    recorded_at
+               FROM events
+              WHERE aggregate_type = $1
+                AND (transaction_id, global_position) > ($2::text::xid8, $3)",
+            $filter,
+            " ORDER BY events.transaction_id, events.global_position
+              LIMIT $4"
+        )
+    };
+}
+
 /// A page of the rebuild: only transactions older than the oldest one running, so that an
 /// event of a transaction that commits later is never left behind the cursor.
-const SELECT_PAGE: &str = "
-SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
-       global_position, transaction_id::text AS transaction_text, recorded_at
-  FROM events
- WHERE aggregate_type = $1
-   AND (transaction_id, global_position) > ($2::text::xid8, $3)
-   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
- ORDER BY events.transaction_id, events.global_position
- LIMIT $4";
+const SELECT_PAGE: &str =
+    events_page!(" AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())");
 
 /// A page of the final catch-up, under the swap's lock: every committed event after the
 /// cursor. Holding back those of transactions newer than the oldest one running (any
@@ -48,14 +59,7 @@ SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payloa
 /// swap in a model without events the live workers had already applied and acked. An event
 /// whose transaction commits later, behind the cursor or not, reaches the live workers after
 /// the swap and is applied then: positions say the shadow has not seen it.
-const SELECT_CATCH_UP_PAGE: &str = "
-SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
-       global_position, transaction_id::text AS transaction_text, recorded_at
-  FROM events
- WHERE aggregate_type = $1
-   AND (transaction_id, global_position) > ($2::text::xid8, $3)
- ORDER BY events.transaction_id, events.global_position
- LIMIT $4";
+const SELECT_CATCH_UP_PAGE: &str = events_page!("");
 
 /// Why a replay failed.
 #[derive(Debug, thiserror::Error)]
