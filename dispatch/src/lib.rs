@@ -39,13 +39,19 @@ use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent, FirmwareI
 use fleetlog_domain::CommandId;
 use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
+use fleetlog_protocol::outbound::{CommandMessage, DesiredMessage, OtaMessage};
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use fleetlog_broker::BrokerUrl;
+
+/// A message of the device contract as the JSON body to publish.
+fn to_body(message: &impl serde::Serialize) -> Result<Value, String> {
+    serde_json::to_value(message).map_err(|error| error.to_string())
+}
 
 /// The durable consumer of the dispatcher.
 pub const CONSUMER: &str = "dispatch";
@@ -249,13 +255,13 @@ impl Dispatcher {
                     tracing::debug!(device, %command_id, "not sending an expired command");
                     return Ok(());
                 }
-                let body = json!({
-                    "command_id": command_id,
-                    "name": name,
-                    "params": params,
-                    "issued_at": issued_at,
-                    "expires_at": expires_at,
-                });
+                let body = to_body(&CommandMessage {
+                    command_id: &command_id,
+                    name: &name,
+                    params: &params,
+                    issued_at,
+                    expires_at,
+                })?;
                 publisher
                     .publish(format!("{root}/{device}/commands"), &body, false, timeout)
                     .await
@@ -270,10 +276,10 @@ impl Dispatcher {
                     .await
                     .map_err(|e| e.to_string())?
                     .aggregate;
-                let body = json!({
-                    "version": current.desired_version,
-                    "desired": current.desired,
-                });
+                let body = to_body(&DesiredMessage {
+                    version: current.desired_version,
+                    desired: &current.desired,
+                })?;
                 publisher
                     .publish(format!("{root}/{device}/desired"), &body, true, timeout)
                     .await
@@ -321,27 +327,16 @@ impl Dispatcher {
                         }
                     }
                 };
-                let download_path = format!("/api/v1/firmware/{firmware_id}/download");
-                let download_url = self
-                    .settings
-                    .public_url
-                    .as_ref()
-                    .map(|base| format!("{}{download_path}", base.trim_end_matches('/')));
-                let signature = image.signature.as_ref();
-                let body = json!({
-                    "action": "install",
-                    "rollout_id": rollout_id,
-                    "firmware_id": firmware_id,
-                    "version": version,
-                    "sha256": image.sha256,
-                    "size_bytes": image.size_bytes,
-                    "signature": signature.map(|s| &s.signature),
-                    "signature_algorithm": signature.map(|s| &s.algorithm),
-                    "key_id": signature.map(|s| &s.key_id),
-                    "download_path": download_path,
-                    "download_url": download_url,
-                    "requested_at": at,
-                });
+                let body = to_body(&OtaMessage::install(
+                    rollout_id.as_ref(),
+                    &firmware_id,
+                    &version,
+                    &image.sha256,
+                    image.size_bytes,
+                    image.signature.as_ref(),
+                    self.settings.public_url.as_deref(),
+                    at,
+                ))?;
                 publisher
                     .publish(format!("{root}/{device}/ota"), &body, false, timeout)
                     .await
@@ -352,13 +347,12 @@ impl Dispatcher {
                 reason,
                 at,
             } => {
-                let body = json!({
-                    "action": "cancel",
-                    "rollout_id": rollout_id,
-                    "firmware_id": firmware_id,
-                    "reason": reason,
-                    "canceled_at": at,
-                });
+                let body = to_body(&OtaMessage::Cancel {
+                    rollout_id: rollout_id.as_ref(),
+                    firmware_id: firmware_id.as_ref(),
+                    reason: &reason,
+                    canceled_at: at,
+                })?;
                 publisher
                     .publish(format!("{root}/{device}/ota"), &body, false, timeout)
                     .await

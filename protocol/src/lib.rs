@@ -1,7 +1,13 @@
 //! fleetlog's device wire contract, the one place that says what a device may send and how it
-//! is judged: topics (`{root}/{device_id}/{kind}`), payload formats and their limits, and the
-//! identity that tells a redelivery from a repeat. Pure functions, no IO: the MQTT ingest
-//! bridge and the API's HTTP ingest both call them, so a payload is judged the same way
-//! whichever door it came through. The fuzz target (`fuzz/`) feeds it arbitrary input.
+//! is judged, and what fleetlog sends it:
+//!
+//! - [`message`]: topics (`{root}/{device_id}/{kind}`), payload formats and their limits, and
+//!   the identity that tells a redelivery from a repeat. The MQTT ingest bridge and the API's
+//!   HTTP ingest both call it, so a payload is judged the same way whichever door it came
+//!   through; the fuzz target (`fuzz/`) feeds it arbitrary input.
+//! - [`outbound`]: the commands, desired documents and OTA messages the dispatcher sends.
+//!
+//! Pure, no IO.
 
 pub mod message;
+pub mod outbound;
