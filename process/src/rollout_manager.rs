@@ -41,7 +41,7 @@ use fleetlog_domain::device::{
     DeviceCommand, DeviceError, DeviceEvent, FirmwareImage, UpdateEnding,
 };
 use fleetlog_domain::firmware::{Firmware, FirmwareEvent, FirmwareStatus, RolloutsOnDeprecation};
-use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand, RolloutEvent};
+use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand, RolloutError, RolloutEvent};
 use fleetlog_domain::{DeviceId, RolloutId};
 use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
 use fleetlog_nats::{EventEnvelope, STREAM_NAME};
@@ -371,19 +371,9 @@ impl RolloutManager {
                 at: Utc::now(),
             },
         };
-        match self
-            .bus
-            .rollouts()
-            .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(CommandError::Refused(refusal)) => {
-                tracing::debug!(rollout_id, %refusal, "rollout of a deprecated image left as it is");
-                Ok(())
-            }
-            Err(error) => Err(error.into()),
-        }
+        // Paused already, or ended: left as it is.
+        self.steer(rollout_id, command).await?;
+        Ok(())
     }
 
     async fn on_device_event(&self, device_id: &str, event: DeviceEvent) -> Result<(), Failure> {
@@ -472,21 +462,10 @@ impl RolloutManager {
             devices,
             at: Utc::now(),
         };
-        match self
-            .bus
-            .rollouts()
-            .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
-            .await
-        {
-            // The `DevicesSent` event reaches `on_rollout_event`, which asks the devices.
-            Ok(_) => Ok(()),
-            // Paused or ended meanwhile: nothing is due.
-            Err(CommandError::Refused(refusal)) => {
-                tracing::debug!(rollout_id, %refusal, "nothing sent");
-                Ok(())
-            }
-            Err(error) => Err(error.into()),
-        }
+        // The `DevicesSent` event reaches `on_rollout_event`, which asks the devices; a
+        // rollout paused or ended meanwhile has nothing due.
+        self.steer(rollout_id, command).await?;
+        Ok(())
     }
 
     /// Asks each device the rollout recorded as sent to update. A device that cannot take the
@@ -596,14 +575,30 @@ impl RolloutManager {
             reason: reason.chars().take(512).collect(),
             at: Utc::now(),
         };
+        self.steer(rollout_id, command).await?;
+        Ok(())
+    }
+
+    /// Runs `command` on the rollout: `true` if it was taken, `false` if the rollout refused it
+    /// (it moved on meanwhile: paused, ended, the device done already), which is never worth
+    /// retrying. Other failures are returned.
+    async fn steer(
+        &self,
+        rollout_id: &str,
+        command: RolloutCommand,
+    ) -> Result<bool, CommandError<RolloutError>> {
         match self
             .bus
             .rollouts()
             .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
             .await
         {
-            Ok(_) | Err(CommandError::Refused(_)) => Ok(()),
-            Err(error) => Err(error.into()),
+            Ok(_) => Ok(true),
+            Err(CommandError::Refused(refusal)) => {
+                tracing::debug!(rollout_id, %refusal, "rollout command refused");
+                Ok(false)
+            }
+            Err(error) => Err(error),
         }
     }
 
@@ -622,19 +617,10 @@ impl RolloutManager {
             reported_at,
             at,
         };
-        match self
-            .bus
-            .rollouts()
-            .execute(rollout_id, command, &CommandMetadata::new(ACTOR))
-            .await
-        {
-            Ok(_) => Ok(true),
-            // Not this rollout's device, not sent, canceled, or not timed out yet (a lagging
-            // read model): nothing to record.
-            Err(CommandError::Refused(refusal)) => {
-                tracing::debug!(rollout_id, device_id, %refusal, "outcome not recorded");
-                Ok(false)
-            }
+        // Refused: not this rollout's device, not sent, canceled, or not timed out yet (a
+        // lagging read model), so nothing to record.
+        match self.steer(rollout_id, command).await {
+            Ok(recorded) => Ok(recorded),
             // Final too: trying again would hold up the rollout's other devices.
             Err(error @ CommandError::Unstorable { .. }) => {
                 tracing::warn!(rollout_id, device_id, %error, "outcome not recorded");

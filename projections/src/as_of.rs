@@ -56,8 +56,6 @@ SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payloa
 /// [`PastModel::connection`] by their usual names. Dropping it throws them away.
 pub struct PastModel {
     transaction: Transaction<'static, Postgres>,
-    /// The sequence of the last event applied, if any.
-    pub last_sequence: Option<i64>,
 }
 
 impl PastModel {
@@ -125,10 +123,7 @@ pub async fn as_of<P: Projection>(
             break;
         }
     }
-    Ok(PastModel {
-        transaction,
-        last_sequence,
-    })
+    Ok(PastModel { transaction })
 }
 
 /// Applies `events` as one batch; if one of them cannot be applied (as the live worker would

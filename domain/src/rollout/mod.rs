@@ -547,13 +547,6 @@ impl Rollout {
         }
     }
 
-    /// Devices without an outcome: the ones an abort cancels.
-    pub fn outstanding(&self) -> impl Iterator<Item = &DeviceId> {
-        self.targets
-            .iter()
-            .filter(|d| !self.outcomes.contains_key(*d))
-    }
-
     /// Devices sent the update that have no outcome yet: the ones an abort tells to give it up.
     pub fn in_flight(&self) -> impl Iterator<Item = &DeviceId> {
         self.sent.keys().filter(|d| !self.outcomes.contains_key(*d))
