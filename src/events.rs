@@ -2,8 +2,9 @@
 
 use anyhow::{bail, Context};
 use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use fleetlog_eventlog::{EventEnvelope, HistoryQuery, Summary};
 use fleetlog_nats::topology::{subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
-use fleetlog_nats::{EventEnvelope, STREAM_NAME};
+use fleetlog_nats::STREAM_NAME;
 use futures::StreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -27,16 +28,16 @@ pub async fn list(pool: &PgPool, aggregate: &str, limit: i64) -> anyhow::Result<
     let Some((aggregate_type, aggregate_id)) = aggregate.split_once(':') else {
         bail!("--aggregate must look like TYPE:ID, e.g. device:sensor-1");
     };
-    let events: Vec<EventEnvelope> = sqlx::query_as(
-        "SELECT aggregate_type, aggregate_id, sequence, global_position, event_type,
-                event_version, payload, metadata, recorded_at
-           FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
-          ORDER BY sequence LIMIT $3",
+    let events = fleetlog_eventlog::history(
+        pool,
+        HistoryQuery {
+            aggregate_type,
+            aggregate_id,
+            after_sequence: 0,
+            event_type: None,
+            limit,
+        },
     )
-    .bind(aggregate_type)
-    .bind(aggregate_id)
-    .bind(limit)
-    .fetch_all(pool)
     .await
     .context("cannot read events")?;
     if events.is_empty() {
@@ -105,33 +106,26 @@ pub async fn tail(
 
 /// `events stats`: counts per type, and how far the relay is behind.
 pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
-    let counts: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT aggregate_type, event_type, count(*) FROM events
-          GROUP BY 1, 2 ORDER BY 1, 2",
-    )
-    .fetch_all(pool)
-    .await
-    .context("cannot read events")?;
-    let (total, aggregates, last): (i64, i64, Option<i64>) = sqlx::query_as(
-        "SELECT count(*), count(DISTINCT (aggregate_type, aggregate_id)), max(global_position) FROM events",
-    )
-    .fetch_one(pool)
-    .await?;
-    let unrelayed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events e
-          WHERE NOT EXISTS (
-              SELECT 1 FROM relay_cursors c
-               WHERE c.relay = 'FLEETLOG_EVENTS'
-                 AND (e.transaction_id, e.global_position) <= (c.transaction_id, c.global_position))",
-    )
-    .fetch_one(pool)
-    .await?;
+    let Summary {
+        events: total,
+        aggregates,
+        last_position,
+        by_type,
+    } = fleetlog_eventlog::summary(pool)
+        .await
+        .context("cannot read events")?;
+    let relayed = fleetlog_relay::stored_cursor(pool)
+        .await
+        .context("cannot read the relay's cursor")?;
+    let unrelayed = fleetlog_eventlog::count_after(pool, relayed.unwrap_or_default())
+        .await
+        .context("cannot read events")?;
     println!("events            {total}");
     println!("aggregates        {aggregates}");
-    println!("last position     {}", last.unwrap_or(0));
+    println!("last position     {last_position}");
     println!("not yet relayed   {unrelayed}");
     println!();
-    for (aggregate_type, event_type, count) in counts {
+    for (aggregate_type, event_type, count) in by_type {
         println!("{aggregate_type:<10} {event_type:<28} {count:>10}");
     }
     Ok(())

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use axum::http::header::IF_MATCH;
 use axum::http::HeaderMap;
 use fleetlog_domain::TenantId;
-use fleetlog_nats::envelope::StoredEvent;
 use fleetlog_projections::{Projection, ProjectionError};
 use sqlx::PgPool;
 
@@ -36,18 +35,7 @@ pub async fn wait_for_position(
     position: i64,
     tenant: &TenantId,
 ) -> Result<(), ApiError> {
-    let event: Option<StoredEvent> = sqlx::query_as(
-        "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                metadata, global_position, transaction_id::text AS transaction_text, recorded_at
-           FROM events WHERE global_position = $1",
-    )
-    .bind(position)
-    .fetch_optional(pool)
-    .await?;
-    let Some(StoredEvent {
-        envelope: event, ..
-    }) = event
-    else {
+    let Some(event) = fleetlog_eventlog::at_position(pool, position).await? else {
         return Err(ApiError::BadRequest(format!(
             "min_position {position} names no event"
         )));

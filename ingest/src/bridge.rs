@@ -21,7 +21,7 @@ use async_nats::jetstream::Context;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
-use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, Lifecycle};
+use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, DeviceEvent, Lifecycle};
 use fleetlog_domain::{DeviceId, TenantId, UserId};
 use fleetlog_nats::topology::ensure_dead_letter_stream;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
@@ -731,19 +731,14 @@ async fn recorded_redeliveries(
         return vec![false; items.len()];
     }
     let found: Vec<String> = loop {
-        let lookup = sqlx::query_scalar(
-            "SELECT payload -> event_type ->> 'digest'
-               FROM events
-              WHERE aggregate_type = 'device' AND aggregate_id = $1
-                AND sequence > (SELECT coalesce(max(sequence), 0) - $3 FROM events
-                                 WHERE aggregate_type = 'device' AND aggregate_id = $1)
-                AND event_type IN ('TelemetryRecorded', 'StatusReported', 'HeartbeatReceived')
-                AND payload -> event_type ->> 'digest' = ANY($2)",
+        // The data-plane reports are those that record a digest.
+        let lookup = fleetlog_eventlog::recent_digests(
+            shared.bus.pool(),
+            device.as_str(),
+            DeviceEvent::DATA_PLANE,
+            &wanted,
+            REDELIVERY_LOOKBACK,
         )
-        .bind(device.as_str())
-        .bind(&wanted)
-        .bind(REDELIVERY_LOOKBACK)
-        .fetch_all(shared.bus.pool())
         .await;
         match lookup {
             Ok(found) => break found,

@@ -7,17 +7,15 @@
 //! - the topology: the `FLEETLOG_EVENTS` stream and its subjects
 //!   `fleetlog.events.{aggregate_type}.{aggregate_id}.{plane}` ([`topology`]), and the durable
 //!   consumers' set-up ([`durable_consumer`]);
-//! - the message body, an [`EventEnvelope`] in JSON ([`envelope`]);
+//! - the message body: a recorded event, `fleetlog_eventlog::EventEnvelope`, in JSON;
 //! - the `Nats-Msg-Id` every event is published under, `{aggregate_type}:{aggregate_id}:{sequence}`,
 //!   so a republished event is dropped by the stream's duplicate window (the relay that
 //!   publishes them is `fleetlog-relay`);
 //! - [`supervise`], the restart policy every role's long-running loops run under.
 
-pub mod envelope;
 pub mod supervise;
 pub mod topology;
 
-pub use envelope::EventEnvelope;
 pub use supervise::supervise;
 pub use topology::{ensure_stream, StreamSettings, STREAM_NAME};
 

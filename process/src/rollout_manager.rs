@@ -43,8 +43,9 @@ use fleetlog_domain::device::{
 use fleetlog_domain::firmware::{Firmware, FirmwareEvent, FirmwareStatus, RolloutsOnDeprecation};
 use fleetlog_domain::rollout::{DeviceOutcome, RolloutCommand, RolloutError, RolloutEvent};
 use fleetlog_domain::{DeviceId, RolloutId};
+use fleetlog_eventlog::EventEnvelope;
 use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
-use fleetlog_nats::{EventEnvelope, STREAM_NAME};
+use fleetlog_nats::STREAM_NAME;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;

@@ -12,8 +12,7 @@
 //! copy is made; callers should also bound how many run at once.
 
 use chrono::{DateTime, Utc};
-use fleetlog_nats::envelope::StoredEvent;
-use fleetlog_nats::EventEnvelope;
+use fleetlog_eventlog::EventEnvelope;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::worker::{move_position_past, Positions, Projection, ProjectionError};
@@ -44,14 +43,6 @@ impl From<sqlx::Error> for AsOfError {
     }
 }
 
-const SELECT_PAGE: &str = "
-SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
-       global_position, transaction_id::text AS transaction_text, recorded_at
-  FROM events
- WHERE aggregate_type = $1 AND aggregate_id = $2 AND recorded_at <= $3 AND sequence > $4
- ORDER BY sequence
- LIMIT $5";
-
 /// A projection's tables as they stood at an instant, for one aggregate; query them through
 /// [`PastModel::connection`] by their usual names. Dropping it throws them away.
 pub struct PastModel {
@@ -74,17 +65,9 @@ pub async fn as_of<P: Projection>(
     aggregate_id: &str,
     at: DateTime<Utc>,
 ) -> Result<PastModel, AsOfError> {
-    let count: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT 1 FROM events
-                                WHERE aggregate_type = $1 AND aggregate_id = $2 AND recorded_at <= $3
-                                LIMIT $4) AS until_then",
-    )
-    .bind(P::AGGREGATE_TYPE)
-    .bind(aggregate_id)
-    .bind(at)
-    .bind(MAX_EVENTS + 1)
-    .fetch_one(pool)
-    .await?;
+    let count =
+        fleetlog_eventlog::count_until(pool, P::AGGREGATE_TYPE, aggregate_id, at, MAX_EVENTS + 1)
+            .await?;
     if count > MAX_EVENTS {
         return Err(AsOfError::TooLong { count });
     }
@@ -104,19 +87,19 @@ pub async fn as_of<P: Projection>(
         .execute(&mut *transaction)
         .await?;
     }
-    let mut last_sequence = None;
+    let mut last_sequence = 0;
     loop {
-        let rows: Vec<StoredEvent> = sqlx::query_as(SELECT_PAGE)
-            .bind(P::AGGREGATE_TYPE)
-            .bind(aggregate_id)
-            .bind(at)
-            .bind(last_sequence.unwrap_or(0))
-            .bind(PAGE_SIZE)
-            .fetch_all(&mut *transaction)
-            .await?;
-        let Some(last) = rows.last() else { break };
-        last_sequence = Some(last.envelope.sequence);
-        let events: Vec<EventEnvelope> = rows.into_iter().map(|row| row.envelope).collect();
+        let events = fleetlog_eventlog::until(
+            &mut *transaction,
+            P::AGGREGATE_TYPE,
+            aggregate_id,
+            at,
+            last_sequence,
+            PAGE_SIZE,
+        )
+        .await?;
+        let Some(last) = events.last() else { break };
+        last_sequence = last.sequence;
         let events: Vec<&EventEnvelope> = events.iter().collect();
         apply_passing_over(projection, &mut transaction, &events).await?;
         if (events.len() as i64) < PAGE_SIZE {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use fleetlog_domain::device::{compose_patches, CommandOutcome, DeviceEvent, PROGRESS_STATES};
-use fleetlog_nats::EventEnvelope;
+use fleetlog_eventlog::EventEnvelope;
 use serde_json::{json, Map, Value};
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;

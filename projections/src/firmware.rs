@@ -1,7 +1,7 @@
 //! The `firmware` read model: the catalog of firmware images.
 
 use fleetlog_domain::firmware::FirmwareEvent;
-use fleetlog_nats::EventEnvelope;
+use fleetlog_eventlog::EventEnvelope;
 use serde::Deserialize;
 use sqlx::PgConnection;
 

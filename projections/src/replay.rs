@@ -17,8 +17,7 @@
 
 use std::time::Instant;
 
-use fleetlog_nats::envelope::StoredEvent;
-use fleetlog_nats::EventEnvelope;
+use fleetlog_eventlog::{Cursor, EventEnvelope, Horizon};
 use sqlx::{PgConnection, PgPool};
 
 use crate::worker::{
@@ -29,37 +28,6 @@ use crate::worker::{
 pub const REPLAY_SCHEMA: &str = "fleetlog_replay";
 const RETIRED_SCHEMA: &str = "fleetlog_retired";
 const PAGE_SIZE: i64 = 1_000;
-
-/// A page of events of one aggregate type after a `(transaction_id, global_position)` cursor,
-/// in that order, with the filter given.
-macro_rules! events_page {
-    ($filter:literal) => {
-        concat!(
-            "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                    metadata, global_position, transaction_id::text AS transaction_text,
-                    recorded_at
-               FROM events
-              WHERE aggregate_type = $1
-                AND (transaction_id, global_position) > ($2::text::xid8, $3)",
-            $filter,
-            " ORDER BY events.transaction_id, events.global_position
-              LIMIT $4"
-        )
-    };
-}
-
-/// A page of the rebuild: only transactions older than the oldest one running, so that an
-/// event of a transaction that commits later is never left behind the cursor.
-const SELECT_PAGE: &str =
-    events_page!(" AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())");
-
-/// A page of the final catch-up, under the swap's lock: every committed event after the
-/// cursor. Holding back those of transactions newer than the oldest one running (any
-/// transaction of the cluster, however unrelated: transaction ids are the cluster's) would
-/// swap in a model without events the live workers had already applied and acked. An event
-/// whose transaction commits later, behind the cursor or not, reaches the live workers after
-/// the swap and is applied then: positions say the shadow has not seen it.
-const SELECT_CATCH_UP_PAGE: &str = events_page!("");
 
 /// Why a replay failed.
 #[derive(Debug, thiserror::Error)]
@@ -149,13 +117,6 @@ pub struct Difference {
     pub only_in: &'static str,
     /// The row as JSON.
     pub row: serde_json::Value,
-}
-
-/// A point in `(transaction_id, global_position)` order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Cursor {
-    transaction_id: u64,
-    global_position: i64,
 }
 
 /// Rebuilds `projection` and swaps the result in. Returns the number of events applied.
@@ -284,10 +245,7 @@ async fn rebuild<P: Projection>(
     mut progress: impl FnMut(Progress),
 ) -> Result<(Cursor, Replayed), ReplayError> {
     prepare_shadow::<P>(pool).await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = $1")
-        .bind(P::AGGREGATE_TYPE)
-        .fetch_one(pool)
-        .await?;
+    let total = fleetlog_eventlog::count_of_type(pool, P::AGGREGATE_TYPE).await?;
     let started = Instant::now();
     let mut cursor = Cursor::default();
     let mut replayed = Replayed::default();
@@ -296,7 +254,7 @@ async fn rebuild<P: Projection>(
         let page = apply_page(
             projection,
             &mut tx,
-            SELECT_PAGE,
+            Horizon::Settled,
             cursor,
             &replayed.passed_over,
         )
@@ -320,6 +278,13 @@ async fn rebuild<P: Projection>(
 }
 
 /// Applies every page after `cursor` within `tx`. Returns how many events it applied.
+///
+/// Under the swap's lock it reads every committed event, not only the settled ones: holding
+/// back those of transactions newer than the oldest one running (any transaction of the
+/// cluster, however unrelated) would swap in a model without events the live workers had
+/// already applied and acked. An event whose transaction commits later, behind the cursor or
+/// not, reaches the live workers after the swap and is applied then: positions say the shadow
+/// has not seen it.
 async fn catch_up<P: Projection>(
     projection: &P,
     tx: &mut PgConnection,
@@ -333,7 +298,7 @@ async fn catch_up<P: Projection>(
             .chain(&replayed.passed_over)
             .cloned()
             .collect();
-        let page = apply_page(projection, tx, SELECT_CATCH_UP_PAGE, cursor, &known).await?;
+        let page = apply_page(projection, tx, Horizon::Committed, cursor, &known).await?;
         let Some((last, count, passed_over)) = page else {
             break;
         };
@@ -354,24 +319,22 @@ async fn catch_up<P: Projection>(
 async fn apply_page<P: Projection>(
     projection: &P,
     connection: &mut PgConnection,
-    select: &str,
+    horizon: Horizon,
     cursor: Cursor,
     earlier: &[PassedOver],
 ) -> Result<Option<(Cursor, u64, Vec<PassedOver>)>, ReplayError> {
-    let rows: Vec<StoredEvent> = sqlx::query_as(select)
-        .bind(P::AGGREGATE_TYPE)
-        .bind(cursor.transaction_id.to_string())
-        .bind(cursor.global_position)
-        .bind(PAGE_SIZE)
-        .fetch_all(&mut *connection)
-        .await?;
+    let rows = fleetlog_eventlog::page_in_commit_order(
+        &mut *connection,
+        Some(P::AGGREGATE_TYPE),
+        cursor,
+        horizon,
+        PAGE_SIZE,
+    )
+    .await?;
     let Some(last) = rows.last() else {
         return Ok(None);
     };
-    let last = Cursor {
-        transaction_id: last.transaction_id(),
-        global_position: last.envelope.global_position,
-    };
+    let last = last.cursor();
     ddl(
         connection,
         format!("SET LOCAL search_path TO {REPLAY_SCHEMA}, public"),

@@ -2,7 +2,7 @@
 //! went on each of its target devices.
 
 use fleetlog_domain::rollout::{DeviceOutcome, ErrorAction, Rollout, RolloutEvent};
-use fleetlog_nats::EventEnvelope;
+use fleetlog_eventlog::EventEnvelope;
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgConnection;

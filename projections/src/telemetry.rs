@@ -6,7 +6,7 @@
 //! spares the busiest projection a position write per event.
 
 use fleetlog_domain::device::DeviceEvent;
-use fleetlog_nats::EventEnvelope;
+use fleetlog_eventlog::EventEnvelope;
 use serde::Deserialize;
 use sqlx::PgConnection;
 

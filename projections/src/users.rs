@@ -1,7 +1,7 @@
 //! The `users` read model: users with their roles and state, and no secret of theirs.
 
 use fleetlog_domain::user::{Role, UserEvent};
-use fleetlog_nats::EventEnvelope;
+use fleetlog_eventlog::EventEnvelope;
 use serde::Deserialize;
 use sqlx::PgConnection;
 

@@ -9,8 +9,9 @@ use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::{CommandOutcome, DeviceCommand, DeviceEvent, Reading};
 use fleetlog_domain::{CommandId, DeviceId, TenantId, UserId};
+use fleetlog_eventlog::EventEnvelope;
 use fleetlog_nats::topology::subject_for;
-use fleetlog_nats::{ensure_stream, EventEnvelope, StreamSettings};
+use fleetlog_nats::{ensure_stream, StreamSettings};
 use fleetlog_projections::replay::verify;
 use fleetlog_projections::worker::{apply_event, Position, DEAD_LETTER_STREAM};
 use fleetlog_projections::{

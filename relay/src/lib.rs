@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use fleetlog_nats::envelope::OutgoingEvent;
+use fleetlog_eventlog::{Cursor, OutgoingEvent};
 use fleetlog_nats::topology::{ensure_stream, subject_for, StreamSettings, EVENT_TYPE_HEADER};
 
 /// The Postgres channel the events table notifies on.
@@ -36,15 +36,6 @@ pub const EVENTS_CHANNEL: &str = "fleetlog_events";
 const RELAY_LOCK_KEY: i64 = 0x666c_6565_746c_6f67;
 /// The cursor's name in `relay_cursors`.
 const CURSOR_NAME: &str = "FLEETLOG_EVENTS";
-
-const SELECT_BATCH: &str = "
-SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
-       global_position, transaction_id::text AS transaction_text, recorded_at
-  FROM events
- WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
-   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
- ORDER BY events.transaction_id, events.global_position
- LIMIT $3";
 
 const SELECT_CURSOR: &str = "
 SELECT transaction_id::text AS transaction_text, global_position
@@ -105,15 +96,6 @@ pub enum RelayStatus {
     Stopped,
 }
 
-/// A position in commit-safe order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct Cursor {
-    /// The inserting transaction.
-    pub transaction_id: u64,
-    /// The event's global position.
-    pub global_position: i64,
-}
-
 /// Why the relay stopped relaying for a while.
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
@@ -123,6 +105,24 @@ enum RelayError {
     Nats(#[from] async_nats::Error),
     #[error("lost the relay lock")]
     LostLock,
+}
+
+/// Where the relay has published up to, `None` before its first event.
+pub async fn stored_cursor(pool: &PgPool) -> Result<Option<Cursor>, sqlx::Error> {
+    let row = sqlx::query(SELECT_CURSOR)
+        .bind(CURSOR_NAME)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| {
+        Ok(Cursor {
+            transaction_id: row
+                .get::<String, _>("transaction_text")
+                .parse()
+                .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+            global_position: row.get("global_position"),
+        })
+    })
+    .transpose()
 }
 
 /// The relay role. See the module documentation.
@@ -222,7 +222,7 @@ impl Relay {
         ensure_stream(&self.jetstream, &self.settings.stream).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(EVENTS_CHANNEL).await?;
-        let mut cursor = self.load_cursor().await?;
+        let mut cursor = stored_cursor(&self.pool).await?.unwrap_or_default();
         let mut lock_checked = Instant::now();
         backoff.reset();
         loop {
@@ -271,23 +271,6 @@ impl Relay {
         }
     }
 
-    async fn load_cursor(&self) -> Result<Cursor, sqlx::Error> {
-        let row = sqlx::query(SELECT_CURSOR)
-            .bind(CURSOR_NAME)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            Some(row) => Cursor {
-                transaction_id: row
-                    .get::<String, _>("transaction_text")
-                    .parse()
-                    .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
-                global_position: row.get("global_position"),
-            },
-            None => Cursor::default(),
-        })
-    }
-
     async fn store_cursor(&self, cursor: Cursor) -> Result<(), sqlx::Error> {
         sqlx::query(UPSERT_CURSOR)
             .bind(CURSOR_NAME)
@@ -299,22 +282,9 @@ impl Relay {
     }
 
     async fn read_batch(&self, after: Cursor) -> Result<Vec<(Cursor, OutgoingEvent)>, sqlx::Error> {
-        let rows: Vec<OutgoingEvent> = sqlx::query_as(SELECT_BATCH)
-            .bind(after.transaction_id.to_string())
-            .bind(after.global_position)
-            .bind(self.settings.batch_size)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| {
-                let cursor = Cursor {
-                    transaction_id: row.transaction_id(),
-                    global_position: row.global_position,
-                };
-                (cursor, row)
-            })
-            .collect())
+        let rows =
+            fleetlog_eventlog::outgoing_page(&self.pool, after, self.settings.batch_size).await?;
+        Ok(rows.into_iter().map(|row| (row.cursor(), row)).collect())
     }
 
     /// Publishes a batch with every publish in flight at once, then collects the acks. Returns

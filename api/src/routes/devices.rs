@@ -684,7 +684,7 @@ struct EventsQuery {
     limit: Option<i64>,
 }
 
-#[derive(Serialize, FromRow, utoipa::ToSchema)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct EventView {
     sequence: i64,
     global_position: i64,
@@ -721,35 +721,46 @@ async fn events(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
     }
-    let mut items: Vec<EventView> = sqlx::query_as(
-        "SELECT sequence, global_position, event_type, event_version, recorded_at,
-                metadata ->> 'actor' AS actor, metadata ->> 'correlation_id' AS correlation_id,
-                payload
-           FROM events
-          WHERE aggregate_type = 'device' AND aggregate_id = $1 AND sequence > $2
-            AND ($3::text IS NULL OR event_type = $3)
-          ORDER BY sequence LIMIT $4",
+    let mut events = fleetlog_eventlog::history(
+        state.bus.pool(),
+        fleetlog_eventlog::HistoryQuery {
+            aggregate_type: "device",
+            aggregate_id: id.as_str(),
+            after_sequence: query.after.unwrap_or(0),
+            event_type: query.event_type.as_deref(),
+            limit: limit + 1,
+        },
     )
-    .bind(id.as_str())
-    .bind(query.after.unwrap_or(0))
-    .bind(query.event_type)
-    .bind(limit + 1)
-    .fetch_all(state.bus.pool())
     .await?;
-    let next_after = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|e| e.sequence)
+    let next_after = if events.len() as i64 > limit {
+        events.truncate(limit as usize);
+        events.last().map(|e| e.sequence)
     } else {
         None
     };
-    for item in &mut items {
-        // The hash of the device's secret is the one thing the history does not show.
-        if let Some(rotated) = item.payload.get_mut("DeviceCredentialsRotated") {
-            if let Some(fields) = rotated.as_object_mut() {
-                fields.remove("secret_hash");
+    let items = events
+        .into_iter()
+        .map(|mut event| {
+            event.redact_secrets();
+            let text = |key: &str| {
+                event
+                    .metadata
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            };
+            EventView {
+                actor: text("actor"),
+                correlation_id: text("correlation_id"),
+                sequence: event.sequence,
+                global_position: event.global_position,
+                event_type: event.event_type,
+                event_version: event.event_version,
+                recorded_at: event.recorded_at,
+                payload: event.payload,
             }
-        }
-    }
+        })
+        .collect();
     Ok(axum::Json(EventPage { items, next_after }))
 }
 

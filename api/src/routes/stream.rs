@@ -20,10 +20,11 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use fleetlog_domain::user::Role;
+use fleetlog_eventlog::EventEnvelope;
 use fleetlog_nats::topology::{
     subject_filter_for_aggregate, subject_filter_for_type, SUBJECT_PREFIX,
 };
-use fleetlog_nats::{EventEnvelope, STREAM_NAME};
+use fleetlog_nats::STREAM_NAME;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
@@ -214,13 +215,7 @@ fn to_sse(mut envelope: EventEnvelope, sequence: u64, tenant: &str) -> Option<Ev
     {
         return None;
     }
-    if let Some(fields) = envelope
-        .payload
-        .get_mut("DeviceCredentialsRotated")
-        .and_then(Value::as_object_mut)
-    {
-        fields.remove("secret_hash");
-    }
+    envelope.redact_secrets();
     Event::default()
         .id(sequence.to_string())
         .event(envelope.event_type.clone())

@@ -1,4 +1,5 @@
-//! The body of every message on `FLEETLOG_EVENTS`: one stored event with its position.
+//! A recorded event: the row of the events table, and the body of every message on
+//! `FLEETLOG_EVENTS`.
 //!
 //! ```json
 //! {
@@ -25,7 +26,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::types::Json;
 
-/// One stored event as published to JetStream.
+use crate::Cursor;
+
+/// One recorded event, as read from the table and as published to JetStream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct EventEnvelope {
     /// `device`, `firmware`, `rollout` or `user`.
@@ -48,8 +51,7 @@ pub struct EventEnvelope {
     pub recorded_at: DateTime<Utc>,
 }
 
-/// An event read from the events table with its place in commit-safe order, for those who tail
-/// the table (relay, replay).
+/// An event with its place in commit-safe order, for those who tail the table (a replay).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredEvent {
     /// The inserting transaction, as Postgres prints an `xid8`. Selected as
@@ -63,14 +65,34 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
-    /// The inserting transaction's id.
-    pub fn transaction_id(&self) -> u64 {
-        // Postgres prints xid8 as a plain unsigned integer.
-        self.transaction_id.parse().unwrap_or_default()
+    /// The event's place in commit-safe order.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            // Postgres prints xid8 as a plain unsigned integer.
+            transaction_id: self.transaction_id.parse().unwrap_or_default(),
+            global_position: self.envelope.global_position,
+        }
     }
 }
 
+/// The event whose payload holds a secret, and the field that holds it.
+const SECRET_FIELDS: &[(&str, &str)] = &[("DeviceCredentialsRotated", "secret_hash")];
+
 impl EventEnvelope {
+    /// Removes what no history or stream shows anyone: the hash of a device's secret, which its
+    /// logins are checked against. The aggregate needs it; no reader does.
+    pub fn redact_secrets(&mut self) {
+        for (event_type, field) in SECRET_FIELDS {
+            if let Some(fields) = self
+                .payload
+                .get_mut(*event_type)
+                .and_then(Value::as_object_mut)
+            {
+                fields.remove(*field);
+            }
+        }
+    }
+
     /// The `Nats-Msg-Id` of the event: unique per event, stable across republishing.
     pub fn message_id(&self) -> String {
         format!(
@@ -116,9 +138,13 @@ struct OutgoingBody<'a> {
 }
 
 impl OutgoingEvent {
-    /// The inserting transaction's id.
-    pub fn transaction_id(&self) -> u64 {
-        self.transaction_id.parse().unwrap_or_default()
+    /// The event's place in commit-safe order.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            // Postgres prints xid8 as a plain unsigned integer.
+            transaction_id: self.transaction_id.parse().unwrap_or_default(),
+            global_position: self.global_position,
+        }
     }
 
     /// The JetStream subject's parts: aggregate type and id.
@@ -147,5 +173,52 @@ impl OutgoingEvent {
             metadata: &self.metadata,
             recorded_at: self.recorded_at,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use fleetlog_domain::device::DeviceEvent;
+    use serde_json::json;
+
+    use super::*;
+
+    fn envelope_of(event: &DeviceEvent) -> EventEnvelope {
+        EventEnvelope {
+            aggregate_type: "device".into(),
+            aggregate_id: "dev-1".into(),
+            sequence: 1,
+            global_position: 1,
+            event_type: cqrs_es::DomainEvent::event_type(event),
+            event_version: "1.0".into(),
+            payload: serde_json::to_value(event).unwrap(),
+            metadata: json!({}),
+            recorded_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn the_hash_of_a_device_secret_never_leaves_in_a_history() {
+        let rotated = DeviceEvent::DeviceCredentialsRotated {
+            secret_hash: "ab".repeat(32),
+            credential_version: 2,
+            at: Utc::now(),
+        };
+        let mut envelope = envelope_of(&rotated);
+        envelope.redact_secrets();
+        let fields = &envelope.payload["DeviceCredentialsRotated"];
+        assert!(fields.get("secret_hash").is_none());
+        assert_eq!(fields["credential_version"], 2);
+
+        // Other events are left as they are.
+        let other = DeviceEvent::FirmwareVersionReported {
+            version: "1.2.3".into(),
+            at: Utc::now(),
+        };
+        let mut envelope = envelope_of(&other);
+        let before = envelope.payload.clone();
+        envelope.redact_secrets();
+        assert_eq!(envelope.payload, before);
     }
 }
