@@ -440,7 +440,7 @@ async fn serve_api(
     nats_url: String,
     mqtt: BrokerUrl,
     auth: Arc<Auth>,
-    firmware: Arc<fleetlog_api::firmware_store::FirmwareStore>,
+    firmware: Arc<fleetlog_firmware::FirmwareStore>,
     store: StoreSettings,
     pool: PgPool,
     metrics: Option<PrometheusHandle>,

@@ -9,12 +9,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::http::HeaderValue;
 use clap::{Args, ValueEnum};
-use fleetlog_api::firmware_store::{FirmwareStore, ImageSigner};
 use fleetlog_api::HttpSettings;
 use fleetlog_broker::BrokerUrl;
 use fleetlog_commands::StoreSettings;
 use fleetlog_dispatch::DispatchSettings;
 use fleetlog_domain::TenantId;
+use fleetlog_firmware::{FirmwareStore, ImageSigner};
 use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_nats::StreamSettings;
 use fleetlog_process::liveness::LivenessSettings;
@@ -455,7 +455,7 @@ impl Settings {
         let store = match &self.firmware_store {
             Some(url) => FirmwareStore::at_url(
                 url,
-                fleetlog_api::firmware_store::options_from_env(),
+                fleetlog_firmware::options_from_env(),
                 self.firmware_max_bytes,
                 signer,
             ),

@@ -28,7 +28,6 @@ pub mod auth;
 pub mod consistency;
 pub mod error;
 pub mod extract;
-pub mod firmware_store;
 mod openapi;
 mod routes;
 pub mod throttle;
@@ -68,7 +67,7 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Firmware image storage and the release signing key; `None`: firmware upload, download
     /// and release answer 503.
-    pub firmware: Option<Arc<firmware_store::FirmwareStore>>,
+    pub firmware: Option<Arc<fleetlog_firmware::FirmwareStore>>,
 }
 
 /// Limits and cross-origin rules of the HTTP layer.

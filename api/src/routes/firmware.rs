@@ -3,7 +3,7 @@
 //!
 //! Reads come from the `firmware` read model; upload, release and deprecation are Firmware
 //! commands, checked against the aggregate's tenant first (another tenant's image is a 404).
-//! Image bytes go through [`FirmwareStore`](crate::firmware_store::FirmwareStore), streamed
+//! Image bytes go through [`FirmwareStore`](fleetlog_firmware::FirmwareStore), streamed
 //! both ways.
 
 use axum::body::Body;
@@ -24,8 +24,8 @@ use crate::auth::Caller;
 use crate::consistency::wait_for_position;
 use crate::error::ApiError;
 use crate::extract::{Json, Query};
-use crate::firmware_store::{FirmwareStore, UploadError, SIGNATURE_ALGORITHM};
 use crate::AppState;
+use fleetlog_firmware::{FirmwareStore, UploadError, SIGNATURE_ALGORITHM};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub(crate) const WRITERS: &[Role] = &[Role::Admin, Role::Operator];

@@ -1,4 +1,4 @@
-//! Firmware image bytes and their signatures.
+//! Firmware images: their bytes in object storage, and their signatures.
 //!
 //! Images live in object storage (the local filesystem by default, any S3-compatible store by
 //! configuration), content-addressed: the key is `sha256/{hex digest}`, so the same image
