@@ -6,7 +6,7 @@
 
 mod events;
 mod replay;
-mod settings;
+mod user;
 
 /// mimalloc instead of the system allocator: the roles allocate many small, short-lived
 /// values (messages, events, JSON) from many threads, where glibc's malloc spends much of the
@@ -14,31 +14,24 @@ mod settings;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::io::{IsTerminal, Read};
-use std::net::SocketAddr;
+use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use fleetlog_api::auth::Auth;
-use fleetlog_api::HttpSettings;
-use fleetlog_broker::BrokerUrl;
-use fleetlog_commands::credentials::hash_password;
-use fleetlog_commands::{CommandBus, CommandError, CommandMetadata, StoreSettings};
-use fleetlog_dispatch::{DispatchSettings, Dispatcher};
-use fleetlog_domain::user::{validate_username, Role, UserCommand};
-use fleetlog_domain::{TenantId, UserId};
-use fleetlog_ingest::bridge::{Ingest, IngestSettings};
-use fleetlog_nats::{ensure_stream, supervise};
-use fleetlog_process::liveness::{Liveness, LivenessSettings};
-use fleetlog_process::rollout_manager::{RolloutManager, RolloutManagerSettings};
+use fleetlog::settings::{
+    ApiRole, CommonArgs, DispatchRole, IngestRole, LogFormat, NatsArgs, ProjectRole, RelayRole,
+    StoreArgs, UpRole,
+};
+use fleetlog::{ApiParts, Platform};
+use fleetlog_commands::{CommandBus, StoreSettings};
+use fleetlog_domain::user::Role;
+use fleetlog_domain::TenantId;
+use fleetlog_process::rollout_manager::RolloutManagerSettings;
 use fleetlog_projections::WorkerSettings;
-use fleetlog_relay::{Relay, RelaySettings};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use secrecy::{ExposeSecret, SecretString};
-use settings::{LogFormat, Settings};
+use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "fleetlog", version, about, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
-    settings: Settings,
+    common: CommonArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -56,18 +49,19 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run every role in one process (the single-node default) until SIGINT or SIGTERM.
-    Up,
+    Up(UpRole),
     /// Serve the HTTP API.
-    Api,
+    Api(ApiRole),
     /// Bridge the device topics of the MQTT broker into Device commands.
-    Ingest,
+    Ingest(IngestRole),
     /// Send commands, desired properties and firmware updates to the devices over MQTT, and
     /// record unanswered commands as expired.
-    Dispatch,
+    Dispatch(DispatchRole),
     /// Publish committed events from Postgres to NATS JetStream (one active relay at a time).
-    Relay,
-    /// Keep the read models up to date from the event stream (run as many as you like).
-    Project,
+    Relay(RelayRole),
+    /// Keep the read models up to date from the event stream (run as many as you like), and
+    /// run the process managers (liveness, the rollout manager).
+    Project(ProjectRole),
     /// Apply the database migrations; a second run changes nothing.
     Migrate,
     /// Rebuild read models from the events table and swap them in, or verify them.
@@ -90,11 +84,16 @@ enum Command {
     Events {
         #[command(subcommand)]
         command: EventsAction,
+        /// `events tail` follows the stream on this server.
+        #[command(flatten)]
+        nats: NatsArgs,
     },
     /// Manage users.
     User {
         #[command(subcommand)]
         command: UserAction,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -161,7 +160,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cli.settings);
+    init_logging(&cli.common);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -179,7 +178,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(settings: &Settings) {
+fn init_logging(settings: &CommonArgs) {
     let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -193,10 +192,10 @@ fn init_logging(settings: &Settings) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = cli.settings;
+    let common = cli.common;
     match cli.command {
         Command::Migrate => {
-            let pool = connect(&settings).await?;
+            let pool = connect(&common).await?;
             fleetlog_commands::migrate(&pool)
                 .await
                 .context("cannot apply migrations")?;
@@ -211,99 +210,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     roles,
                     password_stdin,
                 },
+            store,
         } => {
             if !password_stdin {
                 bail!("pass the password on standard input with --password-stdin");
             }
-            validate_username(&username).context("invalid --username")?;
-            let password = read_password_from_stdin()?;
-            let password_hash = hash_password(&password).context("password refused")?;
-            let pool = connect(&settings).await?;
-            let bus = CommandBus::new(pool, settings.store());
-            let user_id = UserId::for_username(&tenant, &username);
-            let command = UserCommand::Register {
-                tenant: tenant.clone(),
-                username: username.clone(),
-                password_hash,
-                roles,
-                at: chrono::Utc::now(),
+            let new_user = user::NewUser::from_stdin(tenant, username, roles)?;
+            let bus = CommandBus::new(connect(&common).await?, store.store());
+            user::create(&bus, new_user).await
+        }
+        Command::Api(role) => {
+            let parts = ApiParts {
+                auth: role.auth.auth()?,
+                firmware: Some(role.firmware.firmware()?),
+                mqtt: Some(role.mqtt.mqtt_url.clone()),
+                metrics: install_metrics_recorder(),
+                http: role.http.http()?,
             };
-            let metadata = CommandMetadata::new("cli").with_tenant(tenant.clone());
-            match bus
-                .users()
-                .execute(user_id.as_str(), command, &metadata)
-                .await
-            {
-                Ok(_) => {
-                    println!("created user {username} ({user_id}) in tenant {tenant}");
-                    Ok(())
-                }
-                Err(CommandError::Refused(refusal)) => {
-                    bail!("cannot create user {username}: {refusal}")
-                }
-                Err(error) => Err(error).context("cannot create user"),
-            }
+            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            platform.api(role.http.http_addr, parts);
+            platform.run(common.shutdown_timeout()).await
         }
-        Command::Api => {
-            let auth = api_auth(&settings)?;
-            let firmware = settings.firmware()?;
-            let pool = connect(&settings).await?;
-            serve_api(
-                settings.http_addr,
-                settings.http()?,
-                settings.nats_url.clone(),
-                settings.mqtt_url.clone(),
-                auth,
-                firmware,
-                settings.store(),
-                pool,
-                install_metrics_recorder(),
-                shutdown_on_signal(),
-            )
-            .await
+        Command::Ingest(role) => {
+            let settings = role.ingest.ingest(&role.mqtt)?;
+            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            platform.ingest(settings);
+            platform.run(common.shutdown_timeout()).await
         }
-        Command::Ingest => {
-            let pool = connect(&settings).await?;
-            run_ingest(
-                settings.nats_url.clone(),
-                settings.ingest()?,
-                settings.store(),
-                pool,
-                shutdown_on_signal(),
-            )
-            .await
+        Command::Dispatch(role) => {
+            let settings = role.dispatch.dispatch(&role.mqtt);
+            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            platform.dispatch(settings);
+            platform.run(common.shutdown_timeout()).await
         }
-        Command::Dispatch => {
-            let pool = connect(&settings).await?;
-            run_dispatch(
-                settings.nats_url.clone(),
-                settings.dispatch(),
-                settings.store(),
-                pool,
-                shutdown_on_signal(),
-            )
-            .await
+        Command::Relay(role) => {
+            // The relay writes no events: the store's tuning is never used.
+            let mut platform = platform(&common, &role.nats, StoreSettings::default()).await?;
+            platform.relay(role.relay.relay());
+            platform.run(common.shutdown_timeout()).await
         }
-        Command::Relay => {
-            let pool = connect(&settings).await?;
-            run_relay(
-                settings.nats_url.clone(),
-                settings.relay(),
-                pool,
-                shutdown_on_signal(),
-            )
-            .await
-        }
-        Command::Project => {
-            let pool = connect(&settings).await?;
-            run_projections(
-                settings.nats_url.clone(),
-                settings.liveness(),
-                settings.store(),
-                pool,
-                shutdown_on_signal(),
-            )
-            .await
+        Command::Project(role) => {
+            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            platform
+                .projections(WorkerSettings::default())
+                .liveness(role.liveness.liveness())
+                .rollout_manager(RolloutManagerSettings::default());
+            platform.run(common.shutdown_timeout()).await
         }
         Command::Replay {
             projection,
@@ -311,7 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             verify,
             patience_secs,
         } => {
-            let pool = connect(&settings).await?;
+            let pool = connect(&common).await?;
             let projections = match projection {
                 Some(name) if !all => vec![name],
                 _ => fleetlog_projections::PROJECTIONS
@@ -327,150 +279,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Events { command } => match command {
+        Command::Events { command, nats } => match command {
             EventsAction::List { aggregate, limit } => {
-                events::list(&connect(&settings).await?, &aggregate, limit).await
+                events::list(&connect(&common).await?, &aggregate, limit).await
             }
             EventsAction::Tail {
                 event_type,
                 aggregate_type,
             } => {
                 events::tail(
-                    &settings.nats_url,
+                    &nats.nats_url,
                     event_type,
                     aggregate_type,
                     shutdown_on_signal(),
                 )
                 .await
             }
-            EventsAction::Stats => events::stats(&connect(&settings).await?).await,
+            EventsAction::Stats => events::stats(&connect(&common).await?).await,
         },
-        Command::Up => up(settings).await,
+        Command::Up(role) => up(&common, role).await,
     }
 }
 
 /// Every role in one process. Migrations run first, so a fresh database just works.
-async fn up(settings: Settings) -> anyhow::Result<()> {
-    let auth = api_auth(&settings)?;
-    let pool = connect(&settings).await?;
-    fleetlog_commands::migrate(&pool)
+async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
+    // Every setting is checked before anything starts.
+    let parts = ApiParts {
+        auth: role.auth.auth()?,
+        firmware: Some(role.firmware.firmware()?),
+        mqtt: Some(role.mqtt.mqtt_url.clone()),
+        metrics: None,
+        http: role.http.http()?,
+    };
+    let ingest = role.ingest.ingest(&role.mqtt)?;
+    let relay = role.relay.relay();
+    let mut platform = platform(common, &role.nats, role.store.store()).await?;
+    fleetlog_commands::migrate(platform.pool())
         .await
         .context("cannot apply migrations")?;
-    // The relay owns the event stream, but the consumers of the other roles start with it:
-    // set the stream up first, so that they find it rather than warn and retry. Best effort,
-    // and brief: with NATS away, every role waits for it on its own.
-    let client = connect_nats(&settings.nats_url).await?;
-    let jetstream = async_nats::jetstream::new(client);
-    let stream = settings.relay().stream;
-    match tokio::time::timeout(Duration::from_secs(5), ensure_stream(&jetstream, &stream)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "cannot set up the event stream yet"),
-        Err(_) => tracing::warn!("NATS does not answer yet; the roles wait for it"),
-    }
-    let shutdown = shutdown_on_signal();
-    let mut roles = tokio::task::JoinSet::new();
-    roles.spawn(run_relay(
-        settings.nats_url.clone(),
-        settings.relay(),
-        pool.clone(),
-        shutdown.clone(),
-    ));
-    roles.spawn(run_projections(
-        settings.nats_url.clone(),
-        settings.liveness(),
-        settings.store(),
-        pool.clone(),
-        shutdown.clone(),
-    ));
-    roles.spawn(run_ingest(
-        settings.nats_url.clone(),
-        settings.ingest()?,
-        settings.store(),
-        pool.clone(),
-        shutdown.clone(),
-    ));
-    roles.spawn(run_dispatch(
-        settings.nats_url.clone(),
-        settings.dispatch(),
-        settings.store(),
-        pool.clone(),
-        shutdown.clone(),
-    ));
-    roles.spawn(serve_api(
-        settings.http_addr,
-        settings.http()?,
-        settings.nats_url.clone(),
-        settings.mqtt_url.clone(),
-        auth,
-        settings.firmware()?,
-        settings.store(),
-        pool.clone(),
-        install_metrics_recorder(),
-        shutdown.clone(),
-    ));
+    // The relay owns the event stream, but the consumers of the other roles start with it.
+    platform.prepare_stream(&relay.stream).await;
+    platform
+        .relay(relay)
+        .projections(WorkerSettings::default())
+        .liveness(role.liveness.liveness())
+        .rollout_manager(RolloutManagerSettings::default())
+        .ingest(ingest)
+        .dispatch(role.dispatch.dispatch(&role.mqtt))
+        .api(
+            role.http.http_addr,
+            ApiParts {
+                metrics: install_metrics_recorder(),
+                ..parts
+            },
+        );
     tracing::info!("fleetlog up: all roles started");
-
-    // The first role to stop (by failure or after the signal) stops the others.
-    let first = roles.join_next().await;
-    shutdown.cancel();
-    let grace = Duration::from_secs(settings.shutdown_timeout_secs);
-    let rest = tokio::time::timeout(grace, async {
-        let mut results = Vec::new();
-        while let Some(result) = roles.join_next().await {
-            results.push(result);
-        }
-        results
-    })
-    .await
-    .context("roles did not stop within the shutdown timeout")?;
-    // Roles run supervised (a panic restarts the role), so only an error ends one early.
-    for result in first.into_iter().chain(rest) {
-        result.context("a role was cancelled")??;
-    }
-    pool.close().await;
+    platform.run(common.shutdown_timeout()).await?;
     tracing::info!("fleetlog stopped");
     Ok(())
 }
 
-/// The API role.
-#[allow(clippy::too_many_arguments)]
-async fn serve_api(
-    address: SocketAddr,
-    http: HttpSettings,
-    nats_url: String,
-    mqtt: BrokerUrl,
-    auth: Arc<Auth>,
-    firmware: Arc<fleetlog_firmware::FirmwareStore>,
+/// A platform on this process's connections, stopped by SIGINT or SIGTERM.
+async fn platform(
+    common: &CommonArgs,
+    nats: &NatsArgs,
     store: StoreSettings,
-    pool: PgPool,
-    metrics: Option<PrometheusHandle>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    // Readiness reports on NATS too; the connection comes up in the background.
-    let nats = connect_nats(&nats_url).await?;
-    let login_throttle = Arc::new(fleetlog_api::throttle::LoginThrottle::default());
-    supervise("api", shutdown.clone(), move || {
-        let state = fleetlog_api::AppState {
-            auth: auth.clone(),
-            nats: Some(nats.clone()),
-            mqtt: Some(mqtt.clone()),
-            login_throttle: login_throttle.clone(),
-            bus: CommandBus::new(pool.clone(), store),
-            metrics: metrics.clone(),
-            firmware: Some(firmware.clone()),
-        };
-        let (http, shutdown) = (http.clone(), shutdown.clone());
-        async move {
-            // Bound again on a restart: the listener went with the unit that panicked.
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen on {address}"))?;
-            fleetlog_api::run(listener, state, &http, shutdown.cancelled_owned())
-                .await
-                .context("api failed")
-        }
-    })
-    .await
+) -> anyhow::Result<Platform> {
+    let pool = connect(common).await?;
+    let client = connect_nats(&nats.nats_url).await?;
+    Ok(Platform::new(pool, client, store, shutdown_on_signal()))
 }
 
 /// Connects to NATS, saying which setting names the server if it fails. The connection
@@ -481,136 +358,10 @@ async fn connect_nats(nats_url: &str) -> anyhow::Result<async_nats::Client> {
         .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))
 }
 
-/// The relay role. NATS being down is not an error: the relay retries until it is back.
-async fn run_relay(
-    nats_url: String,
-    settings: RelaySettings,
-    pool: PgPool,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let client = connect_nats(&nats_url).await?;
-    supervise("relay", shutdown.clone(), move || {
-        let relay = Relay::new(pool.clone(), client.clone(), settings);
-        let shutdown = shutdown.clone();
-        async move {
-            relay.run(shutdown).await;
-            Ok(())
-        }
-    })
-    .await
-}
-
-/// The ingest role. An unreachable broker is not an error: the bridge retries with backoff.
-async fn run_ingest(
-    nats_url: String,
-    settings: IngestSettings,
-    store: StoreSettings,
-    pool: PgPool,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let client = connect_nats(&nats_url).await?;
-    supervise("ingest", shutdown.clone(), move || {
-        let bridge = Ingest::new(
-            CommandBus::new(pool.clone(), store),
-            async_nats::jetstream::new(client.clone()),
-            settings.clone(),
-        );
-        let shutdown = shutdown.clone();
-        async move {
-            bridge.run(shutdown).await;
-            Ok(())
-        }
-    })
-    .await
-}
-
-/// The dispatch role.
-async fn run_dispatch(
-    nats_url: String,
-    settings: DispatchSettings,
-    store: StoreSettings,
-    pool: PgPool,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let client = connect_nats(&nats_url).await?;
-    supervise("dispatch", shutdown.clone(), move || {
-        let dispatcher = Dispatcher::new(
-            CommandBus::new(pool.clone(), store),
-            async_nats::jetstream::new(client.clone()),
-            settings.clone(),
-        );
-        let shutdown = shutdown.clone();
-        async move {
-            dispatcher.run(shutdown).await;
-            Ok(())
-        }
-    })
-    .await
-}
-
-/// The projection role: a worker per read model, and the process managers.
-async fn run_projections(
-    nats_url: String,
-    liveness: LivenessSettings,
-    store: StoreSettings,
-    pool: PgPool,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let client = connect_nats(&nats_url).await?;
-    let jetstream = async_nats::jetstream::new(client);
-    let live = {
-        let (pool, shutdown) = (pool.clone(), shutdown.clone());
-        supervise("liveness", shutdown.clone(), move || {
-            let liveness = Liveness::new(CommandBus::new(pool.clone(), store), liveness);
-            let shutdown = shutdown.clone();
-            async move {
-                liveness.run(shutdown).await;
-                Ok::<(), anyhow::Error>(())
-            }
-        })
-    };
-    let rollouts = {
-        let (pool, jetstream, shutdown) = (pool.clone(), jetstream.clone(), shutdown.clone());
-        supervise("rollout-manager", shutdown.clone(), move || {
-            let manager = RolloutManager::new(
-                CommandBus::new(pool.clone(), store),
-                jetstream.clone(),
-                RolloutManagerSettings::default(),
-            );
-            let shutdown = shutdown.clone();
-            async move {
-                manager.run(shutdown).await;
-                Ok::<(), anyhow::Error>(())
-            }
-        })
-    };
-    let (_, live, rollouts) = tokio::join!(
-        fleetlog_projections::run_all(pool, jetstream, WorkerSettings::default(), shutdown),
-        live,
-        rollouts,
-    );
-    live.and(rollouts)
-}
-
-/// Token keys for the API, from `FLEETLOG_JWT_SECRET`.
-fn api_auth(settings: &Settings) -> anyhow::Result<Arc<Auth>> {
-    let Some(secret) = &settings.jwt_secret else {
-        bail!("FLEETLOG_JWT_SECRET is not set: the API needs it to sign access tokens");
-    };
-    if secret.expose_secret().len() < 32 {
-        bail!("FLEETLOG_JWT_SECRET must be at least 32 characters");
-    }
-    Ok(Auth::new(
-        secret,
-        Duration::from_secs(settings.access_token_ttl_secs.max(1)),
-        Duration::from_secs(settings.refresh_token_ttl_secs.max(1)),
-    ))
-}
-
-async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+async fn connect(common: &CommonArgs) -> anyhow::Result<PgPool> {
     fleetlog_commands::connect(
-        settings.database_url.expose_secret(),
-        settings.database_max_connections,
+        common.database_url.expose_secret(),
+        common.database_max_connections,
     )
     .await
     .context("cannot connect to Postgres (FLEETLOG_DATABASE_URL)")
@@ -671,17 +422,4 @@ fn shutdown_on_signal() -> CancellationToken {
         trigger.cancel();
     });
     token
-}
-
-fn read_password_from_stdin() -> anyhow::Result<SecretString> {
-    let mut input = String::new();
-    std::io::stdin()
-        .take(4096)
-        .read_to_string(&mut input)
-        .context("cannot read the password from standard input")?;
-    let password = input.trim_end_matches(['\r', '\n']);
-    if password.is_empty() {
-        bail!("no password on standard input");
-    }
-    Ok(SecretString::from(password))
 }

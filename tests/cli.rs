@@ -227,48 +227,91 @@ async fn an_unreachable_database_is_a_one_line_error() {
 }
 
 /// Settings outside their documented ranges are refused at start, in one line, before
-/// anything runs: a token lifetime past what chrono can add, a liveness timeout of zero.
+/// anything runs, by the subcommand that reads them: a token lifetime past what chrono can
+/// add, a liveness timeout of zero, zero shards or connections (never silently made one).
 #[test]
 fn settings_outside_their_ranges_are_one_line_errors() {
-    for (variable, value, expected) in [
+    for (subcommand, variable, value, expected) in [
         (
+            "api",
             "FLEETLOG_ACCESS_TOKEN_TTL_SECS",
             "18446744073709551615",
             "access-token-ttl-secs",
         ),
         (
+            "up",
             "FLEETLOG_ACCESS_TOKEN_TTL_SECS",
             "0",
             "access-token-ttl-secs",
         ),
         (
+            "api",
             "FLEETLOG_REFRESH_TOKEN_TTL_SECS",
             "-1",
             "refresh-token-ttl-secs",
         ),
         (
+            "project",
             "FLEETLOG_LIVENESS_TIMEOUT_SECS",
             "0",
             "liveness-timeout-secs",
         ),
         (
+            "relay",
             "FLEETLOG_RELAY_POLL_INTERVAL_MS",
             "9",
             "relay-poll-interval-ms",
         ),
         (
+            "relay",
+            "FLEETLOG_RELAY_BATCH_SIZE",
+            "0",
+            "relay-batch-size",
+        ),
+        (
+            "migrate",
             "FLEETLOG_SHUTDOWN_TIMEOUT_SECS",
             "ten",
             "shutdown-timeout-secs",
         ),
+        (
+            "migrate",
+            "FLEETLOG_DATABASE_MAX_CONNECTIONS",
+            "0",
+            "database-max-connections",
+        ),
+        ("ingest", "FLEETLOG_INGEST_SHARDS", "0", "ingest-shards"),
+        ("up", "FLEETLOG_INGEST_MAX_BATCH", "0", "ingest-max-batch"),
+        (
+            "ingest",
+            "FLEETLOG_INGEST_INFLIGHT",
+            "65536",
+            "ingest-inflight",
+        ),
+        (
+            "dispatch",
+            "FLEETLOG_COMMAND_MAX_ATTEMPTS",
+            "0",
+            "command-max-attempts",
+        ),
+        (
+            "api",
+            "FLEETLOG_FIRMWARE_MAX_BYTES",
+            "0",
+            "firmware-max-bytes",
+        ),
     ] {
         let output = fleetlog("postgres://unused")
             .env(variable, value)
-            .arg("migrate")
+            .arg(subcommand)
             .output()
             .unwrap();
         assert_one_line_error(&output, expected);
-        assert_eq!(output.status.code(), Some(2), "{variable}={value}");
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{subcommand} with {variable}={value}"
+        );
     }
 }
 

@@ -3,21 +3,21 @@
 //! reach the device (retained) and the delta closes when it reports them; an unanswered
 //! command expires; a restarted dispatcher sends nothing twice.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use chrono::Utc;
+use fleetlog::{ApiParts, Platform};
 use fleetlog_api::auth::{Auth, Caller};
-use fleetlog_api::AppState;
-use fleetlog_commands::{CommandBus, StoreSettings};
-use fleetlog_dispatch::{DispatchSettings, Dispatcher};
+use fleetlog_api::HttpSettings;
+use fleetlog_commands::StoreSettings;
+use fleetlog_dispatch::DispatchSettings;
 use fleetlog_domain::user::Role;
 use fleetlog_domain::{SessionId, TenantId, UserId};
-use fleetlog_ingest::bridge::{Ingest, IngestSettings};
-use fleetlog_projections::{run_all, WorkerSettings};
-use fleetlog_relay::{Relay, RelaySettings};
+use fleetlog_ingest::bridge::IngestSettings;
+use fleetlog_projections::WorkerSettings;
+use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use secrecy::SecretString;
@@ -33,6 +33,7 @@ struct Stack {
     broker: MosquittoServer,
     nats: async_nats::Client,
     shutdown: CancellationToken,
+    _platform: Platform,
     _nats_server: NatsServer,
 }
 
@@ -47,20 +48,18 @@ impl Stack {
             poll_interval: Duration::from_millis(50),
             ..RelaySettings::default()
         };
-        tokio::spawn(Relay::new(db.pool.clone(), nats.clone(), relay).run(shutdown.clone()));
-        tokio::spawn(run_all(
-            db.pool.clone(),
-            async_nats::jetstream::new(nats.clone()),
-            WorkerSettings::default(),
-            shutdown.clone(),
-        ));
-        let bus = || CommandBus::new(db.pool.clone(), StoreSettings::default());
         let mut ingest = IngestSettings::new(broker.url().parse().unwrap());
         ingest.shards = 2;
-        tokio::spawn(
-            Ingest::new(bus(), async_nats::jetstream::new(nats.clone()), ingest)
-                .run(shutdown.clone()),
+        let mut platform = Platform::new(
+            db.pool.clone(),
+            nats.clone(),
+            StoreSettings::default(),
+            shutdown.clone(),
         );
+        platform
+            .relay(relay)
+            .projections(WorkerSettings::default())
+            .ingest(ingest);
         let auth = Auth::new(
             &SecretString::from("a test secret that is long enough to sign"),
             Duration::from_secs(300),
@@ -74,17 +73,16 @@ impl Stack {
             expires_at: None,
         };
         let token = auth.access_token(&caller, Utc::now()).unwrap();
-        let state = AppState {
+        let state = platform.api_state(&ApiParts {
             auth,
-            nats: Some(nats.clone()),
-            mqtt: None,
-            login_throttle: Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
-            bus: bus(),
-            metrics: None,
             firmware: None,
-        };
+            mqtt: None,
+            metrics: None,
+            http: HttpSettings::default(),
+        });
         Self {
             router: fleetlog_api::router(state),
+            _platform: platform,
             token,
             db,
             broker,
@@ -94,19 +92,18 @@ impl Stack {
         }
     }
 
-    fn dispatcher(&self) -> CancellationToken {
+    /// A dispatcher in a platform of its own, as another process would run it.
+    fn dispatcher(&self) -> Platform {
         let mut settings = DispatchSettings::new(self.broker.url().parse().unwrap());
         settings.expiry_interval = Duration::from_millis(200);
-        let stop = CancellationToken::new();
-        tokio::spawn(
-            Dispatcher::new(
-                CommandBus::new(self.db.pool.clone(), StoreSettings::default()),
-                async_nats::jetstream::new(self.nats.clone()),
-                settings,
-            )
-            .run(stop.clone()),
+        let mut dispatcher = Platform::new(
+            self.db.pool.clone(),
+            self.nats.clone(),
+            StoreSettings::default(),
+            CancellationToken::new(),
         );
-        stop
+        dispatcher.dispatch(settings);
+        dispatcher
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
@@ -326,7 +323,7 @@ async fn commands_and_desired_properties_travel_to_the_device_and_back() {
     while late.next(Duration::from_millis(200)).await.is_some() {}
 
     // A restarted dispatcher resumes after what the broker confirmed: nothing is sent twice.
-    dispatcher.cancel();
+    dispatcher.shutdown().cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _again = stack.dispatcher();
     let resent = device.next(Duration::from_secs(2)).await;

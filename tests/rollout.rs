@@ -14,17 +14,18 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use chrono::Utc;
+use fleetlog::{ApiParts, Platform};
 use fleetlog_api::auth::{Auth, Caller};
-use fleetlog_api::AppState;
+use fleetlog_api::HttpSettings;
 use fleetlog_commands::{CommandBus, StoreSettings};
-use fleetlog_dispatch::{DispatchSettings, Dispatcher};
+use fleetlog_dispatch::DispatchSettings;
 use fleetlog_domain::user::Role;
 use fleetlog_domain::{SessionId, TenantId, UserId};
 use fleetlog_firmware::{FirmwareStore, ImageSigner};
-use fleetlog_ingest::bridge::{Ingest, IngestSettings};
+use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_process::rollout_manager::{RolloutManager, RolloutManagerSettings};
-use fleetlog_projections::{run_all, WorkerSettings};
-use fleetlog_relay::{Relay, RelaySettings};
+use fleetlog_projections::WorkerSettings;
+use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use secrecy::SecretString;
@@ -39,6 +40,7 @@ struct Stack {
     db: TestDatabase,
     broker: MosquittoServer,
     shutdown: CancellationToken,
+    _platform: Platform,
     _nats_server: NatsServer,
     nats: async_nats::Client,
     firmware_dir: std::path::PathBuf,
@@ -57,28 +59,28 @@ impl Stack {
         let nats_server = NatsServer::start();
         let broker = MosquittoServer::start();
         let nats = fleetlog_nats::connect(&nats_server.url()).await.unwrap();
-        let jetstream = || async_nats::jetstream::new(nats.clone());
         let shutdown = CancellationToken::new();
-        let bus = || CommandBus::new(db.pool.clone(), StoreSettings::default());
         let relay = RelaySettings {
             poll_interval: Duration::from_millis(50),
             ..RelaySettings::default()
         };
-        tokio::spawn(Relay::new(db.pool.clone(), nats.clone(), relay).run(shutdown.clone()));
-        tokio::spawn(run_all(
-            db.pool.clone(),
-            jetstream(),
-            WorkerSettings::default(),
-            shutdown.clone(),
-        ));
         let mut ingest = IngestSettings::new(broker.url().parse().unwrap());
         ingest.shards = 2;
-        tokio::spawn(Ingest::new(bus(), jetstream(), ingest).run(shutdown.clone()));
         let mut dispatch = DispatchSettings::new(broker.url().parse().unwrap());
         dispatch.public_url = Some("https://fleet.example.com/".into());
-        tokio::spawn(Dispatcher::new(bus(), jetstream(), dispatch).run(shutdown.clone()));
+        let mut platform = Platform::new(
+            db.pool.clone(),
+            nats.clone(),
+            StoreSettings::default(),
+            shutdown.clone(),
+        );
+        platform
+            .relay(relay)
+            .projections(WorkerSettings::default())
+            .ingest(ingest)
+            .dispatch(dispatch);
         if manager == Manager::Running {
-            tokio::spawn(rollout_manager(&db, &nats).run(shutdown.clone()));
+            platform.rollout_manager(ROLLOUT_MANAGER);
         }
 
         let firmware_dir = std::env::temp_dir().join(format!("fleetlog-rollout-{}", uuid()));
@@ -101,17 +103,16 @@ impl Stack {
             expires_at: None,
         };
         let token = auth.access_token(&caller, Utc::now()).unwrap();
-        let state = AppState {
+        let state = platform.api_state(&ApiParts {
             auth,
-            nats: Some(nats.clone()),
-            mqtt: None,
-            login_throttle: Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
-            bus: bus(),
-            metrics: None,
             firmware: Some(Arc::new(store)),
-        };
+            mqtt: None,
+            metrics: None,
+            http: HttpSettings::default(),
+        });
         Self {
             router: fleetlog_api::router(state),
+            _platform: platform,
             token,
             db,
             broker,
@@ -264,15 +265,16 @@ impl Drop for Stack {
 }
 
 /// A manager that sweeps often and gets unacknowledged events back soon after a crash.
+const ROLLOUT_MANAGER: RolloutManagerSettings = RolloutManagerSettings {
+    sweep_interval: Duration::from_millis(300),
+    ack_wait: Duration::from_secs(1),
+};
+
 fn rollout_manager(db: &TestDatabase, nats: &async_nats::Client) -> RolloutManager {
-    let settings = RolloutManagerSettings {
-        sweep_interval: Duration::from_millis(300),
-        ack_wait: Duration::from_secs(1),
-    };
     RolloutManager::new(
         CommandBus::new(db.pool.clone(), StoreSettings::default()),
         async_nats::jetstream::new(nats.clone()),
-        settings,
+        ROLLOUT_MANAGER,
     )
 }
 

@@ -10,13 +10,13 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use chrono::Utc;
 use fleetlog_api::auth::{Auth, Caller};
-use fleetlog_api::{router, AppState};
+use fleetlog_api::router;
 use fleetlog_commands::{CommandBus, StoreSettings};
 use fleetlog_domain::user::Role;
 use fleetlog_domain::{SessionId, TenantId, UserId};
 use fleetlog_firmware::{FirmwareStore, ImageSigner};
-use fleetlog_projections::{run_all, WorkerSettings};
-use fleetlog_relay::{Relay, RelaySettings};
+use fleetlog_projections::WorkerSettings;
+use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{NatsServer, TestDatabase};
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -33,6 +33,7 @@ pub struct Platform {
     /// A write side of its own, as another process of the platform would have.
     pub bus: CommandBus,
     shutdown: CancellationToken,
+    _platform: fleetlog::Platform,
     /// Where the firmware images and the signing key live; removed with the platform.
     pub firmware_dir: TempDir,
     _nats: NatsServer,
@@ -81,20 +82,18 @@ impl Platform {
         let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
         let client_for_tests = client.clone();
         let shutdown = CancellationToken::new();
-        let relay_settings = RelaySettings {
+        let mut platform = fleetlog::Platform::new(
+            db.pool.clone(),
+            client.clone(),
+            StoreSettings::default(),
+            shutdown.clone(),
+        );
+        platform.relay(RelaySettings {
             poll_interval: Duration::from_millis(50),
             ..RelaySettings::default()
-        };
-        tokio::spawn(
-            Relay::new(db.pool.clone(), client.clone(), relay_settings).run(shutdown.clone()),
-        );
+        });
         if projections {
-            tokio::spawn(run_all(
-                db.pool.clone(),
-                async_nats::jetstream::new(client.clone()),
-                WorkerSettings::default(),
-                shutdown.clone(),
-            ));
+            platform.projections(WorkerSettings::default());
         }
         let firmware_dir = TempDir::new();
         let auth = Auth::new(
@@ -102,13 +101,11 @@ impl Platform {
             Duration::from_secs(300),
             Duration::from_secs(3600),
         );
-        let state = AppState {
-            login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
-            nats: Some(client.clone()),
-            mqtt: None,
+        let state = platform.api_state(&fleetlog::ApiParts {
             auth: auth.clone(),
-            bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+            mqtt: None,
             metrics: None,
+            http: fleetlog_api::HttpSettings::default(),
             firmware: Some(std::sync::Arc::new({
                 let signer =
                     ImageSigner::from_file(&firmware_dir.0.join("signing.pem"), true).unwrap();
@@ -124,7 +121,7 @@ impl Platform {
                 }
                 .unwrap()
             })),
-        };
+        });
         Self {
             nats: client_for_tests,
             router: router(state),
@@ -132,6 +129,7 @@ impl Platform {
             pool: db.pool.clone(),
             bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
             shutdown,
+            _platform: platform,
             firmware_dir,
             _nats: nats,
             _db: db,
