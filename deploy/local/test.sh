@@ -8,6 +8,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$repo_root"
 
 ensure_build_tools
+
+# cargo-deny, pinned, built from the registry the first time (a few minutes).
+ensure_cargo_deny() {
+    if ! cargo deny --version 2>/dev/null | grep -q '^cargo-deny 0\.20\.'; then
+        say "installing cargo-deny"
+        cargo install cargo-deny --version 0.20.2 --locked --quiet
+    fi
+}
 # A one-off build (CI) gains nothing from incremental compilation but gigabytes of cache.
 if [ -n "${CI:-}" ]; then
     export CARGO_INCREMENTAL=0
@@ -31,6 +39,10 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo deny: licenses and bans"
+# Advisories need the RustSec database from the network; see deny.toml.
+ensure_cargo_deny
+cargo deny --log-level error check licenses bans
 say "cargo test"
 test_log=$(mktemp)
 cargo test --workspace --locked 2>&1 | tee "$test_log"
