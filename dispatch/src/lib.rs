@@ -39,7 +39,7 @@ use fleetlog_domain::device::{DeviceCommand, DeviceError, DeviceEvent, FirmwareI
 use fleetlog_domain::CommandId;
 use fleetlog_eventlog::EventEnvelope;
 use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER};
-use fleetlog_nats::STREAM_NAME;
+use fleetlog_nats::{Backoff, STREAM_NAME};
 use fleetlog_protocol::outbound::{CommandMessage, DesiredMessage, OtaMessage};
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
@@ -504,7 +504,7 @@ impl ConfirmedPublisher {
 
 /// Drives the MQTT connection: reconnects with backoff and matches PUBACKs to waiters.
 async fn drive(mut events: EventLoop, tracker: Arc<Mutex<Tracker>>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_secs(2);
+    let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -512,7 +512,7 @@ async fn drive(mut events: EventLoop, tracker: Arc<Mutex<Tracker>>, shutdown: Ca
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_secs(2);
+                backoff.reset();
                 tracing::info!("dispatcher connected to the MQTT broker");
                 metrics::gauge!("fleetlog_dispatch_connected").set(1.0);
             }
@@ -533,12 +533,11 @@ async fn drive(mut events: EventLoop, tracker: Arc<Mutex<Tracker>>, shutdown: Ca
             Ok(_) => {}
             Err(error) => {
                 metrics::gauge!("fleetlog_dispatch_connected").set(0.0);
-                tracing::warn!(%error, retry_in = ?backoff, "dispatcher lost the MQTT broker");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "dispatcher lost the MQTT broker");
+                if !fleetlog_nats::sleep_unless_shut_down(delay, &shutdown).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(300));
             }
         }
     }

@@ -24,6 +24,7 @@ use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
 use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, DeviceEvent, Lifecycle};
 use fleetlog_domain::{DeviceId, TenantId, UserId};
 use fleetlog_nats::topology::ensure_dead_letter_stream;
+use fleetlog_nats::{sleep_unless_shut_down, Backoff};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -366,7 +367,7 @@ async fn poll_events(
 ) -> EventLoop {
     let settings = &ingest.settings;
     let stats = &ingest.stats;
-    let mut backoff = settings.min_backoff;
+    let mut backoff = Backoff::new(settings.min_backoff, settings.max_backoff);
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return events,
@@ -376,7 +377,7 @@ async fn poll_events(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(broker = %settings.broker, session_present = ack.session_present, "connected to the MQTT broker");
                 stats.set_connected(true);
-                backoff = settings.min_backoff;
+                backoff.reset();
                 // Subscribing again is harmless when the session kept the subscriptions.
                 for filter in settings.filters() {
                     if let Err(error) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
@@ -408,17 +409,16 @@ async fn poll_events(
             }
             Ok(_) => {}
             Err(error) => {
+                let delay = backoff.next_delay();
                 if stats.is_connected() {
                     tracing::warn!(%error, "lost the MQTT broker");
                 } else {
-                    tracing::warn!(%error, retry_in = ?backoff, "cannot reach the MQTT broker");
+                    tracing::warn!(%error, retry_in = ?delay, "cannot reach the MQTT broker");
                 }
                 stats.set_connected(false);
-                tokio::select! {
-                    () = shutdown.cancelled() => return events,
-                    () = tokio::time::sleep(backoff) => {}
+                if !sleep_unless_shut_down(delay, shutdown).await {
+                    return events;
                 }
-                backoff = (backoff * 2).min(settings.max_backoff);
             }
         }
     }
@@ -711,6 +711,12 @@ async fn settle_device(shared: &Shared, ready: Prepared, outcomes: Vec<Result<()
 /// How far back a redelivered copy is looked for in the event store.
 const REDELIVERY_LOOKBACK: i64 = 5_000;
 
+/// The first wait before a Postgres or NATS operation of the bridge is tried again; the waits
+/// double up to [`RETRY_CEILING`]. Every retry holds its shard back, and with it the broker.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two tries.
+const RETRY_CEILING: Duration = Duration::from_secs(10);
+
 /// Marks the messages the broker redelivered (DUP) whose digest is already recorded
 /// further back than the aggregate's own window of recent digests: a long in-flight window
 /// for one device cannot turn a redelivery into a duplicate event. Only DUP copies pay for
@@ -730,6 +736,7 @@ async fn recorded_redeliveries(
     if wanted.is_empty() {
         return vec![false; items.len()];
     }
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     let found: Vec<String> = loop {
         // The data-plane reports are those that record a digest.
         let lookup = fleetlog_eventlog::recent_digests(
@@ -744,10 +751,9 @@ async fn recorded_redeliveries(
             Ok(found) => break found,
             Err(error) => {
                 tracing::warn!(%error, "cannot look up redelivered messages; retrying");
-                if shared.stop.is_cancelled() {
+                if !backoff.wait(&shared.stop).await {
                     break Vec::new();
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     };
@@ -806,7 +812,7 @@ async fn execute_until_done(
         return Some(Vec::new());
     }
     let mut outcomes: Vec<Option<Vec<Result<(), String>>>> = vec![None; work.len()];
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     loop {
         // Only the devices not yet committed: one that committed must not run twice.
         let pending: Vec<usize> = (0..work.len()).filter(|i| outcomes[*i].is_none()).collect();
@@ -847,19 +853,18 @@ async fn execute_until_done(
             }
         }
         if let Some(error) = failure {
+            let delay = backoff.next_delay();
             tracing::warn!(%error, retry_in = ?delay, "cannot record device messages; retrying");
-            tokio::select! {
-                () = shared.stop.cancelled() => return None,
-                () = tokio::time::sleep(delay) => {}
+            if !sleep_unless_shut_down(delay, &shared.stop).await {
+                return None;
             }
-            delay = (delay * 2).min(Duration::from_secs(10));
         }
     }
 }
 
 /// `Ok` when the device is registered (or was just auto-registered), else why not.
 async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     let mut latest = false;
     let lifecycle = loop {
         let devices = shared.bus.devices();
@@ -879,11 +884,9 @@ async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> 
             Ok(lifecycle) => break lifecycle,
             Err(error) => {
                 tracing::warn!(device = %device, %error, "cannot load device; retrying");
-                if shared.stop.is_cancelled() {
+                if !backoff.wait(&shared.stop).await {
                     return Err("ingest shutting down".into());
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     };
@@ -973,7 +976,7 @@ async fn publish_dead_letter(
         reason.replace(['\r', '\n'], " ").as_str(),
     );
     headers.insert("Fleetlog-Topic", publish.topic.as_str());
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     loop {
         let stored = async {
             shared
@@ -987,16 +990,15 @@ async fn publish_dead_letter(
         match stored {
             Ok(()) => return true,
             Err(error) => {
+                let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in = ?delay, "cannot store a dead letter; retrying");
                 // The stream may be missing (a fresh NATS): create it before the next try.
                 if let Err(error) = ensure_dead_letter_stream(&shared.jetstream).await {
                     tracing::debug!(%error, "cannot create the dead-letter stream yet");
                 }
-                tokio::select! {
-                    () = shared.stop.cancelled() => return false,
-                    () = tokio::time::sleep(delay) => {}
+                if !sleep_unless_shut_down(delay, &shared.stop).await {
+                    return false;
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }

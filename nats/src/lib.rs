@@ -13,9 +13,11 @@
 //!   publishes them is `fleetlog-relay`);
 //! - [`supervise`], the restart policy every role's long-running loops run under.
 
+pub mod backoff;
 pub mod supervise;
 pub mod topology;
 
+pub use backoff::{sleep_unless_shut_down, Backoff};
 pub use supervise::supervise;
 pub use topology::{ensure_stream, StreamSettings, STREAM_NAME};
 
@@ -116,17 +118,18 @@ pub async fn consume_until_shutdown<F, Fut, E>(
     Fut: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut delay = std::time::Duration::from_millis(200);
+    let mut backoff = Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(10),
+    );
     while !shutdown.is_cancelled() {
         match consume().await {
             Ok(()) => break,
             Err(error) => {
                 tracing::warn!(consumer = name, %error, "consumer interrupted; setting it up again");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(delay) => {}
+                if !backoff.wait(shutdown).await {
+                    break;
                 }
-                delay = (delay * 2).min(std::time::Duration::from_secs(10));
             }
         }
     }

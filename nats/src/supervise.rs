@@ -4,7 +4,8 @@
 //! depends on this crate.
 //!
 //! The policy: a unit that panics is restarted, after a delay that starts at one second and
-//! doubles up to a minute (back to one second once it ran five minutes without panicking),
+//! doubles up to a minute, with jitter ([`crate::Backoff`]; back to one second once it ran five
+//! minutes without panicking),
 //! with an error log line carrying the panic message and the counter
 //! `fleetlog_role_restarts_total{unit}`. One unit's panic therefore never stops the others, and
 //! never stops silently. A unit that returns an error (a setting that cannot work, say) is not
@@ -16,6 +17,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::Backoff;
 use tokio_util::sync::CancellationToken;
 
 /// The first delay before a restart.
@@ -38,7 +41,7 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Send + 'static,
 {
-    let mut delay = FIRST_DELAY;
+    let mut backoff = Backoff::new(FIRST_DELAY, MAX_DELAY);
     loop {
         let started = Instant::now();
         match tokio::spawn(start()).await {
@@ -50,8 +53,9 @@ where
                     Err(_) => return Ok(()),
                 };
                 if started.elapsed() >= HEALTHY_AFTER {
-                    delay = FIRST_DELAY;
+                    backoff.reset();
                 }
+                let delay = backoff.next_delay();
                 metrics::counter!("fleetlog_role_restarts_total", "unit" => unit).increment(1);
                 tracing::error!(
                     unit,
@@ -63,7 +67,6 @@ where
                     () = shutdown.cancelled() => return Ok(()),
                     () = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(MAX_DELAY);
             }
         }
     }

@@ -29,11 +29,14 @@ use tokio_util::sync::CancellationToken;
 
 use fleetlog_eventlog::{Cursor, OutgoingEvent};
 use fleetlog_nats::topology::{ensure_stream, subject_for, StreamSettings, EVENT_TYPE_HEADER};
+use fleetlog_nats::Backoff;
 
 /// The Postgres channel the events table notifies on.
 pub const EVENTS_CHANNEL: &str = "fleetlog_events";
 /// The advisory-lock key that elects the active relay ("fleetlog" in ASCII).
 const RELAY_LOCK_KEY: i64 = 0x666c_6565_746c_6f67;
+/// The first wait after a failure; it doubles up to `RelaySettings::max_backoff`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// The cursor's name in `relay_cursors`.
 const CURSOR_NAME: &str = "FLEETLOG_EVENTS";
 
@@ -156,7 +159,7 @@ impl Relay {
     /// Relays until `shutdown` is cancelled. Failures of Postgres or NATS are retried with
     /// backoff, never returned: commands keep succeeding meanwhile, and the relay catches up.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(self.settings.max_backoff);
+        let mut backoff = Backoff::new(FIRST_BACKOFF, self.settings.max_backoff);
         while !shutdown.is_cancelled() {
             let Some(lock) = self.wait_for_lock(&shutdown).await else {
                 break;
@@ -185,7 +188,7 @@ impl Relay {
     /// Takes the advisory lock on a connection of its own (detached from the pool, so the lock
     /// lives exactly as long as that connection). `None` when shut down first.
     async fn wait_for_lock(&self, shutdown: &CancellationToken) -> Option<PgConnection> {
-        let mut backoff = Backoff::new(self.settings.max_backoff);
+        let mut backoff = Backoff::new(FIRST_BACKOFF, self.settings.max_backoff);
         loop {
             let attempt = async {
                 let mut connection = PoolConnection::<Postgres>::detach(self.pool.acquire().await?);
@@ -332,40 +335,5 @@ impl Relay {
             }
         }
         (acknowledged, failure)
-    }
-}
-
-/// Exponential backoff from 100 ms up to a ceiling.
-struct Backoff {
-    current: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    const START: Duration = Duration::from_millis(100);
-
-    fn new(max: Duration) -> Self {
-        Self {
-            current: Self::START,
-            max,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = Self::START;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let delay = self.current;
-        self.current = (self.current * 2).min(self.max);
-        delay
-    }
-
-    async fn wait(&mut self, shutdown: &CancellationToken) {
-        let delay = self.next_delay();
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = tokio::time::sleep(delay) => {}
-        }
     }
 }
