@@ -84,9 +84,6 @@ enum Command {
     Events {
         #[command(subcommand)]
         command: EventsAction,
-        /// `events tail` follows the stream on this server.
-        #[command(flatten)]
-        nats: NatsArgs,
     },
     /// Manage users.
     User {
@@ -116,6 +113,9 @@ enum EventsAction {
         /// Only events of this aggregate type (e.g. device).
         #[arg(long)]
         aggregate_type: Option<String>,
+        /// The server whose stream to follow.
+        #[command(flatten)]
+        nats: NatsArgs,
     },
     /// Counts per aggregate and event type, and how many events await the relay.
     Stats,
@@ -279,13 +279,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Events { command, nats } => match command {
+        Command::Events { command } => match command {
             EventsAction::List { aggregate, limit } => {
                 events::list(&connect(&common).await?, &aggregate, limit).await
             }
             EventsAction::Tail {
                 event_type,
                 aggregate_type,
+                nats,
             } => {
                 events::tail(
                     &nats.nats_url,
@@ -313,12 +314,20 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
     };
     let ingest = role.ingest.ingest(&role.mqtt)?;
     let relay = role.relay.relay();
-    let mut platform = platform(common, &role.nats, role.store.store()).await?;
-    fleetlog_commands::migrate(platform.pool())
+    let pool = connect(common).await?;
+    fleetlog_commands::migrate(&pool)
         .await
         .context("cannot apply migrations")?;
+    // Each role its own NATS connection, as each would have in a process of its own. Signals
+    // stop the roles from here on; until now, they end the process as usual.
+    let mut platform = Platform::with_connection_per_role(
+        pool,
+        role.nats.nats_url.clone(),
+        role.store.store(),
+        shutdown_on_signal(),
+    );
     // The relay owns the event stream, but the consumers of the other roles start with it.
-    platform.prepare_stream(&relay.stream).await;
+    platform.prepare_stream(&relay.stream).await?;
     platform
         .relay(relay)
         .projections(WorkerSettings::default())

@@ -1,10 +1,11 @@
 //! [`Platform`]: the one way fleetlog's roles are started, by `main` (each subcommand, and
 //! `fleetlog up` with all of them) and by the end-to-end tests.
 //!
-//! A platform holds the connections every role shares (a Postgres pool, a NATS client), the
-//! write side's tuning and a shutdown token. Each role added to it runs supervised (a panic
-//! restarts it; see `fleetlog_nats::supervise`) with a command bus of its own, as it would in
-//! a process of its own. [`Platform::run`] waits for the first role to stop (by an error, or
+//! A platform holds a Postgres pool, the NATS server (one client for all roles, or a
+//! connection per role as `fleetlog up` has it, so the relay's publishing and the consumers do
+//! not share one socket), the write side's tuning and a shutdown token. Each role added to it
+//! runs supervised (a panic restarts it; see `fleetlog_nats::supervise`) with a command bus of
+//! its own, new at every restart, as it would have in a process of its own. [`Platform::run`] waits for the first role to stop (by an error, or
 //! after the shutdown) and stops the others.
 //!
 //! Two platforms on the same database and NATS server behave as two processes of one
@@ -49,21 +50,61 @@ pub struct ApiParts {
     pub http: HttpSettings,
 }
 
+/// How the roles reach NATS.
+#[derive(Clone)]
+enum Nats {
+    /// One client for every role.
+    Shared(async_nats::Client),
+    /// A connection of its own for each role, to the server at this URL.
+    PerRole(String),
+}
+
+impl Nats {
+    async fn client(&self) -> anyhow::Result<async_nats::Client> {
+        match self {
+            Self::Shared(client) => Ok(client.clone()),
+            // The client retries in the background: a server that is down only delays.
+            Self::PerRole(url) => fleetlog_nats::connect(url)
+                .await
+                .with_context(|| format!("cannot connect to NATS at {url} (FLEETLOG_NATS_URL)")),
+        }
+    }
+}
+
 /// The roles of one process, on shared connections. See the module documentation.
 pub struct Platform {
     pool: PgPool,
-    nats: async_nats::Client,
+    nats: Nats,
     store: StoreSettings,
     shutdown: CancellationToken,
     roles: JoinSet<anyhow::Result<()>>,
 }
 
 impl Platform {
-    /// A platform without roles yet. Roles stop when `shutdown` is cancelled (or when the
-    /// platform is dropped, which aborts them).
+    /// A platform without roles yet, whose roles share the client `nats`. Roles stop when
+    /// `shutdown` is cancelled (or when the platform is dropped, which aborts them).
     pub fn new(
         pool: PgPool,
         nats: async_nats::Client,
+        store: StoreSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self::with_nats(pool, Nats::Shared(nats), store, shutdown)
+    }
+
+    /// A platform whose roles each connect to the NATS server at `nats_url` on their own.
+    pub fn with_connection_per_role(
+        pool: PgPool,
+        nats_url: String,
+        store: StoreSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self::with_nats(pool, Nats::PerRole(nats_url), store, shutdown)
+    }
+
+    fn with_nats(
+        pool: PgPool,
+        nats: Nats,
         store: StoreSettings,
         shutdown: CancellationToken,
     ) -> Self {
@@ -94,43 +135,36 @@ impl Platform {
     /// Sets up the event stream before the roles start, so the consumers of the other roles
     /// find it rather than warn and retry. Best effort, and brief: with NATS away, every role
     /// waits for it on its own.
-    pub async fn prepare_stream(&self, stream: &StreamSettings) {
-        let jetstream = async_nats::jetstream::new(self.nats.clone());
+    pub async fn prepare_stream(&self, stream: &StreamSettings) -> anyhow::Result<()> {
+        let jetstream = async_nats::jetstream::new(self.nats.client().await?);
         let ensure = fleetlog_nats::ensure_stream(&jetstream, stream);
         match tokio::time::timeout(Duration::from_secs(5), ensure).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot set up the event stream yet"),
             Err(_) => tracing::warn!("NATS does not answer yet; the roles wait for it"),
         }
+        Ok(())
     }
 
     /// The relay: committed events to JetStream. NATS being down is not an error: the relay
     /// retries until it is back.
     pub fn relay(&mut self, settings: RelaySettings) -> &mut Self {
-        let (pool, client, shutdown) =
-            (self.pool.clone(), self.nats.clone(), self.shutdown.clone());
-        self.roles
-            .spawn(supervise("relay", self.shutdown.clone(), move || {
-                let relay = Relay::new(pool.clone(), client.clone(), settings);
-                let shutdown = shutdown.clone();
-                async move {
-                    relay.run(shutdown).await;
-                    Ok(())
-                }
-            }));
-        self
+        let pool = self.pool.clone();
+        self.spawn("relay", move |client, _, shutdown| {
+            let relay = Relay::new(pool.clone(), client, settings);
+            async move {
+                relay.run(shutdown).await;
+                Ok(())
+            }
+        })
     }
 
-    /// A worker for every read model.
+    /// A worker for every read model (each supervised on its own).
     pub fn projections(&mut self, settings: WorkerSettings) -> &mut Self {
-        let run = fleetlog_projections::run_all(
-            self.pool.clone(),
-            self.jetstream(),
-            settings,
-            self.shutdown.clone(),
-        );
+        let (pool, nats, shutdown) = (self.pool.clone(), self.nats.clone(), self.shutdown.clone());
         self.roles.spawn(async move {
-            run.await;
+            let jetstream = async_nats::jetstream::new(nats.client().await?);
+            fleetlog_projections::run_all(pool, jetstream, settings, shutdown).await;
             Ok(())
         });
         self
@@ -138,97 +172,99 @@ impl Platform {
 
     /// The liveness check: devices gone silent are marked offline.
     pub fn liveness(&mut self, settings: LivenessSettings) -> &mut Self {
-        let (bus, shutdown) = (self.bus(), self.shutdown.clone());
-        self.roles
-            .spawn(supervise("liveness", self.shutdown.clone(), move || {
-                let liveness = Liveness::new(bus.clone(), settings);
-                let shutdown = shutdown.clone();
-                async move {
-                    liveness.run(shutdown).await;
-                    Ok(())
-                }
-            }));
-        self
+        self.spawn("liveness", move |_, bus, shutdown| {
+            let liveness = Liveness::new(bus, settings);
+            async move {
+                liveness.run(shutdown).await;
+                Ok(())
+            }
+        })
     }
 
     /// The rollout manager: rollouts advance, pause and finish by their outcomes.
     pub fn rollout_manager(&mut self, settings: RolloutManagerSettings) -> &mut Self {
-        let (bus, jetstream, shutdown) = (self.bus(), self.jetstream(), self.shutdown.clone());
-        self.roles.spawn(supervise(
-            "rollout-manager",
-            self.shutdown.clone(),
-            move || {
-                let manager = RolloutManager::new(bus.clone(), jetstream.clone(), settings);
-                let shutdown = shutdown.clone();
-                async move {
-                    manager.run(shutdown).await;
-                    Ok(())
-                }
-            },
-        ));
-        self
+        self.spawn("rollout-manager", move |client, bus, shutdown| {
+            let manager = RolloutManager::new(bus, async_nats::jetstream::new(client), settings);
+            async move {
+                manager.run(shutdown).await;
+                Ok(())
+            }
+        })
     }
 
     /// The MQTT ingest bridge. An unreachable broker is not an error: the bridge retries.
     pub fn ingest(&mut self, settings: IngestSettings) -> &mut Self {
-        let (bus, jetstream, shutdown) = (self.bus(), self.jetstream(), self.shutdown.clone());
-        self.roles
-            .spawn(supervise("ingest", self.shutdown.clone(), move || {
-                let bridge = Ingest::new(bus.clone(), jetstream.clone(), settings.clone());
-                let shutdown = shutdown.clone();
-                async move {
-                    bridge.run(shutdown).await;
-                    Ok(())
-                }
-            }));
-        self
+        self.spawn("ingest", move |client, bus, shutdown| {
+            let bridge = Ingest::new(bus, async_nats::jetstream::new(client), settings.clone());
+            async move {
+                bridge.run(shutdown).await;
+                Ok(())
+            }
+        })
     }
 
     /// The dispatcher: device events out to the devices, and expiry of unanswered commands.
     pub fn dispatch(&mut self, settings: DispatchSettings) -> &mut Self {
-        let (bus, jetstream, shutdown) = (self.bus(), self.jetstream(), self.shutdown.clone());
-        self.roles
-            .spawn(supervise("dispatch", self.shutdown.clone(), move || {
-                let dispatcher = Dispatcher::new(bus.clone(), jetstream.clone(), settings.clone());
-                let shutdown = shutdown.clone();
-                async move {
-                    dispatcher.run(shutdown).await;
-                    Ok(())
-                }
-            }));
-        self
+        self.spawn("dispatch", move |client, bus, shutdown| {
+            let dispatcher =
+                Dispatcher::new(bus, async_nats::jetstream::new(client), settings.clone());
+            async move {
+                dispatcher.run(shutdown).await;
+                Ok(())
+            }
+        })
     }
 
     /// The API's state on this platform's connections.
-    pub fn api_state(&self, parts: &ApiParts) -> AppState {
-        AppState {
-            auth: parts.auth.clone(),
-            nats: Some(self.nats.clone()),
-            mqtt: parts.mqtt.clone(),
-            login_throttle: Arc::new(LoginThrottle::default()),
-            bus: self.bus(),
-            metrics: parts.metrics.clone(),
-            firmware: parts.firmware.clone(),
-        }
+    pub async fn api_state(&self, parts: &ApiParts) -> anyhow::Result<AppState> {
+        let throttle = Arc::new(LoginThrottle::default());
+        Ok(state_of(
+            parts,
+            throttle,
+            self.nats.client().await?,
+            self.bus(),
+        ))
     }
 
     /// The HTTP API on `address`. The listener is bound again after a restart (it went with
     /// the unit that panicked).
     pub fn api(&mut self, address: SocketAddr, parts: ApiParts) -> &mut Self {
-        let state = self.api_state(&parts);
+        // Failed logins are counted across restarts.
+        let throttle = Arc::new(LoginThrottle::default());
+        self.spawn("api", move |client, bus, shutdown| {
+            let state = state_of(&parts, throttle.clone(), client, bus);
+            let http = parts.http.clone();
+            async move {
+                let listener = TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address}"))?;
+                fleetlog_api::run(listener, state, &http, shutdown.cancelled_owned())
+                    .await
+                    .context("api failed")
+            }
+        })
+    }
+
+    /// Runs the unit `start` makes, supervised as `name`: it gets the role's NATS client, a
+    /// new command bus at every (re)start, and the shutdown token.
+    fn spawn<F, Fut>(&mut self, name: &'static str, mut start: F) -> &mut Self
+    where
+        F: FnMut(async_nats::Client, CommandBus, CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (pool, store, nats) = (self.pool.clone(), self.store, self.nats.clone());
         let shutdown = self.shutdown.clone();
-        self.roles
-            .spawn(supervise("api", self.shutdown.clone(), move || {
-                let (state, http, shutdown) = (state.clone(), parts.http.clone(), shutdown.clone());
-                async move {
-                    let listener = TcpListener::bind(address)
-                        .await
-                        .with_context(|| format!("cannot listen on {address}"))?;
-                    fleetlog_api::run(listener, state, &http, shutdown.cancelled_owned())
-                        .await
-                        .context("api failed")
-                }
-            }));
+        self.roles.spawn(async move {
+            let client = nats.client().await?;
+            supervise(name, shutdown.clone(), move || {
+                start(
+                    client.clone(),
+                    CommandBus::new(pool.clone(), store),
+                    shutdown.clone(),
+                )
+            })
+            .await
+        });
         self
     }
 
@@ -253,8 +289,22 @@ impl Platform {
         self.pool.close().await;
         Ok(())
     }
+}
 
-    fn jetstream(&self) -> async_nats::jetstream::Context {
-        async_nats::jetstream::new(self.nats.clone())
+/// The API's state: the parts, and the role's connections.
+fn state_of(
+    parts: &ApiParts,
+    login_throttle: Arc<LoginThrottle>,
+    nats: async_nats::Client,
+    bus: CommandBus,
+) -> AppState {
+    AppState {
+        auth: parts.auth.clone(),
+        nats: Some(nats),
+        mqtt: parts.mqtt.clone(),
+        login_throttle,
+        bus,
+        metrics: parts.metrics.clone(),
+        firmware: parts.firmware.clone(),
     }
 }

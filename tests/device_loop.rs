@@ -73,13 +73,16 @@ impl Stack {
             expires_at: None,
         };
         let token = auth.access_token(&caller, Utc::now()).unwrap();
-        let state = platform.api_state(&ApiParts {
-            auth,
-            firmware: None,
-            mqtt: None,
-            metrics: None,
-            http: HttpSettings::default(),
-        });
+        let state = platform
+            .api_state(&ApiParts {
+                auth,
+                firmware: None,
+                mqtt: None,
+                metrics: None,
+                http: HttpSettings::default(),
+            })
+            .await
+            .unwrap();
         Self {
             router: fleetlog_api::router(state),
             _platform: platform,

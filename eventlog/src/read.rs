@@ -29,14 +29,14 @@ macro_rules! stored_columns {
 }
 
 /// A page after a `(transaction_id, global_position)` cursor, in that order, of one aggregate
-/// type (`$1`, or every type when it is null), with the extra filter given.
+/// type (`$1`), with the extra filter given.
 macro_rules! commit_order_page {
     ($filter:literal) => {
         concat!(
             "SELECT ",
             stored_columns!(),
             " FROM events
-             WHERE ($1::text IS NULL OR aggregate_type = $1)
+             WHERE aggregate_type = $1
                AND (transaction_id, global_position) > ($2::text::xid8, $3)",
             $filter,
             " ORDER BY events.transaction_id, events.global_position
@@ -84,10 +84,10 @@ pub enum Horizon {
     Committed,
 }
 
-/// Up to `limit` events after `after` in commit order, of `aggregate_type` (or every type).
+/// Up to `limit` events of `aggregate_type` after `after` in commit order.
 pub async fn page_in_commit_order(
     executor: impl PgExecutor<'_>,
-    aggregate_type: Option<&str>,
+    aggregate_type: &str,
     after: Cursor,
     horizon: Horizon,
     limit: i64,

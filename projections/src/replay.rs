@@ -325,7 +325,7 @@ async fn apply_page<P: Projection>(
 ) -> Result<Option<(Cursor, u64, Vec<PassedOver>)>, ReplayError> {
     let rows = fleetlog_eventlog::page_in_commit_order(
         &mut *connection,
-        Some(P::AGGREGATE_TYPE),
+        P::AGGREGATE_TYPE,
         cursor,
         horizon,
         PAGE_SIZE,

@@ -101,27 +101,30 @@ impl Platform {
             Duration::from_secs(300),
             Duration::from_secs(3600),
         );
-        let state = platform.api_state(&fleetlog::ApiParts {
-            auth: auth.clone(),
-            mqtt: None,
-            metrics: None,
-            http: fleetlog_api::HttpSettings::default(),
-            firmware: Some(std::sync::Arc::new({
-                let signer =
-                    ImageSigner::from_file(&firmware_dir.0.join("signing.pem"), true).unwrap();
-                match store {
-                    Some((url, options)) => {
-                        FirmwareStore::at_url(url, options, FIRMWARE_MAX_BYTES, signer)
+        let state = platform
+            .api_state(&fleetlog::ApiParts {
+                auth: auth.clone(),
+                mqtt: None,
+                metrics: None,
+                http: fleetlog_api::HttpSettings::default(),
+                firmware: Some(std::sync::Arc::new({
+                    let signer =
+                        ImageSigner::from_file(&firmware_dir.0.join("signing.pem"), true).unwrap();
+                    match store {
+                        Some((url, options)) => {
+                            FirmwareStore::at_url(url, options, FIRMWARE_MAX_BYTES, signer)
+                        }
+                        None => FirmwareStore::local(
+                            &firmware_dir.0.join("images"),
+                            FIRMWARE_MAX_BYTES,
+                            signer,
+                        ),
                     }
-                    None => FirmwareStore::local(
-                        &firmware_dir.0.join("images"),
-                        FIRMWARE_MAX_BYTES,
-                        signer,
-                    ),
-                }
-                .unwrap()
-            })),
-        });
+                    .unwrap()
+                })),
+            })
+            .await
+            .unwrap();
         Self {
             nats: client_for_tests,
             router: router(state),
