@@ -552,17 +552,23 @@ struct Prepared {
     has_commands: bool,
 }
 
-/// Builds a device's commands; `None` when its messages were dead-lettered (unknown device).
+/// Builds a device's commands; `None` when its messages were dead-lettered (unknown device)
+/// or left unacked for the broker to deliver again (the bridge is stopping).
 async fn prepare_device(shared: &Shared, device: DeviceId, items: Vec<Item>) -> Option<Prepared> {
-    if let Err(reason) = ensure_known(shared, &device).await {
-        for item in &items {
-            let reason = match &item.parsed {
-                Err(rejection) => rejection.to_string(),
-                Ok(_) => reason.clone(),
-            };
-            reject(shared, &item.publish, item.received_at, &reason, &[]).await;
+    match ensure_known(shared, &device).await {
+        Ok(()) => {}
+        Err(NotAdmitted::Refused(reason)) => {
+            for item in &items {
+                let reason = match &item.parsed {
+                    Err(rejection) => rejection.to_string(),
+                    Ok(_) => reason.clone(),
+                };
+                reject(shared, &item.publish, item.received_at, &reason, &[]).await;
+            }
+            return None;
         }
-        return None;
+        // Unacked, the messages come back from the broker to the next bridge.
+        Err(NotAdmitted::Stopping) => return None,
     }
     let device = &device;
     let mut items = items;
@@ -862,8 +868,23 @@ async fn execute_until_done(
     }
 }
 
-/// `Ok` when the device is registered (or was just auto-registered), else why not.
-async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> {
+/// Why a device's messages are not taken in. Only a refusal is for good; the decision is the
+/// variant, never the text.
+#[derive(Debug, thiserror::Error)]
+enum NotAdmitted {
+    /// The device may not send (unknown, decommissioned): its messages are dead-lettered
+    /// with this reason.
+    #[error("{0}")]
+    Refused(String),
+    /// The bridge is stopping while Postgres fails: the messages stay unacked, and the broker
+    /// delivers them again.
+    #[error("ingest is stopping")]
+    Stopping,
+}
+
+/// `Ok` when the device is registered (or was just auto-registered), else why not. Postgres
+/// failing is retried, never a refusal.
+async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), NotAdmitted> {
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     let mut latest = false;
     let lifecycle = loop {
@@ -885,39 +906,67 @@ async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), String> 
             Err(error) => {
                 tracing::warn!(device = %device, %error, "cannot load device; retrying");
                 if !backoff.wait(&shared.stop).await {
-                    return Err("ingest shutting down".into());
+                    return Err(NotAdmitted::Stopping);
                 }
             }
         }
     };
     match (lifecycle, &shared.auto_register_tenant) {
         (Lifecycle::Active, _) => Ok(()),
-        (Lifecycle::Decommissioned, _) => Err(DeviceError::Decommissioned.to_string()),
-        (Lifecycle::Unregistered, None) => Err(format!(
-            "unknown device {device}; register it first (or enable auto-registration)"
+        (Lifecycle::Decommissioned, _) => Err(NotAdmitted::Refused(
+            DeviceError::Decommissioned.to_string(),
         )),
-        (Lifecycle::Unregistered, Some(tenant)) => {
-            let register = DeviceCommand::Register {
-                device_id: device.clone(),
-                tenant: tenant.clone(),
-                owner: UserId::parse("system-ingest").map_err(|e| e.to_string())?,
-                name: device.to_string(),
-                model: "unknown".into(),
-                tags: vec!["auto-registered".into()],
-                at: Utc::now(),
-            };
-            let metadata = CommandMetadata::new("system:ingest").with_tenant(tenant.clone());
-            match shared
-                .bus
-                .devices()
-                .execute(device.as_str(), register, &metadata)
-                .await
-            {
-                Ok(_) | Err(CommandError::Refused(DeviceError::AlreadyRegistered)) => {
-                    tracing::info!(device = %device, tenant = %tenant, "auto-registered device");
-                    Ok(())
+        (Lifecycle::Unregistered, None) => Err(NotAdmitted::Refused(format!(
+            "unknown device {device}; register it first (or enable auto-registration)"
+        ))),
+        (Lifecycle::Unregistered, Some(tenant)) => auto_register(shared, device, tenant).await,
+    }
+}
+
+/// Registers `device` into `tenant`, retrying while Postgres fails or writers race.
+async fn auto_register(
+    shared: &Shared,
+    device: &DeviceId,
+    tenant: &TenantId,
+) -> Result<(), NotAdmitted> {
+    let owner = UserId::parse("system-ingest").map_err(|e| NotAdmitted::Refused(e.to_string()))?;
+    let metadata = CommandMetadata::new("system:ingest").with_tenant(tenant.clone());
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
+    loop {
+        let register = DeviceCommand::Register {
+            device_id: device.clone(),
+            tenant: tenant.clone(),
+            owner: owner.clone(),
+            name: device.to_string(),
+            model: "unknown".into(),
+            tags: vec!["auto-registered".into()],
+            at: Utc::now(),
+        };
+        let registered = shared
+            .bus
+            .devices()
+            .execute(device.as_str(), register, &metadata)
+            .await;
+        match registered {
+            Ok(_) | Err(CommandError::Refused(DeviceError::AlreadyRegistered)) => {
+                tracing::info!(device = %device, tenant = %tenant, "auto-registered device");
+                return Ok(());
+            }
+            Err(
+                error @ (CommandError::Refused(_)
+                | CommandError::Unstorable { .. }
+                | CommandError::VersionMismatch { .. }),
+            ) => {
+                return Err(NotAdmitted::Refused(format!(
+                    "auto-registration failed: {error}"
+                )))
+            }
+            Err(error @ (CommandError::Conflict { .. } | CommandError::Store(_))) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(device = %device, %error, retry_in = ?delay, "cannot auto-register; retrying");
+                if !sleep_unless_shut_down(delay, &shared.stop).await {
+                    return Err(NotAdmitted::Stopping);
                 }
-                Err(error) => Err(format!("auto-registration failed: {error}")),
             }
         }
     }

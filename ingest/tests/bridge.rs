@@ -713,3 +713,75 @@ async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
     stop.cancel();
     let _ = running.await;
 }
+
+/// How many dead letters the bridge stored (none if it never made the stream).
+async fn dead_letter_count(client: &async_nats::Client) -> u64 {
+    let jetstream = async_nats::jetstream::new(client.clone());
+    match jetstream
+        .get_stream(fleetlog_nats::topology::DEAD_LETTER_STREAM)
+        .await
+    {
+        Ok(mut stream) => stream.info().await.unwrap().state.messages,
+        Err(_) => 0,
+    }
+}
+
+/// A bridge that stops while Postgres fails refuses nothing: the messages it could not check
+/// stay unacked, and the next bridge of the same session records them. (Refusing them as
+/// "shutting down" would dead-letter a valid device's messages.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_stopped_while_postgres_fails_leaves_its_messages_to_the_next() {
+    let platform = Platform::start().await;
+    platform.register("steady").await;
+    // The bridge's own pool, to break while the rest of the platform goes on.
+    let bridge_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&platform.db.url)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let bridge = tokio::spawn(
+        Ingest::new(
+            CommandBus::new(bridge_pool.clone(), StoreSettings::default()),
+            async_nats::jetstream::new(platform.client.clone()),
+            platform.settings(),
+        )
+        .run(stop.clone()),
+    );
+    platform.wait_subscribed().await;
+    let before = dead_letter_count(&platform.client).await;
+
+    // Postgres goes away for the bridge: it cannot tell whether "steady" (never seen by it) is
+    // registered, and retries.
+    bridge_pool.close().await;
+    let device = Device::connect(&platform.broker, "steady-client").await;
+    device.publish("devices/steady/heartbeat", b"").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    bridge.await.unwrap();
+    assert_eq!(
+        dead_letter_count(&platform.client).await,
+        before,
+        "nothing is refused for the bridge's own trouble"
+    );
+
+    // The next bridge of the session gets the message again and records it.
+    let (next, _stop) = platform.ingest(platform.settings());
+    let pool = platform.pool().clone();
+    wait_until("the heartbeat recorded by the next bridge", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM events
+                  WHERE aggregate_id = 'steady' AND event_type = 'HeartbeatReceived'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+                > 0
+        }
+    })
+    .await;
+    assert_eq!(dead_letter_count(&platform.client).await, before);
+    next.abort();
+}
