@@ -23,14 +23,6 @@ use crate::metadata::CommandMetadata;
 
 const INSERT_EVENTS: &str = "
 INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload::json, $7::json
-  FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[])
-       AS e(sequence, event_type, event_version, payload)
- ORDER BY e.sequence
-RETURNING sequence, global_position";
-
-const INSERT_EVENTS_OF_MANY: &str = "
-INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
 SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload::json, e.metadata::json
   FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
        AS e(aggregate_id, sequence, event_type, event_version, payload, metadata)
@@ -170,6 +162,95 @@ enum AppendError {
     Store(StoreError),
 }
 
+/// One aggregate's part of an attempt.
+struct Work<'a, A: Aggregate> {
+    aggregate_id: &'a str,
+    commands: &'a [A::Command],
+    metadata: HashMap<String, String>,
+    /// Only if the aggregate is at this version (`execute_if`).
+    expected_version: Option<u64>,
+}
+
+/// What one aggregate's commands did, or why they could not.
+type BatchResult<E> = Result<BatchCommitted<E>, CommandError<E>>;
+
+/// How an attempt ended.
+enum Attempt<A: Aggregate>
+where
+    A::Error: 'static,
+{
+    /// Decided and, where there were events, written: per aggregate, what its commands did or
+    /// why they could not.
+    Done(Vec<BatchResult<A::Error>>),
+    /// Another writer got in the way; nothing was written.
+    Again,
+}
+
+/// An aggregate decided in an attempt, its events not yet written.
+struct Decided<A: Aggregate> {
+    /// Its place in the attempt's work.
+    index: usize,
+    /// The aggregate, with its new events applied.
+    loaded: LoadedAggregate<A>,
+    version_before: u64,
+    events: Vec<A::Event>,
+    outcomes: Vec<Result<usize, A::Error>>,
+}
+
+/// The events of an attempt as the columns of one insert.
+#[derive(Default)]
+struct EventRows {
+    ids: Vec<String>,
+    sequences: Vec<i64>,
+    event_types: Vec<String>,
+    event_versions: Vec<String>,
+    payloads: Vec<String>,
+    metadata: Vec<String>,
+}
+
+impl EventRows {
+    /// Adds the events `loaded` decided after `version_before`, stamped with `metadata`, or
+    /// none of them if one cannot be stored.
+    fn add<A: Aggregate>(
+        &mut self,
+        loaded: &LoadedAggregate<A>,
+        version_before: u64,
+        events: &[A::Event],
+        metadata: &HashMap<String, String>,
+    ) -> Result<(), AppendError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let serialize_error = |source| {
+            AppendError::Store(StoreError::Serialize {
+                what: "event",
+                source,
+            })
+        };
+        let metadata = serde_json::to_string(metadata).map_err(serialize_error)?;
+        if let Some(reason) = unstorable(&metadata) {
+            return Err(AppendError::Unstorable(reason));
+        }
+        let payloads = events
+            .iter()
+            .map(|event| serde_json::to_string(event).map_err(serialize_error))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(reason) = payloads.iter().find_map(|payload| unstorable(payload)) {
+            return Err(AppendError::Unstorable(reason));
+        }
+        for (offset, (event, payload)) in events.iter().zip(payloads).enumerate() {
+            self.ids.push(loaded.aggregate_id.clone());
+            self.sequences
+                .push((version_before + 1 + offset as u64) as i64);
+            self.event_types.push(event.event_type());
+            self.event_versions.push(event.event_version());
+            self.payloads.push(payload);
+            self.metadata.push(metadata.clone());
+        }
+        Ok(())
+    }
+}
+
 /// Why serialized event JSON could not be applied by the read models (their `jsonb` columns),
 /// if so: such an event is never stored, so it can never poison a consumer or a replay.
 fn unstorable(json: &str) -> Option<String> {
@@ -229,34 +310,21 @@ where
         metadata: &CommandMetadata,
         expected_version: Option<u64>,
     ) -> Result<Committed, CommandError<A::Error>> {
-        let metadata = metadata.to_map();
-        let mut attempt = 1;
-        loop {
-            match self
-                .try_execute(aggregate_id, command.clone(), &metadata, expected_version)
-                .await?
-            {
-                Some(committed) => return Ok(committed),
-                None if attempt >= self.settings.max_attempts => {
-                    return Err(CommandError::Conflict {
-                        aggregate_type: A::TYPE,
-                        aggregate_id: aggregate_id.to_string(),
-                        attempts: attempt,
-                    });
-                }
-                None => {
-                    tracing::debug!(
-                        aggregate_type = A::TYPE,
-                        aggregate_id,
-                        attempt,
-                        "conflict, retrying"
-                    );
-                    // Spread the retries of competing writers apart.
-                    let jitter = rand::thread_rng().gen_range(0..10 * u64::from(attempt));
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                    attempt += 1;
-                }
-            }
+        let commands = [command];
+        let BatchCommitted {
+            committed,
+            mut outcomes,
+        } = self
+            .run(Work {
+                aggregate_id,
+                commands: &commands,
+                metadata: metadata.to_map(),
+                expected_version,
+            })
+            .await?;
+        match outcomes.pop() {
+            Some(Err(refusal)) => Err(CommandError::Refused(refusal)),
+            _ => Ok(committed),
         }
     }
 
@@ -270,88 +338,13 @@ where
         commands: Vec<A::Command>,
         metadata: &CommandMetadata,
     ) -> Result<BatchCommitted<A::Error>, CommandError<A::Error>> {
-        let metadata = metadata.to_map();
-        let mut attempt = 1;
-        loop {
-            if let Some(done) = self
-                .try_execute_batch(aggregate_id, &commands, &metadata)
-                .await?
-            {
-                return Ok(done);
-            }
-            if attempt >= self.settings.max_attempts {
-                return Err(CommandError::Conflict {
-                    aggregate_type: A::TYPE,
-                    aggregate_id: aggregate_id.to_string(),
-                    attempts: attempt,
-                });
-            }
-            let jitter = rand::thread_rng().gen_range(0..10 * u64::from(attempt));
-            tokio::time::sleep(Duration::from_millis(jitter)).await;
-            attempt += 1;
-        }
-    }
-
-    async fn try_execute_batch(
-        &self,
-        aggregate_id: &str,
-        commands: &[A::Command],
-        metadata: &HashMap<String, String>,
-    ) -> Result<Option<BatchCommitted<A::Error>>, CommandError<A::Error>> {
-        let slot = self.slot(aggregate_id);
-        let mut cached = slot.lock().await;
-        let (mut loaded, from_cache) = match cached.take() {
-            Some(loaded) => (loaded, true),
-            None => (self.load(aggregate_id).await?, false),
-        };
-        let Some((events, outcomes)) = self
-            .decide_confirmed(&mut loaded, from_cache, commands)
-            .await?
-        else {
-            // Refused by a stale copy: decide again on what is stored (slot left empty).
-            return Ok(None);
-        };
-        if events.is_empty() {
-            let version = loaded.version;
-            *cached = Some(loaded);
-            return Ok(Some(BatchCommitted {
-                committed: Committed {
-                    version,
-                    global_position: None,
-                    events: 0,
-                },
-                outcomes,
-            }));
-        }
-        let metadata = with_tenant(metadata, &loaded.aggregate);
-        match self.append(&loaded, &events, &metadata).await {
-            Ok(global_position) => {
-                loaded.version += events.len() as u64;
-                let version = loaded.version;
-                *cached = Some(loaded);
-                Ok(Some(BatchCommitted {
-                    committed: Committed {
-                        version,
-                        global_position: Some(global_position),
-                        events: events.len(),
-                    },
-                    outcomes,
-                }))
-            }
-            Err(AppendError::Conflict) => Ok(None),
-            Err(AppendError::Unstorable(reason)) => {
-                Err(self.unstorable_error(aggregate_id, reason))
-            }
-            Err(AppendError::Store(error)) => Err(error.into()),
-        }
-    }
-
-    fn unstorable_error(&self, aggregate_id: &str, reason: String) -> CommandError<A::Error> {
-        CommandError::Unstorable {
-            aggregate_type: A::TYPE,
-            aggregate_id: aggregate_id.to_string(),
-            reason,
-        }
+        self.run(Work {
+            aggregate_id,
+            commands: &commands,
+            metadata: metadata.to_map(),
+            expected_version: None,
+        })
+        .await
     }
 
     /// Runs the command batches of several aggregates and appends every event in one
@@ -364,12 +357,21 @@ where
         &self,
         work: Vec<(String, Vec<A::Command>, CommandMetadata)>,
     ) -> Vec<Result<BatchCommitted<A::Error>, CommandError<A::Error>>> {
-        match self.try_execute_many(&work).await {
-            Ok(Some(done)) => done.into_iter().map(Ok).collect(),
-            Ok(None) => {
+        let work: Vec<Work<'_, A>> = work
+            .iter()
+            .map(|(aggregate_id, commands, metadata)| Work {
+                aggregate_id,
+                commands,
+                metadata: metadata.to_map(),
+                expected_version: None,
+            })
+            .collect();
+        match self.attempt(&work).await {
+            Ok(Attempt::Done(results)) => results,
+            Ok(Attempt::Again) => {
                 let mut results = Vec::with_capacity(work.len());
-                for (id, commands, metadata) in work {
-                    results.push(self.execute_batch(&id, commands, &metadata).await);
+                for one in work {
+                    results.push(self.run(one).await);
                 }
                 results
             }
@@ -384,6 +386,47 @@ where
                 }
                 results
             }
+        }
+    }
+
+    /// Attempts `work` on its aggregate until no other writer gets in the way, at most
+    /// `max_attempts` times, the attempts spread apart by a little random delay.
+    async fn run(
+        &self,
+        work: Work<'_, A>,
+    ) -> Result<BatchCommitted<A::Error>, CommandError<A::Error>> {
+        let mut attempt = 1;
+        loop {
+            if let Attempt::Done(results) = self.attempt(std::slice::from_ref(&work)).await? {
+                if let Some(result) = results.into_iter().next() {
+                    return result;
+                }
+            }
+            if attempt >= self.settings.max_attempts {
+                return Err(CommandError::Conflict {
+                    aggregate_type: A::TYPE,
+                    aggregate_id: work.aggregate_id.to_string(),
+                    attempts: attempt,
+                });
+            }
+            tracing::debug!(
+                aggregate_type = A::TYPE,
+                aggregate_id = work.aggregate_id,
+                attempt,
+                "conflict, retrying"
+            );
+            // Spread the retries of competing writers apart.
+            let jitter = rand::thread_rng().gen_range(0..10 * u64::from(attempt));
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            attempt += 1;
+        }
+    }
+
+    fn unstorable_error(&self, aggregate_id: &str, reason: String) -> CommandError<A::Error> {
+        CommandError::Unstorable {
+            aggregate_type: A::TYPE,
+            aggregate_id: aggregate_id.to_string(),
+            reason,
         }
     }
 
@@ -445,273 +488,153 @@ where
         decided.map(Some)
     }
 
-    /// `Ok(None)` when an append conflicted (every aggregate of the batch is then dropped from
-    /// the cache and nothing was written).
-    async fn try_execute_many(
-        &self,
-        work: &[(String, Vec<A::Command>, CommandMetadata)],
-    ) -> Result<Option<Vec<BatchCommitted<A::Error>>>, CommandError<A::Error>> {
+    /// The one way commands are run: one attempt at `work`. The aggregates are locked in id
+    /// order (so concurrent attempts cannot deadlock), each is decided (a refusal by a cached
+    /// copy is confirmed against the store first), and the events of all of them are appended
+    /// in one transaction with the snapshots due. Results come in the order of `work`.
+    ///
+    /// [`Attempt::Again`] when another writer got in the way (the append conflicted, or the
+    /// store contradicts what a cached copy decided): nothing was written, and the slots taken
+    /// stay empty, so the next attempt loads what is stored.
+    async fn attempt(&self, work: &[Work<'_, A>]) -> Result<Attempt<A>, CommandError<A::Error>> {
         let mut order: Vec<usize> = (0..work.len()).collect();
-        order.sort_by(|a, b| work[*a].0.cmp(&work[*b].0));
-        let mut guards = Vec::with_capacity(work.len());
+        order.sort_by(|a, b| work[*a].aggregate_id.cmp(work[*b].aggregate_id));
+        let mut locked = Vec::with_capacity(work.len());
         for &index in &order {
-            let guard = self.slot(&work[index].0).lock_owned().await;
-            guards.push((index, guard));
+            let guard = self.slot(work[index].aggregate_id).lock_owned().await;
+            locked.push((index, guard));
         }
-        guards.sort_by_key(|(index, _)| *index);
-        let mut states = Vec::with_capacity(work.len());
-        for ((id, commands, metadata), (_, guard)) in work.iter().zip(guards.iter_mut()) {
+        locked.sort_by_key(|(index, _)| *index);
+        let mut guards: Vec<_> = locked.into_iter().map(|(_, guard)| guard).collect();
+
+        let mut results: Vec<Option<BatchResult<A::Error>>> = work.iter().map(|_| None).collect();
+        let mut decided = Vec::new();
+        for (index, (work, guard)) in work.iter().zip(guards.iter_mut()).enumerate() {
             let (mut loaded, from_cache) = match guard.take() {
                 Some(loaded) => (loaded, true),
-                None => (self.load(id).await?, false),
+                None => (self.load(work.aggregate_id).await?, false),
             };
+            if let Some(expected) = work.expected_version.filter(|v| *v != loaded.version) {
+                if from_cache
+                    && self
+                        .has_events_after(work.aggregate_id, loaded.version)
+                        .await?
+                {
+                    // The copy is stale: judge the version on what is stored.
+                    return Ok(Attempt::Again);
+                }
+                let actual = loaded.version;
+                **guard = Some(loaded);
+                results[index] = Some(Err(CommandError::VersionMismatch { expected, actual }));
+                continue;
+            }
             let version_before = loaded.version;
-            let Some((events, outcomes)) = self
-                .decide_confirmed(&mut loaded, from_cache, commands)
-                .await?
-            else {
-                // Refused by a stale copy: every aggregate goes again on its own, from what
-                // is stored (the slots taken above stay empty).
-                return Ok(None);
-            };
-            let metadata = with_tenant(&metadata.to_map(), &loaded.aggregate).into_owned();
-            states.push((loaded, version_before, events, outcomes, metadata));
+            match self
+                .decide_confirmed(&mut loaded, from_cache, work.commands)
+                .await
+            {
+                Ok(Some((events, outcomes))) => decided.push(Decided {
+                    index,
+                    loaded,
+                    version_before,
+                    events,
+                    outcomes,
+                }),
+                Ok(None) => return Ok(Attempt::Again),
+                Err(CommandError::Store(error)) => return Err(error.into()),
+                // Refused half-way: the copy may be half-changed, so its slot stays empty.
+                Err(refusal) => results[index] = Some(Err(refusal)),
+            }
         }
 
-        let serialize_error = |source| StoreError::Serialize {
-            what: "event",
-            source,
-        };
-        let mut ids = Vec::new();
-        let mut sequences = Vec::new();
-        let mut event_types = Vec::new();
-        let mut event_versions = Vec::new();
-        let mut payloads = Vec::new();
-        let mut metadatas = Vec::new();
-        for (loaded, version_before, events, _, metadata) in &states {
-            let metadata = serde_json::to_string(metadata).map_err(serialize_error)?;
-            // Each aggregate goes again on its own when one's events cannot be stored: that
-            // one is refused, the others are written.
-            if !events.is_empty() && unstorable(&metadata).is_some() {
-                return Ok(None);
-            }
-            for (offset, event) in events.iter().enumerate() {
-                let payload = serde_json::to_string(event).map_err(serialize_error)?;
-                if unstorable(&payload).is_some() {
-                    return Ok(None);
+        let mut rows = EventRows::default();
+        let mut written = Vec::with_capacity(decided.len());
+        for one in decided {
+            let metadata = with_tenant(&work[one.index].metadata, &one.loaded.aggregate);
+            match rows.add(&one.loaded, one.version_before, &one.events, &metadata) {
+                Ok(()) => written.push(one),
+                // Never stored; the copy holds its events, so its slot stays empty.
+                Err(AppendError::Unstorable(reason)) => {
+                    results[one.index] = Some(Err(
+                        self.unstorable_error(work[one.index].aggregate_id, reason)
+                    ));
                 }
-                ids.push(loaded.aggregate_id.as_str());
-                sequences.push((version_before + 1 + offset as u64) as i64);
-                event_types.push(event.event_type());
-                event_versions.push(event.event_version());
-                payloads.push(payload);
-                metadatas.push(metadata.clone());
-            }
-        }
-        let mut positions: HashMap<String, i64> = HashMap::new();
-        if !ids.is_empty() {
-            let written = async {
-                let mut tx = self.pool.begin().await?;
-                let rows = sqlx::query(INSERT_EVENTS_OF_MANY)
-                    .bind(A::TYPE)
-                    .bind(&ids)
-                    .bind(&sequences)
-                    .bind(&event_types)
-                    .bind(&event_versions)
-                    .bind(&payloads)
-                    .bind(&metadatas)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                for row in rows {
-                    let id: String = row.get("aggregate_id");
-                    let position: i64 = row.get("global_position");
-                    let entry = positions.entry(id).or_insert(position);
-                    *entry = (*entry).max(position);
-                }
-                for (loaded, version_before, events, _, _) in &states {
-                    let new_version = version_before + events.len() as u64;
-                    if !events.is_empty()
-                        && self.crosses_snapshot_boundary(*version_before, new_version)
-                    {
-                        let snapshot =
-                            serde_json::to_string(&loaded.aggregate).map_err(|source| {
-                                AppendError::Store(StoreError::Serialize {
-                                    what: "snapshot",
-                                    source,
-                                })
-                            })?;
-                        sqlx::query(UPSERT_SNAPSHOT)
-                            .bind(A::TYPE)
-                            .bind(&loaded.aggregate_id)
-                            .bind(new_version as i64)
-                            .bind(snapshot)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
-                tx.commit().await?;
-                Ok::<(), AppendError>(())
-            }
-            .await;
-            match written {
-                Ok(()) => {}
-                // The slots stay empty: the retry reloads what the other writer stored.
-                Err(AppendError::Conflict | AppendError::Unstorable(_)) => return Ok(None),
+                Err(AppendError::Conflict) => return Ok(Attempt::Again),
                 Err(AppendError::Store(error)) => return Err(error.into()),
             }
         }
-        let mut done = Vec::with_capacity(states.len());
-        for ((loaded, version_before, events, outcomes, _), (_, guard)) in
-            states.into_iter().zip(guards.iter_mut())
-        {
-            let mut loaded = loaded;
+        let appended: Vec<_> = written
+            .iter()
+            .map(|one| (&one.loaded, one.version_before, one.events.len()))
+            .collect();
+        let positions = match self.write(&rows, &appended).await {
+            Ok(positions) => positions,
+            Err(AppendError::Conflict | AppendError::Unstorable(_)) => return Ok(Attempt::Again),
+            Err(AppendError::Store(error)) => return Err(error.into()),
+        };
+        for one in written {
+            let Decided {
+                index,
+                mut loaded,
+                version_before,
+                events,
+                outcomes,
+            } = one;
             loaded.version = version_before + events.len() as u64;
             let committed = Committed {
                 version: loaded.version,
                 global_position: positions.get(&loaded.aggregate_id).copied(),
                 events: events.len(),
             };
-            **guard = Some(loaded);
-            done.push(BatchCommitted {
+            *guards[index] = Some(loaded);
+            results[index] = Some(Ok(BatchCommitted {
                 committed,
                 outcomes,
-            });
-        }
-        Ok(Some(done))
-    }
-
-    fn slot(&self, aggregate_id: &str) -> Slot<A> {
-        self.cache
-            .get_with_by_ref(aggregate_id, || Arc::new(Mutex::new(None)))
-    }
-
-    /// One attempt; `Ok(None)` means the append conflicted and the cached copy was dropped.
-    async fn try_execute(
-        &self,
-        aggregate_id: &str,
-        command: A::Command,
-        metadata: &HashMap<String, String>,
-        expected_version: Option<u64>,
-    ) -> Result<Option<Committed>, CommandError<A::Error>> {
-        let slot = self.slot(aggregate_id);
-        let mut cached = slot.lock().await;
-        let (mut loaded, from_cache) = match cached.take() {
-            Some(loaded) => (loaded, true),
-            None => (self.load(aggregate_id).await?, false),
-        };
-        if let Some(expected) = expected_version.filter(|v| *v != loaded.version) {
-            let actual = loaded.version;
-            *cached = Some(loaded);
-            return Err(CommandError::VersionMismatch { expected, actual });
-        }
-
-        let sink = EventSink::default();
-        let decision = loaded
-            .aggregate
-            .handle(command, &self.services, &sink)
-            .await;
-        let events = sink.collect().await;
-        if let Err(refusal) = decision {
-            if from_cache && self.has_events_after(aggregate_id, loaded.version).await? {
-                // Refused by a stale copy: decide again on what is stored (slot left empty).
-                return Ok(None);
-            }
-            // An aggregate that wrote events before refusing may be half-changed: keep it only
-            // if it is untouched.
-            if events.is_empty() {
-                *cached = Some(loaded);
-            }
-            return Err(CommandError::Refused(refusal));
-        }
-        if events.is_empty() {
-            let version = loaded.version;
-            *cached = Some(loaded);
-            return Ok(Some(Committed {
-                version,
-                global_position: None,
-                events: 0,
             }));
         }
-
-        let metadata = with_tenant(metadata, &loaded.aggregate);
-        match self.append(&loaded, &events, &metadata).await {
-            Ok(global_position) => {
-                let count = events.len();
-                loaded.version += count as u64;
-                let version = loaded.version;
-                *cached = Some(loaded);
-                Ok(Some(Committed {
-                    version,
-                    global_position: Some(global_position),
-                    events: count,
-                }))
-            }
-            // The slot stays empty: the next attempt reloads what the other writer stored.
-            Err(AppendError::Conflict) => Ok(None),
-            Err(AppendError::Unstorable(reason)) => {
-                Err(self.unstorable_error(aggregate_id, reason))
-            }
-            Err(AppendError::Store(error)) => Err(error.into()),
-        }
+        Ok(Attempt::Done(
+            results
+                .into_iter()
+                .map(|result| result.expect("every aggregate of the attempt has its result"))
+                .collect(),
+        ))
     }
 
-    /// Appends `events`, which `loaded.aggregate` has already applied, after `loaded.version`;
-    /// returns the global position of the last one.
-    async fn append(
+    /// Appends `rows` in one transaction, with a snapshot of each aggregate whose version
+    /// crosses a multiple of `snapshot_every`: `aggregates` holds each aggregate (its new events
+    /// applied), its version before them and how many there are. Returns each aggregate's last
+    /// position.
+    async fn write(
         &self,
-        loaded: &LoadedAggregate<A>,
-        events: &[A::Event],
-        metadata: &HashMap<String, String>,
-    ) -> Result<i64, AppendError> {
-        let serialize_error = |source| {
-            AppendError::Store(StoreError::Serialize {
-                what: "event",
-                source,
-            })
-        };
-        let mut sequences = Vec::with_capacity(events.len());
-        let mut event_types = Vec::with_capacity(events.len());
-        let mut event_versions = Vec::with_capacity(events.len());
-        let mut payloads = Vec::with_capacity(events.len());
-        for (offset, event) in events.iter().enumerate() {
-            let payload = serde_json::to_string(event).map_err(serialize_error)?;
-            if let Some(reason) = unstorable(&payload) {
-                return Err(AppendError::Unstorable(reason));
-            }
-            sequences.push((loaded.version + 1 + offset as u64) as i64);
-            event_types.push(event.event_type());
-            event_versions.push(event.event_version());
-            payloads.push(payload);
+        rows: &EventRows,
+        aggregates: &[(&LoadedAggregate<A>, u64, usize)],
+    ) -> Result<HashMap<String, i64>, AppendError> {
+        let mut positions = HashMap::new();
+        if rows.ids.is_empty() {
+            return Ok(positions);
         }
-        let metadata = serde_json::to_string(metadata).map_err(serialize_error)?;
-        if let Some(reason) = unstorable(&metadata) {
-            return Err(AppendError::Unstorable(reason));
-        }
-        let new_version = loaded.version + events.len() as u64;
-
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(INSERT_EVENTS)
+        let inserted = sqlx::query(INSERT_EVENTS)
             .bind(A::TYPE)
-            .bind(&loaded.aggregate_id)
-            .bind(&sequences)
-            .bind(&event_types)
-            .bind(&event_versions)
-            .bind(&payloads)
-            .bind(&metadata)
+            .bind(&rows.ids)
+            .bind(&rows.sequences)
+            .bind(&rows.event_types)
+            .bind(&rows.event_versions)
+            .bind(&rows.payloads)
+            .bind(&rows.metadata)
             .fetch_all(&mut *tx)
             .await?;
-        let last_position = rows
-            .iter()
-            .map(|row| {
-                (
-                    row.get::<i64, _>("sequence"),
-                    row.get::<i64, _>("global_position"),
-                )
-            })
-            .max()
-            .map(|(_, position)| position)
-            .ok_or_else(|| AppendError::Store(StoreError::Database(sqlx::Error::RowNotFound)))?;
-        if self.crosses_snapshot_boundary(loaded.version, new_version) {
+        for row in inserted {
+            let id: String = row.get("aggregate_id");
+            let position: i64 = row.get("global_position");
+            let last = positions.entry(id).or_insert(position);
+            *last = (*last).max(position);
+        }
+        for &(loaded, version_before, count) in aggregates {
+            let new_version = version_before + count as u64;
+            if count == 0 || !self.crosses_snapshot_boundary(version_before, new_version) {
+                continue;
+            }
             let snapshot = serde_json::to_string(&loaded.aggregate).map_err(|source| {
                 AppendError::Store(StoreError::Serialize {
                     what: "snapshot",
@@ -727,7 +650,12 @@ where
                 .await?;
         }
         tx.commit().await?;
-        Ok(last_position)
+        Ok(positions)
+    }
+
+    fn slot(&self, aggregate_id: &str) -> Slot<A> {
+        self.cache
+            .get_with_by_ref(aggregate_id, || Arc::new(Mutex::new(None)))
     }
 
     fn crosses_snapshot_boundary(&self, old_version: u64, new_version: u64) -> bool {
@@ -944,7 +872,15 @@ where
         // cqrs-es hands over the aggregate with the events applied already (the sink did it).
         self.evict(&context.aggregate_id);
         let version = context.version;
-        match self.append(&context, &events, &metadata).await {
+        let mut rows = EventRows::default();
+        let appended = match rows.add(&context, version, &events, &metadata) {
+            Ok(()) => {
+                self.write(&rows, &[(&context, version, events.len())])
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        match appended {
             Ok(_) => {}
             Err(AppendError::Conflict) => return Err(AggregateError::AggregateConflict),
             Err(AppendError::Unstorable(reason)) => {

@@ -726,6 +726,34 @@ async fn conditional_commands_need_the_expected_version() {
     assert_eq!(current.version, 3);
 }
 
+/// An `If-Match` naming the version another process just wrote is judged on what is stored,
+/// not on this process's older copy; a version older than the stored one is still refused.
+#[tokio::test]
+async fn a_conditional_command_is_judged_on_the_stored_version() {
+    let db = TestDatabase::create().await;
+    let here = store(&db.pool, StoreSettings::default());
+    let elsewhere = store(&db.pool, StoreSettings::default());
+    here.execute(DEVICE, register(), &metadata()).await.unwrap();
+    // Another process moves the device on; this one's cached copy stays at version 1.
+    let moved = elsewhere
+        .execute(DEVICE, heartbeat(1), &metadata())
+        .await
+        .unwrap();
+    let committed = here
+        .execute_if(DEVICE, heartbeat(2), &metadata(), Some(moved.version))
+        .await
+        .unwrap();
+    assert!(committed.version > moved.version);
+    let outdated = here
+        .execute_if(DEVICE, heartbeat(3), &metadata(), Some(moved.version))
+        .await;
+    assert!(
+        matches!(outdated, Err(CommandError::VersionMismatch { expected, actual })
+            if expected == moved.version && actual == committed.version),
+        "{outdated:?}"
+    );
+}
+
 /// Roles in other processes (here: other stores over the same database, each with a cache of
 /// its own) append to the same aggregates. Whatever a store answers from `current` or
 /// `inspect` is at least as new as every event committed before the call, however it was
