@@ -1,0 +1,555 @@
+//! Which events a projection has applied, wherever it keeps that (its [`Positions`]), and
+//! how an event is judged against them: already applied, next, or after a gap.
+
+use super::*;
+
+/// Where a projection keeps which events it has applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// One row per aggregate in `projection_positions`, locked, judged and moved by the worker
+    /// in the transaction that applies the events.
+    Shared,
+    /// A column of the projection's own table, one row per aggregate, that every applied event
+    /// sets to its sequence (as `devices.last_sequence`): no second row to write per event. An
+    /// aggregate without a row is at 0.
+    ///
+    /// The projection's writes must be compare-and-set: a write for event `n` changes the row
+    /// only where the column holds `n - 1`, and fails with [`ProjectionError::PositionMoved`]
+    /// otherwise. That lets the worker judge a batch against the positions it committed last
+    /// without reading the rows: a stale guess fails the batch instead of applying twice.
+    Own(OwnPositions),
+    /// Nowhere: the projection's rows are keyed by the event they come from and rows it has
+    /// already are skipped (`ON CONFLICT DO NOTHING`), so applying an event again changes
+    /// nothing and events apply in any order. No gaps are waited for.
+    Keyed,
+}
+
+/// The table and columns of [`Positions::Own`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnPositions {
+    /// The table with one row per aggregate.
+    pub table: &'static str,
+    /// Its column holding the aggregate id.
+    pub id_column: &'static str,
+    /// Its column holding the sequence of the last event applied.
+    pub sequence_column: &'static str,
+}
+
+impl OwnPositions {
+    /// Locks the aggregate's row, if it has one, and returns its sequence (0 without a row).
+    async fn lock(&self, connection: &mut PgConnection, id: &str) -> Result<i64, sqlx::Error> {
+        let Self {
+            table,
+            id_column,
+            sequence_column,
+        } = self;
+        let sequence: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT {sequence_column} FROM {table} WHERE {id_column} = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(connection)
+        .await?;
+        Ok(sequence.unwrap_or(0))
+    }
+
+    /// The sequences of those of `ids` that have a row.
+    async fn read_many(
+        &self,
+        connection: &mut PgConnection,
+        ids: &[&str],
+    ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let Self {
+            table,
+            id_column,
+            sequence_column,
+        } = self;
+        sqlx::query_as(&format!(
+            "SELECT {id_column}, {sequence_column} FROM {table} WHERE {id_column} = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(connection)
+        .await
+    }
+
+    /// Moves the aggregate's row past `sequence` (a dead letter), if it has a row.
+    async fn move_past(
+        &self,
+        connection: &mut PgConnection,
+        id: &str,
+        sequence: i64,
+    ) -> Result<(), sqlx::Error> {
+        let Self {
+            table,
+            id_column,
+            sequence_column,
+        } = self;
+        sqlx::query(&format!(
+            "UPDATE {table} SET {sequence_column} = $2
+              WHERE {id_column} = $1 AND {sequence_column} < $2"
+        ))
+        .bind(id)
+        .bind(sequence)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Whether `projection` has applied `event`: read-your-writes asks this.
+pub async fn has_applied<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    event: &EventEnvelope,
+) -> Result<bool, ProjectionError> {
+    let applied = match P::POSITIONS {
+        Positions::Shared => {
+            let sequence: Option<i64> = sqlx::query_scalar(
+                "SELECT last_sequence FROM projection_positions
+                  WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+            )
+            .bind(P::NAME)
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .fetch_optional(pool)
+            .await?;
+            sequence.is_some_and(|sequence| sequence >= event.sequence)
+        }
+        Positions::Own(own) => {
+            let mut connection = pool.acquire().await?;
+            let stored = own
+                .read_many(&mut connection, &[event.aggregate_id.as_str()])
+                .await?;
+            stored
+                .first()
+                .is_some_and(|(_, sequence)| *sequence >= event.sequence)
+        }
+        Positions::Keyed => {
+            let mut connection = pool.acquire().await?;
+            projection.contains(&mut connection, event).await?
+        }
+    };
+    Ok(applied)
+}
+
+/// The positions this worker committed last, per aggregate: a hint that saves reading position
+/// rows, never trusted on its own (the batch's closing UPDATE checks each one for
+/// [`Positions::Shared`], the projection's compare-and-set writes for [`Positions::Own`]).
+pub(super) struct KnownPositions {
+    state: Mutex<Known>,
+    capacity: usize,
+}
+
+/// Last sequence by aggregate type, then id (nested so a look-up by `&str` allocates nothing).
+#[derive(Default)]
+struct Known {
+    sequences: HashMap<String, HashMap<String, i64>>,
+    len: usize,
+}
+
+/// The remembered positions, locked for a moment (never across an await).
+pub(super) struct KnownPositionsGuard<'a> {
+    known: MutexGuard<'a, Known>,
+    capacity: usize,
+}
+
+impl KnownPositions {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(Known::default()),
+            capacity,
+        }
+    }
+
+    pub(super) fn lock(&self) -> KnownPositionsGuard<'_> {
+        KnownPositionsGuard {
+            // A panic elsewhere cannot leave a wrong value behind: every value is checked.
+            known: self.state.lock().unwrap_or_else(PoisonError::into_inner),
+            capacity: self.capacity,
+        }
+    }
+}
+
+impl KnownPositionsGuard<'_> {
+    pub(super) fn get(&self, aggregate_type: &str, aggregate_id: &str) -> Option<i64> {
+        self.known
+            .sequences
+            .get(aggregate_type)
+            .and_then(|ids| ids.get(aggregate_id))
+            .copied()
+    }
+
+    pub(super) fn remember(&mut self, aggregate_type: &str, aggregate_id: &str, sequence: i64) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.known.len >= self.capacity {
+            *self.known = Known::default();
+        }
+        let ids = self
+            .known
+            .sequences
+            .entry(aggregate_type.to_owned())
+            .or_default();
+        match ids.get_mut(aggregate_id) {
+            Some(known) => *known = sequence,
+            None => {
+                ids.insert(aggregate_id.to_owned(), sequence);
+                self.known.len += 1;
+            }
+        }
+    }
+
+    pub(super) fn forget(&mut self, aggregate_type: &str, aggregate_id: &str) {
+        let removed = self
+            .known
+            .sequences
+            .get_mut(aggregate_type)
+            .and_then(|ids| ids.remove(aggregate_id));
+        if removed.is_some() {
+            self.known.len -= 1;
+        }
+    }
+}
+
+/// An aggregate as the worker keys positions: type, then id.
+type AggregateKey<'a> = (&'a str, &'a str);
+
+/// Where an event stood against the projection's position for its aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// It was the next one: applied.
+    Applied,
+    /// Applied before: nothing done.
+    AlreadyApplied,
+    /// An earlier event is missing: nothing done.
+    Gap {
+        /// The sequence the projection waits for.
+        expected: i64,
+    },
+}
+
+/// Applies `event` to `projection` on `connection` (inside the caller's transaction) unless the
+/// projection's position for its aggregate says it is not the next one. Shared by the live
+/// worker and replay, so both judge sequences alike.
+pub async fn apply_event<P: Projection>(
+    projection: &P,
+    connection: &mut PgConnection,
+    event: &EventEnvelope,
+) -> Result<Position, ProjectionError> {
+    let last = match P::POSITIONS {
+        Positions::Shared => lock_position(connection, P::NAME, event).await?,
+        Positions::Own(own) => own.lock(connection, &event.aggregate_id).await?,
+        Positions::Keyed => {
+            projection.apply(connection, event).await?;
+            return Ok(Position::Applied);
+        }
+    };
+    if event.sequence <= last {
+        return Ok(Position::AlreadyApplied);
+    }
+    if event.sequence > last + 1 {
+        return Ok(Position::Gap { expected: last + 1 });
+    }
+    projection.apply(connection, event).await?;
+    if P::POSITIONS == Positions::Shared {
+        store_position(connection, P::NAME, event).await?;
+    }
+    Ok(Position::Applied)
+}
+
+/// `a == b`, in a const context.
+pub(super) const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Judges `events`, in order, against `last` (the last applied sequence per aggregate, 0 when
+/// missing) as [`apply_event`] would one by one, moving `last` along. Returns each event's
+/// position and the events to apply.
+fn judge<'a>(
+    events: &'a [EventEnvelope],
+    last: &mut HashMap<(&'a str, &'a str), i64>,
+) -> (Vec<Position>, Vec<&'a EventEnvelope>) {
+    let mut positions = Vec::with_capacity(events.len());
+    let mut applied = Vec::with_capacity(events.len());
+    for event in events {
+        let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+        let current = last.get(&key).copied().unwrap_or(0);
+        let position = if event.sequence <= current {
+            Position::AlreadyApplied
+        } else if event.sequence > current + 1 {
+            Position::Gap {
+                expected: current + 1,
+            }
+        } else {
+            last.insert(key, event.sequence);
+            applied.push(event);
+            Position::Applied
+        };
+        positions.push(position);
+    }
+    (positions, applied)
+}
+
+impl<P: Projection, C: Companion> Worker<P, C> {
+    /// Applies `events` in order in one transaction, judged against the projection's
+    /// positions wherever it keeps them.
+    pub(super) async fn apply_all(
+        &self,
+        events: &[EventEnvelope],
+    ) -> Result<Vec<Position>, ProjectionError> {
+        match P::POSITIONS {
+            Positions::Shared => self.apply_all_shared(events).await,
+            Positions::Own(own) => self.apply_all_own(own, events).await,
+            Positions::Keyed => {
+                let mut tx = self.pool.begin().await?;
+                let all: Vec<&EventEnvelope> = events.iter().collect();
+                self.projection.apply_batch(&mut tx, &all).await?;
+                self.companion.apply_batch(&mut tx, &all).await?;
+                tx.commit().await?;
+                Ok(vec![Position::Applied; events.len()])
+            }
+        }
+    }
+
+    /// [`Positions::Own`]: judges the batch against the positions this worker committed last
+    /// ([`KnownPositions`]) and reads the others, unlocked. Neither is trusted on its own: the
+    /// projection's writes are compare-and-set (each fails with [`ProjectionError::PositionMoved`]
+    /// unless its row stood at the event's sequence - 1), so a row that another worker or a
+    /// replay moved meanwhile makes the batch fail and the caller go one by one, locking each row.
+    async fn apply_all_own(
+        &self,
+        own: OwnPositions,
+        events: &[EventEnvelope],
+    ) -> Result<Vec<Position>, ProjectionError> {
+        let (mut last, unknown) = self.remembered(events);
+        let mut tx = self.pool.begin().await?;
+        if !unknown.is_empty() {
+            let ids: Vec<&str> = unknown.iter().map(|(_, id)| *id).collect();
+            let stored = own.read_many(&mut tx, &ids).await?;
+            let stored: HashMap<&str, i64> = stored
+                .iter()
+                .map(|(id, sequence)| (id.as_str(), *sequence))
+                .collect();
+            for key in &unknown {
+                if let Some(sequence) = stored.get(key.1) {
+                    last.insert(*key, *sequence);
+                }
+            }
+        }
+        let (positions, applied) = judge(events, &mut last);
+        if !applied.is_empty() {
+            self.projection.apply_batch(&mut tx, &applied).await?;
+        }
+        let all: Vec<&EventEnvelope> = events.iter().collect();
+        self.companion.apply_batch(&mut tx, &all).await?;
+        tx.commit().await?;
+        let mut known = self.known.lock();
+        for event in applied {
+            known.remember(&event.aggregate_type, &event.aggregate_id, event.sequence);
+        }
+        Ok(positions)
+    }
+
+    /// Splits the batch's aggregates into those whose remembered position can stand in for
+    /// their row (returned as the judge's starting point) and those whose row must be read.
+    /// Only a remembered position followed by the very next event is used; anything else (a
+    /// redelivery, a gap) is judged against the row itself.
+    fn remembered<'a>(
+        &self,
+        events: &'a [EventEnvelope],
+    ) -> (HashMap<AggregateKey<'a>, i64>, Vec<AggregateKey<'a>>) {
+        let mut last: HashMap<AggregateKey, i64> = HashMap::new();
+        let mut unknown: Vec<AggregateKey> = Vec::new();
+        let mut seen: HashSet<AggregateKey> = HashSet::new();
+        let known = self.known.lock();
+        for event in events {
+            let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+            if !seen.insert(key) {
+                continue;
+            }
+            match known.get(key.0, key.1) {
+                Some(sequence) if event.sequence == sequence + 1 => {
+                    last.insert(key, sequence);
+                }
+                _ => unknown.push(key),
+            }
+        }
+        (last, unknown)
+    }
+
+    /// [`Positions::Shared`]: applies `events` in order in one transaction.
+    ///
+    /// Aggregates this worker committed last (see [`KnownPositions`]) need no read of their
+    /// position rows; the others are read and locked, in a fixed order. The closing UPDATE
+    /// moves each position only if it still holds the value the batch was judged against
+    /// (compare-and-set): if another worker or a replay moved one meanwhile, nothing commits
+    /// and the caller goes one by one, which reads every position afresh.
+    async fn apply_all_shared(
+        &self,
+        events: &[EventEnvelope],
+    ) -> Result<Vec<Position>, ProjectionError> {
+        let (mut last, mut unknown) = self.remembered(events);
+        let mut tx = self.pool.begin().await?;
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            let (types, ids): (Vec<&str>, Vec<&str>) = unknown.iter().copied().unzip();
+            sqlx::query(
+                "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, last_sequence)
+                 SELECT $1, t, i, 0 FROM UNNEST($2::text[], $3::text[]) AS a(t, i)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(P::NAME)
+            .bind(&types)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+            let locked: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence FROM projection_positions p
+                   JOIN UNNEST($2::text[], $3::text[]) AS a(t, i)
+                     ON p.aggregate_type = a.t AND p.aggregate_id = a.i
+                  WHERE p.projection = $1
+                  ORDER BY p.aggregate_type, p.aggregate_id
+                    FOR UPDATE OF p",
+            )
+            .bind(P::NAME)
+            .bind(&types)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let locked: HashMap<(String, String), i64> = locked
+                .into_iter()
+                .map(|(kind, id, sequence)| ((kind, id), sequence))
+                .collect();
+            for key in &unknown {
+                if let Some(sequence) = locked.get(&(key.0.to_owned(), key.1.to_owned())) {
+                    last.insert(*key, *sequence);
+                }
+            }
+        }
+        let judged_against = last.clone();
+        let (positions, applied) = judge(events, &mut last);
+        let all: Vec<&EventEnvelope> = events.iter().collect();
+        self.companion.apply_batch(&mut tx, &all).await?;
+        if applied.is_empty() {
+            tx.commit().await?;
+            return Ok(positions);
+        }
+        self.projection.apply_batch(&mut tx, &applied).await?;
+        let mut moved: Vec<(&str, &str)> = applied
+            .iter()
+            .map(|e| (e.aggregate_type.as_str(), e.aggregate_id.as_str()))
+            .collect();
+        moved.sort_unstable();
+        moved.dedup();
+        let mut moved_types = Vec::with_capacity(moved.len());
+        let mut moved_ids = Vec::with_capacity(moved.len());
+        let mut expected = Vec::with_capacity(moved.len());
+        let mut sequences = Vec::with_capacity(moved.len());
+        for key in &moved {
+            moved_types.push(key.0);
+            moved_ids.push(key.1);
+            expected.push(judged_against.get(key).copied().unwrap_or(0));
+            sequences.push(last[key]);
+        }
+        let updated = sqlx::query(
+            "UPDATE projection_positions p SET last_sequence = a.s
+               FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS a(t, i, e, s)
+              WHERE p.projection = $1 AND p.aggregate_type = a.t AND p.aggregate_id = a.i
+                AND p.last_sequence = a.e",
+        )
+        .bind(P::NAME)
+        .bind(&moved_types)
+        .bind(&moved_ids)
+        .bind(&expected)
+        .bind(&sequences)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != moved.len() as u64 {
+            return Err(ProjectionError::PositionMoved);
+        }
+        tx.commit().await?;
+        let mut known = self.known.lock();
+        for (key, sequence) in moved.iter().zip(sequences) {
+            known.remember(key.0, key.1, sequence);
+        }
+        Ok(positions)
+    }
+}
+
+/// dead letter is passed over, so the aggregate's later events are not stuck behind it.
+pub(crate) async fn move_position_past<P: Projection>(
+    connection: &mut PgConnection,
+    event: &EventEnvelope,
+) -> Result<(), sqlx::Error> {
+    match P::POSITIONS {
+        Positions::Shared => {
+            let last = lock_position(connection, P::NAME, event).await?;
+            if event.sequence > last {
+                store_position(connection, P::NAME, event).await?;
+            }
+        }
+        Positions::Own(own) => {
+            own.move_past(connection, &event.aggregate_id, event.sequence)
+                .await?;
+        }
+        Positions::Keyed => {}
+    }
+    Ok(())
+}
+
+/// Locks the projection's position row for the event's aggregate (creating it at 0) and
+/// returns the last sequence applied.
+async fn lock_position(
+    connection: &mut PgConnection,
+    projection: &str,
+    event: &EventEnvelope,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, last_sequence)
+         VALUES ($1, $2, $3, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(projection)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .execute(&mut *connection)
+    .await?;
+    sqlx::query_scalar(
+        "SELECT last_sequence FROM projection_positions
+          WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3 FOR UPDATE",
+    )
+    .bind(projection)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .fetch_one(&mut *connection)
+    .await
+}
+
+async fn store_position(
+    connection: &mut PgConnection,
+    projection: &str,
+    event: &EventEnvelope,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_positions SET last_sequence = $4
+          WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+    )
+    .bind(projection)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .bind(event.sequence)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
