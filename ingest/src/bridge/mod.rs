@@ -1,0 +1,262 @@
+//! The MQTT bridge (`fleetlog ingest`): device messages in, Device commands out, acknowledged
+//! only once they are safe.
+//!
+//! One rumqttc client with a persistent session (`clean_session = false`) and manual acks
+//! subscribes at QoS 1 to the device topics, through a shared subscription so several ingest
+//! instances split the load. Messages are spread over shards by device id: one device's
+//! messages stay in order, different devices run concurrently. A shard takes everything queued
+//! for it, groups it by device and runs each device's messages as one batch on the Device
+//! aggregate (one transaction). A message is acked after its batch committed, or after it was
+//! published to the dead-letter stream with its reason; a failure of Postgres or NATS leaves it
+//! unacked, so the broker redelivers it after a reconnect (invariant 4). Redelivered copies carry
+//! their digest and change nothing twice.
+//!
+//! By concern: `connection.rs` (the MQTT event loop), `shard.rs` (a round of a shard),
+//! `dedup.rs` (redelivered copies), `dead_letter.rs` and `stats.rs`; this file holds the
+//! settings and the bridge that starts them.
+
+mod connection;
+mod dead_letter;
+mod dedup;
+mod shard;
+mod stats;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
+use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, DeviceEvent, Lifecycle};
+use fleetlog_domain::{DeviceId, TenantId, UserId};
+use fleetlog_nats::topology::ensure_dead_letter_stream;
+use fleetlog_nats::{sleep_unless_shut_down, Backoff};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use fleetlog_broker::BrokerUrl;
+use fleetlog_protocol::message::{
+    parse_payload, parse_topic, DeviceMessage, Dropped, Identity, Rejection,
+};
+
+use connection::{ack, flush_and_disconnect, poll_events};
+use dead_letter::{publish_dead_letter, reject};
+use dedup::recorded_redeliveries;
+use shard::{run_shard, shard_of, Item};
+pub use stats::IngestStats;
+use stats::Outcome;
+
+/// Dead letters of the bridge go to `fleetlog.deadletter.ingest` (under
+/// [`fleetlog_nats::topology::DEAD_LETTER_PREFIX`]).
+pub const DEAD_LETTER_SUBJECT: &str = "fleetlog.deadletter.ingest";
+
+/// How the bridge connects and works.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// The broker.
+    pub broker: BrokerUrl,
+    /// The MQTT client id. Keep it stable across restarts: the broker keeps the session, and
+    /// the messages not yet acked, under it. Each instance needs its own.
+    pub client_id: String,
+    /// The first topic level, `devices` by default.
+    pub topic_root: String,
+    /// The shared-subscription group (`$share/{group}/...`) instances split the load in;
+    /// `None` subscribes plainly (every instance then gets every message).
+    pub share_group: Option<String>,
+    /// Register unknown devices into this tenant instead of dead-lettering their messages.
+    pub auto_register_tenant: Option<TenantId>,
+    /// Shards: each commits the devices of its round in one transaction, so this many
+    /// transactions run at once. Few shards make large, cheap transactions.
+    pub shards: usize,
+    /// The most messages of one shard handled in one round.
+    pub max_batch: usize,
+    /// How long a round that is not full waits for more messages before it runs: fewer,
+    /// larger transactions under load, for at most this much latency.
+    pub linger: Duration,
+    /// QoS 1 messages the broker may have in flight to this client.
+    pub inflight: u16,
+    /// How often the summary line is logged.
+    pub report_every: Duration,
+    /// The first wait after a lost connection; it doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// The longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl IngestSettings {
+    /// Defaults for `broker`.
+    pub fn new(broker: BrokerUrl) -> Self {
+        Self {
+            broker,
+            client_id: "fleetlog-ingest".into(),
+            topic_root: "devices".into(),
+            share_group: Some("fleetlog-ingest".into()),
+            auto_register_tenant: None,
+            shards: 2,
+            max_batch: 500,
+            linger: Duration::from_millis(5),
+            inflight: 1000,
+            report_every: Duration::from_secs(300),
+            min_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+
+    /// The topic filters subscribed to.
+    pub fn filters(&self) -> Vec<String> {
+        let root = &self.topic_root;
+        let share = |filter: String| match &self.share_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter,
+        };
+        [
+            format!("{root}/+/data"),
+            format!("{root}/+/status"),
+            format!("{root}/+/heartbeat"),
+            format!("{root}/+/commands/+/reply"),
+            format!("{root}/+/ota/progress"),
+        ]
+        .into_iter()
+        .map(share)
+        .collect()
+    }
+}
+
+/// The bridge.
+pub struct Ingest {
+    bus: CommandBus,
+    jetstream: Context,
+    settings: IngestSettings,
+    stats: Arc<IngestStats>,
+}
+
+impl Ingest {
+    /// A bridge that executes on `bus` and dead-letters through `jetstream`.
+    pub fn new(bus: CommandBus, jetstream: Context, settings: IngestSettings) -> Self {
+        Self {
+            bus,
+            jetstream,
+            settings,
+            stats: Arc::new(IngestStats::default()),
+        }
+    }
+
+    /// Its running totals.
+    pub fn stats(&self) -> Arc<IngestStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown`: messages in hand are finished (committed or dead-lettered and
+    /// acked) before it returns; the rest stays with the broker.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let _ = self.stats.started.set(Instant::now());
+        let settings = &self.settings;
+        let mut options = settings.broker.options(&settings.client_id);
+        options
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_inflight(settings.inflight)
+            .set_max_packet_size(
+                fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
+                fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
+            );
+        let (client, events) = AsyncClient::new(options, 10_000);
+        let shared = Arc::new(Shared {
+            bus: self.bus.clone(),
+            jetstream: self.jetstream.clone(),
+            client: client.clone(),
+            topic_root: settings.topic_root.clone(),
+            auto_register_tenant: settings.auto_register_tenant.clone(),
+            stats: self.stats.clone(),
+            stop: shutdown.clone(),
+        });
+        if let Err(error) = ensure_dead_letter_stream(&self.jetstream).await {
+            // Not fatal: the first dead letter tries again.
+            tracing::warn!(%error, "cannot create the dead-letter stream yet");
+        }
+        let mut shards = JoinSet::new();
+        let mut senders = Vec::with_capacity(settings.shards);
+        for _ in 0..settings.shards.max(1) {
+            let (sender, receiver) = mpsc::channel(settings.max_batch.max(1) * 2);
+            senders.push(sender);
+            shards.spawn(run_shard(
+                shared.clone(),
+                receiver,
+                settings.max_batch.max(1),
+                settings.linger,
+            ));
+        }
+        let reporter = tokio::spawn({
+            let stats = self.stats.clone();
+            let every = settings.report_every;
+            let shutdown = shutdown.clone();
+            async move {
+                // Gauges are refreshed often; the log line comes every `every`.
+                let mut ticks = tokio::time::interval(Duration::from_secs(15).min(every));
+                ticks.tick().await;
+                let mut last_line = Instant::now();
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        _ = ticks.tick() => {
+                            let log = last_line.elapsed() >= every;
+                            if log {
+                                last_line = Instant::now();
+                            }
+                            stats.report(log);
+                        }
+                    }
+                }
+            }
+        });
+
+        let events = poll_events(&self, &client, events, &senders, &shutdown).await;
+        // Let the shards finish what they hold, then send their acks before leaving.
+        drop(senders);
+        let mut panicked = None;
+        while let Some(finished) = shards.join_next().await {
+            if let Err(error) = finished {
+                if error.is_panic() && panicked.is_none() {
+                    panicked = Some(error.into_panic());
+                }
+            }
+        }
+        reporter.abort();
+        flush_and_disconnect(&client, events).await;
+        self.stats.set_connected(false);
+        self.stats.report(true);
+        // A shard that panicked ended the bridge: pass the panic on, so the supervisor
+        // restarts the role (what that shard held is redelivered by the broker), instead of
+        // this looking like a clean stop.
+        if let Some(panic) = panicked {
+            std::panic::resume_unwind(panic);
+        }
+        tracing::info!("ingest stopped");
+    }
+}
+
+/// What the shards share.
+struct Shared {
+    bus: CommandBus,
+    jetstream: Context,
+    client: AsyncClient,
+    topic_root: String,
+    auto_register_tenant: Option<TenantId>,
+    stats: Arc<IngestStats>,
+    stop: CancellationToken,
+}
+
+/// The first wait before a Postgres or NATS operation of the bridge is tried again; the waits
+/// double up to [`RETRY_CEILING`]. Every retry holds its shard back, and with it the broker.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest wait between two tries.
+const RETRY_CEILING: Duration = Duration::from_secs(10);
