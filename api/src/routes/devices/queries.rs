@@ -1,185 +1,11 @@
-//! `/api/v1/devices`: the registry, live state, desired properties and commands.
-//!
-//! Reads come from the `devices` and `device_commands` read models, always filtered by the
-//! caller's tenant; a device of another tenant is answered like a missing one (404). Writes are
-//! Device commands, checked against the aggregate's tenant first.
+//! The device reads: one device (now or as of an instant), the registry page by page, a
+//! command's status and the telemetry.
 
-use axum::extract::{Path, State};
-use axum::http::header::ETAG;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Utc};
-use fleetlog_commands::{CommandMetadata, Committed};
-use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, Lifecycle};
-use fleetlog_domain::user::Role;
-use fleetlog_domain::{CommandId, DeviceId};
-use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
-use sqlx::{FromRow, QueryBuilder};
-
-use crate::auth::Caller;
-use crate::consistency::{if_match, wait_for_position};
-use crate::error::ApiError;
-use crate::extract::{ClientInstant, Json, Query};
-use crate::AppState;
-use fleetlog_projections::as_of::AsOfError;
-use utoipa_axum::{router::OpenApiRouter, routes};
-
-const WRITERS: &[Role] = &[Role::Admin, Role::Operator];
-const READERS: &[Role] = &[Role::Admin, Role::Operator, Role::Viewer];
-const MAX_PAGE: i64 = 200;
-/// The projection behind every read here.
-const PROJECTION: &str = "devices";
-
-/// The routes.
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create, list))
-        .routes(routes!(show, update, decommission))
-        .routes(routes!(set_desired))
-        .routes(routes!(issue_command))
-        .routes(routes!(command_status))
-        .routes(routes!(events))
-        .routes(routes!(super::stream::device_stream))
-        .routes(routes!(telemetry, super::device_ingest::upload_for_device))
-}
-
-/// What a write returns: where the aggregate and the event log stand afterwards, so a client
-/// can read its own write (`min_position`) or write conditionally (`If-Match`).
-#[derive(Serialize, utoipa::ToSchema)]
-struct WriteResult {
-    device_id: String,
-    version: u64,
-    global_position: Option<i64>,
-}
-
-fn written(device_id: &str, committed: Committed) -> axum::Json<WriteResult> {
-    axum::Json(WriteResult {
-        device_id: device_id.to_string(),
-        version: committed.version,
-        global_position: committed.global_position,
-    })
-}
-
-fn metadata(caller: &Caller) -> CommandMetadata {
-    CommandMetadata::new(caller.actor()).with_tenant(caller.tenant.clone())
-}
-
-fn parse_id(id: &str) -> Result<DeviceId, ApiError> {
-    DeviceId::parse(id).map_err(|error| ApiError::BadRequest(error.to_string()))
-}
-
-/// The device's aggregate, if it exists in the caller's tenant.
-async fn owned_device(
-    state: &AppState,
-    caller: &Caller,
-    id: &DeviceId,
-) -> Result<Device, ApiError> {
-    let device = state.bus.devices().current(id.as_str()).await?.aggregate;
-    if device.lifecycle == Lifecycle::Unregistered || device.tenant.as_ref() != Some(&caller.tenant)
-    {
-        return Err(ApiError::NotFound("device"));
-    }
-    Ok(device)
-}
-
-/// Runs a command on a device of the caller's tenant, conditionally if the request carries
-/// `If-Match`.
-async fn execute(
-    state: &AppState,
-    caller: &Caller,
-    headers: &HeaderMap,
-    id: &DeviceId,
-    command: DeviceCommand,
-) -> Result<Committed, ApiError> {
-    caller.require(WRITERS)?;
-    let expected = if_match(headers)?;
-    owned_device(state, caller, id).await?;
-    Ok(state
-        .bus
-        .devices()
-        .execute_if(id.as_str(), command, &metadata(caller), expected)
-        .await?)
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct CreateDevice {
-    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
-    device_id: String,
-    /// 1 to 128 characters, no control characters.
-    #[schema(min_length = 1, max_length = 128)]
-    name: String,
-    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
-    model: String,
-    /// At most 32 tags of 1 to 64 characters each, no control characters.
-    #[serde(default)]
-    #[schema(max_items = 32)]
-    tags: Vec<String>,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-struct Created {
-    #[serde(flatten)]
-    write: WriteResult,
-    /// The device's secret, shown this once; only its hash is stored.
-    device_token: String,
-}
-
-#[utoipa::path(
-    post, path = "/", tag = "devices", summary = "Register a device (operator, admin)",
-    description = "Answers the device token once; only its hash is stored.",
-    request_body = CreateDevice,
-    responses((status = 201, description = "Registered", body = Created))
-)]
-async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    Json(request): Json<CreateDevice>,
-) -> Result<(StatusCode, axum::Json<Created>), ApiError> {
-    caller.require(WRITERS)?;
-    let id = parse_id(&request.device_id)?;
-    let now = Utc::now();
-    let register = DeviceCommand::Register {
-        device_id: id.clone(),
-        tenant: caller.tenant.clone(),
-        owner: caller.user_id.clone(),
-        name: request.name,
-        model: request.model,
-        tags: request.tags,
-        at: now,
-    };
-    let devices = state.bus.devices();
-    match devices
-        .execute(id.as_str(), register, &metadata(&caller))
-        .await
-    {
-        Err(fleetlog_commands::CommandError::Refused(DeviceError::AlreadyRegistered)) => {
-            return Err(ApiError::Conflict(format!("device id {id} is taken")));
-        }
-        other => other?,
-    };
-    let token = fleetlog_commands::credentials::random_token();
-    let rotate = DeviceCommand::RotateCredentials {
-        secret_hash: fleetlog_commands::credentials::sha256_hex(token.expose_secret().as_bytes()),
-        at: now,
-    };
-    let committed = devices
-        .execute(id.as_str(), rotate, &metadata(&caller))
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(Created {
-            write: written(id.as_str(), committed).0,
-            device_token: token.expose_secret().to_string(),
-        }),
-    ))
-}
+use super::*;
 
 /// A device as the read model holds it.
 #[derive(Serialize, FromRow, utoipa::ToSchema)]
-struct DeviceView {
+pub(super) struct DeviceView {
     device_id: String,
     tenant: String,
     owner: String,
@@ -207,14 +33,15 @@ struct DeviceView {
     last_sequence: i64,
 }
 
-const DEVICE_COLUMNS: &str = "device_id, tenant, owner, name, model, tags, lifecycle, online,
+pub(super) const DEVICE_COLUMNS: &str =
+    "device_id, tenant, owner, name, model, tags, lifecycle, online,
     offline_reason, last_seen, last_heartbeat, last_telemetry_at, sensors, location, reported,
     desired, delta, desired_version, firmware_version, firmware_update, open_commands,
     registered_at, updated_at, last_sequence";
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ShowQuery {
+pub(super) struct ShowQuery {
     /// Fold the device's events up to this instant instead of reading the live model
     /// (1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z).
     #[param(value_type = Option<String>, format = DateTime)]
@@ -230,7 +57,7 @@ struct ShowQuery {
     params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ShowQuery),
     responses((status = 200, description = "The device", body = DeviceView, headers(("ETag" = String, description = "The device's version"))))
 )]
-async fn show(
+pub(super) async fn show(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -261,11 +88,11 @@ async fn show(
 
 /// Past views folded at once by this process: each holds a transaction (and with it the
 /// relay's view of what is committed) for as long as it folds.
-static PAST_VIEW_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+pub(super) static PAST_VIEW_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 /// The device as it stood at `at`: its events recorded until then, applied by the devices
 /// projection to private copies of its tables, so it is the same view as the live one.
-async fn as_of(
+pub(super) async fn as_of(
     state: &AppState,
     caller: &Caller,
     id: &DeviceId,
@@ -307,7 +134,7 @@ async fn as_of(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(super) struct ListQuery {
     /// `active` (default), `decommissioned` or `all`.
     #[param(pattern = "^(active|decommissioned|all)$")]
     lifecycle: Option<String>,
@@ -330,7 +157,7 @@ struct ListQuery {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
-struct Page {
+pub(super) struct Page {
     items: Vec<DeviceView>,
     next_cursor: Option<String>,
 }
@@ -343,7 +170,7 @@ struct Page {
     params(ListQuery),
     responses((status = 200, description = "A page of devices", body = Page))
 )]
-async fn list(
+pub(super) async fn list(
     State(state): State<AppState>,
     caller: Caller,
     Query(query): Query<ListQuery>,
@@ -444,11 +271,11 @@ async fn list(
 }
 
 /// Cursors are opaque to clients: hex of `key \0 id`.
-fn encode_cursor(key: &str, id: &str) -> String {
+pub(super) fn encode_cursor(key: &str, id: &str) -> String {
     hex::encode(format!("{key}\0{id}"))
 }
 
-fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
+pub(super) fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
     let invalid = || ApiError::BadRequest("invalid cursor".into());
     if cursor.len() > 1024 {
         return Err(invalid());
@@ -464,164 +291,8 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
     Ok((key.to_string(), id.to_string()))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct UpdateDevice {
-    /// 1 to 128 characters, no control characters.
-    #[schema(min_length = 1, max_length = 128)]
-    name: Option<String>,
-    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
-    model: Option<String>,
-    /// At most 32 tags of 1 to 64 characters each.
-    #[schema(max_items = 32)]
-    tags: Option<Vec<String>>,
-}
-
-#[utoipa::path(
-    patch, path = "/{id}", tag = "devices", summary = "Change name, model or tags",
-    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = UpdateDevice,
-    responses((status = 200, description = "Changed", body = WriteResult))
-)]
-async fn update(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Json(request): Json<UpdateDevice>,
-) -> Result<axum::Json<WriteResult>, ApiError> {
-    let id = parse_id(&id)?;
-    let command = DeviceCommand::UpdateMetadata {
-        name: request.name,
-        model: request.model,
-        tags: request.tags,
-        at: Utc::now(),
-    };
-    let committed = execute(&state, &caller, &headers, &id, command).await?;
-    Ok(written(id.as_str(), committed))
-}
-
-#[utoipa::path(
-    delete, path = "/{id}", tag = "devices", summary = "Decommission a device",
-    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")),
-    responses((status = 200, description = "Decommissioned", body = WriteResult))
-)]
-async fn decommission(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<axum::Json<WriteResult>, ApiError> {
-    let id = parse_id(&id)?;
-    let command = DeviceCommand::Decommission {
-        reason: format!("decommissioned by {}", caller.actor()),
-        at: Utc::now(),
-    };
-    // A DELETE repeated (a retry after a lost answer) finds what the first one did: 200 with
-    // the version, nothing written.
-    caller.require(WRITERS)?;
-    owned_device(&state, &caller, &id).await?;
-    let (lifecycle, version) = state
-        .bus
-        .devices()
-        .inspect(id.as_str(), |device, version| (device.lifecycle, version))
-        .await?;
-    if lifecycle == Lifecycle::Decommissioned {
-        return Ok(axum::Json(WriteResult {
-            device_id: id.to_string(),
-            version,
-            global_position: None,
-        }));
-    }
-    let committed = execute(&state, &caller, &headers, &id, command).await?;
-    Ok(written(id.as_str(), committed))
-}
-
-#[utoipa::path(
-    put, path = "/{id}/desired", tag = "devices", summary = "Set desired properties",
-    description = "A one-level merge patch: `null` removes a property. The device receives them retained on `devices/{id}/desired`.",
-    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body(content = Object, description = "Properties to set: 1 to 128 keys matching `^[A-Za-z_][A-Za-z0-9_]{0,63}$`; the whole desired document stays within 64 KiB and 256 keys"),
-    responses((status = 200, description = "Set", body = WriteResult))
-)]
-async fn set_desired(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Json(properties): Json<Map<String, Value>>,
-) -> Result<axum::Json<WriteResult>, ApiError> {
-    let id = parse_id(&id)?;
-    let command = DeviceCommand::SetDesired {
-        properties,
-        at: Utc::now(),
-    };
-    let committed = execute(&state, &caller, &headers, &id, command).await?;
-    Ok(written(id.as_str(), committed))
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct IssueCommand {
-    #[schema(pattern = "^[a-z_][a-z0-9_]{0,49}$")]
-    name: String,
-    /// A JSON object of at most 64 KiB and 256 keys.
-    #[serde(default = "empty_object")]
-    #[schema(value_type = Object)]
-    params: Value,
-    /// Seconds the device has to answer; 1 to 86,400 (default 300).
-    #[schema(minimum = 1, maximum = 86_400)]
-    ttl_secs: Option<i64>,
-}
-
-fn empty_object() -> Value {
-    Value::Object(Map::new())
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-struct CommandAccepted {
-    command_id: String,
-    #[serde(flatten)]
-    write: WriteResult,
-}
-
-#[utoipa::path(
-    post, path = "/{id}/commands", tag = "devices", summary = "Send a command to the device",
-    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")), request_body = IssueCommand,
-    responses((status = 202, description = "Accepted; follow it with the command status route", body = CommandAccepted))
-)]
-async fn issue_command(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Json(request): Json<IssueCommand>,
-) -> Result<(StatusCode, axum::Json<CommandAccepted>), ApiError> {
-    let id = parse_id(&id)?;
-    let ttl = request.ttl_secs.unwrap_or(300);
-    if !(1..=86_400).contains(&ttl) {
-        return Err(ApiError::BadRequest("ttl_secs must be 1 to 86400".into()));
-    }
-    let command_id = CommandId::parse(uuid::Uuid::now_v7().simple().to_string())
-        .map_err(|error| ApiError::Internal(Box::new(error)))?;
-    let now = Utc::now();
-    let command = DeviceCommand::IssueCommand {
-        command_id: command_id.clone(),
-        name: request.name,
-        params: request.params,
-        issued_at: now,
-        expires_at: now + chrono::Duration::seconds(ttl),
-    };
-    let committed = execute(&state, &caller, &headers, &id, command).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(CommandAccepted {
-            command_id: command_id.to_string(),
-            write: written(id.as_str(), committed).0,
-        }),
-    ))
-}
-
 #[derive(Serialize, FromRow, utoipa::ToSchema)]
-struct CommandView {
+pub(super) struct CommandView {
     device_id: String,
     command_id: String,
     name: String,
@@ -635,7 +306,7 @@ struct CommandView {
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ConsistentQuery {
+pub(super) struct ConsistentQuery {
     /// Wait until the read model has applied the event at this position (read-your-writes).
     #[param(minimum = 1)]
     min_position: Option<i64>,
@@ -646,7 +317,7 @@ struct ConsistentQuery {
     params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("command_id" = String, Path, description = "The command id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ConsistentQuery),
     responses((status = 200, description = "The command", body = CommandView))
 )]
-async fn command_status(
+pub(super) async fn command_status(
     State(state): State<AppState>,
     caller: Caller,
     Path((id, command_id)): Path<(String, String)>,
@@ -672,101 +343,7 @@ async fn command_status(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct EventsQuery {
-    /// Only events after this sequence (the `next_after` of the previous page).
-    #[param(minimum = 0)]
-    after: Option<i64>,
-    /// Only events of this type.
-    #[serde(rename = "type")]
-    event_type: Option<String>,
-    /// 1 to 1,000 (default 100).
-    #[param(minimum = 1, maximum = 1000)]
-    limit: Option<i64>,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-struct EventView {
-    sequence: i64,
-    global_position: i64,
-    event_type: String,
-    event_version: String,
-    recorded_at: DateTime<Utc>,
-    actor: Option<String>,
-    correlation_id: Option<String>,
-    payload: Value,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-struct EventPage {
-    items: Vec<EventView>,
-    next_after: Option<i64>,
-}
-
-/// The device's history, oldest first, a page at a time.
-#[utoipa::path(
-    get, path = "/{id}/events", tag = "devices", summary = "The device's event history, paged",
-    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), EventsQuery),
-    responses((status = 200, description = "A page of events", body = EventPage))
-)]
-async fn events(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    Query(query): Query<EventsQuery>,
-) -> Result<axum::Json<EventPage>, ApiError> {
-    caller.require(READERS)?;
-    let id = parse_id(&id)?;
-    owned_device(&state, &caller, &id).await?;
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
-    }
-    let mut events = fleetlog_eventlog::history(
-        state.bus.pool(),
-        fleetlog_eventlog::HistoryQuery {
-            aggregate_type: "device",
-            aggregate_id: id.as_str(),
-            after_sequence: query.after.unwrap_or(0),
-            event_type: query.event_type.as_deref(),
-            limit: limit + 1,
-        },
-    )
-    .await?;
-    let next_after = if events.len() as i64 > limit {
-        events.truncate(limit as usize);
-        events.last().map(|e| e.sequence)
-    } else {
-        None
-    };
-    let items = events
-        .into_iter()
-        .map(|mut event| {
-            event.redact_secrets();
-            let text = |key: &str| {
-                event
-                    .metadata
-                    .get(key)
-                    .and_then(Value::as_str)
-                    .map(String::from)
-            };
-            EventView {
-                actor: text("actor"),
-                correlation_id: text("correlation_id"),
-                sequence: event.sequence,
-                global_position: event.global_position,
-                event_type: event.event_type,
-                event_version: event.event_version,
-                recorded_at: event.recorded_at,
-                payload: event.payload,
-            }
-        })
-        .collect();
-    Ok(axum::Json(EventPage { items, next_after }))
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-struct TelemetryQuery {
+pub(super) struct TelemetryQuery {
     /// Only this sensor.
     sensor: Option<String>,
     /// From this instant (inclusive; default: 24 hours before `to`; 1970 to 9999).
@@ -788,7 +365,7 @@ struct TelemetryQuery {
 
 /// One reading.
 #[derive(Serialize, FromRow, utoipa::ToSchema)]
-struct Sample {
+pub(super) struct Sample {
     sensor: String,
     time: DateTime<Utc>,
     value: f64,
@@ -797,7 +374,7 @@ struct Sample {
 
 /// Readings of one sensor in one bucket.
 #[derive(Serialize, FromRow, utoipa::ToSchema)]
-struct Bucket {
+pub(super) struct Bucket {
     sensor: String,
     bucket: DateTime<Utc>,
     min: f64,
@@ -810,7 +387,7 @@ struct Bucket {
 /// it), each ordered by sensor and time.
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
-enum TelemetryAnswer {
+pub(super) enum TelemetryAnswer {
     /// Raw readings.
     Samples(Vec<Sample>),
     /// Min, max, avg and count per sensor and bucket.
@@ -823,7 +400,7 @@ enum TelemetryAnswer {
     params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), TelemetryQuery),
     responses((status = 200, description = "An array of readings (raw), or with `bucket_secs` an array of buckets (min, max, avg, count)", body = TelemetryAnswer))
 )]
-async fn telemetry(
+pub(super) async fn telemetry(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
