@@ -49,9 +49,44 @@ use tokio_util::sync::CancellationToken;
 
 use fleetlog_broker::BrokerUrl;
 
+/// Why an event was not sent to its device this time. Every case passes (the broker comes
+/// back, Postgres answers again): the event is naked and handled again, never dropped.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// The client could not queue the publish (its connection is being re-established).
+    #[error("cannot queue the publish to {topic}: {source}")]
+    Queue {
+        /// The topic.
+        topic: String,
+        /// Why.
+        #[source]
+        source: rumqttc::ClientError,
+    },
+    /// The connection dropped with the publish in flight.
+    #[error("publish to {topic} was dropped")]
+    Dropped {
+        /// The topic.
+        topic: String,
+    },
+    /// The broker did not confirm the publish in time.
+    #[error("no PUBACK for {topic} within {timeout:?}")]
+    Unconfirmed {
+        /// The topic.
+        topic: String,
+        /// How long the dispatcher waited.
+        timeout: Duration,
+    },
+    /// The device's or the firmware's current state could not be read.
+    #[error("cannot read the current state: {0}")]
+    Store(#[from] fleetlog_commands::StoreError),
+    /// The message could not be encoded.
+    #[error("cannot encode the message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
 /// A message of the device contract as the JSON body to publish.
-fn to_body(message: &impl serde::Serialize) -> Result<Value, String> {
-    serde_json::to_value(message).map_err(|error| error.to_string())
+fn to_body(message: &impl serde::Serialize) -> Result<Value, SendError> {
+    Ok(serde_json::to_value(message)?)
 }
 
 /// The durable consumer of the dispatcher.
@@ -218,7 +253,7 @@ impl Dispatcher {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot publish to the broker; will retry");
+                    tracing::warn!(%error, "cannot send a device event; it comes back");
                     let _ = message
                         .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
                         .await;
@@ -233,7 +268,7 @@ impl Dispatcher {
         &self,
         publisher: &ConfirmedPublisher,
         envelope: &EventEnvelope,
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         let device = &envelope.aggregate_id;
         let root = &self.settings.topic_root;
         let event: DeviceEvent = match Deserialize::deserialize(&envelope.payload) {
@@ -270,13 +305,7 @@ impl Dispatcher {
             DeviceEvent::DesiredPropertiesSet { .. } => {
                 // The latest document, not this event's change: a device that connects later
                 // gets the whole of it from the retained message.
-                let current = self
-                    .bus
-                    .devices()
-                    .current(device)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .aggregate;
+                let current = self.bus.devices().current(device).await?.aggregate;
                 let body = to_body(&DesiredMessage {
                     version: current.desired_version,
                     desired: &current.desired,
@@ -295,13 +324,7 @@ impl Dispatcher {
                 // An install redelivered (or handled by another dispatcher) after the update
                 // was given up must not follow its cancel to the device: it goes out only while
                 // the device still has that update under way.
-                let current = self
-                    .bus
-                    .devices()
-                    .current(device)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .aggregate;
+                let current = self.bus.devices().current(device).await?.aggregate;
                 let still_wanted = current.firmware_update.as_ref().is_some_and(|pending| {
                     pending.rollout_id == rollout_id && pending.firmware_id == firmware_id
                 });
@@ -318,8 +341,7 @@ impl Dispatcher {
                             .bus
                             .firmware()
                             .current(&firmware_id.to_string())
-                            .await
-                            .map_err(|e| e.to_string())?
+                            .await?
                             .aggregate;
                         FirmwareImage {
                             sha256: firmware.sha256,
@@ -451,8 +473,8 @@ impl ConfirmedPublisher {
         body: &Value,
         retain: bool,
         timeout: Duration,
-    ) -> Result<(), String> {
-        let payload = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+    ) -> Result<(), SendError> {
+        let payload = serde_json::to_vec(body)?;
         if payload.len() > fleetlog_broker::BROKER_MESSAGE_LIMIT {
             // The API and the domain cap what goes out well below this, so only an event from
             // before those caps gets here. Publishing it would make the client drop its
@@ -476,7 +498,7 @@ impl ConfirmedPublisher {
         payload: Vec<u8>,
         retain: bool,
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         let (confirmed, confirmation) = oneshot::channel();
         {
             // Held while queueing, so waiters line up in the order the publishes go out.
@@ -488,7 +510,10 @@ impl ConfirmedPublisher {
                 .await
             {
                 tracker.unassigned.pop_back();
-                return Err(error.to_string());
+                return Err(SendError::Queue {
+                    topic,
+                    source: error,
+                });
             }
         }
         match tokio::time::timeout(timeout, confirmation).await {
@@ -496,8 +521,8 @@ impl ConfirmedPublisher {
                 metrics::counter!("fleetlog_dispatch_published_total").increment(1);
                 Ok(())
             }
-            Ok(Err(_)) => Err(format!("publish to {topic} was dropped")),
-            Err(_) => Err(format!("no PUBACK for {topic} within {timeout:?}")),
+            Ok(Err(_)) => Err(SendError::Dropped { topic }),
+            Err(_) => Err(SendError::Unconfirmed { topic, timeout }),
         }
     }
 }

@@ -105,13 +105,61 @@ pub struct RolloutManager {
     settings: RolloutManagerSettings,
 }
 
-type Failure = Box<dyn std::error::Error + Send + Sync>;
+/// Why the manager could not act on an event (or sweep) this time. It never drops what it
+/// could not do: the event is left unacked and comes back, the sweep runs again, so every
+/// case is a reason to retry; refusals of the domain are decided where they happen and are
+/// not failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// NATS failed: the stream, the consumer, a pull or an ack.
+    #[error("nats: {0}")]
+    Nats(async_nats::Error),
+    /// The consumer's message stream ended; it is set up again.
+    #[error("the consumer's message stream ended")]
+    StreamEnded,
+    /// The read models the sweep looks at could not be read.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// An aggregate could not be read.
+    #[error(transparent)]
+    Store(#[from] fleetlog_commands::StoreError),
+    /// A rollout command failed for another reason than a refusal handled in place.
+    #[error(transparent)]
+    Rollout(#[from] CommandError<RolloutError>),
+    /// A device command failed likewise.
+    #[error(transparent)]
+    Device(#[from] CommandError<DeviceError>),
+    /// An id read from an event or a read model is not valid.
+    #[error("invalid id: {0}")]
+    Id(#[from] fleetlog_domain::IdError),
+    /// The sweep's interval does not fit a calendar duration.
+    #[error("sweep interval out of range: {0}")]
+    Interval(#[from] chrono::OutOfRangeError),
+}
+
+/// Every error of async-nats is a NATS failure.
+macro_rules! nats_failures {
+    ($($error:ty),* $(,)?) => {
+        $(impl From<$error> for ManagerError {
+            fn from(error: $error) -> Self {
+                Self::Nats(error.into())
+            }
+        })*
+    };
+}
+
+nats_failures!(
+    async_nats::Error,
+    async_nats::jetstream::context::GetStreamError,
+    async_nats::jetstream::consumer::StreamError,
+    async_nats::jetstream::consumer::pull::MessagesError,
+);
 
 /// Runs device commands [`CONCURRENT_REQUESTS`] at a time; the first failure, if any.
 async fn all_of(
-    commands: Vec<impl std::future::Future<Output = Result<(), Failure>>>,
-) -> Result<(), Failure> {
-    let results: Vec<Result<(), Failure>> = futures::stream::iter(commands)
+    commands: Vec<impl std::future::Future<Output = Result<(), ManagerError>>>,
+) -> Result<(), ManagerError> {
+    let results: Vec<Result<(), ManagerError>> = futures::stream::iter(commands)
         .buffer_unordered(CONCURRENT_REQUESTS)
         .collect()
         .await;
@@ -154,7 +202,7 @@ impl RolloutManager {
         name: &str,
         aggregate_type: &str,
         shutdown: &CancellationToken,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), ManagerError> {
         let stream = self.jetstream.get_stream(STREAM_NAME).await?;
         // Control events only: the manager acts on firmware outcomes and devices coming online,
         // never on telemetry, status or heartbeats.
@@ -180,7 +228,7 @@ impl RolloutManager {
                 next = messages.next() => next,
             };
             let Some(received) = received else {
-                return Err("the consumer's message stream ended".into());
+                return Err(ManagerError::StreamEnded);
             };
             let mut last = None;
             for message in received {
@@ -196,7 +244,7 @@ impl RolloutManager {
         }
     }
 
-    async fn handle(&self, message: &Message) -> Result<(), Failure> {
+    async fn handle(&self, message: &Message) -> Result<(), ManagerError> {
         let kind = message
             .headers
             .as_ref()
@@ -247,7 +295,11 @@ impl RolloutManager {
         }
     }
 
-    async fn on_rollout_event(&self, rollout_id: &str, event: RolloutEvent) -> Result<(), Failure> {
+    async fn on_rollout_event(
+        &self,
+        rollout_id: &str,
+        event: RolloutEvent,
+    ) -> Result<(), ManagerError> {
         match event {
             RolloutEvent::WaveStarted { .. } | RolloutEvent::RolloutResumed { .. } => {
                 // The read model may not show the wave yet: ask the aggregate.
@@ -290,7 +342,7 @@ impl RolloutManager {
         rollout_id: &str,
         devices: &[DeviceId],
         reason: &str,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), ManagerError> {
         let rollout_ref = RolloutId::parse(rollout_id)?;
         let reason: String = reason.chars().take(512).collect();
         let abandons: Vec<_> = devices
@@ -312,7 +364,7 @@ impl RolloutManager {
         rollout_id: &str,
         device_id: &str,
         command: DeviceCommand,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), ManagerError> {
         let metadata = CommandMetadata::new(ACTOR).with_causation_id(rollout_id);
         match self
             .bus
@@ -328,7 +380,7 @@ impl RolloutManager {
     /// An image was deprecated: its rollouts that have not ended pause or abort, as the
     /// deprecation says. Rollouts the read model does not show running yet are caught when
     /// they try to send.
-    async fn on_deprecated(&self, firmware_id: &str) -> Result<(), Failure> {
+    async fn on_deprecated(&self, firmware_id: &str) -> Result<(), ManagerError> {
         let rollouts: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT rollout_id FROM rollouts WHERE firmware_id = $1 AND status IN {LIVE_STATUSES}"
         ))
@@ -348,7 +400,7 @@ impl RolloutManager {
         &self,
         rollout_id: &str,
         firmware: &Firmware,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), ManagerError> {
         let why = firmware
             .deprecation_reason
             .as_deref()
@@ -377,7 +429,11 @@ impl RolloutManager {
         Ok(())
     }
 
-    async fn on_device_event(&self, device_id: &str, event: DeviceEvent) -> Result<(), Failure> {
+    async fn on_device_event(
+        &self,
+        device_id: &str,
+        event: DeviceEvent,
+    ) -> Result<(), ManagerError> {
         // When the device reported the outcome: one reported before an abort counts.
         let (rollout_id, outcome, reported_at) = match event {
             DeviceEvent::FirmwareUpdateSucceeded {
@@ -442,7 +498,7 @@ impl RolloutManager {
 
     /// Records `devices` as sent in the rollout, then asks those it recorded. Nothing of a
     /// deprecated image is sent: the rollout pauses or aborts instead.
-    async fn send(&self, rollout_id: &str, devices: &[String]) -> Result<(), Failure> {
+    async fn send(&self, rollout_id: &str, devices: &[String]) -> Result<(), ManagerError> {
         let rollout = self.bus.rollouts().current(rollout_id).await?.aggregate;
         if let Some(firmware_id) = &rollout.firmware_id {
             let firmware = self
@@ -471,7 +527,11 @@ impl RolloutManager {
 
     /// Asks each device the rollout recorded as sent to update. A device that cannot take the
     /// update gets its outcome at once.
-    async fn request_updates(&self, rollout_id: &str, devices: &[DeviceId]) -> Result<(), Failure> {
+    async fn request_updates(
+        &self,
+        rollout_id: &str,
+        devices: &[DeviceId],
+    ) -> Result<(), ManagerError> {
         let rollout = self.bus.rollouts().current(rollout_id).await?.aggregate;
         let Some(firmware_id) = rollout.firmware_id.clone() else {
             return Ok(());
@@ -518,7 +578,7 @@ impl RolloutManager {
         rollout_id: &str,
         device_id: &str,
         command: DeviceCommand,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), ManagerError> {
         let metadata = CommandMetadata::new(ACTOR).with_causation_id(rollout_id);
         let outcome = match self
             .bus
@@ -570,7 +630,7 @@ impl RolloutManager {
         rollout_id: &str,
         device_id: &DeviceId,
         reason: &str,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), ManagerError> {
         let command = RolloutCommand::ReturnToQueue {
             device_id: device_id.clone(),
             reason: reason.chars().take(512).collect(),
@@ -611,7 +671,7 @@ impl RolloutManager {
         outcome: DeviceOutcome,
         at: DateTime<Utc>,
         reported_at: Option<DateTime<Utc>>,
-    ) -> Result<bool, Failure> {
+    ) -> Result<bool, ManagerError> {
         let command = RolloutCommand::RecordDeviceOutcome {
             device_id: DeviceId::parse(device_id)?,
             outcome,
@@ -645,7 +705,7 @@ impl RolloutManager {
 
     /// One sweep as of `now`: sends to online devices still queued in started waves, asks
     /// again sent devices that show no pending update of the rollout, and records timeouts.
-    pub async fn sweep(&self, now: DateTime<Utc>) -> Result<(), Failure> {
+    pub async fn sweep(&self, now: DateTime<Utc>) -> Result<(), ManagerError> {
         let pool = self.bus.pool();
         let online_queued: Vec<(String, Vec<String>)> = sqlx::query_as(
             "SELECT rd.rollout_id, array_agg(rd.device_id ORDER BY rd.device_id)
