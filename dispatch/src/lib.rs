@@ -41,7 +41,6 @@ use fleetlog_eventlog::EventEnvelope;
 use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER};
 use fleetlog_nats::{Backoff, STREAM_NAME};
 use fleetlog_protocol::outbound::{CommandMessage, DesiredMessage, OtaMessage};
-use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use serde_json::Value;
 use tokio::sync::{oneshot, Mutex};
@@ -208,56 +207,55 @@ impl Dispatcher {
             },
         )
         .await?;
-        let mut messages = consumer.messages().await?;
+        let mut pull = fleetlog_nats::Pull::start(&consumer, 100).await?;
         tracing::info!("dispatcher consuming device events");
-        let mut heartbeats = fleetlog_nats::HeartbeatWatch::default();
-        loop {
-            let message = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                next = messages.next() => match next {
-                    // Polled late while busy: go on, unless nothing but missed heartbeats comes
-                    // any more (then the pull is lost and the consumer is set up again).
-                    Some(next) => match heartbeats.check(next)? {
-                        Some(message) => message,
-                        None => continue,
-                    },
-                    None => return Err("the consumer's message stream ended".into()),
-                },
-            };
-            // Most control events ask for nothing either: the event type header says so
-            // without reading the body.
-            let wanted = message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
-                .is_none_or(|kind| DISPATCHED.contains(&kind.as_str()));
-            if !wanted {
-                if let Err(error) = message.ack().await {
-                    tracing::warn!(%error, "cannot ack a device event");
-                }
-                continue;
+        while let Some(batch) = pull.next(shutdown).await? {
+            for message in batch {
+                self.dispatch(publisher, message).await;
             }
-            let sent = match serde_json::from_slice::<EventEnvelope>(&message.payload) {
-                Ok(envelope) => self.forward(publisher, &envelope).await,
-                Err(error) => {
-                    tracing::error!(%error, "skipping a message that is not an event envelope");
-                    Ok(())
+        }
+        Ok(())
+    }
+
+    /// Sends what one device event asks for and acks it, or naks it to come back.
+    async fn dispatch(
+        &self,
+        publisher: &ConfirmedPublisher,
+        message: async_nats::jetstream::Message,
+    ) {
+        // Most control events ask for nothing either: the event type header says so
+        // without reading the body.
+        let wanted = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
+            .is_none_or(|kind| DISPATCHED.contains(&kind.as_str()));
+        if !wanted {
+            if let Err(error) = message.ack().await {
+                tracing::warn!(%error, "cannot ack a device event");
+            }
+            return;
+        }
+        let sent = match serde_json::from_slice::<EventEnvelope>(&message.payload) {
+            Ok(envelope) => self.forward(publisher, &envelope).await,
+            Err(error) => {
+                tracing::error!(%error, "skipping a message that is not an event envelope");
+                Ok(())
+            }
+        };
+        match sent {
+            // Processing is in order, so the messages still unacked after a crash are
+            // this one (perhaps sent, not acked) and those not yet looked at.
+            Ok(()) => {
+                if let Err(error) = message.double_ack().await {
+                    tracing::warn!(%error, "cannot ack a dispatched event; it may be sent again");
                 }
-            };
-            match sent {
-                // Processing is in order, so the messages still unacked after a crash are
-                // this one (perhaps sent, not acked) and those not yet looked at.
-                Ok(()) => {
-                    if let Err(error) = message.double_ack().await {
-                        tracing::warn!(%error, "cannot ack a dispatched event; it may be sent again");
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot send a device event; it comes back");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                        .await;
-                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot send a device event; it comes back");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
             }
         }
     }

@@ -11,13 +11,18 @@
 //! - the `Nats-Msg-Id` every event is published under, `{aggregate_type}:{aggregate_id}:{sequence}`,
 //!   so a republished event is dropped by the stream's duplicate window (the relay that
 //!   publishes them is `fleetlog-relay`);
+//! - the one consumer loop: [`Pull`] (batches, the heartbeat rule, a lost pull reported after
+//!   the messages before it), run under [`consume_until_shutdown`] (set up again after
+//!   [`Backoff`]);
 //! - [`supervise`], the restart policy every role's long-running loops run under.
 
 pub mod backoff;
+pub mod pull;
 pub mod supervise;
 pub mod topology;
 
 pub use backoff::{sleep_unless_shut_down, Backoff};
+pub use pull::{Pull, PullLost};
 pub use supervise::supervise;
 pub use topology::{ensure_stream, StreamSettings, STREAM_NAME};
 

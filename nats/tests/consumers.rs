@@ -141,3 +141,51 @@ async fn a_consumer_of_the_old_subjects_moves_to_the_new_ones_where_it_stood() {
     // Neither the acked message again nor a skipped one: the rest, old subjects and new.
     assert_eq!(take(&moved, 2).await, ["old-2", "new-1"]);
 }
+
+/// The one pull loop hands out what arrived, in order and in batches no larger than asked,
+/// and ends quietly at shutdown with nothing lost: what it was not handed stays for the next.
+#[tokio::test]
+async fn a_pull_hands_out_batches_in_order_and_ends_at_shutdown() {
+    let nats = NatsServer::start();
+    let jetstream = jetstream(&nats).await;
+    for n in 0..7 {
+        let subject = subject_for("device", &format!("d{n}"), "DeviceRegistered");
+        publish(&jetstream, subject, &format!("event {n}")).await;
+    }
+    let stream = jetstream.get_stream(STREAM_NAME).await.unwrap();
+    let consumer = fleetlog_nats::durable_consumer(
+        &stream,
+        config("pulled", subject_filter_for_type("device")),
+    )
+    .await
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut pull = fleetlog_nats::Pull::start(&consumer, 3).await.unwrap();
+    let mut bodies = Vec::new();
+    while bodies.len() < 7 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), pull.next(&shutdown))
+            .await
+            .expect("a batch in time")
+            .unwrap()
+            .expect("not shut down");
+        assert!(!batch.is_empty() && batch.len() <= 3, "{}", batch.len());
+        for message in batch {
+            message.ack().await.unwrap();
+            bodies.push(String::from_utf8(message.payload.to_vec()).unwrap());
+        }
+    }
+    let expected: Vec<String> = (0..7).map(|n| format!("event {n}")).collect();
+    assert_eq!(bodies, expected);
+
+    shutdown.cancel();
+    assert!(pull.next(&shutdown).await.unwrap().is_none());
+    // An event published after the shutdown is there for the consumer's next pull.
+    drop(pull);
+    publish(
+        &jetstream,
+        subject_for("device", "late", "DeviceRegistered"),
+        "event 7",
+    )
+    .await;
+    assert_eq!(take(&consumer, 1).await, vec!["event 7".to_string()]);
+}

@@ -114,9 +114,9 @@ pub enum ManagerError {
     /// NATS failed: the stream, the consumer, a pull or an ack.
     #[error("nats: {0}")]
     Nats(async_nats::Error),
-    /// The consumer's message stream ended; it is set up again.
-    #[error("the consumer's message stream ended")]
-    StreamEnded,
+    /// The pull was lost; the consumer is set up again.
+    #[error(transparent)]
+    PullLost(#[from] fleetlog_nats::PullLost),
     /// The read models the sweep looks at could not be read.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -152,7 +152,6 @@ nats_failures!(
     async_nats::Error,
     async_nats::jetstream::context::GetStreamError,
     async_nats::jetstream::consumer::StreamError,
-    async_nats::jetstream::consumer::pull::MessagesError,
 );
 
 /// Runs device commands [`CONCURRENT_REQUESTS`] at a time; the first failure, if any.
@@ -219,29 +218,17 @@ impl RolloutManager {
             },
         )
         .await?;
-        let mut messages = consumer.messages().await?.ready_chunks(500);
+        let mut pull = fleetlog_nats::Pull::start(&consumer, 500).await?;
         tracing::info!(consumer = name, "rollout manager consuming");
-        let mut heartbeats = fleetlog_nats::HeartbeatWatch::default();
-        loop {
-            let received = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                next = messages.next() => next,
-            };
-            let Some(received) = received else {
-                return Err(ManagerError::StreamEnded);
-            };
-            let mut last = None;
-            for message in received {
-                let Some(message) = heartbeats.check(message)? else {
-                    continue;
-                };
-                self.handle(&message).await?;
-                last = Some(message);
+        while let Some(batch) = pull.next(shutdown).await? {
+            for message in &batch {
+                self.handle(message).await?;
             }
-            if let Some(message) = last {
+            if let Some(message) = batch.last() {
                 message.ack().await?;
             }
         }
+        Ok(())
     }
 
     async fn handle(&self, message: &Message) -> Result<(), ManagerError> {

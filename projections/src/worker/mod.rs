@@ -42,7 +42,6 @@ use bytes::Bytes;
 use fleetlog_eventlog::EventEnvelope;
 use fleetlog_nats::topology::subject_filter_for_type;
 use fleetlog_nats::STREAM_NAME;
-use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -195,36 +194,12 @@ impl<P: Projection, C: Companion> Worker<P, C> {
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), async_nats::Error> {
         let consumer = self.consumer().await?;
-        let mut messages = consumer
-            .messages()
-            .await?
-            .ready_chunks(self.settings.max_batch.max(1));
+        let mut pull = fleetlog_nats::Pull::start(&consumer, self.settings.max_batch).await?;
         tracing::info!(projection = P::NAME, "projection consuming");
-        let mut heartbeats = fleetlog_nats::HeartbeatWatch::default();
-        loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                next = messages.next() => next,
-            };
-            let Some(received) = next else {
-                return Err("the consumer's message stream ended".into());
-            };
-            let mut batch = Vec::with_capacity(received.len());
-            let mut failure = None;
-            for message in received {
-                // A busy worker polls late: go on, unless nothing but missed heartbeats comes
-                // any more (then the pull is lost and the consumer is set up again).
-                match heartbeats.check(message) {
-                    Ok(Some(message)) => batch.push(message),
-                    Ok(None) => {}
-                    Err(error) => failure = Some(error),
-                }
-            }
+        while let Some(batch) = pull.next(shutdown).await? {
             self.handle_batch(batch).await;
-            if let Some(error) = failure {
-                return Err(error.into());
-            }
         }
+        Ok(())
     }
 
     /// Handles the messages that arrived together: applied in one transaction when all goes
