@@ -514,15 +514,11 @@ where
                 Some(loaded) => (loaded, true),
                 None => (self.load(work.aggregate_id).await?, false),
             };
+            if work.expected_version.is_some() && from_cache {
+                // A conditional write is judged on the stored version, not on an older copy.
+                self.catch_up(&mut loaded).await?;
+            }
             if let Some(expected) = work.expected_version.filter(|v| *v != loaded.version) {
-                if from_cache
-                    && self
-                        .has_events_after(work.aggregate_id, loaded.version)
-                        .await?
-                {
-                    // The copy is stale: judge the version on what is stored.
-                    return Ok(Attempt::Again);
-                }
                 let actual = loaded.version;
                 **guard = Some(loaded);
                 results[index] = Some(Err(CommandError::VersionMismatch { expected, actual }));

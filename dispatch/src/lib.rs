@@ -211,6 +211,11 @@ impl Dispatcher {
         tracing::info!("dispatcher consuming device events");
         while let Some(batch) = pull.next(shutdown).await? {
             for message in batch {
+                // The connection stops with the shutdown: what is left of the batch could only
+                // wait out its PUBACK timeout. Unacked, it comes back to the next dispatcher.
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
                 self.dispatch(publisher, message).await;
             }
         }

@@ -4,7 +4,7 @@
 //! It hands out the messages that have arrived together, in order, as one batch; applies the
 //! heartbeat rule ([`crate::HeartbeatWatch`]); and reports a lost pull (an error of the
 //! message stream, one missed heartbeat too many, or the stream's end) only after the
-//! messages that arrived before it are handed out, so nothing received is thrown away. The
+//! messages that arrived with it are handed out, so nothing received is thrown away. The
 //! caller then returns the error, and [`crate::consume_until_shutdown`] sets the consumer up
 //! again after the shared backoff.
 //!
@@ -73,10 +73,9 @@ impl Pull {
                 match self.heartbeats.check(next) {
                     Ok(Some(message)) => batch.push(message),
                     Ok(None) => {}
-                    // The messages before it are handed out first.
+                    // The messages that came with it are handed out first.
                     Err(error) => {
-                        self.lost = Some(error.into());
-                        break;
+                        self.lost.get_or_insert(error.into());
                     }
                 }
             }

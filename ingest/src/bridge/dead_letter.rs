@@ -5,7 +5,7 @@ use super::*;
 
 /// A dead letter as published on `fleetlog.deadletter.ingest`.
 #[derive(Debug, Serialize)]
-pub(super) struct DeadLetter<'a> {
+struct DeadLetter<'a> {
     topic: &'a str,
     /// The payload as text when it is UTF-8, else hex.
     payload: String,

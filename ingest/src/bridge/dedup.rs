@@ -4,7 +4,7 @@
 use super::*;
 
 /// How far back a redelivered copy is looked for in the event store.
-pub(super) const REDELIVERY_LOOKBACK: i64 = 5_000;
+const REDELIVERY_LOOKBACK: i64 = 5_000;
 
 /// Marks the messages the broker redelivered (DUP) whose digest is already recorded
 /// further back than the aggregate's own window of recent digests: a long in-flight window
@@ -60,7 +60,7 @@ pub(super) async fn recorded_redeliveries(
 }
 
 /// The digest a command records, for the kinds that record one.
-pub(super) fn digest_of(command: &DeviceCommand) -> Option<String> {
+fn digest_of(command: &DeviceCommand) -> Option<String> {
     match command {
         DeviceCommand::RecordTelemetry { digest, .. } => Some(digest.clone()),
         DeviceCommand::ReportStatus {

@@ -101,7 +101,7 @@ pub(super) enum Outcome {
 }
 
 impl Outcome {
-    pub(super) fn label(self) -> &'static str {
+    fn label(self) -> &'static str {
         match self {
             Outcome::Accepted => "accepted",
             Outcome::PartiallyAccepted => "partially_accepted",

@@ -488,6 +488,7 @@ impl<P: Projection, C: Companion> Worker<P, C> {
     }
 }
 
+/// Moves `P`'s position for the event's aggregate past the event without applying it: how a
 /// dead letter is passed over, so the aggregate's later events are not stuck behind it.
 pub(crate) async fn move_position_past<P: Projection>(
     connection: &mut PgConnection,

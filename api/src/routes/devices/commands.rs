@@ -184,7 +184,7 @@ pub(super) struct IssueCommand {
     ttl_secs: Option<i64>,
 }
 
-pub(super) fn empty_object() -> Value {
+fn empty_object() -> Value {
     Value::Object(Map::new())
 }
 

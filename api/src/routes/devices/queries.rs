@@ -33,8 +33,7 @@ pub(super) struct DeviceView {
     last_sequence: i64,
 }
 
-pub(super) const DEVICE_COLUMNS: &str =
-    "device_id, tenant, owner, name, model, tags, lifecycle, online,
+const DEVICE_COLUMNS: &str = "device_id, tenant, owner, name, model, tags, lifecycle, online,
     offline_reason, last_seen, last_heartbeat, last_telemetry_at, sensors, location, reported,
     desired, delta, desired_version, firmware_version, firmware_update, open_commands,
     registered_at, updated_at, last_sequence";
@@ -88,7 +87,7 @@ pub(super) async fn show(
 
 /// Past views folded at once by this process: each holds a transaction (and with it the
 /// relay's view of what is committed) for as long as it folds.
-pub(super) static PAST_VIEW_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+static PAST_VIEW_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 /// The device as it stood at `at`: its events recorded until then, applied by the devices
 /// projection to private copies of its tables, so it is the same view as the live one.
@@ -271,11 +270,11 @@ pub(super) async fn list(
 }
 
 /// Cursors are opaque to clients: hex of `key \0 id`.
-pub(super) fn encode_cursor(key: &str, id: &str) -> String {
+fn encode_cursor(key: &str, id: &str) -> String {
     hex::encode(format!("{key}\0{id}"))
 }
 
-pub(super) fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
+fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
     let invalid = || ApiError::BadRequest("invalid cursor".into());
     if cursor.len() > 1024 {
         return Err(invalid());
