@@ -8,8 +8,8 @@ use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::DeviceCommand;
 use fleetlog_domain::{DeviceId, TenantId, UserId};
 use fleetlog_ingest::bridge::{Ingest, IngestSettings, DEAD_LETTER_SUBJECT};
-use fleetlog_projections::{run_all, WorkerSettings};
-use fleetlog_relay::{Relay, RelaySettings};
+use fleetlog_projections::WorkerSettings;
+use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -18,6 +18,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 struct Platform {
+    /// First, so its roles stop before the servers go.
+    _roles: fleetlog::Platform,
     db: TestDatabase,
     _nats: NatsServer,
     broker: MosquittoServer,
@@ -33,17 +35,20 @@ impl Platform {
         let broker = MosquittoServer::start();
         let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
         let shutdown = CancellationToken::new();
-        let relay = RelaySettings {
-            poll_interval: Duration::from_millis(50),
-            ..RelaySettings::default()
-        };
-        tokio::spawn(Relay::new(db.pool.clone(), client.clone(), relay).run(shutdown.clone()));
-        tokio::spawn(run_all(
+        // The roles around the bridge; the bridges under test are started (and killed) by
+        // the tests themselves.
+        let mut roles = fleetlog::Platform::new(
             db.pool.clone(),
-            async_nats::jetstream::new(client.clone()),
-            WorkerSettings::default(),
+            client.clone(),
+            StoreSettings::default(),
             shutdown.clone(),
-        ));
+        );
+        roles
+            .relay(RelaySettings {
+                poll_interval: Duration::from_millis(50),
+                ..RelaySettings::default()
+            })
+            .projections(WorkerSettings::default());
         let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
         Self {
             db,
@@ -52,6 +57,7 @@ impl Platform {
             client,
             bus,
             shutdown,
+            _roles: roles,
         }
     }
 
@@ -390,8 +396,9 @@ async fn oversized_and_unstorable_messages_are_dead_lettered_and_ingest_goes_on(
     device
         .publish("devices/d2/status", br#"{"note":"a\u0000b","battery":42}"#)
         .await;
-    // 128 keys of about 300 bytes each, three times: the second and the third would each take
-    // the document past 64 KiB, so both are refused.
+    // 128 keys of about 300 bytes each, three times: the first takes about 40 KB of the
+    // document's 64 KiB, and the second and the third, each of which would take it past that,
+    // are refused.
     for round in 0..3 {
         let status: serde_json::Map<String, Value> = (0..128)
             .map(|n| (format!("r{round}_{n}"), json!("y".repeat(300))))
@@ -403,13 +410,11 @@ async fn oversized_and_unstorable_messages_are_dead_lettered_and_ingest_goes_on(
             )
             .await;
     }
-    // The document is full now: a reading sent with more status keeps the reading and
+    // A reading sent with a status the document has no room for keeps the reading and
     // dead-letters only the status part, as a partially accepted message.
+    let too_much = json!({"temperature": 5.5, "status": {"one_more": "z".repeat(30_000)}});
     device
-        .publish(
-            "devices/d2/data",
-            br#"{"temperature": 5.5, "status": {"one_more": 1}}"#,
-        )
+        .publish("devices/d2/data", too_much.to_string().as_bytes())
         .await;
     // Oversized, NUL, the second and third status rounds, and the status part: five.
     let letters = dead_letters(&platform.client, 5).await;

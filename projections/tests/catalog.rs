@@ -12,9 +12,9 @@ use fleetlog_domain::user::{Role, UserCommand};
 use fleetlog_domain::{DeviceId, RolloutId, SessionId, TenantId, UserId};
 use fleetlog_projections::replay::verify;
 use fleetlog_projections::{
-    run_all, FirmwareProjection, RolloutsProjection, UsersProjection, WorkerSettings,
+    FirmwareProjection, RolloutsProjection, UsersProjection, WorkerSettings,
 };
-use fleetlog_relay::{Relay, RelaySettings};
+use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use tokio_util::sync::CancellationToken;
 
@@ -204,15 +204,15 @@ async fn firmware_rollouts_and_users_follow_their_events() {
         poll_interval: Duration::from_millis(100),
         ..RelaySettings::default()
     };
-    let relay = tokio::spawn(
-        Relay::new(db.pool.clone(), js.client(), relay_settings).run(shutdown.clone()),
-    );
-    let workers = tokio::spawn(run_all(
+    let mut platform = fleetlog::Platform::new(
         db.pool.clone(),
-        js,
-        WorkerSettings::default(),
+        js.client(),
+        StoreSettings::default(),
         shutdown.clone(),
-    ));
+    );
+    platform
+        .relay(relay_settings)
+        .projections(WorkerSettings::default());
     wait_until_projected(&db.pool, "firmware", "firmware").await;
     wait_until_projected(&db.pool, "rollouts", "rollout").await;
     wait_until_projected(&db.pool, "users", "user").await;
@@ -333,6 +333,5 @@ async fn firmware_rollouts_and_users_follow_their_events() {
         .is_empty());
 
     shutdown.cancel();
-    relay.await.unwrap();
-    workers.await.unwrap();
+    platform.run(Duration::from_secs(30)).await.unwrap();
 }

@@ -44,7 +44,7 @@ pub(super) struct Item {
     pub(super) parsed: Result<DeviceMessage, Rejection>,
 }
 
-pub(super) async fn handle_batch(shared: &Shared, batch: Vec<Publish>) {
+async fn handle_batch(shared: &Shared, batch: Vec<Publish>) {
     let received_at = Utc::now();
     // Group by device, keeping each device's order; topics that name no device go straight to
     // the dead letters.
@@ -106,7 +106,7 @@ pub(super) async fn handle_batch(shared: &Shared, batch: Vec<Publish>) {
 }
 
 /// One device's messages, ready to run: the commands, and what each message became.
-pub(super) struct Prepared {
+struct Prepared {
     device: DeviceId,
     items: Vec<Item>,
     /// Index into the device's commands, for the messages that produced one.
@@ -119,11 +119,7 @@ pub(super) struct Prepared {
 
 /// Builds a device's commands; `None` when its messages were dead-lettered (unknown device)
 /// or left unacked for the broker to deliver again (the bridge is stopping).
-pub(super) async fn prepare_device(
-    shared: &Shared,
-    device: DeviceId,
-    items: Vec<Item>,
-) -> Option<Prepared> {
+async fn prepare_device(shared: &Shared, device: DeviceId, items: Vec<Item>) -> Option<Prepared> {
     match ensure_known(shared, &device).await {
         Ok(()) => {}
         Err(NotAdmitted::Refused(reason)) => {
@@ -181,7 +177,7 @@ pub(super) async fn prepare_device(
 /// letter of a partially accepted message. Judged on this process's copy of the device (the
 /// aggregate checks again: if that copy was stale, the message is refused whole and
 /// dead-lettered, never lost silently).
-pub(super) async fn keep_readings_past_a_full_document(
+async fn keep_readings_past_a_full_document(
     shared: &Shared,
     device: &DeviceId,
     items: &mut [Item],
@@ -217,7 +213,13 @@ pub(super) async fn keep_readings_past_a_full_document(
                     }
                 }
             }
-            Ok(DeviceMessage::Status(status)) => &*status,
+            // A status the aggregate will refuse changes nothing: the messages after it are
+            // judged on the document without it, as the aggregate judges them.
+            Ok(DeviceMessage::Status(status)) => match Device::reported_room_for(&reported, status)
+            {
+                Ok(()) => &*status,
+                Err(_) => continue,
+            },
             _ => continue,
         };
         fleetlog_domain::device::merge_properties(&mut reported, status);
@@ -226,11 +228,7 @@ pub(super) async fn keep_readings_past_a_full_document(
 
 /// Acks each message of a device once its fate is sealed: committed, a recognised copy, or
 /// dead-lettered with its reason.
-pub(super) async fn settle_device(
-    shared: &Shared,
-    ready: Prepared,
-    outcomes: Vec<Result<(), String>>,
-) {
+async fn settle_device(shared: &Shared, ready: Prepared, outcomes: Vec<Result<(), String>>) {
     let Prepared {
         items,
         runs,
@@ -287,7 +285,7 @@ pub(super) async fn settle_device(
     }
 }
 
-pub(super) fn to_command(
+fn to_command(
     device: &DeviceId,
     publish: &Publish,
     message: DeviceMessage,
@@ -305,7 +303,7 @@ pub(super) fn to_command(
 /// Executes every device's batch in one go, retrying for as long as Postgres is unreachable.
 /// For each device in order, the outcome of each of its commands; `None` only when shutting
 /// down before it committed.
-pub(super) async fn execute_until_done(
+async fn execute_until_done(
     shared: &Shared,
     work: Vec<(String, Vec<DeviceCommand>, CommandMetadata)>,
 ) -> Option<Vec<Vec<Result<(), String>>>> {
@@ -366,7 +364,7 @@ pub(super) async fn execute_until_done(
 /// Why a device's messages are not taken in. Only a refusal is for good; the decision is the
 /// variant, never the text.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum NotAdmitted {
+enum NotAdmitted {
     /// The device may not send (unknown, decommissioned): its messages are dead-lettered
     /// with this reason.
     #[error("{0}")]
@@ -379,7 +377,7 @@ pub(super) enum NotAdmitted {
 
 /// `Ok` when the device is registered (or was just auto-registered), else why not. Postgres
 /// failing is retried, never a refusal.
-pub(super) async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), NotAdmitted> {
+async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), NotAdmitted> {
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     let mut latest = false;
     let lifecycle = loop {
@@ -419,7 +417,7 @@ pub(super) async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(
 }
 
 /// Registers `device` into `tenant`, retrying while Postgres fails or writers race.
-pub(super) async fn auto_register(
+async fn auto_register(
     shared: &Shared,
     device: &DeviceId,
     tenant: &TenantId,
