@@ -27,13 +27,14 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 struct Stack {
+    /// First, so its roles stop before the servers go.
+    _platform: Platform,
     router: axum::Router,
     token: String,
     db: TestDatabase,
     broker: MosquittoServer,
     nats: async_nats::Client,
     shutdown: CancellationToken,
-    _platform: Platform,
     _nats_server: NatsServer,
 }
 

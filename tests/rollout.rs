@@ -35,12 +35,13 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 struct Stack {
+    /// First, so its roles stop before the servers go.
+    _platform: Platform,
     router: axum::Router,
     token: String,
     db: TestDatabase,
     broker: MosquittoServer,
     shutdown: CancellationToken,
-    _platform: Platform,
     _nats_server: NatsServer,
     nats: async_nats::Client,
     firmware_dir: std::path::PathBuf,

@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 pub struct Platform {
+    /// First, so its roles stop before the servers go.
+    _platform: fleetlog::Platform,
     pub router: Router,
     /// A client of the platform's nats-server.
     pub nats: async_nats::Client,
@@ -33,7 +35,6 @@ pub struct Platform {
     /// A write side of its own, as another process of the platform would have.
     pub bus: CommandBus,
     shutdown: CancellationToken,
-    _platform: fleetlog::Platform,
     /// Where the firmware images and the signing key live; removed with the platform.
     pub firmware_dir: TempDir,
     _nats: NatsServer,
