@@ -309,7 +309,7 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         auth: role.auth.auth()?,
         firmware: Some(role.firmware.firmware()?),
         mqtt: Some(role.mqtt.mqtt_url.clone()),
-        metrics: None,
+        metrics: install_metrics_recorder(),
         http: role.http.http()?,
     };
     let ingest = role.ingest.ingest(&role.mqtt)?;
@@ -318,14 +318,8 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
     fleetlog_commands::migrate(&pool)
         .await
         .context("cannot apply migrations")?;
-    // Each role its own NATS connection, as each would have in a process of its own. Signals
-    // stop the roles from here on; until now, they end the process as usual.
-    let mut platform = Platform::with_connection_per_role(
-        pool,
-        role.nats.nats_url.clone(),
-        role.store.store(),
-        shutdown_on_signal(),
-    );
+    // Signals stop the roles from here on; until now, they end the process as usual.
+    let mut platform = platform_on(pool, &role.nats, role.store.store());
     // The relay owns the event stream, but the consumers of the other roles start with it.
     platform.prepare_stream(&relay.stream).await?;
     platform
@@ -335,13 +329,7 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         .rollout_manager(RolloutManagerSettings::default())
         .ingest(ingest)
         .dispatch(role.dispatch.dispatch(&role.mqtt))
-        .api(
-            role.http.http_addr,
-            ApiParts {
-                metrics: install_metrics_recorder(),
-                ..parts
-            },
-        );
+        .api(role.http.http_addr, parts);
     tracing::info!("fleetlog up: all roles started");
     platform.run(common.shutdown_timeout()).await?;
     tracing::info!("fleetlog stopped");
@@ -354,17 +342,13 @@ async fn platform(
     nats: &NatsArgs,
     store: StoreSettings,
 ) -> anyhow::Result<Platform> {
-    let pool = connect(common).await?;
-    let client = connect_nats(&nats.nats_url).await?;
-    Ok(Platform::new(pool, client, store, shutdown_on_signal()))
+    Ok(platform_on(connect(common).await?, nats, store))
 }
 
-/// Connects to NATS, saying which setting names the server if it fails. The connection
-/// retries in the background, so a server that is down only delays the roles.
-async fn connect_nats(nats_url: &str) -> anyhow::Result<async_nats::Client> {
-    fleetlog_nats::connect(nats_url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {nats_url} (FLEETLOG_NATS_URL)"))
+/// A platform on `pool`, each role with a NATS connection of its own (as it would have in a
+/// process of its own), stopped by SIGINT or SIGTERM.
+fn platform_on(pool: PgPool, nats: &NatsArgs, store: StoreSettings) -> Platform {
+    Platform::with_connection_per_role(pool, nats.nats_url.clone(), store, shutdown_on_signal())
 }
 
 async fn connect(common: &CommonArgs) -> anyhow::Result<PgPool> {

@@ -170,15 +170,20 @@ impl Platform {
         self
     }
 
-    /// The liveness check: devices gone silent are marked offline.
+    /// The liveness check: devices gone silent are marked offline. It reads Postgres only, so
+    /// it opens no NATS connection.
     pub fn liveness(&mut self, settings: LivenessSettings) -> &mut Self {
-        self.spawn("liveness", move |_, bus, shutdown| {
-            let liveness = Liveness::new(bus, settings);
-            async move {
-                liveness.run(shutdown).await;
-                Ok(())
-            }
-        })
+        let (pool, store, shutdown) = (self.pool.clone(), self.store, self.shutdown.clone());
+        self.roles
+            .spawn(supervise("liveness", self.shutdown.clone(), move || {
+                let liveness = Liveness::new(CommandBus::new(pool.clone(), store), settings);
+                let shutdown = shutdown.clone();
+                async move {
+                    liveness.run(shutdown).await;
+                    Ok(())
+                }
+            }));
+        self
     }
 
     /// The rollout manager: rollouts advance, pause and finish by their outcomes.

@@ -3,10 +3,9 @@
 //! whether they share a process (`fleetlog up`) or not. It lives here because every role
 //! depends on this crate.
 //!
-//! The policy: a unit that panics is restarted, after a delay that starts at one second and
-//! doubles up to a minute, with jitter ([`crate::Backoff`]; back to one second once it ran five
-//! minutes without panicking),
-//! with an error log line carrying the panic message and the counter
+//! The policy: a unit that panics is restarted, after a delay that starts at one to two
+//! seconds and doubles up to a minute ([`crate::Backoff`]; back to the start once it ran five
+//! minutes without panicking), with an error log line carrying the panic message and the counter
 //! `fleetlog_role_restarts_total{unit}`. One unit's panic therefore never stops the others, and
 //! never stops silently. A unit that returns an error (a setting that cannot work, say) is not
 //! restarted: the error ends the process with a non-zero exit, as a misconfiguration should.

@@ -251,9 +251,13 @@ impl<P: Projection, C: Companion> Worker<P, C> {
 
     /// Acks or naks a message after its event was handled, and counts it.
     async fn settle(&self, message: &Message, outcome: Outcome, event: &EventEnvelope) {
-        let lag = chrono::Utc::now() - event.recorded_at;
-        metrics::gauge!("fleetlog_projection_lag_seconds", "projection" => P::NAME)
-            .set(lag.num_milliseconds() as f64 / 1000.0);
+        record_lag::<P>(event);
+        self.acknowledge(message, outcome).await;
+    }
+
+    /// Acks a message whose fate is sealed (applied, skipped, dead-lettered) or naks it to come
+    /// back after the retry delay (a gap, a failure that may pass), and counts the outcome.
+    async fn acknowledge(&self, message: &Message, outcome: Outcome) {
         let ack = match outcome {
             Outcome::Applied | Outcome::Skipped | Outcome::DeadLettered => {
                 message.ack_with(AckKind::Ack).await
@@ -265,6 +269,7 @@ impl<P: Projection, C: Companion> Worker<P, C> {
             }
         };
         if let Err(error) = ack {
+            // The message comes back after ack_wait; the position check makes that harmless.
             tracing::warn!(projection = P::NAME, %error, "cannot acknowledge message");
         }
         metrics::counter!("fleetlog_projection_events_total",
@@ -287,29 +292,11 @@ impl<P: Projection, C: Companion> Worker<P, C> {
                     .await
             }
             Ok(event) => {
-                let lag = chrono::Utc::now() - event.recorded_at;
-                metrics::gauge!("fleetlog_projection_lag_seconds", "projection" => P::NAME)
-                    .set(lag.num_milliseconds() as f64 / 1000.0);
+                record_lag::<P>(&event);
                 self.handle_event(&message, &event, delivered).await
             }
         };
-        let ack = match outcome {
-            Outcome::Applied | Outcome::Skipped | Outcome::DeadLettered => {
-                message.ack_with(AckKind::Ack).await
-            }
-            Outcome::Gap | Outcome::Retried => {
-                message
-                    .ack_with(AckKind::Nak(Some(self.settings.retry_delay)))
-                    .await
-            }
-        };
-        if let Err(error) = ack {
-            // The message comes back after ack_wait; the position check makes that harmless.
-            tracing::warn!(projection = P::NAME, %error, "cannot acknowledge message");
-        }
-        metrics::counter!("fleetlog_projection_events_total",
-            "projection" => P::NAME, "outcome" => outcome.label())
-        .increment(1);
+        self.acknowledge(&message, outcome).await;
         outcome
     }
 
@@ -370,6 +357,13 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         tx.commit().await?;
         Ok(position)
     }
+}
+
+/// How long ago `event` was recorded, as the projection's lag.
+fn record_lag<P: Projection>(event: &EventEnvelope) {
+    let lag = chrono::Utc::now() - event.recorded_at;
+    metrics::gauge!("fleetlog_projection_lag_seconds", "projection" => P::NAME)
+        .set(lag.num_milliseconds() as f64 / 1000.0);
 }
 
 /// Deletes the durable consumer of `rider`, left from when it ran on its own, now that the
