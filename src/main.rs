@@ -21,8 +21,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fleetlog::settings::{
-    ApiRole, CommonArgs, DispatchRole, IngestRole, LogFormat, NatsArgs, ProjectRole, RelayRole,
-    StoreArgs, UpRole,
+    ApiRole, BrokerSyncRole, CommonArgs, DispatchRole, IngestRole, LogFormat, NatsArgs,
+    ProjectRole, RelayRole, StoreArgs, UpRole,
 };
 use fleetlog::{ApiParts, Platform};
 use fleetlog_commands::{CommandBus, StoreSettings};
@@ -54,6 +54,9 @@ enum Command {
     Api(ApiRole),
     /// Bridge the device topics of the MQTT broker into Device commands.
     Ingest(IngestRole),
+    /// Keep the broker's accounts (Mosquitto's dynamic-security plugin) in step with the
+    /// device credentials in the event log (one active sync at a time).
+    BrokerSync(BrokerSyncRole),
     /// Send commands, desired properties and firmware updates to the devices over MQTT, and
     /// record unanswered commands as expired.
     Dispatch(DispatchRole),
@@ -223,7 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let parts = ApiParts {
                 auth: role.auth.auth()?,
                 firmware: Some(role.firmware.firmware()?),
-                mqtt: Some(role.mqtt.mqtt_url.clone()),
+                mqtt: Some(role.mqtt.probe_broker()?),
                 metrics: install_metrics_recorder(),
                 http: role.http.http()?,
             };
@@ -237,8 +240,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             platform.ingest(settings);
             platform.run(common.shutdown_timeout()).await
         }
+        Command::BrokerSync(role) => {
+            let settings = role.mqtt.broker_sync()?;
+            let key = role.device_key.key()?;
+            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            platform.broker_sync(settings, key);
+            platform.run(common.shutdown_timeout()).await
+        }
         Command::Dispatch(role) => {
-            let settings = role.dispatch.dispatch(&role.mqtt);
+            let settings = role.dispatch.dispatch(&role.mqtt)?;
             let mut platform = platform(&common, &role.nats, role.store.store()).await?;
             platform.dispatch(settings);
             platform.run(common.shutdown_timeout()).await
@@ -308,11 +318,24 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
     let parts = ApiParts {
         auth: role.auth.auth()?,
         firmware: Some(role.firmware.firmware()?),
-        mqtt: Some(role.mqtt.mqtt_url.clone()),
+        mqtt: Some(role.mqtt.probe_broker()?),
         metrics: install_metrics_recorder(),
         http: role.http.http()?,
     };
     let ingest = role.ingest.ingest(&role.mqtt)?;
+    let dispatch = role.dispatch.dispatch(&role.mqtt)?;
+    // The sync runs when it has the broker admin's password; without one the broker is taken
+    // to be managed by hand (or open), and devices it does not know cannot connect.
+    let broker_sync = match &role.mqtt.broker_sync_mqtt_password {
+        Some(_) => Some((role.mqtt.broker_sync()?, role.auth.device_key.key()?)),
+        None => {
+            tracing::warn!(
+                "FLEETLOG_BROKER_SYNC_MQTT_PASSWORD is not set: the broker sync does not run, \
+                 so the broker learns of no device credential"
+            );
+            None
+        }
+    };
     let relay = role.relay.relay();
     let pool = connect(common).await?;
     fleetlog_commands::migrate(&pool)
@@ -328,8 +351,11 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         .liveness(role.liveness.liveness())
         .rollout_manager(RolloutManagerSettings::default())
         .ingest(ingest)
-        .dispatch(role.dispatch.dispatch(&role.mqtt))
+        .dispatch(dispatch)
         .api(role.http.http_addr, parts);
+    if let Some((settings, key)) = broker_sync {
+        platform.broker_sync(settings, key);
+    }
     tracing::info!("fleetlog up: all roles started");
     platform.run(common.shutdown_timeout()).await?;
     tracing::info!("fleetlog stopped");

@@ -20,11 +20,13 @@ use fleetlog_api::auth::Auth;
 use fleetlog_api::throttle::LoginThrottle;
 use fleetlog_api::{AppState, HttpSettings};
 use fleetlog_broker::BrokerUrl;
+use fleetlog_commands::credentials::DeviceCredentialKey;
 use fleetlog_commands::{CommandBus, StoreSettings};
 use fleetlog_dispatch::{DispatchSettings, Dispatcher};
 use fleetlog_firmware::FirmwareStore;
 use fleetlog_ingest::bridge::{Ingest, IngestSettings};
 use fleetlog_nats::{supervise, StreamSettings};
+use fleetlog_process::broker_sync::{BrokerSync, BrokerSyncSettings};
 use fleetlog_process::liveness::{Liveness, LivenessSettings};
 use fleetlog_process::rollout_manager::{RolloutManager, RolloutManagerSettings};
 use fleetlog_projections::WorkerSettings;
@@ -192,6 +194,28 @@ impl Platform {
             let manager = RolloutManager::new(bus, async_nats::jetstream::new(client), settings);
             async move {
                 manager.run(shutdown).await;
+                Ok(())
+            }
+        })
+    }
+
+    /// The broker sync: the broker's accounts follow the device credentials in the log. An
+    /// unreachable broker is not an error: the sync retries, and reconciles when it is back.
+    pub fn broker_sync(
+        &mut self,
+        settings: BrokerSyncSettings,
+        key: DeviceCredentialKey,
+    ) -> &mut Self {
+        let pool = self.pool.clone();
+        self.spawn("broker-sync", move |client, _, shutdown| {
+            let sync = BrokerSync::new(
+                pool.clone(),
+                async_nats::jetstream::new(client),
+                key.clone(),
+                settings.clone(),
+            );
+            async move {
+                sync.run(shutdown).await;
                 Ok(())
             }
         })

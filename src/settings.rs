@@ -19,13 +19,16 @@ use clap::builder::RangedU64ValueParser;
 use clap::{Args, ValueEnum};
 use fleetlog_api::auth::Auth;
 use fleetlog_api::HttpSettings;
+use fleetlog_broker::access::{DISPATCH_USERNAME, INGEST_USERNAME, SYNC_USERNAME};
 use fleetlog_broker::BrokerUrl;
+use fleetlog_commands::credentials::DeviceCredentialKey;
 use fleetlog_commands::StoreSettings;
 use fleetlog_dispatch::DispatchSettings;
 use fleetlog_domain::TenantId;
 use fleetlog_firmware::{FirmwareStore, ImageSigner};
 use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_nats::StreamSettings;
+use fleetlog_process::broker_sync::BrokerSyncSettings;
 use fleetlog_process::liveness::LivenessSettings;
 use fleetlog_relay::RelaySettings;
 use secrecy::{ExposeSecret, SecretString};
@@ -172,14 +175,118 @@ pub struct MqttArgs {
     pub mqtt_url: BrokerUrl,
 
     /// The first level of every device topic (`{root}/{device_id}/data`, ...).
-    #[arg(long, env = "FLEETLOG_MQTT_TOPIC_ROOT", default_value = "devices")]
+    #[arg(long, env = "FLEETLOG_MQTT_TOPIC_ROOT", default_value = "devices", value_parser = parse_topic_root)]
     pub mqtt_topic_root: String,
+
+    /// The certificate authority (a PEM file) that signed the broker's certificate, for an
+    /// `mqtts://` URL when it is not one of the system's roots.
+    #[arg(long, env = "FLEETLOG_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+
+    /// Password of the ingest account (`fleetlog.ingest`) at the broker. The ingest connects
+    /// with it; the broker sync, given it, creates that account.
+    #[arg(long, env = "FLEETLOG_INGEST_MQTT_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub ingest_mqtt_password: Option<SecretString>,
+
+    /// Password of the dispatch account (`fleetlog.dispatch`) at the broker. The dispatcher
+    /// connects with it; the broker sync, given it, creates that account.
+    #[arg(long, env = "FLEETLOG_DISPATCH_MQTT_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub dispatch_mqtt_password: Option<SecretString>,
+
+    /// Password of the broker sync's account (`fleetlog.sync`), the admin of the broker's
+    /// dynamic-security plugin.
+    #[arg(long, env = "FLEETLOG_BROKER_SYNC_MQTT_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub broker_sync_mqtt_password: Option<SecretString>,
 }
 
 impl MqttArgs {
     fn topic_root(&self) -> String {
         self.mqtt_topic_root.trim_matches('/').to_string()
     }
+
+    /// The broker as `username`: with `password` when given, else with the URL's own
+    /// credentials (if any); with the CA file read.
+    fn broker_as(
+        &self,
+        username: &str,
+        password: Option<&SecretString>,
+    ) -> anyhow::Result<BrokerUrl> {
+        let mut broker = match password {
+            Some(password) => self.mqtt_url.as_user(username, password.expose_secret()),
+            None => self.mqtt_url.clone(),
+        };
+        if let Some(path) = &self.mqtt_ca_file {
+            let pem = std::fs::read(path).with_context(|| {
+                format!("FLEETLOG_MQTT_CA_FILE: cannot read {}", path.display())
+            })?;
+            broker.ca_pem = Some(pem);
+        }
+        Ok(broker)
+    }
+
+    /// The broker as the ingest account.
+    pub fn ingest_broker(&self) -> anyhow::Result<BrokerUrl> {
+        self.broker_as(INGEST_USERNAME, self.ingest_mqtt_password.as_ref())
+    }
+
+    /// The broker as the dispatch account.
+    pub fn dispatch_broker(&self) -> anyhow::Result<BrokerUrl> {
+        self.broker_as(DISPATCH_USERNAME, self.dispatch_mqtt_password.as_ref())
+    }
+
+    /// The broker as the sync's admin account.
+    pub fn sync_broker(&self) -> anyhow::Result<BrokerUrl> {
+        self.broker_as(SYNC_USERNAME, self.broker_sync_mqtt_password.as_ref())
+    }
+
+    /// The broker sync's settings.
+    pub fn broker_sync(&self) -> anyhow::Result<BrokerSyncSettings> {
+        if self.broker_sync_mqtt_password.is_none() && self.mqtt_url.credentials.is_none() {
+            bail!(
+                "FLEETLOG_BROKER_SYNC_MQTT_PASSWORD is not set: the broker sync connects as the \
+                 broker's dynamic-security admin ({SYNC_USERNAME})"
+            );
+        }
+        let mut settings = BrokerSyncSettings::new(self.sync_broker()?);
+        settings.topic_root = self.topic_root();
+        settings.ingest_password = self.ingest_mqtt_password.clone();
+        settings.dispatch_password = self.dispatch_mqtt_password.clone();
+        Ok(settings)
+    }
+
+    /// The broker as the API's readiness probe reaches it (no account of its own).
+    pub fn probe_broker(&self) -> anyhow::Result<BrokerUrl> {
+        self.broker_as("", None)
+    }
+}
+
+/// A service's MQTT client id: never one a device could connect with.
+fn parse_service_client_id(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.len() > 128 || value.contains('\0') {
+        return Err("must be 1 to 128 bytes without NUL".into());
+    }
+    if fleetlog_domain::DeviceId::parse(value).is_ok() {
+        return Err(format!(
+            "{value:?} is a valid device id, so a device could take over this session: \
+             put a '.' in it (e.g. fleetlog.ingest)"
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// A topic root: MQTT topic levels without wildcards, `$` or NUL.
+fn parse_topic_root(value: &str) -> Result<String, String> {
+    let root = value.trim_matches('/');
+    if root.is_empty() {
+        return Err("must name at least one topic level".into());
+    }
+    if root.starts_with('$') || root.contains(['+', '#', '\0']) || root.contains("//") {
+        return Err("must be plain topic levels: no +, #, NUL, empty level or leading $".into());
+    }
+    if root.len() > 256 {
+        return Err("must be at most 256 bytes".into());
+    }
+    Ok(value.to_string())
 }
 
 /// The HTTP listener.
@@ -263,6 +370,41 @@ pub struct AuthArgs {
         value_parser = clap::value_parser!(u64).range(60..=31_536_000)
     )]
     pub refresh_token_ttl_secs: u64,
+
+    /// The device credential key.
+    #[command(flatten)]
+    pub device_key: DeviceKeyArgs,
+}
+
+/// The key device secrets derive from.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Device credentials")]
+pub struct DeviceKeyArgs {
+    /// Key that device secrets derive from (at least 32 characters; never logged). The API
+    /// issues secrets with it and the broker sync sets them at the broker; both refuse to
+    /// start without it. Changing it invalidates every device's broker password at the next
+    /// sync: keep it as safe as the database.
+    #[arg(
+        long,
+        env = "FLEETLOG_DEVICE_CREDENTIAL_KEY",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub device_credential_key: Option<SecretString>,
+}
+
+impl DeviceKeyArgs {
+    /// The key, or why there is none.
+    pub fn key(&self) -> anyhow::Result<DeviceCredentialKey> {
+        let Some(key) = &self.device_credential_key else {
+            bail!(
+                "FLEETLOG_DEVICE_CREDENTIAL_KEY is not set: device secrets derive from it \
+                 (generate one with `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'`)"
+            );
+        };
+        DeviceCredentialKey::new(key.clone())
+            .map_err(|error| anyhow::anyhow!("FLEETLOG_DEVICE_CREDENTIAL_KEY: {error}"))
+    }
 }
 
 impl AuthArgs {
@@ -276,6 +418,7 @@ impl AuthArgs {
         }
         Ok(Auth::new(
             secret,
+            self.device_key.key()?,
             Duration::from_secs(self.access_token_ttl_secs),
             Duration::from_secs(self.refresh_token_ttl_secs),
         ))
@@ -343,10 +486,13 @@ impl FirmwareArgs {
 pub struct IngestArgs {
     /// MQTT client id of this ingest instance. The broker keeps the session (and the messages
     /// not yet acknowledged) under it: keep it stable across restarts, distinct per instance.
+    /// It must not be a valid device id (hold a `.`), or a device of that id could take the
+    /// session over.
     #[arg(
         long,
         env = "FLEETLOG_INGEST_CLIENT_ID",
-        default_value = "fleetlog-ingest"
+        default_value = "fleetlog.ingest",
+        value_parser = parse_service_client_id
     )]
     pub ingest_client_id: String,
 
@@ -415,7 +561,7 @@ pub struct IngestArgs {
 impl IngestArgs {
     /// The MQTT bridge's settings, on the broker `mqtt` names.
     pub fn ingest(&self, mqtt: &MqttArgs) -> anyhow::Result<IngestSettings> {
-        let mut settings = IngestSettings::new(mqtt.mqtt_url.clone());
+        let mut settings = IngestSettings::new(mqtt.ingest_broker()?);
         settings.client_id = self.ingest_client_id.clone();
         settings.topic_root = mqtt.topic_root();
         settings.share_group =
@@ -449,11 +595,11 @@ pub struct DispatchArgs {
 
 impl DispatchArgs {
     /// The dispatcher's settings, on the broker `mqtt` names.
-    pub fn dispatch(&self, mqtt: &MqttArgs) -> DispatchSettings {
-        let mut settings = DispatchSettings::new(mqtt.mqtt_url.clone());
+    pub fn dispatch(&self, mqtt: &MqttArgs) -> anyhow::Result<DispatchSettings> {
+        let mut settings = DispatchSettings::new(mqtt.dispatch_broker()?);
         settings.topic_root = mqtt.topic_root();
         settings.public_url = self.public_url.clone().filter(|url| !url.trim().is_empty());
-        settings
+        Ok(settings)
     }
 }
 
@@ -607,6 +753,23 @@ pub struct DispatchRole {
     #[command(flatten)]
     pub mqtt: MqttArgs,
     /// The write side.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The NATS server.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// What `fleetlog broker-sync` reads.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerSyncRole {
+    /// The key device secrets derive from.
+    #[command(flatten)]
+    pub device_key: DeviceKeyArgs,
+    /// The MQTT broker, and the accounts' passwords.
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
+    /// The event log (and the lock that elects the active sync).
     #[command(flatten)]
     pub store: StoreArgs,
     /// The NATS server.

@@ -87,6 +87,7 @@ fn every_variable_the_binary_reads_is_in_the_env_example() {
         vec!["api"],
         vec!["ingest"],
         vec!["dispatch"],
+        vec!["broker-sync"],
         vec!["relay"],
         vec!["project"],
         vec!["migrate"],
@@ -335,7 +336,7 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
     let nats = NatsServer::start();
     let broker = fleetlog_testkit::MosquittoServer::start();
     let port = free_port();
-    let mut child = fleetlog_up(&db.url, &nats.url(), &broker.url(), port)
+    let mut child = fleetlog_up(&db.url, &nats.url(), &broker, port)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -19,7 +19,7 @@ use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_projections::WorkerSettings;
 use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -49,7 +49,7 @@ impl Stack {
             poll_interval: Duration::from_millis(50),
             ..RelaySettings::default()
         };
-        let mut ingest = IngestSettings::new(broker.url().parse().unwrap());
+        let mut ingest = IngestSettings::new(broker.ingest_url().parse().unwrap());
         ingest.shards = 2;
         let mut platform = Platform::new(
             db.pool.clone(),
@@ -63,6 +63,7 @@ impl Stack {
             .ingest(ingest);
         let auth = Auth::new(
             &SecretString::from("a test secret that is long enough to sign"),
+            fleetlog_testkit::device_key(),
             Duration::from_secs(300),
             Duration::from_secs(3600),
         );
@@ -98,7 +99,7 @@ impl Stack {
 
     /// A dispatcher in a platform of its own, as another process would run it.
     fn dispatcher(&self) -> Platform {
-        let mut settings = DispatchSettings::new(self.broker.url().parse().unwrap());
+        let mut settings = DispatchSettings::new(self.broker.dispatch_url().parse().unwrap());
         settings.expiry_interval = Duration::from_millis(200);
         let mut dispatcher = Platform::new(
             self.db.pool.clone(),
@@ -169,7 +170,7 @@ struct SimulatedDevice {
 
 impl SimulatedDevice {
     async fn connect(broker: &MosquittoServer, id: &str, client_id: &str) -> Self {
-        let options = MqttOptions::new(client_id, "127.0.0.1", broker.port());
+        let options = broker.simulator_options(client_id);
         let (client, mut events) = AsyncClient::new(options, 100);
         let (sender, inbox) = mpsc::unbounded_channel();
         let (subscribed, ready) = tokio::sync::oneshot::channel();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{fleetlog, fleetlog_up, free_port};
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
 
 /// One HTTP/1.1 exchange: the status and the body (read until the connection closes, or only
@@ -102,7 +102,7 @@ impl Platform {
         let nats = NatsServer::start();
         let broker = MosquittoServer::start();
         let port = free_port();
-        let child = fleetlog_up(&db.url, &nats.url(), &broker.url(), port)
+        let child = fleetlog_up(&db.url, &nats.url(), &broker, port)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -169,7 +169,7 @@ impl Drop for Platform {
 
 /// A device subscribed to its desired document: the latest retained or live copy.
 async fn desired_of(broker: &MosquittoServer, device: &str) -> tokio::sync::watch::Receiver<Value> {
-    let options = MqttOptions::new(format!("{device}-desired"), "127.0.0.1", broker.port());
+    let options = broker.simulator_options(&format!("{device}-desired"));
     let (client, mut events) = AsyncClient::new(options, 100);
     let (latest, receiver) = tokio::sync::watch::channel(Value::Null);
     let topic = format!("devices/{device}/desired");
@@ -380,7 +380,7 @@ async fn hostile_input_gets_4xx_stops_nothing_and_leaves_replay_clean() {
 
     // Hostile MQTT: past the parser's limit, a NUL, garbage for an unknown device; then a
     // valid heartbeat still gets through.
-    let mut options = MqttOptions::new("hostile-device", "127.0.0.1", platform.broker.port());
+    let mut options = platform.broker.simulator_options("hostile-device");
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut events) = AsyncClient::new(options, 100);
     tokio::spawn(async move { while events.poll().await.is_ok() {} });

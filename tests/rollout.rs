@@ -27,7 +27,7 @@ use fleetlog_process::rollout_manager::{RolloutManager, RolloutManagerSettings};
 use fleetlog_projections::WorkerSettings;
 use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -65,9 +65,9 @@ impl Stack {
             poll_interval: Duration::from_millis(50),
             ..RelaySettings::default()
         };
-        let mut ingest = IngestSettings::new(broker.url().parse().unwrap());
+        let mut ingest = IngestSettings::new(broker.ingest_url().parse().unwrap());
         ingest.shards = 2;
-        let mut dispatch = DispatchSettings::new(broker.url().parse().unwrap());
+        let mut dispatch = DispatchSettings::new(broker.dispatch_url().parse().unwrap());
         dispatch.public_url = Some("https://fleet.example.com/".into());
         let mut platform = Platform::new(
             db.pool.clone(),
@@ -93,6 +93,7 @@ impl Stack {
         .unwrap();
         let auth = Auth::new(
             &SecretString::from("a test secret that is long enough to sign"),
+            fleetlog_testkit::device_key(),
             Duration::from_secs(300),
             Duration::from_secs(3600),
         );
@@ -314,7 +315,7 @@ struct SimulatedDevice {
 
 impl SimulatedDevice {
     async fn connect(stack: &Arc<Stack>, id: &str, token: String, behaviour: Behaviour) -> Self {
-        let options = MqttOptions::new(format!("{id}-sim"), "127.0.0.1", stack.broker.port());
+        let options = stack.broker.simulator_options(&format!("{id}-sim"));
         let (client, mut events) = AsyncClient::new(options, 100);
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
         let cancels = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1122,7 +1123,7 @@ async fn aborts_deprecations_overlaps_and_changed_targets_behave_as_operators_ex
         .await;
 
     // 7. A late progress report of an earlier state does not move the device back.
-    let options = MqttOptions::new("progress-tester", "127.0.0.1", stack.broker.port());
+    let options = stack.broker.simulator_options("progress-tester");
     let (tester, mut tester_events) = AsyncClient::new(options, 10);
     tokio::spawn(async move { while tester_events.poll().await.is_ok() {} });
     for (state, percent) in [("installing", 50), ("downloading", 100)] {

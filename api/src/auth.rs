@@ -13,6 +13,7 @@ use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
+use fleetlog_commands::credentials::DeviceCredentialKey;
 use fleetlog_domain::user::Role;
 use fleetlog_domain::{SessionId, TenantId, UserId};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -24,6 +25,8 @@ use crate::AppState;
 
 /// Token settings and keys. Built once at start-up.
 pub struct Auth {
+    /// Derives the secrets devices are issued (`FLEETLOG_DEVICE_CREDENTIAL_KEY`).
+    pub device_key: DeviceCredentialKey,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -34,14 +37,20 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// Keys from the shared secret (`FLEETLOG_JWT_SECRET`).
-    pub fn new(secret: &SecretString, access_ttl: Duration, refresh_ttl: Duration) -> Arc<Self> {
+    /// Keys from the shared secret (`FLEETLOG_JWT_SECRET`) and the device credential key.
+    pub fn new(
+        secret: &SecretString,
+        device_key: DeviceCredentialKey,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> Arc<Self> {
         let secret = secret.expose_secret().as_bytes();
         // Only HS256: a token naming any other algorithm, `none` included, is refused.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "iat", "sub"]);
         Arc::new(Self {
+            device_key,
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,

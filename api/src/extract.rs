@@ -65,6 +65,32 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     }
 }
 
+/// An optional body: a request without a body and without a content type has none; anything
+/// else is read as [`Json`] would read it.
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::OptionalFromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Option<Self>, ApiError> {
+        if request.headers().get(header::CONTENT_TYPE).is_none() {
+            let bytes = Bytes::from_request(request, state)
+                .await
+                .map_err(|rejection| {
+                    ApiError::Rejected(rejection.status(), rejection.body_text())
+                })?;
+            if bytes.is_empty() {
+                return Ok(None);
+            }
+            return Err(ApiError::Rejected(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected request with `Content-Type: application/json`".into(),
+            ));
+        }
+        <Self as FromRequest<S>>::from_request(request, state)
+            .await
+            .map(Some)
+    }
+}
+
 /// `axum::extract::Query`, answering bad query strings with problem+json.
 pub struct Query<T>(pub T);
 

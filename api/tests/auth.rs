@@ -60,6 +60,7 @@ impl Api {
             mqtt: None,
             auth: Auth::new(
                 &SecretString::from(SECRET),
+                fleetlog_testkit::device_key(),
                 Duration::from_secs(300),
                 Duration::from_secs(3600),
             ),

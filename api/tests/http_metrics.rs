@@ -27,6 +27,7 @@ async fn requests_are_counted_and_timed_by_route_template() {
         mqtt: None,
         auth: Auth::new(
             &SecretString::from("a test secret that is long enough to sign"),
+            fleetlog_testkit::device_key(),
             Duration::from_secs(300),
             Duration::from_secs(3600),
         ),

@@ -31,6 +31,8 @@ const CONTRACT: &[(&str, &str)] = &[
     ("patch", "/api/v1/devices/{id}"),
     ("delete", "/api/v1/devices/{id}"),
     ("put", "/api/v1/devices/{id}/desired"),
+    ("post", "/api/v1/devices/{id}/credentials/rotate"),
+    ("post", "/api/v1/devices/{id}/credentials/revoke"),
     ("post", "/api/v1/devices/{id}/commands"),
     ("get", "/api/v1/devices/{id}/commands/{command_id}"),
     ("get", "/api/v1/devices/{id}/events"),

@@ -13,6 +13,7 @@ use std::time::Duration;
 fn test_auth() -> Arc<Auth> {
     Auth::new(
         &SecretString::from("a test secret that is long enough to sign"),
+        fleetlog_testkit::device_key(),
         Duration::from_secs(300),
         Duration::from_secs(3600),
     )

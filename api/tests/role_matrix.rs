@@ -110,6 +110,20 @@ fn matrix(user_id: &str) -> Vec<Row> {
         ),
         row(
             "post",
+            "/api/v1/devices/{id}/credentials/rotate",
+            "/api/v1/devices/d1/credentials/rotate",
+            Some(json!({"reason": "scheduled"})),
+            WRITERS,
+        ),
+        row(
+            "post",
+            "/api/v1/devices/{id}/credentials/revoke",
+            "/api/v1/devices/d1/credentials/revoke",
+            None,
+            WRITERS,
+        ),
+        row(
+            "post",
             "/api/v1/devices/{id}/commands",
             "/api/v1/devices/d1/commands",
             Some(json!({"name": "reboot"})),

@@ -1,5 +1,8 @@
 //! Where the MQTT broker is and how to reach it: `FLEETLOG_MQTT_URL` parsing, client options,
-//! and a readiness probe.
+//! and a readiness probe; and who may do what there ([`access`]: the accounts, their rights,
+//! and the admin client of Mosquitto's dynamic-security plugin).
+
+pub mod access;
 
 use std::time::Duration;
 
@@ -28,6 +31,9 @@ pub struct BrokerUrl {
     pub tls: bool,
     /// User name and password, if the broker wants them.
     pub credentials: Option<(String, String)>,
+    /// The certificate authority (PEM) that signed the broker's TLS certificate, when it is not
+    /// one of the system's roots (`FLEETLOG_MQTT_CA_FILE`).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for BrokerUrl {
@@ -96,6 +102,7 @@ impl std::str::FromStr for BrokerUrl {
             port,
             tls,
             credentials,
+            ca_pem: None,
         })
     }
 }
@@ -108,15 +115,27 @@ impl BrokerUrl {
             options.set_credentials(user, password);
         }
         if self.tls {
-            options.set_transport(Transport::tls_with_default_config());
+            options.set_transport(match &self.ca_pem {
+                Some(ca) => Transport::tls(ca.clone(), None, None),
+                None => Transport::tls_with_default_config(),
+            });
         }
         options
     }
 
+    /// The same broker as `username` with `password`.
+    pub fn as_user(&self, username: &str, password: &str) -> Self {
+        Self {
+            credentials: Some((username.to_string(), password.to_string())),
+            ..self.clone()
+        }
+    }
+
     /// Connects, waits for the broker's CONNACK and disconnects: readiness for processes that
-    /// need the broker.
+    /// need the broker. A broker that answers but refuses the probe's credentials (the API
+    /// holds no broker account) is up.
     pub async fn probe(&self, patience: Duration) -> Result<(), String> {
-        let client_id = format!("fleetlog-probe-{}", std::process::id());
+        let client_id = format!("fleetlog.probe.{}", std::process::id());
         let mut options = self.options(&client_id);
         options.set_clean_session(true);
         let (client, mut events) = AsyncClient::new(options, 4);
@@ -125,6 +144,10 @@ impl BrokerUrl {
                 match events.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
                     Ok(_) => continue,
+                    Err(rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::NotAuthorized
+                        | rumqttc::ConnectReturnCode::BadUserNamePassword,
+                    )) => return Ok(()),
                     Err(error) => return Err(error.to_string()),
                 }
             }

@@ -1,9 +1,17 @@
 //! Hashing of secrets before they reach a command: passwords with argon2id, high-entropy
 //! tokens (refresh tokens, device secrets) with SHA-256. Events only ever hold these hashes.
+//!
+//! Device secrets are derived, not drawn: `HMAC-SHA256(credential key, device id, salt)`, with a
+//! fresh random salt per issue ([`DeviceCredentialKey`]). The log keeps the salt and the hash;
+//! the broker sync, which holds the key, sets the very secret the device was shown as its
+//! broker password, after its own restart or a broker that lost its state, without any secret
+//! ever being stored. (The symmetric-key group enrollments of cloud device provisioning derive
+//! device keys the same way.)
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use hmac::{Hmac, Mac};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -62,9 +70,111 @@ pub fn random_token() -> SecretString {
     SecretString::from(hex::encode(bytes))
 }
 
+/// The shortest credential key accepted, in characters.
+pub const MIN_CREDENTIAL_KEY_LENGTH: usize = 32;
+
+/// The platform's key for device secrets (`FLEETLOG_DEVICE_CREDENTIAL_KEY`). Whoever holds it
+/// can compute every device's secret from the log: the API (which issues them) and the broker
+/// sync (which sets them at the broker) need it, no other role does.
+#[derive(Clone)]
+pub struct DeviceCredentialKey(SecretString);
+
+impl std::fmt::Debug for DeviceCredentialKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceCredentialKey(***)")
+    }
+}
+
+/// A credential key too short to be a key.
+#[derive(Debug, thiserror::Error)]
+#[error("the device credential key must be at least {MIN_CREDENTIAL_KEY_LENGTH} characters")]
+pub struct WeakCredentialKey;
+
+/// A device secret just issued: shown to its device once, then only the salt and the hash are
+/// kept.
+pub struct IssuedDeviceSecret {
+    /// The secret itself: the device's token and broker password.
+    pub secret: SecretString,
+    /// The public salt it derives from (32 hex digits).
+    pub salt: String,
+    /// SHA-256 hex of the secret, what HTTP ingest checks a presented token against.
+    pub hash: String,
+}
+
+impl DeviceCredentialKey {
+    /// A key from its text, refused when shorter than [`MIN_CREDENTIAL_KEY_LENGTH`].
+    pub fn new(key: SecretString) -> Result<Self, WeakCredentialKey> {
+        if key.expose_secret().chars().count() < MIN_CREDENTIAL_KEY_LENGTH {
+            return Err(WeakCredentialKey);
+        }
+        Ok(Self(key))
+    }
+
+    /// A fresh secret for `device_id`, from a fresh random salt.
+    pub fn issue(&self, device_id: &str) -> IssuedDeviceSecret {
+        let mut salt = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        let salt = hex::encode(salt);
+        let secret = self.derive(device_id, &salt);
+        let hash = sha256_hex(secret.expose_secret().as_bytes());
+        IssuedDeviceSecret { secret, salt, hash }
+    }
+
+    /// The secret issued to `device_id` with `salt`: 64 hex digits.
+    pub fn derive(&self, device_id: &str, salt: &str) -> SecretString {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.0.expose_secret().as_bytes())
+            .expect("HMAC takes keys of any length");
+        // NUL separators: no device id or salt holds one, so no two pairs hash alike.
+        mac.update(b"fleetlog device secret v1\0");
+        mac.update(device_id.as_bytes());
+        mac.update(b"\0");
+        mac.update(salt.as_bytes());
+        SecretString::from(hex::encode(mac.finalize().into_bytes()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key() -> DeviceCredentialKey {
+        DeviceCredentialKey::new(SecretString::from("k".repeat(32))).unwrap()
+    }
+
+    #[test]
+    fn device_secrets_derive_again_from_their_salt_and_match_their_hash() {
+        let issued = key().issue("sensor-1");
+        assert_eq!(issued.salt.len(), 32);
+        assert_eq!(issued.secret.expose_secret().len(), 64);
+        assert_eq!(
+            key().derive("sensor-1", &issued.salt).expose_secret(),
+            issued.secret.expose_secret()
+        );
+        assert_eq!(
+            sha256_hex(issued.secret.expose_secret().as_bytes()),
+            issued.hash
+        );
+        // Another device, salt or key gives another secret.
+        assert_ne!(
+            key().derive("sensor-2", &issued.salt).expose_secret(),
+            issued.secret.expose_secret()
+        );
+        assert_ne!(
+            key().issue("sensor-1").secret.expose_secret(),
+            issued.secret.expose_secret()
+        );
+        let other_key = DeviceCredentialKey::new(SecretString::from("j".repeat(32))).unwrap();
+        assert_ne!(
+            other_key.derive("sensor-1", &issued.salt).expose_secret(),
+            issued.secret.expose_secret()
+        );
+    }
+
+    #[test]
+    fn short_credential_keys_are_refused_and_keys_never_print() {
+        assert!(DeviceCredentialKey::new(SecretString::from("k".repeat(31))).is_err());
+        assert_eq!(format!("{:?}", key()), "DeviceCredentialKey(***)");
+    }
 
     #[test]
     fn passwords_verify_against_their_hash_only() {

@@ -123,7 +123,7 @@ impl DispatchSettings {
     pub fn new(broker: BrokerUrl) -> Self {
         Self {
             broker,
-            client_id: format!("fleetlog-dispatch-{}", std::process::id()),
+            client_id: format!("fleetlog.dispatch.{}", std::process::id()),
             topic_root: "devices".into(),
             publish_timeout: Duration::from_secs(20),
             expiry_interval: Duration::from_secs(5),

@@ -75,8 +75,12 @@ impl StoredEvent {
     }
 }
 
-/// The event whose payload holds a secret, and the field that holds it.
-const SECRET_FIELDS: &[(&str, &str)] = &[("DeviceCredentialsRotated", "secret_hash")];
+/// The events whose payload holds secret material, and the fields that hold it: the hash of a
+/// device's secret, and the salt that secret derives from with the platform's credential key.
+const SECRET_FIELDS: &[(&str, &str)] = &[
+    ("DeviceCredentialsRotated", "secret_hash"),
+    ("DeviceCredentialsRotated", "salt"),
+];
 
 impl EventEnvelope {
     /// Removes what no history or stream shows anyone: the hash of a device's secret, which its
@@ -203,13 +207,17 @@ mod tests {
         let rotated = DeviceEvent::DeviceCredentialsRotated {
             secret_hash: "ab".repeat(32),
             credential_version: 2,
+            salt: Some("cd".repeat(16)),
+            reason: Some("rotated by an operator".into()),
             at: Utc::now(),
         };
         let mut envelope = envelope_of(&rotated);
         envelope.redact_secrets();
         let fields = &envelope.payload["DeviceCredentialsRotated"];
         assert!(fields.get("secret_hash").is_none());
+        assert!(fields.get("salt").is_none());
         assert_eq!(fields["credential_version"], 2);
+        assert_eq!(fields["reason"], "rotated by an operator");
 
         // Other events are left as they are.
         let other = DeviceEvent::FirmwareVersionReported {

@@ -259,6 +259,53 @@ pub async fn count_of_type(
         .await
 }
 
+/// The event types that decide a device's standing credential.
+pub const DEVICE_CREDENTIAL_EVENTS: [&str; 3] = [
+    "DeviceCredentialsRotated",
+    "DeviceCredentialsRevoked",
+    "DeviceDecommissioned",
+];
+
+/// The latest of [`DEVICE_CREDENTIAL_EVENTS`] per device, with an extra filter. The partial
+/// index `events_device_credentials_idx` holds exactly these events (its predicate is spelled
+/// out so the planner can use it).
+macro_rules! latest_device_credentials {
+    ($filter:literal) => {
+        concat!(
+            "SELECT DISTINCT ON (aggregate_id) ",
+            envelope_columns!(),
+            " FROM events
+             WHERE aggregate_type = 'device'
+               AND event_type IN ('DeviceCredentialsRotated', 'DeviceCredentialsRevoked',
+                                  'DeviceDecommissioned')",
+            $filter,
+            " ORDER BY aggregate_id, sequence DESC"
+        )
+    };
+}
+
+/// For every device with one of [`DEVICE_CREDENTIAL_EVENTS`], the latest of them (by
+/// sequence), in device id order: what the broker sync makes the broker match at its start.
+pub async fn device_credential_events(
+    executor: impl PgExecutor<'_>,
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    sqlx::query_as(latest_device_credentials!(""))
+        .fetch_all(executor)
+        .await
+}
+
+/// The latest of [`DEVICE_CREDENTIAL_EVENTS`] of one device, if it has any: its standing
+/// credential, as committed now.
+pub async fn device_credential_event(
+    executor: impl PgExecutor<'_>,
+    device_id: &str,
+) -> Result<Option<EventEnvelope>, sqlx::Error> {
+    sqlx::query_as(latest_device_credentials!(" AND aggregate_id = $1"))
+        .bind(device_id)
+        .fetch_optional(executor)
+        .await
+}
+
 /// How many events lie after `cursor` in commit order (committed or settled alike): for a
 /// tail, how far behind it is.
 pub async fn count_after(

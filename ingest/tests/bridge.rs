@@ -12,7 +12,7 @@ use fleetlog_projections::WorkerSettings;
 use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
 use futures::StreamExt;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -66,7 +66,7 @@ impl Platform {
     }
 
     fn settings(&self) -> IngestSettings {
-        let mut settings = IngestSettings::new(self.broker.url().parse().unwrap());
+        let mut settings = IngestSettings::new(self.broker.ingest_url().parse().unwrap());
         settings.client_id = "ingest-under-test".into();
         settings.shards = 4;
         settings
@@ -138,7 +138,7 @@ struct Device {
 
 impl Device {
     async fn connect(broker: &MosquittoServer, id: &str) -> Self {
-        let mut options = MqttOptions::new(id, "127.0.0.1", broker.port());
+        let mut options = broker.simulator_options(id);
         options.set_inflight(200);
         // Room for the oversized messages the hostile-input test sends.
         options.set_max_packet_size(1 << 20, 1 << 20);
@@ -616,10 +616,9 @@ async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
     // A stand-in for a bridge that recorded 100 messages of one device and crashed before
     // acking any: it takes the bridge's session, records each message exactly as the bridge
     // would, and vanishes without a PUBACK.
-    let mut options = MqttOptions::new(
-        settings.client_id.clone(),
-        "127.0.0.1",
-        platform.broker.port(),
+    let mut options = platform.broker.options_as(
+        fleetlog_broker::access::INGEST_USERNAME,
+        &settings.client_id,
     );
     options.set_clean_session(false).set_manual_acks(true);
     let (client, mut events) = AsyncClient::new(options, 1000);

@@ -43,7 +43,10 @@ where
     let mut backoff = Backoff::new(FIRST_DELAY, MAX_DELAY);
     loop {
         let started = Instant::now();
-        match tokio::spawn(start()).await {
+        // The unit runs as a task of its own so a panic is caught; the guard aborts it when
+        // the supervisor itself is dropped or aborted, so no unit outlives its supervisor.
+        let mut unit_task = AbortOnDrop(tokio::spawn(start()));
+        match (&mut unit_task.0).await {
             Ok(result) => return result,
             Err(error) => {
                 let message = match error.try_into_panic() {
@@ -68,6 +71,15 @@ where
                 }
             }
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

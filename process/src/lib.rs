@@ -5,6 +5,10 @@
 //!
 //! - [`liveness`] marks devices offline after a silence;
 //! - [`rollout_manager`] carries firmware rollouts out, wave by wave.
+//!
+//! [`broker_sync`] follows the same events but acts on the broker instead: it keeps the
+//! broker's accounts in step with the device credentials the log holds.
 
+pub mod broker_sync;
 pub mod liveness;
 pub mod rollout_manager;

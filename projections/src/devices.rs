@@ -551,6 +551,16 @@ async fn apply(
             )
             .await?;
         }
+        DeviceEvent::DeviceCredentialsRevoked { at, .. } => {
+            update_row(
+                sqlx::query(&update("updated_at = $3"))
+                    .bind(id)
+                    .bind(sequence)
+                    .bind(at),
+                connection,
+            )
+            .await?;
+        }
     }
     Ok(())
 }

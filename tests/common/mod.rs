@@ -30,13 +30,36 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `fleetlog up` on the given servers, serving HTTP on `port`, relaying every 100 ms.
-pub fn fleetlog_up(database_url: &str, nats_url: &str, mqtt_url: &str, port: u16) -> Command {
+/// The device credential key of the tests that run the binary.
+pub const DEVICE_KEY: &str = "a test device credential key, long enough";
+
+/// `fleetlog up` on the given servers, serving HTTP on `port`, relaying every 100 ms; with
+/// the broker's account passwords, so the broker sync runs.
+pub fn fleetlog_up(
+    database_url: &str,
+    nats_url: &str,
+    broker: &fleetlog_testkit::MosquittoServer,
+    port: u16,
+) -> Command {
+    use fleetlog_broker::access::{DISPATCH_USERNAME, INGEST_USERNAME, SYNC_USERNAME};
     let mut command = fleetlog(database_url);
     command
         .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("FLEETLOG_NATS_URL", nats_url)
-        .env("FLEETLOG_MQTT_URL", mqtt_url)
+        .env("FLEETLOG_MQTT_URL", broker.url())
+        .env(
+            "FLEETLOG_INGEST_MQTT_PASSWORD",
+            broker.password(INGEST_USERNAME),
+        )
+        .env(
+            "FLEETLOG_DISPATCH_MQTT_PASSWORD",
+            broker.password(DISPATCH_USERNAME),
+        )
+        .env(
+            "FLEETLOG_BROKER_SYNC_MQTT_PASSWORD",
+            broker.password(SYNC_USERNAME),
+        )
+        .env("FLEETLOG_DEVICE_CREDENTIAL_KEY", DEVICE_KEY)
         .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
         .arg("up");
     command

@@ -99,6 +99,7 @@ impl Platform {
         let firmware_dir = TempDir::new();
         let auth = Auth::new(
             &SecretString::from("a test secret that is long enough to sign"),
+            fleetlog_testkit::device_key(),
             Duration::from_secs(300),
             Duration::from_secs(3600),
         );

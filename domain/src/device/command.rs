@@ -215,6 +215,19 @@ pub enum DeviceCommand {
     RotateCredentials {
         /// SHA-256 hex of the new secret.
         secret_hash: String,
+        /// The public salt the secret was derived from with the platform's credential key
+        /// (32 hex digits), so the broker sync can set the same secret at the broker; `None`
+        /// for a secret that was not derived (then the device can use HTTP only).
+        salt: Option<String>,
+        /// Why: `registered`, `rotated by an operator`, `provisioned with key …`.
+        reason: String,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// Take the device's secret away: it can no longer connect or post until a rotation.
+    RevokeCredentials {
+        /// Why.
+        reason: String,
         /// Now.
         at: DateTime<Utc>,
     },
@@ -620,17 +633,40 @@ pub(super) fn decide(
                 at,
             }])
         }
-        DeviceCommand::RotateCredentials { secret_hash, at } => {
-            let is_sha256_hex =
-                secret_hash.len() == 64 && secret_hash.chars().all(|c| c.is_ascii_hexdigit());
-            if !is_sha256_hex {
+        DeviceCommand::RotateCredentials {
+            secret_hash,
+            salt,
+            reason,
+            at,
+        } => {
+            let is_hex = |value: &str, digits: usize| {
+                value.len() == digits && value.chars().all(|c| c.is_ascii_hexdigit())
+            };
+            if !is_hex(&secret_hash, 64) {
                 return Err(DeviceError::InvalidCredentialHash);
             }
+            if salt.as_deref().is_some_and(|salt| !is_hex(salt, 32)) {
+                return Err(DeviceError::InvalidCredentialSalt);
+            }
+            validate_text("reason", &reason)?;
+            let credential_version = device
+                .credential_version
+                .checked_add(1)
+                .ok_or(DeviceError::TooManyRotations)?;
             Ok(vec![DeviceEvent::DeviceCredentialsRotated {
                 secret_hash: secret_hash.to_ascii_lowercase(),
-                credential_version: device.credential_version + 1,
+                credential_version,
+                salt: salt.map(|salt| salt.to_ascii_lowercase()),
+                reason: Some(reason),
                 at,
             }])
+        }
+        DeviceCommand::RevokeCredentials { reason, at } => {
+            validate_text("reason", &reason)?;
+            if device.credential_hash.is_none() {
+                return Err(DeviceError::NoCredentials);
+            }
+            Ok(vec![DeviceEvent::DeviceCredentialsRevoked { reason, at }])
         }
     }
 }

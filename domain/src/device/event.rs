@@ -239,6 +239,20 @@ pub enum DeviceEvent {
         secret_hash: String,
         /// The credential version after the rotation.
         credential_version: u32,
+        /// The public salt the secret derives from with the platform's credential key; absent
+        /// for secrets issued before the broker kept device credentials (HTTP only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        salt: Option<String>,
+        /// Why (absent in events recorded before reasons were kept).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The device's secret was taken away; it can no longer connect or post.
+    DeviceCredentialsRevoked {
+        /// Why.
+        reason: String,
         /// When.
         at: DateTime<Utc>,
     },
@@ -267,6 +281,7 @@ impl DomainEvent for DeviceEvent {
             Self::FirmwareUpdateSucceeded { .. } => "FirmwareUpdateSucceeded",
             Self::FirmwareUpdateFailed { .. } => "FirmwareUpdateFailed",
             Self::DeviceCredentialsRotated { .. } => "DeviceCredentialsRotated",
+            Self::DeviceCredentialsRevoked { .. } => "DeviceCredentialsRevoked",
         }
         .to_string()
     }
@@ -439,10 +454,16 @@ pub(super) fn apply(device: &mut Device, event: DeviceEvent) {
         DeviceEvent::DeviceCredentialsRotated {
             secret_hash,
             credential_version,
+            salt,
             ..
         } => {
             device.credential_hash = Some(secret_hash);
             device.credential_version = credential_version;
+            device.credential_salt = salt;
+        }
+        DeviceEvent::DeviceCredentialsRevoked { .. } => {
+            device.credential_hash = None;
+            device.credential_salt = None;
         }
     }
 }

@@ -207,6 +207,10 @@ pub struct Device {
     pub credential_hash: Option<String>,
     /// Incremented at every credential rotation.
     pub credential_version: u32,
+    /// The public salt the current secret derives from, when it was derived (see
+    /// `DeviceCredentialsRotated`).
+    #[serde(default)]
+    pub credential_salt: Option<String>,
 }
 
 /// Why the Device aggregate refused a command.
@@ -342,6 +346,15 @@ pub enum DeviceError {
     /// A credential hash that is not 64 hex digits.
     #[error("credential hash must be a SHA-256 digest in 64 hex digits")]
     InvalidCredentialHash,
+    /// A credential salt that is not 32 hex digits.
+    #[error("credential salt must be 32 hex digits")]
+    InvalidCredentialSalt,
+    /// Revoking credentials the device does not have.
+    #[error("the device has no credentials to revoke")]
+    NoCredentials,
+    /// The credential version would pass its largest value.
+    #[error("the device's credentials were rotated too often")]
+    TooManyRotations,
     /// A free-text field (reason, error, state) that is empty or too long.
     #[error("{0} must be 1 to 512 characters")]
     InvalidText(&'static str),

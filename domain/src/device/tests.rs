@@ -211,6 +211,12 @@ fn commands_need_a_registered_active_device() {
         },
         DeviceCommand::RotateCredentials {
             secret_hash: "a".repeat(64),
+            salt: None,
+            reason: "again".into(),
+            at: at(),
+        },
+        DeviceCommand::RevokeCredentials {
+            reason: "lost".into(),
             at: at(),
         },
     ];
@@ -1039,20 +1045,88 @@ fn credentials_rotate_as_hashes_only() {
         .given(vec![registered()])
         .when(DeviceCommand::RotateCredentials {
             secret_hash: "AB".repeat(32),
+            salt: Some("CD".repeat(16)),
+            reason: "registered".into(),
             at: at(),
         })
         .then_expect_events(vec![DeviceEvent::DeviceCredentialsRotated {
             secret_hash: "ab".repeat(32),
             credential_version: 1,
+            salt: Some("cd".repeat(16)),
+            reason: Some("registered".into()),
             at: at(),
         }]);
+    let rotate =
+        |secret_hash: &str, salt: Option<&str>, reason: &str| DeviceCommand::RotateCredentials {
+            secret_hash: secret_hash.into(),
+            salt: salt.map(str::to_string),
+            reason: reason.into(),
+            at: at(),
+        };
+    let refused = [
+        (
+            rotate("plain-secret", None, "r"),
+            DeviceError::InvalidCredentialHash,
+        ),
+        (
+            rotate(&"a".repeat(63), None, "r"),
+            DeviceError::InvalidCredentialHash,
+        ),
+        (
+            rotate(&"a".repeat(64), Some("short"), "r"),
+            DeviceError::InvalidCredentialSalt,
+        ),
+        (
+            rotate(&"a".repeat(64), Some(&"g".repeat(32)), "r"),
+            DeviceError::InvalidCredentialSalt,
+        ),
+        (
+            rotate(&"a".repeat(64), None, ""),
+            DeviceError::InvalidText("reason"),
+        ),
+    ];
+    for (command, error) in refused {
+        Given::with(())
+            .given(vec![registered()])
+            .when(command)
+            .then_expect_error(error);
+    }
+}
+
+#[test]
+fn revoked_credentials_leave_no_secret_and_cannot_be_revoked_twice() {
+    let rotated = DeviceEvent::DeviceCredentialsRotated {
+        secret_hash: "ab".repeat(32),
+        credential_version: 1,
+        salt: Some("cd".repeat(16)),
+        reason: Some("registered".into()),
+        at: at(),
+    };
+    let revoked = DeviceEvent::DeviceCredentialsRevoked {
+        reason: "stolen".into(),
+        at: at(),
+    };
     Given::with(())
-        .given(vec![registered()])
-        .when(DeviceCommand::RotateCredentials {
-            secret_hash: "plain-secret".into(),
+        .given(vec![registered(), rotated.clone()])
+        .when(DeviceCommand::RevokeCredentials {
+            reason: "stolen".into(),
             at: at(),
         })
-        .then_expect_error(DeviceError::InvalidCredentialHash);
+        .then_expect_events(vec![revoked.clone()]);
+    Given::with(())
+        .given(vec![registered(), rotated.clone(), revoked.clone()])
+        .when(DeviceCommand::RevokeCredentials {
+            reason: "again".into(),
+            at: at(),
+        })
+        .then_expect_error(DeviceError::NoCredentials);
+    let mut device = Device::default();
+    for event in [registered(), rotated, revoked] {
+        device.evolve(event);
+    }
+    assert_eq!(device.credential_hash, None);
+    assert_eq!(device.credential_salt, None);
+    assert_eq!(device.credential_version, 1);
 }
 
 #[test]

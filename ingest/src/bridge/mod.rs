@@ -95,7 +95,7 @@ impl IngestSettings {
     pub fn new(broker: BrokerUrl) -> Self {
         Self {
             broker,
-            client_id: "fleetlog-ingest".into(),
+            client_id: "fleetlog.ingest".into(),
             topic_root: "devices".into(),
             share_group: Some("fleetlog-ingest".into()),
             auto_register_tenant: None,

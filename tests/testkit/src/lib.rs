@@ -16,6 +16,15 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
+/// The device credential key every test platform shares, so that what one role issues another
+/// derives again (the API issues device secrets, the broker sync sets them at the broker).
+pub fn device_key() -> fleetlog_commands::credentials::DeviceCredentialKey {
+    fleetlog_commands::credentials::DeviceCredentialKey::new(secrecy::SecretString::from(
+        "a test device credential key, long enough",
+    ))
+    .expect("a long enough key")
+}
+
 /// The variable that names the Postgres server tests may create databases on.
 pub const DATABASE_URL_VAR: &str = "FLEETLOG_TEST_DATABASE_URL";
 

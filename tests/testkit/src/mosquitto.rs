@@ -1,16 +1,34 @@
-//! A real Mosquitto broker for one test (or one test binary).
+//! A real Mosquitto broker for one test (or one test binary), secured as fleetlog's deployments
+//! are: the dynamic-security plugin, no anonymous clients, everything denied that no role
+//! allows.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fleetlog_broker::access::{
+    self, Acl, DynsecAdmin, DISPATCH_ROLE, DISPATCH_USERNAME, INGEST_ROLE, INGEST_USERNAME,
+    SYNC_USERNAME,
+};
+use rumqttc::MqttOptions;
+
+/// The topic root the test brokers' roles are made for.
+pub const TOPIC_ROOT: &str = "devices";
+
+/// The test-only account that stands in for any number of devices, for tests that are not
+/// about device identity: it may publish and receive on every device's topics.
+pub const SIMULATOR_USERNAME: &str = "fleetlog.simulator";
+
 /// A mosquitto process on a free loopback port, with persistence in a throwaway directory (so
-/// persistent sessions survive a broker restart). Killed, and its directory removed, on drop.
+/// persistent sessions and the dynamic-security state survive a broker restart). It holds
+/// fleetlog's service accounts (sync admin, ingest, dispatch) and [`SIMULATOR_USERNAME`], each
+/// with a fresh password. Killed, and its directory removed, on drop.
 pub struct MosquittoServer {
     port: u16,
     dir: PathBuf,
     process: Option<Child>,
+    passwords: Vec<(&'static str, String)>,
 }
 
 fn binary() -> PathBuf {
@@ -25,6 +43,26 @@ fn binary() -> PathBuf {
     .unwrap_or_else(|| PathBuf::from("mosquitto"))
 }
 
+/// The dynamic-security plugin of the installed broker.
+pub fn dynamic_security_plugin() -> PathBuf {
+    let candidates = ["/usr/lib", "/usr/local/lib", "/usr/lib64"];
+    for base in candidates {
+        let direct = Path::new(base).join("mosquitto_dynamic_security.so");
+        if direct.exists() {
+            return direct;
+        }
+        if let Ok(entries) = std::fs::read_dir(base) {
+            for entry in entries.flatten() {
+                let nested = entry.path().join("mosquitto_dynamic_security.so");
+                if nested.exists() {
+                    return nested;
+                }
+            }
+        }
+    }
+    panic!("mosquitto_dynamic_security.so not found: install mosquitto 2 (or run ./deploy/local/test.sh)")
+}
+
 fn current_user() -> String {
     std::env::var("USER")
         .ok()
@@ -36,8 +74,12 @@ fn current_user() -> String {
         .unwrap_or_else(|| "root".into())
 }
 
+fn fresh_password() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 impl MosquittoServer {
-    /// Starts a broker and waits until it accepts connections.
+    /// Starts a broker, creates its accounts, and waits until it accepts connections.
     pub fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
@@ -48,12 +90,35 @@ impl MosquittoServer {
             uuid::Uuid::new_v4().simple()
         ));
         std::fs::create_dir_all(&dir).expect("create the mosquitto directory");
-        // `user` keeps mosquitto from switching to its own user when the tests run as root.
+        let passwords = vec![
+            (SYNC_USERNAME, fresh_password()),
+            (INGEST_USERNAME, fresh_password()),
+            (DISPATCH_USERNAME, fresh_password()),
+            (SIMULATOR_USERNAME, fresh_password()),
+        ];
+        let security = dir.join("dynamic-security.json");
+        let init = Command::new("mosquitto_ctrl")
+            .args(["dynsec", "init"])
+            .arg(&security)
+            .args([SYNC_USERNAME, &passwords[0].1])
+            .output()
+            .expect("run mosquitto_ctrl (install mosquitto 2, or run ./deploy/local/test.sh)");
+        assert!(
+            init.status.success(),
+            "mosquitto_ctrl dynsec init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        // `user` keeps mosquitto from switching to its own user when the tests run as root,
+        // which could neither read this directory nor save the plugin's state in it.
         let config = format!(
-            "user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+            "user {user}\nper_listener_settings false\nallow_anonymous false\n\
+             plugin {plugin}\nplugin_opt_config_file {security}\n\
+             listener {port} 127.0.0.1\npersistence true\n\
              persistence_location {dir}/\nmax_queued_messages 1000000\nmax_inflight_messages 0\n\
-             message_size_limit 262144\nlog_dest stderr\n",
+             message_size_limit 262144\nlog_dest stderr\nlog_type all\n",
             user = current_user(),
+            plugin = dynamic_security_plugin().display(),
+            security = security.display(),
             dir = dir.display(),
         );
         std::fs::write(dir.join("mosquitto.conf"), config).expect("write mosquitto.conf");
@@ -61,14 +126,69 @@ impl MosquittoServer {
             port,
             dir,
             process: None,
+            passwords,
         };
         server.resume();
+        server.create_accounts();
         server
     }
 
-    /// `mqtt://127.0.0.1:{port}`.
+    /// The password of one of the broker's accounts.
+    pub fn password(&self, username: &str) -> &str {
+        self.passwords
+            .iter()
+            .find(|(name, _)| *name == username)
+            .map(|(_, password)| password.as_str())
+            .unwrap_or_else(|| panic!("the test broker has no account {username:?}"))
+    }
+
+    /// `mqtt://127.0.0.1:{port}`, without credentials: the broker refuses it.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL for one of the broker's accounts, credentials included.
+    pub fn url_as(&self, username: &str) -> String {
+        format!(
+            "mqtt://{username}:{}@127.0.0.1:{}",
+            self.password(username),
+            self.port
+        )
+    }
+
+    /// The ingest account's URL.
+    pub fn ingest_url(&self) -> String {
+        self.url_as(INGEST_USERNAME)
+    }
+
+    /// The dispatch account's URL.
+    pub fn dispatch_url(&self) -> String {
+        self.url_as(DISPATCH_USERNAME)
+    }
+
+    /// The sync's (admin) URL.
+    pub fn sync_url(&self) -> String {
+        self.url_as(SYNC_USERNAME)
+    }
+
+    /// Client options for `account` under `client_id`.
+    pub fn options_as(&self, username: &str, client_id: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", self.port);
+        options.set_credentials(username, self.password(username));
+        options
+    }
+
+    /// Client options of the device simulator ([`SIMULATOR_USERNAME`]) under `client_id`.
+    pub fn simulator_options(&self, client_id: &str) -> MqttOptions {
+        self.options_as(SIMULATOR_USERNAME, client_id)
+    }
+
+    /// Client options of a real device: its id as user name and client id, its token as
+    /// password.
+    pub fn device_options(&self, device_id: &str, token: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(device_id, "127.0.0.1", self.port);
+        options.set_credentials(device_id, token);
+        options
     }
 
     /// The port it listens on.
@@ -84,10 +204,14 @@ impl MosquittoServer {
         }
     }
 
-    /// Starts the broker again on the same port and persistence directory.
+    /// Starts the broker again on the same port, persistence directory and security state.
     pub fn resume(&mut self) {
         assert!(self.process.is_none(), "mosquitto is already running");
-        let log = std::fs::File::create(self.dir.join("mosquitto.log")).expect("create the log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("mosquitto.log"))
+            .expect("open the log");
         let process = Command::new(binary())
             .arg("-c")
             .arg(self.dir.join("mosquitto.conf"))
@@ -101,6 +225,65 @@ impl MosquittoServer {
             assert!(Instant::now() < deadline, "mosquitto did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// The service accounts as the broker sync would make them, and the simulator. On a
+    /// runtime of its own, so it works inside and outside a test's runtime.
+    fn create_accounts(&self) {
+        let sync_url = self.sync_url();
+        let passwords = self.passwords.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the broker set-up");
+            runtime.block_on(async move {
+                let url = sync_url.parse().expect("the sync URL");
+                let admin = DynsecAdmin::connect(&url, "fleetlog.testkit", Duration::from_secs(10))
+                    .await
+                    .expect("connect to the test broker as its admin");
+                admin.deny_by_default().await.expect("deny by default");
+                let everything = |acltype: &str| Acl {
+                    acltype: acltype.into(),
+                    topic: format!("{TOPIC_ROOT}/#"),
+                    allow: true,
+                };
+                let roles = [
+                    (INGEST_ROLE, access::ingest_acls(TOPIC_ROOT)),
+                    (DISPATCH_ROLE, access::dispatch_acls(TOPIC_ROOT)),
+                    (
+                        SIMULATOR_USERNAME,
+                        vec![
+                            everything("publishClientSend"),
+                            everything("publishClientReceive"),
+                            everything("subscribePattern"),
+                        ],
+                    ),
+                ];
+                for (role, acls) in &roles {
+                    admin.ensure_role(role, acls).await.expect("create a role");
+                }
+                for (username, password) in passwords.iter().skip(1) {
+                    let role = match *username {
+                        INGEST_USERNAME => INGEST_ROLE,
+                        DISPATCH_USERNAME => DISPATCH_ROLE,
+                        other => other,
+                    };
+                    admin
+                        .ensure_service_account(username, password, role)
+                        .await
+                        .expect("create a service account");
+                }
+                admin.close().await;
+            });
+        })
+        .join()
+        .expect("the broker set-up");
     }
 }
 

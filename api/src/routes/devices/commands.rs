@@ -22,13 +22,14 @@ pub(super) struct CreateDevice {
 pub(super) struct Created {
     #[serde(flatten)]
     write: WriteResult,
-    /// The device's secret, shown this once; only its hash is stored.
+    /// The device's secret, shown this once: its MQTT password (with the device id as user
+    /// name and client id) and its HTTP ingest token. Only its hash is stored.
     device_token: String,
 }
 
 #[utoipa::path(
     post, path = "/", tag = "devices", summary = "Register a device (operator, admin)",
-    description = "Answers the device token once; only its hash is stored.",
+    description = "Answers the device token once; only its hash is stored. The broker accepts the device (user name and client id: its id; password: the token) within seconds.",
     request_body = CreateDevice,
     responses((status = 201, description = "Registered", body = Created))
 )]
@@ -59,9 +60,11 @@ pub(super) async fn create(
         }
         other => other?,
     };
-    let token = fleetlog_commands::credentials::random_token();
+    let issued = state.auth.device_key.issue(id.as_str());
     let rotate = DeviceCommand::RotateCredentials {
-        secret_hash: fleetlog_commands::credentials::sha256_hex(token.expose_secret().as_bytes()),
+        secret_hash: issued.hash,
+        salt: Some(issued.salt),
+        reason: "issued at registration".into(),
         at: now,
     };
     let committed = devices
@@ -71,9 +74,77 @@ pub(super) async fn create(
         StatusCode::CREATED,
         axum::Json(Created {
             write: written(id.as_str(), committed).0,
-            device_token: token.expose_secret().to_string(),
+            device_token: issued.secret.expose_secret().to_string(),
         }),
     ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CredentialChange {
+    /// Why, for the device's history: 1 to 512 characters.
+    #[schema(min_length = 1, max_length = 512)]
+    reason: Option<String>,
+}
+
+#[utoipa::path(
+    post, path = "/{id}/credentials/rotate", tag = "devices",
+    summary = "Give the device a new token (operator, admin)",
+    description = "Answers the new token once. The old one stops working at once over HTTP and, within seconds, at the broker, which also disconnects the device's sessions.",
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")),
+    request_body(content = CredentialChange, description = "Optional reason"),
+    responses((status = 200, description = "Rotated", body = Created))
+)]
+pub(super) async fn rotate_credentials(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    request: Option<Json<CredentialChange>>,
+) -> Result<axum::Json<Created>, ApiError> {
+    let id = parse_id(&id)?;
+    let reason = request
+        .and_then(|Json(change)| change.reason)
+        .unwrap_or_else(|| format!("rotated by {}", caller.actor()));
+    let issued = state.auth.device_key.issue(id.as_str());
+    let command = DeviceCommand::RotateCredentials {
+        secret_hash: issued.hash,
+        salt: Some(issued.salt),
+        reason,
+        at: Utc::now(),
+    };
+    let committed = execute(&state, &caller, &headers, &id, command).await?;
+    Ok(axum::Json(Created {
+        write: written(id.as_str(), committed).0,
+        device_token: issued.secret.expose_secret().to_string(),
+    }))
+}
+
+#[utoipa::path(
+    post, path = "/{id}/credentials/revoke", tag = "devices",
+    summary = "Take the device's token away (operator, admin)",
+    description = "The device can no longer post over HTTP, and within seconds the broker refuses and disconnects it, until its credentials are rotated. A device without credentials answers 409.",
+    params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")),
+    request_body(content = CredentialChange, description = "Optional reason"),
+    responses((status = 200, description = "Revoked", body = WriteResult))
+)]
+pub(super) async fn revoke_credentials(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    request: Option<Json<CredentialChange>>,
+) -> Result<axum::Json<WriteResult>, ApiError> {
+    let id = parse_id(&id)?;
+    let reason = request
+        .and_then(|Json(change)| change.reason)
+        .unwrap_or_else(|| format!("revoked by {}", caller.actor()));
+    let command = DeviceCommand::RevokeCredentials {
+        reason,
+        at: Utc::now(),
+    };
+    let committed = execute(&state, &caller, &headers, &id, command).await?;
+    Ok(written(id.as_str(), committed))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

@@ -52,6 +52,8 @@ pub fn router() -> OpenApiRouter<AppState> {
             commands::decommission
         ))
         .routes(routes!(commands::set_desired))
+        .routes(routes!(commands::rotate_credentials))
+        .routes(routes!(commands::revoke_credentials))
         .routes(routes!(commands::issue_command))
         .routes(routes!(queries::command_status))
         .routes(routes!(history::events))

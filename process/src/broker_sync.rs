@@ -1,0 +1,504 @@
+//! The broker sync: keeps the broker's accounts (Mosquitto's dynamic-security plugin) in step
+//! with the event log, so that only devices the log says hold a credential can connect, each
+//! with the secret it was issued, confined to its own topics.
+//!
+//! - A device's standing credential is the latest of its `DeviceCredentialsRotated`,
+//!   `DeviceCredentialsRevoked` and `DeviceDecommissioned` events, read from the events table
+//!   (never from a cache or a read model). A rotation with a salt means "the broker accepts
+//!   this device with the secret derived from that salt" ([`DeviceCredentialKey::derive`]);
+//!   anything else means "the broker has no client for it".
+//! - At start, and every time it connects to the broker again, it reconciles: every device the
+//!   log says holds a credential gets its client (created, or given the new password); every
+//!   device client the log does not back is deleted. A broker that lost its state, or was
+//!   changed by hand, is put right; clients it did not make (service accounts, the admin) are
+//!   left alone.
+//! - Then it follows the devices' control events on JetStream (a durable consumer) and, for
+//!   each credential event, makes that device's client match its standing credential, read
+//!   again from the log: applying the same event twice, or an old one late, changes nothing.
+//!   The plugin disconnects a client's sessions when its password changes or it is deleted.
+//! - Each client's text description names the credential it holds (version and a digest of
+//!   the salt), so an unchanged credential is never set again and nobody is disconnected by a
+//!   restart of the sync.
+//! - One sync is active at a time: it holds a Postgres advisory lock; others wait on standby.
+//!   It makes the ingest and dispatch service accounts, when given their passwords, and their
+//!   roles, and denies by default what no role allows.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{Context, Message};
+use fleetlog_broker::access::{
+    self, AccessError, DeviceClientChange, DynsecAdmin, DISPATCH_ROLE, DISPATCH_USERNAME,
+    INGEST_ROLE, INGEST_USERNAME,
+};
+use fleetlog_broker::BrokerUrl;
+use fleetlog_commands::credentials::{sha256_hex, DeviceCredentialKey};
+use fleetlog_eventlog::{EventEnvelope, DEVICE_CREDENTIAL_EVENTS};
+use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER};
+use fleetlog_nats::STREAM_NAME;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
+use tokio_util::sync::CancellationToken;
+
+/// The durable consumer the sync reads device control events with.
+pub const CONSUMER: &str = "broker-sync";
+/// The advisory-lock key that elects the active sync ("fleetbrk" in ASCII).
+const SYNC_LOCK_KEY: i64 = 0x666c_6565_7462_726b;
+
+/// What the sync needs to know.
+#[derive(Debug, Clone)]
+pub struct BrokerSyncSettings {
+    /// The broker, with the admin's user name and password.
+    pub broker: BrokerUrl,
+    /// The sync's MQTT client id.
+    pub client_id: String,
+    /// The first level of every device topic.
+    pub topic_root: String,
+    /// The ingest account's password; `None` leaves that account to the operator.
+    pub ingest_password: Option<SecretString>,
+    /// The dispatch account's password; `None` leaves that account to the operator.
+    pub dispatch_password: Option<SecretString>,
+    /// How long the broker may take to answer a command.
+    pub patience: Duration,
+    /// How often a standby sync tries for the lock.
+    pub standby_interval: Duration,
+    /// How long JetStream waits for an ack before redelivering.
+    pub ack_wait: Duration,
+}
+
+impl BrokerSyncSettings {
+    /// Defaults for `broker`.
+    pub fn new(broker: BrokerUrl) -> Self {
+        Self {
+            broker,
+            client_id: "fleetlog.sync".into(),
+            topic_root: "devices".into(),
+            ingest_password: None,
+            dispatch_password: None,
+            patience: Duration::from_secs(10),
+            standby_interval: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a sync session ended; the next one starts after a backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The broker failed or refused the admin.
+    #[error(transparent)]
+    Broker(#[from] AccessError),
+    /// Postgres failed.
+    #[error("postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    /// NATS failed: the stream, the consumer, a pull or an ack.
+    #[error("nats: {0}")]
+    Nats(async_nats::Error),
+    /// The pull was lost.
+    #[error(transparent)]
+    Pull(#[from] fleetlog_nats::PullLost),
+    /// The broker connection dropped: connect again and reconcile.
+    #[error("the broker connection dropped")]
+    BrokerLost,
+}
+
+impl<K> From<async_nats::error::Error<K>> for SyncError
+where
+    async_nats::error::Error<K>: Into<async_nats::Error>,
+    K: Clone + PartialEq + std::fmt::Debug + std::fmt::Display,
+{
+    fn from(error: async_nats::error::Error<K>) -> Self {
+        Self::Nats(error.into())
+    }
+}
+
+impl From<async_nats::Error> for SyncError {
+    fn from(error: async_nats::Error) -> Self {
+        Self::Nats(error)
+    }
+}
+
+/// What the broker should hold for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wanted {
+    /// A client with the secret derived from this salt; `tag` names the credential.
+    Client { salt: String, tag: String },
+    /// No client.
+    Nothing,
+}
+
+#[derive(Deserialize)]
+struct Rotated {
+    credential_version: u32,
+    #[serde(default)]
+    salt: Option<String>,
+}
+
+/// What a device's standing credential event asks of the broker.
+fn wanted_of(event: Option<&EventEnvelope>) -> Wanted {
+    let Some(event) = event else {
+        return Wanted::Nothing;
+    };
+    if event.event_type != "DeviceCredentialsRotated" {
+        return Wanted::Nothing;
+    }
+    match serde_json::from_value::<Rotated>(event.payload["DeviceCredentialsRotated"].clone()) {
+        Ok(Rotated {
+            credential_version,
+            salt: Some(salt),
+        }) => {
+            let digest = sha256_hex(salt.as_bytes());
+            Wanted::Client {
+                tag: format!("credential v{credential_version} {}", &digest[..16]),
+                salt,
+            }
+        }
+        // A secret issued before the broker kept device credentials cannot be derived again:
+        // that device has HTTP only until it is rotated.
+        Ok(_) => Wanted::Nothing,
+        Err(error) => {
+            tracing::error!(%error, device = event.aggregate_id, "unreadable credential event");
+            Wanted::Nothing
+        }
+    }
+}
+
+/// The broker sync. See the module documentation.
+pub struct BrokerSync {
+    pool: PgPool,
+    jetstream: Context,
+    key: DeviceCredentialKey,
+    settings: BrokerSyncSettings,
+}
+
+impl BrokerSync {
+    /// A sync reading the log from `pool` and events from `jetstream`.
+    pub fn new(
+        pool: PgPool,
+        jetstream: Context,
+        key: DeviceCredentialKey,
+        settings: BrokerSyncSettings,
+    ) -> Self {
+        Self {
+            pool,
+            jetstream,
+            key,
+            settings,
+        }
+    }
+
+    /// Runs until `shutdown`; every failure starts a new session after a backoff.
+    pub async fn run(self, shutdown: CancellationToken) {
+        fleetlog_nats::consume_until_shutdown(CONSUMER, &shutdown, || self.session(&shutdown))
+            .await;
+        tracing::info!("broker sync stopped");
+    }
+
+    /// One session: the lock, the broker, a reconciliation, then the events.
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), SyncError> {
+        let Some(mut lock) = self.wait_for_lock(shutdown).await? else {
+            return Ok(());
+        };
+        let admin = DynsecAdmin::connect(
+            &self.settings.broker,
+            &self.settings.client_id,
+            self.settings.patience,
+        )
+        .await?;
+        let outcome = self.follow(&admin, &mut lock, shutdown).await;
+        admin.close().await;
+        let _ = sqlx::Connection::close(lock).await;
+        outcome
+    }
+
+    async fn follow(
+        &self,
+        admin: &DynsecAdmin,
+        lock: &mut PgConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SyncError> {
+        self.prepare_broker(admin).await?;
+        // The consumer first, then the reconciliation: whatever is committed after the
+        // reconciliation read the log comes on the consumer, nothing falls between the two.
+        let stream = self.jetstream.get_stream(STREAM_NAME).await?;
+        let consumer = fleetlog_nats::durable_consumer(
+            &stream,
+            PullConfig {
+                durable_name: Some(CONSUMER.to_string()),
+                filter_subject: control_subject_filter_for_type("device"),
+                // Everything before now is covered by the reconciliation below; a new
+                // consumer need not read the whole history.
+                deliver_policy: DeliverPolicy::New,
+                ack_policy: AckPolicy::All,
+                ack_wait: self.settings.ack_wait,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut pull = fleetlog_nats::Pull::start(&consumer, 500).await?;
+        self.reconcile(admin).await?;
+        tracing::info!("broker sync following device events");
+        let mut checks = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                batch = pull.next(shutdown) => {
+                    let Some(batch) = batch? else { return Ok(()) };
+                    for message in &batch {
+                        self.handle(admin, message).await?;
+                    }
+                    if let Some(message) = batch.last() {
+                        message.ack().await?;
+                    }
+                }
+                _ = checks.tick() => {
+                    if !admin.is_connected() {
+                        return Err(SyncError::BrokerLost);
+                    }
+                    // The lock lives as long as its connection: a lost one may already be
+                    // another sync's.
+                    sqlx::query("SELECT 1").execute(&mut *lock).await?;
+                }
+            }
+        }
+    }
+
+    /// Default deny, the service roles, and the service accounts given.
+    async fn prepare_broker(&self, admin: &DynsecAdmin) -> Result<(), SyncError> {
+        let root = &self.settings.topic_root;
+        admin.deny_by_default().await?;
+        admin
+            .ensure_role(INGEST_ROLE, &access::ingest_acls(root))
+            .await?;
+        admin
+            .ensure_role(DISPATCH_ROLE, &access::dispatch_acls(root))
+            .await?;
+        for (username, password, role) in [
+            (INGEST_USERNAME, &self.settings.ingest_password, INGEST_ROLE),
+            (
+                DISPATCH_USERNAME,
+                &self.settings.dispatch_password,
+                DISPATCH_ROLE,
+            ),
+        ] {
+            if let Some(password) = password {
+                admin
+                    .ensure_service_account(username, password.expose_secret(), role)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the broker's device clients match the log: see the module documentation.
+    async fn reconcile(&self, admin: &DynsecAdmin) -> Result<(), SyncError> {
+        let standing = fleetlog_eventlog::device_credential_events(&self.pool).await?;
+        let wanted: HashMap<String, Wanted> = standing
+            .iter()
+            .map(|event| (event.aggregate_id.clone(), wanted_of(Some(event))))
+            .filter(|(_, wanted)| *wanted != Wanted::Nothing)
+            .collect();
+        let present = admin.list_clients().await?;
+        let mut counts: HashMap<&str, u64> = HashMap::new();
+        let mut managed = HashSet::new();
+        for client in present.iter().filter(|client| client.is_device_client()) {
+            managed.insert(client.username.as_str());
+            match wanted.get(&client.username) {
+                Some(Wanted::Client { tag, .. })
+                    if client.textdescription.as_deref() == Some(tag.as_str()) =>
+                {
+                    *counts.entry("unchanged").or_default() += 1;
+                }
+                Some(wanted) => {
+                    let change = self.apply(admin, &client.username, wanted).await?;
+                    *counts.entry(change).or_default() += 1;
+                }
+                None => {
+                    let change = self
+                        .apply(admin, &client.username, &Wanted::Nothing)
+                        .await?;
+                    *counts.entry(change).or_default() += 1;
+                }
+            }
+        }
+        for (device, wanted) in &wanted {
+            if !managed.contains(device.as_str()) {
+                let change = self.apply(admin, device, wanted).await?;
+                *counts.entry(change).or_default() += 1;
+            }
+        }
+        tracing::info!(
+            devices = wanted.len(),
+            created = counts.get("created").copied().unwrap_or_default(),
+            rotated = counts.get("rotated").copied().unwrap_or_default(),
+            removed = counts.get("removed").copied().unwrap_or_default(),
+            unchanged = counts.get("unchanged").copied().unwrap_or_default(),
+            failed = counts.get("failed").copied().unwrap_or_default(),
+            "broker reconciled with the event log"
+        );
+        Ok(())
+    }
+
+    /// Acts on one message: a credential event makes its device's client match the device's
+    /// standing credential, read again from the log.
+    async fn handle(&self, admin: &DynsecAdmin, message: &Message) -> Result<(), SyncError> {
+        let kind = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
+            .map(|kind| kind.as_str().to_string());
+        if kind.is_some_and(|kind| !DEVICE_CREDENTIAL_EVENTS.contains(&kind.as_str())) {
+            return Ok(());
+        }
+        let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                tracing::error!(%error, "skipping a message that is not an event envelope");
+                return Ok(());
+            }
+        };
+        if !DEVICE_CREDENTIAL_EVENTS.contains(&envelope.event_type.as_str()) {
+            return Ok(());
+        }
+        // The event itself may be old (a redelivery): the log says what stands now.
+        let standing =
+            fleetlog_eventlog::device_credential_event(&self.pool, &envelope.aggregate_id).await?;
+        let wanted = wanted_of(standing.as_ref());
+        self.apply(admin, &envelope.aggregate_id, &wanted).await?;
+        Ok(())
+    }
+
+    /// Makes device `device_id`'s client match `wanted`; answers what it did. A refusal that a
+    /// retry cannot mend (a client of that name the sync did not make, a command the broker
+    /// refuses) is logged and counted, and the sync goes on with the others.
+    async fn apply(
+        &self,
+        admin: &DynsecAdmin,
+        device_id: &str,
+        wanted: &Wanted,
+    ) -> Result<&'static str, SyncError> {
+        let outcome = match wanted {
+            Wanted::Client { salt, tag } => {
+                let secret = self.key.derive(device_id, salt);
+                admin
+                    .ensure_device(
+                        &self.settings.topic_root,
+                        device_id,
+                        secret.expose_secret(),
+                        tag,
+                    )
+                    .await
+                    .map(|change| match change {
+                        DeviceClientChange::Created => "created",
+                        DeviceClientChange::Rotated => "rotated",
+                        DeviceClientChange::Unchanged => "unchanged",
+                    })
+            }
+            Wanted::Nothing => admin.remove_device(device_id).await.map(|removed| {
+                if removed {
+                    "removed"
+                } else {
+                    "unchanged"
+                }
+            }),
+        };
+        let change = match outcome {
+            Ok(change) => change,
+            Err(error @ (AccessError::NotOurs(_) | AccessError::Refused { .. })) => {
+                tracing::error!(device = device_id, %error, "broker sync could not apply a credential");
+                "failed"
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if change != "unchanged" {
+            tracing::info!(device = device_id, change, "broker credential applied");
+        }
+        metrics::counter!("fleetlog_broker_sync_changes_total", "change" => change).increment(1);
+        Ok(change)
+    }
+
+    /// Takes the advisory lock on a connection of its own; `None` when shut down first.
+    async fn wait_for_lock(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<PgConnection>, SyncError> {
+        let mut waiting_said = false;
+        loop {
+            let mut connection = PoolConnection::<Postgres>::detach(self.pool.acquire().await?);
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(SYNC_LOCK_KEY)
+                .fetch_one(&mut connection)
+                .await?;
+            if locked {
+                return Ok(Some(connection));
+            }
+            let _ = sqlx::Connection::close(connection).await;
+            if !waiting_said {
+                tracing::info!("another broker sync is active; standing by");
+                waiting_said = true;
+            }
+            if !fleetlog_nats::sleep_unless_shut_down(self.settings.standby_interval, shutdown)
+                .await
+            {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use fleetlog_domain::device::DeviceEvent;
+
+    fn envelope(event: &DeviceEvent) -> EventEnvelope {
+        let payload = serde_json::to_value(event).unwrap();
+        EventEnvelope {
+            aggregate_type: "device".into(),
+            aggregate_id: "sensor-1".into(),
+            sequence: 2,
+            global_position: 7,
+            event_type: payload.as_object().unwrap().keys().next().unwrap().clone(),
+            event_version: "1".into(),
+            payload,
+            metadata: serde_json::json!({}),
+            recorded_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn only_a_derived_rotation_asks_for_a_client() {
+        let rotated = |salt: Option<&str>| DeviceEvent::DeviceCredentialsRotated {
+            secret_hash: "ab".repeat(32),
+            credential_version: 3,
+            salt: salt.map(str::to_string),
+            reason: None,
+            at: Utc::now(),
+        };
+        let Wanted::Client { salt, tag } =
+            wanted_of(Some(&envelope(&rotated(Some(&"cd".repeat(16))))))
+        else {
+            panic!("a rotation with a salt wants a client");
+        };
+        assert_eq!(salt, "cd".repeat(16));
+        assert!(tag.starts_with("credential v3 "), "{tag}");
+        assert!(!tag.contains(&salt), "the tag does not show the salt");
+        assert_eq!(wanted_of(Some(&envelope(&rotated(None)))), Wanted::Nothing);
+        let revoked = DeviceEvent::DeviceCredentialsRevoked {
+            reason: "lost".into(),
+            at: Utc::now(),
+        };
+        assert_eq!(wanted_of(Some(&envelope(&revoked))), Wanted::Nothing);
+        let decommissioned = DeviceEvent::DeviceDecommissioned {
+            reason: "retired".into(),
+            at: Utc::now(),
+        };
+        assert_eq!(wanted_of(Some(&envelope(&decommissioned))), Wanted::Nothing);
+        assert_eq!(wanted_of(None), Wanted::Nothing);
+    }
+}
