@@ -47,14 +47,16 @@ pub async fn list(pool: &PgPool, aggregate: &str, limit: i64) -> anyhow::Result<
     Ok(())
 }
 
-/// `events tail`: follows the JetStream stream from now on until Ctrl-C.
+/// `events tail`: follows the JetStream stream from now on until Ctrl-C, as the API's NATS user
+/// when its password is set (it reads the way the API's live streams do).
 pub async fn tail(
     nats_url: &str,
+    user: Option<&fleetlog_nats::accounts::NatsUser>,
     event_type: Option<String>,
     aggregate_type: Option<String>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = fleetlog_nats::connect(nats_url)
+    let client = fleetlog_nats::accounts::connect_as(nats_url, user)
         .await
         .with_context(|| format!("cannot connect to NATS at {nats_url}"))?;
     let jetstream = async_nats::jetstream::new(client);

@@ -145,6 +145,7 @@ enum UserAction {
 }
 
 fn main() -> ExitCode {
+    fleetlog_broker::install_crypto_provider();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Help and version go to stdout as clap writes them.
@@ -298,8 +299,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 aggregate_type,
                 nats,
             } => {
+                let users = nats.users();
                 events::tail(
                     &nats.nats_url,
+                    users.get(fleetlog_nats::accounts::API),
                     event_type,
                     aggregate_type,
                     shutdown_on_signal(),
@@ -374,7 +377,13 @@ async fn platform(
 /// A platform on `pool`, each role with a NATS connection of its own (as it would have in a
 /// process of its own), stopped by SIGINT or SIGTERM.
 fn platform_on(pool: PgPool, nats: &NatsArgs, store: StoreSettings) -> Platform {
-    Platform::with_connection_per_role(pool, nats.nats_url.clone(), store, shutdown_on_signal())
+    Platform::with_connection_per_role(
+        pool,
+        nats.nats_url.clone(),
+        nats.users(),
+        store,
+        shutdown_on_signal(),
+    )
 }
 
 async fn connect(common: &CommonArgs) -> anyhow::Result<PgPool> {

@@ -25,6 +25,7 @@ use fleetlog_commands::{CommandBus, StoreSettings};
 use fleetlog_dispatch::{DispatchSettings, Dispatcher};
 use fleetlog_firmware::FirmwareStore;
 use fleetlog_ingest::bridge::{Ingest, IngestSettings};
+use fleetlog_nats::accounts::{self, NatsUsers};
 use fleetlog_nats::{supervise, StreamSettings};
 use fleetlog_process::broker_sync::{BrokerSync, BrokerSyncSettings};
 use fleetlog_process::liveness::{Liveness, LivenessSettings};
@@ -57,18 +58,34 @@ pub struct ApiParts {
 enum Nats {
     /// One client for every role.
     Shared(async_nats::Client),
-    /// A connection of its own for each role, to the server at this URL.
-    PerRole(String),
+    /// A connection of its own for each role, to the server at this URL, each as the role's
+    /// own user.
+    PerRole(String, NatsUsers),
+}
+
+/// The NATS user a role connects as.
+fn nats_user_of(role: &str) -> &'static str {
+    match role {
+        "relay" => accounts::RELAY,
+        "ingest" => accounts::INGEST,
+        "dispatch" => accounts::DISPATCH,
+        "broker-sync" => accounts::SYNC,
+        "api" => accounts::API,
+        // The projections and the rollout manager.
+        _ => accounts::PROJECT,
+    }
 }
 
 impl Nats {
-    async fn client(&self) -> anyhow::Result<async_nats::Client> {
+    async fn client_for(&self, role: &str) -> anyhow::Result<async_nats::Client> {
         match self {
             Self::Shared(client) => Ok(client.clone()),
             // The client retries in the background: a server that is down only delays.
-            Self::PerRole(url) => fleetlog_nats::connect(url)
+            Self::PerRole(url, users) => accounts::connect_as(url, users.get(nats_user_of(role)))
                 .await
-                .with_context(|| format!("cannot connect to NATS at {url} (FLEETLOG_NATS_URL)")),
+                .with_context(|| {
+                    format!("cannot connect to NATS at {url} (FLEETLOG_NATS_URL) for the {role}")
+                }),
         }
     }
 }
@@ -94,14 +111,16 @@ impl Platform {
         Self::with_nats(pool, Nats::Shared(nats), store, shutdown)
     }
 
-    /// A platform whose roles each connect to the NATS server at `nats_url` on their own.
+    /// A platform whose roles each connect to the NATS server at `nats_url` on their own, as
+    /// their own user from `users` (the relay as `fleetlog.relay`, and so on).
     pub fn with_connection_per_role(
         pool: PgPool,
         nats_url: String,
+        users: NatsUsers,
         store: StoreSettings,
         shutdown: CancellationToken,
     ) -> Self {
-        Self::with_nats(pool, Nats::PerRole(nats_url), store, shutdown)
+        Self::with_nats(pool, Nats::PerRole(nats_url, users), store, shutdown)
     }
 
     fn with_nats(
@@ -138,7 +157,7 @@ impl Platform {
     /// find it rather than warn and retry. Best effort, and brief: with NATS away, every role
     /// waits for it on its own.
     pub async fn prepare_stream(&self, stream: &StreamSettings) -> anyhow::Result<()> {
-        let jetstream = async_nats::jetstream::new(self.nats.client().await?);
+        let jetstream = async_nats::jetstream::new(self.nats.client_for("relay").await?);
         let ensure = fleetlog_nats::ensure_stream(&jetstream, stream);
         match tokio::time::timeout(Duration::from_secs(5), ensure).await {
             Ok(Ok(())) => {}
@@ -165,7 +184,7 @@ impl Platform {
     pub fn projections(&mut self, settings: WorkerSettings) -> &mut Self {
         let (pool, nats, shutdown) = (self.pool.clone(), self.nats.clone(), self.shutdown.clone());
         self.roles.spawn(async move {
-            let jetstream = async_nats::jetstream::new(nats.client().await?);
+            let jetstream = async_nats::jetstream::new(nats.client_for("projections").await?);
             fleetlog_projections::run_all(pool, jetstream, settings, shutdown).await;
             Ok(())
         });
@@ -250,7 +269,7 @@ impl Platform {
         Ok(state_of(
             parts,
             throttle,
-            self.nats.client().await?,
+            self.nats.client_for("api").await?,
             self.bus(),
         ))
     }
@@ -284,7 +303,7 @@ impl Platform {
         let (pool, store, nats) = (self.pool.clone(), self.store, self.nats.clone());
         let shutdown = self.shutdown.clone();
         self.roles.spawn(async move {
-            let client = nats.client().await?;
+            let client = nats.client_for(name).await?;
             supervise(name, shutdown.clone(), move || {
                 start(
                     client.clone(),

@@ -27,6 +27,7 @@ use fleetlog_dispatch::DispatchSettings;
 use fleetlog_domain::TenantId;
 use fleetlog_firmware::{FirmwareStore, ImageSigner};
 use fleetlog_ingest::bridge::IngestSettings;
+use fleetlog_nats::accounts::{self, NatsUsers};
 use fleetlog_nats::StreamSettings;
 use fleetlog_process::broker_sync::BrokerSyncSettings;
 use fleetlog_process::liveness::LivenessSettings;
@@ -158,6 +159,45 @@ pub struct NatsArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: String,
+
+    /// Password of the relay's NATS user (`fleetlog.relay`, the only one that may publish
+    /// events). Each role connects as its own user (see `deploy/nats/accounts.conf`); a role
+    /// without a password uses the URL's credentials, if any.
+    #[arg(long, env = "FLEETLOG_RELAY_NATS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub relay_nats_password: Option<SecretString>,
+
+    /// Password of the projections' and rollout manager's NATS user (`fleetlog.project`).
+    #[arg(long, env = "FLEETLOG_PROJECT_NATS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub project_nats_password: Option<SecretString>,
+
+    /// Password of the ingest's NATS user (`fleetlog.ingest`).
+    #[arg(long, env = "FLEETLOG_INGEST_NATS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub ingest_nats_password: Option<SecretString>,
+
+    /// Password of the dispatcher's NATS user (`fleetlog.dispatch`).
+    #[arg(long, env = "FLEETLOG_DISPATCH_NATS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub dispatch_nats_password: Option<SecretString>,
+
+    /// Password of the broker sync's NATS user (`fleetlog.sync`).
+    #[arg(long, env = "FLEETLOG_BROKER_SYNC_NATS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub broker_sync_nats_password: Option<SecretString>,
+
+    /// Password of the API's NATS user (`fleetlog.api`; `fleetlog events tail` uses it too).
+    #[arg(long, env = "FLEETLOG_API_NATS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub api_nats_password: Option<SecretString>,
+}
+
+impl NatsArgs {
+    /// The users the roles connect as.
+    pub fn users(&self) -> NatsUsers {
+        NatsUsers::default()
+            .with(accounts::RELAY, self.relay_nats_password.as_ref())
+            .with(accounts::PROJECT, self.project_nats_password.as_ref())
+            .with(accounts::INGEST, self.ingest_nats_password.as_ref())
+            .with(accounts::DISPATCH, self.dispatch_nats_password.as_ref())
+            .with(accounts::SYNC, self.broker_sync_nats_password.as_ref())
+            .with(accounts::API, self.api_nats_password.as_ref())
+    }
 }
 
 /// The MQTT broker the devices talk to.

@@ -336,7 +336,7 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
     let nats = NatsServer::start();
     let broker = fleetlog_testkit::MosquittoServer::start();
     let port = free_port();
-    let mut child = fleetlog_up(&db.url, &nats.url(), &broker, port)
+    let mut child = fleetlog_up(&db.url, &nats, &broker, port)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -49,17 +49,36 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// With `tls`, ingest and dispatch reach the broker over TLS, trusting its private CA.
+    async fn start_with(tls: bool) -> Self {
         let db = TestDatabase::create().await;
         let nats_server = NatsServer::start();
-        let broker = MosquittoServer::start();
+        let broker = if tls {
+            MosquittoServer::start_with_tls()
+        } else {
+            MosquittoServer::start()
+        };
         let nats = fleetlog_nats::connect(&nats_server.url()).await.unwrap();
         let shutdown = CancellationToken::new();
         let relay = RelaySettings {
             poll_interval: Duration::from_millis(50),
             ..RelaySettings::default()
         };
-        let ingest = IngestSettings::new(broker.ingest_url().parse().unwrap());
-        let mut dispatch = DispatchSettings::new(broker.dispatch_url().parse().unwrap());
+        let over = |username: &str| -> fleetlog_broker::BrokerUrl {
+            if tls {
+                let mut url: fleetlog_broker::BrokerUrl =
+                    broker.tls_url_as(username).parse().unwrap();
+                url.ca_pem = Some(broker.ca_pem());
+                url
+            } else {
+                broker.url_as(username).parse().unwrap()
+            }
+        };
+        let ingest = IngestSettings::new(over(INGEST_USERNAME));
+        let mut dispatch = DispatchSettings::new(over(DISPATCH_USERNAME));
         dispatch.expiry_interval = Duration::from_millis(200);
         let mut platform = Platform::new(
             db.pool.clone(),
@@ -574,4 +593,56 @@ async fn no_credential_is_lost_to_a_restart_of_the_sync_or_the_broker_or_to_drif
     drop(connect_when_admitted(&stack.broker, "sensor-c", &token).await);
     wait_until_refused(&stack.broker, "sensor-ghost", "ghost-password").await;
     drop(connect_when_admitted(&stack.broker, "sensor-d", &late_token).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn devices_and_roles_speak_tls_with_a_private_ca() {
+    // The test's own clients speak TLS too; the roles install the provider themselves.
+    fleetlog_broker::install_crypto_provider();
+    let stack = Stack::start_with(true).await;
+    let token = stack.register("sensor-t").await;
+    let on_tls_port = || {
+        let mut options = MqttOptions::new("sensor-t", "127.0.0.1", stack.broker.tls_port());
+        options.set_credentials("sensor-t", &token);
+        options
+    };
+    let over_tls = || {
+        let mut options = on_tls_port();
+        options.set_transport(rumqttc::Transport::tls(stack.broker.ca_pem(), None, None));
+        options
+    };
+    let deadline = Instant::now() + WITHIN;
+    let mut device = loop {
+        match connect(over_tls()).await {
+            Ok(device) => break device,
+            Err(refusal) => assert!(Instant::now() < deadline, "not admitted: {refusal}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Telemetry over TLS reaches the log through the ingest's TLS connection; a command comes
+    // back through the dispatcher's.
+    assert!(device.subscribe("devices/sensor-t/commands").await);
+    device
+        .publish("devices/sensor-t/data", json!({"temperature": 20.5}))
+        .await;
+    stack.wait_for_readings("sensor-t", 1).await;
+    let (status, _) = stack
+        .call(
+            Method::POST,
+            "/api/v1/devices/sensor-t/commands",
+            Some(json!({"name": "reboot"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (topic, _) = tokio::time::timeout(WITHIN, device.inbox.recv())
+        .await
+        .expect("the command arrives over TLS")
+        .unwrap();
+    assert_eq!(topic, "devices/sensor-t/commands");
+
+    // A client that does not trust the CA, or does not speak TLS, gets nowhere.
+    let mut untrusting = on_tls_port();
+    untrusting.set_transport(rumqttc::Transport::tls_with_default_config());
+    assert!(connect(untrusting).await.is_err());
+    assert!(connect(on_tls_port()).await.is_err());
 }

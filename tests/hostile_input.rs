@@ -102,7 +102,7 @@ impl Platform {
         let nats = NatsServer::start();
         let broker = MosquittoServer::start();
         let port = free_port();
-        let child = fleetlog_up(&db.url, &nats.url(), &broker, port)
+        let child = fleetlog_up(&db.url, &nats, &broker, port)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

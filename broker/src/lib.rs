@@ -107,6 +107,18 @@ impl std::str::FromStr for BrokerUrl {
     }
 }
 
+/// Makes aws-lc-rs the process's TLS crypto provider, once. Two providers are built into
+/// fleetlog (sqlx brings ring, the MQTT client and the object store aws-lc-rs), and rustls then
+/// refuses to guess: without a default, the first TLS connection of the MQTT client or of the
+/// S3 store panics. Every process calls this at start; TLS broker options call it too.
+pub fn install_crypto_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // Someone installed one already: theirs stands.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
 impl BrokerUrl {
     /// Client options for this broker under `client_id`.
     pub fn options(&self, client_id: &str) -> MqttOptions {
@@ -115,6 +127,7 @@ impl BrokerUrl {
             options.set_credentials(user, password);
         }
         if self.tls {
+            install_crypto_provider();
             options.set_transport(match &self.ca_pem {
                 Some(ca) => Transport::tls(ca.clone(), None, None),
                 None => Transport::tls_with_default_config(),

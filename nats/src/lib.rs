@@ -14,8 +14,10 @@
 //! - the one consumer loop: [`Pull`] (batches, the heartbeat rule, a lost pull reported after
 //!   the messages before it), run under [`consume_until_shutdown`] (set up again after
 //!   [`Backoff`]);
-//! - [`supervise`], the restart policy every role's long-running loops run under.
+//! - [`supervise`], the restart policy every role's long-running loops run under;
+//! - [`accounts`]: the NATS user each role connects as.
 
+pub mod accounts;
 pub mod backoff;
 pub mod pull;
 pub mod supervise;
@@ -26,13 +28,10 @@ pub use pull::{Pull, PullLost};
 pub use supervise::supervise;
 pub use topology::{ensure_stream, StreamSettings, STREAM_NAME};
 
-/// Connects to NATS. The client reconnects by itself after the connection drops.
+/// Connects to NATS with the URL's own credentials, if any. The client reconnects by itself
+/// after the connection drops.
 pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
-    async_nats::ConnectOptions::new()
-        .name("fleetlog")
-        .retry_on_initial_connect()
-        .connect(url)
-        .await
+    accounts::connect_as(url, None).await
 }
 
 /// The durable pull consumer `config` names, created if missing. One that exists with another

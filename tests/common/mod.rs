@@ -33,11 +33,12 @@ pub fn free_port() -> u16 {
 /// The device credential key of the tests that run the binary.
 pub const DEVICE_KEY: &str = "a test device credential key, long enough";
 
-/// `fleetlog up` on the given servers, serving HTTP on `port`, relaying every 100 ms; with
-/// the broker's account passwords, so the broker sync runs.
+/// `fleetlog up` on the given servers, serving HTTP on `port`, relaying every 100 ms; each
+/// role as its own NATS user and broker account, so their rights are the deployed ones, and
+/// the broker sync runs.
 pub fn fleetlog_up(
     database_url: &str,
-    nats_url: &str,
+    nats: &fleetlog_testkit::NatsServer,
     broker: &fleetlog_testkit::MosquittoServer,
     port: u16,
 ) -> Command {
@@ -45,7 +46,8 @@ pub fn fleetlog_up(
     let mut command = fleetlog(database_url);
     command
         .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("FLEETLOG_NATS_URL", nats_url)
+        .env("FLEETLOG_NATS_URL", nats.anonymous_url())
+        .envs(nats.password_variables())
         .env("FLEETLOG_MQTT_URL", broker.url())
         .env(
             "FLEETLOG_INGEST_MQTT_PASSWORD",

@@ -5,8 +5,8 @@
 //! [`NatsServer`] runs a real nats-server with JetStream on a free port, with a throwaway store
 //! directory, killed when dropped. [`MosquittoServer`] does the same for a Mosquitto broker.
 
-mod mosquitto;
-mod nats;
+pub mod mosquitto;
+pub mod nats;
 
 pub use mosquitto::MosquittoServer;
 pub use nats::NatsServer;

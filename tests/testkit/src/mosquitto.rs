@@ -26,6 +26,7 @@ pub const SIMULATOR_USERNAME: &str = "fleetlog.simulator";
 /// with a fresh password. Killed, and its directory removed, on drop.
 pub struct MosquittoServer {
     port: u16,
+    tls_port: Option<u16>,
     dir: PathBuf,
     process: Option<Child>,
     passwords: Vec<(&'static str, String)>,
@@ -78,18 +79,111 @@ fn fresh_password() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// A CA and a server certificate it signs for 127.0.0.1, made with openssl in `dir` as the
+/// local stack makes them (`deploy/local/stack.sh`).
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (install it, or run ./deploy/local/test.sh)");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fleetlog test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&ca);
+    let mut request = vec!["req"];
+    request.extend(ec);
+    request.extend([
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(&request);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write server.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
 impl MosquittoServer {
     /// Starts a broker, creates its accounts, and waits until it accepts connections.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|address| address.port())
-            .expect("a free port");
+        Self::start_with(false)
+    }
+
+    /// The same, with a second listener speaking TLS with a certificate from a CA made for
+    /// this broker ([`Self::ca_pem`]).
+    pub fn start_with_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "fleetlog-mosquitto-{}",
             uuid::Uuid::new_v4().simple()
         ));
         std::fs::create_dir_all(&dir).expect("create the mosquitto directory");
+        let tls_port = tls.then(|| {
+            make_certificates(&dir);
+            free_port()
+        });
         let passwords = vec![
             (SYNC_USERNAME, fresh_password()),
             (INGEST_USERNAME, fresh_password()),
@@ -121,9 +215,18 @@ impl MosquittoServer {
             security = security.display(),
             dir = dir.display(),
         );
+        let config = match tls_port {
+            Some(tls_port) => format!(
+                "{config}listener {tls_port} 127.0.0.1\ncafile {dir}/ca.pem\n\
+                 certfile {dir}/server.pem\nkeyfile {dir}/server.key\n",
+                dir = dir.display()
+            ),
+            None => config,
+        };
         std::fs::write(dir.join("mosquitto.conf"), config).expect("write mosquitto.conf");
         let mut server = Self {
             port,
+            tls_port,
             dir,
             process: None,
             passwords,
@@ -196,6 +299,25 @@ impl MosquittoServer {
         self.port
     }
 
+    /// The port of its TLS listener, when started with one.
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port.expect("the broker was started without TLS")
+    }
+
+    /// The CA (PEM) that signed its TLS certificate.
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join("ca.pem")).expect("the broker was started without TLS")
+    }
+
+    /// `mqtts://{user}:{password}@127.0.0.1:{tls port}`.
+    pub fn tls_url_as(&self, username: &str) -> String {
+        format!(
+            "mqtts://{username}:{}@127.0.0.1:{}",
+            self.password(username),
+            self.tls_port()
+        )
+    }
+
     /// Kills the broker at once, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {
@@ -221,7 +343,12 @@ impl MosquittoServer {
             .expect("start mosquitto (install it, or run ./deploy/local/test.sh)");
         self.process = Some(process);
         let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let ports = [Some(self.port), self.tls_port];
+        while ports
+            .iter()
+            .flatten()
+            .any(|port| TcpStream::connect(("127.0.0.1", *port)).is_err())
+        {
             assert!(Instant::now() < deadline, "mosquitto did not start");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -1,0 +1,110 @@
+//! The deployment files, checked offline (no container engine runs here): nothing anonymous,
+//! no default secrets, nothing published beyond loopback unless asked, and the NATS users as
+//! the code names them.
+
+use std::path::Path;
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|error| panic!("read {path}: {error}"))
+}
+
+#[test]
+fn the_brokers_fleetlog_ships_take_no_anonymous_clients() {
+    let compose_broker = read("deploy/mosquitto/mosquitto.conf");
+    let stack = read("deploy/local/stack.sh");
+    for (name, config) in [("compose", &compose_broker), ("local stack", &stack)] {
+        assert!(config.contains("allow_anonymous false"), "{name}");
+        assert!(!config.contains("allow_anonymous true"), "{name}");
+        assert!(config.contains("per_listener_settings false"), "{name}");
+        assert!(config.contains("mosquitto_dynamic_security.so"), "{name}");
+    }
+    // The local stack listens on loopback only.
+    for line in stack.lines().filter(|line| line.starts_with("listener ")) {
+        assert!(line.ends_with(" 127.0.0.1"), "{line}");
+    }
+    assert!(stack.contains("listen: 127.0.0.1:$nats_port"));
+}
+
+#[test]
+fn the_compose_stack_has_no_default_secret_and_publishes_on_loopback() {
+    let compose = read("deploy/compose.yaml");
+    let generator = read("deploy/compose-secrets.sh");
+    let mut required = Vec::new();
+    for (start, _) in compose.match_indices("${") {
+        let rest = &compose[start + 2..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        let operator = &rest[name.len()..name.len() + 2];
+        if name.contains("PASSWORD") || name.contains("SECRET") || name.contains("KEY") {
+            assert_eq!(operator, ":?", "{name} must be required, never defaulted");
+            assert!(
+                generator.contains(&name),
+                "{name} is not made by compose-secrets.sh"
+            );
+            required.push(name);
+        }
+    }
+    assert!(required.len() >= 14, "{required:?}");
+    for line in compose.lines().map(str::trim) {
+        if line.starts_with("- \"") && line.contains(':') && !line.contains("/") {
+            assert!(
+                line.contains("_PUBLISH:-127.0.0.1:"),
+                "a port published beyond loopback by default: {line}"
+            );
+        }
+        assert!(
+            !line.starts_with("POSTGRES_PASSWORD: fleetlog"),
+            "a default database password"
+        );
+    }
+    assert!(read(".gitignore")
+        .lines()
+        .any(|line| line == "/deploy/.env"));
+}
+
+#[test]
+fn the_nats_users_are_the_ones_the_roles_connect_as() {
+    let accounts = read("deploy/nats/accounts.conf");
+    let users: Vec<&str> = accounts
+        .match_indices("user: \"")
+        .map(|(start, _)| {
+            let rest = &accounts[start + 7..];
+            &rest[..rest.find('"').unwrap()]
+        })
+        .collect();
+    assert_eq!(
+        users,
+        [
+            fleetlog_nats::accounts::RELAY,
+            fleetlog_nats::accounts::PROJECT,
+            fleetlog_nats::accounts::INGEST,
+            fleetlog_nats::accounts::DISPATCH,
+            fleetlog_nats::accounts::SYNC,
+            fleetlog_nats::accounts::API,
+            fleetlog_nats::accounts::READER,
+            fleetlog_nats::accounts::ADMIN,
+        ]
+    );
+    // Each user's block: its password from the environment; only the relay's (and the
+    // operators', which has every right) may publish events.
+    let blocks: Vec<&str> = accounts.split("user: \"").skip(1).collect();
+    for (user, block) in users.iter().zip(&blocks) {
+        assert!(block.contains("password: $FLEETLOG_"), "{user}");
+        let publishes_events = block
+            .split("subscribe:")
+            .next()
+            .unwrap()
+            .contains("\"fleetlog.events.>\"");
+        assert_eq!(
+            publishes_events,
+            *user == fleetlog_nats::accounts::RELAY,
+            "{user}"
+        );
+    }
+    for (user, variable) in fleetlog_testkit::nats::USERS {
+        assert!(accounts.contains(&format!("user: \"{user}\", password: ${variable}")));
+    }
+}
