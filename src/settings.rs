@@ -24,7 +24,6 @@ use fleetlog_broker::BrokerUrl;
 use fleetlog_commands::credentials::DeviceCredentialKey;
 use fleetlog_commands::StoreSettings;
 use fleetlog_dispatch::DispatchSettings;
-use fleetlog_domain::TenantId;
 use fleetlog_firmware::{FirmwareStore, ImageSigner};
 use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_nats::accounts::{self, NatsUsers};
@@ -545,11 +544,6 @@ pub struct IngestArgs {
     )]
     pub ingest_share_group: String,
 
-    /// Register devices nobody registered into this tenant when they first send; empty (the
-    /// default) dead-letters their messages instead.
-    #[arg(long, env = "FLEETLOG_INGEST_AUTO_REGISTER_TENANT", default_value = "")]
-    pub ingest_auto_register_tenant: String,
-
     /// Shards of the ingest bridge: each commits the devices of its round in one transaction,
     /// so this many transactions run at once. Few shards make large, cheap transactions.
     #[arg(
@@ -606,14 +600,6 @@ impl IngestArgs {
         settings.topic_root = mqtt.topic_root();
         settings.share_group =
             (!self.ingest_share_group.is_empty()).then(|| self.ingest_share_group.clone());
-        settings.auto_register_tenant = if self.ingest_auto_register_tenant.is_empty() {
-            None
-        } else {
-            Some(
-                TenantId::parse(self.ingest_auto_register_tenant.as_str())
-                    .map_err(|e| anyhow::anyhow!("FLEETLOG_INGEST_AUTO_REGISTER_TENANT: {e}"))?,
-            )
-        };
         settings.shards = self.ingest_shards;
         settings.max_batch = self.ingest_max_batch;
         settings.linger = Duration::from_millis(self.ingest_linger_ms);

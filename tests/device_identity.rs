@@ -40,6 +40,7 @@ struct Stack {
     sync: Option<Platform>,
     router: axum::Router,
     token: String,
+    auth: std::sync::Arc<Auth>,
     db: TestDatabase,
     broker: MosquittoServer,
     nats: async_nats::Client,
@@ -107,7 +108,7 @@ impl Stack {
         let token = auth.access_token(&caller, Utc::now()).unwrap();
         let state = platform
             .api_state(&ApiParts {
-                auth,
+                auth: auth.clone(),
                 firmware: None,
                 mqtt: None,
                 metrics: None,
@@ -120,6 +121,7 @@ impl Stack {
             _platform: platform,
             sync: None,
             token,
+            auth,
             db,
             broker,
             nats,
@@ -146,10 +148,32 @@ impl Stack {
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
+        self.call_as(Some(&self.token), method, path, body).await
+    }
+
+    /// An operator's access token in another tenant.
+    fn token_of_another_tenant(&self) -> String {
+        let caller = Caller {
+            user_id: UserId::parse("u-mallory").unwrap(),
+            tenant: TenantId::parse("globex").unwrap(),
+            session_id: SessionId::parse("s2").unwrap(),
+            roles: vec![Role::Operator],
+            expires_at: None,
+        };
+        self.auth.access_token(&caller, Utc::now()).unwrap()
+    }
+
+    async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         let body = match body {
             Some(body) => {
                 request = request.header(header::CONTENT_TYPE, "application/json");
@@ -645,4 +669,201 @@ async fn devices_and_roles_speak_tls_with_a_private_ca() {
     untrusting.set_transport(rumqttc::Transport::tls_with_default_config());
     assert!(connect(untrusting).await.is_err());
     assert!(connect(on_tls_port()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_device_provisions_itself_with_a_key_and_connects_with_what_it_received() {
+    let stack = Stack::start().await;
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/provisioning-keys",
+            Some(json!({"name": "line 3", "max_uses": 2, "model": "thermo", "tags": ["line-3"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["provisioning_key"].as_str().unwrap().to_string();
+    let key_id = created["key_id"].as_str().unwrap().to_string();
+    let provision = |device: &str, key: &str, model: Option<&str>| {
+        let mut body = json!({"provisioning_key": key, "device_id": device});
+        if let Some(model) = model {
+            body["model"] = json!(model);
+        }
+        body
+    };
+    let post = |body: Value| stack.call_as(None, Method::POST, "/api/v1/provision", Some(body));
+
+    // Wrong keys get nowhere, and use nothing.
+    for bad in [
+        format!("{key_id}.{}", "0".repeat(64)),
+        "no-dot-at-all".to_string(),
+        format!("unknown.{}", "0".repeat(64)),
+        String::new(),
+    ] {
+        let (status, problem) = post(provision("p-1", &bad, None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{bad}: {problem}");
+    }
+    let (status, problem) = post(provision("p-1", &key, Some("hygro"))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("thermo"),
+        "{problem}"
+    );
+
+    // A right key registers the device in the key's tenant, with its model and tags, and the
+    // credentials it answers get the device into the broker.
+    let (status, provisioned) = post(provision("p-1", &key, None)).await;
+    assert_eq!(status, StatusCode::CREATED, "{provisioned}");
+    assert_eq!(provisioned["mqtt_username"], "p-1");
+    let token = provisioned["device_token"].as_str().unwrap().to_string();
+    let device = connect_when_admitted(&stack.broker, "p-1", &token).await;
+    device
+        .publish("devices/p-1/data", json!({"temperature": 19.0}))
+        .await;
+    stack.wait_for_readings("p-1", 1).await;
+    let (tenant, model, tags): (String, String, Vec<String>) = stack
+        ._platform
+        .bus()
+        .devices()
+        .inspect("p-1", |device, _| {
+            (
+                device.tenant.as_ref().unwrap().to_string(),
+                device.model.clone(),
+                device.tags.clone(),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!((tenant.as_str(), model.as_str()), ("acme", "thermo"));
+    assert_eq!(tags, ["line-3"]);
+
+    // The same id again is taken, and gives its use back.
+    let (status, _) = post(provision("p-1", &key, None)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, shown) = stack
+        .call(
+            Method::GET,
+            &format!("/api/v1/provisioning-keys/{key_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!(shown["uses"], 1, "{shown}");
+    assert!(!shown.to_string().contains(&key[key_id.len() + 1..]));
+    // Another tenant does not see the key.
+    let other = stack.token_of_another_tenant();
+    let (status, _) = stack
+        .call_as(
+            Some(&other),
+            Method::GET,
+            &format!("/api/v1/provisioning-keys/{key_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Two more at once for the last use: exactly one gets it; the key is then used up.
+    let (first, second) = tokio::join!(
+        post(provision("p-2", &key, None)),
+        post(provision("p-3", &key, None))
+    );
+    let mut statuses = [first.0, second.0];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::CREATED, StatusCode::FORBIDDEN],
+        "{first:?} {second:?}"
+    );
+    let (status, problem) = post(provision("p-4", &key, None)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("registered its 2"),
+        "{problem}"
+    );
+
+    // One id asked for twice at once: one device, one use.
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/provisioning-keys",
+            Some(json!({"name": "open", "model": "thermo"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let open = created["provisioning_key"].as_str().unwrap().to_string();
+    let open_id = created["key_id"].as_str().unwrap().to_string();
+    let (first, second) = tokio::join!(
+        post(provision("p-twice", &open, None)),
+        post(provision("p-twice", &open, None))
+    );
+    let mut statuses = [first.0, second.0];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::CREATED, StatusCode::CONFLICT],
+        "{first:?} {second:?}"
+    );
+    let (_, shown) = stack
+        .call(
+            Method::GET,
+            &format!("/api/v1/provisioning-keys/{open_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(shown["uses"], 1, "{shown}");
+
+    // A revoked key is refused with that reason.
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/provisioning-keys",
+            Some(json!({"name": "spare"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let spare = created["provisioning_key"].as_str().unwrap().to_string();
+    let spare_id = created["key_id"].as_str().unwrap().to_string();
+    let (status, _) = stack
+        .call(
+            Method::POST,
+            &format!("/api/v1/provisioning-keys/{spare_id}/revoke"),
+            Some(json!({"reason": "line closed"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, problem) = post(provision("p-5", &spare, Some("thermo"))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("revoked"),
+        "{problem}"
+    );
+
+    // Each step is in the log, with the key as actor.
+    let steps: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_type, metadata ->> 'actor' FROM events
+          WHERE (aggregate_type = 'provisioning_key' AND aggregate_id = $1)
+             OR (aggregate_type = 'device' AND aggregate_id = 'p-1')
+          ORDER BY global_position",
+    )
+    .bind(&key_id)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    let actor = format!("provisioning-key:{key_id}");
+    for step in [
+        "ProvisioningKeyClaimed",
+        "DeviceRegistered",
+        "DeviceCredentialsRotated",
+    ] {
+        assert!(
+            steps.iter().any(|(kind, by)| kind == step && *by == actor),
+            "{step} by {actor} missing: {steps:?}"
+        );
+    }
+    assert!(steps
+        .iter()
+        .any(|(kind, by)| kind == "ProvisioningKeyCreated" && by == "user:u-otto"));
 }

@@ -249,6 +249,14 @@ fn api_router() -> OpenApiRouter<AppState> {
         .nest("/api/v1/firmware", routes::firmware::router())
         .nest("/api/v1/rollouts", routes::rollouts::router())
         .nest("/api/v1/stream", routes::stream::router())
+        .nest(
+            "/api/v1/provisioning-keys",
+            routes::provisioning::keys_router(),
+        )
+        .nest(
+            "/api/v1/provision",
+            routes::provisioning::provision_router(),
+        )
         .merge(routes::device_ingest::compatibility_router())
 }
 

@@ -25,6 +25,7 @@ use crate::error::Problem;
         (name = "device ingest", description = "Telemetry over HTTP for devices, with the device token"),
         (name = "firmware", description = "Firmware images"),
         (name = "rollouts", description = "Firmware rollouts in waves"),
+        (name = "provisioning", description = "Provisioning keys, and devices that provision themselves with one"),
         (name = "live", description = "Server-Sent Event streams"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )

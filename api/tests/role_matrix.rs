@@ -244,6 +244,27 @@ fn matrix(user_id: &str) -> Vec<Row> {
             WRITERS,
         ),
         row("get", "/api/v1/stream", "/api/v1/stream", None, ALL),
+        row(
+            "post",
+            "/api/v1/provisioning-keys",
+            "/api/v1/provisioning-keys",
+            Some(json!({"name": "line 3", "max_uses": 5})),
+            WRITERS,
+        ),
+        row(
+            "get",
+            "/api/v1/provisioning-keys/{id}",
+            "/api/v1/provisioning-keys/k1",
+            None,
+            ALL,
+        ),
+        row(
+            "post",
+            "/api/v1/provisioning-keys/{id}/revoke",
+            "/api/v1/provisioning-keys/k1/revoke",
+            None,
+            WRITERS,
+        ),
         // Decommissioning last: the other rows need the device.
         row(
             "delete",
@@ -267,6 +288,8 @@ const NOT_ROLE_BASED: &[&str] = &[
     "post /api/v1/devices/{id}/telemetry",
     "post /api/devices/data/upload",
     "get /api/v1/firmware/signing-key",
+    // The provisioning key in the body is the credential.
+    "post /api/v1/provision",
 ];
 
 /// The status only: streams answer 200 at once and never end, so the body is not read.

@@ -1,7 +1,8 @@
-//! The command bus: one entry point to the four aggregate stores, shared by every role.
+//! The command bus: one entry point to the aggregate stores, shared by every role.
 
 use fleetlog_domain::device::Device;
 use fleetlog_domain::firmware::Firmware;
+use fleetlog_domain::provisioning::ProvisioningKey;
 use fleetlog_domain::rollout::Rollout;
 use fleetlog_domain::user::User;
 use sqlx::PgPool;
@@ -16,6 +17,7 @@ pub struct CommandBus {
     firmware: AggregateStore<Firmware>,
     rollouts: AggregateStore<Rollout>,
     users: AggregateStore<User>,
+    provisioning_keys: AggregateStore<ProvisioningKey>,
 }
 
 impl CommandBus {
@@ -26,6 +28,7 @@ impl CommandBus {
             firmware: AggregateStore::new(pool.clone(), (), settings),
             rollouts: AggregateStore::new(pool.clone(), (), settings),
             users: AggregateStore::new(pool.clone(), (), settings),
+            provisioning_keys: AggregateStore::new(pool.clone(), (), settings),
             pool,
         }
     }
@@ -48,6 +51,11 @@ impl CommandBus {
     /// Users.
     pub fn users(&self) -> &AggregateStore<User> {
         &self.users
+    }
+
+    /// Provisioning keys.
+    pub fn provisioning_keys(&self) -> &AggregateStore<ProvisioningKey> {
+        &self.provisioning_keys
     }
 
     /// The pool the stores write to.

@@ -123,6 +123,11 @@ token_id!(
     "rollout id"
 );
 token_id!(
+    /// A provisioning key's id.
+    ProvisioningKeyId,
+    "provisioning key id"
+);
+token_id!(
     /// A command sent to a device; the device echoes it in its reply topic.
     CommandId,
     "command id"

@@ -1,5 +1,5 @@
-//! The fleetlog domain: the Device, Firmware, Rollout and User aggregates, with their commands,
-//! events and refusals.
+//! The fleetlog domain: the Device, Firmware, Rollout, User and ProvisioningKey aggregates, with
+//! their commands, events and refusals.
 //!
 //! Everything here is a pure decision. An aggregate receives a command together with the outside
 //! facts it needs (the time, hashes computed by the caller), checks it against its own state, and
@@ -13,10 +13,13 @@ pub mod device;
 pub mod firmware;
 pub mod ids;
 pub mod limits;
+pub mod provisioning;
 pub mod rollout;
 pub mod user;
 
-pub use ids::{CommandId, DeviceId, IdError, RolloutId, SessionId, TenantId, UserId};
+pub use ids::{
+    CommandId, DeviceId, IdError, ProvisioningKeyId, RolloutId, SessionId, TenantId, UserId,
+};
 
 /// The version stamped on every event this crate defines today. A change to an event's shape
 /// that old payloads cannot be read as gets a new version and an upcaster.

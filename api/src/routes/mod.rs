@@ -4,6 +4,7 @@ pub mod auth;
 pub mod device_ingest;
 pub mod devices;
 pub mod firmware;
+pub mod provisioning;
 pub mod rollouts;
 pub mod stream;
 pub mod users;

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
 use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, DeviceEvent, Lifecycle};
-use fleetlog_domain::{DeviceId, TenantId, UserId};
+use fleetlog_domain::DeviceId;
 use fleetlog_nats::topology::ensure_dead_letter_stream;
 use fleetlog_nats::{sleep_unless_shut_down, Backoff};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
@@ -70,8 +70,6 @@ pub struct IngestSettings {
     /// The shared-subscription group (`$share/{group}/...`) instances split the load in;
     /// `None` subscribes plainly (every instance then gets every message).
     pub share_group: Option<String>,
-    /// Register unknown devices into this tenant instead of dead-lettering their messages.
-    pub auto_register_tenant: Option<TenantId>,
     /// Shards: each commits the devices of its round in one transaction, so this many
     /// transactions run at once. Few shards make large, cheap transactions.
     pub shards: usize,
@@ -98,7 +96,6 @@ impl IngestSettings {
             client_id: "fleetlog.ingest".into(),
             topic_root: "devices".into(),
             share_group: Some("fleetlog-ingest".into()),
-            auto_register_tenant: None,
             shards: 2,
             max_batch: 500,
             linger: Duration::from_millis(5),
@@ -174,7 +171,6 @@ impl Ingest {
             jetstream: self.jetstream.clone(),
             client: client.clone(),
             topic_root: settings.topic_root.clone(),
-            auto_register_tenant: settings.auto_register_tenant.clone(),
             stats: self.stats.clone(),
             stop: shutdown.clone(),
         });
@@ -249,7 +245,6 @@ struct Shared {
     jetstream: Context,
     client: AsyncClient,
     topic_root: String,
-    auto_register_tenant: Option<TenantId>,
     stats: Arc<IngestStats>,
     stop: CancellationToken,
 }

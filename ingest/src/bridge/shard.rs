@@ -375,7 +375,7 @@ enum NotAdmitted {
     Stopping,
 }
 
-/// `Ok` when the device is registered (or was just auto-registered), else why not. Postgres
+/// `Ok` when the device is registered, else why not. Postgres
 /// failing is retried, never a refusal.
 async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), NotAdmitted> {
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
@@ -404,63 +404,15 @@ async fn ensure_known(shared: &Shared, device: &DeviceId) -> Result<(), NotAdmit
             }
         }
     };
-    match (lifecycle, &shared.auto_register_tenant) {
-        (Lifecycle::Active, _) => Ok(()),
-        (Lifecycle::Decommissioned, _) => Err(NotAdmitted::Refused(
+    match lifecycle {
+        Lifecycle::Active => Ok(()),
+        Lifecycle::Decommissioned => Err(NotAdmitted::Refused(
             DeviceError::Decommissioned.to_string(),
         )),
-        (Lifecycle::Unregistered, None) => Err(NotAdmitted::Refused(format!(
-            "unknown device {device}; register it first (or enable auto-registration)"
+        // The broker admits no device the log does not know; a message for one came from a
+        // service account (a device simulator) or from before its registration was undone.
+        Lifecycle::Unregistered => Err(NotAdmitted::Refused(format!(
+            "unknown device {device}; register or provision it first"
         ))),
-        (Lifecycle::Unregistered, Some(tenant)) => auto_register(shared, device, tenant).await,
-    }
-}
-
-/// Registers `device` into `tenant`, retrying while Postgres fails or writers race.
-async fn auto_register(
-    shared: &Shared,
-    device: &DeviceId,
-    tenant: &TenantId,
-) -> Result<(), NotAdmitted> {
-    let owner = UserId::parse("system-ingest").map_err(|e| NotAdmitted::Refused(e.to_string()))?;
-    let metadata = CommandMetadata::new("system:ingest").with_tenant(tenant.clone());
-    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CEILING);
-    loop {
-        let register = DeviceCommand::Register {
-            device_id: device.clone(),
-            tenant: tenant.clone(),
-            owner: owner.clone(),
-            name: device.to_string(),
-            model: "unknown".into(),
-            tags: vec!["auto-registered".into()],
-            at: Utc::now(),
-        };
-        let registered = shared
-            .bus
-            .devices()
-            .execute(device.as_str(), register, &metadata)
-            .await;
-        match registered {
-            Ok(_) | Err(CommandError::Refused(DeviceError::AlreadyRegistered)) => {
-                tracing::info!(device = %device, tenant = %tenant, "auto-registered device");
-                return Ok(());
-            }
-            Err(
-                error @ (CommandError::Refused(_)
-                | CommandError::Unstorable { .. }
-                | CommandError::VersionMismatch { .. }),
-            ) => {
-                return Err(NotAdmitted::Refused(format!(
-                    "auto-registration failed: {error}"
-                )))
-            }
-            Err(error @ (CommandError::Conflict { .. } | CommandError::Store(_))) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(device = %device, %error, retry_in = ?delay, "cannot auto-register; retrying");
-                if !sleep_unless_shut_down(delay, &shared.stop).await {
-                    return Err(NotAdmitted::Stopping);
-                }
-            }
-        }
     }
 }
