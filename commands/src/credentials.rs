@@ -63,6 +63,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Compares in time independent of where the inputs differ: for hashes of presented secrets.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A fresh random token of 256 bits, hex-encoded.
 pub fn random_token() -> SecretString {
     let mut bytes = [0u8; 32];

@@ -21,6 +21,7 @@ pub mod credentials;
 mod database;
 mod error;
 mod metadata;
+pub mod provisioning;
 mod store;
 
 pub use bus::CommandBus;

@@ -217,10 +217,12 @@ pub(crate) async fn authenticate(
         .bus
         .devices()
         .inspect(device_id.as_str(), |device, _| {
-            let matches = device
-                .credential_hash
-                .as_deref()
-                .is_some_and(|stored| constant_time_eq(stored.as_bytes(), presented.as_bytes()));
+            let matches = device.credential_hash.as_deref().is_some_and(|stored| {
+                fleetlog_commands::credentials::constant_time_eq(
+                    stored.as_bytes(),
+                    presented.as_bytes(),
+                )
+            });
             (
                 device.lifecycle == Lifecycle::Active,
                 matches,
@@ -264,9 +266,4 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
             )),
         })
         .transpose()
-}
-
-/// Compares in time independent of where the inputs differ.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

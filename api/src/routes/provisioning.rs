@@ -11,13 +11,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::credentials::{random_token, sha256_hex};
+use fleetlog_commands::provisioning::{self, ProvisionError, ProvisionRequest};
 use fleetlog_commands::{CommandError, CommandMetadata};
-use fleetlog_domain::device::{DeviceCommand, DeviceError, Lifecycle};
 use fleetlog_domain::provisioning::{
     KeyState, ProvisioningCommand, ProvisioningError, ProvisioningKey,
 };
 use fleetlog_domain::user::Role;
-use fleetlog_domain::{DeviceId, ProvisioningKeyId};
+use fleetlog_domain::ProvisioningKeyId;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -265,10 +265,6 @@ struct Provisioned {
     global_position: Option<i64>,
 }
 
-fn unknown_key() -> ApiError {
-    ApiError::Unauthorized("unknown or wrong provisioning key".into())
-}
-
 #[utoipa::path(
     post, path = "/", tag = "provisioning", security(()),
     summary = "A new device provisions itself with a provisioning key",
@@ -280,145 +276,49 @@ async fn provision(
     State(state): State<AppState>,
     Json(request): Json<Provision>,
 ) -> Result<(StatusCode, axum::Json<Provisioned>), ApiError> {
-    let (key_id, secret) = request
-        .provisioning_key
-        .split_once('.')
-        .ok_or_else(unknown_key)?;
-    let key_id = ProvisioningKeyId::parse(key_id).map_err(|_| unknown_key())?;
-    let device_id = DeviceId::parse(request.device_id.as_str())
-        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    let presented = sha256_hex(secret.as_bytes());
-    let keys = state.bus.provisioning_keys();
-    let key = keys.inspect(key_id.as_str(), |key, _| key.clone()).await?;
-    let matches = key.state != KeyState::Unknown
-        && crate::routes::device_ingest::constant_time_eq(
-            key.secret_hash.as_bytes(),
-            presented.as_bytes(),
-        );
-    let (Some(tenant), Some(owner), true) = (key.tenant.clone(), key.created_by.clone(), matches)
-    else {
-        count("unknown_key");
-        return Err(unknown_key());
+    let request = ProvisionRequest {
+        provisioning_key: request.provisioning_key,
+        device_id: request.device_id,
+        name: request.name,
+        model: request.model,
     };
-    let now = Utc::now();
-    if let Err(refusal) = key.ensure_takes_claims(now) {
-        count("refused");
-        return Err(ApiError::Rejected(
-            StatusCode::FORBIDDEN,
-            refusal.to_string(),
-        ));
-    }
-    let model = match (&key.model, request.model) {
-        (Some(allowed), Some(asked)) if *allowed != asked => {
-            count("refused");
-            return Err(ApiError::Unprocessable(
-                ProvisioningError::WrongModel {
-                    allowed: allowed.clone(),
-                    asked,
+    let provisioned = match provisioning::provision(
+        &state.bus,
+        &state.auth.device_key,
+        request,
+        Utc::now(),
+    )
+    .await
+    {
+        Ok(provisioned) => provisioned,
+        Err(error) => {
+            count(match error {
+                ProvisionError::UnknownKey => "unknown_key",
+                ProvisionError::Failed(_) => "failed",
+                _ => "refused",
+            });
+            return Err(match error {
+                ProvisionError::UnknownKey => ApiError::Unauthorized(error.to_string()),
+                ProvisionError::KeyRefused(_) => {
+                    ApiError::Rejected(StatusCode::FORBIDDEN, error.to_string())
                 }
-                .to_string(),
-            ));
-        }
-        (_, Some(asked)) => asked,
-        (Some(allowed), None) => allowed.clone(),
-        (None, None) => {
-            return Err(ApiError::Unprocessable(
-                "name the device's model: the provisioning key names none".into(),
-            ))
+                ProvisionError::Invalid(reason) => ApiError::Unprocessable(reason),
+                ProvisionError::Taken(_) => ApiError::Conflict(error.to_string()),
+                ProvisionError::Failed(reason) => ApiError::Unavailable(reason.into()),
+            });
         }
     };
-    let devices = state.bus.devices();
-    let taken = devices
-        .inspect(device_id.as_str(), |device, _| {
-            device.lifecycle != Lifecycle::Unregistered
-        })
-        .await?;
-    if taken {
-        count("refused");
-        return Err(ApiError::Conflict(format!(
-            "device id {device_id} is taken"
-        )));
-    }
-    let metadata =
-        CommandMetadata::new(format!("provisioning-key:{key_id}")).with_tenant(tenant.clone());
-    // The claim first: it takes a use, so a key of N uses registers N devices however many
-    // present it at once.
-    match keys
-        .execute(
-            key_id.as_str(),
-            ProvisioningCommand::Claim {
-                device_id: device_id.clone(),
-                model: Some(model.clone()),
-                at: now,
-            },
-            &metadata,
-        )
-        .await
-    {
-        Err(CommandError::Refused(refusal @ ProvisioningError::WrongModel { .. })) => {
-            count("refused");
-            return Err(ApiError::Unprocessable(refusal.to_string()));
-        }
-        Err(CommandError::Refused(refusal)) => {
-            count("refused");
-            return Err(ApiError::Rejected(
-                StatusCode::FORBIDDEN,
-                refusal.to_string(),
-            ));
-        }
-        other => other?,
-    };
-    let register = DeviceCommand::Register {
-        device_id: device_id.clone(),
-        tenant,
-        owner,
-        name: request.name.unwrap_or_else(|| device_id.to_string()),
-        model,
-        tags: key.tags.clone(),
-        at: now,
-    };
-    if let Err(error) = devices
-        .execute(device_id.as_str(), register, &metadata)
-        .await
-    {
-        // The use goes back: the device was not registered with it.
-        let release = ProvisioningCommand::ReleaseClaim {
-            device_id: device_id.clone(),
-            reason: format!("not registered: {error}"),
-            at: Utc::now(),
-        };
-        if let Err(release_error) = keys.execute(key_id.as_str(), release, &metadata).await {
-            tracing::warn!(key = %key_id, device = %device_id, error = %release_error, "could not give a provisioning claim back");
-        }
-        count("refused");
-        return Err(match error {
-            CommandError::Refused(DeviceError::AlreadyRegistered) => {
-                ApiError::Conflict(format!("device id {device_id} is taken"))
-            }
-            other => other.into(),
-        });
-    }
-    let issued = state.auth.device_key.issue(device_id.as_str());
-    let rotate = DeviceCommand::RotateCredentials {
-        secret_hash: issued.hash,
-        salt: Some(issued.salt),
-        reason: format!("provisioned with key {key_id}"),
-        at: now,
-    };
-    let committed = devices
-        .execute(device_id.as_str(), rotate, &metadata)
-        .await?;
     count("provisioned");
-    tracing::info!(key = %key_id, device = %device_id, "device provisioned");
+    let device_id = provisioned.device_id.to_string();
     Ok((
         StatusCode::CREATED,
         axum::Json(Provisioned {
-            device_id: device_id.to_string(),
-            device_token: issued.secret.expose_secret().to_string(),
-            mqtt_username: device_id.to_string(),
-            mqtt_client_id: device_id.to_string(),
-            version: committed.version,
-            global_position: committed.global_position,
+            device_token: provisioned.secret.expose_secret().to_string(),
+            mqtt_username: device_id.clone(),
+            mqtt_client_id: device_id.clone(),
+            device_id,
+            version: provisioned.committed.version,
+            global_position: provisioned.committed.global_position,
         }),
     ))
 }
