@@ -482,6 +482,7 @@ async fn replay_verify_and_events_commands() {
             model: "thermo".into(),
             tags: vec![],
             at: chrono::Utc::now(),
+            credentials: None,
         };
         bus.devices()
             .execute(id, register, &metadata)

@@ -569,6 +569,45 @@ async fn a_device_is_known_to_the_broker_by_its_token_and_confined_to_its_own_to
         "suspected leak"
     );
     assert_eq!(credential_events[2]["actor"], "user:u-otto");
+
+    // Nor does the event stream carry them, to any of its readers.
+    let jetstream = async_nats::jetstream::new(stack.nats.clone());
+    let stream = jetstream
+        .get_stream(fleetlog_nats::STREAM_NAME)
+        .await
+        .unwrap();
+    let mut rotations = 0;
+    let deadline = Instant::now() + WITHIN;
+    while rotations < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the rotations did not reach the stream"
+        );
+        rotations = 0;
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: "fleetlog.events.device.sensor-a.control".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pending = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await.unwrap();
+        for _ in 0..pending {
+            let message = futures::StreamExt::next(&mut messages)
+                .await
+                .unwrap()
+                .unwrap();
+            let body = String::from_utf8(message.payload.to_vec()).unwrap();
+            assert!(
+                !body.contains("secret_hash") && !body.contains("\"salt\""),
+                "{body}"
+            );
+            if body.contains("DeviceCredentialsRotated") {
+                rotations += 1;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

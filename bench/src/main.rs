@@ -197,6 +197,7 @@ async fn register_devices(pool: &PgPool, devices: usize) -> anyhow::Result<()> {
                 model: "bench".into(),
                 tags: vec![],
                 at: Utc::now(),
+                credentials: None,
             };
             match bus.devices().execute(&id, register, &metadata).await {
                 Ok(_) | Err(fleetlog_commands::CommandError::Refused(_)) => Ok(()),

@@ -119,6 +119,26 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// What to tell an operator when the broker refused a connection for its credentials: which
+/// account, and where its password comes from. `None` for any other failure.
+pub fn credential_hint(error: &rumqttc::ConnectionError, url: &BrokerUrl) -> Option<String> {
+    match error {
+        rumqttc::ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::NotAuthorized
+            | rumqttc::ConnectReturnCode::BadUserNamePassword,
+        ) => Some(match &url.credentials {
+            Some((user, _)) => format!(
+                "the broker refused the account {user}: check its password, and that the \
+                 broker sync (fleetlog broker-sync) has created the account"
+            ),
+            None => "the broker refused a connection without credentials: set this role's \
+                     broker password"
+                .to_string(),
+        }),
+        _ => None,
+    }
+}
+
 impl BrokerUrl {
     /// Client options for this broker under `client_id`.
     pub fn options(&self, client_id: &str) -> MqttOptions {

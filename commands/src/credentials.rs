@@ -95,8 +95,8 @@ impl std::fmt::Debug for DeviceCredentialKey {
 #[error("the device credential key must be at least {MIN_CREDENTIAL_KEY_LENGTH} characters")]
 pub struct WeakCredentialKey;
 
-/// A device secret just issued: shown to its device once, then only the salt and the hash are
-/// kept.
+/// A secret just issued (a device's, or a provisioning key's): shown once, then only the salt
+/// and the hash are kept.
 pub struct IssuedDeviceSecret {
     /// The secret itself: the device's token and broker password.
     pub secret: SecretString,
@@ -127,11 +127,39 @@ impl DeviceCredentialKey {
 
     /// The secret issued to `device_id` with `salt`: 64 hex digits.
     pub fn derive(&self, device_id: &str, salt: &str) -> SecretString {
+        self.derive_for(b"fleetlog device secret v1", device_id, salt)
+    }
+
+    /// A fresh secret for provisioning key `key_id`, from a fresh random salt.
+    pub fn issue_provisioning_secret(&self, key_id: &str) -> IssuedDeviceSecret {
+        let mut salt = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        let salt = hex::encode(salt);
+        let secret = self.derive_provisioning_secret(key_id, &salt);
+        let hash = sha256_hex(secret.expose_secret().as_bytes());
+        IssuedDeviceSecret { secret, salt, hash }
+    }
+
+    /// The secret of provisioning key `key_id` issued with `salt`: its broker password too.
+    pub fn derive_provisioning_secret(&self, key_id: &str, salt: &str) -> SecretString {
+        self.derive_for(b"fleetlog provisioning key v1", key_id, salt)
+    }
+
+    /// Names the key without telling anything of it: 16 hex digits, another for another key.
+    /// The broker sync tags each device client with it, so a change of key is seen as a
+    /// change of every device's credential.
+    pub fn fingerprint(&self) -> String {
+        let derived = self.derive_for(b"fleetlog key fingerprint v1", "", "");
+        derived.expose_secret()[..16].to_string()
+    }
+
+    fn derive_for(&self, purpose: &[u8], id: &str, salt: &str) -> SecretString {
         let mut mac = Hmac::<Sha256>::new_from_slice(self.0.expose_secret().as_bytes())
             .expect("HMAC takes keys of any length");
-        // NUL separators: no device id or salt holds one, so no two pairs hash alike.
-        mac.update(b"fleetlog device secret v1\0");
-        mac.update(device_id.as_bytes());
+        // NUL separators: no purpose, id or salt holds one, so no two triples hash alike.
+        mac.update(purpose);
+        mac.update(b"\0");
+        mac.update(id.as_bytes());
         mac.update(b"\0");
         mac.update(salt.as_bytes());
         SecretString::from(hex::encode(mac.finalize().into_bytes()))
@@ -168,11 +196,26 @@ mod tests {
             key().issue("sensor-1").secret.expose_secret(),
             issued.secret.expose_secret()
         );
+        // A provisioning key of the same id and salt has another secret.
+        assert_ne!(
+            key()
+                .derive_provisioning_secret("sensor-1", &issued.salt)
+                .expose_secret(),
+            issued.secret.expose_secret()
+        );
         let other_key = DeviceCredentialKey::new(SecretString::from("j".repeat(32))).unwrap();
         assert_ne!(
             other_key.derive("sensor-1", &issued.salt).expose_secret(),
             issued.secret.expose_secret()
         );
+    }
+
+    #[test]
+    fn fingerprints_tell_keys_apart() {
+        let other = DeviceCredentialKey::new(SecretString::from("j".repeat(32))).unwrap();
+        assert_eq!(key().fingerprint(), key().fingerprint());
+        assert_ne!(key().fingerprint(), other.fingerprint());
+        assert_eq!(key().fingerprint().len(), 16);
     }
 
     #[test]

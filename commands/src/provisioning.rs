@@ -7,7 +7,7 @@
 //! registration fails is given back, so a use is only spent on a registered device.
 
 use chrono::{DateTime, Utc};
-use fleetlog_domain::device::{DeviceCommand, DeviceError, Lifecycle};
+use fleetlog_domain::device::{DeviceCommand, DeviceError, Lifecycle, NewCredentials};
 use fleetlog_domain::provisioning::{KeyState, ProvisioningCommand, ProvisioningError};
 use fleetlog_domain::{DeviceId, ProvisioningKeyId};
 use secrecy::SecretString;
@@ -140,6 +140,8 @@ pub async fn provision(
         Err(CommandError::Refused(refusal)) => return Err(ProvisionError::KeyRefused(refusal)),
         Err(other) => return Err(ProvisionError::Failed(other.to_string())),
     }
+    // Registered with its credentials in one write: never one without the other.
+    let issued = device_key.issue(device_id.as_str());
     let register = DeviceCommand::Register {
         device_id: device_id.clone(),
         tenant,
@@ -148,42 +150,39 @@ pub async fn provision(
         model,
         tags: key.tags.clone(),
         at: now,
+        credentials: Some(NewCredentials {
+            secret_hash: issued.hash,
+            salt: Some(issued.salt),
+            reason: format!("provisioned with key {key_id}"),
+        }),
     };
-    if let Err(error) = devices
+    let committed = match devices
         .execute(device_id.as_str(), register, &metadata)
         .await
     {
-        // The use goes back: the device was not registered with it.
-        let release = ProvisioningCommand::ReleaseClaim {
-            device_id: device_id.clone(),
-            reason: format!("not registered: {error}"),
-            at: Utc::now(),
-        };
-        if let Err(release_error) = keys.execute(key_id.as_str(), release, &metadata).await {
-            tracing::warn!(key = %key_id, device = %device_id, error = %release_error, "could not give a provisioning claim back");
+        Ok(committed) => committed,
+        Err(error) => {
+            // The use goes back: the device was not registered with it.
+            let release = ProvisioningCommand::ReleaseClaim {
+                device_id: device_id.clone(),
+                reason: format!("not registered: {error}"),
+                at: Utc::now(),
+            };
+            if let Err(release_error) = keys.execute(key_id.as_str(), release, &metadata).await {
+                tracing::warn!(key = %key_id, device = %device_id, error = %release_error, "could not give a provisioning claim back");
+            }
+            return Err(match error {
+                CommandError::Refused(DeviceError::AlreadyRegistered) => {
+                    ProvisionError::Taken(device_id)
+                }
+                CommandError::Refused(refusal) => ProvisionError::Invalid(refusal.to_string()),
+                unstorable @ CommandError::Unstorable { .. } => {
+                    ProvisionError::Invalid(unstorable.to_string())
+                }
+                other => ProvisionError::Failed(other.to_string()),
+            });
         }
-        return Err(match error {
-            CommandError::Refused(DeviceError::AlreadyRegistered) => {
-                ProvisionError::Taken(device_id)
-            }
-            CommandError::Refused(refusal) => ProvisionError::Invalid(refusal.to_string()),
-            unstorable @ CommandError::Unstorable { .. } => {
-                ProvisionError::Invalid(unstorable.to_string())
-            }
-            other => ProvisionError::Failed(other.to_string()),
-        });
-    }
-    let issued = device_key.issue(device_id.as_str());
-    let rotate = DeviceCommand::RotateCredentials {
-        secret_hash: issued.hash,
-        salt: Some(issued.salt),
-        reason: format!("provisioned with key {key_id}"),
-        at: now,
     };
-    let committed = devices
-        .execute(device_id.as_str(), rotate, &metadata)
-        .await
-        .map_err(|error| ProvisionError::Failed(error.to_string()))?;
     tracing::info!(key = %key_id, device = %device_id, "device provisioned");
     Ok(Provisioned {
         device_id,

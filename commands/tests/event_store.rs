@@ -45,6 +45,7 @@ fn register() -> DeviceCommand {
         model: "thermo".into(),
         tags: vec![],
         at: at(0),
+        credentials: None,
     }
 }
 
@@ -252,6 +253,7 @@ async fn many_aggregates_commit_together_and_a_conflict_retries_each_alone() {
             model,
             tags,
             at,
+            credentials: None,
         },
         _ => unreachable!(),
     };

@@ -390,7 +390,8 @@ main() {
             start_postgres
             start_nats
             start_mosquitto
-            print_env >"$stack_dir/env"
+            # Every secret is in it: never readable by others, not even for a moment.
+            (umask 077; print_env >"$stack_dir/env")
             chmod 600 "$stack_dir/env"
             log "stack is up; variables in $stack_dir/env"
             ;;

@@ -169,7 +169,12 @@ impl Dispatcher {
         // broker session under the same client id.
         let driver_stop = shutdown.child_token();
         let _stop_driver_on_drop = driver_stop.clone().drop_guard();
-        let driver = tokio::spawn(drive(events, publisher.tracker.clone(), driver_stop));
+        let driver = tokio::spawn(drive(
+            events,
+            publisher.tracker.clone(),
+            self.settings.broker.clone(),
+            driver_stop,
+        ));
         tokio::join!(
             self.forward_events(&publisher, &shutdown),
             self.expire_commands(&shutdown),
@@ -531,7 +536,12 @@ impl ConfirmedPublisher {
 }
 
 /// Drives the MQTT connection: reconnects with backoff and matches PUBACKs to waiters.
-async fn drive(mut events: EventLoop, tracker: Arc<Mutex<Tracker>>, shutdown: CancellationToken) {
+async fn drive(
+    mut events: EventLoop,
+    tracker: Arc<Mutex<Tracker>>,
+    broker: fleetlog_broker::BrokerUrl,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
     loop {
         let event = tokio::select! {
@@ -562,7 +572,14 @@ async fn drive(mut events: EventLoop, tracker: Arc<Mutex<Tracker>>, shutdown: Ca
             Err(error) => {
                 metrics::gauge!("fleetlog_dispatch_connected").set(0.0);
                 let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in = ?delay, "dispatcher lost the MQTT broker");
+                match fleetlog_broker::credential_hint(&error, &broker) {
+                    Some(hint) => {
+                        tracing::warn!(%error, retry_in = ?delay, hint, "the broker refused the dispatcher")
+                    }
+                    None => {
+                        tracing::warn!(%error, retry_in = ?delay, "dispatcher lost the MQTT broker")
+                    }
+                }
                 if !fleetlog_nats::sleep_unless_shut_down(delay, &shutdown).await {
                     return;
                 }

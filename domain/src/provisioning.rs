@@ -45,6 +45,10 @@ pub struct ProvisioningKey {
     pub name: String,
     /// SHA-256 hex of its secret.
     pub secret_hash: String,
+    /// The public salt its secret derives from with the platform's credential key, so the
+    /// broker sync can give the key an account at the broker (MQTT provisioning).
+    #[serde(default)]
+    pub salt: Option<String>,
     /// The most devices it may register; `None`: no limit.
     pub max_uses: Option<u32>,
     /// Devices it registered so far.
@@ -70,6 +74,8 @@ pub enum ProvisioningCommand {
         name: String,
         /// SHA-256 hex of its secret; the caller hashes it.
         secret_hash: String,
+        /// The salt its secret derives from (32 hex digits), if it was derived.
+        salt: Option<String>,
         /// The most devices it may register, 1 to [`MAX_USES`].
         max_uses: Option<u32>,
         /// When it stops taking claims; after `at`.
@@ -120,7 +126,11 @@ pub enum ProvisioningEvent {
         /// Its name.
         name: String,
         /// SHA-256 hex of its secret.
+        #[serde(default)]
         secret_hash: String,
+        /// The salt its secret derives from with the platform's credential key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        salt: Option<String>,
         /// The most devices it may register.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_uses: Option<u32>,
@@ -234,6 +244,7 @@ impl ProvisioningKey {
                 created_by,
                 name,
                 secret_hash,
+                salt,
                 max_uses,
                 expires_at,
                 model,
@@ -254,6 +265,11 @@ impl ProvisioningKey {
                 }
                 if secret_hash.len() != 64 || !secret_hash.chars().all(|c| c.is_ascii_hexdigit()) {
                     return Err(invalid("secret hash must be 64 hex digits"));
+                }
+                if salt.as_deref().is_some_and(|salt| {
+                    salt.len() != 32 || !salt.chars().all(|c| c.is_ascii_hexdigit())
+                }) {
+                    return Err(invalid("salt must be 32 hex digits"));
                 }
                 if max_uses.is_some_and(|uses| !(1..=MAX_USES).contains(&uses)) {
                     return Err(invalid(format!("max_uses must be 1 to {MAX_USES}")));
@@ -283,6 +299,7 @@ impl ProvisioningKey {
                     created_by,
                     name,
                     secret_hash: secret_hash.to_ascii_lowercase(),
+                    salt: salt.map(|salt| salt.to_ascii_lowercase()),
                     max_uses,
                     expires_at,
                     model,
@@ -379,6 +396,7 @@ impl ProvisioningKey {
                 created_by,
                 name,
                 secret_hash,
+                salt,
                 max_uses,
                 expires_at,
                 model,
@@ -386,6 +404,7 @@ impl ProvisioningKey {
                 ..
             } => {
                 self.state = KeyState::Active;
+                self.salt = salt;
                 self.tenant = Some(tenant);
                 self.created_by = Some(created_by);
                 self.name = name;
@@ -439,6 +458,7 @@ mod tests {
             created_by: UserId::parse("u-otto").unwrap(),
             name: "line 3".into(),
             secret_hash: "ab".repeat(32),
+            salt: None,
             max_uses,
             expires_at: Some(at() + Duration::days(1)),
             model: model.map(str::to_string),
@@ -530,6 +550,7 @@ mod tests {
                 created_by: UserId::parse("u-otto").unwrap(),
                 name: name.into(),
                 secret_hash: "ab".repeat(32),
+                salt: None,
                 max_uses,
                 expires_at,
                 model: None,

@@ -193,6 +193,7 @@ pub enum UserEvent {
         /// Its login name.
         username: String,
         /// Its password hash.
+        #[serde(default)]
         password_hash: String,
         /// Its roles.
         roles: Vec<Role>,
@@ -202,6 +203,7 @@ pub enum UserEvent {
     /// The password changed and these sessions ended with it.
     PasswordChanged {
         /// The new hash.
+        #[serde(default)]
         password_hash: String,
         /// Sessions revoked by the change.
         revoked_sessions: Vec<SessionId>,
@@ -241,6 +243,7 @@ pub enum UserEvent {
         /// Its id.
         session_id: SessionId,
         /// SHA-256 hex of the refresh token.
+        #[serde(default)]
         refresh_token_hash: String,
         /// When the token expires.
         expires_at: DateTime<Utc>,
@@ -252,6 +255,7 @@ pub enum UserEvent {
         /// The session.
         session_id: SessionId,
         /// SHA-256 hex of the new token.
+        #[serde(default)]
         refresh_token_hash: String,
         /// When the new token expires.
         expires_at: DateTime<Utc>,

@@ -76,25 +76,41 @@ impl StoredEvent {
 }
 
 /// The events whose payload holds secret material, and the fields that hold it: the hash of a
-/// device's secret, and the salt that secret derives from with the platform's credential key.
+/// device's or a provisioning key's secret and the salt it derives from with the platform's
+/// credential key, a user's password hash, a session's refresh-token hash. The aggregates need
+/// them; no reader of a history or of the event stream does.
 const SECRET_FIELDS: &[(&str, &str)] = &[
     ("DeviceCredentialsRotated", "secret_hash"),
     ("DeviceCredentialsRotated", "salt"),
+    ("ProvisioningKeyCreated", "secret_hash"),
+    ("ProvisioningKeyCreated", "salt"),
+    ("UserRegistered", "password_hash"),
+    ("PasswordChanged", "password_hash"),
+    ("SessionOpened", "refresh_token_hash"),
+    ("SessionRotated", "refresh_token_hash"),
 ];
+
+/// Whether events of `event_type` hold secret material.
+fn holds_secrets(event_type: &str) -> bool {
+    SECRET_FIELDS.iter().any(|(kind, _)| *kind == event_type)
+}
+
+/// Removes the secret fields from the payload of an event of `event_type`.
+fn redact(event_type: &str, payload: &mut Value) {
+    for (kind, field) in SECRET_FIELDS {
+        if *kind == event_type {
+            if let Some(fields) = payload.get_mut(*kind).and_then(Value::as_object_mut) {
+                fields.remove(*field);
+            }
+        }
+    }
+}
 
 impl EventEnvelope {
     /// Removes what no history or stream shows anyone: the hash of a device's secret, which its
     /// logins are checked against. The aggregate needs it; no reader does.
     pub fn redact_secrets(&mut self) {
-        for (event_type, field) in SECRET_FIELDS {
-            if let Some(fields) = self
-                .payload
-                .get_mut(*event_type)
-                .and_then(Value::as_object_mut)
-            {
-                fields.remove(*field);
-            }
-        }
+        redact(&self.event_type, &mut self.payload);
     }
 
     /// The `Nats-Msg-Id` of the event: unique per event, stable across republishing.
@@ -164,8 +180,19 @@ impl OutgoingEvent {
         )
     }
 
-    /// The message body: the event envelope as JSON.
+    /// The message body: the event envelope as JSON, without its secrets (see
+    /// [`EventEnvelope::redact_secrets`]): every user of the stream, third-party readers
+    /// included, sees events as a history shows them.
     pub fn body(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let redacted;
+        let payload: &RawValue = if holds_secrets(&self.event_type) {
+            let mut payload: Value = serde_json::from_str(self.payload.get())?;
+            redact(&self.event_type, &mut payload);
+            redacted = serde_json::value::to_raw_value(&payload)?;
+            &redacted
+        } else {
+            &self.payload
+        };
         serde_json::to_vec(&OutgoingBody {
             aggregate_type: &self.aggregate_type,
             aggregate_id: &self.aggregate_id,
@@ -173,7 +200,7 @@ impl OutgoingEvent {
             global_position: self.global_position,
             event_type: &self.event_type,
             event_version: &self.event_version,
-            payload: &self.payload,
+            payload,
             metadata: &self.metadata,
             recorded_at: self.recorded_at,
         })

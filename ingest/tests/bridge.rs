@@ -92,6 +92,7 @@ impl Platform {
             model: "thermo".into(),
             tags: vec![],
             at: Utc::now(),
+            credentials: None,
         };
         self.bus
             .devices()

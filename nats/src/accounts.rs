@@ -87,8 +87,15 @@ pub async fn connect_as(
         .name(user.map_or("fleetlog", |user| user.name.as_str()))
         .retry_on_initial_connect();
     if let Some(user) = user {
-        options =
-            options.user_and_password(user.name.clone(), user.password.expose_secret().to_string());
+        options = options
+            .user_and_password(user.name.clone(), user.password.expose_secret().to_string())
+            .custom_inbox_prefix(inbox_prefix(&user.name));
     }
     options.connect(url).await
+}
+
+/// The inbox prefix of `user`: replies and pulled messages come to subjects under it, and
+/// `deploy/nats/accounts.conf` lets each user subscribe to its own only.
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX_{}", user.replace('.', "_"))
 }

@@ -151,6 +151,32 @@ async fn consumers_consume_and_the_reader_reads_without_touching_theirs() {
         .await;
     assert!(deleted.is_err(), "the dispatcher deleted a consumer");
 
+    // Nor pull from it: the API, whose ordered consumers have names of the server's, may pull
+    // from none of the roles' durables.
+    for user in [accounts::DISPATCH, accounts::API, accounts::SYNC] {
+        let other = as_user(&nats, user).await;
+        let pulled = tokio::time::timeout(
+            Duration::from_secs(2),
+            other.client().request(
+                "$JS.API.CONSUMER.MSG.NEXT.FLEETLOG_EVENTS.devices",
+                "1".into(),
+            ),
+        )
+        .await;
+        assert!(
+            !matches!(pulled, Ok(Ok(_))),
+            "{user} pulled from the devices consumer"
+        );
+    }
+    // And no user reads another's inbox, where pulled messages are delivered.
+    let snoop = as_user(&nats, accounts::INGEST).await;
+    let mut snooped = snoop
+        .client()
+        .subscribe(format!("{}.>", accounts::inbox_prefix(accounts::PROJECT)))
+        .await
+        .unwrap();
+    snoop.client().flush().await.ok();
+
     // The reader: its own durable consumer works; another's does not, neither to pull from
     // (which would take its messages) nor to create under its name.
     let reader = as_user(&nats, accounts::READER).await;
@@ -160,6 +186,19 @@ async fn consumers_consume_and_the_reader_reads_without_touching_theirs() {
         .await
         .unwrap();
     let mut own_messages = own.messages().await.unwrap();
+    // (The project user's pulls meanwhile reach nobody else.)
+    let second = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .expect("the devices consumer delivers")
+        .unwrap()
+        .unwrap();
+    second.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), snooped.next())
+            .await
+            .is_err(),
+        "the ingest user read the projections' inbox"
+    );
     let read = tokio::time::timeout(Duration::from_secs(5), own_messages.next())
         .await
         .expect("the reader reads")
@@ -183,16 +222,21 @@ async fn consumers_consume_and_the_reader_reads_without_touching_theirs() {
         .await
         .unwrap();
     watcher.client().flush().await.unwrap();
-    relay
-        .publish("fleetlog.events.device.d9.control", "{}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let seen = tokio::time::timeout(Duration::from_secs(5), live.next())
-        .await
-        .unwrap_or_else(|_| panic!("no live event: {}", nats.log()))
-        .unwrap();
+    // A plain subscription is at most once: the event is published until one arrives.
+    let mut seen = None;
+    for _ in 0..5 {
+        relay
+            .publish("fleetlog.events.device.d9.control", "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(1), live.next()).await {
+            seen = Some(message);
+            break;
+        }
+    }
+    let seen = seen.unwrap_or_else(|| panic!("no live event: {}", nats.log()));
     assert_eq!(seen.subject.as_str(), "fleetlog.events.device.d9.control");
 
     // Nor may it pull from another's consumer, which would take its messages.

@@ -16,9 +16,13 @@
 //!   each credential event, makes that device's client match its standing credential, read
 //!   again from the log: applying the same event twice, or an old one late, changes nothing.
 //!   The plugin disconnects a client's sessions when its password changes or it is deleted.
-//! - Each client's text description names the credential it holds (version and a digest of
-//!   the salt), so an unchanged credential is never set again and nobody is disconnected by a
-//!   restart of the sync.
+//! - Each client's text description names the credential it holds: its version, a digest of
+//!   its salt, and a digest of what else its password and rights depend on (the credential
+//!   key's fingerprint, the topic root, the version of the rights). An unchanged credential is
+//!   never set again, so nobody is disconnected by a restart of the sync; a changed key or
+//!   topic root changes every tag, and every device client is set again.
+//! - It reconciles again every `reconcile_every` (default 10 minutes), so whatever the broker
+//!   refused, or someone changed by hand, is put right without waiting for a reconnect.
 //! - One sync is active at a time: it holds a Postgres advisory lock; others wait on standby.
 //!   It makes the ingest and dispatch service accounts, when given their passwords, and their
 //!   roles, and denies by default what no role allows.
@@ -68,6 +72,8 @@ pub struct BrokerSyncSettings {
     pub standby_interval: Duration,
     /// How long JetStream waits for an ack before redelivering.
     pub ack_wait: Duration,
+    /// How often the broker is reconciled with the log while the sync runs.
+    pub reconcile_every: Duration,
 }
 
 impl BrokerSyncSettings {
@@ -82,6 +88,7 @@ impl BrokerSyncSettings {
             patience: Duration::from_secs(10),
             standby_interval: Duration::from_secs(5),
             ack_wait: Duration::from_secs(30),
+            reconcile_every: Duration::from_secs(600),
         }
     }
 }
@@ -138,8 +145,25 @@ struct Rotated {
     salt: Option<String>,
 }
 
-/// What a device's standing credential event asks of the broker.
-fn wanted_of(event: Option<&EventEnvelope>) -> Wanted {
+/// The version of the device rights (`fleetlog_broker::access::device_acls`): raised when they
+/// change, so every device client is set again.
+const DEVICE_RIGHTS_VERSION: u32 = 1;
+
+/// What a device client's password and rights depend on besides its credential: the key's
+/// fingerprint, the topic root, the version of the rights. 8 hex digits.
+fn scope_of(key: &DeviceCredentialKey, topic_root: &str) -> String {
+    let digest = sha256_hex(
+        format!(
+            "{}\0{topic_root}\0{DEVICE_RIGHTS_VERSION}",
+            key.fingerprint()
+        )
+        .as_bytes(),
+    );
+    digest[..8].to_string()
+}
+
+/// What a device's standing credential event asks of the broker, within `scope`.
+fn wanted_of(event: Option<&EventEnvelope>, scope: &str) -> Wanted {
     let Some(event) = event else {
         return Wanted::Nothing;
     };
@@ -153,7 +177,7 @@ fn wanted_of(event: Option<&EventEnvelope>) -> Wanted {
         }) => {
             let digest = sha256_hex(salt.as_bytes());
             Wanted::Client {
-                tag: format!("credential v{credential_version} {}", &digest[..16]),
+                tag: format!("credential v{credential_version} {} {scope}", &digest[..16]),
                 salt,
             }
         }
@@ -172,6 +196,8 @@ pub struct BrokerSync {
     pool: PgPool,
     jetstream: Context,
     key: DeviceCredentialKey,
+    /// See [`scope_of`].
+    scope: String,
     settings: BrokerSyncSettings,
 }
 
@@ -186,6 +212,7 @@ impl BrokerSync {
         Self {
             pool,
             jetstream,
+            scope: scope_of(&key, &settings.topic_root),
             key,
             settings,
         }
@@ -244,6 +271,9 @@ impl BrokerSync {
         self.reconcile(admin).await?;
         tracing::info!("broker sync following device events");
         let mut checks = tokio::time::interval(Duration::from_secs(5));
+        let mut reconciliations = tokio::time::interval(self.settings.reconcile_every);
+        // The first tick is at once: the reconciliation above was it.
+        reconciliations.tick().await;
         loop {
             tokio::select! {
                 batch = pull.next(shutdown) => {
@@ -255,6 +285,7 @@ impl BrokerSync {
                         message.ack().await?;
                     }
                 }
+                _ = reconciliations.tick() => self.reconcile(admin).await?,
                 _ = checks.tick() => {
                     if !admin.is_connected() {
                         return Err(SyncError::BrokerLost);
@@ -299,7 +330,12 @@ impl BrokerSync {
         let standing = fleetlog_eventlog::device_credential_events(&self.pool).await?;
         let wanted: HashMap<String, Wanted> = standing
             .iter()
-            .map(|event| (event.aggregate_id.clone(), wanted_of(Some(event))))
+            .map(|event| {
+                (
+                    event.aggregate_id.clone(),
+                    wanted_of(Some(event), &self.scope),
+                )
+            })
             .filter(|(_, wanted)| *wanted != Wanted::Nothing)
             .collect();
         let present = admin.list_clients().await?;
@@ -367,7 +403,7 @@ impl BrokerSync {
         // The event itself may be old (a redelivery): the log says what stands now.
         let standing =
             fleetlog_eventlog::device_credential_event(&self.pool, &envelope.aggregate_id).await?;
-        let wanted = wanted_of(standing.as_ref());
+        let wanted = wanted_of(standing.as_ref(), &self.scope);
         self.apply(admin, &envelope.aggregate_id, &wanted).await?;
         Ok(())
     }
@@ -472,6 +508,21 @@ mod tests {
     }
 
     #[test]
+    fn another_key_or_topic_root_is_another_scope() {
+        let key =
+            |text: &str| DeviceCredentialKey::new(SecretString::from(text.repeat(32))).unwrap();
+        assert_eq!(
+            scope_of(&key("a"), "devices"),
+            scope_of(&key("a"), "devices")
+        );
+        assert_ne!(
+            scope_of(&key("a"), "devices"),
+            scope_of(&key("b"), "devices")
+        );
+        assert_ne!(scope_of(&key("a"), "devices"), scope_of(&key("a"), "fleet"));
+    }
+
+    #[test]
     fn only_a_derived_rotation_asks_for_a_client() {
         let rotated = |salt: Option<&str>| DeviceEvent::DeviceCredentialsRotated {
             secret_hash: "ab".repeat(32),
@@ -480,25 +531,33 @@ mod tests {
             reason: None,
             at: Utc::now(),
         };
-        let Wanted::Client { salt, tag } =
-            wanted_of(Some(&envelope(&rotated(Some(&"cd".repeat(16))))))
-        else {
+        let Wanted::Client { salt, tag } = wanted_of(
+            Some(&envelope(&rotated(Some(&"cd".repeat(16))))),
+            "0badcafe",
+        ) else {
             panic!("a rotation with a salt wants a client");
         };
         assert_eq!(salt, "cd".repeat(16));
         assert!(tag.starts_with("credential v3 "), "{tag}");
+        assert!(tag.ends_with(" 0badcafe"), "{tag}");
         assert!(!tag.contains(&salt), "the tag does not show the salt");
-        assert_eq!(wanted_of(Some(&envelope(&rotated(None)))), Wanted::Nothing);
+        assert_eq!(
+            wanted_of(Some(&envelope(&rotated(None))), "s"),
+            Wanted::Nothing
+        );
         let revoked = DeviceEvent::DeviceCredentialsRevoked {
             reason: "lost".into(),
             at: Utc::now(),
         };
-        assert_eq!(wanted_of(Some(&envelope(&revoked))), Wanted::Nothing);
+        assert_eq!(wanted_of(Some(&envelope(&revoked)), "s"), Wanted::Nothing);
         let decommissioned = DeviceEvent::DeviceDecommissioned {
             reason: "retired".into(),
             at: Utc::now(),
         };
-        assert_eq!(wanted_of(Some(&envelope(&decommissioned))), Wanted::Nothing);
-        assert_eq!(wanted_of(None), Wanted::Nothing);
+        assert_eq!(
+            wanted_of(Some(&envelope(&decommissioned)), "s"),
+            Wanted::Nothing
+        );
+        assert_eq!(wanted_of(None, "s"), Wanted::Nothing);
     }
 }

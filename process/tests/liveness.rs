@@ -41,6 +41,7 @@ async fn silent_devices_go_offline_once_and_live_ones_stay() {
             model: "thermo".into(),
             tags: vec![],
             at: at(0),
+            credentials: None,
         };
         bus.devices()
             .execute(id, register, &metadata)
@@ -125,6 +126,7 @@ async fn a_device_heard_from_by_the_real_clock_goes_offline_after_its_silence() 
         model: "thermo".into(),
         tags: vec![],
         at: Utc::now(),
+        credentials: None,
     };
     bus.devices()
         .execute("clocked", register, &metadata)

@@ -125,6 +125,7 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
             model: "thermo".into(),
             tags: vec!["a".into(), "b".into()],
             at: at(0),
+            credentials: None,
         };
         bus.devices()
             .execute(id, register, &metadata)
@@ -273,6 +274,7 @@ async fn replay_reads_events_across_a_power_of_ten_of_transaction_ids_in_order()
         model: "thermo".into(),
         tags: vec![],
         at: at(0),
+        credentials: None,
     };
     bus.devices()
         .execute("edge", register, &metadata)
@@ -323,6 +325,7 @@ async fn replay_passes_over_an_event_it_cannot_apply_and_reports_it() {
         model: "thermo".into(),
         tags: vec![],
         at: at(0),
+        credentials: None,
     };
     bus.devices()
         .execute("poisoned", register, &metadata)
@@ -437,6 +440,7 @@ async fn the_latest_reading_is_the_newest_by_reading_time() {
         model: "thermo".into(),
         tags: vec![],
         at: at(0),
+        credentials: None,
     };
     bus.devices()
         .execute("t1", register, &metadata)
@@ -512,6 +516,7 @@ async fn replay_keeps_committed_events_an_unrelated_open_transaction_holds_back(
         model: "thermo".into(),
         tags: vec![],
         at: at(0),
+        credentials: None,
     };
     bus.devices()
         .execute("w1", register, &metadata)

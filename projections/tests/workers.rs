@@ -102,6 +102,7 @@ fn register(id: &str) -> DeviceCommand {
         model: "thermo".into(),
         tags: vec!["lab".into()],
         at: at(0),
+        credentials: None,
     }
 }
 

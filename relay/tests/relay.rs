@@ -89,6 +89,7 @@ async fn register(bus: &CommandBus, id: &str) {
         model: "thermo".into(),
         tags: vec![],
         at: Utc::now(),
+        credentials: None,
     };
     bus.devices()
         .execute(id, command, &metadata())

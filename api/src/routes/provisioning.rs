@@ -10,7 +10,6 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use fleetlog_commands::credentials::{random_token, sha256_hex};
 use fleetlog_commands::provisioning::{self, ProvisionError, ProvisionRequest};
 use fleetlog_commands::{CommandError, CommandMetadata};
 use fleetlog_domain::provisioning::{
@@ -126,12 +125,17 @@ async fn create_key(
     caller.require(WRITERS)?;
     let key_id = ProvisioningKeyId::parse(uuid::Uuid::now_v7().simple().to_string())
         .map_err(|error| ApiError::Internal(Box::new(error)))?;
-    let secret = random_token();
+    let issued = state
+        .auth
+        .device_key
+        .issue_provisioning_secret(key_id.as_str());
+    let secret = issued.secret;
     let command = ProvisioningCommand::Create {
         tenant: caller.tenant.clone(),
         created_by: caller.user_id.clone(),
         name: request.name,
-        secret_hash: sha256_hex(secret.expose_secret().as_bytes()),
+        secret_hash: issued.hash,
+        salt: Some(issued.salt),
         max_uses: request.max_uses,
         expires_at: request.expires_at,
         model: request.model,

@@ -48,6 +48,9 @@ pub enum DeviceCommand {
         tags: Vec<String>,
         /// Now.
         at: DateTime<Utc>,
+        /// Its first credentials, issued with the registration in the same write, so a device
+        /// is never registered without the secret it was shown.
+        credentials: Option<NewCredentials>,
     },
     /// Change registry fields; `None` leaves a field as it is.
     UpdateMetadata {
@@ -233,6 +236,50 @@ pub enum DeviceCommand {
     },
 }
 
+/// A device's new secret, as the caller hashed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewCredentials {
+    /// SHA-256 hex of the secret.
+    pub secret_hash: String,
+    /// The public salt it derives from (32 hex digits), if it was derived.
+    pub salt: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+fn credentials_rotated(
+    device: &Device,
+    credentials: NewCredentials,
+    at: DateTime<Utc>,
+) -> Result<DeviceEvent, DeviceError> {
+    let NewCredentials {
+        secret_hash,
+        salt,
+        reason,
+    } = credentials;
+    let is_hex = |value: &str, digits: usize| {
+        value.len() == digits && value.chars().all(|c| c.is_ascii_hexdigit())
+    };
+    if !is_hex(&secret_hash, 64) {
+        return Err(DeviceError::InvalidCredentialHash);
+    }
+    if salt.as_deref().is_some_and(|salt| !is_hex(salt, 32)) {
+        return Err(DeviceError::InvalidCredentialSalt);
+    }
+    validate_text("reason", &reason)?;
+    let credential_version = device
+        .credential_version
+        .checked_add(1)
+        .ok_or(DeviceError::TooManyRotations)?;
+    Ok(DeviceEvent::DeviceCredentialsRotated {
+        secret_hash: secret_hash.to_ascii_lowercase(),
+        credential_version,
+        salt: salt.map(|salt| salt.to_ascii_lowercase()),
+        reason: Some(reason),
+        at,
+    })
+}
+
 pub(super) fn decide(
     device: &Device,
     command: DeviceCommand,
@@ -245,12 +292,13 @@ pub(super) fn decide(
         model,
         tags,
         at,
+        credentials,
     } = command
     {
         if device.lifecycle != Lifecycle::Unregistered {
             return Err(DeviceError::AlreadyRegistered);
         }
-        return Ok(vec![DeviceEvent::DeviceRegistered {
+        let mut events = vec![DeviceEvent::DeviceRegistered {
             device_id,
             tenant,
             owner,
@@ -258,7 +306,11 @@ pub(super) fn decide(
             model: validate_model(&model)?,
             tags: validate_tags(tags)?,
             at,
-        }]);
+        }];
+        if let Some(credentials) = credentials {
+            events.push(credentials_rotated(device, credentials, at)?);
+        }
+        return Ok(events);
     }
     device.ensure_active()?;
     match command {
@@ -638,29 +690,15 @@ pub(super) fn decide(
             salt,
             reason,
             at,
-        } => {
-            let is_hex = |value: &str, digits: usize| {
-                value.len() == digits && value.chars().all(|c| c.is_ascii_hexdigit())
-            };
-            if !is_hex(&secret_hash, 64) {
-                return Err(DeviceError::InvalidCredentialHash);
-            }
-            if salt.as_deref().is_some_and(|salt| !is_hex(salt, 32)) {
-                return Err(DeviceError::InvalidCredentialSalt);
-            }
-            validate_text("reason", &reason)?;
-            let credential_version = device
-                .credential_version
-                .checked_add(1)
-                .ok_or(DeviceError::TooManyRotations)?;
-            Ok(vec![DeviceEvent::DeviceCredentialsRotated {
-                secret_hash: secret_hash.to_ascii_lowercase(),
-                credential_version,
-                salt: salt.map(|salt| salt.to_ascii_lowercase()),
-                reason: Some(reason),
-                at,
-            }])
-        }
+        } => Ok(vec![credentials_rotated(
+            device,
+            NewCredentials {
+                secret_hash,
+                salt,
+                reason,
+            },
+            at,
+        )?]),
         DeviceCommand::RevokeCredentials { reason, at } => {
             validate_text("reason", &reason)?;
             if device.credential_hash.is_none() {

@@ -236,6 +236,7 @@ pub enum DeviceEvent {
     /// The device got a new secret; only its hash is kept.
     DeviceCredentialsRotated {
         /// SHA-256 hex of the new secret.
+        #[serde(default)]
         secret_hash: String,
         /// The credential version after the rotation.
         credential_version: u32,

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use command::{Delivery, DeviceCommand};
+pub use command::{Delivery, DeviceCommand, NewCredentials};
 pub use event::{CommandOutcome, DeviceEvent};
 pub use telemetry::{
     validate_location, validate_reading, validate_sensor_name, Location, Reading, TelemetryError,

@@ -137,6 +137,7 @@ fn register_creates_a_device_with_clean_tags() {
             model: "thermo".into(),
             tags: vec!["heating".into(), "basement".into(), "heating".into()],
             at: at(),
+            credentials: None,
         })
         .then_expect_events(vec![registered()]);
 }
@@ -151,6 +152,7 @@ fn register_refuses_twice_and_bad_fields() {
         model: model.into(),
         tags,
         at: at(),
+        credentials: None,
     };
     Given::with(())
         .given(vec![registered()])
@@ -1386,4 +1388,41 @@ fn documents_are_capped_in_keys_at_every_depth_and_in_nesting() {
         device.decide(set(json!({ "cfg": many }))),
         Err(DeviceError::DocumentTooLarge { keys: 301, .. })
     ));
+}
+
+#[test]
+fn a_device_registered_with_credentials_gets_both_in_one_decision() {
+    let register = |secret_hash: &str| DeviceCommand::Register {
+        device_id: DeviceId::parse("d1").unwrap(),
+        tenant: TenantId::parse("acme").unwrap(),
+        owner: UserId::parse("u1").unwrap(),
+        name: "Boiler room".into(),
+        model: "thermo".into(),
+        tags: vec![],
+        at: at(),
+        credentials: Some(NewCredentials {
+            secret_hash: secret_hash.into(),
+            salt: Some("ef".repeat(16)),
+            reason: "issued at registration".into(),
+        }),
+    };
+    let events = Device::default()
+        .decide(register(&"ab".repeat(32)))
+        .unwrap();
+    assert!(matches!(events[0], DeviceEvent::DeviceRegistered { .. }));
+    assert_eq!(
+        events[1],
+        DeviceEvent::DeviceCredentialsRotated {
+            secret_hash: "ab".repeat(32),
+            credential_version: 1,
+            salt: Some("ef".repeat(16)),
+            reason: Some("issued at registration".into()),
+            at: at(),
+        }
+    );
+    // Bad credentials refuse the registration as a whole.
+    assert_eq!(
+        Device::default().decide(register("not-a-hash")),
+        Err(DeviceError::InvalidCredentialHash)
+    );
 }

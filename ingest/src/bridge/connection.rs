@@ -55,7 +55,9 @@ pub(super) async fn poll_events(
             Ok(_) => {}
             Err(error) => {
                 let delay = backoff.next_delay();
-                if stats.is_connected() {
+                if let Some(hint) = fleetlog_broker::credential_hint(&error, &settings.broker) {
+                    tracing::warn!(%error, retry_in = ?delay, hint, "the broker refused the ingest");
+                } else if stats.is_connected() {
                     tracing::warn!(%error, "lost the MQTT broker");
                 } else {
                     tracing::warn!(%error, retry_in = ?delay, "cannot reach the MQTT broker");

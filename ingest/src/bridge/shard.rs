@@ -51,6 +51,20 @@ async fn handle_batch(shared: &Shared, batch: Vec<Publish>) {
     let mut devices: Vec<(DeviceId, Vec<Item>)> = Vec::new();
     let mut index: HashMap<DeviceId, usize> = HashMap::new();
     for publish in batch {
+        // A retained message comes with a new subscription (a plain one, at every reconnect):
+        // the broker stored it when the device sent it, and ingest recorded it then.
+        if publish.retain {
+            reject(
+                shared,
+                &publish,
+                received_at,
+                "a retained message, delivered again with a new subscription: recorded when \
+                 it was first sent; devices publish without the retain flag",
+                &[],
+            )
+            .await;
+            continue;
+        }
         match parse_topic(&shared.topic_root, &publish.topic) {
             Ok((device, kind)) => {
                 let parsed = parse_payload(&kind, &publish.payload);

@@ -41,6 +41,7 @@ pub(super) async fn create(
     caller.require(WRITERS)?;
     let id = parse_id(&request.device_id)?;
     let now = Utc::now();
+    let issued = state.auth.device_key.issue(id.as_str());
     let register = DeviceCommand::Register {
         device_id: id.clone(),
         tenant: caller.tenant.clone(),
@@ -49,9 +50,15 @@ pub(super) async fn create(
         model: request.model,
         tags: request.tags,
         at: now,
+        credentials: Some(fleetlog_domain::device::NewCredentials {
+            secret_hash: issued.hash,
+            salt: Some(issued.salt),
+            reason: "issued at registration".into(),
+        }),
     };
-    let devices = state.bus.devices();
-    match devices
+    let committed = match state
+        .bus
+        .devices()
         .execute(id.as_str(), register, &metadata(&caller))
         .await
     {
@@ -60,16 +67,6 @@ pub(super) async fn create(
         }
         other => other?,
     };
-    let issued = state.auth.device_key.issue(id.as_str());
-    let rotate = DeviceCommand::RotateCredentials {
-        secret_hash: issued.hash,
-        salt: Some(issued.salt),
-        reason: "issued at registration".into(),
-        at: now,
-    };
-    let committed = devices
-        .execute(id.as_str(), rotate, &metadata(&caller))
-        .await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(Created {
@@ -123,7 +120,7 @@ pub(super) async fn rotate_credentials(
 #[utoipa::path(
     post, path = "/{id}/credentials/revoke", tag = "devices",
     summary = "Take the device's token away (operator, admin)",
-    description = "The device can no longer post over HTTP, and within seconds the broker refuses and disconnects it, until its credentials are rotated. A device without credentials answers 409.",
+    description = "The device can no longer post over HTTP, and within seconds the broker refuses and disconnects it, until its credentials are rotated. A device without credentials answers 422.",
     params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("If-Match" = Option<String>, Header, description = "Write only if the device is at this version (the ETag of a read); 412 otherwise")),
     request_body(content = CredentialChange, description = "Optional reason"),
     responses((status = 200, description = "Revoked", body = WriteResult))
