@@ -236,7 +236,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             platform.run(common.shutdown_timeout()).await
         }
         Command::Ingest(role) => {
-            let settings = role.ingest.ingest(&role.mqtt)?;
+            let mut settings = role.ingest.ingest(&role.mqtt)?;
+            settings.device_key = role.device_key.optional_key()?;
             let mut platform = platform(&common, &role.nats, role.store.store()).await?;
             platform.ingest(settings);
             platform.run(common.shutdown_timeout()).await
@@ -325,7 +326,8 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         metrics: install_metrics_recorder(),
         http: role.http.http()?,
     };
-    let ingest = role.ingest.ingest(&role.mqtt)?;
+    let mut ingest = role.ingest.ingest(&role.mqtt)?;
+    ingest.device_key = Some(role.auth.device_key.key()?);
     let dispatch = role.dispatch.dispatch(&role.mqtt)?;
     // The sync runs when it has the broker admin's password; without one the broker is taken
     // to be managed by hand (or open), and devices it does not know cannot connect.

@@ -433,6 +433,14 @@ pub struct DeviceKeyArgs {
 }
 
 impl DeviceKeyArgs {
+    /// The key if one is set (checked like [`Self::key`]).
+    pub fn optional_key(&self) -> anyhow::Result<Option<DeviceCredentialKey>> {
+        match self.device_credential_key {
+            Some(_) => self.key().map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The key, or why there is none.
     pub fn key(&self) -> anyhow::Result<DeviceCredentialKey> {
         let Some(key) = &self.device_credential_key else {
@@ -758,6 +766,10 @@ pub struct IngestRole {
     /// The ingest bridge.
     #[command(flatten)]
     pub ingest: IngestArgs,
+    /// The key device secrets derive from: with it, the bridge answers provisioning requests
+    /// over MQTT; without, it leaves them to HTTP.
+    #[command(flatten)]
+    pub device_key: DeviceKeyArgs,
     /// The MQTT broker.
     #[command(flatten)]
     pub mqtt: MqttArgs,

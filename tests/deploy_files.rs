@@ -104,6 +104,52 @@ fn the_nats_users_are_the_ones_the_roles_connect_as() {
             "{user}"
         );
     }
+    // Each role may use its own durable consumers, by the names the code gives them.
+    let block_of = |user: &str| blocks[users.iter().position(|name| *name == user).unwrap()];
+    let mut owned: Vec<(&str, &str)> = fleetlog_projections::PROJECTIONS
+        .iter()
+        .map(|name| (fleetlog_nats::accounts::PROJECT, *name))
+        .collect();
+    owned.extend([
+        (
+            fleetlog_nats::accounts::PROJECT,
+            fleetlog_process::rollout_manager::ROLLOUT_CONSUMER,
+        ),
+        (
+            fleetlog_nats::accounts::PROJECT,
+            fleetlog_process::rollout_manager::DEVICE_CONSUMER,
+        ),
+        (
+            fleetlog_nats::accounts::PROJECT,
+            fleetlog_process::rollout_manager::FIRMWARE_CONSUMER,
+        ),
+        (
+            fleetlog_nats::accounts::DISPATCH,
+            fleetlog_dispatch::CONSUMER,
+        ),
+        (
+            fleetlog_nats::accounts::SYNC,
+            fleetlog_process::broker_sync::CONSUMER,
+        ),
+        (
+            fleetlog_nats::accounts::SYNC,
+            fleetlog_process::broker_sync::KEYS_CONSUMER,
+        ),
+    ]);
+    for (user, consumer) in owned {
+        assert!(
+            block_of(user).contains(&format!(
+                "\"$JS.API.CONSUMER.MSG.NEXT.FLEETLOG_EVENTS.{consumer}\""
+            )),
+            "{user} may not pull from its consumer {consumer}"
+        );
+        assert!(
+            block_of(fleetlog_nats::accounts::API).contains(&format!(
+                "\"$JS.API.CONSUMER.MSG.NEXT.FLEETLOG_EVENTS.{consumer}\""
+            )),
+            "the API is not kept from {consumer}"
+        );
+    }
     for (user, variable) in fleetlog_testkit::nats::USERS {
         assert!(accounts.contains(&format!("user: \"{user}\", password: ${variable}")));
     }

@@ -78,7 +78,8 @@ impl Stack {
                 broker.url_as(username).parse().unwrap()
             }
         };
-        let ingest = IngestSettings::new(over(INGEST_USERNAME));
+        let mut ingest = IngestSettings::new(over(INGEST_USERNAME));
+        ingest.device_key = Some(fleetlog_testkit::device_key());
         let mut dispatch = DispatchSettings::new(over(DISPATCH_USERNAME));
         dispatch.expiry_interval = Duration::from_millis(200);
         let mut platform = Platform::new(
@@ -905,4 +906,112 @@ async fn a_new_device_provisions_itself_with_a_key_and_connects_with_what_it_rec
     assert!(steps
         .iter()
         .any(|(kind, by)| kind == "ProvisioningKeyCreated" && by == "user:u-otto"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_device_provisions_itself_over_mqtt() {
+    let stack = Stack::start().await;
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/provisioning-keys",
+            Some(json!({"name": "line 4", "max_uses": 5, "model": "thermo"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["provisioning_key"].as_str().unwrap().to_string();
+    let key_id = created["key_id"].as_str().unwrap().to_string();
+    let secret = key[key_id.len() + 1..].to_string();
+    let account = fleetlog_protocol::provisioning::username_of(&key_id);
+    let options = || {
+        let mut options = MqttOptions::new(account.clone(), "127.0.0.1", stack.broker.port());
+        options.set_credentials(account.clone(), secret.clone());
+        options
+    };
+    // The key's account reaches the broker within seconds of its creation.
+    let deadline = Instant::now() + WITHIN;
+    let mut claimant = loop {
+        match connect(options()).await {
+            Ok(client) => break client,
+            Err(refusal) => assert!(Instant::now() < deadline, "no key account: {refusal}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Its holders read only the answer to their own request.
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let root = fleetlog_protocol::provisioning::ROOT;
+    assert!(
+        !claimant
+            .subscribe(&format!("{root}/{key_id}/+/response"))
+            .await,
+        "a key holder may read every answer"
+    );
+    assert!(!claimant.subscribe(&format!("{root}/#")).await);
+    assert!(
+        claimant
+            .subscribe(&fleetlog_protocol::provisioning::response_topic(
+                &key_id,
+                &request_id
+            ))
+            .await
+    );
+    let request = |device: &str, key: &str| json!({"provisioning_key": key, "device_id": device});
+    claimant
+        .publish(
+            &fleetlog_protocol::provisioning::request_topic(&key_id, &request_id),
+            request("m-1", &key),
+        )
+        .await;
+    let (_, answer) = tokio::time::timeout(WITHIN, claimant.inbox.recv())
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(answer["status"], "provisioned", "{answer}");
+    assert_eq!(answer["mqtt_client_id"], "m-1");
+    let token = answer["device_token"].as_str().unwrap().to_string();
+    drop(connect_when_admitted(&stack.broker, "m-1", &token).await);
+
+    // The same id again is taken; a key that is not this account's is unknown.
+    claimant
+        .publish(
+            &fleetlog_protocol::provisioning::request_topic(&key_id, &request_id),
+            request("m-1", &key),
+        )
+        .await;
+    let (_, answer) = tokio::time::timeout(WITHIN, claimant.inbox.recv())
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(
+        (answer["status"].as_str(), answer["code"].as_str()),
+        (Some("refused"), Some("taken")),
+        "{answer}"
+    );
+    claimant
+        .publish(
+            &fleetlog_protocol::provisioning::request_topic(&key_id, &request_id),
+            request("m-2", &format!("other.{secret}")),
+        )
+        .await;
+    let (_, answer) = tokio::time::timeout(WITHIN, claimant.inbox.recv())
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(answer["code"], "unknown_key", "{answer}");
+
+    // A revoked key's account is gone within seconds.
+    let (status, _) = stack
+        .call(
+            Method::POST,
+            &format!("/api/v1/provisioning-keys/{key_id}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    wait_until_closed(&mut claimant, "revocation of the key").await;
+    let deadline = Instant::now() + WITHIN;
+    while connect(options()).await.is_ok() {
+        assert!(Instant::now() < deadline, "the revoked key still connects");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -51,6 +51,31 @@ pub const DISPATCH_ROLE: &str = "fleetlog.dispatch";
 pub const DEVICE_CLIENT_MARK: &str = "fleetlog device";
 /// The text name of the service accounts the sync keeps.
 pub const SERVICE_CLIENT_MARK: &str = "fleetlog service account";
+/// The text name of the clients the sync makes for provisioning keys.
+pub const PROVISIONING_CLIENT_MARK: &str = "fleetlog provisioning key";
+
+/// The role that holds one provisioning key's rights.
+pub fn provisioning_role(key_id: &str) -> String {
+    format!("fleetlog.provisioning.{key_id}")
+}
+
+/// A provisioning key's rights: requests under its own key id, and the answers to them, one
+/// request id at a time. Subscribing to the wildcard over request ids is denied (the literal
+/// filter, checked before patterns), so no holder of the key reads another's answer.
+pub fn provisioning_acls(key_id: &str) -> Vec<Acl> {
+    use fleetlog_protocol::provisioning::ROOT;
+    let answers = format!("{ROOT}/{key_id}/+/response");
+    vec![
+        allow("publishClientSend", format!("{ROOT}/{key_id}/+/request")),
+        Acl {
+            acltype: "subscribeLiteral".into(),
+            topic: answers.clone(),
+            allow: false,
+        },
+        allow("subscribePattern", answers.clone()),
+        allow("publishClientReceive", answers),
+    ]
+}
 
 /// The role that holds one device's rights.
 pub fn device_role(device_id: &str) -> String {
@@ -101,9 +126,16 @@ pub fn device_acls(root: &str, device_id: &str) -> Vec<Acl> {
     acls
 }
 
-/// The ingest's rights: every device's outbound topics, plainly or in any shared group.
+/// The ingest's rights: every device's outbound topics, plainly or in any shared group, and
+/// provisioning requests, which it answers.
 pub fn ingest_acls(root: &str) -> Vec<Acl> {
-    let mut acls = Vec::new();
+    use fleetlog_protocol::provisioning::{REQUEST_FILTER, ROOT};
+    let mut acls = vec![
+        allow("subscribeLiteral", REQUEST_FILTER.to_string()),
+        allow("subscribePattern", format!("$share/+/{REQUEST_FILTER}")),
+        allow("publishClientReceive", REQUEST_FILTER.to_string()),
+        allow("publishClientSend", format!("{ROOT}/+/+/response")),
+    ];
     for leaf in DEVICE_PUBLISHES {
         let filter = format!("{root}/+/{leaf}");
         acls.push(allow("subscribeLiteral", filter.clone()));
@@ -577,23 +609,83 @@ impl DynsecAdmin {
         }
     }
 
+    /// Makes the broker accept provisioning key `key_id` (user name and client id
+    /// `provision.{key_id}`) with `password`, confined to its requests and their answers.
+    /// `tag` names the key's secret, as for devices.
+    pub async fn ensure_provisioning_key(
+        &self,
+        key_id: &str,
+        password: &str,
+        tag: &str,
+    ) -> Result<DeviceClientChange, AccessError> {
+        let username = fleetlog_protocol::provisioning::username_of(key_id);
+        let role = provisioning_role(key_id);
+        match self.client(&username).await? {
+            Some(client) if client.textname.as_deref() != Some(PROVISIONING_CLIENT_MARK) => {
+                Err(AccessError::NotOurs(username))
+            }
+            Some(client) if client.textdescription.as_deref() == Some(tag) => {
+                Ok(DeviceClientChange::Unchanged)
+            }
+            existing => {
+                self.ensure_role(&role, &provisioning_acls(key_id)).await?;
+                let command = if existing.is_some() {
+                    "modifyClient"
+                } else {
+                    "createClient"
+                };
+                self.run_one(json!({
+                    "command": command, "username": username, "password": password,
+                    "clientid": username, "textname": PROVISIONING_CLIENT_MARK,
+                    "textdescription": tag, "roles": [{"rolename": role}],
+                }))
+                .await?;
+                Ok(if existing.is_some() {
+                    DeviceClientChange::Rotated
+                } else {
+                    DeviceClientChange::Created
+                })
+            }
+        }
+    }
+
+    /// Removes provisioning key `key_id`'s client and role, if the sync made them.
+    pub async fn remove_provisioning_key(&self, key_id: &str) -> Result<bool, AccessError> {
+        let username = fleetlog_protocol::provisioning::username_of(key_id);
+        self.remove_marked(
+            &username,
+            PROVISIONING_CLIENT_MARK,
+            &provisioning_role(key_id),
+        )
+        .await
+    }
+
     /// Removes device `device_id`'s client and role; the broker disconnects its sessions.
     /// Whether there was one to remove. Clients the sync did not make are left alone.
     pub async fn remove_device(&self, device_id: &str) -> Result<bool, AccessError> {
-        let existed = match self.client(device_id).await? {
-            Some(client) if client.is_device_client() => {
-                self.run_one(json!({"command": "deleteClient", "username": device_id}))
+        self.remove_marked(device_id, DEVICE_CLIENT_MARK, &device_role(device_id))
+            .await
+    }
+
+    /// Removes client `username` if it carries `mark`, and `role`.
+    async fn remove_marked(
+        &self,
+        username: &str,
+        mark: &str,
+        role: &str,
+    ) -> Result<bool, AccessError> {
+        let existed = match self.client(username).await? {
+            Some(client) if client.textname.as_deref() == Some(mark) => {
+                self.run_one(json!({"command": "deleteClient", "username": username}))
                     .await?;
                 true
             }
-            Some(_) => return Err(AccessError::NotOurs(device_id.to_string())),
+            Some(_) => return Err(AccessError::NotOurs(username.to_string())),
             None => false,
         };
         // A role left behind by an interrupted removal goes too.
         match self
-            .run(vec![
-                json!({"command": "deleteRole", "rolename": device_role(device_id)}),
-            ])
+            .run(vec![json!({"command": "deleteRole", "rolename": role})])
             .await?
             .pop()
         {

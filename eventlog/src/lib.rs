@@ -13,8 +13,9 @@
 //! - look-ups: an event by position ([`at_position`]), the recent digests of a device's
 //!   reports ([`recent_digests`]), and counts ([`count_of_type`], [`count_after`],
 //!   [`summary`]);
-//! - device credentials: each device's standing credential event, for the broker sync
-//!   ([`device_credential_events`], [`device_credential_event`]).
+//! - credentials: each device's standing credential event and each provisioning key's, for
+//!   the broker sync ([`device_credential_events`], [`device_credential_event`],
+//!   [`provisioning_key_events`], [`provisioning_key_event`]).
 //!
 //! It is its own crate, not part of the write side, so the read models (replay, past views)
 //! read the log without depending on `fleetlog-commands`.
@@ -25,6 +26,7 @@ mod read;
 pub use envelope::{EventEnvelope, OutgoingEvent, StoredEvent};
 pub use read::{
     at_position, count_after, count_of_type, count_until, device_credential_event,
-    device_credential_events, history, outgoing_page, page_in_commit_order, recent_digests,
-    summary, until, Cursor, HistoryQuery, Horizon, Summary, DEVICE_CREDENTIAL_EVENTS,
+    device_credential_events, history, outgoing_page, page_in_commit_order, provisioning_key_event,
+    provisioning_key_events, recent_digests, summary, until, Cursor, HistoryQuery, Horizon,
+    Summary, DEVICE_CREDENTIAL_EVENTS,
 };

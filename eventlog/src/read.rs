@@ -306,6 +306,43 @@ pub async fn device_credential_event(
         .await
 }
 
+/// The latest `ProvisioningKeyCreated` or `ProvisioningKeyRevoked` per provisioning key, with an
+/// extra filter.
+macro_rules! latest_key_standing {
+    ($filter:literal) => {
+        concat!(
+            "SELECT DISTINCT ON (aggregate_id) ",
+            envelope_columns!(),
+            " FROM events
+             WHERE aggregate_type = 'provisioning_key'
+               AND event_type IN ('ProvisioningKeyCreated', 'ProvisioningKeyRevoked')",
+            $filter,
+            " ORDER BY aggregate_id, sequence DESC"
+        )
+    };
+}
+
+/// For every provisioning key, whichever of its creation and its revocation came last: what
+/// the broker sync gives (or takes) a broker account for.
+pub async fn provisioning_key_events(
+    executor: impl PgExecutor<'_>,
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    sqlx::query_as(latest_key_standing!(""))
+        .fetch_all(executor)
+        .await
+}
+
+/// The same for one key.
+pub async fn provisioning_key_event(
+    executor: impl PgExecutor<'_>,
+    key_id: &str,
+) -> Result<Option<EventEnvelope>, sqlx::Error> {
+    sqlx::query_as(latest_key_standing!(" AND aggregate_id = $1"))
+        .bind(key_id)
+        .fetch_optional(executor)
+        .await
+}
+
 /// How many events lie after `cursor` in commit order (committed or settled alike): for a
 /// tail, how far behind it is.
 pub async fn count_after(

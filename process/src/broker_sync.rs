@@ -50,6 +50,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The durable consumer the sync reads device control events with.
 pub const CONSUMER: &str = "broker-sync";
+/// The durable consumer the sync reads provisioning key events with.
+pub const KEYS_CONSUMER: &str = "broker-sync-keys";
 /// The advisory-lock key that elects the active sync ("fleetbrk" in ASCII).
 const SYNC_LOCK_KEY: i64 = 0x666c_6565_7462_726b;
 
@@ -191,6 +193,28 @@ fn wanted_of(event: Option<&EventEnvelope>, scope: &str) -> Wanted {
     }
 }
 
+/// What a provisioning key's standing event asks of the broker: an account while it is made
+/// and not revoked (an expired or used-up key keeps it, and its requests are answered with the
+/// reason).
+fn wanted_key_of(event: Option<&EventEnvelope>, scope: &str) -> Wanted {
+    let Some(event) = event else {
+        return Wanted::Nothing;
+    };
+    if event.event_type != "ProvisioningKeyCreated" {
+        return Wanted::Nothing;
+    }
+    match event.payload["ProvisioningKeyCreated"]["salt"].as_str() {
+        Some(salt) => {
+            let digest = sha256_hex(salt.as_bytes());
+            Wanted::Client {
+                tag: format!("provisioning key {} {scope}", &digest[..16]),
+                salt: salt.to_string(),
+            }
+        }
+        None => Wanted::Nothing,
+    }
+}
+
 /// The broker sync. See the module documentation.
 pub struct BrokerSync {
     pool: PgPool,
@@ -268,6 +292,20 @@ impl BrokerSync {
         )
         .await?;
         let mut pull = fleetlog_nats::Pull::start(&consumer, 500).await?;
+        let keys_consumer = fleetlog_nats::durable_consumer(
+            &stream,
+            PullConfig {
+                durable_name: Some(KEYS_CONSUMER.to_string()),
+                filter_subject: control_subject_filter_for_type("provisioning_key"),
+                deliver_policy: DeliverPolicy::New,
+                ack_policy: AckPolicy::All,
+                ack_wait: self.settings.ack_wait,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut keys_pull = fleetlog_nats::Pull::start(&keys_consumer, 100).await?;
         self.reconcile(admin).await?;
         tracing::info!("broker sync following device events");
         let mut checks = tokio::time::interval(Duration::from_secs(5));
@@ -280,6 +318,15 @@ impl BrokerSync {
                     let Some(batch) = batch? else { return Ok(()) };
                     for message in &batch {
                         self.handle(admin, message).await?;
+                    }
+                    if let Some(message) = batch.last() {
+                        message.ack().await?;
+                    }
+                }
+                batch = keys_pull.next(shutdown) => {
+                    let Some(batch) = batch? else { return Ok(()) };
+                    for message in &batch {
+                        self.handle_key(admin, message).await?;
                     }
                     if let Some(message) = batch.last() {
                         message.ack().await?;
@@ -367,6 +414,39 @@ impl BrokerSync {
                 *counts.entry(change).or_default() += 1;
             }
         }
+        // The provisioning keys' accounts, the same way.
+        let keys: HashMap<String, Wanted> = fleetlog_eventlog::provisioning_key_events(&self.pool)
+            .await?
+            .iter()
+            .map(|event| {
+                (
+                    event.aggregate_id.clone(),
+                    wanted_key_of(Some(event), &self.scope),
+                )
+            })
+            .filter(|(_, wanted)| *wanted != Wanted::Nothing)
+            .collect();
+        let mut present_keys = HashSet::new();
+        for client in present
+            .iter()
+            .filter(|client| client.textname.as_deref() == Some(access::PROVISIONING_CLIENT_MARK))
+        {
+            let Some(key_id) = client.username.strip_prefix("provision.") else {
+                continue;
+            };
+            present_keys.insert(key_id.to_string());
+            let wanted = keys.get(key_id).unwrap_or(&Wanted::Nothing);
+            let unchanged = matches!(wanted, Wanted::Client { tag, .. }
+                if client.textdescription.as_deref() == Some(tag.as_str()));
+            if !unchanged {
+                self.apply_key(admin, key_id, wanted).await?;
+            }
+        }
+        for (key_id, wanted) in &keys {
+            if !present_keys.contains(key_id) {
+                self.apply_key(admin, key_id, wanted).await?;
+            }
+        }
         tracing::info!(
             devices = wanted.len(),
             created = counts.get("created").copied().unwrap_or_default(),
@@ -405,6 +485,60 @@ impl BrokerSync {
             fleetlog_eventlog::device_credential_event(&self.pool, &envelope.aggregate_id).await?;
         let wanted = wanted_of(standing.as_ref(), &self.scope);
         self.apply(admin, &envelope.aggregate_id, &wanted).await?;
+        Ok(())
+    }
+
+    /// Acts on one provisioning key event: the key's account follows its standing.
+    async fn handle_key(&self, admin: &DynsecAdmin, message: &Message) -> Result<(), SyncError> {
+        let kind = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
+            .map(|kind| kind.as_str().to_string());
+        if kind.is_some_and(|kind| {
+            kind != "ProvisioningKeyCreated" && kind != "ProvisioningKeyRevoked"
+        }) {
+            return Ok(());
+        }
+        let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
+            tracing::error!("skipping a message that is not an event envelope");
+            return Ok(());
+        };
+        let standing =
+            fleetlog_eventlog::provisioning_key_event(&self.pool, &envelope.aggregate_id).await?;
+        self.apply_key(
+            admin,
+            &envelope.aggregate_id,
+            &wanted_key_of(standing.as_ref(), &self.scope),
+        )
+        .await
+    }
+
+    /// Makes provisioning key `key_id`'s account match `wanted`; refusals as in [`Self::apply`].
+    async fn apply_key(
+        &self,
+        admin: &DynsecAdmin,
+        key_id: &str,
+        wanted: &Wanted,
+    ) -> Result<(), SyncError> {
+        let outcome = match wanted {
+            Wanted::Client { salt, tag } => {
+                let secret = self.key.derive_provisioning_secret(key_id, salt);
+                admin
+                    .ensure_provisioning_key(key_id, secret.expose_secret(), tag)
+                    .await
+                    .map(|change| change != DeviceClientChange::Unchanged)
+            }
+            Wanted::Nothing => admin.remove_provisioning_key(key_id).await,
+        };
+        match outcome {
+            Ok(true) => tracing::info!(key = key_id, "provisioning key account applied"),
+            Ok(false) => {}
+            Err(error @ (AccessError::NotOurs(_) | AccessError::Refused { .. })) => {
+                tracing::error!(key = key_id, %error, "broker sync could not apply a provisioning key");
+            }
+            Err(error) => return Err(error.into()),
+        }
         Ok(())
     }
 

@@ -6,8 +6,10 @@
 //!   HTTP ingest both call it, so a payload is judged the same way whichever door it came
 //!   through; the fuzz target (`fuzz/`) feeds it arbitrary input.
 //! - [`outbound`]: the commands, desired documents and OTA messages the dispatcher sends.
+//! - [`provisioning`]: the topics and payloads of provisioning over MQTT.
 //!
 //! Pure, no IO.
 
 pub mod message;
 pub mod outbound;
+pub mod provisioning;

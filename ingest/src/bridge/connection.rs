@@ -13,6 +13,9 @@ pub(super) async fn poll_events(
     let settings = &ingest.settings;
     let stats = &ingest.stats;
     let mut backoff = Backoff::new(settings.min_backoff, settings.max_backoff);
+    let provisioning_slots = Arc::new(tokio::sync::Semaphore::new(
+        provisioning::CONCURRENT_REQUESTS,
+    ));
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return events,
@@ -39,6 +42,22 @@ pub(super) async fn poll_events(
                 stats
                     .last_message_ms
                     .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+                if provisioning::is_provisioning(&publish.topic) {
+                    if let Some(key) = &settings.device_key {
+                        // A slot first: a flood of requests holds the event loop back, as a
+                        // full shard does.
+                        let slot = tokio::select! {
+                            () = shutdown.cancelled() => return events,
+                            slot = provisioning_slots.clone().acquire_owned() => slot,
+                        };
+                        let (bus, key, client) = (ingest.bus.clone(), key.clone(), client.clone());
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            provisioning::answer(bus, key, client, publish).await;
+                        });
+                        continue;
+                    }
+                }
                 let shard = shard_of(&publish.topic, &settings.topic_root, shards.len());
                 // A full shard holds the event loop back, and with it the broker: backpressure.
                 let sent = tokio::select! {

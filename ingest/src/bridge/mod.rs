@@ -18,6 +18,7 @@
 mod connection;
 mod dead_letter;
 mod dedup;
+mod provisioning;
 mod shard;
 mod stats;
 
@@ -30,6 +31,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::Context;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use fleetlog_commands::credentials::DeviceCredentialKey;
 use fleetlog_commands::{CommandBus, CommandError, CommandMetadata};
 use fleetlog_domain::device::{Device, DeviceCommand, DeviceError, DeviceEvent, Lifecycle};
 use fleetlog_domain::DeviceId;
@@ -86,6 +88,10 @@ pub struct IngestSettings {
     pub min_backoff: Duration,
     /// The longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// The key device secrets derive from: with it, the bridge answers provisioning requests
+    /// (`fleetlog/provisioning/{key_id}/{request_id}/request`); without, it does not subscribe
+    /// to them.
+    pub device_key: Option<DeviceCredentialKey>,
 }
 
 impl IngestSettings {
@@ -103,6 +109,7 @@ impl IngestSettings {
             report_every: Duration::from_secs(300),
             min_backoff: Duration::from_secs(2),
             max_backoff: Duration::from_secs(300),
+            device_key: None,
         }
     }
 
@@ -121,6 +128,11 @@ impl IngestSettings {
             format!("{root}/+/ota/progress"),
         ]
         .into_iter()
+        .chain(
+            self.device_key
+                .is_some()
+                .then(|| fleetlog_protocol::provisioning::REQUEST_FILTER.to_string()),
+        )
         .map(share)
         .collect()
     }
