@@ -319,6 +319,10 @@ fn parse_topic_root(value: &str) -> Result<String, String> {
     if root.is_empty() {
         return Err("must name at least one topic level".into());
     }
+    // The provisioning topics live under `fleetlog/provisioning`: no device topic may.
+    if root == "fleetlog" || root.starts_with("fleetlog/") {
+        return Err("must not be fleetlog or under it: fleetlog/provisioning is taken".into());
+    }
     if root.starts_with('$') || root.contains(['+', '#', '\0']) || root.contains("//") {
         return Err("must be plain topic levels: no +, #, NUL, empty level or leading $".into());
     }

@@ -168,6 +168,27 @@ async fn consumers_consume_and_the_reader_reads_without_touching_theirs() {
             "{user} pulled from the devices consumer"
         );
     }
+    // The API's ordered consumers come back under names of their own after a gap; never under
+    // a role's.
+    let api = as_user(&nats, accounts::API).await;
+    let api_stream = api.get_stream(STREAM_NAME).await.unwrap();
+    let ordered = pull::Config {
+        name: Some("live_1".into()),
+        filter_subject: "fleetlog.events.device.>".into(),
+        ack_policy: AckPolicy::None,
+        ..Default::default()
+    };
+    api_stream.create_consumer(ordered).await.unwrap();
+    let squatted = api_stream
+        .create_consumer(pull::Config {
+            name: Some("devices".into()),
+            filter_subject: "fleetlog.events.device.>".into(),
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await;
+    assert!(squatted.is_err(), "the API re-created the devices consumer");
+
     // And no user reads another's inbox, where pulled messages are delivered.
     let snoop = as_user(&nats, accounts::INGEST).await;
     let mut snooped = snoop

@@ -151,6 +151,22 @@ struct Rotated {
 /// change, so every device client is set again.
 const DEVICE_RIGHTS_VERSION: u32 = 1;
 
+/// The version of a provisioning key's rights (`fleetlog_broker::access::provisioning_acls`).
+const PROVISIONING_RIGHTS_VERSION: u32 = 1;
+
+/// What a provisioning key's account depends on besides its secret: the credential key's
+/// fingerprint and the version of its rights. 8 hex digits.
+fn key_scope_of(key: &DeviceCredentialKey) -> String {
+    let digest = sha256_hex(
+        format!(
+            "{}\0provisioning\0{PROVISIONING_RIGHTS_VERSION}",
+            key.fingerprint()
+        )
+        .as_bytes(),
+    );
+    digest[..8].to_string()
+}
+
 /// What a device client's password and rights depend on besides its credential: the key's
 /// fingerprint, the topic root, the version of the rights. 8 hex digits.
 fn scope_of(key: &DeviceCredentialKey, topic_root: &str) -> String {
@@ -222,6 +238,8 @@ pub struct BrokerSync {
     key: DeviceCredentialKey,
     /// See [`scope_of`].
     scope: String,
+    /// See [`key_scope_of`].
+    key_scope: String,
     settings: BrokerSyncSettings,
 }
 
@@ -237,6 +255,7 @@ impl BrokerSync {
             pool,
             jetstream,
             scope: scope_of(&key, &settings.topic_root),
+            key_scope: key_scope_of(&key),
             key,
             settings,
         }
@@ -421,7 +440,7 @@ impl BrokerSync {
             .map(|event| {
                 (
                     event.aggregate_id.clone(),
-                    wanted_key_of(Some(event), &self.scope),
+                    wanted_key_of(Some(event), &self.key_scope),
                 )
             })
             .filter(|(_, wanted)| *wanted != Wanted::Nothing)
@@ -509,7 +528,7 @@ impl BrokerSync {
         self.apply_key(
             admin,
             &envelope.aggregate_id,
-            &wanted_key_of(standing.as_ref(), &self.scope),
+            &wanted_key_of(standing.as_ref(), &self.key_scope),
         )
         .await
     }

@@ -8,6 +8,7 @@ pub(super) async fn poll_events(
     client: &AsyncClient,
     mut events: EventLoop,
     shards: &[mpsc::Sender<Publish>],
+    answers: &tokio_util::task::TaskTracker,
     shutdown: &CancellationToken,
 ) -> EventLoop {
     let settings = &ingest.settings;
@@ -26,6 +27,13 @@ pub(super) async fn poll_events(
                 tracing::info!(broker = %settings.broker, session_present = ack.session_present, "connected to the MQTT broker");
                 stats.set_connected(true);
                 backoff.reset();
+                // A session that subscribed to provisioning requests when this instance had
+                // the credential key keeps them: without the key it takes them no more.
+                if settings.device_key.is_none() {
+                    for filter in provisioning::filters(settings) {
+                        let _ = client.unsubscribe(filter).await;
+                    }
+                }
                 // Subscribing again is harmless when the session kept the subscriptions.
                 for filter in settings.filters() {
                     if let Err(error) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
@@ -43,20 +51,20 @@ pub(super) async fn poll_events(
                     .last_message_ms
                     .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
                 if provisioning::is_provisioning(&publish.topic) {
-                    if let Some(key) = &settings.device_key {
-                        // A slot first: a flood of requests holds the event loop back, as a
-                        // full shard does.
-                        let slot = tokio::select! {
-                            () = shutdown.cancelled() => return events,
-                            slot = provisioning_slots.clone().acquire_owned() => slot,
-                        };
-                        let (bus, key, client) = (ingest.bus.clone(), key.clone(), client.clone());
-                        tokio::spawn(async move {
-                            let _slot = slot;
-                            provisioning::answer(bus, key, client, publish).await;
-                        });
-                        continue;
-                    }
+                    let (bus, key, client) = (
+                        ingest.bus.clone(),
+                        settings.device_key.clone(),
+                        client.clone(),
+                    );
+                    // Never a dead letter: a request holds a key's secret. Without a free slot
+                    // the request is answered "busy" at once: a flood of requests from one key
+                    // never holds the devices' messages back.
+                    let slot = provisioning_slots.clone().try_acquire_owned().ok();
+                    answers.spawn(async move {
+                        let _slot = &slot;
+                        provisioning::answer(bus, key, slot.is_some(), client, publish).await;
+                    });
+                    continue;
                 }
                 let shard = shard_of(&publish.topic, &settings.topic_root, shards.len());
                 // A full shard holds the event loop back, and with it the broker: backpressure.

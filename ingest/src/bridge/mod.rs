@@ -226,9 +226,13 @@ impl Ingest {
             }
         });
 
-        let events = poll_events(&self, &client, events, &senders, &shutdown).await;
-        // Let the shards finish what they hold, then send their acks before leaving.
+        let answers = tokio_util::task::TaskTracker::new();
+        let events = poll_events(&self, &client, events, &senders, &answers, &shutdown).await;
+        // Let the shards finish what they hold, and the provisioning answers go out, then send
+        // their acks before leaving.
         drop(senders);
+        answers.close();
+        answers.wait().await;
         let mut panicked = None;
         while let Some(finished) = shards.join_next().await {
             if let Err(error) = finished {

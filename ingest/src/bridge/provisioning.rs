@@ -17,27 +17,55 @@ pub(super) const CONCURRENT_REQUESTS: usize = 16;
 
 /// Whether `topic` is one of the provisioning topics (answered here, not by a shard).
 pub(super) fn is_provisioning(topic: &str) -> bool {
-    topic.starts_with(fleetlog_protocol::provisioning::ROOT)
+    topic
+        .strip_prefix(fleetlog_protocol::provisioning::ROOT)
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// Answers one request and acks it.
+/// The provisioning filters, as `settings` subscribes to them.
+pub(super) fn filters(settings: &IngestSettings) -> Vec<String> {
+    let filter = fleetlog_protocol::provisioning::REQUEST_FILTER;
+    match &settings.share_group {
+        Some(group) => vec![format!("$share/{group}/{filter}"), filter.to_string()],
+        None => vec![filter.to_string()],
+    }
+}
+
+/// Answers one request and acks it: with `key` and a free slot, through the provisioning flow;
+/// without the key, not at all (the request is dropped, never dead-lettered: it holds a key's
+/// secret); without a slot, "busy".
 pub(super) async fn answer(
     bus: CommandBus,
-    key: DeviceCredentialKey,
+    key: Option<DeviceCredentialKey>,
+    slot: bool,
     client: AsyncClient,
     publish: Publish,
 ) {
-    let Some((key_id, request_id)) = parse_request_topic(&publish.topic) else {
-        // No answer can be addressed: the topic names no request. Acked, so it stops coming.
-        tracing::warn!(topic = publish.topic, "not a provisioning request topic");
+    let request = parse_request_topic(&publish.topic);
+    let (Some(key), Some((key_id, request_id)), false) = (key, request, publish.retain) else {
+        // No key here, a topic that names no request, or a retained copy (one stored at the
+        // broker, delivered again with a new subscription): nothing to answer. Acked, so it
+        // stops coming.
+        tracing::warn!(
+            topic = publish.topic,
+            retained = publish.retain,
+            "provisioning request dropped"
+        );
         let _ = client.ack(&publish).await;
         return;
     };
-    let response = respond(&bus, &key, key_id, &publish.payload).await;
+    let response = if slot {
+        respond(&bus, &key, key_id, &publish.payload).await
+    } else {
+        ProvisionResponse::Refused {
+            code: "busy".into(),
+            reason: "too many provisioning requests at once; try again shortly".into(),
+        }
+    };
     let outcome = match &response {
         ProvisionResponse::Provisioned { .. } => "provisioned",
         ProvisionResponse::Refused { code, .. } if code == "unknown_key" => "unknown_key",
-        ProvisionResponse::Refused { code, .. } if code == "failed" => "failed",
+        ProvisionResponse::Refused { code, .. } if code == "failed" || code == "busy" => "failed",
         ProvisionResponse::Refused { .. } => "refused",
     };
     metrics::counter!("fleetlog_provisioning_total", "transport" => "mqtt", "outcome" => outcome)
