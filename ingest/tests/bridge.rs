@@ -792,3 +792,57 @@ async fn a_bridge_stopped_while_postgres_fails_leaves_its_messages_to_the_next()
     assert_eq!(dead_letter_count(&platform.client).await, before);
     next.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retained_message_is_recorded_once_not_at_every_new_subscription() {
+    let platform = Platform::start().await;
+    platform.register("r1").await;
+    // A plain subscription: the broker sends retained messages with every new one (shared
+    // subscriptions never get them).
+    let mut settings = platform.settings();
+    settings.share_group = None;
+    let (bridge, stop) = platform.ingest(settings.clone());
+    platform.wait_subscribed().await;
+    let device = Device::connect(&platform.broker, "r1-client").await;
+    device
+        .client
+        .publish(
+            "devices/r1/data",
+            QoS::AtLeastOnce,
+            true,
+            br#"{"temperature": 7.5}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let recorded = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events
+              WHERE aggregate_id = 'r1' AND event_type = 'TelemetryRecorded'",
+        )
+        .fetch_one(platform.pool())
+        .await
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while recorded().await < 1 {
+        assert!(Instant::now() < deadline, "the reading was not recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    bridge.await.unwrap();
+
+    // Another instance subscribes anew: the broker hands it the retained copy, which is
+    // dead-lettered with the reason, not recorded again.
+    settings.client_id = "ingest-under-test-2".into();
+    let (bridge, stop) = platform.ingest(settings);
+    let letters = dead_letters(&platform.client, 1).await;
+    assert!(
+        letters.iter().any(|letter| letter["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("retained"))),
+        "{letters:?}"
+    );
+    assert_eq!(recorded().await, 1);
+    stop.cancel();
+    bridge.await.unwrap();
+}
