@@ -576,37 +576,16 @@ impl DynsecAdmin {
         password: &str,
         tag: &str,
     ) -> Result<DeviceClientChange, AccessError> {
-        let role = device_role(device_id);
-        match self.client(device_id).await? {
-            Some(client) if !client.is_device_client() => {
-                Err(AccessError::NotOurs(device_id.to_string()))
-            }
-            Some(client) if client.textdescription.as_deref() == Some(tag) => {
-                Ok(DeviceClientChange::Unchanged)
-            }
-            Some(_) => {
-                self.ensure_role(&role, &device_acls(root, device_id))
-                    .await?;
-                self.run_one(json!({
-                    "command": "modifyClient", "username": device_id, "password": password,
-                    "clientid": device_id, "textdescription": tag,
-                    "roles": [{"rolename": role}],
-                }))
-                .await?;
-                Ok(DeviceClientChange::Rotated)
-            }
-            None => {
-                self.ensure_role(&role, &device_acls(root, device_id))
-                    .await?;
-                self.run_one(json!({
-                    "command": "createClient", "username": device_id, "password": password,
-                    "clientid": device_id, "textname": DEVICE_CLIENT_MARK,
-                    "textdescription": tag, "roles": [{"rolename": role}],
-                }))
-                .await?;
-                Ok(DeviceClientChange::Created)
-            }
-        }
+        let acls = device_acls(root, device_id);
+        self.ensure_marked_client(
+            device_id,
+            DEVICE_CLIENT_MARK,
+            &device_role(device_id),
+            &acls,
+            password,
+            tag,
+        )
+        .await
     }
 
     /// Makes the broker accept provisioning key `key_id` (user name and client id
@@ -619,34 +598,54 @@ impl DynsecAdmin {
         tag: &str,
     ) -> Result<DeviceClientChange, AccessError> {
         let username = fleetlog_protocol::provisioning::username_of(key_id);
-        let role = provisioning_role(key_id);
-        match self.client(&username).await? {
-            Some(client) if client.textname.as_deref() != Some(PROVISIONING_CLIENT_MARK) => {
-                Err(AccessError::NotOurs(username))
+        let acls = provisioning_acls(key_id);
+        self.ensure_marked_client(
+            &username,
+            PROVISIONING_CLIENT_MARK,
+            &provisioning_role(key_id),
+            &acls,
+            password,
+            tag,
+        )
+        .await
+    }
+
+    /// The one way the sync makes a client of its own: `username`, bound to that client id,
+    /// marked `mark`, holding `role` with exactly `acls`. A client that holds `tag` already is
+    /// left alone; one holding another gets the new password (the broker disconnects it); one
+    /// without the mark is not the sync's and is refused.
+    async fn ensure_marked_client(
+        &self,
+        username: &str,
+        mark: &str,
+        role: &str,
+        acls: &[Acl],
+        password: &str,
+        tag: &str,
+    ) -> Result<DeviceClientChange, AccessError> {
+        let existing = self.client(username).await?;
+        let change = match &existing {
+            Some(client) if client.textname.as_deref() != Some(mark) => {
+                return Err(AccessError::NotOurs(username.to_string()))
             }
             Some(client) if client.textdescription.as_deref() == Some(tag) => {
-                Ok(DeviceClientChange::Unchanged)
+                return Ok(DeviceClientChange::Unchanged)
             }
-            existing => {
-                self.ensure_role(&role, &provisioning_acls(key_id)).await?;
-                let command = if existing.is_some() {
-                    "modifyClient"
-                } else {
-                    "createClient"
-                };
-                self.run_one(json!({
-                    "command": command, "username": username, "password": password,
-                    "clientid": username, "textname": PROVISIONING_CLIENT_MARK,
-                    "textdescription": tag, "roles": [{"rolename": role}],
-                }))
-                .await?;
-                Ok(if existing.is_some() {
-                    DeviceClientChange::Rotated
-                } else {
-                    DeviceClientChange::Created
-                })
-            }
-        }
+            Some(_) => DeviceClientChange::Rotated,
+            None => DeviceClientChange::Created,
+        };
+        self.ensure_role(role, acls).await?;
+        let command = match change {
+            DeviceClientChange::Created => "createClient",
+            _ => "modifyClient",
+        };
+        self.run_one(json!({
+            "command": command, "username": username, "password": password,
+            "clientid": username, "textname": mark, "textdescription": tag,
+            "roles": [{"rolename": role}],
+        }))
+        .await?;
+        Ok(change)
     }
 
     /// Removes provisioning key `key_id`'s client and role, if the sync made them.

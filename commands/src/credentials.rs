@@ -97,7 +97,7 @@ pub struct WeakCredentialKey;
 
 /// A secret just issued (a device's, or a provisioning key's): shown once, then only the salt
 /// and the hash are kept.
-pub struct IssuedDeviceSecret {
+pub struct IssuedSecret {
     /// The secret itself: the device's token and broker password.
     pub secret: SecretString,
     /// The public salt it derives from (32 hex digits).
@@ -116,13 +116,8 @@ impl DeviceCredentialKey {
     }
 
     /// A fresh secret for `device_id`, from a fresh random salt.
-    pub fn issue(&self, device_id: &str) -> IssuedDeviceSecret {
-        let mut salt = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut salt);
-        let salt = hex::encode(salt);
-        let secret = self.derive(device_id, &salt);
-        let hash = sha256_hex(secret.expose_secret().as_bytes());
-        IssuedDeviceSecret { secret, salt, hash }
+    pub fn issue(&self, device_id: &str) -> IssuedSecret {
+        self.issue_with(|salt| self.derive(device_id, salt))
     }
 
     /// The secret issued to `device_id` with `salt`: 64 hex digits.
@@ -131,13 +126,18 @@ impl DeviceCredentialKey {
     }
 
     /// A fresh secret for provisioning key `key_id`, from a fresh random salt.
-    pub fn issue_provisioning_secret(&self, key_id: &str) -> IssuedDeviceSecret {
+    pub fn issue_provisioning_secret(&self, key_id: &str) -> IssuedSecret {
+        self.issue_with(|salt| self.derive_provisioning_secret(key_id, salt))
+    }
+
+    /// A fresh random salt, the secret `derive` makes of it, and its hash.
+    fn issue_with(&self, derive: impl FnOnce(&str) -> SecretString) -> IssuedSecret {
         let mut salt = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut salt);
         let salt = hex::encode(salt);
-        let secret = self.derive_provisioning_secret(key_id, &salt);
+        let secret = derive(&salt);
         let hash = sha256_hex(secret.expose_secret().as_bytes());
-        IssuedDeviceSecret { secret, salt, hash }
+        IssuedSecret { secret, salt, hash }
     }
 
     /// The secret of provisioning key `key_id` issued with `salt`: its broker password too.

@@ -28,5 +28,5 @@ pub use read::{
     at_position, count_after, count_of_type, count_until, device_credential_event,
     device_credential_events, history, outgoing_page, page_in_commit_order, provisioning_key_event,
     provisioning_key_events, recent_digests, summary, until, Cursor, HistoryQuery, Horizon,
-    Summary, DEVICE_CREDENTIAL_EVENTS,
+    Summary, DEVICE_CREDENTIAL_EVENTS, PROVISIONING_KEY_EVENTS,
 };

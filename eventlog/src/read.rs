@@ -306,8 +306,10 @@ pub async fn device_credential_event(
         .await
 }
 
-/// The latest `ProvisioningKeyCreated` or `ProvisioningKeyRevoked` per provisioning key, with an
-/// extra filter.
+/// The event types that decide whether a provisioning key has a broker account.
+pub const PROVISIONING_KEY_EVENTS: [&str; 2] = ["ProvisioningKeyCreated", "ProvisioningKeyRevoked"];
+
+/// The latest of [`PROVISIONING_KEY_EVENTS`] per provisioning key, with an extra filter.
 macro_rules! latest_key_standing {
     ($filter:literal) => {
         concat!(

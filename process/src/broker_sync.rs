@@ -39,7 +39,7 @@ use fleetlog_broker::access::{
 };
 use fleetlog_broker::BrokerUrl;
 use fleetlog_commands::credentials::{sha256_hex, DeviceCredentialKey};
-use fleetlog_eventlog::{EventEnvelope, DEVICE_CREDENTIAL_EVENTS};
+use fleetlog_eventlog::{EventEnvelope, DEVICE_CREDENTIAL_EVENTS, PROVISIONING_KEY_EVENTS};
 use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER};
 use fleetlog_nats::STREAM_NAME;
 use secrecy::{ExposeSecret, SecretString};
@@ -231,6 +231,15 @@ fn wanted_key_of(event: Option<&EventEnvelope>, scope: &str) -> Wanted {
     }
 }
 
+/// What a consumer of the sync follows.
+#[derive(Debug, Clone, Copy)]
+enum Followed {
+    /// Device control events.
+    Devices,
+    /// Provisioning key events.
+    Keys,
+}
+
 /// The broker sync. See the module documentation.
 pub struct BrokerSync {
     pool: PgPool,
@@ -295,35 +304,11 @@ impl BrokerSync {
         // The consumer first, then the reconciliation: whatever is committed after the
         // reconciliation read the log comes on the consumer, nothing falls between the two.
         let stream = self.jetstream.get_stream(STREAM_NAME).await?;
-        let consumer = fleetlog_nats::durable_consumer(
-            &stream,
-            PullConfig {
-                durable_name: Some(CONSUMER.to_string()),
-                filter_subject: control_subject_filter_for_type("device"),
-                // Everything before now is covered by the reconciliation below; a new
-                // consumer need not read the whole history.
-                deliver_policy: DeliverPolicy::New,
-                ack_policy: AckPolicy::All,
-                ack_wait: self.settings.ack_wait,
-                max_ack_pending: 10_000,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let consumer =
+            fleetlog_nats::durable_consumer(&stream, self.consumer(Followed::Devices)).await?;
         let mut pull = fleetlog_nats::Pull::start(&consumer, 500).await?;
-        let keys_consumer = fleetlog_nats::durable_consumer(
-            &stream,
-            PullConfig {
-                durable_name: Some(KEYS_CONSUMER.to_string()),
-                filter_subject: control_subject_filter_for_type("provisioning_key"),
-                deliver_policy: DeliverPolicy::New,
-                ack_policy: AckPolicy::All,
-                ack_wait: self.settings.ack_wait,
-                max_ack_pending: 10_000,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let keys_consumer =
+            fleetlog_nats::durable_consumer(&stream, self.consumer(Followed::Keys)).await?;
         let mut keys_pull = fleetlog_nats::Pull::start(&keys_consumer, 100).await?;
         self.reconcile(admin).await?;
         tracing::info!("broker sync following device events");
@@ -333,24 +318,14 @@ impl BrokerSync {
         reconciliations.tick().await;
         loop {
             tokio::select! {
-                batch = pull.next(shutdown) => {
-                    let Some(batch) = batch? else { return Ok(()) };
-                    for message in &batch {
-                        self.handle(admin, message).await?;
-                    }
-                    if let Some(message) = batch.last() {
-                        message.ack().await?;
-                    }
-                }
-                batch = keys_pull.next(shutdown) => {
-                    let Some(batch) = batch? else { return Ok(()) };
-                    for message in &batch {
-                        self.handle_key(admin, message).await?;
-                    }
-                    if let Some(message) = batch.last() {
-                        message.ack().await?;
-                    }
-                }
+                batch = pull.next(shutdown) => match batch? {
+                    Some(batch) => self.handle_batch(admin, Followed::Devices, &batch).await?,
+                    None => return Ok(()),
+                },
+                batch = keys_pull.next(shutdown) => match batch? {
+                    Some(batch) => self.handle_batch(admin, Followed::Keys, &batch).await?,
+                    None => return Ok(()),
+                },
                 _ = reconciliations.tick() => self.reconcile(admin).await?,
                 _ = checks.tick() => {
                     if !admin.is_connected() {
@@ -478,15 +453,61 @@ impl BrokerSync {
         Ok(())
     }
 
-    /// Acts on one message: a credential event makes its device's client match the device's
-    /// standing credential, read again from the log.
-    async fn handle(&self, admin: &DynsecAdmin, message: &Message) -> Result<(), SyncError> {
+    /// The durable consumer of what `followed` names: control events only, from now on
+    /// (everything before is covered by the reconciliation).
+    fn consumer(&self, followed: Followed) -> PullConfig {
+        let (name, aggregate_type) = match followed {
+            Followed::Devices => (CONSUMER, "device"),
+            Followed::Keys => (KEYS_CONSUMER, "provisioning_key"),
+        };
+        PullConfig {
+            durable_name: Some(name.to_string()),
+            filter_subject: control_subject_filter_for_type(aggregate_type),
+            deliver_policy: DeliverPolicy::New,
+            ack_policy: AckPolicy::All,
+            ack_wait: self.settings.ack_wait,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        }
+    }
+
+    /// Acts on a batch in order, then acks it with its last message (acks are cumulative). A
+    /// failure stops before the ack, so the batch comes back.
+    async fn handle_batch(
+        &self,
+        admin: &DynsecAdmin,
+        followed: Followed,
+        batch: &[Message],
+    ) -> Result<(), SyncError> {
+        for message in batch {
+            self.handle(admin, followed, message).await?;
+        }
+        if let Some(message) = batch.last() {
+            message.ack().await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on one message: an event that changes a device's credential, or a key's standing,
+    /// makes its client match what stands now, read again from the log (the event itself may be
+    /// old: a redelivery). Other events are skipped by their type header, before their body is
+    /// read.
+    async fn handle(
+        &self,
+        admin: &DynsecAdmin,
+        followed: Followed,
+        message: &Message,
+    ) -> Result<(), SyncError> {
+        let relevant: &[&str] = match followed {
+            Followed::Devices => &DEVICE_CREDENTIAL_EVENTS,
+            Followed::Keys => &PROVISIONING_KEY_EVENTS,
+        };
         let kind = message
             .headers
             .as_ref()
             .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
             .map(|kind| kind.as_str().to_string());
-        if kind.is_some_and(|kind| !DEVICE_CREDENTIAL_EVENTS.contains(&kind.as_str())) {
+        if kind.is_some_and(|kind| !relevant.contains(&kind.as_str())) {
             return Ok(());
         }
         let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
@@ -496,41 +517,27 @@ impl BrokerSync {
                 return Ok(());
             }
         };
-        if !DEVICE_CREDENTIAL_EVENTS.contains(&envelope.event_type.as_str()) {
+        if !relevant.contains(&envelope.event_type.as_str()) {
             return Ok(());
         }
-        // The event itself may be old (a redelivery): the log says what stands now.
-        let standing =
-            fleetlog_eventlog::device_credential_event(&self.pool, &envelope.aggregate_id).await?;
-        let wanted = wanted_of(standing.as_ref(), &self.scope);
-        self.apply(admin, &envelope.aggregate_id, &wanted).await?;
-        Ok(())
-    }
-
-    /// Acts on one provisioning key event: the key's account follows its standing.
-    async fn handle_key(&self, admin: &DynsecAdmin, message: &Message) -> Result<(), SyncError> {
-        let kind = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
-            .map(|kind| kind.as_str().to_string());
-        if kind.is_some_and(|kind| {
-            kind != "ProvisioningKeyCreated" && kind != "ProvisioningKeyRevoked"
-        }) {
-            return Ok(());
+        let id = &envelope.aggregate_id;
+        match followed {
+            Followed::Devices => {
+                let standing = fleetlog_eventlog::device_credential_event(&self.pool, id).await?;
+                self.apply(admin, id, &wanted_of(standing.as_ref(), &self.scope))
+                    .await
+                    .map(drop)
+            }
+            Followed::Keys => {
+                let standing = fleetlog_eventlog::provisioning_key_event(&self.pool, id).await?;
+                self.apply_key(
+                    admin,
+                    id,
+                    &wanted_key_of(standing.as_ref(), &self.key_scope),
+                )
+                .await
+            }
         }
-        let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
-            tracing::error!("skipping a message that is not an event envelope");
-            return Ok(());
-        };
-        let standing =
-            fleetlog_eventlog::provisioning_key_event(&self.pool, &envelope.aggregate_id).await?;
-        self.apply_key(
-            admin,
-            &envelope.aggregate_id,
-            &wanted_key_of(standing.as_ref(), &self.key_scope),
-        )
-        .await
     }
 
     /// Makes provisioning key `key_id`'s account match `wanted`; refusals as in [`Self::apply`].
