@@ -27,6 +27,6 @@ pub use envelope::{EventEnvelope, OutgoingEvent, StoredEvent};
 pub use read::{
     at_position, count_after, count_of_type, count_until, device_credential_event,
     device_credential_events, history, outgoing_page, page_in_commit_order, provisioning_key_event,
-    provisioning_key_events, recent_digests, summary, until, Cursor, HistoryQuery, Horizon,
-    Summary, DEVICE_CREDENTIAL_EVENTS, PROVISIONING_KEY_EVENTS,
+    provisioning_key_events, ranges, recent_digests, summary, until, Cursor, HistoryQuery, Horizon,
+    SequenceRange, Summary, DEVICE_CREDENTIAL_EVENTS, PROVISIONING_KEY_EVENTS,
 };

@@ -173,6 +173,45 @@ pub async fn history(
     .await
 }
 
+/// One aggregate's sequences `(after, up_to]`, for [`ranges`].
+#[derive(Debug, Clone, Copy)]
+pub struct SequenceRange<'a> {
+    /// The aggregate's id.
+    pub aggregate_id: &'a str,
+    /// Only events after this sequence.
+    pub after: i64,
+    /// Only events up to this sequence (inclusive).
+    pub up_to: i64,
+}
+
+/// The events of several aggregates of one type, each within its range, ordered by aggregate
+/// and sequence: how a projection fills a gap from the source of truth instead of waiting for
+/// the stream to deliver the missing events again. Secrets are as stored.
+pub async fn ranges(
+    executor: impl PgExecutor<'_>,
+    aggregate_type: &str,
+    ranges: &[SequenceRange<'_>],
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    let ids: Vec<&str> = ranges.iter().map(|r| r.aggregate_id).collect();
+    let afters: Vec<i64> = ranges.iter().map(|r| r.after).collect();
+    let up_tos: Vec<i64> = ranges.iter().map(|r| r.up_to).collect();
+    sqlx::query_as(concat!(
+        "SELECT ",
+        envelope_columns!(),
+        " FROM events
+           JOIN UNNEST($2::text[], $3::int8[], $4::int8[]) AS wanted(range_id, range_after, range_up_to)
+             ON aggregate_id = range_id AND sequence > range_after AND sequence <= range_up_to
+          WHERE aggregate_type = $1
+          ORDER BY aggregate_id, sequence"
+    ))
+    .bind(aggregate_type)
+    .bind(&ids)
+    .bind(&afters)
+    .bind(&up_tos)
+    .fetch_all(executor)
+    .await
+}
+
 /// Up to `limit` events of one aggregate recorded until `at` (inclusive) after
 /// `after_sequence`, in order: a page of the aggregate as it stood at that instant. `at` must
 /// lie within what Postgres holds (4713 BC to 294276 AD); the API accepts 1970 to 9999.

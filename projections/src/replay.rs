@@ -21,7 +21,8 @@ use fleetlog_eventlog::{Cursor, EventEnvelope, Horizon};
 use sqlx::{PgConnection, PgPool};
 
 use crate::worker::{
-    apply_event, move_position_past, OwnPositions, Position, Positions, Projection, ProjectionError,
+    apply_event, apply_judged, move_position_past, OwnPositions, Position, Positions, Projection,
+    ProjectionError,
 };
 
 /// The schema the shadow tables are built in.
@@ -126,7 +127,7 @@ pub async fn replay<P: Projection>(
     progress: impl FnMut(Progress),
 ) -> Result<Replayed, ReplayError> {
     let guard = ReplayLock::take::<P>(pool).await?;
-    let (cursor, mut replayed) = rebuild(projection, pool, progress).await?;
+    let (cursor, mut replayed) = rebuild(projection, pool, Applying::Batched, progress).await?;
     let mut tx = pool.begin().await?;
     lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
     let tail = catch_up(projection, &mut tx, cursor, &replayed.passed_over).await?;
@@ -181,7 +182,7 @@ pub async fn verify<P: Projection>(
     progress: impl FnMut(Progress),
 ) -> Result<Verified, ReplayError> {
     let guard = ReplayLock::take::<P>(pool).await?;
-    let (cursor, rebuilt) = rebuild(projection, pool, progress).await?;
+    let (cursor, rebuilt) = rebuild(projection, pool, Applying::OneByOne, progress).await?;
     let deadline = Instant::now() + patience;
     let mut passed_over = rebuilt.passed_over;
     let differences = loop {
@@ -239,9 +240,21 @@ impl ReplayLock {
 }
 
 /// Creates empty shadow tables and replays every event into them. Returns where it stopped.
+/// How a rebuild applies a page of events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applying {
+    /// Set-wise, as the live worker applies a batch (one event by one only for a page with a
+    /// gap or an event that fails): what a replay does.
+    Batched,
+    /// Event by event: what a verification does, so that the model it compares with the live
+    /// one, built in batches, comes from the other way of applying.
+    OneByOne,
+}
+
 async fn rebuild<P: Projection>(
     projection: &P,
     pool: &PgPool,
+    applying: Applying,
     mut progress: impl FnMut(Progress),
 ) -> Result<(Cursor, Replayed), ReplayError> {
     prepare_shadow::<P>(pool).await?;
@@ -257,6 +270,7 @@ async fn rebuild<P: Projection>(
             Horizon::Settled,
             cursor,
             &replayed.passed_over,
+            applying,
         )
         .await?;
         tx.commit().await?;
@@ -298,7 +312,15 @@ async fn catch_up<P: Projection>(
             .chain(&replayed.passed_over)
             .cloned()
             .collect();
-        let page = apply_page(projection, tx, Horizon::Committed, cursor, &known).await?;
+        let page = apply_page(
+            projection,
+            tx,
+            Horizon::Committed,
+            cursor,
+            &known,
+            Applying::OneByOne,
+        )
+        .await?;
         let Some((last, count, passed_over)) = page else {
             break;
         };
@@ -322,6 +344,7 @@ async fn apply_page<P: Projection>(
     horizon: Horizon,
     cursor: Cursor,
     earlier: &[PassedOver],
+    applying: Applying,
 ) -> Result<Option<(Cursor, u64, Vec<PassedOver>)>, ReplayError> {
     let rows = fleetlog_eventlog::page_in_commit_order(
         &mut *connection,
@@ -342,6 +365,30 @@ async fn apply_page<P: Projection>(
     .await?;
     let count = rows.len() as u64;
     let events: Vec<EventEnvelope> = rows.into_iter().map(|row| row.envelope).collect();
+    if applying == Applying::Batched {
+        ddl(connection, "SAVEPOINT replay_batch".into()).await?;
+        match apply_judged(projection, connection, &events).await {
+            Ok(true) => {
+                ddl(connection, "RELEASE SAVEPOINT replay_batch".into()).await?;
+                sqlx::query("SET LOCAL search_path TO public")
+                    .execute(&mut *connection)
+                    .await?;
+                return Ok(Some((last, count, Vec::new())));
+            }
+            // A gap or an event that cannot be applied: the page again one by one, which
+            // passes over what it must.
+            Ok(false) => ddl(connection, "ROLLBACK TO SAVEPOINT replay_batch".into()).await?,
+            Err(source) if source.is_about_the_event() => {
+                ddl(connection, "ROLLBACK TO SAVEPOINT replay_batch".into()).await?
+            }
+            Err(source) => {
+                return Err(ReplayError::Apply {
+                    message_id: events[0].message_id(),
+                    source,
+                })
+            }
+        }
+    }
     let mut passed_over = Vec::new();
     let mut start = 0;
     'page: loop {

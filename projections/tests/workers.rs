@@ -1,5 +1,5 @@
 //! Projection workers against a real Postgres and nats-server: read models follow the events,
-//! redeliveries apply once, gaps wait, poison is dead-lettered, and crashed or parallel workers
+//! redeliveries apply once, gaps are filled from the events table (or wait), poison is dead-lettered, and crashed or parallel workers
 //! end with the same model.
 
 use std::time::{Duration, Instant};
@@ -417,6 +417,140 @@ async fn with_shared_positions_redeliveries_apply_once_and_gaps_wait() {
 #[tokio::test]
 async fn with_positions_in_the_read_model_redeliveries_apply_once_and_gaps_wait() {
     gaps_wait_and_redeliveries_apply_once(DevicesProjection).await;
+}
+
+/// Workers sharing a consumer split one device's events between them, in any order. A worker
+/// handed a later event than the next one takes the events it lacks from the events table
+/// (the source of truth) and applies them first, in the devices model and in telemetry alike,
+/// instead of waiting for the stream to bring them again: that wait could not keep up with a
+/// device reporting several times a second. Later, the missing event's own delivery is a
+/// redelivery and changes nothing.
+#[tokio::test]
+async fn a_gap_is_filled_from_the_events_table() {
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let jetstream = jetstream_of(&nats).await;
+    ensure_stream(&jetstream, &StreamSettings::default())
+        .await
+        .unwrap();
+    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let devices = bus.devices();
+    devices
+        .execute("d1", register("d1"), &metadata())
+        .await
+        .unwrap();
+    devices
+        .execute("d2", register("d2"), &metadata())
+        .await
+        .unwrap();
+    for n in 1..=4 {
+        devices
+            .execute("d1", telemetry(n, json!({})), &metadata())
+            .await
+            .unwrap();
+    }
+    let stored = fleetlog_eventlog::history(
+        &db.pool,
+        fleetlog_eventlog::HistoryQuery {
+            aggregate_type: "device",
+            aggregate_id: "d1",
+            after_sequence: 0,
+            event_type: None,
+            limit: 10,
+        },
+    )
+    .await
+    .unwrap();
+    let last = stored.len() as i64;
+    // Two telemetry rows for each reading event up to `sequence`.
+    let rows_until = |sequence: i64| {
+        2 * stored
+            .iter()
+            .filter(|e| e.sequence <= sequence && e.event_type == "TelemetryRecorded")
+            .count() as i64
+    };
+    let d2 = fleetlog_eventlog::history(
+        &db.pool,
+        fleetlog_eventlog::HistoryQuery {
+            aggregate_type: "device",
+            aggregate_id: "d2",
+            after_sequence: 0,
+            event_type: None,
+            limit: 10,
+        },
+    )
+    .await
+    .unwrap();
+    let start = || {
+        let worker = Worker::new(
+            DevicesProjection,
+            db.pool.clone(),
+            jetstream.clone(),
+            settings(),
+        )
+        .alongside(TelemetryProjection);
+        let shutdown = CancellationToken::new();
+        Running {
+            shutdown: shutdown.clone(),
+            task: tokio::spawn(worker.run(shutdown)),
+        }
+    };
+    let worker = start();
+
+    // One by one: the registration, then sequence 3 alone (2 went to another worker).
+    publish(&jetstream, &stored[0]).await;
+    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", 1).await;
+    publish(&jetstream, &stored[2]).await;
+    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", 3).await;
+    assert_eq!(telemetry_rows(&db.pool, "d1").await, rows_until(3));
+    worker.stop().await;
+
+    // In a batch (queued while no worker ran): the last without the ones before it, beside
+    // another device's event.
+    publish(&jetstream, &stored[stored.len() - 1]).await;
+    publish(&jetstream, &d2[0]).await;
+    let worker = start();
+    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", last).await;
+    wait_for_position(&db.pool, DevicesProjection::NAME, "d2", 1).await;
+    assert_eq!(telemetry_rows(&db.pool, "d1").await, rows_until(last));
+    // The late deliveries of the others change nothing.
+    for event in &stored[1..stored.len() - 1] {
+        publish(&jetstream, event).await;
+    }
+    let consumer: jetstream::consumer::PullConsumer = jetstream
+        .get_stream(fleetlog_nats::STREAM_NAME)
+        .await
+        .unwrap()
+        .get_consumer(DevicesProjection::NAME)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut consumer = consumer.clone();
+        let info = consumer.info().await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "messages left unacked: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        position(&db.pool, DevicesProjection::NAME, "d1").await,
+        last
+    );
+    assert_eq!(
+        telemetry_rows(&db.pool, "d1").await,
+        8,
+        "four readings events"
+    );
+    let latest: f64 = sqlx::query_scalar(
+        "SELECT (sensors -> 'temperature' ->> 'value')::float8 FROM devices WHERE device_id = 'd1'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(latest, 24.0, "the newest reading is the latest");
+    worker.stop().await;
 }
 
 /// The telemetry projection keeps no positions: readings apply in any order, and an event

@@ -5,8 +5,11 @@
 //! and move the position. The message is acked only after the commit. So:
 //!
 //! - sequence at or below the position: already applied (a redelivery): ack, skip;
-//! - sequence beyond position + 1: an earlier event has not been applied yet: nak with a delay,
-//!   it comes back once the earlier one is in;
+//! - sequence beyond position + 1: earlier events have not been applied yet (another worker
+//!   holds them, or they come later): they are read from the events table and applied first,
+//!   in the same transaction. Only when that cannot be done (more than a thousand missing, or
+//!   one of them cannot be applied) the message is naked with a delay, and comes back once the
+//!   earlier ones are in;
 //! - the next sequence: apply.
 //!
 //! Several workers of one projection (in one or many processes) share the durable consumer; the
@@ -47,8 +50,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use fleetlog_nats::topology::{DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM};
 
-pub(crate) use positions::move_position_past;
 pub use positions::{apply_event, has_applied, OwnPositions, Position, Positions};
+pub(crate) use positions::{apply_judged, move_position_past};
 use positions::{same_str, KnownPositions};
 pub use projection::{Alone, Alongside, Companion, Projection, ProjectionError};
 
@@ -352,7 +355,15 @@ impl<P: Projection, C: Companion> Worker<P, C> {
 
     async fn apply_once(&self, event: &EventEnvelope) -> Result<Position, ProjectionError> {
         let mut tx = self.pool.begin().await?;
-        let position = apply_event(&self.projection, &mut tx, event).await?;
+        let mut position = apply_event(&self.projection, &mut tx, event).await?;
+        if let Position::Gap { expected } = position {
+            let filled = positions::fill_gap(&self.projection, &mut tx, event, expected).await?;
+            if !filled.is_empty() {
+                let filled: Vec<&EventEnvelope> = filled.iter().collect();
+                self.companion.apply_batch(&mut tx, &filled).await?;
+                position = apply_event(&self.projection, &mut tx, event).await?;
+            }
+        }
         self.companion.apply_batch(&mut tx, &[event]).await?;
         tx.commit().await?;
         Ok(position)

@@ -2,6 +2,7 @@
 //! how an event is judged against them: already applied, next, or after a gap.
 
 use super::*;
+use fleetlog_eventlog::{HistoryQuery, SequenceRange};
 
 /// Where a projection keeps which events it has applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,6 +258,97 @@ pub async fn apply_event<P: Projection>(
     Ok(Position::Applied)
 }
 
+/// Applies `events` (in order) set-wise on `connection`: judges them all against positions
+/// read once, applies those that are next with one `apply_batch`, and moves the positions in
+/// one statement. Answers `false` if an event follows a gap: then what it wrote must be rolled
+/// back by the caller, who goes one by one instead. Only for a writer alone on its tables
+/// (replay's shadow), where nobody moves a position meanwhile.
+pub(crate) async fn apply_judged<P: Projection>(
+    projection: &P,
+    connection: &mut PgConnection,
+    events: &[EventEnvelope],
+) -> Result<bool, ProjectionError> {
+    let all: Vec<&EventEnvelope> = events.iter().collect();
+    let mut keys: Vec<AggregateKey> = Vec::new();
+    let mut seen: HashSet<AggregateKey> = HashSet::new();
+    for event in events {
+        let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+        if seen.insert(key) {
+            keys.push(key);
+        }
+    }
+    let mut last: HashMap<AggregateKey, i64> = HashMap::new();
+    match P::POSITIONS {
+        Positions::Keyed => {
+            projection.apply_batch(connection, &all).await?;
+            return Ok(true);
+        }
+        Positions::Own(own) => {
+            let ids: Vec<&str> = keys.iter().map(|key| key.1).collect();
+            let stored: HashMap<String, i64> =
+                own.read_many(connection, &ids).await?.into_iter().collect();
+            for key in &keys {
+                if let Some(sequence) = stored.get(key.1) {
+                    last.insert(*key, *sequence);
+                }
+            }
+        }
+        Positions::Shared => {
+            let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+            let stored: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence FROM projection_positions p
+                   JOIN UNNEST($2::text[], $3::text[]) AS a(t, i)
+                     ON p.aggregate_type = a.t AND p.aggregate_id = a.i
+                  WHERE p.projection = $1",
+            )
+            .bind(P::NAME)
+            .bind(&types)
+            .bind(&ids)
+            .fetch_all(&mut *connection)
+            .await?;
+            let stored: HashMap<(String, String), i64> = stored
+                .into_iter()
+                .map(|(kind, id, sequence)| ((kind, id), sequence))
+                .collect();
+            for key in &keys {
+                if let Some(sequence) = stored.get(&(key.0.to_owned(), key.1.to_owned())) {
+                    last.insert(*key, *sequence);
+                }
+            }
+        }
+    }
+    let (positions, applied) = judge(&all, &mut last);
+    if positions.iter().any(|p| matches!(p, Position::Gap { .. })) {
+        return Ok(false);
+    }
+    if applied.is_empty() {
+        return Ok(true);
+    }
+    projection.apply_batch(connection, &applied).await?;
+    if P::POSITIONS == Positions::Shared {
+        let moved: Vec<(&str, &str, i64)> = keys
+            .iter()
+            .filter_map(|key| last.get(key).map(|sequence| (key.0, key.1, *sequence)))
+            .collect();
+        let types: Vec<&str> = moved.iter().map(|m| m.0).collect();
+        let ids: Vec<&str> = moved.iter().map(|m| m.1).collect();
+        let sequences: Vec<i64> = moved.iter().map(|m| m.2).collect();
+        sqlx::query(
+            "INSERT INTO projection_positions (projection, aggregate_type, aggregate_id, last_sequence)
+             SELECT $1, t, i, s FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS a(t, i, s)
+             ON CONFLICT (projection, aggregate_type, aggregate_id)
+             DO UPDATE SET last_sequence = EXCLUDED.last_sequence",
+        )
+        .bind(P::NAME)
+        .bind(&types)
+        .bind(&ids)
+        .bind(&sequences)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(true)
+}
+
 /// `a == b`, in a const context.
 pub(super) const fn same_str(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -277,12 +369,12 @@ pub(super) const fn same_str(a: &str, b: &str) -> bool {
 /// missing) as [`apply_event`] would one by one, moving `last` along. Returns each event's
 /// position and the events to apply.
 fn judge<'a>(
-    events: &'a [EventEnvelope],
+    events: &[&'a EventEnvelope],
     last: &mut HashMap<(&'a str, &'a str), i64>,
 ) -> (Vec<Position>, Vec<&'a EventEnvelope>) {
     let mut positions = Vec::with_capacity(events.len());
     let mut applied = Vec::with_capacity(events.len());
-    for event in events {
+    for &event in events {
         let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
         let current = last.get(&key).copied().unwrap_or(0);
         let position = if event.sequence <= current {
@@ -299,6 +391,163 @@ fn judge<'a>(
         positions.push(position);
     }
     (positions, applied)
+}
+
+/// The most events one batch (or one message) reads from the events table to fill its gaps;
+/// past that its messages wait for the stream (nak with a delay), as a gap did always before.
+pub(super) const MAX_FILLED: i64 = 1_000;
+
+/// The events that `events` skip over, read from the events table (the source of truth): for
+/// each aggregate whose events in the batch do not follow on from `last` without a hole, those
+/// between `last` and the batch's latest that the batch lacks. Several workers share a
+/// consumer, so one aggregate's events are spread over their batches in any order; waiting for
+/// the stream to bring the missing ones again (a nak per gap, each coming back after a delay)
+/// cannot keep up with a device that reports several times a second. Every event on the
+/// stream was committed before it was published, and so were the earlier events of its
+/// aggregate: what a gap lacks is always in the table. Empty when more than
+/// [`MAX_FILLED`] would be read.
+async fn missing_events(
+    connection: &mut PgConnection,
+    events: &[EventEnvelope],
+    last: &HashMap<AggregateKey<'_>, i64>,
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    // Per aggregate: the latest sequence past its position, and the sequences the batch has.
+    let mut spans: HashMap<AggregateKey, (i64, HashSet<i64>)> = HashMap::new();
+    for event in events {
+        let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+        if event.sequence > last.get(&key).copied().unwrap_or(0) {
+            let span = spans.entry(key).or_default();
+            span.0 = span.0.max(event.sequence);
+            span.1.insert(event.sequence);
+        }
+    }
+    let mut wanted: HashMap<&str, Vec<SequenceRange>> = HashMap::new();
+    let mut total = 0;
+    for (key, (latest, present)) in &spans {
+        let after = last.get(key).copied().unwrap_or(0);
+        let lacking = latest - after - present.len() as i64;
+        if lacking > 0 {
+            total += lacking;
+            wanted.entry(key.0).or_default().push(SequenceRange {
+                aggregate_id: key.1,
+                after,
+                up_to: *latest,
+            });
+        }
+    }
+    if wanted.is_empty() || total > MAX_FILLED {
+        return Ok(Vec::new());
+    }
+    let mut missing = Vec::new();
+    for (aggregate_type, ranges) in wanted {
+        for event in fleetlog_eventlog::ranges(&mut *connection, aggregate_type, &ranges).await? {
+            let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+            let in_batch = spans
+                .get(&key)
+                .is_some_and(|(_, present)| present.contains(&event.sequence));
+            if !in_batch {
+                missing.push(event);
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// The batch with the events that fill its gaps, each aggregate's in sequence order.
+fn with_filled<'a>(
+    events: &'a [EventEnvelope],
+    filled: &'a [EventEnvelope],
+) -> Vec<&'a EventEnvelope> {
+    let mut all: Vec<&EventEnvelope> = events.iter().chain(filled).collect();
+    if !filled.is_empty() {
+        all.sort_by(|a, b| {
+            (&a.aggregate_type, &a.aggregate_id, a.sequence).cmp(&(
+                &b.aggregate_type,
+                &b.aggregate_id,
+                b.sequence,
+            ))
+        });
+    }
+    all
+}
+
+/// The position of each of the batch's own events, from the judgement of the batch with its
+/// gaps filled (`judged`, whose positions are `positions`).
+fn positions_of(
+    events: &[EventEnvelope],
+    judged: &[&EventEnvelope],
+    positions: &[Position],
+) -> Vec<Position> {
+    if judged.len() == events.len() && positions.len() == events.len() {
+        let same_order = judged.iter().zip(events).all(|(a, b)| std::ptr::eq(*a, b));
+        if same_order {
+            return positions.to_vec();
+        }
+    }
+    let mut by_event: HashMap<(&str, &str, i64), Position> = HashMap::new();
+    for (event, position) in judged.iter().zip(positions) {
+        by_event
+            .entry((&event.aggregate_type, &event.aggregate_id, event.sequence))
+            .or_insert(*position);
+    }
+    events
+        .iter()
+        .map(|e| {
+            by_event[&(
+                e.aggregate_type.as_str(),
+                e.aggregate_id.as_str(),
+                e.sequence,
+            )]
+        })
+        .collect()
+}
+
+/// Applies the events between the projection's position for `event`'s aggregate and `event`
+/// (its gap, `expected` being the first one missing), read from the events table, inside a
+/// savepoint: an event among them that cannot be applied leaves everything as it was, and the
+/// message waits for the stream instead. Answers the events applied; empty if none were.
+pub(super) async fn fill_gap<P: Projection>(
+    projection: &P,
+    connection: &mut PgConnection,
+    event: &EventEnvelope,
+    expected: i64,
+) -> Result<Vec<EventEnvelope>, ProjectionError> {
+    let lacking = event.sequence - expected;
+    if lacking <= 0 || lacking > MAX_FILLED {
+        return Ok(Vec::new());
+    }
+    let missing = fleetlog_eventlog::history(
+        &mut *connection,
+        HistoryQuery {
+            aggregate_type: &event.aggregate_type,
+            aggregate_id: &event.aggregate_id,
+            after_sequence: expected - 1,
+            event_type: None,
+            limit: lacking,
+        },
+    )
+    .await?;
+    if missing.len() as i64 != lacking {
+        return Ok(Vec::new());
+    }
+    let mut savepoint = sqlx::Connection::begin(&mut *connection).await?;
+    for earlier in &missing {
+        match apply_event(projection, &mut savepoint, earlier).await {
+            Ok(Position::Applied) => {}
+            Ok(_) => {
+                savepoint.rollback().await?;
+                return Ok(Vec::new());
+            }
+            Err(error) if error.is_transient() => return Err(error),
+            Err(error) => {
+                tracing::debug!(projection = P::NAME, %error, "cannot fill a gap; waiting for the stream");
+                savepoint.rollback().await?;
+                return Ok(Vec::new());
+            }
+        }
+    }
+    savepoint.commit().await?;
+    Ok(missing)
 }
 
 impl<P: Projection, C: Companion> Worker<P, C> {
@@ -347,18 +596,19 @@ impl<P: Projection, C: Companion> Worker<P, C> {
                 }
             }
         }
-        let (positions, applied) = judge(events, &mut last);
+        let filled = missing_events(&mut tx, events, &last).await?;
+        let all = with_filled(events, &filled);
+        let (positions, applied) = judge(&all, &mut last);
         if !applied.is_empty() {
             self.projection.apply_batch(&mut tx, &applied).await?;
         }
-        let all: Vec<&EventEnvelope> = events.iter().collect();
         self.companion.apply_batch(&mut tx, &all).await?;
         tx.commit().await?;
         let mut known = self.known.lock();
         for event in applied {
             known.remember(&event.aggregate_type, &event.aggregate_id, event.sequence);
         }
-        Ok(positions)
+        Ok(positions_of(events, &all, &positions))
     }
 
     /// Splits the batch's aggregates into those whose remembered position can stand in for
@@ -437,9 +687,11 @@ impl<P: Projection, C: Companion> Worker<P, C> {
                 }
             }
         }
+        let filled = missing_events(&mut tx, events, &last).await?;
+        let all = with_filled(events, &filled);
         let judged_against = last.clone();
-        let (positions, applied) = judge(events, &mut last);
-        let all: Vec<&EventEnvelope> = events.iter().collect();
+        let (judged, applied) = judge(&all, &mut last);
+        let positions = positions_of(events, &all, &judged);
         self.companion.apply_batch(&mut tx, &all).await?;
         if applied.is_empty() {
             tx.commit().await?;
