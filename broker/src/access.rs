@@ -135,6 +135,9 @@ pub fn ingest_acls(root: &str) -> Vec<Acl> {
         allow("subscribePattern", format!("$share/+/{REQUEST_FILTER}")),
         allow("publishClientReceive", REQUEST_FILTER.to_string()),
         allow("publishClientSend", format!("{ROOT}/+/+/response")),
+        // The broker's version: whether it keeps shared subscriptions over a restart.
+        allow("subscribeLiteral", "$SYS/broker/version".to_string()),
+        allow("publishClientReceive", "$SYS/broker/version".to_string()),
     ];
     for leaf in DEVICE_PUBLISHES {
         let filter = format!("{root}/+/{leaf}");

@@ -34,12 +34,23 @@ pub(super) async fn poll_events(
                         let _ = client.unsubscribe(filter).await;
                     }
                 }
-                // Subscribing again is harmless when the session kept the subscriptions.
+                // Subscribing again is harmless when the session kept the subscriptions, and
+                // needed when the broker lost them (see `check_broker_version`).
+                if settings.share_group.is_some() {
+                    let _ = client
+                        .subscribe(BROKER_VERSION_TOPIC, QoS::AtMostOnce)
+                        .await;
+                }
                 for filter in settings.filters() {
                     if let Err(error) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
                         tracing::warn!(%error, filter, "cannot subscribe");
                     }
                 }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish)))
+                if publish.topic == BROKER_VERSION_TOPIC =>
+            {
+                check_broker_version(&String::from_utf8_lossy(&publish.payload));
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 stats.received.fetch_add(1, Ordering::Relaxed);
@@ -98,6 +109,47 @@ pub(super) async fn poll_events(
     }
 }
 
+/// Where Mosquitto says which version it is (`mosquitto version 2.0.11`).
+pub(super) const BROKER_VERSION_TOPIC: &str = "$SYS/broker/version";
+
+/// Mosquitto before 2.0.19 does not save shared subscriptions with the sessions it keeps over
+/// a restart: after a broker restart the ingest session comes back without its subscription,
+/// and whatever devices publish before this instance subscribes again has no subscriber and is
+/// dropped by the broker, although it acknowledged the message to the device. The bridge
+/// reconnects within a fraction of a second to keep that window short, but only a broker that
+/// keeps the subscriptions (or a single ingest without a share group, whose plain subscriptions
+/// every version keeps) closes it. Says so, once per connection, and exports it as
+/// `fleetlog_ingest_broker_keeps_shared_subscriptions`.
+pub(super) fn check_broker_version(announced: &str) {
+    let keeps = keeps_shared_subscriptions(announced);
+    metrics::gauge!("fleetlog_ingest_broker_keeps_shared_subscriptions")
+        .set(if keeps == Some(false) { 0.0 } else { 1.0 });
+    if keeps == Some(false) {
+        tracing::warn!(
+            broker_version = announced,
+            "this Mosquitto loses shared subscriptions when it restarts (fixed in 2.0.19): \
+             messages devices publish after a broker restart, before ingest subscribes again, \
+             are dropped by the broker; upgrade it, or run one ingest with \
+             FLEETLOG_INGEST_SHARE_GROUP empty"
+        );
+    }
+}
+
+/// Whether a broker announcing itself as `announced` keeps shared subscriptions over a
+/// restart; `None` when it is not a Mosquitto version this knows.
+pub(super) fn keeps_shared_subscriptions(announced: &str) -> Option<bool> {
+    let version = announced.trim().strip_prefix("mosquitto version ")?;
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    let (major, minor, patch) = (
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    );
+    Some((major, minor, patch) >= (2, 0, 19))
+}
+
 /// Sends the acks still queued and says goodbye, within a short grace period.
 pub(super) async fn flush_and_disconnect(client: &AsyncClient, mut events: EventLoop) {
     let _ = client.disconnect().await;
@@ -116,5 +168,44 @@ pub(super) async fn ack(shared: &Shared, publish: &Publish) {
     if let Err(error) = shared.client.ack(publish).await {
         // The broker redelivers it after a reconnect; its digest makes that harmless.
         tracing::warn!(%error, topic = publish.topic, "cannot ack message");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keeps_shared_subscriptions;
+
+    #[test]
+    fn mosquitto_keeps_shared_subscriptions_from_2_0_19() {
+        assert_eq!(
+            keeps_shared_subscriptions("mosquitto version 2.0.11"),
+            Some(false)
+        );
+        assert_eq!(
+            keeps_shared_subscriptions("mosquitto version 2.0.18"),
+            Some(false)
+        );
+        assert_eq!(
+            keeps_shared_subscriptions("mosquitto version 2.0.19"),
+            Some(true)
+        );
+        assert_eq!(
+            keeps_shared_subscriptions("mosquitto version 2.1.2"),
+            Some(true)
+        );
+        assert_eq!(
+            keeps_shared_subscriptions("mosquitto version 10.0.0\n"),
+            Some(true)
+        );
+        assert_eq!(
+            keeps_shared_subscriptions("mosquitto version 1.6.9"),
+            Some(false)
+        );
+        assert_eq!(keeps_shared_subscriptions("EMQX 5.0"), None);
+        assert_eq!(keeps_shared_subscriptions("mosquitto version "), None);
+        assert_eq!(
+            keeps_shared_subscriptions("mosquitto version 99999999999.0.0"),
+            None
+        );
     }
 }

@@ -107,7 +107,9 @@ impl IngestSettings {
             linger: Duration::from_millis(5),
             inflight: 1000,
             report_every: Duration::from_secs(300),
-            min_backoff: Duration::from_secs(2),
+            // Short at first: after a broker restart the shared subscription must be back
+            // before devices publish again (see `connection::check_broker_version`).
+            min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(300),
             device_key: None,
         }
