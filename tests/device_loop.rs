@@ -1,7 +1,8 @@
 //! The loop through a device, end to end with every server real: a command issued over REST
 //! reaches the device's MQTT topic and its reply marks the command done; desired properties
 //! reach the device (retained) and the delta closes when it reports them; an unanswered
-//! command expires; a restarted dispatcher sends nothing twice.
+//! command expires; a restarted dispatcher sends nothing twice; a dispatcher whose broker
+//! went away with publishes unconfirmed sends the next ones at once.
 
 use std::time::{Duration, Instant};
 
@@ -359,4 +360,66 @@ async fn commands_and_desired_properties_travel_to_the_device_and_back() {
         )
         .await;
     assert!(expired["finished_at"].is_string());
+}
+
+/// The dispatcher pairs its waiters with packet ids in the order its publishes go out. A
+/// broker that dies with a publish unconfirmed (here: frozen, then killed) left that waiter
+/// behind: after the reconnect it took the next publish's PUBACK, and that publish, and every
+/// one after it, waited out its 20 s timeout before its event came back. Each connection now
+/// starts with a fresh client, so the command in flight goes out again and the next one at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_whose_broker_died_mid_publish_sends_the_next_ones_at_once() {
+    let mut stack = Stack::start().await;
+    let _dispatcher = stack.dispatcher();
+    let (status, created) = stack
+        .call(
+            Method::POST,
+            "/api/v1/devices",
+            Some(json!({"device_id": "d1", "name": "Boiler", "model": "thermo"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let mut device = SimulatedDevice::connect(&stack.broker, "d1", "d1-sim").await;
+    async fn issue(stack: &Stack, name: &str) {
+        let (status, accepted) = stack
+            .call(
+                Method::POST,
+                "/api/v1/devices/d1/commands",
+                Some(json!({"name": name})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    }
+    issue(&stack, "first").await;
+    let (_, first) = device.next(Duration::from_secs(30)).await.expect("first");
+    assert_eq!(first["name"], "first");
+
+    // The broker stops answering while a command is on its way, then dies.
+    stack.broker.freeze();
+    issue(&stack, "in_flight").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.broker.kill();
+    stack.broker.resume();
+    issue(&stack, "after").await;
+
+    let started = Instant::now();
+    let mut names = Vec::new();
+    while names.len() < 2 {
+        let (_, command) = device
+            .next(Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|| panic!("only {names:?} arrived after the broker came back"));
+        let name = command["name"].as_str().unwrap_or_default().to_string();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["after", "in_flight"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the commands took {:?}",
+        started.elapsed()
+    );
 }

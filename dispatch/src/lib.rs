@@ -159,10 +159,13 @@ impl Dispatcher {
                 fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
                 fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
             );
-        let (client, events) = AsyncClient::new(options, 1000);
+        let (client, events) = AsyncClient::new(options.clone(), CLIENT_CAPACITY);
         let publisher = ConfirmedPublisher {
-            client: client.clone(),
-            tracker: Arc::new(Mutex::new(Tracker::default())),
+            tracker: Arc::new(Mutex::new(Tracker {
+                client,
+                unassigned: VecDeque::new(),
+                by_packet: HashMap::new(),
+            })),
         };
         // The connection's driver stops with this dispatcher, also when it unwinds from a
         // panic: a restarted dispatcher must not compete with the old connection for the
@@ -171,6 +174,7 @@ impl Dispatcher {
         let _stop_driver_on_drop = driver_stop.clone().drop_guard();
         let driver = tokio::spawn(drive(
             events,
+            options,
             publisher.tracker.clone(),
             self.settings.broker.clone(),
             driver_stop,
@@ -179,6 +183,7 @@ impl Dispatcher {
             self.forward_events(&publisher, &shutdown),
             self.expire_commands(&shutdown),
         );
+        let client = publisher.tracker.lock().await.client.clone();
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
         tracing::info!("dispatcher stopped");
@@ -462,15 +467,26 @@ impl Dispatcher {
 
 /// Waiters for broker confirmations: publishes are matched to packet ids in the order the
 /// event loop sends them, and released by the PUBACK of their id.
-#[derive(Default)]
 struct Tracker {
+    /// The client of the current connection. Each connection has a client of its own: the
+    /// pairing of waiters with packet ids holds within one connection only.
+    client: AsyncClient,
     unassigned: VecDeque<oneshot::Sender<()>>,
     by_packet: HashMap<u16, oneshot::Sender<()>>,
 }
 
+impl Tracker {
+    /// Starts over with `client`: every waiter not confirmed yet fails (its event comes back
+    /// and is sent again), none is left to be paired with a later publish's PUBACK.
+    fn start_over(&mut self, client: AsyncClient) {
+        self.unassigned.clear();
+        self.by_packet.clear();
+        self.client = client;
+    }
+}
+
 /// QoS 1 publishes that complete when the broker has confirmed them.
 struct ConfirmedPublisher {
-    client: AsyncClient,
     tracker: Arc<Mutex<Tracker>>,
 }
 
@@ -512,7 +528,7 @@ impl ConfirmedPublisher {
             // Held while queueing, so waiters line up in the order the publishes go out.
             let mut tracker = self.tracker.lock().await;
             tracker.unassigned.push_back(confirmed);
-            if let Err(error) = self
+            if let Err(error) = tracker
                 .client
                 .publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
                 .await
@@ -535,9 +551,20 @@ impl ConfirmedPublisher {
     }
 }
 
+/// Requests the dispatcher's client queues before publishing waits.
+const CLIENT_CAPACITY: usize = 1000;
+
 /// Drives the MQTT connection: reconnects with backoff and matches PUBACKs to waiters.
+///
+/// Waiters are paired with packet ids in the order the publishes go out. A lost connection
+/// breaks that order: the dispatcher's session is clean, so the client drops what it had not
+/// sent or not had confirmed, and numbers packets afresh, and a waiter left from before would
+/// take a later publish's PUBACK (and every publish after it would wait its full timeout,
+/// one event each time, as the fault matrix saw after a broker stall). So each connection gets
+/// a new client, and the waiters of the old one fail: their events come back and go out again.
 async fn drive(
     mut events: EventLoop,
+    options: rumqttc::MqttOptions,
     tracker: Arc<Mutex<Tracker>>,
     broker: fleetlog_broker::BrokerUrl,
     shutdown: CancellationToken,
@@ -583,6 +610,11 @@ async fn drive(
                 if !fleetlog_nats::sleep_unless_shut_down(delay, &shutdown).await {
                     return;
                 }
+                let (client, fresh) = AsyncClient::new(options.clone(), CLIENT_CAPACITY);
+                // Dropped first: a publish waiting for room in the old client's queue (and
+                // holding the tracker meanwhile) fails at once instead of waiting forever.
+                drop(std::mem::replace(&mut events, fresh));
+                tracker.lock().await.start_over(client);
             }
         }
     }

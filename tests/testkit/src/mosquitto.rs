@@ -326,6 +326,19 @@ impl MosquittoServer {
         }
     }
 
+    /// Freezes the broker (SIGSTOP), as a network stall would: connections stay open and
+    /// nothing is answered. [`MosquittoServer::kill`] ends a frozen broker too.
+    pub fn freeze(&self) {
+        if let Some(process) = &self.process {
+            let status = Command::new("kill")
+                .arg("-STOP")
+                .arg(process.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -STOP failed");
+        }
+    }
+
     /// Starts the broker again on the same port, persistence directory and security state.
     pub fn resume(&mut self) {
         assert!(self.process.is_none(), "mosquitto is already running");
