@@ -154,3 +154,39 @@ fn the_nats_users_are_the_ones_the_roles_connect_as() {
         assert!(accounts.contains(&format!("user: \"{user}\", password: ${variable}")));
     }
 }
+
+/// Every shell script parses (`bash -n`) and is executable: a typo in a script run rarely,
+/// such as a benchmark or the fault matrix, shows here rather than at its next run.
+#[test]
+fn every_script_parses_and_is_executable() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut scripts = vec![root.join(".ci/run")];
+    let mut folders = vec![root.join("deploy")];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if path.extension().is_some_and(|e| e == "sh") {
+                scripts.push(path);
+            }
+        }
+    }
+    assert!(scripts.len() >= 6, "found {scripts:?}");
+    for script in scripts {
+        let output = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mode = std::fs::metadata(&script).unwrap().permissions().mode();
+        assert!(mode & 0o111 != 0, "{} is not executable", script.display());
+    }
+}

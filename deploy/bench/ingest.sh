@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# Benchmark: MQTT telemetry end to end on this machine.
+# Benchmark: fleetlog's capacity for MQTT telemetry on this machine, beside its baselines.
 #
-# Starts the local stack, a scratch database and `fleetlog up` (every role in one process),
-# then runs `fleetlog-bench ingest`, which prints, from one run:
-#   - the raw Mosquitto QoS 1 publish->subscribe rate,
-#   - a raw multi-row Postgres INSERT rate of telemetry-shaped rows,
-#   - fleetlog end to end (MQTT QoS 1 publish -> event committed -> devices read model) at the
-#     target rate (sustained throughput) and at half of it (latency p50/p95/p99).
+# Starts the local stack (its Postgres), a nats-server and a Mosquitto of its own, a scratch
+# database and `fleetlog up` (every role in one process), then runs `fleetlog-bench ingest`,
+# which measures, in one run:
+#   - the raw Mosquitto QoS 1 publish->subscribe rate, and a raw multi-row Postgres INSERT;
+#   - a minimal durable bridge: MQTT QoS 1 in, one multi-row INSERT of event rows per batch
+#     into a table shaped as `events`, ack after commit: the ceiling of this design;
+#   - fleetlog end to end (MQTT QoS 1 publish -> event committed -> devices read model),
+#     stepping the offered rate up until the p99 publish-to-projection latency passes 500 ms:
+#     the capacity is the highest rate held; then the latency at half of it; per process
+#     (fleetlog, mosquitto, nats, postgres) CPU microseconds per message and peak memory;
+#   - `fleetlog replay --all` beside a COPY scan of the same events;
+#   - `GET /api/v1/devices/{id}` beside a plain SQL read of the row over a pool as large;
+#   - memory with 10,000 devices connected.
+# It prints a table and writes the report as JSON (default .fleetlog/stack/capacity.json).
 #
 #   deploy/bench/ingest.sh
-#   RATE=5000 SECONDS_PER_PHASE=30 DEVICES=2000 deploy/bench/ingest.sh
+#   START_RATE=4000 STEP=1000 SECONDS_PER_PHASE=10 DEVICES=1000 deploy/bench/ingest.sh
+#
+# Settings (environment): START_RATE (6000), STEP (2000), MAX_RATE (30000),
+# SECONDS_PER_PHASE (15), DEVICES (1000), CONNECTED_DEVICES (10000; 0 skips it),
+# RAW_MESSAGES (100000), CAPACITY_JSON, BENCH_NATS_PORT, BENCH_MQTT_PORT, BENCH_HTTP_PORT.
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck disable=SC1091
@@ -64,8 +76,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rate=${RATE:-10000}
-seconds=${SECONDS_PER_PHASE:-20}
+seconds=${SECONDS_PER_PHASE:-15}
 devices=${DEVICES:-1000}
 http_port=${BENCH_HTTP_PORT:-18080}
 database=fleetlog_bench_ingest
@@ -96,5 +107,18 @@ for _ in $(seq 1 120); do
 done
 curl -fsS "http://127.0.0.1:$http_port/ready" >/dev/null || fail "fleetlog up never became ready"
 
-FLEETLOG_DATABASE_URL=$bench_url "$bench" ingest \
-    --mqtt-port "$mqtt_port" --devices "$devices" --rate "$rate" --seconds "$seconds"
+printf '%s\n' "bench-viewer-password" | FLEETLOG_DATABASE_URL=$bench_url "$fleetlog" user create \
+    --tenant bench --username viewer --role viewer --password-stdin >/dev/null
+mkdir -p "$stack_dir"
+FLEETLOG_DATABASE_URL=$bench_url \
+FLEETLOG_NATS_URL=nats://127.0.0.1:$nats_port \
+FLEETLOG_MQTT_URL=mqtt://127.0.0.1:$mqtt_port \
+    "$bench" ingest \
+    --mqtt-port "$mqtt_port" --devices "$devices" --seconds "$seconds" \
+    --start-rate "${START_RATE:-6000}" --step "${STEP:-2000}" --max-rate "${MAX_RATE:-30000}" \
+    --raw-messages "${RAW_MESSAGES:-100000}" --connected-devices "${CONNECTED_DEVICES:-10000}" \
+    --watch "fleetlog=$platform" --watch "mosquitto=$mosquitto_pid" --watch "nats=$nats_pid" \
+    --watch "postgres+=$("$stack" pid postgres)" \
+    --fleetlog "$fleetlog" --api-url "http://127.0.0.1:$http_port" \
+    --api-login "viewer:bench-viewer-password" --api-pool "${FLEETLOG_DATABASE_MAX_CONNECTIONS:-20}" \
+    --json "${CAPACITY_JSON:-$stack_dir/capacity.json}"

@@ -8,6 +8,10 @@
 #   deploy/local/stack.sh status   say what runs
 #   deploy/local/stack.sh env      print the FLEETLOG_* variables that point at the stack
 #   deploy/local/stack.sh secret N print secret N, generating it on first use
+#   deploy/local/stack.sh restart S  restart one server S (postgres, nats or mosquitto); for
+#                                    postgres `crash` instead stops it as a power cut would
+#                                    (immediate shutdown, recovery from the WAL at start)
+#   deploy/local/stack.sh pid S      print the process id of server S
 #
 # Works as a normal user (sudo for apt) and as root (Postgres then runs as the `postgres` user,
 # since it refuses to run as root).
@@ -186,12 +190,12 @@ ensure_app_database() {
 }
 
 stop_postgres() {
-    local bin data
+    local bin data mode=${1:-fast}
     bin=$(pg_bin_dir) || return 0
     data=$(pg_data_dir)
     if as_pg_user "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-        log "stopping postgres"
-        as_pg_user "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+        log "stopping postgres ($mode)"
+        as_pg_user "$bin/pg_ctl" -D "$data" -m "$mode" -w stop >/dev/null
     fi
 }
 
@@ -405,8 +409,25 @@ main() {
             [ -n "${2:-}" ] || die "usage: $0 secret NAME"
             secret "$2"
             ;;
+        restart)
+            case "${2:-}" in
+                postgres) stop_postgres fast; start_postgres ;;
+                crash) stop_postgres immediate; start_postgres ;;
+                nats) stop_pid_file nats-server "$stack_dir/nats/nats.pid"; start_nats ;;
+                mosquitto) stop_pid_file mosquitto "$stack_dir/mosquitto/mosquitto.pid"; start_mosquitto ;;
+                *) die "usage: $0 restart postgres|crash|nats|mosquitto" ;;
+            esac
+            ;;
+        pid)
+            case "${2:-}" in
+                postgres) as_pg_user head -n 1 "$(pg_data_dir)/postmaster.pid" ;;
+                nats) cat "$stack_dir/nats/nats.pid" ;;
+                mosquitto) cat "$stack_dir/mosquitto/mosquitto.pid" ;;
+                *) die "usage: $0 pid postgres|nats|mosquitto" ;;
+            esac
+            ;;
         *)
-            echo "usage: $0 start|stop|status|env|secret NAME" >&2
+            echo "usage: $0 start|stop|status|env|secret NAME|restart SERVER|pid SERVER" >&2
             exit 2
             ;;
     esac
