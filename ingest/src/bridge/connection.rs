@@ -14,6 +14,7 @@ pub(super) async fn poll_events(
     let settings = &ingest.settings;
     let stats = &ingest.stats;
     let mut backoff = Backoff::new(settings.min_backoff, settings.max_backoff);
+    let mut outage_since: Option<std::time::Instant> = None;
     let provisioning_slots = Arc::new(tokio::sync::Semaphore::new(
         provisioning::CONCURRENT_REQUESTS,
     ));
@@ -27,6 +28,7 @@ pub(super) async fn poll_events(
                 tracing::info!(broker = %settings.broker, session_present = ack.session_present, "connected to the MQTT broker");
                 stats.set_connected(true);
                 backoff.reset();
+                outage_since = None;
                 // A session that subscribed to provisioning requests when this instance had
                 // the credential key keeps them: without the key it takes them no more.
                 if settings.device_key.is_none() {
@@ -92,7 +94,16 @@ pub(super) async fn poll_events(
             }
             Ok(_) => {}
             Err(error) => {
-                let delay = backoff.next_delay();
+                let outage = *outage_since.get_or_insert_with(std::time::Instant::now);
+                // A broker restart takes a second or two, and on a broker that forgets shared
+                // subscriptions (see `check_broker_version`) every moment before this instance
+                // subscribes again loses messages: retry at least four times a second for the
+                // first ten seconds of an outage, then back off.
+                let delay = if outage.elapsed() < FAST_RETRIES_FOR {
+                    backoff.next_delay().min(FAST_RETRY)
+                } else {
+                    backoff.next_delay()
+                };
                 if let Some(hint) = fleetlog_broker::credential_hint(&error, &settings.broker) {
                     tracing::warn!(%error, retry_in = ?delay, hint, "the broker refused the ingest");
                 } else if stats.is_connected() {
@@ -108,6 +119,10 @@ pub(super) async fn poll_events(
         }
     }
 }
+
+/// How long into an outage the bridge retries at least every [`FAST_RETRY`].
+const FAST_RETRIES_FOR: Duration = Duration::from_secs(10);
+const FAST_RETRY: Duration = Duration::from_millis(250);
 
 /// Where Mosquitto says which version it is (`mosquitto version 2.0.11`).
 pub(super) const BROKER_VERSION_TOPIC: &str = "$SYS/broker/version";
