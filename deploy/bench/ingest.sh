@@ -93,6 +93,9 @@ FLEETLOG_DATABASE_URL=$bench_url "$fleetlog" migrate >/dev/null
 
 log_file=$stack_dir/logs/bench-ingest.log
 say "starting fleetlog up (log: $log_file)"
+# The scratch broker has no dynamic-security plugin: no broker sync (and no passwords) there.
+env -u FLEETLOG_BROKER_SYNC_MQTT_PASSWORD -u FLEETLOG_INGEST_MQTT_PASSWORD \
+    -u FLEETLOG_DISPATCH_MQTT_PASSWORD \
 FLEETLOG_DATABASE_URL=$bench_url \
 FLEETLOG_HTTP_ADDR=127.0.0.1:$http_port \
 FLEETLOG_NATS_URL=nats://127.0.0.1:$nats_port \
