@@ -308,25 +308,16 @@ pub async fn replay_against_copy(
                      FROM events ORDER BY transaction_id, global_position) TO STDOUT",
         )
         .await?;
-    let mut bytes = 0usize;
     while let Some(chunk) = copy.next().await {
-        bytes += chunk?.len();
+        chunk?;
     }
     let copied = events as f64 / started.elapsed().as_secs_f64();
-    drop(copy);
-    let _ = bytes;
     Ok((replay, copied))
 }
 
 /// `concurrency` clients reading random devices for a few seconds, over the API and then as
 /// plain SQL over a pool as large as the API's.
-pub async fn device_reads(
-    url: &str,
-    login: &str,
-    args: &IngestArgs,
-    pool_of_bench: &PgPool,
-) -> anyhow::Result<Reads> {
-    let _ = pool_of_bench;
+pub async fn device_reads(url: &str, login: &str, args: &IngestArgs) -> anyhow::Result<Reads> {
     let (user, password) = login
         .split_once(':')
         .context("--api-login takes user:password")?;
@@ -346,69 +337,43 @@ pub async fn device_reads(
         .to_string();
     let concurrency = 16;
     let seconds = Duration::from_secs(10);
-    let devices = args.devices;
 
-    let api = {
-        let run = |n: usize| {
-            let (http, token, url) = (http.clone(), token.clone(), url.to_string());
-            async move {
-                let mut latencies = Vec::new();
-                let deadline = Instant::now() + seconds;
-                let mut i = n;
-                while Instant::now() < deadline {
-                    i = (i * 7919 + 13) % devices;
-                    let started = Instant::now();
-                    let response = http
-                        .get(format!(
-                            "{url}/api/v1/devices/{}",
-                            crate::ingest::device_name(i)
-                        ))
-                        .bearer_auth(&token)
-                        .send()
-                        .await?;
-                    if !response.status().is_success() {
-                        bail!("GET device answered {}", response.status());
-                    }
-                    response.bytes().await?;
-                    latencies.push(started.elapsed());
-                }
-                anyhow::Ok(latencies)
+    let api = timed_reads(concurrency, seconds, args.devices, |device| {
+        let (http, token, url) = (http.clone(), token.clone(), url.to_string());
+        async move {
+            let response = http
+                .get(format!("{url}/api/v1/devices/{device}"))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                bail!("GET device answered {}", response.status());
             }
-        };
-        let all = futures::future::try_join_all((0..concurrency).map(run)).await?;
-        all.concat()
-    };
+            response.bytes().await?;
+            Ok(())
+        }
+    })
+    .await?;
 
     let sql_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(args.api_pool)
         .connect(&args.database_url)
         .await?;
-    let sql = {
-        let run = |n: usize| {
-            let pool = sql_pool.clone();
-            async move {
-                let mut latencies = Vec::new();
-                let deadline = Instant::now() + seconds;
-                let mut i = n;
-                while Instant::now() < deadline {
-                    i = (i * 7919 + 13) % devices;
-                    let started = Instant::now();
-                    let row: Option<sqlx::postgres::PgRow> =
-                        sqlx::query("SELECT * FROM devices WHERE device_id = $1")
-                            .bind(crate::ingest::device_name(i))
-                            .fetch_optional(&pool)
-                            .await?;
-                    if row.is_none() {
-                        bail!("no device row");
-                    }
-                    latencies.push(started.elapsed());
-                }
-                anyhow::Ok(latencies)
+    let sql = timed_reads(concurrency, seconds, args.devices, |device| {
+        let pool = sql_pool.clone();
+        async move {
+            let row: Option<sqlx::postgres::PgRow> =
+                sqlx::query("SELECT * FROM devices WHERE device_id = $1")
+                    .bind(device)
+                    .fetch_optional(&pool)
+                    .await?;
+            if row.is_none() {
+                bail!("no device row");
             }
-        };
-        let all = futures::future::try_join_all((0..concurrency).map(run)).await?;
-        all.concat()
-    };
+            Ok(())
+        }
+    })
+    .await?;
     let p99 = |latencies: &[Duration]| {
         let mut sorted = latencies.to_vec();
         sorted.sort();
@@ -423,6 +388,35 @@ pub async fn device_reads(
         sql_reads_s: sql.len() as f64 / seconds.as_secs_f64(),
         sql_p99_ms: p99(&sql),
     })
+}
+
+/// `concurrency` loops of `read` (of a device picked at random among `devices`) for
+/// `seconds`: the latency of every read.
+async fn timed_reads<F, Fut>(
+    concurrency: usize,
+    seconds: Duration,
+    devices: usize,
+    read: F,
+) -> anyhow::Result<Vec<Duration>>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let read = &read;
+    let all = futures::future::try_join_all((0..concurrency).map(|n| async move {
+        let mut latencies = Vec::new();
+        let deadline = Instant::now() + seconds;
+        let mut i = n;
+        while Instant::now() < deadline {
+            i = (i * 7919 + 13) % devices;
+            let started = Instant::now();
+            read(crate::ingest::device_name(i)).await?;
+            latencies.push(started.elapsed());
+        }
+        anyhow::Ok(latencies)
+    }))
+    .await?;
+    Ok(all.concat())
 }
 
 /// Registers and connects `connected_devices` devices, each its own MQTT connection that

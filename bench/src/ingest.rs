@@ -26,25 +26,27 @@ pub struct IngestArgs {
     #[arg(long, default_value_t = 1883)]
     pub mqtt_port: u16,
     /// Simulated devices.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub devices: usize,
     /// The first rate of the capacity search, in messages per second.
-    #[arg(long, default_value_t = 6_000)]
+    #[arg(long, default_value_t = 6_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub start_rate: u64,
     /// How much each step of the search adds.
-    #[arg(long, default_value_t = 2_000)]
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub step: u64,
     /// Where the search stops even if every step held.
     #[arg(long, default_value_t = 30_000)]
     pub max_rate: u64,
     /// Seconds each end-to-end phase publishes for.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub seconds: u64,
     /// MQTT connections the devices publish through.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub connections: usize,
     /// Messages for the raw broker, database and minimal bridge measurements.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub raw_messages: u64,
     /// Processes to measure, `name=pid` (`name+=pid` with its children, for Postgres).
     #[arg(long = "watch")]
@@ -59,7 +61,7 @@ pub struct IngestArgs {
     #[arg(long)]
     pub api_login: Option<String>,
     /// The API's database pool size (the plain SQL read gets a pool as large).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub api_pool: u32,
     /// Devices connected at once for the memory measurement (0: skip it).
     #[arg(long, default_value_t = 10_000)]
@@ -163,7 +165,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         report.copy_rows_s = copy;
     }
     if let (Some(url), Some(login)) = (&args.api_url, &args.api_login) {
-        let reads = crate::capacity::device_reads(url, login, &args, &pool).await?;
+        let reads = crate::capacity::device_reads(url, login, &args).await?;
         reads.print();
         report.reads = Some(reads);
     }

@@ -71,18 +71,7 @@ impl Watched {
     pub fn memory(&self) -> HashMap<String, f64> {
         self.processes
             .iter()
-            .map(|(name, pid, children)| {
-                let mb = if *children {
-                    self.pids(*pid, true)
-                        .iter()
-                        .filter_map(|p| pss_kb(*p))
-                        .sum::<f64>()
-                        / 1024.0
-                } else {
-                    status_kb(*pid, "VmHWM:").unwrap_or(0.0) / 1024.0
-                };
-                (name.clone(), mb)
-            })
+            .map(|(name, pid, children)| (name.clone(), self.megabytes(*pid, *children, "VmHWM:")))
             .collect()
     }
 
@@ -92,16 +81,18 @@ impl Watched {
             .iter()
             .find(|(n, _, _)| n == name)
             .map_or(0.0, |(_, pid, children)| {
-                if *children {
-                    self.pids(*pid, true)
-                        .iter()
-                        .filter_map(|p| pss_kb(*p))
-                        .sum::<f64>()
-                        / 1024.0
-                } else {
-                    status_kb(*pid, "VmRSS:").unwrap_or(0.0) / 1024.0
-                }
+                self.megabytes(*pid, *children, "VmRSS:")
             })
+    }
+
+    /// `field` of the process's status, or with its children their summed PSS, in MB.
+    fn megabytes(&self, pid: u32, children: bool, field: &str) -> f64 {
+        let kb = if children {
+            self.pids(pid, true).iter().filter_map(|p| pss_kb(*p)).sum()
+        } else {
+            status_kb(pid, field).unwrap_or(0.0)
+        };
+        kb / 1024.0
     }
 
     /// The cost of `messages` between two samples, with the peak memory seen meanwhile.

@@ -582,12 +582,11 @@ async fn drive(
                 metrics::gauge!("fleetlog_dispatch_connected").set(1.0);
             }
             Ok(Event::Outgoing(Outgoing::Publish(packet))) => {
+                // Each connection has its own client, so nothing is retransmitted: every
+                // publish going out is the next waiter's.
                 let mut tracker = tracker.lock().await;
-                // A retransmission after a reconnect keeps its waiter.
-                if !tracker.by_packet.contains_key(&packet) {
-                    if let Some(waiter) = tracker.unassigned.pop_front() {
-                        tracker.by_packet.insert(packet, waiter);
-                    }
+                if let Some(waiter) = tracker.unassigned.pop_front() {
+                    tracker.by_packet.insert(packet, waiter);
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {

@@ -67,6 +67,22 @@ async fn start_worker<P: Projection>(projection: P, pool: &PgPool, nats: &NatsSe
     Running { shutdown, task }
 }
 
+/// The devices worker with telemetry riding along, as `fleetlog project` runs it.
+fn start_devices_with_telemetry(pool: &PgPool, jetstream: &Context) -> Running {
+    let worker = Worker::new(
+        DevicesProjection,
+        pool.clone(),
+        jetstream.clone(),
+        settings(),
+    )
+    .alongside(TelemetryProjection);
+    let shutdown = CancellationToken::new();
+    Running {
+        shutdown: shutdown.clone(),
+        task: tokio::spawn(worker.run(shutdown)),
+    }
+}
+
 async fn start_relay(pool: &PgPool, nats: &NatsServer) -> Running {
     let relay_settings = RelaySettings {
         poll_interval: Duration::from_millis(100),
@@ -481,20 +497,7 @@ async fn a_gap_is_filled_from_the_events_table() {
     )
     .await
     .unwrap();
-    let start = || {
-        let worker = Worker::new(
-            DevicesProjection,
-            db.pool.clone(),
-            jetstream.clone(),
-            settings(),
-        )
-        .alongside(TelemetryProjection);
-        let shutdown = CancellationToken::new();
-        Running {
-            shutdown: shutdown.clone(),
-            task: tokio::spawn(worker.run(shutdown)),
-        }
-    };
+    let start = || start_devices_with_telemetry(&db.pool, &jetstream);
     let worker = start();
 
     // One by one: the registration, then sequence 3 alone (2 went to another worker).
@@ -616,18 +619,7 @@ async fn telemetry_rides_with_the_devices_worker_on_one_consumer() {
         })
         .await
         .unwrap();
-    let worker = Worker::new(
-        DevicesProjection,
-        db.pool.clone(),
-        jetstream.clone(),
-        settings(),
-    )
-    .alongside(TelemetryProjection);
-    let shutdown = CancellationToken::new();
-    let worker = Running {
-        shutdown: shutdown.clone(),
-        task: tokio::spawn(worker.run(shutdown)),
-    };
+    let worker = start_devices_with_telemetry(&db.pool, &jetstream);
     let wait_for_rows = |expected: i64| {
         let pool = db.pool.clone();
         async move {

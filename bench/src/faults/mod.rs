@@ -44,16 +44,20 @@ pub struct FaultsArgs {
     #[arg(long, env = "FAULTS_JSON")]
     json: PathBuf,
     /// Seconds of each phase (one fault each).
-    #[arg(long, env = "FAULTS_SECONDS", default_value_t = 40)]
+    #[arg(long, env = "FAULTS_SECONDS", default_value_t = 40,
+          value_parser = clap::value_parser!(u64).range(6..=3600))]
     seconds: u64,
     /// Simulated devices, each its own MQTT connection.
-    #[arg(long, env = "FAULTS_DEVICES", default_value_t = 50)]
+    #[arg(long, env = "FAULTS_DEVICES", default_value_t = 50,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     devices: usize,
     /// Telemetry messages per second, over all devices.
-    #[arg(long, env = "FAULTS_RATE", default_value_t = 200)]
+    #[arg(long, env = "FAULTS_RATE", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
     rate: u64,
     /// REST writes per second.
-    #[arg(long, env = "FAULTS_WRITES", default_value_t = 6)]
+    #[arg(long, env = "FAULTS_WRITES", default_value_t = 6,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
     writes: u64,
     /// The first of the two APIs' ports.
     #[arg(long, default_value_t = 18180)]

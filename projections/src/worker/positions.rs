@@ -294,27 +294,7 @@ pub(crate) async fn apply_judged<P: Projection>(
             }
         }
         Positions::Shared => {
-            let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
-            let stored: Vec<(String, String, i64)> = sqlx::query_as(
-                "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence FROM projection_positions p
-                   JOIN UNNEST($2::text[], $3::text[]) AS a(t, i)
-                     ON p.aggregate_type = a.t AND p.aggregate_id = a.i
-                  WHERE p.projection = $1",
-            )
-            .bind(P::NAME)
-            .bind(&types)
-            .bind(&ids)
-            .fetch_all(&mut *connection)
-            .await?;
-            let stored: HashMap<(String, String), i64> = stored
-                .into_iter()
-                .map(|(kind, id, sequence)| ((kind, id), sequence))
-                .collect();
-            for key in &keys {
-                if let Some(sequence) = stored.get(&(key.0.to_owned(), key.1.to_owned())) {
-                    last.insert(*key, *sequence);
-                }
-            }
+            read_shared_positions(connection, P::NAME, &keys, Locking::No, &mut last).await?;
         }
     }
     let (positions, applied) = judge(&all, &mut last);
@@ -347,6 +327,53 @@ pub(crate) async fn apply_judged<P: Projection>(
         .await?;
     }
     Ok(true)
+}
+
+/// Whether [`read_shared_positions`] locks the rows it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Locking {
+    /// A writer alone on its tables (replay's shadow).
+    No,
+    /// Locked in a fixed order, so concurrent workers cannot deadlock.
+    ForUpdate,
+}
+
+/// Reads the `projection_positions` rows of `keys` into `last` (a key without a row stays out).
+async fn read_shared_positions<'a>(
+    connection: &mut PgConnection,
+    projection: &str,
+    keys: &[AggregateKey<'a>],
+    locking: Locking,
+    last: &mut HashMap<AggregateKey<'a>, i64>,
+) -> Result<(), sqlx::Error> {
+    const READ: &str = "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence
+           FROM projection_positions p
+           JOIN UNNEST($2::text[], $3::text[]) AS a(t, i)
+             ON p.aggregate_type = a.t AND p.aggregate_id = a.i
+          WHERE p.projection = $1";
+    let select = match locking {
+        Locking::No => READ.to_string(),
+        Locking::ForUpdate => {
+            format!("{READ} ORDER BY p.aggregate_type, p.aggregate_id FOR UPDATE OF p")
+        }
+    };
+    let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(&select)
+        .bind(projection)
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(connection)
+        .await?;
+    let stored: HashMap<(String, String), i64> = rows
+        .into_iter()
+        .map(|(kind, id, sequence)| ((kind, id), sequence))
+        .collect();
+    for key in keys {
+        if let Some(sequence) = stored.get(&(key.0.to_owned(), key.1.to_owned())) {
+            last.insert(*key, *sequence);
+        }
+    }
+    Ok(())
 }
 
 /// `a == b`, in a const context.
@@ -411,21 +438,23 @@ async fn missing_events(
     events: &[EventEnvelope],
     last: &HashMap<AggregateKey<'_>, i64>,
 ) -> Result<Vec<EventEnvelope>, sqlx::Error> {
-    // Per aggregate: the latest sequence past its position, and the sequences the batch has.
-    let mut spans: HashMap<AggregateKey, (i64, HashSet<i64>)> = HashMap::new();
+    // Per aggregate: the latest sequence past its position, and how many the batch has past
+    // it. A redelivery twice in one batch hides a gap from this count: that gap waits for the
+    // stream, as every gap did before.
+    let mut spans: HashMap<AggregateKey, (i64, i64)> = HashMap::new();
     for event in events {
         let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
         if event.sequence > last.get(&key).copied().unwrap_or(0) {
             let span = spans.entry(key).or_default();
             span.0 = span.0.max(event.sequence);
-            span.1.insert(event.sequence);
+            span.1 += 1;
         }
     }
     let mut wanted: HashMap<&str, Vec<SequenceRange>> = HashMap::new();
     let mut total = 0;
     for (key, (latest, present)) in &spans {
         let after = last.get(key).copied().unwrap_or(0);
-        let lacking = latest - after - present.len() as i64;
+        let lacking = latest - after - present;
         if lacking > 0 {
             total += lacking;
             wanted.entry(key.0).or_default().push(SequenceRange {
@@ -438,14 +467,25 @@ async fn missing_events(
     if wanted.is_empty() || total > MAX_FILLED {
         return Ok(Vec::new());
     }
+    let in_batch: HashSet<(&str, &str, i64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.aggregate_type.as_str(),
+                e.aggregate_id.as_str(),
+                e.sequence,
+            )
+        })
+        .collect();
     let mut missing = Vec::new();
     for (aggregate_type, ranges) in wanted {
         for event in fleetlog_eventlog::ranges(&mut *connection, aggregate_type, &ranges).await? {
-            let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
-            let in_batch = spans
-                .get(&key)
-                .is_some_and(|(_, present)| present.contains(&event.sequence));
-            if !in_batch {
+            let id = (
+                event.aggregate_type.as_str(),
+                event.aggregate_id.as_str(),
+                event.sequence,
+            );
+            if !in_batch.contains(&id) {
                 missing.push(event);
             }
         }
@@ -664,28 +704,8 @@ impl<P: Projection, C: Companion> Worker<P, C> {
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
-            let locked: Vec<(String, String, i64)> = sqlx::query_as(
-                "SELECT p.aggregate_type, p.aggregate_id, p.last_sequence FROM projection_positions p
-                   JOIN UNNEST($2::text[], $3::text[]) AS a(t, i)
-                     ON p.aggregate_type = a.t AND p.aggregate_id = a.i
-                  WHERE p.projection = $1
-                  ORDER BY p.aggregate_type, p.aggregate_id
-                    FOR UPDATE OF p",
-            )
-            .bind(P::NAME)
-            .bind(&types)
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            let locked: HashMap<(String, String), i64> = locked
-                .into_iter()
-                .map(|(kind, id, sequence)| ((kind, id), sequence))
-                .collect();
-            for key in &unknown {
-                if let Some(sequence) = locked.get(&(key.0.to_owned(), key.1.to_owned())) {
-                    last.insert(*key, *sequence);
-                }
-            }
+            read_shared_positions(&mut tx, P::NAME, &unknown, Locking::ForUpdate, &mut last)
+                .await?;
         }
         let filled = missing_events(&mut tx, events, &last).await?;
         let all = with_filled(events, &filled);
