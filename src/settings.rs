@@ -536,9 +536,10 @@ impl FirmwareArgs {
 #[command(next_help_heading = "Ingest")]
 pub struct IngestArgs {
     /// MQTT client id of this ingest instance. The broker keeps the session (and the messages
-    /// not yet acknowledged) under it: keep it stable across restarts, distinct per instance.
-    /// It must not be a valid device id (hold a `.`), or a device of that id could take the
-    /// session over.
+    /// not yet acknowledged) under it: keep it stable across restarts; distinct per instance
+    /// with a shared subscription, the same for all with a plain one (they take turns on the
+    /// one session). It must not be a valid device id (hold a `.`), or a device of that id
+    /// could take the session over.
     #[arg(
         long,
         env = "FLEETLOG_INGEST_CLIENT_ID",
@@ -548,7 +549,8 @@ pub struct IngestArgs {
     pub ingest_client_id: String,
 
     /// Shared-subscription group the ingest instances split the device topics in; empty to
-    /// subscribe plainly.
+    /// subscribe plainly: instances of one client id then take turns, one connected and the
+    /// others standing by.
     #[arg(
         long,
         env = "FLEETLOG_INGEST_SHARE_GROUP",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fault matrix: fleetlog deployed as production would run it, each role in its own process
-# (two ingest on the shared subscription, two project, two api, two relay of which one is
+# (two ingest, two project, two api, two relay of which one is
 # active, one dispatch, one broker sync), on a stack of its own (Postgres, nats-server and
 # Mosquitto with their users and accounts, on other ports, in a scratch directory). Under
 # steady load it injects one fault after another: kill -9 of each role's instance, restart
@@ -16,6 +16,10 @@
 #   FAULTS_DEVICES  simulated devices, each its own MQTT connection (default 50)
 #   FAULTS_RATE     telemetry messages per second over all devices (default 200)
 #   FAULTS_WRITES   REST writes per second (default 6)
+#   FAULTS_INGEST   how the two ingest instances subscribe: shared (a shared subscription,
+#                   both serving) or turns (one plain subscription on one session they take
+#                   turns on). Default: shared on Mosquitto 2.0.19 or later, turns on older
+#                   ones, which forget shared subscriptions when they restart (see README)
 #   FAULTS_JSON     where the report goes (default .fleetlog/stack/faults.json)
 #   FAULTS_LOG      the roles' log filter (default info); their logs and the servers' are
 #                   kept under .fleetlog/stack/logs/faults/
@@ -71,6 +75,19 @@ trap cleanup EXIT
 # shellcheck disable=SC1091
 source "$FLEETLOG_STACK_DIR/env"
 "$fleetlog" migrate >/dev/null
+
+if [ -z "${FAULTS_INGEST:-}" ]; then
+    mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+    broker_version=$("$mosquitto_bin" -h 2>/dev/null | sed -n 's/^mosquitto version \([0-9.]*\).*/\1/p' | head -n 1 || true)
+    # sort -V puts the older version first: 2.0.19 first means this one is at least as new.
+    if [ -n "$broker_version" ] &&
+        [ "$(printf '%s\n' 2.0.19 "$broker_version" | sort -V | head -n 1)" = 2.0.19 ]; then
+        export FAULTS_INGEST=shared
+    else
+        export FAULTS_INGEST=turns
+        say "Mosquitto ${broker_version:-of unknown version} forgets shared subscriptions when it restarts: the two ingest instances take turns on one session (FAULTS_INGEST=shared measures the other way)"
+    fi
+fi
 
 "$bench" faults \
     --fleetlog "$fleetlog" \

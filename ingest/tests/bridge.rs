@@ -846,3 +846,132 @@ async fn a_retained_message_is_recorded_once_not_at_every_new_subscription() {
     stop.cancel();
     bridge.await.unwrap();
 }
+
+/// Which backends hold the turn of client id `ingest-turns`: an advisory lock's bigint key
+/// shows in `pg_locks` split into `classid` (high half) and `objid` (low half).
+const TURN_HOLDERS: &str = "SELECT pid FROM pg_locks
+  WHERE locktype = 'advisory' AND granted
+    AND ((classid::bigint << 32) | objid::bigint)
+        = hashtextextended('fleetlog.ingest:ingest-turns', 0)";
+
+async fn turn_holders(pool: &PgPool) -> Vec<i32> {
+    sqlx::query_scalar(TURN_HOLDERS)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn readings_of(pool: &PgPool, device: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(DISTINCT payload::jsonb -> 'TelemetryRecorded' -> 'readings' -> 0 -> 'value')
+           FROM events WHERE aggregate_id = $1 AND event_type = 'TelemetryRecorded'",
+    )
+    .bind(device)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plain_subscription_instances_take_turns_on_one_session() {
+    let platform = Platform::start().await;
+    platform.register("t1").await;
+    let pool = platform.pool().clone();
+    let mut settings = platform.settings();
+    settings.share_group = None;
+    settings.client_id = "ingest-turns".into();
+    settings.standby_interval = Duration::from_millis(100);
+    let first = Ingest::new(
+        CommandBus::new(pool.clone(), StoreSettings::default()),
+        async_nats::jetstream::new(platform.client.clone()),
+        settings.clone(),
+    );
+    let first = tokio::spawn(first.run(CancellationToken::new()));
+    platform.wait_subscribed().await;
+    // The second instance, same client id: it stands by and receives nothing.
+    let second = Ingest::new(
+        CommandBus::new(pool.clone(), StoreSettings::default()),
+        async_nats::jetstream::new(platform.client.clone()),
+        settings,
+    );
+    let second_stats = second.stats();
+    let stop_second = CancellationToken::new();
+    let second = tokio::spawn(second.run(stop_second.clone()));
+
+    let device = Device::connect(&platform.broker, "t1-client").await;
+    let send = |from: usize| {
+        let client = device.client.clone();
+        async move {
+            for i in from..from + 50 {
+                client
+                    .publish(
+                        "devices/t1/data",
+                        QoS::AtLeastOnce,
+                        false,
+                        format!("{{\"reading\": {i}}}").into_bytes(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let recorded_at_least = |n: i64| {
+        let pool = pool.clone();
+        move || {
+            let pool = pool.clone();
+            async move { readings_of(&pool, "t1").await.0 >= n }
+        }
+    };
+    send(0).await;
+    wait_until("the first 50 recorded", recorded_at_least(50)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(second_stats.received(), 0, "the standby took messages");
+    assert_eq!(turn_holders(&pool).await.len(), 1);
+
+    // The holder dies (its task, its MQTT connection and its lock's connection with it);
+    // what is sent before the standby has connected waits in the session.
+    first.abort();
+    let _ = first.await;
+    send(50).await;
+    wait_until(
+        "the next 50 recorded by the standby",
+        recorded_at_least(100),
+    )
+    .await;
+    assert!(second_stats.received() >= 50);
+
+    // The holder's Postgres connection is cut: it gives up its turn, stops, and takes the
+    // turn again (nobody else wants it) without losing what came meanwhile.
+    let holder = turn_holders(&pool).await;
+    assert_eq!(holder.len(), 1);
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(holder[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_until("the turn taken again", || {
+        let pool = pool.clone();
+        let before = holder[0];
+        async move {
+            turn_holders(&pool)
+                .await
+                .first()
+                .is_some_and(|&pid| pid != before)
+        }
+    })
+    .await;
+    send(100).await;
+    wait_until("the last 50 recorded", recorded_at_least(150)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        readings_of(&pool, "t1").await,
+        (150, 150),
+        "lost or doubled"
+    );
+    assert_eq!(turn_holders(&pool).await.len(), 1);
+    stop_second.cancel();
+    tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the bridge stops on request")
+        .unwrap();
+}

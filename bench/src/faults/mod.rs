@@ -27,7 +27,7 @@ use tokio::io::AsyncWriteExt;
 
 use devices::{Device, Ledger};
 use operator::{Operator, WriteKind, Writes};
-use topology::{Server, Topology};
+use topology::{IngestMode, Server, Topology};
 
 #[derive(clap::Args)]
 pub struct FaultsArgs {
@@ -59,6 +59,11 @@ pub struct FaultsArgs {
     #[arg(long, env = "FAULTS_WRITES", default_value_t = 6,
           value_parser = clap::value_parser!(u64).range(1..=1000))]
     writes: u64,
+    /// How the two ingest instances subscribe: `shared` (one shared subscription, both
+    /// serving) or `turns` (one plain subscription on one session, which they take turns on:
+    /// the only way a broker that forgets shared subscriptions over a restart loses nothing).
+    #[arg(long, env = "FAULTS_INGEST", value_enum, default_value_t = IngestMode::Shared)]
+    ingest: IngestMode,
     /// The first of the two APIs' ports.
     #[arg(long, default_value_t = 18180)]
     http_port: u16,
@@ -137,6 +142,8 @@ struct Report {
     seconds_per_phase: u64,
     devices: usize,
     rate: u64,
+    /// How the two ingest instances subscribed.
+    ingest: &'static str,
     faults: Vec<Row>,
     stream: StreamSummary,
     commands_undelivered: usize,
@@ -178,7 +185,13 @@ pub async fn run(args: FaultsArgs) -> anyhow::Result<()> {
     let password = "faults-operator-password-0123456789";
     create_user(&args.fleetlog, "fleet", "operator", password).await?;
 
-    let mut topology = Topology::new(&args.fleetlog, &args.stack, &args.work_dir, args.http_port)?;
+    let mut topology = Topology::new(
+        &args.fleetlog,
+        &args.stack,
+        &args.work_dir,
+        args.http_port,
+        args.ingest,
+    )?;
     say("starting every role in its own process");
     topology.start().await?;
     let operator = Operator::login(&topology.api_urls, "fleet", "operator", password).await?;
@@ -375,6 +388,7 @@ pub async fn run(args: FaultsArgs) -> anyhow::Result<()> {
         date: chrono::Utc::now().to_rfc3339(),
         machine: crate::machine(),
         seconds_per_phase: args.seconds,
+        ingest: args.ingest.describe(),
         devices: args.devices,
         rate: args.rate,
         faults: rows,
@@ -671,8 +685,13 @@ async fn delivered(
 
 fn print_table(report: &Report) {
     println!(
-        "\nfault matrix, {} s per phase, {} devices at {} msg/s, {} ({})",
-        report.seconds_per_phase, report.devices, report.rate, report.machine, report.date
+        "\nfault matrix, {} s per phase, {} devices at {} msg/s, {} ({})\ningest: {}",
+        report.seconds_per_phase,
+        report.devices,
+        report.rate,
+        report.machine,
+        report.date,
+        report.ingest
     );
     println!(
         "{:<28} {:>7} {:>7} {:>9} {:>5} {:>5} {:>7} {:>9} {:>9}",

@@ -32,6 +32,28 @@ pub struct Topology {
     pub api_urls: Vec<String>,
 }
 
+/// How the two ingest instances share the device topics.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum IngestMode {
+    /// One shared subscription (each instance its own client id and session), both serving.
+    Shared,
+    /// One plain subscription on one session (one client id): one instance serves, the other
+    /// stands by and takes the session over.
+    Turns,
+}
+
+impl IngestMode {
+    /// As the report says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            IngestMode::Shared => "two instances on a shared subscription",
+            IngestMode::Turns => {
+                "two instances taking turns on one session with a plain subscription"
+            }
+        }
+    }
+}
+
 /// A server of the stack.
 #[derive(Clone, Copy, Debug)]
 pub enum Server {
@@ -58,6 +80,7 @@ impl Topology {
         stack: &Path,
         work_dir: &Path,
         first_http_port: u16,
+        ingest: IngestMode,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(work_dir.join("logs"))?;
         let data_dir = work_dir.join("data");
@@ -104,14 +127,17 @@ impl Topology {
         role("project-1", "project", vec![]);
         role("project-2", "project", vec![]);
         for n in 1..=2 {
-            role(
-                &format!("ingest-{n}"),
-                "ingest",
-                vec![(
+            let subscription = match ingest {
+                IngestMode::Shared => vec![(
                     "FLEETLOG_INGEST_CLIENT_ID".into(),
                     format!("fleetlog.ingest.{n}"),
                 )],
-            );
+                IngestMode::Turns => vec![
+                    ("FLEETLOG_INGEST_CLIENT_ID".into(), "fleetlog.ingest".into()),
+                    ("FLEETLOG_INGEST_SHARE_GROUP".into(), String::new()),
+                ],
+            };
+            role(&format!("ingest-{n}"), "ingest", subscription);
         }
         role("dispatch", "dispatch", vec![]);
         Ok(Self {

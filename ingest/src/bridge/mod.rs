@@ -21,6 +21,7 @@ mod dedup;
 mod provisioning;
 mod shard;
 mod stats;
+mod turn;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -70,8 +71,11 @@ pub struct IngestSettings {
     /// The first topic level, `devices` by default.
     pub topic_root: String,
     /// The shared-subscription group (`$share/{group}/...`) instances split the load in;
-    /// `None` subscribes plainly (every instance then gets every message).
+    /// `None` subscribes plainly, and instances of one client id take turns: one serves, the
+    /// others stand by (see [`Ingest::run`]).
     pub share_group: Option<String>,
+    /// How often a standby asks for the turn, and the holder checks it still has it.
+    pub standby_interval: Duration,
     /// Shards: each commits the devices of its round in one transaction, so this many
     /// transactions run at once. Few shards make large, cheap transactions.
     pub shards: usize,
@@ -102,6 +106,7 @@ impl IngestSettings {
             client_id: "fleetlog.ingest".into(),
             topic_root: "devices".into(),
             share_group: Some("fleetlog-ingest".into()),
+            standby_interval: Duration::from_millis(500),
             shards: 2,
             max_batch: 500,
             linger: Duration::from_millis(5),
@@ -166,8 +171,44 @@ impl Ingest {
 
     /// Runs until `shutdown`: messages in hand are finished (committed or dead-lettered and
     /// acked) before it returns; the rest stays with the broker.
+    ///
+    /// With a shared subscription every instance serves at once. With a plain one, instances
+    /// of one client id take turns ([`turn`]): the one holding the turn is connected, the
+    /// others stand by and take the session over, with what the broker queued in it, when the
+    /// holder goes away.
     pub async fn run(self, shutdown: CancellationToken) {
         let _ = self.stats.started.set(Instant::now());
+        if self.settings.share_group.is_some() {
+            self.serve(&shutdown).await;
+            return;
+        }
+        let pool = self.bus.pool().clone();
+        while let Some(held) = turn::wait_for_turn(&pool, &self.settings, &shutdown).await {
+            tracing::info!(client_id = %self.settings.client_id, "ingest has its turn: connecting");
+            let serving = shutdown.child_token();
+            // In this task, not spawned: if serving panics or the task is aborted, the lock's
+            // connection goes with it and the turn passes on.
+            let serve = async {
+                self.serve(&serving).await;
+                serving.cancel();
+            };
+            tokio::join!(
+                serve,
+                turn::watch_turn(held, self.settings.standby_interval, &serving)
+            );
+            if shutdown.is_cancelled() {
+                break;
+            }
+            tracing::warn!(
+                client_id = %self.settings.client_id,
+                "ingest lost its turn (its Postgres connection went away); standing by"
+            );
+        }
+        tracing::info!("ingest stopped");
+    }
+
+    /// Connects and handles messages until `shutdown`.
+    async fn serve(&self, shutdown: &CancellationToken) {
         let settings = &self.settings;
         let mut options = settings.broker.options(&settings.client_id);
         options
@@ -229,7 +270,7 @@ impl Ingest {
         });
 
         let answers = tokio_util::task::TaskTracker::new();
-        let events = poll_events(&self, &client, events, &senders, &answers, &shutdown).await;
+        let events = poll_events(self, &client, events, &senders, &answers, shutdown).await;
         // Let the shards finish what they hold, and the provisioning answers go out, then send
         // their acks before leaving.
         drop(senders);
@@ -253,7 +294,9 @@ impl Ingest {
         if let Some(panic) = panicked {
             std::panic::resume_unwind(panic);
         }
-        tracing::info!("ingest stopped");
+        if self.settings.share_group.is_some() {
+            tracing::info!("ingest stopped");
+        }
     }
 }
 
