@@ -30,6 +30,8 @@ pub struct Step {
     /// p99 under 500 ms.
     pub held: bool,
     pub processes: Vec<ProcessCost>,
+    /// The latency split by stage (p50, p99, max each).
+    pub stages: Option<crate::ingest::Stages>,
 }
 
 #[derive(Serialize, Debug)]

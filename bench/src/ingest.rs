@@ -313,6 +313,85 @@ struct Phase {
     publish_seconds: f64,
     done_seconds: f64,
     latencies: Vec<Duration>,
+    /// Where the time went, stage by stage, for the messages whose events were found.
+    stages: Option<Stages>,
+}
+
+/// Publish-to-projection latency split at the two instants the event records: when ingest
+/// took the message up (`received_at` in the payload) and when its transaction began
+/// (`recorded_at`). Quantiles per stage, in ms.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stages {
+    /// Publish -> ingest's round: the device's client, Mosquitto, the ingest's queue.
+    pub to_ingest_ms: [f64; 3],
+    /// Ingest's round -> the transaction that stored the event.
+    pub ingest_round_ms: [f64; 3],
+    /// Stored -> seen in the devices read model: commit, relay, JetStream, projection, and
+    /// this benchmark's polling of the read model (every 50 ms).
+    pub to_read_model_ms: [f64; 3],
+}
+
+/// p50, p99 and max of `values`, in ms.
+fn quantiles(mut values: Vec<f64>) -> [f64; 3] {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        values
+            .get(((values.len() as f64 * q) as usize).min(values.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    [at(0.5), at(0.99), at(1.0)]
+}
+
+/// Splits the phase's latencies at the instants its events recorded. `seen` holds, per
+/// message, its seq and when it was published and seen, as offsets from `started` (which was
+/// `started_wall` on the wall clock).
+async fn stages(
+    pool: &PgPool,
+    started_wall: chrono::DateTime<chrono::Utc>,
+    first_seq: u64,
+    last_seq: u64,
+    seen: &[(u64, Duration, Duration)],
+) -> anyhow::Result<Stages> {
+    let rows: Vec<(f64, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as(
+            "SELECT seq, received, recorded_at FROM (
+                 SELECT jsonb_path_query_first(payload::jsonb,
+                            '$.TelemetryRecorded.readings[*] ? (@.sensor == \"seq\").value')::text::float8 AS seq,
+                        (payload::jsonb -> 'TelemetryRecorded' ->> 'received_at')::timestamptz AS received,
+                        recorded_at
+                   FROM events
+                  WHERE aggregate_id LIKE 'bench-%' AND event_type = 'TelemetryRecorded'
+                    AND recorded_at >= $1) AS e
+              WHERE seq BETWEEN $2 AND $3",
+        )
+        .bind(started_wall - chrono::TimeDelta::seconds(5))
+        .bind(first_seq as f64)
+        .bind(last_seq as f64)
+        .fetch_all(pool)
+        .await?;
+    let offset = |t: chrono::DateTime<chrono::Utc>| {
+        (t - started_wall).num_microseconds().unwrap_or(0) as f64 / 1000.0
+    };
+    let stored: HashMap<u64, (f64, f64)> = rows
+        .into_iter()
+        .map(|(seq, received, recorded)| (seq as u64, (offset(received), offset(recorded))))
+        .collect();
+    let (mut to_ingest, mut round, mut to_model) = (Vec::new(), Vec::new(), Vec::new());
+    for (seq, sent, seen) in seen {
+        let Some(&(received, recorded)) = stored.get(seq) else {
+            continue;
+        };
+        let (sent, seen) = (sent.as_secs_f64() * 1000.0, seen.as_secs_f64() * 1000.0);
+        to_ingest.push(received - sent);
+        round.push(recorded - received);
+        to_model.push(seen - recorded);
+    }
+    Ok(Stages {
+        to_ingest_ms: quantiles(to_ingest),
+        ingest_round_ms: quantiles(round),
+        to_read_model_ms: quantiles(to_model),
+    })
 }
 
 impl Phase {
@@ -344,6 +423,7 @@ impl Phase {
             max_ms: self.quantile(1.0),
             held,
             processes: costs,
+            stages: self.stages.clone(),
         }
     }
 
@@ -363,6 +443,15 @@ impl Phase {
             at(0.99),
             at(1.0),
         );
+        if let Some(stages) = &self.stages {
+            let show = |q: &[f64; 3]| format!("{:.0}/{:.0}/{:.0}", q[0], q[1], q[2]);
+            println!(
+                "  stages p50/p99/max ms: publish->ingest {}, ingest round {}, stored->read model {}",
+                show(&stages.to_ingest_ms),
+                show(&stages.ingest_round_ms),
+                show(&stages.to_read_model_ms),
+            );
+        }
     }
 }
 
@@ -394,6 +483,8 @@ async fn end_to_end(
     }
     let first_seq = sequence.load(Ordering::Relaxed);
     let started = Instant::now();
+    let started_wall = chrono::Utc::now();
+    let mut seen_at: Vec<(u64, Duration, Duration)> = Vec::with_capacity(total as usize);
     let publisher = {
         let sent = sent.clone();
         let sequence = sequence.clone();
@@ -467,6 +558,7 @@ async fn end_to_end(
                 while s <= seq {
                     if let Some(at) = sent.remove(&(device, s)) {
                         latencies.push(now - at);
+                        seen_at.push((s, at - started, now - started));
                     }
                     s += count;
                 }
@@ -490,7 +582,15 @@ async fn end_to_end(
     }
     let done_seconds = started.elapsed().as_secs_f64();
     let publish_end = publisher.await??;
+    let stages = match stages(pool, started_wall, first_seq, last_seq, &seen_at).await {
+        Ok(stages) => Some(stages),
+        Err(error) => {
+            eprintln!("cannot split the latency by stage: {error:#}");
+            None
+        }
+    };
     Ok(Phase {
+        stages,
         rate,
         published: total,
         publish_seconds: (publish_end - started).as_secs_f64(),
