@@ -139,6 +139,15 @@ pub fn credential_hint(error: &rumqttc::ConnectionError, url: &BrokerUrl) -> Opt
     }
 }
 
+/// Socket options for fleetlog's own MQTT connections: Nagle's algorithm off (rumqttc leaves
+/// it on), so an acknowledgement or a small publish leaves at once instead of waiting for the
+/// peer to acknowledge the segment before it. Set them on every event loop the platform runs.
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut options = rumqttc::NetworkOptions::new();
+    options.set_tcp_nodelay(true);
+    options
+}
+
 impl BrokerUrl {
     /// Client options for this broker under `client_id`.
     pub fn options(&self, client_id: &str) -> MqttOptions {

@@ -55,6 +55,7 @@ allow_anonymous true
 persistence true
 persistence_location $scratch/mosquitto/
 max_inflight_messages 1000
+set_tcp_nodelay true
 max_queued_messages 1000000
 message_size_limit 262144
 CONF

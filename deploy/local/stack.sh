@@ -337,6 +337,8 @@ log_dest file $log_file
 # queue plenty for it while it restarts.
 max_inflight_messages 1000
 max_queued_messages 1000000
+# Deliveries leave at once, not behind Nagle's wait for the previous segment's ACK.
+set_tcp_nodelay true
 # Payloads up to 256 KiB: what ingest reads without dropping its connection
 # (fleetlog_ingest::broker::BROKER_MESSAGE_LIMIT). Larger ones are refused by the broker.
 message_size_limit 262144

@@ -159,7 +159,8 @@ impl Dispatcher {
                 fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
                 fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
             );
-        let (client, events) = AsyncClient::new(options.clone(), CLIENT_CAPACITY);
+        let (client, mut events) = AsyncClient::new(options.clone(), CLIENT_CAPACITY);
+        events.set_network_options(fleetlog_broker::network_options());
         let publisher = ConfirmedPublisher {
             tracker: Arc::new(Mutex::new(Tracker {
                 client,
@@ -609,7 +610,8 @@ async fn drive(
                 if !fleetlog_nats::sleep_unless_shut_down(delay, &shutdown).await {
                     return;
                 }
-                let (client, fresh) = AsyncClient::new(options.clone(), CLIENT_CAPACITY);
+                let (client, mut fresh) = AsyncClient::new(options.clone(), CLIENT_CAPACITY);
+                fresh.set_network_options(fleetlog_broker::network_options());
                 // Dropped first: a publish waiting for room in the old client's queue (and
                 // holding the tracker meanwhile) fails at once instead of waiting forever.
                 drop(std::mem::replace(&mut events, fresh));

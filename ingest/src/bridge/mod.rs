@@ -220,7 +220,8 @@ impl Ingest {
                 fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
                 fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
             );
-        let (client, events) = AsyncClient::new(options, 10_000);
+        let (client, mut events) = AsyncClient::new(options, 10_000);
+        events.set_network_options(fleetlog_broker::network_options());
         let shared = Arc::new(Shared {
             bus: self.bus.clone(),
             jetstream: self.jetstream.clone(),
