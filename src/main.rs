@@ -29,6 +29,7 @@ use fleetlog_commands::{CommandBus, StoreSettings};
 use fleetlog_domain::user::Role;
 use fleetlog_domain::TenantId;
 use fleetlog_process::rollout_manager::RolloutManagerSettings;
+use fleetlog_projections::DeviceModels;
 use fleetlog_projections::WorkerSettings;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use secrecy::ExposeSecret;
@@ -220,7 +221,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("pass the password on standard input with --password-stdin");
             }
             let new_user = user::NewUser::from_stdin(tenant, username, roles)?;
-            let bus = CommandBus::new(connect(&common).await?, store.store());
+            let bus = CommandBus::new(
+                connect(&common).await?,
+                store.store(),
+                DeviceModels::inline(),
+            );
             user::create(&bus, new_user).await
         }
         Command::Api(role) => {

@@ -30,6 +30,7 @@ use fleetlog_nats::{supervise, StreamSettings};
 use fleetlog_process::broker_sync::{BrokerSync, BrokerSyncSettings};
 use fleetlog_process::liveness::{Liveness, LivenessSettings};
 use fleetlog_process::rollout_manager::{RolloutManager, RolloutManagerSettings};
+use fleetlog_projections::DeviceModels;
 use fleetlog_projections::WorkerSettings;
 use fleetlog_relay::{Relay, RelaySettings};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -140,7 +141,7 @@ impl Platform {
 
     /// A command bus of its own on the platform's pool, as a role gets one.
     pub fn bus(&self) -> CommandBus {
-        CommandBus::new(self.pool.clone(), self.store)
+        CommandBus::new(self.pool.clone(), self.store, DeviceModels::inline())
     }
 
     /// The platform's Postgres pool.
@@ -197,7 +198,10 @@ impl Platform {
         let (pool, store, shutdown) = (self.pool.clone(), self.store, self.shutdown.clone());
         self.roles
             .spawn(supervise("liveness", self.shutdown.clone(), move || {
-                let liveness = Liveness::new(CommandBus::new(pool.clone(), store), settings);
+                let liveness = Liveness::new(
+                    CommandBus::new(pool.clone(), store, DeviceModels::inline()),
+                    settings,
+                );
                 let shutdown = shutdown.clone();
                 async move {
                     liveness.run(shutdown).await;
@@ -307,7 +311,7 @@ impl Platform {
             supervise(name, shutdown.clone(), move || {
                 start(
                     client.clone(),
-                    CommandBus::new(pool.clone(), store),
+                    CommandBus::new(pool.clone(), store, DeviceModels::inline()),
                     shutdown.clone(),
                 )
             })

@@ -3,6 +3,7 @@
 
 mod common;
 
+use fleetlog_projections::DeviceModels;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
@@ -395,13 +396,13 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The projection role runs too: its durable consumers exist on the stream (telemetry
-    // rides with devices).
+    // The projection role runs too: its durable consumers exist on the stream (the device
+    // models have none: the write side keeps them inline).
     let stream = jetstream
         .get_stream(fleetlog_nats::STREAM_NAME)
         .await
         .unwrap();
-    for projection in ["devices", "users"] {
+    for projection in ["firmware", "rollouts", "users"] {
         let deadline = Instant::now() + Duration::from_secs(30);
         while stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(projection)
@@ -471,7 +472,11 @@ async fn replay_verify_and_events_commands() {
 
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     for id in ["d1", "d2"] {
         let register = DeviceCommand::Register {

@@ -24,6 +24,7 @@ use fleetlog_domain::{SessionId, TenantId, UserId};
 use fleetlog_firmware::{FirmwareStore, ImageSigner};
 use fleetlog_ingest::bridge::IngestSettings;
 use fleetlog_process::rollout_manager::{RolloutManager, RolloutManagerSettings};
+use fleetlog_projections::DeviceModels;
 use fleetlog_projections::WorkerSettings;
 use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
@@ -277,7 +278,11 @@ const ROLLOUT_MANAGER: RolloutManagerSettings = RolloutManagerSettings {
 
 fn rollout_manager(db: &TestDatabase, nats: &async_nats::Client) -> RolloutManager {
     RolloutManager::new(
-        CommandBus::new(db.pool.clone(), StoreSettings::default()),
+        CommandBus::new(
+            db.pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
         async_nats::jetstream::new(nats.clone()),
         ROLLOUT_MANAGER,
     )
@@ -1275,7 +1280,11 @@ async fn an_image_deprecated_between_recording_and_asking_is_never_sent() {
         .call(Method::POST, "/api/v1/rollouts/r-late/start", None)
         .await;
     // What a manager does before it asks the devices.
-    let bus = CommandBus::new(stack.db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        stack.db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let sent = fleetlog_domain::rollout::RolloutCommand::SendToDevices {
         devices: ["g0", "g1"]
             .iter()

@@ -13,6 +13,7 @@ use fleetlog_commands::credentials::hash_password;
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::user::{Role, UserCommand};
 use fleetlog_domain::{TenantId, UserId};
+use fleetlog_projections::DeviceModels;
 use fleetlog_testkit::TestDatabase;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use secrecy::SecretString;
@@ -40,7 +41,11 @@ impl Api {
 
     async fn start_with(throttle: fleetlog_api::throttle::LoginThrottle) -> Self {
         let db = TestDatabase::create().await;
-        let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+        let bus = CommandBus::new(
+            db.pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        );
         let tenant = TenantId::parse("acme").unwrap();
         let register = UserCommand::Register {
             tenant: tenant.clone(),
@@ -475,7 +480,11 @@ async fn a_user_created_by_another_process_logs_in_after_a_failed_attempt() {
         &api.post("/api/v1/auth/login", bob.clone()).await,
         StatusCode::UNAUTHORIZED,
     );
-    let cli = CommandBus::new(api._db.pool.clone(), StoreSettings::default());
+    let cli = CommandBus::new(
+        api._db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let tenant = TenantId::parse("acme").unwrap();
     let register = UserCommand::Register {
         tenant: tenant.clone(),

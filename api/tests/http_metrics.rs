@@ -9,6 +9,7 @@ use fleetlog_api::auth::Auth;
 use fleetlog_api::throttle::LoginThrottle;
 use fleetlog_api::{router, AppState};
 use fleetlog_commands::{CommandBus, StoreSettings};
+use fleetlog_projections::DeviceModels;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use secrecy::SecretString;
 use sqlx::postgres::PgPoolOptions;
@@ -31,7 +32,7 @@ async fn requests_are_counted_and_timed_by_route_template() {
             Duration::from_secs(300),
             Duration::from_secs(3600),
         ),
-        bus: CommandBus::new(pool, StoreSettings::default()),
+        bus: CommandBus::new(pool, StoreSettings::default(), DeviceModels::inline()),
         metrics: Some(handle.clone()),
         firmware: None,
     };

@@ -5,6 +5,7 @@ use axum::http::{Request, StatusCode};
 use fleetlog_api::auth::Auth;
 use fleetlog_api::{router, AppState};
 use fleetlog_commands::{CommandBus, StoreSettings};
+use fleetlog_projections::DeviceModels;
 use fleetlog_testkit::TestDatabase;
 use secrecy::SecretString;
 use std::sync::Arc;
@@ -42,7 +43,11 @@ async fn health_and_readiness_with_a_live_database() {
         nats: None,
         mqtt: None,
         auth: test_auth(),
-        bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+        bus: CommandBus::new(
+            db.pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
         metrics: None,
         firmware: None,
     };
@@ -66,7 +71,7 @@ async fn not_ready_when_the_database_is_unreachable() {
         nats: None,
         mqtt: None,
         auth: test_auth(),
-        bus: CommandBus::new(pool, StoreSettings::default()),
+        bus: CommandBus::new(pool, StoreSettings::default(), DeviceModels::inline()),
         metrics: None,
         firmware: None,
     };
@@ -94,7 +99,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
         nats: None,
         mqtt: None,
         auth: test_auth(),
-        bus: CommandBus::new(pool, StoreSettings::default()),
+        bus: CommandBus::new(pool, StoreSettings::default(), DeviceModels::inline()),
         metrics: Some(handle),
         firmware: None,
     };
@@ -126,7 +131,11 @@ async fn readiness_follows_the_mqtt_broker() {
         nats: None,
         mqtt: Some(broker.url().parse().unwrap()),
         auth: test_auth(),
-        bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+        bus: CommandBus::new(
+            db.pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
         metrics: None,
         firmware: None,
     };
@@ -155,7 +164,11 @@ async fn readiness_follows_nats_and_requests_carry_ids() {
         nats: Some(client.clone()),
         mqtt: None,
         auth: test_auth(),
-        bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+        bus: CommandBus::new(
+            db.pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
         metrics: None,
         firmware: None,
     };

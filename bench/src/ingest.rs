@@ -10,6 +10,7 @@ use chrono::Utc;
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::DeviceCommand;
 use fleetlog_domain::{DeviceId, TenantId, UserId};
+use fleetlog_projections::DeviceModels;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
@@ -271,7 +272,11 @@ pub fn device_name(n: usize) -> String {
 
 /// Registers the simulated devices once (a rerun finds them registered).
 pub async fn register_devices(pool: &PgPool, devices: usize) -> anyhow::Result<()> {
-    let bus = CommandBus::new(pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let tenant = TenantId::parse("bench")?;
     let owner = UserId::parse("bench")?;
     let metadata = CommandMetadata::new("bench").with_tenant(tenant.clone());

@@ -5,8 +5,11 @@ use fleetlog_domain::firmware::Firmware;
 use fleetlog_domain::provisioning::ProvisioningKey;
 use fleetlog_domain::rollout::Rollout;
 use fleetlog_domain::user::User;
+use std::sync::Arc;
+
 use sqlx::PgPool;
 
+use crate::inline::InlineProjection;
 use crate::store::{AggregateStore, StoreSettings};
 
 /// The write side as one value: a store per aggregate type over one pool. Cheap to clone.
@@ -21,10 +24,16 @@ pub struct CommandBus {
 }
 
 impl CommandBus {
-    /// A bus over `pool`, each store tuned by `settings`.
-    pub fn new(pool: PgPool, settings: StoreSettings) -> Self {
+    /// A bus over `pool`, each store tuned by `settings`, keeping `device_models` (the device
+    /// read models, `fleetlog_projections::DeviceModels::inline()`) in every transaction that
+    /// appends Device events.
+    pub fn new(
+        pool: PgPool,
+        settings: StoreSettings,
+        device_models: Arc<dyn InlineProjection<Device>>,
+    ) -> Self {
         Self {
-            devices: AggregateStore::new(pool.clone(), (), settings),
+            devices: AggregateStore::new(pool.clone(), (), settings).with_inline(device_models),
             firmware: AggregateStore::new(pool.clone(), (), settings),
             rollouts: AggregateStore::new(pool.clone(), (), settings),
             users: AggregateStore::new(pool.clone(), (), settings),

@@ -17,6 +17,15 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// An inline read model could not take the events even the careful way (which passes
+    /// over what it cannot apply): a defect of the read model, not of the events.
+    #[error("the {aggregate_type} read model kept inline refused the events: {reason}")]
+    ReadModel {
+        /// The aggregate type.
+        aggregate_type: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A stored event no longer reads as an event of its aggregate.
     #[error("stored event {aggregate_type}/{aggregate_id}#{sequence} cannot be read")]
     CorruptEvent {

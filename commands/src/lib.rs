@@ -10,7 +10,9 @@
 //! 3. appends the new events to the Postgres `events` table in one statement, stamped with the
 //!    command's [`CommandMetadata`], and every `snapshot_every` events also replaces the
 //!    aggregate's snapshot in the same transaction;
-//! 4. on an optimistic-concurrency conflict (another writer took the next sequence) evicts the
+//! 4. brings the read models kept inline ([`inline`]: the device models) in step, in the same
+//!    transaction;
+//! 5. on an optimistic-concurrency conflict (another writer took the next sequence) evicts the
 //!    cached aggregate and retries, a bounded number of times.
 //!
 //! The tables are those of postgres-es, extended with `global_position`, `transaction_id` and
@@ -20,6 +22,7 @@ mod bus;
 pub mod credentials;
 mod database;
 mod error;
+pub mod inline;
 mod metadata;
 pub mod provisioning;
 mod store;
@@ -27,5 +30,6 @@ mod store;
 pub use bus::CommandBus;
 pub use database::{connect, migrate, MIGRATOR};
 pub use error::{CommandError, StoreError};
+pub use inline::{Appended, Care, InlineError, InlineFuture, InlineProjection};
 pub use metadata::CommandMetadata;
 pub use store::{AggregateStore, BatchCommitted, Committed, LoadedAggregate, StoreSettings};

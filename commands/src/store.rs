@@ -19,6 +19,7 @@ use sqlx::{PgPool, Row};
 use tokio::sync::Mutex;
 
 use crate::error::{CommandError, StoreError};
+use crate::inline::{Appended, Care, InlineError, InlineProjection};
 use crate::metadata::CommandMetadata;
 
 const INSERT_EVENTS: &str = "
@@ -27,7 +28,7 @@ SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload:
   FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
        AS e(aggregate_id, sequence, event_type, event_version, payload, metadata)
  ORDER BY e.aggregate_id, e.sequence
-RETURNING aggregate_id, global_position";
+RETURNING aggregate_id, sequence, global_position";
 
 const UPSERT_SNAPSHOT: &str = "
 INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
@@ -140,6 +141,8 @@ pub struct AggregateStore<A: Aggregate> {
     /// process run one after the other instead of conflicting; commands on different aggregates
     /// run in parallel. An empty slot means "load from the database".
     cache: moka::sync::Cache<String, Slot<A>>,
+    /// The read models written in the appending transaction, if the type has any.
+    inline: Option<Arc<dyn InlineProjection<A>>>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -150,6 +153,7 @@ impl<A: Aggregate> Clone for AggregateStore<A> {
             services: self.services.clone(),
             settings: self.settings,
             cache: self.cache.clone(),
+            inline: self.inline.clone(),
             _aggregate: PhantomData,
         }
     }
@@ -157,6 +161,8 @@ impl<A: Aggregate> Clone for AggregateStore<A> {
 
 enum AppendError {
     Conflict,
+    /// The inline read model wants the attempt written again the careful way.
+    NeedsCare(String),
     /// The events hold text no read model could store (see [`CommandError::Unstorable`]).
     Unstorable(String),
     Store(StoreError),
@@ -170,6 +176,10 @@ struct Work<'a, A: Aggregate> {
     /// Only if the aggregate is at this version (`execute_if`).
     expected_version: Option<u64>,
 }
+
+/// An aggregate in a write: its state with the new events applied, its version before them,
+/// and the events.
+type Written<'a, A> = (&'a LoadedAggregate<A>, u64, &'a [<A as Aggregate>::Event]);
 
 /// What one aggregate's commands did, or why they could not.
 type BatchResult<E> = Result<BatchCommitted<E>, CommandError<E>>;
@@ -284,8 +294,16 @@ where
             services: Arc::new(services),
             settings,
             cache: moka::sync::Cache::new(settings.cache_capacity),
+            inline: None,
             _aggregate: PhantomData,
         }
+    }
+
+    /// This store, writing `projection` in every transaction that appends events (see
+    /// [`crate::inline`]).
+    pub fn with_inline(mut self, projection: Arc<dyn InlineProjection<A>>) -> Self {
+        self.inline = Some(projection);
+        self
     }
 
     /// Runs `command` on the aggregate `aggregate_id` and appends the events it produces, stamped
@@ -555,17 +573,21 @@ where
                         self.unstorable_error(work[one.index].aggregate_id, reason)
                     ));
                 }
-                Err(AppendError::Conflict) => return Ok(Attempt::Again),
+                Err(AppendError::Conflict | AppendError::NeedsCare(_)) => {
+                    return Ok(Attempt::Again)
+                }
                 Err(AppendError::Store(error)) => return Err(error.into()),
             }
         }
         let appended: Vec<_> = written
             .iter()
-            .map(|one| (&one.loaded, one.version_before, one.events.len()))
+            .map(|one| (&one.loaded, one.version_before, one.events.as_slice()))
             .collect();
         let positions = match self.write(&rows, &appended).await {
             Ok(positions) => positions,
-            Err(AppendError::Conflict | AppendError::Unstorable(_)) => return Ok(Attempt::Again),
+            Err(AppendError::Conflict | AppendError::Unstorable(_) | AppendError::NeedsCare(_)) => {
+                return Ok(Attempt::Again)
+            }
             Err(AppendError::Store(error)) => return Err(error.into()),
         };
         for one in written {
@@ -597,20 +619,39 @@ where
     }
 
     /// Appends `rows` in one transaction, with a snapshot of each aggregate whose version
-    /// crosses a multiple of `snapshot_every`: `aggregates` holds each aggregate (its new events
-    /// applied), its version before them and how many there are. Returns each aggregate's last
-    /// position.
+    /// crosses a multiple of `snapshot_every`, and the inline read models brought in step:
+    /// `aggregates` holds each aggregate (its new events applied), its version before them and
+    /// the events. Returns each aggregate's last position.
     async fn write(
         &self,
         rows: &EventRows,
-        aggregates: &[(&LoadedAggregate<A>, u64, usize)],
+        aggregates: &[Written<'_, A>],
+    ) -> Result<HashMap<String, i64>, AppendError> {
+        match self.write_with(rows, aggregates, Care::Fast).await {
+            Err(AppendError::NeedsCare(reason)) => {
+                tracing::debug!(
+                    aggregate_type = A::TYPE,
+                    reason,
+                    "inline read model needs care; writing the attempt again"
+                );
+                self.write_with(rows, aggregates, Care::Careful).await
+            }
+            written => written,
+        }
+    }
+
+    async fn write_with(
+        &self,
+        rows: &EventRows,
+        aggregates: &[Written<'_, A>],
+        care: Care,
     ) -> Result<HashMap<String, i64>, AppendError> {
         let mut positions = HashMap::new();
         if rows.ids.is_empty() {
             return Ok(positions);
         }
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(INSERT_EVENTS)
+        let mut inserted: Vec<(String, i64, i64)> = sqlx::query_as(INSERT_EVENTS)
             .bind(A::TYPE)
             .bind(&rows.ids)
             .bind(&rows.sequences)
@@ -620,15 +661,14 @@ where
             .bind(&rows.metadata)
             .fetch_all(&mut *tx)
             .await?;
-        for row in inserted {
-            let id: String = row.get("aggregate_id");
-            let position: i64 = row.get("global_position");
-            let last = positions.entry(id).or_insert(position);
-            *last = (*last).max(position);
+        inserted.sort_unstable();
+        for (id, _, position) in &inserted {
+            let last = positions.entry(id.clone()).or_insert(*position);
+            *last = (*last).max(*position);
         }
-        for &(loaded, version_before, count) in aggregates {
-            let new_version = version_before + count as u64;
-            if count == 0 || !self.crosses_snapshot_boundary(version_before, new_version) {
+        for &(loaded, version_before, events) in aggregates {
+            let new_version = version_before + events.len() as u64;
+            if events.is_empty() || !self.crosses_snapshot_boundary(version_before, new_version) {
                 continue;
             }
             let snapshot = serde_json::to_string(&loaded.aggregate).map_err(|source| {
@@ -644,6 +684,44 @@ where
                 .bind(snapshot)
                 .execute(&mut *tx)
                 .await?;
+        }
+        if let Some(inline) = &self.inline {
+            let mut global_positions: HashMap<&str, Vec<i64>> = HashMap::new();
+            for (id, _, position) in &inserted {
+                global_positions.entry(id).or_default().push(*position);
+            }
+            let appended: Vec<Appended<'_, A::Event>> = aggregates
+                .iter()
+                .filter(|(_, _, events)| !events.is_empty())
+                .map(|&(loaded, version_before, events)| {
+                    let id = loaded.aggregate_id.as_str();
+                    let first = rows.ids.iter().position(|row| row == id).unwrap_or(0);
+                    Appended {
+                        aggregate_id: id,
+                        first_sequence: version_before as i64 + 1,
+                        events,
+                        global_positions: global_positions.get(id).map_or(&[], Vec::as_slice),
+                        metadata: &rows.metadata[first],
+                    }
+                })
+                .collect();
+            match inline.apply(&mut tx, &appended, care).await {
+                Ok(()) => {}
+                // Dropping the transaction rolls the attempt back.
+                Err(InlineError::NeedsCare(reason)) if care == Care::Fast => {
+                    return Err(AppendError::NeedsCare(reason))
+                }
+                Err(InlineError::NeedsCare(reason)) => {
+                    return Err(AppendError::Store(StoreError::ReadModel {
+                        aggregate_type: A::TYPE,
+                        reason,
+                    }))
+                }
+                // Not a conflict of the append, whatever its SQLSTATE: a failure to retry.
+                Err(InlineError::Database(error)) => {
+                    return Err(AppendError::Store(StoreError::Database(error)))
+                }
+            }
         }
         tx.commit().await?;
         Ok(positions)
@@ -828,6 +906,7 @@ fn to_aggregate_error<E: std::error::Error>(error: StoreError) -> AggregateError
     match error {
         StoreError::Database(error) => AggregateError::DatabaseConnectionError(Box::new(error)),
         StoreError::Serialize { source, .. } => AggregateError::UnexpectedError(Box::new(source)),
+        error @ StoreError::ReadModel { .. } => AggregateError::UnexpectedError(Box::new(error)),
         error @ StoreError::CorruptEvent { .. } => {
             AggregateError::DeserializationError(Box::new(error))
         }
@@ -871,14 +950,16 @@ where
         let mut rows = EventRows::default();
         let appended = match rows.add(&context, version, &events, &metadata) {
             Ok(()) => {
-                self.write(&rows, &[(&context, version, events.len())])
+                self.write(&rows, &[(&context, version, events.as_slice())])
                     .await
             }
             Err(error) => Err(error),
         };
         match appended {
             Ok(_) => {}
-            Err(AppendError::Conflict) => return Err(AggregateError::AggregateConflict),
+            Err(AppendError::Conflict | AppendError::NeedsCare(_)) => {
+                return Err(AggregateError::AggregateConflict)
+            }
             Err(AppendError::Unstorable(reason)) => {
                 return Err(AggregateError::UnexpectedError(reason.into()))
             }

@@ -8,6 +8,7 @@ use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::DeviceCommand;
 use fleetlog_domain::{DeviceId, TenantId, UserId};
 use fleetlog_ingest::bridge::{Ingest, IngestSettings, DEAD_LETTER_SUBJECT};
+use fleetlog_projections::DeviceModels;
 use fleetlog_projections::WorkerSettings;
 use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
@@ -49,7 +50,11 @@ impl Platform {
                 ..RelaySettings::default()
             })
             .projections(WorkerSettings::default());
-        let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+        let bus = CommandBus::new(
+            db.pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        );
         Self {
             db,
             _nats: nats,
@@ -76,7 +81,11 @@ impl Platform {
     fn ingest(&self, settings: IngestSettings) -> (tokio::task::JoinHandle<()>, CancellationToken) {
         let stop = CancellationToken::new();
         let bridge = Ingest::new(
-            CommandBus::new(self.db.pool.clone(), StoreSettings::default()),
+            CommandBus::new(
+                self.db.pool.clone(),
+                StoreSettings::default(),
+                DeviceModels::inline(),
+            ),
             async_nats::jetstream::new(self.client.clone()),
             settings,
         );
@@ -559,7 +568,11 @@ async fn a_killed_bridge_loses_nothing_and_duplicates_nothing() {
     // The same client id resumes the session: the broker sends what was never acked.
     let stop = CancellationToken::new();
     let resumed = Ingest::new(
-        CommandBus::new(pool.clone(), StoreSettings::default()),
+        CommandBus::new(
+            pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
         async_nats::jetstream::new(platform.client.clone()),
         platform.settings(),
     );
@@ -687,7 +700,11 @@ async fn redeliveries_beyond_the_aggregates_digest_window_are_recognised() {
     // The real bridge resumes the session and gets all 100 again, marked DUP.
     let stop = CancellationToken::new();
     let bridge = Ingest::new(
-        CommandBus::new(platform.pool().clone(), StoreSettings::default()),
+        CommandBus::new(
+            platform.pool().clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
         async_nats::jetstream::new(platform.client.clone()),
         settings,
     );
@@ -749,7 +766,11 @@ async fn a_bridge_stopped_while_postgres_fails_leaves_its_messages_to_the_next()
     let stop = CancellationToken::new();
     let bridge = tokio::spawn(
         Ingest::new(
-            CommandBus::new(bridge_pool.clone(), StoreSettings::default()),
+            CommandBus::new(
+                bridge_pool.clone(),
+                StoreSettings::default(),
+                DeviceModels::inline(),
+            ),
             async_nats::jetstream::new(platform.client.clone()),
             platform.settings(),
         )
@@ -882,7 +903,11 @@ async fn plain_subscription_instances_take_turns_on_one_session() {
     settings.client_id = "ingest-turns".into();
     settings.standby_interval = Duration::from_millis(100);
     let first = Ingest::new(
-        CommandBus::new(pool.clone(), StoreSettings::default()),
+        CommandBus::new(
+            pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
         async_nats::jetstream::new(platform.client.clone()),
         settings.clone(),
     );
@@ -890,7 +915,11 @@ async fn plain_subscription_instances_take_turns_on_one_session() {
     platform.wait_subscribed().await;
     // The second instance, same client id: it stands by and receives nothing.
     let second = Ingest::new(
-        CommandBus::new(pool.clone(), StoreSettings::default()),
+        CommandBus::new(
+            pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
         async_nats::jetstream::new(platform.client.clone()),
         settings,
     );

@@ -9,6 +9,7 @@ use fleetlog_domain::device::DeviceCommand;
 use fleetlog_domain::{DeviceId, TenantId, UserId};
 use fleetlog_process::liveness::{Liveness, LivenessSettings};
 use fleetlog_projections::replay::replay;
+use fleetlog_projections::DeviceModels;
 use fleetlog_projections::DevicesProjection;
 use fleetlog_testkit::TestDatabase;
 
@@ -30,7 +31,11 @@ async fn events_of(db: &TestDatabase, device: &str) -> Vec<String> {
 #[tokio::test]
 async fn silent_devices_go_offline_once_and_live_ones_stay() {
     let db = TestDatabase::create().await;
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     for id in ["quiet", "chatty", "fresh"] {
         let register = DeviceCommand::Register {
@@ -116,7 +121,11 @@ async fn silent_devices_go_offline_once_and_live_ones_stay() {
 #[tokio::test]
 async fn a_device_heard_from_by_the_real_clock_goes_offline_after_its_silence() {
     let db = TestDatabase::create().await;
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     let register = DeviceCommand::Register {
         device_id: DeviceId::parse("clocked").unwrap(),

@@ -29,6 +29,7 @@ impl Projection for DevicesProjection {
         id_column: "device_id",
         sequence_column: "last_sequence",
     });
+    const KEPT_INLINE: bool = true;
 
     async fn apply(
         &self,
@@ -39,35 +40,81 @@ impl Projection for DevicesProjection {
         self.apply_batch(connection, &[envelope]).await
     }
 
-    /// The frequent events (telemetry, status, heartbeat) of each device are folded into one
-    /// change, and the changes of all devices written by one UPDATE; any other event is applied
-    /// on its own, after its device's folded change.
     async fn apply_batch(
         &self,
         connection: &mut PgConnection,
         envelopes: &[&EventEnvelope],
     ) -> Result<(), ProjectionError> {
-        let mut live: HashMap<&str, LiveChange> = HashMap::new();
-        for envelope in envelopes {
-            let id = envelope.aggregate_id.as_str();
-            let event: DeviceEvent = Deserialize::deserialize(&envelope.payload)?;
-            match event {
-                DeviceEvent::TelemetryRecorded { .. }
-                | DeviceEvent::StatusReported { .. }
-                | DeviceEvent::HeartbeatReceived { .. } => {
-                    live.entry(id).or_default().absorb(envelope.sequence, event);
+        let events = decode(envelopes)?;
+        apply_recorded(connection, &recorded(envelopes, &events)).await
+    }
+}
+
+/// A Device event with its place: as the write side appended it, or as read back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recorded<'a> {
+    /// The device.
+    pub id: &'a str,
+    /// The event's sequence.
+    pub sequence: i64,
+    /// The event.
+    pub event: &'a DeviceEvent,
+}
+
+/// The Device events of `envelopes`, in order.
+pub(crate) fn decode(envelopes: &[&EventEnvelope]) -> Result<Vec<DeviceEvent>, ProjectionError> {
+    envelopes
+        .iter()
+        .map(|envelope| Ok(DeviceEvent::deserialize(&envelope.payload)?))
+        .collect()
+}
+
+/// `envelopes` with their decoded `events`, side by side.
+pub(crate) fn recorded<'a>(
+    envelopes: &[&'a EventEnvelope],
+    events: &'a [DeviceEvent],
+) -> Vec<Recorded<'a>> {
+    envelopes
+        .iter()
+        .zip(events)
+        .map(|(envelope, event)| Recorded {
+            id: &envelope.aggregate_id,
+            sequence: envelope.sequence,
+            event,
+        })
+        .collect()
+}
+
+/// Applies `events` (each the next of its device) to `devices` and `device_commands`. The
+/// frequent events (telemetry, status, heartbeat) of each device are folded into one change,
+/// and the changes of all devices written by one UPDATE; any other event is applied on its
+/// own, after its device's folded change. Every write is compare-and-set on
+/// `last_sequence`: anything but the next event of its device fails with
+/// [`ProjectionError::PositionMoved`].
+pub(crate) async fn apply_recorded(
+    connection: &mut PgConnection,
+    events: &[Recorded<'_>],
+) -> Result<(), ProjectionError> {
+    let mut live: HashMap<&str, LiveChange> = HashMap::new();
+    for recorded in events {
+        match recorded.event {
+            DeviceEvent::TelemetryRecorded { .. }
+            | DeviceEvent::StatusReported { .. }
+            | DeviceEvent::HeartbeatReceived { .. } => {
+                live.entry(recorded.id)
+                    .or_default()
+                    .absorb(recorded.sequence, recorded.event);
+            }
+            other => {
+                if let Some(change) = live.remove(recorded.id) {
+                    write_live_changes(connection, vec![(recorded.id, change)]).await?;
                 }
-                other => {
-                    if let Some(change) = live.remove(id) {
-                        write_live_changes(connection, vec![(id, change)]).await?;
-                    }
-                    apply(connection, envelope, other).await?;
-                }
+                apply(connection, recorded.id, recorded.sequence, other).await?;
             }
         }
-        write_live_changes(connection, live.into_iter().collect()).await?;
-        Ok(())
     }
+    write_live_changes(connection, live.into_iter().collect()).await?;
+    Ok(())
 }
 
 /// How far ahead of its arrival a reading's own timestamp may be and still become the
@@ -91,7 +138,7 @@ struct LiveChange {
 }
 
 impl LiveChange {
-    fn absorb(&mut self, sequence: i64, event: DeviceEvent) {
+    fn absorb(&mut self, sequence: i64, event: &DeviceEvent) {
         self.first_sequence.get_or_insert(sequence);
         self.sequence = sequence;
         match event {
@@ -107,13 +154,13 @@ impl LiveChange {
                 // ingest dropped the second), the first counts, as in the `telemetry` history.
                 let mut in_this_event = std::collections::HashSet::new();
                 for reading in readings {
-                    let timestamp = reading.timestamp.or(device_time).unwrap_or(received_at);
+                    let timestamp = reading.timestamp.or(*device_time).unwrap_or(*received_at);
                     if !in_this_event.insert((reading.sensor.clone(), timestamp)) {
                         continue;
                     }
                     // The latest reading is the newest by reading time; one stamped further
                     // ahead of its arrival than a clock may drift is kept in the history only.
-                    if timestamp > received_at + MAX_READING_LEAD {
+                    if timestamp > *received_at + MAX_READING_LEAD {
                         continue;
                     }
                     let newer = self.sensors.get(&reading.sensor).is_none_or(|held| {
@@ -123,7 +170,7 @@ impl LiveChange {
                     });
                     if newer {
                         self.sensors.insert(
-                            reading.sensor,
+                            reading.sensor.clone(),
                             json!({"value": reading.value, "unit": reading.unit, "timestamp": timestamp}),
                         );
                     }
@@ -132,8 +179,8 @@ impl LiveChange {
                     self.location = Some(json!({"latitude": l.latitude, "longitude": l.longitude}));
                 }
                 self.report(status);
-                self.last_seen = Some(received_at);
-                self.last_telemetry_at = Some(received_at);
+                self.last_seen = Some(*received_at);
+                self.last_telemetry_at = Some(*received_at);
             }
             DeviceEvent::StatusReported {
                 status,
@@ -141,26 +188,26 @@ impl LiveChange {
                 ..
             } => {
                 self.report(status);
-                self.last_seen = Some(received_at);
+                self.last_seen = Some(*received_at);
             }
             DeviceEvent::HeartbeatReceived { received_at, .. } => {
-                self.last_seen = Some(received_at);
-                self.last_heartbeat = Some(received_at);
+                self.last_seen = Some(*received_at);
+                self.last_heartbeat = Some(*received_at);
             }
             _ => {}
         }
     }
 
-    fn report(&mut self, status: Map<String, Value>) {
+    fn report(&mut self, status: &Map<String, Value>) {
         if status.is_empty() {
             return;
         }
         let composed = self
             .reported
             .last_mut()
-            .is_some_and(|last| compose_patches(last, &status));
+            .is_some_and(|last| compose_patches(last, status));
         if !composed {
-            self.reported.push(status);
+            self.reported.push(status.clone());
         }
     }
 }
@@ -260,11 +307,10 @@ async fn update_row(
 
 async fn apply(
     connection: &mut PgConnection,
-    envelope: &EventEnvelope,
-    event: DeviceEvent,
+    id: &str,
+    sequence: i64,
+    event: &DeviceEvent,
 ) -> Result<(), ProjectionError> {
-    let id = envelope.aggregate_id.as_str();
-    let sequence = envelope.sequence;
     match event {
         DeviceEvent::DeviceRegistered {
             tenant,
@@ -365,8 +411,8 @@ async fn apply(
                 ))
                 .bind(id)
                 .bind(sequence)
-                .bind(Value::Object(properties))
-                .bind(version as i64)
+                .bind(Value::Object(properties.clone()))
+                .bind(*version as i64)
                 .bind(at),
                 connection,
             )
@@ -415,22 +461,24 @@ async fn apply(
             };
             finish_command(
                 connection,
-                envelope,
+                id,
+                sequence,
                 command_id.as_str(),
                 status,
-                Some(result),
-                received_at,
+                Some(result.clone()),
+                *received_at,
             )
             .await?;
         }
         DeviceEvent::CommandExpired { command_id, at } => {
             finish_command(
                 connection,
-                envelope,
+                id,
+                sequence,
                 command_id.as_str(),
                 "expired",
                 None,
-                at,
+                *at,
             )
             .await?;
         }
@@ -441,11 +489,12 @@ async fn apply(
         } => {
             finish_command(
                 connection,
-                envelope,
+                id,
+                sequence,
                 command_id.as_str(),
                 "canceled",
                 Some(json!({ "reason": reason })),
-                at,
+                *at,
             )
             .await?;
         }
@@ -494,7 +543,7 @@ async fn apply(
                     .bind(id)
                     .bind(sequence)
                     .bind(state)
-                    .bind(i32::from(progress))
+                    .bind(i32::from(*progress))
                     .bind(at)
                     .bind(PROGRESS_STATES),
                 connection,
@@ -545,7 +594,7 @@ async fn apply(
                 sqlx::query(&update("credential_version = $3, updated_at = $4"))
                     .bind(id)
                     .bind(sequence)
-                    .bind(credential_version as i32)
+                    .bind(*credential_version as i32)
                     .bind(at),
                 connection,
             )
@@ -567,7 +616,8 @@ async fn apply(
 
 async fn finish_command(
     connection: &mut PgConnection,
-    envelope: &EventEnvelope,
+    id: &str,
+    sequence: i64,
     command_id: &str,
     status: &str,
     result: Option<Value>,
@@ -577,7 +627,7 @@ async fn finish_command(
         "UPDATE device_commands SET status = $3, result = $4, finished_at = $5
           WHERE device_id = $1 AND command_id = $2",
     )
-    .bind(&envelope.aggregate_id)
+    .bind(id)
     .bind(command_id)
     .bind(status)
     .bind(result)
@@ -588,8 +638,8 @@ async fn finish_command(
         sqlx::query(&update(
             "open_commands = GREATEST(open_commands - 1, 0), updated_at = $3",
         ))
-        .bind(&envelope.aggregate_id)
-        .bind(envelope.sequence)
+        .bind(id)
+        .bind(sequence)
         .bind(at),
         connection,
     )

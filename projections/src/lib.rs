@@ -1,13 +1,13 @@
-//! The read side of fleetlog: projections that consume the event stream from JetStream and keep
-//! Postgres read models for the API's queries.
+//! The read side of fleetlog: the Postgres read models the API queries, and how they follow
+//! the event log.
 //!
-//! Each projection ([`Projection`]) reads the events of one aggregate type through a durable
-//! JetStream pull consumer named after it (`telemetry` rides with the `devices` worker on its
-//! consumer, see [`Worker::alongside`]); the [`Worker`] applies each event and moves the
-//! projection's per-aggregate position in one transaction (or, for a projection keyed by the
-//! event, writes rows that a second application leaves alone) and acks only after the commit,
-//! so an event takes effect exactly once however often it is delivered (invariant 2 of the
-//! architecture).
+//! Each projection ([`Projection`]) reads the events of one aggregate type. The device models
+//! (`devices`, `device_commands`, `telemetry`) follow the busiest events and are kept inline:
+//! the write side applies them in the transaction that appends the events ([`inline`],
+//! [`DeviceModels`]). The others (`firmware`, `rollouts`, `users`) are fed by a [`Worker`] from
+//! a durable JetStream pull consumer named after the projection, which applies each event and
+//! moves the projection's per-aggregate position in one transaction and acks only after the
+//! commit. Either way an event takes effect exactly once (invariant 2 of the architecture).
 //!
 //! [`as_of`] shows a read model as it stood at an instant, for one aggregate.
 //!
@@ -24,6 +24,7 @@
 pub mod as_of;
 pub mod devices;
 pub mod firmware;
+pub mod inline;
 pub mod replay;
 pub mod rollouts;
 pub mod telemetry;
@@ -32,12 +33,13 @@ pub mod worker;
 
 pub use devices::DevicesProjection;
 pub use firmware::FirmwareProjection;
+pub use inline::DeviceModels;
 pub use rollouts::RolloutsProjection;
 pub use telemetry::TelemetryProjection;
 pub use users::UsersProjection;
 pub use worker::{
-    has_applied, Alone, Alongside, Companion, Outcome, OwnPositions, Positions, Projection,
-    ProjectionError, Worker, WorkerSettings,
+    has_applied, Outcome, OwnPositions, Positions, Projection, ProjectionError, Worker,
+    WorkerSettings,
 };
 
 use async_nats::jetstream::Context;
@@ -84,8 +86,17 @@ macro_rules! with_projection {
     };
 }
 
-/// Runs a worker for every projection until `shutdown`; `telemetry` rides with `devices`
-/// (see [`Worker::alongside`]).
+/// Whether the projection named `name` is kept inline by the write side (and so has no
+/// worker).
+pub fn kept_inline(name: &str) -> bool {
+    fn of<P: Projection>(_: &P) -> bool {
+        P::KEPT_INLINE
+    }
+    with_projection!(name, |projection| of(&projection)).unwrap_or(false)
+}
+
+/// Runs a worker for every projection that is not kept inline (`firmware`, `rollouts`,
+/// `users`), each supervised on its own, until `shutdown`.
 pub async fn run_all(
     pool: PgPool,
     jetstream: Context,
@@ -93,47 +104,25 @@ pub async fn run_all(
     shutdown: CancellationToken,
 ) {
     let mut workers = tokio::task::JoinSet::new();
-    for name in PROJECTIONS {
-        let (pool, jetstream, shutdown) = (pool.clone(), jetstream.clone(), shutdown.clone());
-        match *name {
-            // Telemetry rides with the devices worker: the same events, one consumer.
-            TelemetryProjection::NAME => {}
-            DevicesProjection::NAME => {
-                workers.spawn(fleetlog_nats::supervise(
-                    name,
-                    shutdown.clone(),
-                    move || {
-                        let worker = Worker::new(
-                            DevicesProjection,
-                            pool.clone(),
-                            jetstream.clone(),
-                            settings,
-                        )
-                        .alongside(TelemetryProjection);
-                        let shutdown = shutdown.clone();
-                        async move {
-                            worker.run(shutdown).await;
-                            Ok::<(), std::convert::Infallible>(())
-                        }
-                    },
-                ));
-            }
-            _ => {
-                with_projection!(*name, |projection| workers.spawn(fleetlog_nats::supervise(
-                    name,
-                    shutdown.clone(),
-                    move || {
-                        let worker =
-                            Worker::new(projection, pool.clone(), jetstream.clone(), settings);
-                        let shutdown = shutdown.clone();
-                        async move {
-                            worker.run(shutdown).await;
-                            Ok::<(), std::convert::Infallible>(())
-                        }
-                    }
-                )));
-            }
-        }
-    }
+    let parts = || (pool.clone(), jetstream.clone(), settings, shutdown.clone());
+    workers.spawn(supervised_worker(FirmwareProjection, parts()));
+    workers.spawn(supervised_worker(RolloutsProjection, parts()));
+    workers.spawn(supervised_worker(UsersProjection, parts()));
     while workers.join_next().await.is_some() {}
+}
+
+/// A worker of `projection`, restarted by the supervisor should it panic.
+async fn supervised_worker<P: Projection + Copy>(
+    projection: P,
+    (pool, jetstream, settings, shutdown): (PgPool, Context, WorkerSettings, CancellationToken),
+) -> Result<(), std::convert::Infallible> {
+    fleetlog_nats::supervise(P::NAME, shutdown.clone(), move || {
+        let worker = Worker::new(projection, pool.clone(), jetstream.clone(), settings);
+        let shutdown = shutdown.clone();
+        async move {
+            worker.run(shutdown).await;
+            Ok(())
+        }
+    })
+    .await
 }

@@ -9,21 +9,21 @@
 //! transactions put `fleetlog_replay` first on their `search_path`.
 //!
 //! Swap, in one transaction: lock the positions table against writers and the live tables
-//! entirely (so live workers pause and no reader sees a half-swapped model), apply the events
-//! committed since the rebuild read its last page, move the live tables out and the shadow
-//! tables in, and replace the projection's positions. Live workers then resume on the new tables:
-//! what they deliver at or below the new positions is skipped, the rest applied. Verify does the
-//! same catch-up under lock but compares instead of swapping, then drops the shadow.
+//! entirely (so live workers, or for a model kept inline the appending transactions, pause, and
+//! no reader sees a half-swapped model), apply the events committed since the rebuild read its
+//! last page, move the live tables out and the shadow tables in, and replace the projection's
+//! positions. Writers then resume on the new tables (Postgres looks a table's name up again
+//! once the lock it waited for is granted): an appending transaction that waited commits its
+//! events with the model change on top of the swapped-in rows, and a worker skips what it
+//! delivers at or below the new positions. Verify catches up the same way but compares instead
+//! of swapping (see [`verify`]), then drops the shadow.
 
 use std::time::Instant;
 
 use fleetlog_eventlog::{Cursor, EventEnvelope, Horizon};
 use sqlx::{PgConnection, PgPool};
 
-use crate::worker::{
-    apply_event, apply_judged, move_position_past, OwnPositions, Position, Positions, Projection,
-    ProjectionError,
-};
+use crate::worker::{apply_event, apply_judged, pass_over, Position, Projection, ProjectionError};
 
 /// The schema the shadow tables are built in.
 pub const REPLAY_SCHEMA: &str = "fleetlog_replay";
@@ -175,6 +175,11 @@ pub async fn replay<P: Projection>(
 
 /// Rebuilds `projection` into shadow tables and compares them with the live ones, waiting up to
 /// `patience` for the live model to catch up with the events table first. Drops the shadow.
+///
+/// A model the write side keeps inline is never behind the events it commits with: it is
+/// compared in one repeatable-read snapshot, in which the shadow catches up with exactly the
+/// events the live model shows, without holding back anyone's writes. A model fed by a worker
+/// is compared under a lock that pauses its workers, once they have caught up.
 pub async fn verify<P: Projection>(
     projection: &P,
     pool: &PgPool,
@@ -183,20 +188,60 @@ pub async fn verify<P: Projection>(
 ) -> Result<Verified, ReplayError> {
     let guard = ReplayLock::take::<P>(pool).await?;
     let (cursor, rebuilt) = rebuild(projection, pool, Applying::OneByOne, progress).await?;
-    let deadline = Instant::now() + patience;
+    let compared = if P::KEPT_INLINE {
+        compare_in_one_snapshot(projection, pool, cursor, &rebuilt.passed_over).await
+    } else {
+        compare_once_caught_up(projection, pool, cursor, &rebuilt.passed_over, patience).await
+    };
+    drop_shadow::<P>(pool).await?;
+    guard.release().await;
+    let (differences, tail) = compared?;
     let mut passed_over = rebuilt.passed_over;
-    let differences = loop {
+    passed_over.extend(tail);
+    Ok(Verified {
+        differences,
+        passed_over,
+    })
+}
+
+/// What a comparison found, and the events its catch-up passed over.
+type Compared = (Vec<Difference>, Vec<PassedOver>);
+
+/// Catches the shadow up and compares, within one repeatable-read transaction.
+async fn compare_in_one_snapshot<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    cursor: Cursor,
+    passed_over: &[PassedOver],
+) -> Result<Compared, ReplayError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await?;
+    let tail = catch_up(projection, &mut tx, cursor, passed_over).await?;
+    let differences = compare::<P>(&mut tx).await?;
+    tx.rollback().await?;
+    Ok((differences, tail.passed_over))
+}
+
+/// Locks the live model (pausing its workers), waits for it to have applied every event the
+/// shadow has, and compares.
+async fn compare_once_caught_up<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    cursor: Cursor,
+    passed_over: &[PassedOver],
+    patience: std::time::Duration,
+) -> Result<Compared, ReplayError> {
+    let deadline = Instant::now() + patience;
+    loop {
         let mut tx = pool.begin().await?;
         lock_live(&mut tx, P::TABLES, "SHARE").await?;
-        let tail = catch_up(projection, &mut tx, cursor, &passed_over).await?;
+        let tail = catch_up(projection, &mut tx, cursor, passed_over).await?;
         let behind = live_behind::<P>(&mut tx).await?;
-        // Without positions, lagging and missing rows look alike: after `patience` the missing
-        // rows are reported as differences.
-        let keyed = P::POSITIONS == Positions::Keyed;
-        if behind > 0 && !(keyed && Instant::now() >= deadline) {
+        if behind > 0 {
             tx.rollback().await?;
             if Instant::now() >= deadline {
-                drop_shadow::<P>(pool).await?;
                 return Err(ReplayError::LiveBehind {
                     projection: P::NAME,
                     behind,
@@ -207,15 +252,8 @@ pub async fn verify<P: Projection>(
         }
         let differences = compare::<P>(&mut tx).await?;
         tx.rollback().await?;
-        passed_over.extend(tail.passed_over);
-        break differences;
-    };
-    drop_shadow::<P>(pool).await?;
-    guard.release().await;
-    Ok(Verified {
-        differences,
-        passed_over,
-    })
+        return Ok((differences, tail.passed_over));
+    }
 }
 
 /// One replay per projection at a time: a session advisory lock on a connection of its own.
@@ -468,34 +506,6 @@ async fn apply_page<P: Projection>(
     Ok(Some((last, count, passed_over)))
 }
 
-/// Moves the shadow position past `event` and records it in `projection_dead_letters`,
-/// unless the live worker (or an earlier replay) recorded it already.
-async fn pass_over<P: Projection>(
-    connection: &mut PgConnection,
-    event: &EventEnvelope,
-    reason: &str,
-) -> Result<(), sqlx::Error> {
-    move_position_past::<P>(connection, event).await?;
-    let message = serde_json::to_string(event).unwrap_or_default();
-    sqlx::query(
-        "INSERT INTO public.projection_dead_letters
-           (projection, aggregate_type, aggregate_id, sequence, reason, message)
-         SELECT $1, $2, $3, $4, $5, $6
-          WHERE NOT EXISTS (SELECT 1 FROM public.projection_dead_letters
-                             WHERE projection = $1 AND aggregate_type = $2
-                               AND aggregate_id = $3 AND sequence = $4)",
-    )
-    .bind(P::NAME)
-    .bind(&event.aggregate_type)
-    .bind(&event.aggregate_id)
-    .bind(event.sequence)
-    .bind(reason)
-    .bind(message)
-    .execute(connection)
-    .await?;
-    Ok(())
-}
-
 /// Runs one statement without parameters (DDL and locks, whose names cannot be bound).
 async fn ddl(connection: &mut PgConnection, statement: String) -> Result<(), sqlx::Error> {
     sqlx::query(&statement).execute(connection).await?;
@@ -601,43 +611,9 @@ async fn lock_live(tx: &mut PgConnection, tables: &[&str], mode: &str) -> Result
     Ok(())
 }
 
-/// How far the live model is behind the rebuilt one: aggregates whose live position differs
-/// from the rebuilt one, or, for a projection without positions, rebuilt rows the live model
-/// lacks.
+/// How far a model fed by a worker is behind the rebuilt one: aggregates whose live position
+/// differs from the rebuilt one.
 async fn live_behind<P: Projection>(tx: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    match P::POSITIONS {
-        Positions::Shared => shared_positions_behind::<P>(tx).await,
-        Positions::Own(OwnPositions {
-            table,
-            id_column,
-            sequence_column,
-        }) => {
-            sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM {REPLAY_SCHEMA}.{table} shadow
-                   LEFT JOIN public.{table} live USING ({id_column})
-                  WHERE live.{sequence_column} IS DISTINCT FROM shadow.{sequence_column}"
-            ))
-            .fetch_one(tx)
-            .await
-        }
-        Positions::Keyed => {
-            let mut missing = 0;
-            for table in P::TABLES {
-                let count: i64 = sqlx::query_scalar(&format!(
-                    "SELECT count(*) FROM (
-                         SELECT * FROM {REPLAY_SCHEMA}.{table} EXCEPT ALL SELECT * FROM public.{table}
-                     ) missing"
-                ))
-                .fetch_one(&mut *tx)
-                .await?;
-                missing += count;
-            }
-            Ok(missing)
-        }
-    }
-}
-
-async fn shared_positions_behind<P: Projection>(tx: &mut PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {REPLAY_SCHEMA}.projection_positions shadow
            LEFT JOIN public.projection_positions live

@@ -11,6 +11,7 @@ use fleetlog_domain::rollout::{DeviceOutcome, ErrorAction, RolloutCommand, Waves
 use fleetlog_domain::user::{Role, UserCommand};
 use fleetlog_domain::{DeviceId, RolloutId, SessionId, TenantId, UserId};
 use fleetlog_projections::replay::verify;
+use fleetlog_projections::DeviceModels;
 use fleetlog_projections::{
     FirmwareProjection, RolloutsProjection, UsersProjection, WorkerSettings,
 };
@@ -29,7 +30,11 @@ fn at(seconds: i64) -> DateTime<Utc> {
 async fn firmware_rollouts_and_users_follow_their_events() {
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     let tenant = TenantId::parse("acme").unwrap();
 

@@ -1,21 +1,18 @@
-//! Replay against a real Postgres and nats-server, with live workers running: a rebuilt model
-//! equals the live one row for row, verify spots a tampered row, and a replay swapped in under
-//! running workers repairs it and keeps following new events.
+//! Replay against a real Postgres: a rebuilt model equals the live one row for row, verify spots
+//! a tampered row, and a replay swapped in while other processes keep appending events (and so
+//! keep writing the device models inline) repairs it and loses none of their writes.
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::{CommandOutcome, DeviceCommand, FirmwareImage, Location, Reading};
 use fleetlog_domain::firmware::FirmwareId;
 use fleetlog_domain::{CommandId, DeviceId, RolloutId, TenantId, UserId};
 use fleetlog_projections::replay::{replay, verify};
-use fleetlog_projections::{
-    DevicesProjection, Projection, TelemetryProjection, Worker, WorkerSettings,
-};
-use fleetlog_relay::{Relay, RelaySettings};
-use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
+use fleetlog_projections::DeviceModels;
+use fleetlog_projections::{DevicesProjection, TelemetryProjection};
+use fleetlog_testkit::TestDatabase;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -109,11 +106,48 @@ async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
     }
 }
 
+/// Telemetry for `devices`, round after round, from a command bus of its own (another
+/// process, as far as caches go), until `stop`: how many messages it recorded.
+async fn keep_reporting(bus: CommandBus, devices: Vec<String>, stop: CancellationToken) -> u64 {
+    let metadata = CommandMetadata::new("test").with_tenant(TenantId::parse("acme").unwrap());
+    let mut recorded = 0;
+    for n in 1_000.. {
+        if stop.is_cancelled() {
+            break;
+        }
+        for id in &devices {
+            let report = DeviceCommand::RecordTelemetry {
+                digest: format!("k{n}"),
+                redelivery: true,
+                readings: vec![Reading {
+                    sensor: "humidity".into(),
+                    value: n as f64,
+                    unit: None,
+                    timestamp: Some(at(n)),
+                }],
+                device_time: Some(at(n)),
+                received_at: at(n),
+                location: None,
+                status: Map::new(),
+            };
+            bus.devices()
+                .execute(id, report, &metadata)
+                .await
+                .expect("appending goes on during a replay");
+            recorded += 1;
+        }
+    }
+    recorded
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers() {
+async fn replay_equals_live_and_repairs_a_tampered_model_under_running_writers() {
     let db = TestDatabase::create().await;
-    let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     let devices: Vec<String> = (0..5).map(|n| format!("d{n}")).collect();
     for id in &devices {
@@ -143,37 +177,6 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
         .execute("d4", decommission, &metadata)
         .await
         .unwrap();
-
-    let shutdown = CancellationToken::new();
-    let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
-    let js = jetstream::new(client);
-    let relay_settings = RelaySettings {
-        poll_interval: Duration::from_millis(100),
-        ..RelaySettings::default()
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(Relay::new(db.pool.clone(), js.client(), relay_settings).run(shutdown.clone()));
-    let worker_settings = WorkerSettings::default();
-    tasks.spawn(
-        Worker::new(
-            DevicesProjection,
-            db.pool.clone(),
-            js.clone(),
-            worker_settings,
-        )
-        .run(shutdown.clone()),
-    );
-    tasks.spawn(
-        Worker::new(
-            TelemetryProjection,
-            db.pool.clone(),
-            js.clone(),
-            worker_settings,
-        )
-        .run(shutdown.clone()),
-    );
-    wait_until_projected(&db.pool, DevicesProjection::NAME, "device").await;
-    wait_until_projected(&db.pool, TelemetryProjection::NAME, "device").await;
 
     let patience = Duration::from_secs(20);
     let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
@@ -208,22 +211,36 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
     let rebuilt = differences.iter().find(|d| d.only_in == "replay").unwrap();
     assert_eq!(rebuilt.row["name"], "Device d1");
 
-    // ...and repaired by a replay swapped in while the workers keep running.
+    // ...and repaired by a replay swapped in while another process keeps appending events,
+    // and so writing the models inline, before, during and after the swap.
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(keep_reporting(
+        CommandBus::new(
+            db.pool.clone(),
+            StoreSettings::default(),
+            DeviceModels::inline(),
+        ),
+        devices[..4].to_vec(),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut reports = 0;
-    let applied = replay(&DevicesProjection, &db.pool, |progress| {
+    let replayed = replay(&DevicesProjection, &db.pool, |progress| {
         reports += 1;
         assert!(progress.applied <= progress.total);
     })
     .await
-    .unwrap()
-    .applied;
+    .unwrap();
     assert!(reports > 0);
-    let events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'device'")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(applied as i64, events);
+    assert!(replayed.passed_over.is_empty(), "{replayed:?}");
+    replay(&TelemetryProjection, &db.pool, |_| {})
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let recorded = writer.await.unwrap();
+    assert!(recorded > 0, "the other process appended meanwhile");
+
     let name: String = sqlx::query_scalar("SELECT name FROM devices WHERE device_id = 'd1'")
         .fetch_one(&db.pool)
         .await
@@ -239,10 +256,36 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
         indexes.contains(&"devices_tenant_device_id_idx".to_string()),
         "{indexes:?}"
     );
+    let telemetry_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        telemetry_rows,
+        15 + recorded as i64,
+        "no reading lost in the swap"
+    );
+    for id in &devices {
+        let version = bus.devices().current(id).await.unwrap().version;
+        let last_sequence: i64 =
+            sqlx::query_scalar("SELECT last_sequence FROM devices WHERE device_id = $1")
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            last_sequence as u64, version,
+            "{id} is as far as its events"
+        );
+    }
+    let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
+        .await
+        .unwrap()
+        .differences;
+    assert!(differences.is_empty(), "{differences:#?}");
 
-    // The live worker carries on on the swapped-in tables.
+    // The write side carries on on the swapped-in tables.
     mixed_workload(&bus, &devices[..4], 7).await;
-    wait_until_projected(&db.pool, DevicesProjection::NAME, "device").await;
     let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
         .await
         .unwrap()
@@ -254,17 +297,16 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_workers()
             .await
             .unwrap();
     assert_eq!(interval, json!(7));
-
-    shutdown.cancel();
-    while let Some(result) = tasks.join_next().await {
-        result.unwrap();
-    }
 }
 
 #[tokio::test]
 async fn replay_reads_events_across_a_power_of_ten_of_transaction_ids_in_order() {
     let db = TestDatabase::create().await;
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     let register = DeviceCommand::Register {
         device_id: DeviceId::parse("edge").unwrap(),
@@ -315,7 +357,11 @@ async fn replay_reads_events_across_a_power_of_ten_of_transaction_ids_in_order()
 #[tokio::test]
 async fn replay_passes_over_an_event_it_cannot_apply_and_reports_it() {
     let db = TestDatabase::create().await;
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     let register = DeviceCommand::Register {
         device_id: DeviceId::parse("poisoned").unwrap(),
@@ -430,7 +476,11 @@ async fn replay_passes_over_an_event_it_cannot_apply_and_reports_it() {
 #[tokio::test]
 async fn the_latest_reading_is_the_newest_by_reading_time() {
     let db = TestDatabase::create().await;
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     let register = DeviceCommand::Register {
         device_id: DeviceId::parse("t1").unwrap(),
@@ -506,7 +556,11 @@ async fn the_latest_reading_is_the_newest_by_reading_time() {
 #[tokio::test]
 async fn replay_keeps_committed_events_an_unrelated_open_transaction_holds_back() {
     let db = TestDatabase::create().await;
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let metadata = CommandMetadata::new("test");
     let register = DeviceCommand::Register {
         device_id: DeviceId::parse("w1").unwrap(),

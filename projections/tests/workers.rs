@@ -1,6 +1,8 @@
-//! Projection workers against a real Postgres and nats-server: read models follow the events,
-//! redeliveries apply once, gaps are filled from the events table (or wait), poison is dead-lettered, and crashed or parallel workers
-//! end with the same model.
+//! Projection workers against a real Postgres and nats-server: redeliveries apply once, gaps are
+//! filled from the events table (or wait), poison is dead-lettered, and crashed or parallel
+//! workers end with the same model. The subject is a projection of this test's own over device
+//! events (`EventLog`), which keeps its positions as `firmware`, `rollouts` and `users` do; the
+//! device models themselves are kept inline by the write side (`tests/inline.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -14,9 +16,8 @@ use fleetlog_nats::topology::subject_for;
 use fleetlog_nats::{ensure_stream, StreamSettings};
 use fleetlog_projections::replay::verify;
 use fleetlog_projections::worker::{apply_event, Position, DEAD_LETTER_STREAM};
-use fleetlog_projections::{
-    DevicesProjection, Projection, ProjectionError, TelemetryProjection, Worker, WorkerSettings,
-};
+use fleetlog_projections::DeviceModels;
+use fleetlog_projections::{Projection, ProjectionError, Worker, WorkerSettings};
 use fleetlog_relay::{Relay, RelaySettings};
 use fleetlog_testkit::{wait_until_projected, NatsServer, TestDatabase};
 use futures::StreamExt;
@@ -65,22 +66,6 @@ async fn start_worker<P: Projection>(projection: P, pool: &PgPool, nats: &NatsSe
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(worker.run(shutdown.clone()));
     Running { shutdown, task }
-}
-
-/// The devices worker with telemetry riding along, as `fleetlog project` runs it.
-fn start_devices_with_telemetry(pool: &PgPool, jetstream: &Context) -> Running {
-    let worker = Worker::new(
-        DevicesProjection,
-        pool.clone(),
-        jetstream.clone(),
-        settings(),
-    )
-    .alongside(TelemetryProjection);
-    let shutdown = CancellationToken::new();
-    Running {
-        shutdown: shutdown.clone(),
-        task: tokio::spawn(worker.run(shutdown)),
-    }
 }
 
 async fn start_relay(pool: &PgPool, nats: &NatsServer) -> Running {
@@ -145,103 +130,6 @@ fn telemetry(n: i64, status: Value) -> DeviceCommand {
         location: None,
         status: status.as_object().cloned().unwrap_or_default(),
     }
-}
-
-#[tokio::test]
-async fn the_devices_model_follows_the_events() {
-    let db = TestDatabase::create().await;
-    let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
-    let devices = bus.devices();
-    devices
-        .execute("d1", register("d1"), &metadata())
-        .await
-        .unwrap();
-    devices
-        .execute(
-            "d1",
-            telemetry(1, json!({"mode": "eco", "battery": 90})),
-            &metadata(),
-        )
-        .await
-        .unwrap();
-    let mut desired = Map::new();
-    desired.insert("mode".into(), json!("turbo"));
-    desired.insert("interval".into(), json!(30));
-    devices
-        .execute(
-            "d1",
-            DeviceCommand::SetDesired {
-                properties: desired,
-                at: at(2),
-            },
-            &metadata(),
-        )
-        .await
-        .unwrap();
-    for id in ["c1", "c2"] {
-        let issue = DeviceCommand::IssueCommand {
-            command_id: CommandId::parse(id).unwrap(),
-            name: "reboot".into(),
-            params: json!({}),
-            issued_at: at(3),
-            expires_at: at(60),
-        };
-        devices.execute("d1", issue, &metadata()).await.unwrap();
-    }
-    let reply = DeviceCommand::RecordCommandReply {
-        command_id: CommandId::parse("c1").unwrap(),
-        outcome: CommandOutcome::Succeeded,
-        result: json!({"uptime": 1}),
-        received_at: at(4),
-    };
-    devices.execute("d1", reply, &metadata()).await.unwrap();
-    let offline = DeviceCommand::MarkOffline {
-        reason: "silent".into(),
-        silent_since: None,
-        at: at(500),
-    };
-    devices.execute("d1", offline, &metadata()).await.unwrap();
-
-    let relay = start_relay(&db.pool, &nats).await;
-    let worker = start_worker(DevicesProjection, &db.pool, &nats).await;
-    wait_until_projected(&db.pool, DevicesProjection::NAME, "device").await;
-
-    let row: (bool, Value, Value, Value, Value, i32, i64, String, Vec<String>) = sqlx::query_as(
-        "SELECT online, sensors, reported, desired, delta, open_commands, last_sequence, offline_reason, tags
-           FROM devices WHERE device_id = 'd1'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    let (online, sensors, reported, desired, delta, open_commands, last_sequence, reason, tags) =
-        row;
-    assert!(!online);
-    assert_eq!(reason, "silent");
-    assert_eq!(sensors["temperature"]["value"], json!(21.0));
-    assert_eq!(sensors["temperature"]["unit"], json!("celsius"));
-    assert_eq!(reported, json!({"mode": "eco", "battery": 90}));
-    assert_eq!(desired, json!({"mode": "turbo", "interval": 30}));
-    assert_eq!(delta, json!({"mode": "turbo", "interval": 30}));
-    assert_eq!(open_commands, 1);
-    assert_eq!(tags, ["lab"]);
-    let version = devices.current("d1").await.unwrap().version;
-    assert_eq!(last_sequence as u64, version);
-    let commands: Vec<(String, String)> = sqlx::query_as(
-        "SELECT command_id, status FROM device_commands WHERE device_id = 'd1' ORDER BY command_id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        commands,
-        [
-            ("c1".into(), "succeeded".into()),
-            ("c2".into(), "pending".into())
-        ]
-    );
-    worker.stop().await;
-    relay.stop().await;
 }
 
 /// Publishes an envelope straight to the stream, as a redelivery or a disordered stream would
@@ -316,8 +204,8 @@ fn issued(n: i64) -> DeviceEvent {
 }
 
 /// A projection that keeps its positions in `projection_positions`, as firmware, rollouts and
-/// users do, over device events so it is driven like the others: one row per applied event,
-/// with no key, so an event applied twice shows.
+/// users do, over device events: one row per applied event, with no key, so an event applied
+/// twice shows. An event that does not read as a Device event cannot be applied.
 #[derive(Clone, Copy)]
 struct EventLog;
 
@@ -331,6 +219,7 @@ impl Projection for EventLog {
         connection: &mut PgConnection,
         event: &EventEnvelope,
     ) -> Result<(), ProjectionError> {
+        let _: DeviceEvent = serde_json::from_value(event.payload.clone())?;
         sqlx::query("INSERT INTO event_log (device_id, sequence) VALUES ($1, $2)")
             .bind(&event.aggregate_id)
             .bind(event.sequence)
@@ -347,20 +236,17 @@ async fn create_event_log(pool: &PgPool) {
         .unwrap();
 }
 
-/// The last sequence `projection` applied for `device`, wherever it keeps it.
+/// The last sequence `projection` applied for `device`.
 async fn position(pool: &PgPool, projection: &str, device: &str) -> i64 {
-    let query = if projection == DevicesProjection::NAME {
-        "SELECT COALESCE(max(last_sequence), 0) FROM devices WHERE device_id = $2 AND $1 = 'devices'"
-    } else {
+    sqlx::query_scalar(
         "SELECT COALESCE(max(last_sequence), 0) FROM projection_positions
-          WHERE projection = $1 AND aggregate_id = $2"
-    };
-    sqlx::query_scalar(query)
-        .bind(projection)
-        .bind(device)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+          WHERE projection = $1 AND aggregate_id = $2",
+    )
+    .bind(projection)
+    .bind(device)
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 async fn wait_for_position(pool: &PgPool, projection: &str, device: &str, expected: i64) {
@@ -374,29 +260,28 @@ async fn wait_for_position(pool: &PgPool, projection: &str, device: &str, expect
     }
 }
 
-/// How many `issued` events `projection` has applied for `device`, counting repeats.
-async fn commands_applied(pool: &PgPool, projection: &str, device: &str) -> i64 {
-    let query = if projection == DevicesProjection::NAME {
-        "SELECT COALESCE(max(open_commands), 0)::bigint FROM devices WHERE device_id = $1"
-    } else {
-        "SELECT count(*) FROM event_log WHERE device_id = $1 AND sequence > 1"
-    };
-    sqlx::query_scalar(query)
+/// How many events after the registration the event log has applied for `device`, counting
+/// repeats.
+async fn applied_after_registration(pool: &PgPool, device: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM event_log WHERE device_id = $1 AND sequence > 1")
         .bind(device)
         .fetch_one(pool)
         .await
         .unwrap()
 }
 
-async fn telemetry_rows(pool: &PgPool, device: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM telemetry WHERE device_id = $1")
+/// How many times the event log has applied `device`'s events, counting repeats, and how
+/// many different events that was.
+async fn applied(pool: &PgPool, device: &str) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), count(DISTINCT sequence) FROM event_log WHERE device_id = $1")
         .bind(device)
         .fetch_one(pool)
         .await
         .unwrap()
 }
 
-async fn gaps_wait_and_redeliveries_apply_once<P: Projection>(projection: P) {
+#[tokio::test]
+async fn redeliveries_apply_once_and_gaps_wait() {
     let db = TestDatabase::create().await;
     create_event_log(&db.pool).await;
     let nats = NatsServer::start();
@@ -404,52 +289,46 @@ async fn gaps_wait_and_redeliveries_apply_once<P: Projection>(projection: P) {
     ensure_stream(&jetstream, &StreamSettings::default())
         .await
         .unwrap();
-    let worker = start_worker(projection, &db.pool, &nats).await;
+    let worker = start_worker(EventLog, &db.pool, &nats).await;
 
     // Sequence 3 arrives before 2: it must wait, not be applied early or dropped.
     publish(&jetstream, &envelope("d1", 1, &registered("d1"))).await;
     publish(&jetstream, &envelope("d1", 3, &issued(3))).await;
-    wait_for_position(&db.pool, P::NAME, "d1", 1).await;
+    wait_for_position(&db.pool, EventLog::NAME, "d1", 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(position(&db.pool, P::NAME, "d1").await, 1);
+    assert_eq!(position(&db.pool, EventLog::NAME, "d1").await, 1);
     publish(&jetstream, &envelope("d1", 2, &issued(2))).await;
-    wait_for_position(&db.pool, P::NAME, "d1", 3).await;
-    assert_eq!(commands_applied(&db.pool, P::NAME, "d1").await, 2);
+    wait_for_position(&db.pool, EventLog::NAME, "d1", 3).await;
+    assert_eq!(applied_after_registration(&db.pool, "d1").await, 2);
 
     // The same events again (a redelivery, a relay republishing): no effect.
     publish(&jetstream, &envelope("d1", 2, &issued(2))).await;
     publish(&jetstream, &envelope("d1", 3, &issued(3))).await;
     publish(&jetstream, &envelope("d1", 4, &issued(4))).await;
-    wait_for_position(&db.pool, P::NAME, "d1", 4).await;
-    assert_eq!(commands_applied(&db.pool, P::NAME, "d1").await, 3);
+    wait_for_position(&db.pool, EventLog::NAME, "d1", 4).await;
+    assert_eq!(applied_after_registration(&db.pool, "d1").await, 3);
     worker.stop().await;
-}
-
-#[tokio::test]
-async fn with_shared_positions_redeliveries_apply_once_and_gaps_wait() {
-    gaps_wait_and_redeliveries_apply_once(EventLog).await;
-}
-
-#[tokio::test]
-async fn with_positions_in_the_read_model_redeliveries_apply_once_and_gaps_wait() {
-    gaps_wait_and_redeliveries_apply_once(DevicesProjection).await;
 }
 
 /// Workers sharing a consumer split one device's events between them, in any order. A worker
 /// handed a later event than the next one takes the events it lacks from the events table
-/// (the source of truth) and applies them first, in the devices model and in telemetry alike,
-/// instead of waiting for the stream to bring them again: that wait could not keep up with a
-/// device reporting several times a second. Later, the missing event's own delivery is a
-/// redelivery and changes nothing.
+/// (the source of truth) and applies them first, instead of waiting for the stream to bring
+/// them again: that wait could not keep up with an aggregate that changes several times a
+/// second. Later, the missing event's own delivery is a redelivery and changes nothing.
 #[tokio::test]
 async fn a_gap_is_filled_from_the_events_table() {
     let db = TestDatabase::create().await;
+    create_event_log(&db.pool).await;
     let nats = NatsServer::start();
     let jetstream = jetstream_of(&nats).await;
     ensure_stream(&jetstream, &StreamSettings::default())
         .await
         .unwrap();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let devices = bus.devices();
     devices
         .execute("d1", register("d1"), &metadata())
@@ -465,57 +344,39 @@ async fn a_gap_is_filled_from_the_events_table() {
             .await
             .unwrap();
     }
-    let stored = fleetlog_eventlog::history(
-        &db.pool,
-        fleetlog_eventlog::HistoryQuery {
-            aggregate_type: "device",
-            aggregate_id: "d1",
-            after_sequence: 0,
-            event_type: None,
-            limit: 10,
-        },
-    )
-    .await
-    .unwrap();
-    let last = stored.len() as i64;
-    // Two telemetry rows for each reading event up to `sequence`.
-    let rows_until = |sequence: i64| {
-        2 * stored
-            .iter()
-            .filter(|e| e.sequence <= sequence && e.event_type == "TelemetryRecorded")
-            .count() as i64
+    let history = |id: &'static str| {
+        fleetlog_eventlog::history(
+            &db.pool,
+            fleetlog_eventlog::HistoryQuery {
+                aggregate_type: "device",
+                aggregate_id: id,
+                after_sequence: 0,
+                event_type: None,
+                limit: 10,
+            },
+        )
     };
-    let d2 = fleetlog_eventlog::history(
-        &db.pool,
-        fleetlog_eventlog::HistoryQuery {
-            aggregate_type: "device",
-            aggregate_id: "d2",
-            after_sequence: 0,
-            event_type: None,
-            limit: 10,
-        },
-    )
-    .await
-    .unwrap();
-    let start = || start_devices_with_telemetry(&db.pool, &jetstream);
-    let worker = start();
+    let stored = history("d1").await.unwrap();
+    let last = stored.len() as i64;
+    let d2 = history("d2").await.unwrap();
+    let worker = start_worker(EventLog, &db.pool, &nats).await;
 
     // One by one: the registration, then sequence 3 alone (2 went to another worker).
     publish(&jetstream, &stored[0]).await;
-    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", 1).await;
+    wait_for_position(&db.pool, EventLog::NAME, "d1", 1).await;
     publish(&jetstream, &stored[2]).await;
-    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", 3).await;
-    assert_eq!(telemetry_rows(&db.pool, "d1").await, rows_until(3));
+    wait_for_position(&db.pool, EventLog::NAME, "d1", 3).await;
+    assert_eq!(applied(&db.pool, "d1").await, (3, 3));
     worker.stop().await;
 
     // In a batch (queued while no worker ran): the last without the ones before it, beside
     // another device's event.
     publish(&jetstream, &stored[stored.len() - 1]).await;
     publish(&jetstream, &d2[0]).await;
-    let worker = start();
-    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", last).await;
-    wait_for_position(&db.pool, DevicesProjection::NAME, "d2", 1).await;
-    assert_eq!(telemetry_rows(&db.pool, "d1").await, rows_until(last));
+    let worker = start_worker(EventLog, &db.pool, &nats).await;
+    wait_for_position(&db.pool, EventLog::NAME, "d1", last).await;
+    wait_for_position(&db.pool, EventLog::NAME, "d2", 1).await;
+    assert_eq!(applied(&db.pool, "d1").await, (last, last));
     // The late deliveries of the others change nothing.
     for event in &stored[1..stored.len() - 1] {
         publish(&jetstream, event).await;
@@ -524,7 +385,7 @@ async fn a_gap_is_filled_from_the_events_table() {
         .get_stream(fleetlog_nats::STREAM_NAME)
         .await
         .unwrap()
-        .get_consumer(DevicesProjection::NAME)
+        .get_consumer(EventLog::NAME)
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -537,140 +398,21 @@ async fn a_gap_is_filled_from_the_events_table() {
         assert!(Instant::now() < deadline, "messages left unacked: {info:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        position(&db.pool, DevicesProjection::NAME, "d1").await,
-        last
-    );
-    assert_eq!(
-        telemetry_rows(&db.pool, "d1").await,
-        8,
-        "four readings events"
-    );
-    let latest: f64 = sqlx::query_scalar(
-        "SELECT (sensors -> 'temperature' ->> 'value')::float8 FROM devices WHERE device_id = 'd1'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(latest, 24.0, "the newest reading is the latest");
-    worker.stop().await;
-}
-
-/// The telemetry projection keeps no positions: readings apply in any order, and an event
-/// delivered again adds nothing.
-#[tokio::test]
-async fn keyed_telemetry_applies_in_any_order_and_redeliveries_add_nothing() {
-    let db = TestDatabase::create().await;
-    let nats = NatsServer::start();
-    let jetstream = jetstream_of(&nats).await;
-    ensure_stream(&jetstream, &StreamSettings::default())
-        .await
-        .unwrap();
-    let worker = start_worker(TelemetryProjection, &db.pool, &nats).await;
-    let wait_for_rows = |expected: i64| {
-        let pool = db.pool.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while telemetry_rows(&pool, "d1").await != expected {
-                assert!(Instant::now() < deadline, "never {expected} rows");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-
-    publish(&jetstream, &envelope("d1", 1, &registered("d1"))).await;
-    publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
-    wait_for_rows(1).await;
-    publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
-    wait_for_rows(2).await;
-
-    publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
-    publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
-    publish(&jetstream, &envelope("d1", 4, &recorded(4))).await;
-    wait_for_rows(3).await;
-    let sequences: Vec<i64> =
-        sqlx::query_scalar("SELECT sequence FROM telemetry WHERE device_id = 'd1' ORDER BY time")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(sequences, [2, 3, 4]);
-    worker.stop().await;
-}
-
-/// Telemetry rides with the devices worker: one consumer feeds both models, telemetry takes
-/// the events the devices model waits on, a redelivery changes neither, and the consumer
-/// telemetry had of its own (from when it ran alone) is removed.
-#[tokio::test]
-async fn telemetry_rides_with_the_devices_worker_on_one_consumer() {
-    let db = TestDatabase::create().await;
-    let nats = NatsServer::start();
-    let jetstream = jetstream_of(&nats).await;
-    ensure_stream(&jetstream, &StreamSettings::default())
-        .await
-        .unwrap();
-    let stream = jetstream
-        .get_stream(fleetlog_nats::STREAM_NAME)
-        .await
-        .unwrap();
-    stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            durable_name: Some(TelemetryProjection::NAME.into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let worker = start_devices_with_telemetry(&db.pool, &jetstream);
-    let wait_for_rows = |expected: i64| {
-        let pool = db.pool.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while telemetry_rows(&pool, "d1").await != expected {
-                assert!(Instant::now() < deadline, "never {expected} rows");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-
-    // 3 before 2: the devices model waits for 2, telemetry takes 3 at once.
-    publish(&jetstream, &envelope("d1", 1, &registered("d1"))).await;
-    publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
-    wait_for_rows(1).await;
-    assert_eq!(position(&db.pool, DevicesProjection::NAME, "d1").await, 1);
-    publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
-    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", 3).await;
-    wait_for_rows(2).await;
-
-    // Delivered again, with one new event: each model takes the new one only.
-    publish(&jetstream, &envelope("d1", 2, &recorded(2))).await;
-    publish(&jetstream, &envelope("d1", 3, &recorded(3))).await;
-    publish(&jetstream, &envelope("d1", 4, &recorded(4))).await;
-    wait_for_position(&db.pool, DevicesProjection::NAME, "d1", 4).await;
-    wait_for_rows(3).await;
-    let sequences: Vec<i64> =
-        sqlx::query_scalar("SELECT sequence FROM telemetry WHERE device_id = 'd1' ORDER BY time")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(sequences, [2, 3, 4]);
-
-    let consumers: Vec<String> = stream
-        .consumer_names()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>()
-        .await;
-    assert_eq!(consumers, [DevicesProjection::NAME]);
+    assert_eq!(position(&db.pool, EventLog::NAME, "d1").await, last);
+    assert_eq!(applied(&db.pool, "d1").await, (last, last));
     worker.stop().await;
 }
 
 #[tokio::test]
 async fn a_poison_event_is_dead_lettered_and_the_projection_moves_on() {
     let db = TestDatabase::create().await;
+    create_event_log(&db.pool).await;
     let nats = NatsServer::start();
     let jetstream = jetstream_of(&nats).await;
     ensure_stream(&jetstream, &StreamSettings::default())
         .await
         .unwrap();
-    let worker = start_worker(DevicesProjection, &db.pool, &nats).await;
+    let worker = start_worker(EventLog, &db.pool, &nats).await;
 
     publish(&jetstream, &envelope("bad", 1, &registered("bad"))).await;
     let mut poison = envelope("bad", 2, &recorded(2));
@@ -679,10 +421,10 @@ async fn a_poison_event_is_dead_lettered_and_the_projection_moves_on() {
     publish(&jetstream, &envelope("bad", 3, &recorded(3))).await;
     publish(&jetstream, &envelope("good", 1, &registered("good"))).await;
 
-    wait_for_position(&db.pool, "devices", "good", 1).await;
-    wait_for_position(&db.pool, "devices", "bad", 3).await;
+    wait_for_position(&db.pool, EventLog::NAME, "good", 1).await;
+    wait_for_position(&db.pool, EventLog::NAME, "bad", 3).await;
     let (reason, sequence): (String, i64) = sqlx::query_as(
-        "SELECT reason, sequence FROM projection_dead_letters WHERE projection = 'devices'",
+        "SELECT reason, sequence FROM projection_dead_letters WHERE projection = 'event_log'",
     )
     .fetch_one(&db.pool)
     .await
@@ -690,12 +432,19 @@ async fn a_poison_event_is_dead_lettered_and_the_projection_moves_on() {
     assert_eq!(sequence, 2);
     assert!(reason.contains("failed 3 times"), "{reason}");
     assert!(reason.contains("DeviceExploded"), "{reason}");
+    let applied: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM event_log WHERE device_id = 'bad' ORDER BY sequence",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(applied, [1, 3], "passed over, and the later event applied");
 
     let mut dead_letters = jetstream.get_stream(DEAD_LETTER_STREAM).await.unwrap();
     let info = dead_letters.info().await.unwrap();
     assert_eq!(info.state.messages, 1);
     let message = dead_letters.get_raw_message(1).await.unwrap();
-    assert_eq!(message.subject.as_str(), "fleetlog.deadletter.devices");
+    assert_eq!(message.subject.as_str(), "fleetlog.deadletter.event_log");
     assert!(message
         .headers
         .get("Fleetlog-Reason")
@@ -710,8 +459,13 @@ async fn a_poison_event_is_dead_lettered_and_the_projection_moves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_and_parallel_workers_end_with_the_same_model() {
     let db = TestDatabase::create().await;
+    create_event_log(&db.pool).await;
     let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let ids: Vec<String> = (0..6).map(|n| format!("d{n}")).collect();
     for id in &ids {
         bus.devices()
@@ -730,9 +484,9 @@ async fn crashed_and_parallel_workers_end_with_the_same_model() {
     let relay = start_relay(&db.pool, &nats).await;
 
     // One worker is killed without warning part-way through; two more then share the consumer.
-    let first = start_worker(TelemetryProjection, &db.pool, &nats).await;
+    let first = start_worker(EventLog, &db.pool, &nats).await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while telemetry_rows(&db.pool, "d0").await < 10 {
+    while applied(&db.pool, "d0").await.0 < 10 {
         assert!(
             Instant::now() < deadline,
             "the first worker made no progress"
@@ -741,51 +495,25 @@ async fn crashed_and_parallel_workers_end_with_the_same_model() {
     }
     first.task.abort();
     let _ = first.task.await;
-    let second = start_worker(TelemetryProjection, &db.pool, &nats).await;
-    let third = start_worker(TelemetryProjection, &db.pool, &nats).await;
-    let devices_worker = start_worker(DevicesProjection, &db.pool, &nats).await;
+    let second = start_worker(EventLog, &db.pool, &nats).await;
+    let third = start_worker(EventLog, &db.pool, &nats).await;
 
-    wait_until_projected(&db.pool, "telemetry", "device").await;
-    wait_until_projected(&db.pool, "devices", "device").await;
+    wait_until_projected(&db.pool, EventLog::NAME, "device").await;
     for id in &ids {
+        let version = bus.devices().current(id).await.unwrap().version as i64;
         assert_eq!(
-            telemetry_rows(&db.pool, id).await,
-            80,
-            "two readings per message for {id}"
+            applied(&db.pool, id).await,
+            (version, version),
+            "every event of {id} applied once"
         );
-        let distinct: i64 = sqlx::query_scalar(
-            "SELECT count(DISTINCT (sensor, time, value)) FROM telemetry WHERE device_id = $1",
-        )
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        assert_eq!(distinct, 80, "no reading stored twice for {id}");
-        let device = bus.devices().current(id).await.unwrap();
-        let (reported, last_sequence, online): (Value, i64, bool) = sqlx::query_as(
-            "SELECT reported, last_sequence, online FROM devices WHERE device_id = $1",
-        )
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        assert_eq!(reported, Value::Object(device.aggregate.reported.clone()));
-        assert_eq!(last_sequence as u64, device.version);
-        assert!(online);
     }
-    // The same models as a replay from the events table builds.
-    let patience = Duration::from_secs(20);
-    let differences = verify(&TelemetryProjection, &db.pool, patience, |_| {})
+    // The same model as a replay from the events table builds.
+    let differences = verify(&EventLog, &db.pool, Duration::from_secs(20), |_| {})
         .await
         .unwrap()
         .differences;
     assert!(differences.is_empty(), "{differences:#?}");
-    let differences = verify(&DevicesProjection, &db.pool, patience, |_| {})
-        .await
-        .unwrap()
-        .differences;
-    assert!(differences.is_empty(), "{differences:#?}");
-    for running in [second, third, devices_worker, relay] {
+    for running in [second, third, relay] {
         running.stop().await;
     }
 }
@@ -815,7 +543,8 @@ async fn next_messages<P: Projection>(worker: &Worker<P>, count: usize) -> Vec<j
     messages
 }
 
-async fn a_batch_notices_a_position_moved_by_someone_else<P: Projection + Copy>(projection: P) {
+#[tokio::test]
+async fn a_batch_notices_a_position_moved_by_someone_else() {
     let db = TestDatabase::create().await;
     create_event_log(&db.pool).await;
     let nats = NatsServer::start();
@@ -823,7 +552,7 @@ async fn a_batch_notices_a_position_moved_by_someone_else<P: Projection + Copy>(
     ensure_stream(&jetstream, &StreamSettings::default())
         .await
         .unwrap();
-    let worker = Worker::new(projection, db.pool.clone(), jetstream.clone(), settings());
+    let worker = Worker::new(EventLog, db.pool.clone(), jetstream.clone(), settings());
     for sequence in 1..=3 {
         let event = if sequence == 1 {
             registered("d1")
@@ -833,10 +562,9 @@ async fn a_batch_notices_a_position_moved_by_someone_else<P: Projection + Copy>(
         publish(&jetstream, &envelope("d1", sequence, &event)).await;
     }
     worker.handle_batch(next_messages(&worker, 3).await).await;
-    assert_eq!(position(&db.pool, P::NAME, "d1").await, 3);
+    assert_eq!(position(&db.pool, EventLog::NAME, "d1").await, 3);
 
-    // Another worker applies event 4, the answer to command c2; this one still remembers
-    // position 3. Applied twice, the answer would close a second command.
+    // Another worker applies event 4; this one still remembers position 3.
     let answer = DeviceEvent::CommandReplied {
         command_id: CommandId::parse("c2").unwrap(),
         outcome: CommandOutcome::Succeeded,
@@ -844,7 +572,7 @@ async fn a_batch_notices_a_position_moved_by_someone_else<P: Projection + Copy>(
         received_at: at(4),
     };
     let mut tx = db.pool.begin().await.unwrap();
-    let moved = apply_event(&projection, &mut tx, &envelope("d1", 4, &answer))
+    let moved = apply_event(&EventLog, &mut tx, &envelope("d1", 4, &answer))
         .await
         .unwrap();
     assert_eq!(moved, Position::Applied);
@@ -854,23 +582,6 @@ async fn a_batch_notices_a_position_moved_by_someone_else<P: Projection + Copy>(
     publish(&jetstream, &envelope("d1", 4, &answer)).await;
     publish(&jetstream, &envelope("d1", 5, &issued(5))).await;
     worker.handle_batch(next_messages(&worker, 2).await).await;
-    assert_eq!(position(&db.pool, P::NAME, "d1").await, 5);
-    // The devices model counts open commands (c3 and c5), the event log every event applied
-    // (2 to 5, once each).
-    let expected = if P::NAME == DevicesProjection::NAME {
-        2
-    } else {
-        4
-    };
-    assert_eq!(commands_applied(&db.pool, P::NAME, "d1").await, expected);
-}
-
-#[tokio::test]
-async fn a_batch_notices_a_shared_position_moved_by_someone_else() {
-    a_batch_notices_a_position_moved_by_someone_else(EventLog).await;
-}
-
-#[tokio::test]
-async fn a_batch_notices_a_read_model_position_moved_by_someone_else() {
-    a_batch_notices_a_position_moved_by_someone_else(DevicesProjection).await;
+    assert_eq!(position(&db.pool, EventLog::NAME, "d1").await, 5);
+    assert_eq!(applied(&db.pool, "d1").await, (5, 5));
 }

@@ -13,6 +13,7 @@ use fleetlog_domain::{DeviceId, TenantId, UserId};
 use fleetlog_eventlog::EventEnvelope;
 use fleetlog_nats::topology::subject_for;
 use fleetlog_nats::{StreamSettings, STREAM_NAME};
+use fleetlog_projections::DeviceModels;
 use fleetlog_relay::{Relay, RelaySettings};
 use fleetlog_relay::{RelayStatus, EVENTS_CHANNEL};
 use fleetlog_testkit::{NatsServer, TestDatabase};
@@ -215,7 +216,11 @@ async fn assert_stream_matches_events(pool: &PgPool, jetstream: &Context) {
 async fn relays_every_event_once_with_its_envelope() {
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     for device in ["a", "b", "c"] {
         register(&bus, device).await;
     }
@@ -251,7 +256,11 @@ async fn relays_every_event_once_with_its_envelope() {
 async fn an_event_whose_transaction_commits_late_is_not_skipped() {
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     let mut relay = start_relay(&db.pool, &nats).await;
     relay.wait_for(RelayStatus::Active).await;
 
@@ -305,7 +314,11 @@ async fn an_event_whose_transaction_commits_late_is_not_skipped() {
 async fn a_nats_outage_loses_and_duplicates_nothing() {
     let db = TestDatabase::create().await;
     let mut nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     for n in 0..20 {
         register(&bus, &format!("d{n}")).await;
     }
@@ -335,7 +348,11 @@ async fn a_nats_outage_loses_and_duplicates_nothing() {
 async fn one_relay_publishes_and_a_standby_takes_over() {
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     register(&bus, "a").await;
 
     let mut first = start_relay(&db.pool, &nats).await;
@@ -362,7 +379,11 @@ async fn appending_events_notifies_the_relay_channel() {
         .await
         .unwrap();
     listener.listen(EVENTS_CHANNEL).await.unwrap();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     register(&bus, "a").await;
     let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
         .await
@@ -375,7 +396,11 @@ async fn appending_events_notifies_the_relay_channel() {
 async fn a_backlog_across_a_power_of_ten_of_transaction_ids_is_relayed_whole_and_in_order() {
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
-    let bus = CommandBus::new(db.pool.clone(), StoreSettings::default());
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
     register(&bus, "edge").await;
     heartbeat(&bus, "edge").await;
     // Written while no relay runs: the relay meets them as one backlog, several batches long,

@@ -15,6 +15,7 @@ use fleetlog_commands::{CommandBus, StoreSettings};
 use fleetlog_domain::user::Role;
 use fleetlog_domain::{SessionId, TenantId, UserId};
 use fleetlog_firmware::{FirmwareStore, ImageSigner};
+use fleetlog_projections::DeviceModels;
 use fleetlog_projections::WorkerSettings;
 use fleetlog_relay::RelaySettings;
 use fleetlog_testkit::{NatsServer, TestDatabase};
@@ -132,7 +133,11 @@ impl Platform {
             router: router(state),
             auth,
             pool: db.pool.clone(),
-            bus: CommandBus::new(db.pool.clone(), StoreSettings::default()),
+            bus: CommandBus::new(
+                db.pool.clone(),
+                StoreSettings::default(),
+                DeviceModels::inline(),
+            ),
             shutdown,
             _platform: platform,
             firmware_dir,

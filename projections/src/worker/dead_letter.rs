@@ -3,10 +3,9 @@
 
 use super::*;
 
-impl<P: Projection, C: Companion> Worker<P, C> {
+impl<P: Projection> Worker<P> {
     /// Records the message as dead, moves the position past it (so the aggregate's later
-    /// events are not stuck behind it) and publishes it on the dead-letter subject. A
-    /// companion does not get the event either; a replay of its model tries it again.
+    /// events are not stuck behind it) and publishes it on the dead-letter subject.
     pub(super) async fn dead_letter(
         &self,
         message: &Message,
@@ -68,4 +67,34 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         }
         Outcome::DeadLettered
     }
+}
+
+/// Passes over an event the projection cannot apply, where no message is to be acked (a
+/// replay's shadow, the write side's inline models): moves the position past it and records it
+/// in `projection_dead_letters`, unless it is recorded there already (by the live worker or an
+/// earlier replay).
+pub(crate) async fn pass_over<P: Projection>(
+    connection: &mut PgConnection,
+    event: &EventEnvelope,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    move_position_past::<P>(connection, event).await?;
+    let message = serde_json::to_string(event).unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO public.projection_dead_letters
+           (projection, aggregate_type, aggregate_id, sequence, reason, message)
+         SELECT $1, $2, $3, $4, $5, $6
+          WHERE NOT EXISTS (SELECT 1 FROM public.projection_dead_letters
+                             WHERE projection = $1 AND aggregate_type = $2
+                               AND aggregate_id = $3 AND sequence = $4)",
+    )
+    .bind(P::NAME)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .bind(event.sequence)
+    .bind(reason)
+    .bind(message)
+    .execute(connection)
+    .await?;
+    Ok(())
 }

@@ -15,10 +15,9 @@
 //! Several workers of one projection (in one or many processes) share the durable consumer; the
 //! position's lock keeps them from applying one aggregate's events twice or out of order.
 //!
-//! Where the positions live is the projection's choice ([`Positions`]): rows of
-//! `projection_positions`, a column of the projection's own table that its writes set anyway,
-//! or nowhere, for a projection whose rows are keyed by the event so that applying one twice
-//! changes nothing. The last two spare the busiest projections a second row write per event.
+//! The positions are rows of `projection_positions` ([`Positions::Shared`]). The projections
+//! that keep theirs elsewhere (`devices` in its own rows, `telemetry` nowhere) are the device
+//! models, which the write side keeps inline (see [`crate::inline`]): they have no worker.
 //! A message that keeps failing is dead-lettered after `max_deliveries`: recorded with its
 //! reason in `projection_dead_letters` and published on `fleetlog.deadletter.{projection}`, its
 //! position moved past it, and acked, so it blocks nothing. Database outages are retried without
@@ -50,10 +49,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use fleetlog_nats::topology::{DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM};
 
+pub(crate) use dead_letter::pass_over;
+use positions::KnownPositions;
 pub use positions::{apply_event, has_applied, OwnPositions, Position, Positions};
-pub(crate) use positions::{apply_judged, move_position_past};
-use positions::{same_str, KnownPositions};
-pub use projection::{Alone, Alongside, Companion, Projection, ProjectionError};
+pub(crate) use positions::{apply_judged, move_position_past, own_position};
+pub use projection::{Projection, ProjectionError};
 
 /// Tuning of a projection worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,10 +115,9 @@ impl Outcome {
     }
 }
 
-/// Runs one projection (and its companion, if it has one).
-pub struct Worker<P: Projection, C: Companion = Alone> {
+/// Runs one projection.
+pub struct Worker<P: Projection> {
     projection: P,
-    companion: C,
     pool: PgPool,
     jetstream: Context,
     settings: WorkerSettings,
@@ -126,11 +125,17 @@ pub struct Worker<P: Projection, C: Companion = Alone> {
 }
 
 impl<P: Projection> Worker<P> {
-    /// A worker for `projection`.
+    /// A worker for `projection`, which keeps its positions in `projection_positions`.
     pub fn new(projection: P, pool: PgPool, jetstream: Context, settings: WorkerSettings) -> Self {
+        const {
+            assert!(
+                matches!(P::POSITIONS, Positions::Shared),
+                "a projection with a worker keeps its positions in projection_positions; \
+                 the others are kept inline by the write side"
+            );
+        };
         Self {
             projection,
-            companion: Alone,
             pool,
             jetstream,
             known: KnownPositions::new(settings.known_positions),
@@ -138,32 +143,6 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    /// This worker, applying the keyed projection `rider` as well to every event it is
-    /// delivered, in the same transactions. The rider's read model is then fed by this
-    /// worker's consumer: run no worker of its own beside it.
-    pub fn alongside<K: Projection>(self, rider: K) -> Worker<P, Alongside<K>> {
-        const {
-            assert!(
-                matches!(K::POSITIONS, Positions::Keyed),
-                "only a keyed projection can ride along"
-            );
-            assert!(
-                same_str(K::AGGREGATE_TYPE, P::AGGREGATE_TYPE),
-                "a rider reads the events of the same aggregate type"
-            );
-        };
-        Worker {
-            projection: self.projection,
-            companion: Alongside(rider),
-            pool: self.pool,
-            jetstream: self.jetstream,
-            settings: self.settings,
-            known: self.known,
-        }
-    }
-}
-
-impl<P: Projection, C: Companion> Worker<P, C> {
     /// Consumes until `shutdown`; the message in hand is finished first. Lost connections to
     /// NATS or Postgres are retried, never returned.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -177,8 +156,10 @@ impl<P: Projection, C: Companion> Worker<P, C> {
     pub async fn consumer(&self) -> Result<PullConsumer, async_nats::Error> {
         fleetlog_nats::topology::ensure_dead_letter_stream(&self.jetstream).await?;
         let stream = self.jetstream.get_stream(STREAM_NAME).await?;
-        if let Some(rider) = C::NAME {
-            retire_consumer_of(&stream, rider, P::NAME).await?;
+        for name in crate::PROJECTIONS {
+            if crate::kept_inline(name) {
+                retire_consumer_of_inline(&stream, name).await?;
+            }
         }
         fleetlog_nats::durable_consumer(
             &stream,
@@ -310,7 +291,7 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         delivered: i64,
     ) -> Outcome {
         let result = self.apply_once(event).await;
-        if P::POSITIONS != Positions::Keyed {
+        {
             let mut known = self.known.lock();
             match result {
                 Ok(Position::Applied) => {
@@ -359,12 +340,9 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         if let Position::Gap { expected } = position {
             let filled = positions::fill_gap(&self.projection, &mut tx, event, expected).await?;
             if !filled.is_empty() {
-                let filled: Vec<&EventEnvelope> = filled.iter().collect();
-                self.companion.apply_batch(&mut tx, &filled).await?;
                 position = apply_event(&self.projection, &mut tx, event).await?;
             }
         }
-        self.companion.apply_batch(&mut tx, &[event]).await?;
         tx.commit().await?;
         Ok(position)
     }
@@ -377,16 +355,15 @@ fn record_lag<P: Projection>(event: &EventEnvelope) {
         .set(lag.num_milliseconds() as f64 / 1000.0);
 }
 
-/// Deletes the durable consumer of `rider`, left from when it ran on its own, now that the
-/// worker of `carrier` feeds it. Events that consumer had not acked were applied by the
-/// carrier only if it had not acked them itself: if there were any, a warning says to replay
-/// the rider's model.
-async fn retire_consumer_of(
+/// Deletes the durable consumer of `projection`, left from when a worker fed it, now that the
+/// write side keeps it inline. Events that consumer had not acked were applied inline only if
+/// they were appended after the upgrade (and older ones a device's next event catches up): if
+/// there were any, a warning says to replay the model.
+async fn retire_consumer_of_inline(
     stream: &async_nats::jetstream::stream::Stream,
-    rider: &str,
-    carrier: &str,
+    projection: &str,
 ) -> Result<(), async_nats::Error> {
-    let info = match stream.consumer_info(rider).await {
+    let info = match stream.consumer_info(projection).await {
         Ok(info) => info,
         Err(error)
             if error.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound =>
@@ -398,16 +375,16 @@ async fn retire_consumer_of(
     let left = info.num_pending + info.num_ack_pending as u64;
     if left > 0 {
         tracing::warn!(
-            projection = rider,
+            projection,
             events_left = left,
-            "the {rider} read model is now fed by the {carrier} worker, but its own consumer \
-             had events left; run `fleetlog replay {rider}` to be sure it has them all"
+            "the {projection} read model is now kept by the write side, but its old consumer \
+             had events left; run `fleetlog replay {projection}` to be sure it has them all"
         );
     }
-    stream.delete_consumer(rider).await?;
+    stream.delete_consumer(projection).await?;
     tracing::info!(
-        projection = rider,
-        "removed the {rider} consumer: the {carrier} worker feeds its read model"
+        projection,
+        "removed the {projection} consumer: the write side keeps its read model"
     );
     Ok(())
 }

@@ -96,6 +96,19 @@ impl OwnPositions {
     }
 }
 
+/// Locks the row of `aggregate_id` in the table of a projection that keeps its positions there
+/// ([`Positions::Own`]) and returns the sequence it holds: 0 without a row (or for a projection
+/// that keeps them elsewhere).
+pub(crate) async fn own_position<P: Projection>(
+    connection: &mut PgConnection,
+    aggregate_id: &str,
+) -> Result<i64, sqlx::Error> {
+    match P::POSITIONS {
+        Positions::Own(own) => own.lock(connection, aggregate_id).await,
+        Positions::Shared | Positions::Keyed => Ok(0),
+    }
+}
+
 /// Whether `projection` has applied `event`: read-your-writes asks this.
 pub async fn has_applied<P: Projection>(
     projection: &P,
@@ -376,22 +389,6 @@ async fn read_shared_positions<'a>(
     Ok(())
 }
 
-/// `a == b`, in a const context.
-pub(super) const fn same_str(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut i = 0;
-    while i < a.len() {
-        if a[i] != b[i] {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
 /// Judges `events`, in order, against `last` (the last applied sequence per aggregate, 0 when
 /// missing) as [`apply_event`] would one by one, moving `last` along. Returns each event's
 /// position and the events to apply.
@@ -590,65 +587,14 @@ pub(super) async fn fill_gap<P: Projection>(
     Ok(missing)
 }
 
-impl<P: Projection, C: Companion> Worker<P, C> {
+impl<P: Projection> Worker<P> {
     /// Applies `events` in order in one transaction, judged against the projection's
-    /// positions wherever it keeps them.
+    /// positions.
     pub(super) async fn apply_all(
         &self,
         events: &[EventEnvelope],
     ) -> Result<Vec<Position>, ProjectionError> {
-        match P::POSITIONS {
-            Positions::Shared => self.apply_all_shared(events).await,
-            Positions::Own(own) => self.apply_all_own(own, events).await,
-            Positions::Keyed => {
-                let mut tx = self.pool.begin().await?;
-                let all: Vec<&EventEnvelope> = events.iter().collect();
-                self.projection.apply_batch(&mut tx, &all).await?;
-                self.companion.apply_batch(&mut tx, &all).await?;
-                tx.commit().await?;
-                Ok(vec![Position::Applied; events.len()])
-            }
-        }
-    }
-
-    /// [`Positions::Own`]: judges the batch against the positions this worker committed last
-    /// ([`KnownPositions`]) and reads the others, unlocked. Neither is trusted on its own: the
-    /// projection's writes are compare-and-set (each fails with [`ProjectionError::PositionMoved`]
-    /// unless its row stood at the event's sequence - 1), so a row that another worker or a
-    /// replay moved meanwhile makes the batch fail and the caller go one by one, locking each row.
-    async fn apply_all_own(
-        &self,
-        own: OwnPositions,
-        events: &[EventEnvelope],
-    ) -> Result<Vec<Position>, ProjectionError> {
-        let (mut last, unknown) = self.remembered(events);
-        let mut tx = self.pool.begin().await?;
-        if !unknown.is_empty() {
-            let ids: Vec<&str> = unknown.iter().map(|(_, id)| *id).collect();
-            let stored = own.read_many(&mut tx, &ids).await?;
-            let stored: HashMap<&str, i64> = stored
-                .iter()
-                .map(|(id, sequence)| (id.as_str(), *sequence))
-                .collect();
-            for key in &unknown {
-                if let Some(sequence) = stored.get(key.1) {
-                    last.insert(*key, *sequence);
-                }
-            }
-        }
-        let filled = missing_events(&mut tx, events, &last).await?;
-        let all = with_filled(events, &filled);
-        let (positions, applied) = judge(&all, &mut last);
-        if !applied.is_empty() {
-            self.projection.apply_batch(&mut tx, &applied).await?;
-        }
-        self.companion.apply_batch(&mut tx, &all).await?;
-        tx.commit().await?;
-        let mut known = self.known.lock();
-        for event in applied {
-            known.remember(&event.aggregate_type, &event.aggregate_id, event.sequence);
-        }
-        Ok(positions_of(events, &all, &positions))
+        self.apply_all_shared(events).await
     }
 
     /// Splits the batch's aggregates into those whose remembered position can stand in for
@@ -712,7 +658,6 @@ impl<P: Projection, C: Companion> Worker<P, C> {
         let judged_against = last.clone();
         let (judged, applied) = judge(&all, &mut last);
         let positions = positions_of(events, &all, &judged);
-        self.companion.apply_batch(&mut tx, &all).await?;
         if applied.is_empty() {
             tx.commit().await?;
             return Ok(positions);

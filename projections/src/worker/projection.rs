@@ -13,6 +13,9 @@ pub trait Projection: Send + Sync + 'static {
     const TABLES: &'static [&'static str];
     /// Where it keeps which events it has applied.
     const POSITIONS: Positions = Positions::Shared;
+    /// Whether the write side keeps this model inline (see [`crate::inline`]): it then has no
+    /// worker, and the live model is never behind the events table.
+    const KEPT_INLINE: bool = false;
 
     /// Applies one event, inside the transaction that also moves the projection's position.
     fn apply(
@@ -47,53 +50,6 @@ pub trait Projection: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, ProjectionError>> + Send {
         let _ = (connection, event);
         async { Ok(false) }
-    }
-}
-
-/// What a worker applies besides its own projection: nothing ([`Alone`]), or a keyed
-/// projection riding along ([`Alongside`]).
-pub trait Companion: Send + Sync + 'static {
-    /// The name of the riding projection, if there is one.
-    const NAME: Option<&'static str>;
-
-    /// Applies `events` (every event delivered, whatever the worker's projection judged of
-    /// them) inside the worker's transaction.
-    fn apply_batch(
-        &self,
-        connection: &mut PgConnection,
-        events: &[&EventEnvelope],
-    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
-}
-
-/// No companion: the worker applies its own projection only.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Alone;
-
-impl Companion for Alone {
-    const NAME: Option<&'static str> = None;
-
-    async fn apply_batch(
-        &self,
-        _: &mut PgConnection,
-        _: &[&EventEnvelope],
-    ) -> Result<(), ProjectionError> {
-        Ok(())
-    }
-}
-
-/// A [`Positions::Keyed`] projection fed by another projection's worker.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Alongside<K: Projection>(pub K);
-
-impl<K: Projection> Companion for Alongside<K> {
-    const NAME: Option<&'static str> = Some(K::NAME);
-
-    fn apply_batch(
-        &self,
-        connection: &mut PgConnection,
-        events: &[&EventEnvelope],
-    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
-        self.0.apply_batch(connection, events)
     }
 }
 
