@@ -1004,3 +1004,52 @@ async fn plain_subscription_instances_take_turns_on_one_session() {
         .expect("the bridge stops on request")
         .unwrap();
 }
+
+/// More messages at once than the bridge's MQTT client queues requests for its event loop:
+/// acks wait in that queue until the event loop takes them, one per read of the socket, while
+/// the event loop waits for room in a full shard. A shard waiting there for room for its acks
+/// stopped the bridge for good (seen at 12,000 msg/s); every message must be recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_clients_request_queue_is_recorded_in_full() {
+    let platform = Platform::start().await;
+    let devices: Vec<String> = (0..20).map(|n| format!("k{n}")).collect();
+    for id in &devices {
+        platform.register(id).await;
+    }
+    let mut settings = platform.settings();
+    settings.shards = 1;
+    settings.max_batch = 10;
+    let (bridge, stop) = platform.ingest(settings);
+    platform.wait_subscribed().await;
+
+    let total = fleetlog_ingest::bridge::CLIENT_REQUESTS as i64 + 2_000;
+    let device = Device::connect(&platform.broker, "burst-client").await;
+    for n in 0..total {
+        let id = &devices[n as usize % devices.len()];
+        device
+            .publish(
+                &format!("devices/{id}/data"),
+                format!("{{\"n\": {n}}}").as_bytes(),
+            )
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut last = (0, Instant::now());
+    loop {
+        let count = recorded(platform.pool()).await;
+        if count == total {
+            break;
+        }
+        if count != last.0 {
+            last = (count, Instant::now());
+        }
+        assert!(
+            last.1.elapsed() < Duration::from_secs(30),
+            "the bridge stopped at {count} of {total} messages"
+        );
+        assert!(Instant::now() < deadline, "{count} of {total} recorded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    bridge.await.unwrap();
+}

@@ -165,9 +165,20 @@ pub(super) fn keeps_shared_subscriptions(announced: &str) -> Option<bool> {
     Some((major, minor, patch) >= (2, 0, 19))
 }
 
-/// Sends the acks still queued and says goodbye, within a short grace period.
-pub(super) async fn flush_and_disconnect(client: &AsyncClient, mut events: EventLoop) {
-    let _ = client.disconnect().await;
+/// Sends the acks still queued and says goodbye, within a short grace period: the acker
+/// hands its last acks to the event loop, which is polled meanwhile so they go out.
+pub(super) async fn flush_and_disconnect(
+    client: &AsyncClient,
+    mut events: EventLoop,
+    acker: tokio::task::JoinHandle<()>,
+) {
+    let goodbye = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let _ = acker.await;
+            let _ = client.disconnect().await;
+        }
+    });
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             match events.poll().await {
@@ -177,12 +188,46 @@ pub(super) async fn flush_and_disconnect(client: &AsyncClient, mut events: Event
         }
     })
     .await;
+    goodbye.abort();
 }
 
-pub(super) async fn ack(shared: &Shared, publish: &Publish) {
-    if let Err(error) = shared.client.ack(publish).await {
-        // The broker redelivers it after a reconnect; its digest makes that harmless.
-        tracing::warn!(%error, topic = publish.topic, "cannot ack message");
+/// A message's ack, to be sent by the acker: what `AsyncClient::ack` reads of it.
+pub(super) struct Ack {
+    pkid: u16,
+    qos: QoS,
+}
+
+/// Acks `publish`: queues its ack for the acker, never waiting. Shards must not wait on the
+/// client's request channel: only the event loop drains it, and the event loop itself waits
+/// for room in a full shard (backpressure), so a shard waiting there would stop both for good.
+/// rumqttc drains one request per read of the socket, so under a steady stream of messages
+/// the acks queue up; the acker feeds them in as the event loop takes them.
+pub(super) fn ack(shared: &Shared, publish: &Publish) {
+    let ack = Ack {
+        pkid: publish.pkid,
+        qos: publish.qos,
+    };
+    if shared.acks.send(ack).is_err() {
+        // The acker is gone (the bridge is stopping): the broker redelivers the message
+        // after a reconnect, and its digest makes that harmless.
+        tracing::warn!(
+            topic = publish.topic,
+            "cannot ack message: the bridge is stopping"
+        );
+    }
+}
+
+/// Feeds the queued acks to the event loop, in the order they were queued, until every sender
+/// is gone.
+pub(super) async fn run_acker(client: AsyncClient, mut acks: mpsc::UnboundedReceiver<Ack>) {
+    while let Some(Ack { pkid, qos }) = acks.recv().await {
+        let mut publish = Publish::new("", qos, Vec::new());
+        publish.pkid = pkid;
+        if let Err(error) = client.ack(&publish).await {
+            // The event loop is gone: the broker redelivers what was not acked.
+            tracing::warn!(%error, "cannot ack messages: the connection is gone");
+            return;
+        }
     }
 }
 

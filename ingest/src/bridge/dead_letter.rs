@@ -29,7 +29,7 @@ pub(super) async fn reject(
     metrics::counter!("fleetlog_ingest_rejections_total").increment(1);
     if publish_dead_letter(shared, publish, received_at, reason, dropped).await {
         shared.stats.record(Outcome::Rejected);
-        ack(shared, publish).await;
+        ack(shared, publish);
     }
 }
 

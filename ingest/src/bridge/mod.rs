@@ -49,7 +49,7 @@ use fleetlog_protocol::message::{
     parse_payload, parse_topic, DeviceMessage, Dropped, Identity, Rejection,
 };
 
-use connection::{ack, flush_and_disconnect, poll_events};
+use connection::{ack, flush_and_disconnect, poll_events, run_acker, Ack};
 use dead_letter::{publish_dead_letter, reject};
 use dedup::recorded_redeliveries;
 use shard::{run_shard, shard_of, Item};
@@ -59,6 +59,9 @@ use stats::Outcome;
 /// Dead letters of the bridge go to `fleetlog.deadletter.ingest` (under
 /// [`fleetlog_nats::topology::DEAD_LETTER_PREFIX`]).
 pub const DEAD_LETTER_SUBJECT: &str = "fleetlog.deadletter.ingest";
+
+/// The most requests (acks, subscriptions) the bridge's MQTT client queues for its event loop.
+pub const CLIENT_REQUESTS: usize = 10_000;
 
 /// How the bridge connects and works.
 #[derive(Debug, Clone)]
@@ -220,12 +223,14 @@ impl Ingest {
                 fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
                 fleetlog_broker::BROKER_MESSAGE_LIMIT + fleetlog_broker::PACKET_OVERHEAD,
             );
-        let (client, mut events) = AsyncClient::new(options, 10_000);
+        let (client, mut events) = AsyncClient::new(options, CLIENT_REQUESTS);
         events.set_network_options(fleetlog_broker::network_options());
+        let (acks, queued_acks) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(run_acker(client.clone(), queued_acks));
         let shared = Arc::new(Shared {
             bus: self.bus.clone(),
             jetstream: self.jetstream.clone(),
-            client: client.clone(),
+            acks,
             topic_root: settings.topic_root.clone(),
             stats: self.stats.clone(),
             stop: shutdown.clone(),
@@ -286,7 +291,9 @@ impl Ingest {
             }
         }
         reporter.abort();
-        flush_and_disconnect(&client, events).await;
+        // The last sender of acks: the acker ends once it has handed them all over.
+        drop(shared);
+        flush_and_disconnect(&client, events, acker).await;
         self.stats.set_connected(false);
         self.stats.report(true);
         // A shard that panicked ended the bridge: pass the panic on, so the supervisor
@@ -305,7 +312,8 @@ impl Ingest {
 struct Shared {
     bus: CommandBus,
     jetstream: Context,
-    client: AsyncClient,
+    /// Where acks go (see [`connection::ack`]).
+    acks: mpsc::UnboundedSender<Ack>,
     topic_root: String,
     stats: Arc<IngestStats>,
     stop: CancellationToken,

@@ -252,7 +252,7 @@ async fn settle_device(shared: &Shared, ready: Prepared, outcomes: Vec<Result<()
     for ((item, run), seen) in items.iter().zip(runs).zip(already) {
         if seen {
             shared.stats.record(Outcome::Accepted);
-            ack(shared, &item.publish).await;
+            ack(shared, &item.publish);
             continue;
         }
         match (run, &item.parsed) {
@@ -261,7 +261,7 @@ async fn settle_device(shared: &Shared, ready: Prepared, outcomes: Vec<Result<()
                     let dropped = message.dropped();
                     if dropped.is_empty() {
                         shared.stats.record(Outcome::Accepted);
-                        ack(shared, &item.publish).await;
+                        ack(shared, &item.publish);
                     } else {
                         // The valid part is in; what was dropped is kept with its reasons.
                         let reason =
@@ -276,7 +276,7 @@ async fn settle_device(shared: &Shared, ready: Prepared, outcomes: Vec<Result<()
                         .await
                         {
                             shared.stats.record(Outcome::PartiallyAccepted);
-                            ack(shared, &item.publish).await;
+                            ack(shared, &item.publish);
                         }
                     }
                 }
