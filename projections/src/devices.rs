@@ -132,9 +132,17 @@ struct LiveChange {
     last_seen: Option<DateTime<Utc>>,
     last_telemetry_at: Option<DateTime<Utc>>,
     last_heartbeat: Option<DateTime<Utc>>,
-    sensors: Map<String, Value>,
+    sensors: HashMap<String, LatestReading>,
     location: Option<Value>,
     reported: Vec<Map<String, Value>>,
+}
+
+/// A sensor's latest reading, as `devices.sensors` holds it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct LatestReading {
+    value: f64,
+    unit: Option<String>,
+    timestamp: DateTime<Utc>,
 }
 
 impl LiveChange {
@@ -155,7 +163,7 @@ impl LiveChange {
                 let mut in_this_event = std::collections::HashSet::new();
                 for reading in readings {
                     let timestamp = reading.timestamp.or(*device_time).unwrap_or(*received_at);
-                    if !in_this_event.insert((reading.sensor.clone(), timestamp)) {
+                    if !in_this_event.insert((reading.sensor.as_str(), timestamp)) {
                         continue;
                     }
                     // The latest reading is the newest by reading time; one stamped further
@@ -164,14 +172,16 @@ impl LiveChange {
                         continue;
                     }
                     let newer = self.sensors.get(&reading.sensor).is_none_or(|held| {
-                        held.get("timestamp")
-                            .and_then(|t| serde_json::from_value::<DateTime<Utc>>(t.clone()).ok())
-                            .is_none_or(|held| timestamp >= held)
+                        postgres_micros(timestamp) >= postgres_micros(held.timestamp)
                     });
                     if newer {
                         self.sensors.insert(
                             reading.sensor.clone(),
-                            json!({"value": reading.value, "unit": reading.unit, "timestamp": timestamp}),
+                            LatestReading {
+                                value: reading.value,
+                                unit: reading.unit.clone(),
+                                timestamp,
+                            },
                         );
                     }
                 }
@@ -210,6 +220,39 @@ impl LiveChange {
             self.reported.push(status.clone());
         }
     }
+
+    /// The latest readings as `devices.sensors` holds them, and the oldest and newest of their
+    /// timestamps, written as in the document: Postgres reads both the same way (to the
+    /// microsecond), so the fast merge and `fleetlog_newer_readings` decide alike.
+    fn sensors(&self) -> (Value, Option<String>, Option<String>) {
+        let stamp = |timestamp: DateTime<Utc>| match serde_json::to_value(timestamp) {
+            Ok(Value::String(text)) => Some(text),
+            _ => None,
+        };
+        let oldest = self
+            .sensors
+            .values()
+            .map(|r| r.timestamp)
+            .min_by_key(|t| postgres_micros(*t));
+        let newest = self
+            .sensors
+            .values()
+            .map(|r| r.timestamp)
+            .max_by_key(|t| postgres_micros(*t));
+        let document = serde_json::to_value(&self.sensors).unwrap_or_else(|_| json!({}));
+        (document, oldest.and_then(stamp), newest.and_then(stamp))
+    }
+}
+
+/// `timestamp` in microseconds since the epoch, as Postgres reads it from the text a document
+/// holds (`(value ->> 'timestamp')::timestamptz`): the fraction of a second parsed as a double
+/// and rounded to the microsecond, half to even. Readings are compared at this precision in
+/// the fold and in SQL alike, so however events are batched (an ingest round, a replay page,
+/// one by one) the same reading is the latest. The double of `nanos / 1e9` is the one `strtod`
+/// makes of the same digits: both round the same number correctly.
+pub fn postgres_micros(timestamp: DateTime<Utc>) -> i64 {
+    let fraction = f64::from(timestamp.timestamp_subsec_nanos()) / 1e9;
+    timestamp.timestamp() * 1_000_000 + (fraction * 1e6).round_ties_even() as i64
 }
 
 /// Writes the folded changes of many devices in one UPDATE, compare-and-set: each row only if
@@ -229,6 +272,8 @@ async fn write_live_changes(
     let mut last_telemetry = Vec::with_capacity(changes.len());
     let mut last_heartbeat = Vec::with_capacity(changes.len());
     let mut sensors = Vec::with_capacity(changes.len());
+    let mut oldest_readings = Vec::with_capacity(changes.len());
+    let mut newest_readings = Vec::with_capacity(changes.len());
     let mut locations = Vec::with_capacity(changes.len());
     let mut reported = Vec::with_capacity(changes.len());
     for (id, change) in changes {
@@ -238,7 +283,10 @@ async fn write_live_changes(
         last_seen.push(change.last_seen);
         last_telemetry.push(change.last_telemetry_at);
         last_heartbeat.push(change.last_heartbeat);
-        sensors.push(Value::Object(change.sensors));
+        let (readings, oldest, newest) = change.sensors();
+        sensors.push(readings);
+        oldest_readings.push(oldest);
+        newest_readings.push(newest);
         locations.push(change.location);
         reported.push(Value::Array(
             change.reported.into_iter().map(Value::Object).collect(),
@@ -249,7 +297,13 @@ async fn write_live_changes(
             SET last_seen = u.last_seen, updated_at = u.last_seen,
                 last_telemetry_at = COALESCE(u.last_telemetry_at, d.last_telemetry_at),
                 last_heartbeat = COALESCE(u.last_heartbeat, d.last_heartbeat),
-                sensors = fleetlog_newer_readings(d.sensors, u.sensors),
+                sensors = CASE
+                    WHEN u.oldest_reading IS NULL THEN d.sensors
+                    WHEN d.sensors_newest_at IS NULL
+                      OR u.oldest_reading::timestamptz >= d.sensors_newest_at
+                    THEN d.sensors || u.sensors
+                    ELSE fleetlog_newer_readings(d.sensors, u.sensors) END,
+                sensors_newest_at = GREATEST(d.sensors_newest_at, u.newest_reading::timestamptz),
                 location = COALESCE(u.location, d.location),
                 reported = CASE WHEN u.reported = '[]' THEN d.reported
                                 ELSE fleetlog_merge_each(d.reported, u.reported) END,
@@ -257,9 +311,10 @@ async fn write_live_changes(
                              ELSE fleetlog_delta(d.desired, fleetlog_merge_each(d.reported, u.reported)) END,
                 last_sequence = u.sequence
            FROM UNNEST($1::text[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
-                       $5::timestamptz[], $6::jsonb[], $7::jsonb[], $8::jsonb[], $9::bigint[])
+                       $5::timestamptz[], $6::jsonb[], $7::jsonb[], $8::jsonb[], $9::bigint[],
+                       $10::text[], $11::text[])
                 AS u(id, sequence, last_seen, last_telemetry_at, last_heartbeat, sensors,
-                     location, reported, previous)
+                     location, reported, previous, oldest_reading, newest_reading)
           WHERE d.device_id = u.id AND d.last_sequence = u.previous",
     )
     .bind(ids)
@@ -271,6 +326,8 @@ async fn write_live_changes(
     .bind(locations)
     .bind(reported)
     .bind(previous)
+    .bind(oldest_readings)
+    .bind(newest_readings)
     .execute(connection)
     .await?;
     if done.rows_affected() == expected_rows {

@@ -392,3 +392,111 @@ async fn writers_in_several_processes_keep_one_model() {
     }
     assert_models_equal_a_replay(&db.pool).await;
 }
+
+/// Latest readings are compared at the precision Postgres reads the documents' timestamps
+/// with: the Rust fold of a batch and the merge of batches in SQL (the fast `||` or
+/// `fleetlog_newer_readings`) must pick the same reading, however events are batched,
+/// sub-microsecond differences and ties included.
+#[tokio::test]
+async fn the_latest_reading_is_the_same_however_events_are_batched() {
+    let db = TestDatabase::create().await;
+
+    // The fold's notion of a microsecond is the one Postgres reads from the document's text.
+    let base = at(0);
+    for nanos in [
+        0_i64,
+        400,
+        500,
+        600,
+        1_500,
+        2_500,
+        999_999_500,
+        123_456_500,
+        919_495_893,
+    ] {
+        let timestamp = base + chrono::Duration::nanoseconds(nanos);
+        let text = serde_json::to_value(timestamp).unwrap();
+        let read: i64 = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM ($1::jsonb #>> '{}')::timestamptz) * 1000000)::bigint",
+        )
+        .bind(&text)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            fleetlog_projections::devices::postgres_micros(timestamp),
+            read,
+            "{text}"
+        );
+    }
+
+    // The same readings, message by message (a transaction each) and all in one attempt.
+    let offsets_ns: [(&str, i64); 11] = [
+        ("a", 1_000),
+        ("a", 400),
+        ("b", 5_000),
+        ("a", 1_400),
+        ("a", 600),
+        ("b", 4_600),
+        ("a", -1_000_000_000),
+        ("b", 4_400),
+        ("a", 1_600),
+        ("b", 5_200),
+        ("b", 4_700),
+    ];
+    let reading = |n: usize, sensor: &str, offset: i64| DeviceCommand::RecordTelemetry {
+        digest: format!("s{n}"),
+        redelivery: true,
+        readings: vec![Reading {
+            sensor: sensor.into(),
+            value: n as f64,
+            unit: None,
+            timestamp: Some(base + chrono::Duration::nanoseconds(offset)),
+        }],
+        device_time: None,
+        received_at: base + chrono::Duration::seconds(1),
+        location: None,
+        status: Map::new(),
+    };
+    let bus = bus(&db.pool);
+    for id in ["one-by-one", "batched"] {
+        bus.devices()
+            .execute(id, register(id), &metadata())
+            .await
+            .unwrap();
+    }
+    let commands: Vec<DeviceCommand> = offsets_ns
+        .iter()
+        .enumerate()
+        .map(|(n, (sensor, offset))| reading(n, sensor, *offset))
+        .collect();
+    for command in &commands {
+        bus.devices()
+            .execute("one-by-one", command.clone(), &metadata())
+            .await
+            .unwrap();
+    }
+    bus.devices()
+        .execute_batch("batched", commands, &metadata())
+        .await
+        .unwrap();
+    let latest = |id: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let sensors: Value =
+                sqlx::query_scalar("SELECT sensors FROM devices WHERE device_id = $1")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            (sensors["a"]["value"].clone(), sensors["b"]["value"].clone())
+        }
+    };
+    // a: 400 ns reads as 0 µs (older than the first, 1 µs), 1,400 and 600 as 1 µs (ties: the
+    // later wins), 1,600 as 2 µs: the newest. b: 4,600 ns reads as 5 µs, a tie with the
+    // first; 4,400 as 4 µs, older; 5,200 and then 4,700 as 5 µs again: the last tie wins,
+    // although it is 500 ns older than the one before.
+    assert_eq!(latest("one-by-one").await, (json!(8.0), json!(10.0)));
+    assert_eq!(latest("batched").await, (json!(8.0), json!(10.0)));
+    assert_models_equal_a_replay(&db.pool).await;
+}
