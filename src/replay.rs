@@ -6,33 +6,55 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use fleetlog_projections::replay::{self, Difference, PassedOver, Progress, Replayed, Verified};
 use fleetlog_projections::{with_projection, Projection, PROJECTIONS};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use sqlx::PgPool;
 
-/// Replays (or verifies) each named projection in turn. Fails on the first error, or after
-/// verifying when any model differs.
+/// Replays (or verifies) the named projections, all at once: each rebuilds from the events
+/// table on connections of its own, so the rebuilds of several models share the machine's
+/// cores (and the swaps, which lock the projections' positions, take turns). Fails when any
+/// fails (after all have ended), or after verifying when any model differs.
 pub async fn run(
     pool: &PgPool,
     projections: Vec<String>,
     verify: bool,
     patience: Duration,
 ) -> anyhow::Result<()> {
-    let mut differing = Vec::new();
-    let mut passed_over = 0;
-    for name in &projections {
-        let Some(result) = with_projection!(name.as_str(), |projection| {
-            one(&projection, pool, verify, patience).await
-        }) else {
-            bail!(
-                "unknown projection {name:?}: expected one of {}",
-                PROJECTIONS.join(", ")
-            );
-        };
-        let (differences, passed) = result?;
-        if !differences.is_empty() {
-            differing.push(format!("{name} ({} rows)", differences.len()));
+    if let Some(unknown) = projections
+        .iter()
+        .find(|name| !PROJECTIONS.contains(&name.as_str()))
+    {
+        bail!(
+            "unknown projection {unknown:?}: expected one of {}",
+            PROJECTIONS.join(", ")
+        );
+    }
+    let bars = MultiProgress::new();
+    let runs = projections.iter().map(|name| {
+        let bars = &bars;
+        async move {
+            let result = with_projection!(name.as_str(), |projection| {
+                one(&projection, pool, verify, patience, bars).await
+            })
+            .expect("the names were checked");
+            (name, result)
         }
-        passed_over += passed;
+    });
+    let mut differing = Vec::new();
+    let mut failed = Vec::new();
+    let mut passed_over = 0;
+    for (name, result) in futures::future::join_all(runs).await {
+        match result {
+            Ok((differences, passed)) => {
+                if !differences.is_empty() {
+                    differing.push(format!("{name} ({} rows)", differences.len()));
+                }
+                passed_over += passed;
+            }
+            Err(error) => failed.push(format!("{error:#}")),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
     }
     if !differing.is_empty() {
         bail!(
@@ -53,8 +75,9 @@ async fn one<P: Projection>(
     pool: &PgPool,
     verify: bool,
     patience: Duration,
+    bars: &MultiProgress,
 ) -> anyhow::Result<(Vec<Difference>, usize)> {
-    let reporter = Reporter::new(P::NAME);
+    let reporter = Reporter::new(P::NAME, bars);
     if verify {
         let Verified {
             differences,
@@ -105,9 +128,9 @@ struct Reporter {
 }
 
 impl Reporter {
-    fn new(name: &'static str) -> Self {
+    fn new(name: &'static str, bars: &MultiProgress) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(0).with_prefix(name);
+            let bar = bars.add(ProgressBar::new(0).with_prefix(name));
             if let Ok(style) = ProgressStyle::with_template(
                 "{prefix:>10} {bar:40} {pos}/{len} events  {per_sec}  eta {eta}",
             ) {

@@ -20,15 +20,21 @@
 
 use std::time::Instant;
 
-use fleetlog_eventlog::{Cursor, EventEnvelope, Horizon};
+use fleetlog_eventlog::{Cursor, EventEnvelope, Horizon, StoredEvent};
 use sqlx::{PgConnection, PgPool};
 
-use crate::worker::{apply_event, apply_judged, pass_over, Position, Projection, ProjectionError};
+use crate::worker::{
+    apply_event, apply_judged, pass_over, Position, Positions, Projection, ProjectionError,
+};
 
 /// The schema the shadow tables are built in.
 pub const REPLAY_SCHEMA: &str = "fleetlog_replay";
 const RETIRED_SCHEMA: &str = "fleetlog_retired";
-const PAGE_SIZE: i64 = 1_000;
+/// Events per page of the rebuild, each applied set-wise in one transaction: a large page
+/// writes a row that many of its events change once, in fewer round trips.
+const REBUILD_PAGE_SIZE: i64 = 5_000;
+/// Events per page of a catch-up, applied event by event under the swap's lock.
+const CATCH_UP_PAGE_SIZE: i64 = 1_000;
 
 /// Why a replay failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +134,7 @@ pub async fn replay<P: Projection>(
 ) -> Result<Replayed, ReplayError> {
     let guard = ReplayLock::take::<P>(pool).await?;
     let (cursor, mut replayed) = rebuild(projection, pool, Applying::Batched, progress).await?;
+    build_deferred_indexes::<P>(pool).await?;
     let mut tx = pool.begin().await?;
     lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
     let tail = catch_up(projection, &mut tx, cursor, &replayed.passed_over).await?;
@@ -300,22 +307,26 @@ async fn rebuild<P: Projection>(
     let started = Instant::now();
     let mut cursor = Cursor::default();
     let mut replayed = Replayed::default();
+    // The next page is read (and decoded) while this one is applied, on another connection.
+    let mut next = read_settled_page::<P>(pool, cursor);
     loop {
-        let mut tx = pool.begin().await?;
-        let page = apply_page(
-            projection,
-            &mut tx,
-            Horizon::Settled,
-            cursor,
-            &replayed.passed_over,
-            applying,
-        )
-        .await?;
-        tx.commit().await?;
-        let Some((last, count, passed_over)) = page else {
+        let rows = match next.await {
+            Ok(rows) => rows?,
+            // The task is never aborted: only a panic of its own ends it otherwise.
+            Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+        };
+        let Some(last) = rows.last() else {
             break;
         };
-        cursor = last;
+        cursor = last.cursor();
+        next = read_settled_page::<P>(pool, cursor);
+        let mut tx = pool.begin().await?;
+        // A page of the rebuild need not wait for its WAL to reach the disk: after a crash the
+        // replay is run again, and its shadow tables are built anew.
+        ddl(&mut tx, "SET LOCAL synchronous_commit TO off".into()).await?;
+        let (count, passed_over) =
+            apply_page(projection, &mut tx, rows, &replayed.passed_over, applying).await?;
+        tx.commit().await?;
         replayed.applied += count;
         replayed.passed_over.extend(passed_over);
         let applied = replayed.applied;
@@ -327,6 +338,24 @@ async fn rebuild<P: Projection>(
         });
     }
     Ok((cursor, replayed))
+}
+
+/// Reads the page of settled events after `cursor` in a task of its own.
+fn read_settled_page<P: Projection>(
+    pool: &PgPool,
+    cursor: Cursor,
+) -> tokio::task::JoinHandle<Result<Vec<StoredEvent>, sqlx::Error>> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        fleetlog_eventlog::page_in_commit_order(
+            &pool,
+            P::AGGREGATE_TYPE,
+            cursor,
+            Horizon::Settled,
+            REBUILD_PAGE_SIZE,
+        )
+        .await
+    })
 }
 
 /// Applies every page after `cursor` within `tx`. Returns how many events it applied.
@@ -350,28 +379,28 @@ async fn catch_up<P: Projection>(
             .chain(&replayed.passed_over)
             .cloned()
             .collect();
-        let page = apply_page(
-            projection,
-            tx,
-            Horizon::Committed,
+        let rows = fleetlog_eventlog::page_in_commit_order(
+            &mut *tx,
+            P::AGGREGATE_TYPE,
             cursor,
-            &known,
-            Applying::OneByOne,
+            Horizon::Committed,
+            CATCH_UP_PAGE_SIZE,
         )
         .await?;
-        let Some((last, count, passed_over)) = page else {
+        let Some(last) = rows.last() else {
             break;
         };
-        cursor = last;
+        cursor = last.cursor();
+        let (count, passed_over) =
+            apply_page(projection, tx, rows, &known, Applying::OneByOne).await?;
         replayed.applied += count;
         replayed.passed_over.extend(passed_over);
     }
     Ok(replayed)
 }
 
-/// Applies one page of events after `cursor` to the shadow tables, within `connection`'s
-/// transaction: where it got to, how many events it went through, and those it passed over.
-/// `None` when there are no more events.
+/// Applies a page of events to the shadow tables, within `connection`'s transaction: how many
+/// events it went through, and those it passed over.
 ///
 /// The page runs under a savepoint. An event that fails for good rolls the page back to it;
 /// the events before it are applied again, the failing one is passed over (as the live worker
@@ -379,23 +408,10 @@ async fn catch_up<P: Projection>(
 async fn apply_page<P: Projection>(
     projection: &P,
     connection: &mut PgConnection,
-    horizon: Horizon,
-    cursor: Cursor,
+    rows: Vec<StoredEvent>,
     earlier: &[PassedOver],
     applying: Applying,
-) -> Result<Option<(Cursor, u64, Vec<PassedOver>)>, ReplayError> {
-    let rows = fleetlog_eventlog::page_in_commit_order(
-        &mut *connection,
-        P::AGGREGATE_TYPE,
-        cursor,
-        horizon,
-        PAGE_SIZE,
-    )
-    .await?;
-    let Some(last) = rows.last() else {
-        return Ok(None);
-    };
-    let last = last.cursor();
+) -> Result<(u64, Vec<PassedOver>), ReplayError> {
     ddl(
         connection,
         format!("SET LOCAL search_path TO {REPLAY_SCHEMA}, public"),
@@ -411,7 +427,7 @@ async fn apply_page<P: Projection>(
                 sqlx::query("SET LOCAL search_path TO public")
                     .execute(&mut *connection)
                     .await?;
-                return Ok(Some((last, count, Vec::new())));
+                return Ok((count, Vec::new()));
             }
             // A gap or an event that cannot be applied: the page again one by one, which
             // passes over what it must.
@@ -503,7 +519,7 @@ async fn apply_page<P: Projection>(
     sqlx::query("SET LOCAL search_path TO public")
         .execute(&mut *connection)
         .await?;
-    Ok(Some((last, count, passed_over)))
+    Ok((count, passed_over))
 }
 
 /// Runs one statement without parameters (DDL and locks, whose names cannot be bound).
@@ -527,6 +543,11 @@ async fn clear_shadow_positions<P: Projection>(
 
 async fn prepare_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    // Replays of different projections may run at once: `CREATE ... IF NOT EXISTS` of the
+    // schema and the positions table is not safe against a concurrent one.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('fleetlog replay schema'))")
+        .execute(&mut *tx)
+        .await?;
     ddl(
         &mut tx,
         format!("CREATE SCHEMA IF NOT EXISTS {REPLAY_SCHEMA}"),
@@ -549,10 +570,89 @@ async fn prepare_shadow<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error>
         .await?;
         ddl(
             &mut tx,
-            format!("CREATE TABLE {REPLAY_SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)"),
+            format!(
+                "CREATE TABLE {REPLAY_SCHEMA}.{table}
+                   (LIKE public.{table} INCLUDING ALL EXCLUDING INDEXES)"
+            ),
         )
         .await?;
         copy_storage_parameters(&mut tx, table).await?;
+        for index in shadow_indexes::<P>(&mut tx, table).await? {
+            if index.from_the_start {
+                ddl(&mut tx, index.statement).await?;
+            }
+        }
+    }
+    tx.commit().await
+}
+
+/// An index of a live table, as its shadow gets it.
+struct ShadowIndex {
+    /// The statement that creates it on the shadow table, under the live one's name.
+    statement: String,
+    /// Whether the rebuild needs it. The primary key, unique constraints and unique indexes
+    /// are there from the start: the projection's writes find rows by them or rely on them to
+    /// refuse a row. Every other index only serves readers, and is built after the rebuild,
+    /// once, by a sort, instead of being updated for every row written (which, for a large
+    /// table, costs more than writing the rows). So is the unique key of a projection that
+    /// keeps no positions ([`Positions::Keyed`]): it only makes an event applied twice a
+    /// no-op, and a rebuild applies each event once.
+    from_the_start: bool,
+}
+
+/// The indexes of the live `table`, in the order they were created.
+async fn shadow_indexes<P: Projection>(
+    connection: &mut PgConnection,
+    table: &str,
+) -> Result<Vec<ShadowIndex>, sqlx::Error> {
+    let rows: Vec<(String, bool, bool)> = sqlx::query_as(
+        "SELECT CASE WHEN c.oid IS NULL THEN pg_get_indexdef(i.indexrelid)
+                     ELSE format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s',
+                                 $2::text, $3::text, c.conname, pg_get_constraintdef(c.oid))
+                 END,
+                c.oid IS NOT NULL,
+                i.indisunique
+           FROM pg_index i
+           LEFT JOIN pg_constraint c
+             ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid
+            AND c.contype IN ('p', 'u', 'x')
+          WHERE i.indrelid = $1::regclass
+          ORDER BY i.indexrelid",
+    )
+    .bind(format!("public.{table}"))
+    .bind(REPLAY_SCHEMA)
+    .bind(table)
+    .fetch_all(connection)
+    .await?;
+    let keyed = P::POSITIONS == Positions::Keyed;
+    Ok(rows
+        .into_iter()
+        .map(|(statement, constraint, unique)| ShadowIndex {
+            // `pg_get_indexdef` names the table with its schema.
+            statement: if constraint {
+                statement
+            } else {
+                statement.replacen(
+                    &format!(" ON public.{table} "),
+                    &format!(" ON {REPLAY_SCHEMA}.{table} "),
+                    1,
+                )
+            },
+            from_the_start: constraint || (unique && !keyed),
+        })
+        .collect())
+}
+
+/// Builds the indexes the rebuild went without ([`ShadowIndex::from_the_start`]), before the
+/// swap: the model swapped in has every index of the live one.
+async fn build_deferred_indexes<P: Projection>(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for table in P::TABLES {
+        for index in shadow_indexes::<P>(&mut tx, table).await? {
+            if !index.from_the_start {
+                ddl(&mut tx, index.statement).await?;
+            }
+        }
     }
     tx.commit().await
 }

@@ -600,3 +600,135 @@ async fn replay_keeps_committed_events_an_unrelated_open_transaction_holds_back(
         .unwrap();
     assert_eq!(name, "after");
 }
+
+/// The indexes and constraints of the device models' tables, as Postgres prints them.
+async fn schema_of_device_models(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes
+          WHERE schemaname = 'public' AND tablename IN ('devices', 'device_commands', 'telemetry')
+         UNION ALL
+         SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+           FROM pg_constraint
+          WHERE conrelid::regclass::text IN ('devices', 'device_commands', 'telemetry')
+          ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_of_several_pages_run_at_once_and_swap_in_every_index() {
+    let db = TestDatabase::create().await;
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
+    let metadata = CommandMetadata::new("test").with_tenant(TenantId::parse("acme").unwrap());
+    let devices: Vec<String> = (0..20).map(|n| format!("p{n}")).collect();
+    for id in &devices {
+        let register = DeviceCommand::Register {
+            device_id: DeviceId::parse(id).unwrap(),
+            tenant: TenantId::parse("acme").unwrap(),
+            owner: UserId::parse("u-1").unwrap(),
+            name: format!("Device {id}"),
+            model: "thermo".into(),
+            tags: vec![],
+            at: at(0),
+            credentials: None,
+        };
+        bus.devices()
+            .execute(id, register, &metadata)
+            .await
+            .unwrap();
+    }
+    // 12,000 readings: more than two pages of the rebuild, read ahead while applied.
+    for round in 0..6 {
+        let work = devices
+            .iter()
+            .map(|id| {
+                let commands = (0..100)
+                    .map(|n| {
+                        let n = round * 100 + n + 1;
+                        DeviceCommand::RecordTelemetry {
+                            digest: format!("r{n}"),
+                            redelivery: true,
+                            readings: vec![Reading {
+                                sensor: "temperature".into(),
+                                value: n as f64 / 3.0,
+                                unit: Some("C".into()),
+                                timestamp: Some(at(n)),
+                            }],
+                            device_time: None,
+                            received_at: at(n),
+                            location: None,
+                            status: Map::new(),
+                        }
+                    })
+                    .collect();
+                (id.clone(), commands, metadata.clone())
+            })
+            .collect();
+        for result in bus.devices().execute_many(work).await {
+            result.unwrap();
+        }
+    }
+    let schema = schema_of_device_models(&db.pool).await;
+    assert!(
+        schema
+            .iter()
+            .any(|line| line.contains("UNIQUE INDEX telemetry_")),
+        "{schema:#?}"
+    );
+
+    sqlx::query("DELETE FROM telemetry WHERE device_id = 'p3'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (devices_replayed, telemetry_replayed) = tokio::join!(
+        replay(&DevicesProjection, &db.pool, |_| {}),
+        replay(&TelemetryProjection, &db.pool, |_| {}),
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(events > 12_000);
+    assert_eq!(devices_replayed.unwrap().applied, events as u64);
+    assert_eq!(telemetry_replayed.unwrap().applied, events as u64);
+
+    assert_eq!(schema_of_device_models(&db.pool).await, schema);
+    let readings: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(readings, 12_000, "the deleted readings are back");
+    let (last_sequence, newest): (i64, i64) = sqlx::query_as(
+        "SELECT last_sequence, (SELECT max(sequence) FROM events WHERE aggregate_id = 'p7')
+           FROM devices WHERE device_id = 'p7'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(last_sequence, newest);
+    // The unique key the rebuild went without is back, and does its work again.
+    let repeated = sqlx::query(
+        "INSERT INTO telemetry (device_id, sensor, time, value, unit, sequence)
+         SELECT device_id, sensor, time, value, unit, sequence FROM telemetry LIMIT 1",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
+    assert!(repeated.to_string().contains("duplicate key"), "{repeated}");
+
+    let patience = Duration::from_secs(20);
+    let (devices_verified, telemetry_verified) = tokio::join!(
+        verify(&DevicesProjection, &db.pool, patience, |_| {}),
+        verify(&TelemetryProjection, &db.pool, patience, |_| {}),
+    );
+    let differences = devices_verified.unwrap().differences;
+    assert!(differences.is_empty(), "{differences:#?}");
+    let differences = telemetry_verified.unwrap().differences;
+    assert!(differences.is_empty(), "{differences:#?}");
+}
