@@ -353,7 +353,7 @@ fn state_of(
     AppState {
         auth: parts.auth.clone(),
         nats: Some(nats),
-        mqtt: parts.mqtt.clone(),
+        mqtt: parts.mqtt.clone().map(Arc::new),
         login_throttle,
         bus,
         metrics: parts.metrics.clone(),

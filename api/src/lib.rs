@@ -58,7 +58,7 @@ pub struct AppState {
     /// The NATS connection, when this process has one: readiness reports on it.
     pub nats: Option<async_nats::Client>,
     /// The MQTT broker, when this process should report on it in readiness.
-    pub mqtt: Option<fleetlog_broker::BrokerUrl>,
+    pub mqtt: Option<Arc<fleetlog_broker::BrokerUrl>>,
     /// Limits on login attempts.
     pub login_throttle: Arc<throttle::LoginThrottle>,
     /// The write side; its pool also answers readiness.

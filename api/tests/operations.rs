@@ -129,7 +129,7 @@ async fn readiness_follows_the_mqtt_broker() {
     let state = AppState {
         login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
         nats: None,
-        mqtt: Some(broker.url().parse().unwrap()),
+        mqtt: Some(std::sync::Arc::new(broker.url().parse().unwrap())),
         auth: test_auth(),
         bus: CommandBus::new(
             db.pool.clone(),

@@ -12,9 +12,14 @@ use sqlx::PgPool;
 use crate::inline::InlineProjection;
 use crate::store::{AggregateStore, StoreSettings};
 
-/// The write side as one value: a store per aggregate type over one pool. Cheap to clone.
+/// The write side as one value: a store per aggregate type over one pool. Cheap to clone (one
+/// reference count: the API clones it with its state for every request).
 #[derive(Clone)]
 pub struct CommandBus {
+    stores: Arc<Stores>,
+}
+
+struct Stores {
     pool: PgPool,
     devices: AggregateStore<Device>,
     firmware: AggregateStore<Firmware>,
@@ -32,43 +37,46 @@ impl CommandBus {
         settings: StoreSettings,
         device_models: Arc<dyn InlineProjection<Device>>,
     ) -> Self {
-        Self {
+        let stores = Stores {
             devices: AggregateStore::new(pool.clone(), (), settings).with_inline(device_models),
             firmware: AggregateStore::new(pool.clone(), (), settings),
             rollouts: AggregateStore::new(pool.clone(), (), settings),
             users: AggregateStore::new(pool.clone(), (), settings),
             provisioning_keys: AggregateStore::new(pool.clone(), (), settings),
             pool,
+        };
+        Self {
+            stores: Arc::new(stores),
         }
     }
 
     /// Devices.
     pub fn devices(&self) -> &AggregateStore<Device> {
-        &self.devices
+        &self.stores.devices
     }
 
     /// Firmware images.
     pub fn firmware(&self) -> &AggregateStore<Firmware> {
-        &self.firmware
+        &self.stores.firmware
     }
 
     /// Rollouts.
     pub fn rollouts(&self) -> &AggregateStore<Rollout> {
-        &self.rollouts
+        &self.stores.rollouts
     }
 
     /// Users.
     pub fn users(&self) -> &AggregateStore<User> {
-        &self.users
+        &self.stores.users
     }
 
     /// Provisioning keys.
     pub fn provisioning_keys(&self) -> &AggregateStore<ProvisioningKey> {
-        &self.provisioning_keys
+        &self.stores.provisioning_keys
     }
 
     /// The pool the stores write to.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        &self.stores.pool
     }
 }
