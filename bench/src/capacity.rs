@@ -357,10 +357,8 @@ pub async fn device_reads(url: &str, login: &str, args: &IngestArgs) -> anyhow::
     })
     .await?;
 
-    let sql_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(args.api_pool)
-        .connect(&args.database_url)
-        .await?;
+    // The API's own pool settings (no ping before each use), as large as its pool.
+    let sql_pool = fleetlog_commands::connect(&args.database_url, args.api_pool).await?;
     let sql = timed_reads(concurrency, seconds, args.devices, |device| {
         let pool = sql_pool.clone();
         async move {
