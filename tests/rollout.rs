@@ -833,22 +833,27 @@ async fn outcomes_acked_but_never_handled_are_recovered_from_the_devices() {
         .get_consumer(fleetlog_process::rollout_manager::DEVICE_CONSUMER)
         .await
         .unwrap();
-    let mut fetched = consumer
-        .fetch()
-        .max_messages(10_000)
-        .expires(Duration::from_secs(1))
-        .messages()
-        .await
-        .unwrap();
+    // The read model shows the outcomes at their commit; the relay puts them on the stream a
+    // moment later: fetch until both have come.
     let (mut successes, mut last) = (0, None);
-    while let Some(message) = futures::StreamExt::next(&mut fetched).await {
-        let message = message.unwrap();
-        let kind = message.headers.as_ref().and_then(|h| {
-            h.get(fleetlog_nats::topology::EVENT_TYPE_HEADER)
-                .map(|kind| kind.to_string())
-        });
-        successes += usize::from(kind.as_deref() == Some("FirmwareUpdateSucceeded"));
-        last = Some(message);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while successes < 2 && std::time::Instant::now() < deadline {
+        let mut fetched = consumer
+            .fetch()
+            .max_messages(10_000)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(message) = futures::StreamExt::next(&mut fetched).await {
+            let message = message.unwrap();
+            let kind = message.headers.as_ref().and_then(|h| {
+                h.get(fleetlog_nats::topology::EVENT_TYPE_HEADER)
+                    .map(|kind| kind.to_string())
+            });
+            successes += usize::from(kind.as_deref() == Some("FirmwareUpdateSucceeded"));
+            last = Some(message);
+        }
     }
     assert_eq!(successes, 2, "both outcomes were waiting for the manager");
     last.unwrap().double_ack().await.unwrap();
