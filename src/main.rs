@@ -31,7 +31,7 @@ use fleetlog_domain::TenantId;
 use fleetlog_process::rollout_manager::RolloutManagerSettings;
 use fleetlog_projections::DeviceModels;
 use fleetlog_projections::WorkerSettings;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -233,41 +233,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 auth: role.auth.auth()?,
                 firmware: Some(role.firmware.firmware()?),
                 mqtt: Some(role.mqtt.probe_broker()?),
-                metrics: install_metrics_recorder(),
+                metrics: fleetlog::metrics::install_recorder(),
                 http: role.http.http()?,
             };
-            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            let recorder = parts.metrics.clone();
+            let mut platform = platform(&common, &role.nats, role.store.store(), recorder).await?;
             platform.api(role.http.http_addr, parts);
             platform.run(common.shutdown_timeout()).await
         }
         Command::Ingest(role) => {
             let mut settings = role.ingest.ingest(&role.mqtt)?;
             settings.device_key = role.device_key.optional_key()?;
-            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            let mut platform = platform(&common, &role.nats, role.store.store(), None).await?;
             platform.ingest(settings);
             platform.run(common.shutdown_timeout()).await
         }
         Command::BrokerSync(role) => {
             let settings = role.mqtt.broker_sync()?;
             let key = role.device_key.key()?;
-            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            let mut platform = platform(&common, &role.nats, role.store.store(), None).await?;
             platform.broker_sync(settings, key);
             platform.run(common.shutdown_timeout()).await
         }
         Command::Dispatch(role) => {
             let settings = role.dispatch.dispatch(&role.mqtt)?;
-            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            let mut platform = platform(&common, &role.nats, role.store.store(), None).await?;
             platform.dispatch(settings);
             platform.run(common.shutdown_timeout()).await
         }
         Command::Relay(role) => {
             // The relay writes no events: the store's tuning is never used.
-            let mut platform = platform(&common, &role.nats, StoreSettings::default()).await?;
+            let mut platform =
+                platform(&common, &role.nats, StoreSettings::default(), None).await?;
             platform.relay(role.relay.relay());
             platform.run(common.shutdown_timeout()).await
         }
         Command::Project(role) => {
-            let mut platform = platform(&common, &role.nats, role.store.store()).await?;
+            let mut platform = platform(&common, &role.nats, role.store.store(), None).await?;
             platform
                 .projections(WorkerSettings::default())
                 .liveness(role.liveness.liveness())
@@ -328,7 +330,7 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         auth: role.auth.auth()?,
         firmware: Some(role.firmware.firmware()?),
         mqtt: Some(role.mqtt.probe_broker()?),
-        metrics: install_metrics_recorder(),
+        metrics: fleetlog::metrics::install_recorder(),
         http: role.http.http()?,
     };
     let mut ingest = role.ingest.ingest(&role.mqtt)?;
@@ -353,6 +355,7 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         .context("cannot apply migrations")?;
     // Signals stop the roles from here on; until now, they end the process as usual.
     let mut platform = platform_on(pool, &role.nats, role.store.store());
+    watch(common, &mut platform, parts.metrics.clone());
     // The relay owns the event stream, but the consumers of the other roles start with it.
     platform.prepare_stream(&relay.stream).await?;
     platform
@@ -372,13 +375,35 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A platform on this process's connections, stopped by SIGINT or SIGTERM.
+/// A platform on this process's connections, stopped by SIGINT or SIGTERM, watched as
+/// [`watch`] says. `recorder`: the metrics recorder the role installed already (the API's,
+/// which its `/metrics` renders).
 async fn platform(
     common: &CommonArgs,
     nats: &NatsArgs,
     store: StoreSettings,
+    recorder: Option<PrometheusHandle>,
 ) -> anyhow::Result<Platform> {
-    Ok(platform_on(connect(common).await?, nats, store))
+    let mut platform = platform_on(connect(common).await?, nats, store);
+    watch(common, &mut platform, recorder);
+    Ok(platform)
+}
+
+/// With `FLEETLOG_METRICS_ADDR` set, serves the process's `/metrics` and `/health` there
+/// (installing the recorder if the role has none yet); with a recorder, samples the pool.
+fn watch(common: &CommonArgs, platform: &mut Platform, recorder: Option<PrometheusHandle>) {
+    let recorder = match (recorder, common.metrics_addr) {
+        (Some(recorder), _) => Some(recorder),
+        (None, Some(_)) => fleetlog::metrics::install_recorder(),
+        (None, None) => None,
+    };
+    let Some(recorder) = recorder else {
+        return;
+    };
+    fleetlog::metrics::sample_pool(platform.pool().clone(), platform.shutdown().clone());
+    if let Some(address) = common.metrics_addr {
+        platform.metrics_endpoint(address, recorder);
+    }
 }
 
 /// A platform on `pool`, each role with a NATS connection of its own (as it would have in a
@@ -400,34 +425,6 @@ async fn connect(common: &CommonArgs) -> anyhow::Result<PgPool> {
     )
     .await
     .context("cannot connect to Postgres (FLEETLOG_DATABASE_URL)")
-}
-
-/// Records this process's metrics for `GET /metrics`. `None` if a recorder is installed already.
-fn install_metrics_recorder() -> Option<PrometheusHandle> {
-    // Durations as real histograms (buckets), which Prometheus can aggregate across processes.
-    let builder = PrometheusBuilder::new().set_buckets_for_metric(
-        Matcher::Suffix("_duration_seconds".to_string()),
-        &[
-            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ],
-    );
-    match builder.and_then(|builder| builder.install_recorder()) {
-        Ok(handle) => {
-            // Without the exporter's own HTTP listener, nobody else drains histogram buckets.
-            let upkeep = handle.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    upkeep.run_upkeep();
-                }
-            });
-            Some(handle)
-        }
-        Err(error) => {
-            tracing::warn!(%error, "metrics recorder not installed; /metrics stays empty");
-            None
-        }
-    }
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM.

@@ -297,6 +297,20 @@ impl Platform {
         })
     }
 
+    /// Serves `/metrics` (from `handle`) and `/health` on `address` for as long as the roles
+    /// run, and samples the pool into the metrics: how a role without an API is watched. A
+    /// port that cannot be bound stops the process, like any role that fails.
+    pub fn metrics_endpoint(
+        &mut self,
+        address: SocketAddr,
+        handle: metrics_exporter_prometheus::PrometheusHandle,
+    ) -> &mut Self {
+        let shutdown = self.shutdown.clone();
+        self.roles
+            .spawn(async move { crate::metrics::serve(address, handle, shutdown).await });
+        self
+    }
+
     /// Runs the unit `start` makes, supervised as `name`: it gets the role's NATS client, a
     /// new command bus at every (re)start, and the shutdown token.
     fn spawn<F, Fut>(&mut self, name: &'static str, mut start: F) -> &mut Self

@@ -86,6 +86,12 @@ pub struct CommonArgs {
     )]
     pub log: String,
 
+    /// Where this process serves `GET /metrics` (Prometheus) and `GET /health`, e.g.
+    /// `0.0.0.0:9464`: how a role without an API of its own is watched. Unset: nowhere (the
+    /// API roles serve both on their HTTP address anyway).
+    #[arg(long, global = true, env = "FLEETLOG_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Log format.
     #[arg(
         long,

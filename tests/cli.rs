@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fleetlog, fleetlog_up, free_port};
+use common::{fleetlog, fleetlog_up, free_port, DEVICE_KEY};
 use fleetlog_testkit::{NatsServer, TestDatabase};
 
 fn run_with_stdin(mut command: Command, stdin: &str) -> Output {
@@ -422,6 +422,8 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
             .contains(r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#)
             && metrics.contains("fleetlog_http_request_duration_seconds_bucket")
         {
+            let undescribed = metrics_without_help(&metrics);
+            assert!(undescribed.is_empty(), "no help text: {undescribed:?}");
             break;
         }
         assert!(
@@ -645,4 +647,123 @@ fn the_api_needs_a_signing_secret() {
         .output()
         .unwrap();
     assert_one_line_error(&output, "at least 32 characters");
+}
+
+/// The `# TYPE` lines of a Prometheus text page whose metric has no `# HELP` line.
+fn metrics_without_help(page: &str) -> Vec<String> {
+    page.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter(|name| !page.contains(&format!("# HELP {name} ")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Each role run alone serves `/metrics` (every metric with help text) and `/health` on
+/// `FLEETLOG_METRICS_ADDR`, and stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_alone_serves_metrics_with_help_and_health() {
+    use fleetlog_broker::access::{DISPATCH_USERNAME, INGEST_USERNAME, SYNC_USERNAME};
+    let db = TestDatabase::create().await;
+    let nats = NatsServer::start();
+    let broker = fleetlog_testkit::MosquittoServer::start();
+    let roles = ["relay", "project", "ingest", "dispatch", "broker-sync"];
+    let mut running = Vec::new();
+    for role in roles {
+        let port = free_port();
+        let mut command = fleetlog(&db.url);
+        command
+            .env("FLEETLOG_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("FLEETLOG_NATS_URL", nats.anonymous_url())
+            .envs(nats.password_variables())
+            .env("FLEETLOG_MQTT_URL", broker.url())
+            .env(
+                "FLEETLOG_INGEST_MQTT_PASSWORD",
+                broker.password(INGEST_USERNAME),
+            )
+            .env(
+                "FLEETLOG_DISPATCH_MQTT_PASSWORD",
+                broker.password(DISPATCH_USERNAME),
+            )
+            .env(
+                "FLEETLOG_BROKER_SYNC_MQTT_PASSWORD",
+                broker.password(SYNC_USERNAME),
+            )
+            .env("FLEETLOG_DEVICE_CREDENTIAL_KEY", DEVICE_KEY)
+            .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
+            .arg(role)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        running.push((role, port, command.spawn().unwrap()));
+    }
+
+    // An event for the projection role to apply (through the relay), so a role-specific
+    // metric shows up beside the pool's.
+    let mut create = fleetlog(&db.url);
+    create.args([
+        "user",
+        "create",
+        "--tenant",
+        "acme",
+        "--username",
+        "fay",
+        "--role",
+        "viewer",
+        "--password-stdin",
+    ]);
+    assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
+
+    for (role, port, child) in &mut running {
+        let expected = match *role {
+            "project" => {
+                r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#
+            }
+            "ingest" => "fleetlog_ingest_connected 1",
+            "dispatch" => "fleetlog_dispatch_connected 1",
+            _ => r#"fleetlog_db_pool_connections{state="idle"}"#,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let page = loop {
+            let page = http_get(*port, "/metrics").unwrap_or_default();
+            if page.contains(expected) && page.contains("fleetlog_db_pool_max_connections") {
+                break page;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "{role} exited early");
+            assert!(
+                Instant::now() < deadline,
+                "{role}: no {expected} in /metrics: {page}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(page.starts_with("HTTP/1.1 200"), "{role}: {page}");
+        assert_eq!(metrics_without_help(&page), Vec::<String>::new(), "{role}");
+        let health = http_get(*port, "/health").unwrap_or_default();
+        assert!(health.starts_with("HTTP/1.1 200"), "{role}: {health}");
+        assert!(health.contains(r#"{"status":"ok"}"#), "{role}: {health}");
+    }
+
+    for (role, port, mut child) in running {
+        let terminated = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(terminated.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{role} did not stop");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut log = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        assert!(status.success(), "{role}: exit {status:?}: {log}");
+        assert!(http_get(port, "/health").is_none(), "{role}: port closed");
+    }
 }
