@@ -191,6 +191,18 @@ fn describe() {
         "fleetlog_broker_sync_changes_total",
         "Device credentials the broker sync went through, by change (created, rotated, unchanged, ...)."
     );
+    describe_gauge!(
+        "fleetlog_relay_active",
+        "1 while this relay holds the lock and publishes, 0 while it stands by."
+    );
+    describe_counter!(
+        "fleetlog_relay_published_events_total",
+        "Events the relay published and JetStream acknowledged."
+    );
+    describe_gauge!(
+        "fleetlog_relay_unpublished_events",
+        "Events committed to the events table and not yet published by the active relay (counted up to 100000), sampled once per poll interval."
+    );
     describe_counter!(
         "fleetlog_role_restarts_total",
         "Restarts of a unit of a role after it failed or panicked, by unit."

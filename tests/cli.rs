@@ -424,6 +424,7 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
         {
             let undescribed = metrics_without_help(&metrics);
             assert!(undescribed.is_empty(), "no help text: {undescribed:?}");
+            assert_eq!(promtool_findings(&metrics), "");
             break;
         }
         assert!(
@@ -659,6 +660,39 @@ fn metrics_without_help(page: &str) -> Vec<String> {
         .collect()
 }
 
+/// What `promtool check metrics` (Prometheus's own linter: help text, naming conventions)
+/// says of the body of a `/metrics` response; empty when it finds nothing. `deploy/local/test.sh`
+/// installs promtool (the distribution's `prometheus` package).
+fn promtool_findings(response: &str) -> String {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(response, |(_, body)| body);
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (the `prometheus` package; deploy/local/test.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() {
+        findings.trim().to_string()
+    } else {
+        format!("exit {:?}: {findings}", output.status.code())
+    }
+}
+
 /// Each role run alone serves `/metrics` (every metric with help text) and `/health` on
 /// `FLEETLOG_METRICS_ADDR`, and stops cleanly on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -714,29 +748,38 @@ async fn every_role_alone_serves_metrics_with_help_and_health() {
     assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
 
     for (role, port, child) in &mut running {
-        let expected = match *role {
+        let expected: &[&str] = match *role {
             "project" => {
-                r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#
+                &[r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#]
             }
-            "ingest" => "fleetlog_ingest_connected 1",
-            "dispatch" => "fleetlog_dispatch_connected 1",
-            _ => r#"fleetlog_db_pool_connections{state="idle"}"#,
+            "ingest" => &["fleetlog_ingest_connected 1"],
+            "dispatch" => &["fleetlog_dispatch_connected 1"],
+            // The user's event published, and nothing left behind.
+            "relay" => &[
+                "fleetlog_relay_active 1",
+                "fleetlog_relay_published_events_total 1",
+                "fleetlog_relay_unpublished_events 0",
+            ],
+            _ => &[r#"fleetlog_db_pool_connections{state="idle"}"#],
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let page = loop {
             let page = http_get(*port, "/metrics").unwrap_or_default();
-            if page.contains(expected) && page.contains("fleetlog_db_pool_max_connections") {
+            if expected.iter().all(|metric| page.contains(metric))
+                && page.contains("fleetlog_db_pool_max_connections")
+            {
                 break page;
             }
             assert!(child.try_wait().unwrap().is_none(), "{role} exited early");
             assert!(
                 Instant::now() < deadline,
-                "{role}: no {expected} in /metrics: {page}"
+                "{role}: not all of {expected:?} in /metrics: {page}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert!(page.starts_with("HTTP/1.1 200"), "{role}: {page}");
         assert_eq!(metrics_without_help(&page), Vec::<String>::new(), "{role}");
+        assert_eq!(promtool_findings(&page), "", "{role}");
         let health = http_get(*port, "/health").unwrap_or_default();
         assert!(health.starts_with("HTTP/1.1 200"), "{role}: {health}");
         assert!(health.contains(r#"{"status":"ok"}"#), "{role}: {health}");

@@ -16,6 +16,31 @@ ensure_cargo_deny() {
         cargo install cargo-deny --version 0.20.2 --locked --quiet
     fi
 }
+# promtool, Prometheus's linter, checks every role's /metrics in the tests. It is taken from the
+# distribution's prometheus package, unpacked under .fleetlog/tools rather than installed, so
+# no Prometheus server gets set up (or started) on this machine.
+ensure_promtool() {
+    local tools=$repo_root/.fleetlog/tools
+    if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$tools/usr/bin/promtool" ]; then
+        say "unpacking promtool from the distribution's prometheus package into .fleetlog/tools"
+        local scratch
+        scratch=$(mktemp -d)
+        chmod 755 "$scratch"
+        if ! (cd "$scratch" && apt-get download prometheus >/dev/null 2>&1); then
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            (cd "$scratch" && apt-get download prometheus >/dev/null 2>&1) \
+                || fail "cannot download the prometheus package (for promtool)"
+        fi
+        mkdir -p "$tools"
+        dpkg-deb -x "$scratch"/prometheus_*.deb "$tools"
+        rm -rf "$scratch"
+    fi
+    if ! command -v promtool >/dev/null 2>&1; then
+        export PATH=$tools/usr/bin:$PATH
+    fi
+}
+ensure_promtool
+
 # A one-off build (CI) gains nothing from incremental compilation but gigabytes of cache.
 if [ -n "${CI:-}" ]; then
     export CARGO_INCREMENTAL=0

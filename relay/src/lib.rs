@@ -37,6 +37,9 @@ pub const EVENTS_CHANNEL: &str = "fleetlog_events";
 const RELAY_LOCK_KEY: i64 = 0x666c_6565_746c_6f67;
 /// The first wait after a failure; it doubles up to `RelaySettings::max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The most unpublished events the relay counts for its lag gauge.
+pub const LAG_COUNT_CAP: i64 = 100_000;
+
 /// The cursor's name in `relay_cursors`.
 const CURSOR_NAME: &str = "FLEETLOG_EVENTS";
 
@@ -165,6 +168,7 @@ impl Relay {
                 break;
             };
             self.status.send_replace(RelayStatus::Active);
+            metrics::gauge!("fleetlog_relay_active").set(1.0);
             tracing::info!("relay active");
             // Stopping mid-publish is safe: the cursor only moves after the acks, and the stream
             // drops what the next run republishes. The lock goes with its connection.
@@ -173,6 +177,7 @@ impl Relay {
                 result = self.relay_while_holding(lock, &shutdown, &mut backoff) => result,
             };
             self.status.send_replace(RelayStatus::Standby);
+            metrics::gauge!("fleetlog_relay_active").set(0.0);
             match result {
                 Ok(()) => break,
                 Err(error) => {
@@ -227,11 +232,18 @@ impl Relay {
         listener.listen(EVENTS_CHANNEL).await?;
         let mut cursor = stored_cursor(&self.pool).await?.unwrap_or_default();
         let mut lock_checked = Instant::now();
+        let mut lag_measured: Option<Instant> = None;
         backoff.reset();
         loop {
             if shutdown.is_cancelled() {
                 let _ = lock.close().await;
                 return Ok(());
+            }
+            // Measured here, not beside the lock check, so that it goes on while the relay
+            // catches up (full batches, one after another), when it matters most.
+            if lag_measured.is_none_or(|at| at.elapsed() >= self.settings.poll_interval) {
+                self.measure_lag(cursor).await?;
+                lag_measured = Some(Instant::now());
             }
             let batch = self.read_batch(cursor).await?;
             let full = batch.len() as i64 == self.settings.batch_size;
@@ -240,6 +252,9 @@ impl Relay {
                 if let Some(last) = published {
                     cursor = last;
                     self.store_cursor(cursor).await?;
+                    let count = batch.iter().take_while(|(at, _)| *at <= last).count();
+                    metrics::counter!("fleetlog_relay_published_events_total")
+                        .increment(count as u64);
                 }
                 if let Some(error) = failure {
                     tracing::warn!(%error, "publishing to JetStream failed; retrying");
@@ -272,6 +287,24 @@ impl Relay {
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
             }
         }
+    }
+
+    /// Counts the committed events after `cursor` (up to [`LAG_COUNT_CAP`], so a relay far
+    /// behind does not scan the table every poll) into `fleetlog_relay_unpublished_events`.
+    async fn measure_lag(&self, cursor: Cursor) -> Result<(), sqlx::Error> {
+        let unpublished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                 SELECT 1 FROM events
+                  WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
+                  LIMIT $3) unpublished",
+        )
+        .bind(cursor.transaction_id.to_string())
+        .bind(cursor.global_position)
+        .bind(LAG_COUNT_CAP)
+        .fetch_one(&self.pool)
+        .await?;
+        metrics::gauge!("fleetlog_relay_unpublished_events").set(unpublished as f64);
+        Ok(())
     }
 
     async fn store_cursor(&self, cursor: Cursor) -> Result<(), sqlx::Error> {
