@@ -237,39 +237,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 http: role.http.http()?,
             };
             let recorder = parts.metrics.clone();
-            let mut platform = platform(&common, &role.nats, role.store.store(), recorder).await?;
+            let mut platform =
+                platform(&common, &role.nats, role.store.store(), recorder, false).await?;
             platform.api(role.http.http_addr, parts);
             platform.run(common.shutdown_timeout()).await
         }
         Command::Ingest(role) => {
             let mut settings = role.ingest.ingest(&role.mqtt)?;
             settings.device_key = role.device_key.optional_key()?;
-            let mut platform = platform(&common, &role.nats, role.store.store(), None).await?;
+            let mut platform =
+                platform(&common, &role.nats, role.store.store(), None, false).await?;
             platform.ingest(settings);
             platform.run(common.shutdown_timeout()).await
         }
         Command::BrokerSync(role) => {
             let settings = role.mqtt.broker_sync()?;
             let key = role.device_key.key()?;
-            let mut platform = platform(&common, &role.nats, role.store.store(), None).await?;
+            let mut platform =
+                platform(&common, &role.nats, role.store.store(), None, false).await?;
             platform.broker_sync(settings, key);
             platform.run(common.shutdown_timeout()).await
         }
         Command::Dispatch(role) => {
             let settings = role.dispatch.dispatch(&role.mqtt)?;
-            let mut platform = platform(&common, &role.nats, role.store.store(), None).await?;
+            let mut platform =
+                platform(&common, &role.nats, role.store.store(), None, false).await?;
             platform.dispatch(settings);
             platform.run(common.shutdown_timeout()).await
         }
         Command::Relay(role) => {
             // The relay writes no events: the store's tuning is never used.
             let mut platform =
-                platform(&common, &role.nats, StoreSettings::default(), None).await?;
+                platform(&common, &role.nats, StoreSettings::default(), None, false).await?;
             platform.relay(role.relay.relay());
             platform.run(common.shutdown_timeout()).await
         }
         Command::Project(role) => {
-            let mut platform = platform(&common, &role.nats, role.store.store(), None).await?;
+            let mut platform =
+                platform(&common, &role.nats, role.store.store(), None, true).await?;
             platform
                 .projections(WorkerSettings::default())
                 .liveness(role.liveness.liveness())
@@ -355,7 +360,7 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         .context("cannot apply migrations")?;
     // Signals stop the roles from here on; until now, they end the process as usual.
     let mut platform = platform_on(pool, &role.nats, role.store.store());
-    watch(common, &mut platform, parts.metrics.clone());
+    watch(common, &mut platform, parts.metrics.clone(), true);
     // The relay owns the event stream, but the consumers of the other roles start with it.
     platform.prepare_stream(&relay.stream).await?;
     platform
@@ -383,15 +388,22 @@ async fn platform(
     nats: &NatsArgs,
     store: StoreSettings,
     recorder: Option<PrometheusHandle>,
+    read_models: bool,
 ) -> anyhow::Result<Platform> {
     let mut platform = platform_on(connect(common).await?, nats, store);
-    watch(common, &mut platform, recorder);
+    watch(common, &mut platform, recorder, read_models);
     Ok(platform)
 }
 
 /// With `FLEETLOG_METRICS_ADDR` set, serves the process's `/metrics` and `/health` there
-/// (installing the recorder if the role has none yet); with a recorder, samples the pool.
-fn watch(common: &CommonArgs, platform: &mut Platform, recorder: Option<PrometheusHandle>) {
+/// (installing the recorder if the role has none yet); with a recorder, samples the pool and,
+/// if `read_models` (the role that keeps them), the rollouts and dead letters.
+fn watch(
+    common: &CommonArgs,
+    platform: &mut Platform,
+    recorder: Option<PrometheusHandle>,
+    read_models: bool,
+) {
     let recorder = match (recorder, common.metrics_addr) {
         (Some(recorder), _) => Some(recorder),
         (None, Some(_)) => fleetlog::metrics::install_recorder(),
@@ -401,6 +413,9 @@ fn watch(common: &CommonArgs, platform: &mut Platform, recorder: Option<Promethe
         return;
     };
     fleetlog::metrics::sample_pool(platform.pool().clone(), platform.shutdown().clone());
+    if read_models {
+        fleetlog::metrics::sample_read_models(platform.pool().clone(), platform.shutdown().clone());
+    }
     if let Some(address) = common.metrics_addr {
         platform.metrics_endpoint(address, recorder);
     }

@@ -749,9 +749,11 @@ async fn every_role_alone_serves_metrics_with_help_and_health() {
 
     for (role, port, child) in &mut running {
         let expected: &[&str] = match *role {
-            "project" => {
-                &[r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#]
-            }
+            "project" => &[
+                r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#,
+                r#"fleetlog_rollouts{status="paused"} 0"#,
+                r#"fleetlog_projection_dead_letters{projection="users"} 0"#,
+            ],
             "ingest" => &["fleetlog_ingest_connected 1"],
             "dispatch" => &["fleetlog_dispatch_connected 1"],
             // The user's event published, and nothing left behind.

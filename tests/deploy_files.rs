@@ -190,3 +190,52 @@ fn every_script_parses_and_is_executable() {
         assert!(mode & 0o111 != 0, "{} is not executable", script.display());
     }
 }
+
+/// Runs `promtool` (Prometheus's checker; `deploy/local/test.sh` unpacks it) with `args`.
+fn promtool(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+        .output()
+        .expect("promtool (the `prometheus` package; deploy/local/test.sh unpacks it)")
+}
+
+#[test]
+fn the_alert_rules_name_only_recorded_metrics_and_promtool_accepts_them() {
+    let rules = read("deploy/prometheus/alerts.yml");
+    let catalogue = fleetlog::metrics::CATALOGUE;
+    let mut named = std::collections::BTreeSet::new();
+    for (start, _) in rules.match_indices("fleetlog_") {
+        let name: String = rules[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        named.insert(name);
+    }
+    assert!(named.len() >= 8, "{named:?}");
+    for name in &named {
+        let recorded = catalogue.iter().any(|metric| {
+            metric.name == name
+                || (metric.kind == fleetlog::metrics::Kind::Histogram
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix) == Some(metric.name)))
+        });
+        assert!(
+            recorded,
+            "alerts.yml names {name}, which fleetlog does not record"
+        );
+    }
+    for args in [
+        ["check", "rules", "deploy/prometheus/alerts.yml"],
+        ["check", "config", "deploy/prometheus/prometheus.yml"],
+    ] {
+        let output = promtool(&args);
+        assert!(
+            output.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
