@@ -200,21 +200,23 @@ fn promtool(args: &[&str]) -> std::process::Output {
         .expect("promtool (the `prometheus` package; deploy/local/test.sh unpacks it)")
 }
 
-#[test]
-fn the_alert_rules_name_only_recorded_metrics_and_promtool_accepts_them() {
-    let rules = read("deploy/prometheus/alerts.yml");
-    let catalogue = fleetlog::metrics::CATALOGUE;
-    let mut named = std::collections::BTreeSet::new();
-    for (start, _) in rules.match_indices("fleetlog_") {
-        let name: String = rules[start..]
-            .chars()
-            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-            .collect();
-        named.insert(name);
-    }
-    assert!(named.len() >= 8, "{named:?}");
-    for name in &named {
-        let recorded = catalogue.iter().any(|metric| {
+/// The metric names (`fleetlog_...`) `text` mentions.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("fleetlog_")
+        .map(|(start, _)| {
+            text[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+/// Fails unless fleetlog records every metric `source` names (a histogram by any of its
+/// series' names).
+fn assert_recorded(source: &str, names: &std::collections::BTreeSet<String>) {
+    for name in names {
+        let recorded = fleetlog::metrics::CATALOGUE.iter().any(|metric| {
             metric.name == name
                 || (metric.kind == fleetlog::metrics::Kind::Histogram
                     && ["_bucket", "_sum", "_count"]
@@ -223,9 +225,42 @@ fn the_alert_rules_name_only_recorded_metrics_and_promtool_accepts_them() {
         });
         assert!(
             recorded,
-            "alerts.yml names {name}, which fleetlog does not record"
+            "{source} names {name}, which fleetlog does not record"
         );
     }
+}
+
+#[test]
+fn the_dashboard_queries_only_recorded_metrics() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/fleetlog.json")).expect("valid JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut ids = std::collections::BTreeSet::new();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in panels {
+        assert!(
+            ids.insert(panel["id"].as_i64().expect("a panel id")),
+            "{panel}"
+        );
+        assert!(panel["title"].as_str().is_some_and(|t| !t.is_empty()));
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{panel}");
+        for target in targets {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{expr}");
+            queried.extend(names);
+        }
+    }
+    assert_recorded("the dashboard", &queried);
+}
+
+#[test]
+fn the_alert_rules_name_only_recorded_metrics_and_promtool_accepts_them() {
+    let named = metric_names(&read("deploy/prometheus/alerts.yml"));
+    assert!(named.len() >= 8, "{named:?}");
+    assert_recorded("alerts.yml", &named);
     for args in [
         ["check", "rules", "deploy/prometheus/alerts.yml"],
         ["check", "config", "deploy/prometheus/prometheus.yml"],
@@ -237,5 +272,13 @@ fn the_alert_rules_name_only_recorded_metrics_and_promtool_accepts_them() {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+}
+
+#[test]
+fn the_image_build_context_leaves_out_build_output_and_secrets() {
+    let ignored = read(".dockerignore");
+    for path in ["/target", "/.fleetlog", "/deploy/.env", ".git"] {
+        assert!(ignored.lines().any(|line| line == path), "{path}");
     }
 }
