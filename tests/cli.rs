@@ -812,3 +812,58 @@ async fn every_role_alone_serves_metrics_with_help_and_health() {
         assert!(http_get(port, "/health").is_none(), "{role}: port closed");
     }
 }
+
+/// The operations guide names only commands the binary has: every `fleetlog <subcommand>`
+/// (and `fleetlog events|user <action>`) in it is in the `--help` of the binary, and every
+/// `deploy/` file it points to exists.
+#[test]
+fn the_operations_guide_names_only_real_commands_and_files() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guide = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let help = |args: &[&str]| {
+        let output = fleetlog("postgres://unused")
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let commands = help(&[]);
+    let mut checked = 0;
+    for (start, _) in guide.match_indices("`fleetlog ") {
+        let quoted = &guide[start + 1..];
+        let quoted = &quoted[..quoted.find('`').unwrap()];
+        let words: Vec<&str> = quoted.split_whitespace().collect();
+        let subcommand = words[1];
+        assert!(
+            commands.contains(&format!("\n  {subcommand} ")),
+            "the guide names `{quoted}`; fleetlog has no {subcommand}"
+        );
+        if let ("events" | "user", Some(action)) = (subcommand, words.get(2)) {
+            assert!(
+                help(&[subcommand]).contains(&format!("\n  {action} ")),
+                "the guide names `{quoted}`; fleetlog {subcommand} has no {action}"
+            );
+        }
+        // The subcommand path: the words before the first option or placeholder.
+        let path: Vec<&str> = words[1..]
+            .iter()
+            .take_while(|word| !word.starts_with('-') && !word.starts_with('<'))
+            .copied()
+            .collect();
+        for flag in words.iter().filter(|word| word.starts_with("--")) {
+            assert!(
+                help(&path).contains(flag),
+                "the guide names `{quoted}`; {flag} is not an option of fleetlog {}",
+                path.join(" ")
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 10, "{checked}");
+    for (start, _) in guide.match_indices("`deploy/") {
+        let path = &guide[start + 1..];
+        let path = &path[..path.find('`').unwrap()];
+        assert!(root.join(path).exists(), "the guide points to {path}");
+    }
+}
