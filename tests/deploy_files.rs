@@ -282,3 +282,30 @@ fn the_image_build_context_leaves_out_build_output_and_secrets() {
         assert!(ignored.lines().any(|line| line == path), "{path}");
     }
 }
+
+/// `deploy/compose.yaml` as the Compose specification's JSON schema
+/// (`tests/schemas/compose-spec.json`, from github.com/compose-spec/compose-spec, Apache-2.0)
+/// defines it: what `docker compose config` would check first, with no container engine.
+#[test]
+fn the_compose_file_follows_the_compose_specification() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // YAML merge keys (`<<: *secrets`) applied first, as Compose loads the file.
+    let mut yaml: serde_norway::Value =
+        serde_norway::from_str(&read("deploy/compose.yaml")).expect("YAML");
+    yaml.apply_merge().expect("merge keys");
+    let compose = serde_json::to_value(yaml).expect("JSON");
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler.set_default_draft(boon::Draft::V7);
+    let schema = compiler
+        .compile(
+            root.join("tests/schemas/compose-spec.json")
+                .to_str()
+                .unwrap(),
+            &mut schemas,
+        )
+        .expect("the Compose schema compiles");
+    if let Err(error) = schemas.validate(&compose, schema) {
+        panic!("deploy/compose.yaml: {error:#}");
+    }
+}
