@@ -308,4 +308,51 @@ fn the_compose_file_follows_the_compose_specification() {
     if let Err(error) = schemas.validate(&compose, schema) {
         panic!("deploy/compose.yaml: {error:#}");
     }
+
+    // Each role a service of its own, health-checked, after the migrations; only the API and
+    // the device listener published.
+    let services = compose["services"].as_object().unwrap();
+    let roles = [
+        ("api", "api"),
+        ("relay-1", "relay"),
+        ("relay-2", "relay"),
+        ("project", "project"),
+        ("ingest-1", "ingest"),
+        ("ingest-2", "ingest"),
+        ("dispatch", "dispatch"),
+        ("broker-sync", "broker-sync"),
+    ];
+    let scraped = read("deploy/prometheus/prometheus.yml");
+    for (service, role) in roles {
+        let port = if role == "api" { 8080 } else { 9464 };
+        assert!(
+            scraped.contains(&format!("\"{service}:{port}\"")),
+            "prometheus.yml does not scrape {service}"
+        );
+        let definition = &services[service];
+        assert_eq!(definition["command"][0], role, "{service}");
+        assert!(definition["healthcheck"]["test"].is_array(), "{service}");
+        assert_eq!(
+            definition["depends_on"]["migrate"]["condition"], "service_completed_successfully",
+            "{service}"
+        );
+    }
+    assert_eq!(services["migrate"]["command"][0], "migrate");
+    let published: Vec<&str> = services
+        .iter()
+        .filter(|(_, definition)| definition.get("ports").is_some())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(published, ["api", "mosquitto"]);
+    // The ingest instances keep sessions of their own, under ids no device can have.
+    let ids: Vec<&str> = ["ingest-1", "ingest-2"]
+        .iter()
+        .map(|service| {
+            services[*service]["environment"]["FLEETLOG_INGEST_CLIENT_ID"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_ne!(ids[0], ids[1]);
+    assert!(ids.iter().all(|id| id.contains('.')), "{ids:?}");
 }
