@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fleetlog, fleetlog_up, free_port, DEVICE_KEY};
+use common::{fleetlog, fleetlog_on, fleetlog_up, free_port};
 use fleetlog_testkit::{NatsServer, TestDatabase};
 
 fn run_with_stdin(mut command: Command, stdin: &str) -> Output {
@@ -434,6 +434,16 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    stop_cleanly(&mut child, "fleetlog up").await;
+    assert!(
+        http_get(port, "/health").is_none(),
+        "the port is closed after shutdown"
+    );
+}
+
+/// Sends SIGTERM to `child` and expects it to exit successfully within 30 s (its standard
+/// error in the failure message otherwise).
+async fn stop_cleanly(child: &mut std::process::Child, name: &str) {
     let terminated = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -446,22 +456,15 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
         }
         assert!(
             Instant::now() < deadline,
-            "fleetlog up did not stop after SIGTERM"
+            "{name} did not stop after SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(status.success(), "exit {status:?}: {log}");
-    assert!(
-        http_get(port, "/health").is_none(),
-        "the port is closed after shutdown"
-    );
+    if let Some(mut stderr) = child.stderr.take() {
+        stderr.read_to_string(&mut log).unwrap();
+    }
+    assert!(status.success(), "{name}: exit {status:?}: {log}");
 }
 
 /// `replay --verify`, `replay`, and `events` against a model kept by live workers.
@@ -697,7 +700,6 @@ fn promtool_findings(response: &str) -> String {
 /// `FLEETLOG_METRICS_ADDR`, and stops cleanly on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_alone_serves_metrics_with_help_and_health() {
-    use fleetlog_broker::access::{DISPATCH_USERNAME, INGEST_USERNAME, SYNC_USERNAME};
     let db = TestDatabase::create().await;
     let nats = NatsServer::start();
     let broker = fleetlog_testkit::MosquittoServer::start();
@@ -705,26 +707,9 @@ async fn every_role_alone_serves_metrics_with_help_and_health() {
     let mut running = Vec::new();
     for role in roles {
         let port = free_port();
-        let mut command = fleetlog(&db.url);
+        let mut command = fleetlog_on(&db.url, &nats, &broker);
         command
             .env("FLEETLOG_METRICS_ADDR", format!("127.0.0.1:{port}"))
-            .env("FLEETLOG_NATS_URL", nats.anonymous_url())
-            .envs(nats.password_variables())
-            .env("FLEETLOG_MQTT_URL", broker.url())
-            .env(
-                "FLEETLOG_INGEST_MQTT_PASSWORD",
-                broker.password(INGEST_USERNAME),
-            )
-            .env(
-                "FLEETLOG_DISPATCH_MQTT_PASSWORD",
-                broker.password(DISPATCH_USERNAME),
-            )
-            .env(
-                "FLEETLOG_BROKER_SYNC_MQTT_PASSWORD",
-                broker.password(SYNC_USERNAME),
-            )
-            .env("FLEETLOG_DEVICE_CREDENTIAL_KEY", DEVICE_KEY)
-            .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
             .arg(role)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -788,27 +773,7 @@ async fn every_role_alone_serves_metrics_with_help_and_health() {
     }
 
     for (role, port, mut child) in running {
-        let terminated = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(terminated.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "{role} did not stop");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let mut log = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut log)
-            .unwrap();
-        assert!(status.success(), "{role}: exit {status:?}: {log}");
+        stop_cleanly(&mut child, role).await;
         assert!(http_get(port, "/health").is_none(), "{role}: port closed");
     }
 }

@@ -33,19 +33,16 @@ pub fn free_port() -> u16 {
 /// The device credential key of the tests that run the binary.
 pub const DEVICE_KEY: &str = "a test device credential key, long enough";
 
-/// `fleetlog up` on the given servers, serving HTTP on `port`, relaying every 100 ms; each
-/// role as its own NATS user and broker account, so their rights are the deployed ones, and
-/// the broker sync runs.
-pub fn fleetlog_up(
+/// `fleetlog` on the given servers, each role as its own NATS user and broker account (so
+/// their rights are the deployed ones), relaying every 100 ms; the subcommand is the caller's.
+pub fn fleetlog_on(
     database_url: &str,
     nats: &fleetlog_testkit::NatsServer,
     broker: &fleetlog_testkit::MosquittoServer,
-    port: u16,
 ) -> Command {
     use fleetlog_broker::access::{DISPATCH_USERNAME, INGEST_USERNAME, SYNC_USERNAME};
     let mut command = fleetlog(database_url);
     command
-        .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("FLEETLOG_NATS_URL", nats.anonymous_url())
         .envs(nats.password_variables())
         .env("FLEETLOG_MQTT_URL", broker.url())
@@ -62,7 +59,21 @@ pub fn fleetlog_up(
             broker.password(SYNC_USERNAME),
         )
         .env("FLEETLOG_DEVICE_CREDENTIAL_KEY", DEVICE_KEY)
-        .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100")
+        .env("FLEETLOG_RELAY_POLL_INTERVAL_MS", "100");
+    command
+}
+
+/// `fleetlog up` on the given servers (as [`fleetlog_on`]), serving HTTP on `port`; the broker
+/// sync runs.
+pub fn fleetlog_up(
+    database_url: &str,
+    nats: &fleetlog_testkit::NatsServer,
+    broker: &fleetlog_testkit::MosquittoServer,
+    port: u16,
+) -> Command {
+    let mut command = fleetlog_on(database_url, nats, broker);
+    command
+        .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .arg("up");
     command
 }
