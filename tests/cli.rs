@@ -317,6 +317,23 @@ fn settings_outside_their_ranges_are_one_line_errors() {
     }
 }
 
+/// Creates the viewer `username` in the tenant `acme` with `fleetlog user create`: one event.
+fn create_viewer(database_url: &str, username: &str) {
+    let mut create = fleetlog(database_url);
+    create.args([
+        "user",
+        "create",
+        "--tenant",
+        "acme",
+        "--username",
+        username,
+        "--role",
+        "viewer",
+        "--password-stdin",
+    ]);
+    assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
+}
+
 /// A minimal HTTP/1.1 GET, enough to probe `/health` without an HTTP client dependency.
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -367,19 +384,7 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
     assert_eq!(events, 0);
 
     // An event written while `up` runs reaches the JetStream stream through its relay.
-    let mut create = fleetlog(&db.url);
-    create.args([
-        "user",
-        "create",
-        "--tenant",
-        "acme",
-        "--username",
-        "erin",
-        "--role",
-        "viewer",
-        "--password-stdin",
-    ]);
-    assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
+    create_viewer(&db.url, "erin");
     let jetstream = async_nats::jetstream::new(fleetlog_nats::connect(&nats.url()).await.unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -718,19 +723,7 @@ async fn every_role_alone_serves_metrics_with_help_and_health() {
 
     // An event for the projection role to apply (through the relay), so a role-specific
     // metric shows up beside the pool's.
-    let mut create = fleetlog(&db.url);
-    create.args([
-        "user",
-        "create",
-        "--tenant",
-        "acme",
-        "--username",
-        "fay",
-        "--role",
-        "viewer",
-        "--password-stdin",
-    ]);
-    assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
+    create_viewer(&db.url, "fay");
 
     for (role, port, child) in &mut running {
         let expected: &[&str] = match *role {

@@ -27,6 +27,27 @@ fn object(value: Value) -> Map<String, Value> {
     value.as_object().cloned().unwrap()
 }
 
+/// Registers `devices` in the tenant `acme`, tagged `tags`.
+async fn register(bus: &CommandBus, devices: &[String], tags: &[&str]) {
+    let metadata = CommandMetadata::new("test");
+    for id in devices {
+        let register = DeviceCommand::Register {
+            device_id: DeviceId::parse(id).unwrap(),
+            tenant: TenantId::parse("acme").unwrap(),
+            owner: UserId::parse("u-1").unwrap(),
+            name: format!("Device {id}"),
+            model: "thermo".into(),
+            tags: tags.iter().map(|tag| tag.to_string()).collect(),
+            at: at(0),
+            credentials: None,
+        };
+        bus.devices()
+            .execute(id, register, &metadata)
+            .await
+            .unwrap();
+    }
+}
+
 /// Every kind of device event, over several devices.
 async fn mixed_workload(bus: &CommandBus, devices: &[String], round: i64) {
     let metadata = CommandMetadata::new("test").with_tenant(TenantId::parse("acme").unwrap());
@@ -150,22 +171,7 @@ async fn replay_equals_live_and_repairs_a_tampered_model_under_running_writers()
     );
     let metadata = CommandMetadata::new("test");
     let devices: Vec<String> = (0..5).map(|n| format!("d{n}")).collect();
-    for id in &devices {
-        let register = DeviceCommand::Register {
-            device_id: DeviceId::parse(id).unwrap(),
-            tenant: TenantId::parse("acme").unwrap(),
-            owner: UserId::parse("u-1").unwrap(),
-            name: format!("Device {id}"),
-            model: "thermo".into(),
-            tags: vec!["a".into(), "b".into()],
-            at: at(0),
-            credentials: None,
-        };
-        bus.devices()
-            .execute(id, register, &metadata)
-            .await
-            .unwrap();
-    }
+    register(&bus, &devices, &["a", "b"]).await;
     for round in 0..3 {
         mixed_workload(&bus, &devices, round).await;
     }
@@ -627,22 +633,7 @@ async fn replays_of_several_pages_run_at_once_and_swap_in_every_index() {
     );
     let metadata = CommandMetadata::new("test").with_tenant(TenantId::parse("acme").unwrap());
     let devices: Vec<String> = (0..20).map(|n| format!("p{n}")).collect();
-    for id in &devices {
-        let register = DeviceCommand::Register {
-            device_id: DeviceId::parse(id).unwrap(),
-            tenant: TenantId::parse("acme").unwrap(),
-            owner: UserId::parse("u-1").unwrap(),
-            name: format!("Device {id}"),
-            model: "thermo".into(),
-            tags: vec![],
-            at: at(0),
-            credentials: None,
-        };
-        bus.devices()
-            .execute(id, register, &metadata)
-            .await
-            .unwrap();
-    }
+    register(&bus, &devices, &[]).await;
     // 12,000 readings: more than two pages of the rebuild, read ahead while applied.
     for round in 0..6 {
         let work = devices
