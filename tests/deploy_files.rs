@@ -356,3 +356,92 @@ fn the_compose_file_follows_the_compose_specification() {
     assert_ne!(ids[0], ids[1]);
     assert!(ids.iter().all(|id| id.contains('.')), "{ids:?}");
 }
+
+/// The Kubernetes manifests validate, strictly, against the Kubernetes schemas
+/// (`kubernetes-validate`; `deploy/local/test.sh` installs it), and hold what a deployment
+/// needs: each role a workload with probes on its own endpoint, the scalable ones an autoscaler,
+/// the ones that must stay up a disruption budget, secrets only by reference.
+#[test]
+fn the_kubernetes_manifests_validate_and_run_every_role() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<String> = std::fs::read_dir(root.join("deploy/k8s"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .map(|path| path.to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let output = std::process::Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate (pip; deploy/local/test.sh installs it)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mut documents = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for document in serde_norway::Deserializer::from_str(&text) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(document).expect("YAML");
+            documents.push(value);
+        }
+    }
+    let find = |kind: &str, name: &str| {
+        documents
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    let generated = read("deploy/compose-secrets.sh");
+    for (kind, role, port) in [
+        ("Deployment", "api", 8080),
+        ("Deployment", "relay", 9464),
+        ("Deployment", "project", 9464),
+        ("StatefulSet", "ingest", 9464),
+        ("Deployment", "dispatch", 9464),
+        ("Deployment", "broker-sync", 9464),
+    ] {
+        let workload = find(kind, &format!("fleetlog-{role}"));
+        let container = &workload["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["args"][0], role);
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert_eq!(container[probe]["httpGet"]["port"], port, "{role} {probe}");
+        }
+        for variable in container["env"].as_array().unwrap() {
+            if let Some(reference) = variable["valueFrom"]["secretKeyRef"].as_object() {
+                let key = reference["key"].as_str().unwrap();
+                assert!(
+                    reference["name"] == "fleetlog-db-app" || generated.contains(key),
+                    "{role}: {key} is not made by compose-secrets.sh"
+                );
+            }
+            assert!(
+                variable.get("value").is_none()
+                    || !variable["name"].as_str().unwrap().contains("PASSWORD"),
+                "{role}: a password in the manifest"
+            );
+        }
+    }
+    assert_eq!(
+        find("Deployment", "fleetlog-relay")["spec"]["replicas"],
+        2,
+        "an active relay and a standby"
+    );
+    for role in ["api", "project", "ingest"] {
+        find("HorizontalPodAutoscaler", &format!("fleetlog-{role}"));
+    }
+    for role in ["api", "relay", "project", "ingest"] {
+        find("PodDisruptionBudget", &format!("fleetlog-{role}"));
+    }
+    assert!(
+        documents.iter().all(|d| d["kind"] != "Secret"),
+        "secrets are made, not shipped"
+    );
+    find("Job", "fleetlog-migrate");
+    find("ConfigMap", "fleetlog-settings");
+}

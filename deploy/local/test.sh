@@ -41,6 +41,26 @@ ensure_promtool() {
 }
 ensure_promtool
 
+# kubernetes-validate (from PyPI, pinned) checks the manifests of deploy/k8s against the
+# Kubernetes schemas it carries, offline, in a virtual environment under .fleetlog/tools.
+ensure_kubernetes_validate() {
+    local venv=$repo_root/.fleetlog/tools/venv
+    if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$venv/bin/kubernetes-validate" ]; then
+        say "installing kubernetes-validate into .fleetlog/tools/venv"
+        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+            rm -rf "$venv"
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+            python3 -m venv "$venv"
+        fi
+        "$venv/bin/pip" install --quiet kubernetes-validate==1.37.0
+    fi
+    if ! command -v kubernetes-validate >/dev/null 2>&1; then
+        export PATH=$venv/bin:$PATH
+    fi
+}
+ensure_kubernetes_validate
+
 # A one-off build (CI) gains nothing from incremental compilation but gigabytes of cache.
 if [ -n "${CI:-}" ]; then
     export CARGO_INCREMENTAL=0
