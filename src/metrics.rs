@@ -73,8 +73,19 @@ const READ_MODEL_SAMPLE: Duration = Duration::from_secs(15);
 /// rollout has it, so a resumed rollout does not leave `paused` at its last count.
 const ROLLOUT_STATUSES: &[&str] = &["created", "running", "paused", "completed", "aborted"];
 
-/// Samples the read models into `fleetlog_rollouts{status}` and
-/// `fleetlog_projection_dead_letters{projection}` until `shutdown`: what the role that keeps
+/// Where a device of a rollout stands in the `rollout_devices` read model.
+const ROLLOUT_DEVICE_STATUSES: &[&str] = &[
+    "queued",
+    "sent",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "canceled",
+];
+
+/// Samples the read models into `fleetlog_rollouts{status}`,
+/// `fleetlog_rollout_devices{status}` and `fleetlog_projection_dead_letters{projection}` until
+/// `shutdown`: what the role that keeps
 /// them (`fleetlog project`) reports for rollout and dead-letter alerts.
 pub fn sample_read_models(pool: PgPool, shutdown: CancellationToken) {
     tokio::spawn(async move {
@@ -96,6 +107,21 @@ async fn sample_read_models_once(pool: &PgPool) -> Result<(), sqlx::Error> {
             .fetch_all(pool)
             .await?;
     set_counts("fleetlog_rollouts", "status", ROLLOUT_STATUSES, &rollouts);
+    // The progress of the rollouts under way: their devices by where each stands.
+    let devices: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT d.status, count(*) FROM rollout_devices d
+           JOIN rollouts r ON r.rollout_id = d.rollout_id
+          WHERE r.status IN ('running', 'paused')
+          GROUP BY d.status",
+    )
+    .fetch_all(pool)
+    .await?;
+    set_counts(
+        "fleetlog_rollout_devices",
+        "status",
+        ROLLOUT_DEVICE_STATUSES,
+        &devices,
+    );
     let dead_letters: Vec<(String, i64)> = sqlx::query_as(
         "SELECT projection, count(*) FROM projection_dead_letters GROUP BY projection",
     )
@@ -306,6 +332,11 @@ pub const CATALOGUE: &[Metric] = &[
         name: "fleetlog_rollouts",
         kind: Kind::Gauge,
         help: "Rollouts in the read model, by status (created, running, paused, completed, aborted), sampled every 15 s by the projection role.",
+    },
+    Metric {
+        name: "fleetlog_rollout_devices",
+        kind: Kind::Gauge,
+        help: "Devices of the running and paused rollouts, by where each stands (queued, sent, succeeded, failed, timed_out, canceled), sampled every 15 s by the projection role.",
     },
     Metric {
         name: "fleetlog_projection_dead_letters",

@@ -730,6 +730,7 @@ async fn every_role_alone_serves_metrics_with_help_and_health() {
             "project" => &[
                 r#"fleetlog_projection_events_total{projection="users",outcome="applied"} 1"#,
                 r#"fleetlog_rollouts{status="paused"} 0"#,
+                r#"fleetlog_rollout_devices{status="sent"} 0"#,
                 r#"fleetlog_projection_dead_letters{projection="users"} 0"#,
             ],
             "ingest" => &["fleetlog_ingest_connected 1"],
