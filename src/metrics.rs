@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use anyhow::Context as _;
-use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -48,21 +47,33 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
     }
 }
 
-/// Samples the Postgres pool into `fleetlog_db_pool_connections{state}` until `shutdown`.
-pub fn sample_pool(pool: PgPool, shutdown: CancellationToken) {
+/// Runs `sample` now and then every `period` until `shutdown`, in a task of its own.
+fn sample_every<F, Fut>(period: Duration, shutdown: CancellationToken, mut sample: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     tokio::spawn(async move {
         loop {
-            let size = pool.size();
-            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(size);
-            ::metrics::gauge!("fleetlog_db_pool_connections", "state" => "idle").set(idle);
-            ::metrics::gauge!("fleetlog_db_pool_connections", "state" => "in_use").set(size - idle);
-            ::metrics::gauge!("fleetlog_db_pool_max_connections")
-                .set(pool.options().get_max_connections());
+            sample().await;
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(UPKEEP) => {}
+                () = tokio::time::sleep(period) => {}
             }
         }
+    });
+}
+
+/// Samples the Postgres pool into `fleetlog_db_pool_connections{state}` until `shutdown`.
+pub fn sample_pool(pool: PgPool, shutdown: CancellationToken) {
+    sample_every(UPKEEP, shutdown, move || {
+        let size = pool.size();
+        let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(size);
+        ::metrics::gauge!("fleetlog_db_pool_connections", "state" => "idle").set(idle);
+        ::metrics::gauge!("fleetlog_db_pool_connections", "state" => "in_use").set(size - idle);
+        ::metrics::gauge!("fleetlog_db_pool_max_connections")
+            .set(pool.options().get_max_connections());
+        std::future::ready(())
     });
 }
 
@@ -85,17 +96,14 @@ const ROLLOUT_DEVICE_STATUSES: &[&str] = &[
 
 /// Samples the read models into `fleetlog_rollouts{status}`,
 /// `fleetlog_rollout_devices{status}` and `fleetlog_projection_dead_letters{projection}` until
-/// `shutdown`: what the role that keeps
-/// them (`fleetlog project`) reports for rollout and dead-letter alerts.
+/// `shutdown`: what the role that keeps them (`fleetlog project`) reports for rollout and
+/// dead-letter alerts.
 pub fn sample_read_models(pool: PgPool, shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        loop {
+    sample_every(READ_MODEL_SAMPLE, shutdown, move || {
+        let pool = pool.clone();
+        async move {
             if let Err(error) = sample_read_models_once(&pool).await {
                 tracing::debug!(%error, "cannot sample the read models for metrics");
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(READ_MODEL_SAMPLE) => {}
             }
         }
     });
@@ -159,23 +167,16 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {address} (FLEETLOG_METRICS_ADDR)"))?;
     tracing::info!(%address, "serving /metrics and /health");
+    // The same answers as the API's operations endpoints.
     let routes = Router::new()
         .route(
             "/metrics",
             get(move || {
                 let handle = handle.clone();
-                async move {
-                    (
-                        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        handle.render(),
-                    )
-                }
+                async move { fleetlog_api::metrics_page(Some(&handle)) }
             }),
         )
-        .route(
-            "/health",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        );
+        .route("/health", get(fleetlog_api::health));
     axum::serve(listener, routes)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -326,7 +327,7 @@ pub const CATALOGUE: &[Metric] = &[
     Metric {
         name: "fleetlog_relay_unpublished_events",
         kind: Kind::Gauge,
-        help: "Events committed to the events table and not yet published by the active relay (counted up to 100000), sampled once per poll interval.",
+        help: "Events committed to the events table and not yet published, counted up to 100000 once per poll interval by the active relay; 0 on a standby.",
     },
     Metric {
         name: "fleetlog_rollouts",

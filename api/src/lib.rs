@@ -297,8 +297,16 @@ pub async fn run(
 async fn metrics(
     State(state): State<AppState>,
 ) -> (StatusCode, [(HeaderName, &'static str); 1], String) {
+    metrics_page(state.metrics.as_ref())
+}
+
+/// The `GET /metrics` answer of a process whose recorder is `handle`: what the API serves, and
+/// what a role run alone serves on its own port.
+pub fn metrics_page(
+    handle: Option<&PrometheusHandle>,
+) -> (StatusCode, [(HeaderName, &'static str); 1], String) {
     let content_type = (CONTENT_TYPE, "text/plain; version=0.0.4");
-    match &state.metrics {
+    match handle {
         Some(handle) => (StatusCode::OK, [content_type], handle.render()),
         None => (
             StatusCode::NOT_FOUND,
@@ -308,11 +316,11 @@ async fn metrics(
     }
 }
 
-/// Liveness: the process answers.
+/// Liveness: the process answers. Also what a role run alone answers on its metrics port.
 #[utoipa::path(get, path = "/health", tag = "operations", security(()),
     summary = "The process is up",
     responses((status = 200, description = "Up", body = Object)))]
-async fn health() -> Json<serde_json::Value> {
+pub async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 

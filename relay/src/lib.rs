@@ -178,6 +178,9 @@ impl Relay {
             };
             self.status.send_replace(RelayStatus::Standby);
             metrics::gauge!("fleetlog_relay_active").set(0.0);
+            // Only the active relay has a backlog: a standby's last count would go stale (and
+            // keep a lag alert firing after a failover).
+            metrics::gauge!("fleetlog_relay_unpublished_events").set(0.0);
             match result {
                 Ok(()) => break,
                 Err(error) => {
