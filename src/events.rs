@@ -9,10 +9,17 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// One line per event: position, aggregate, sequence, time, type, payload.
+/// One line per event: position, aggregate, sequence, time, type, payload, and the trace id
+/// when the event was stored in a sampled trace (what to search the tracing backend for).
 fn print_event(envelope: &EventEnvelope) {
+    let trace = fleetlog_trace::from_metadata(&envelope.metadata)
+        .map(|context| {
+            use opentelemetry::trace::TraceContextExt;
+            format!("  trace={}", context.span().span_context().trace_id())
+        })
+        .unwrap_or_default();
     println!(
-        "{:>10}  {}:{}#{}  {}  {}  {}",
+        "{:>10}  {}:{}#{}  {}  {}  {}{trace}",
         envelope.global_position,
         envelope.aggregate_type,
         envelope.aggregate_id,

@@ -6,6 +6,7 @@
 
 mod events;
 mod replay;
+mod traces;
 mod user;
 
 /// mimalloc instead of the system allocator: the roles allocate many small, short-lived
@@ -98,6 +99,25 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The role's name, as traces name the service (`fleetlog-{role}`).
+    fn role(&self) -> &'static str {
+        match self {
+            Self::Up(_) => "up",
+            Self::Api(_) => "api",
+            Self::Ingest(_) => "ingest",
+            Self::BrokerSync(_) => "broker-sync",
+            Self::Dispatch(_) => "dispatch",
+            Self::Relay(_) => "relay",
+            Self::Project(_) => "project",
+            Self::Migrate => "migrate",
+            Self::Replay { .. } => "replay",
+            Self::Events { .. } => "events",
+            Self::User { .. } => "user",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum EventsAction {
     /// One aggregate's events, oldest first.
@@ -165,7 +185,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cli.common);
+    let traces = match init_logging(&cli.common, cli.command.role()) {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("fleetlog: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -173,7 +199,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // The runtime first: the roles' last spans end as their tasks are dropped.
+    drop(runtime);
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, the whole cause chain: "what failed: why: root cause".
@@ -183,17 +215,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(settings: &CommonArgs) {
+/// Logs to stderr as `FLEETLOG_LOG` filters them, and traces to the OTLP collector when the
+/// environment names one (see [`traces`]).
+fn init_logging(settings: &CommonArgs, role: &str) -> anyhow::Result<Option<traces::Traces>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match settings.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let logs = match settings.log_format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    let (traces, exporting) = match traces::from_env(role)? {
+        Some((traces, layer)) => (Some(traces), Some(layer)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(exporting)
+        .init();
+    Ok(traces)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -9,23 +9,8 @@ use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fleetlog, fleetlog_on, fleetlog_up, free_port};
+use common::{fleetlog, fleetlog_on, fleetlog_up, free_port, run_with_stdin, stop_cleanly};
 use fleetlog_testkit::{NatsServer, TestDatabase};
-
-fn run_with_stdin(mut command: Command, stdin: &str) -> Output {
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -317,6 +302,55 @@ fn settings_outside_their_ranges_are_one_line_errors() {
     }
 }
 
+/// Trace export, when a collector is named, is checked before anything starts: a protocol
+/// fleetlog does not speak or an endpoint that is not an HTTP URL is a one-line error, exit 2.
+#[test]
+fn trace_export_settings_are_checked_at_start() {
+    let collector = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    for (subcommand, settings, expected) in [
+        (
+            "relay",
+            [collector, ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+            "exports OTLP over HTTP",
+        ),
+        (
+            "ingest",
+            [collector, ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "thrift")],
+            "expected http/protobuf or http/json",
+        ),
+        (
+            "api",
+            [collector, ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")],
+            "expected an http:// or https:// URL",
+        ),
+        (
+            "project",
+            [
+                collector,
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://exa mple/"),
+            ],
+            "is not a URL",
+        ),
+    ] {
+        let output = fleetlog("postgres://unused")
+            .envs(settings)
+            .arg(subcommand)
+            .output()
+            .unwrap();
+        assert_one_line_error(&output, expected);
+        assert_eq!(output.status.code(), Some(2), "{subcommand}: {settings:?}");
+    }
+    // Switched off, the same settings are not even read.
+    let output = fleetlog("postgres://unused")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_SDK_DISABLED", "true")
+        .envs([collector])
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "cannot connect to Postgres");
+}
+
 /// Creates the viewer `username` in the tenant `acme` with `fleetlog user create`: one event.
 fn create_viewer(database_url: &str, username: &str) {
     let mut create = fleetlog(database_url);
@@ -444,32 +478,6 @@ async fn up_migrates_serves_relays_and_stops_cleanly_on_sigterm() {
         http_get(port, "/health").is_none(),
         "the port is closed after shutdown"
     );
-}
-
-/// Sends SIGTERM to `child` and expects it to exit successfully within 30 s (its standard
-/// error in the failure message otherwise).
-async fn stop_cleanly(child: &mut std::process::Child, name: &str) {
-    let terminated = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(terminated.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} did not stop after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut log = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
-        stderr.read_to_string(&mut log).unwrap();
-    }
-    assert!(status.success(), "{name}: exit {status:?}: {log}");
 }
 
 /// `replay --verify`, `replay`, and `events` against a model kept by live workers.

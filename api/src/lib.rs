@@ -114,15 +114,49 @@ pub fn router_with(state: AppState, http: &HttpSettings) -> Router {
             move |request: Request, next: middleware::Next| bounded(limit, request, next)
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-            let request_id = request
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(
+                    |response: &Response, _latency: Duration, span: &tracing::Span| {
+                        span.record("http.response.status_code", response.status().as_u16());
+                        if response.status().is_server_error() {
+                            span.record("otel.status_code", "ERROR");
+                        }
+                    },
+                ),
+        )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The span of one request, named by OpenTelemetry's HTTP conventions (`POST
+/// /api/v1/devices/{id}/commands`, the route template, not the raw path), continuing the
+/// caller's trace when the request carries a W3C `traceparent`.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{} {}", request.method(), route.unwrap_or("unmatched")),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %request.method(),
+        http.route = route,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        request_id,
+    );
+    if let Some(parent) = fleetlog_trace::from_http_headers(request.headers()) {
+        fleetlog_trace::follow(&span, parent);
+    }
+    span
 }
 
 /// `%00` (the only way to write a NUL in a URI) anywhere in the path or the query answers 400

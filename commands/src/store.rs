@@ -17,6 +17,7 @@ use rand::Rng;
 use serde_json::Value;
 use sqlx::{PgPool, Row};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::error::{CommandError, StoreError};
 use crate::inline::{Appended, Care, InlineError, InlineProjection};
@@ -281,6 +282,14 @@ impl From<sqlx::Error> for AppendError {
     }
 }
 
+/// The metadata of a command as its events store it: who, why, and the trace context of the
+/// span the command runs in (when sampled), so the relay and the consumers continue the trace.
+fn stamped(metadata: &CommandMetadata) -> HashMap<String, String> {
+    let mut map = metadata.to_map();
+    fleetlog_trace::inject_current(&mut map);
+    map
+}
+
 impl<A> AggregateStore<A>
 where
     A: Aggregate + fleetlog_domain::TenantScoped + 'static,
@@ -329,17 +338,21 @@ where
         expected_version: Option<u64>,
     ) -> Result<Committed, CommandError<A::Error>> {
         let commands = [command];
+        let span = tracing::info_span!("command", aggregate_type = A::TYPE, aggregate_id);
         let BatchCommitted {
             committed,
             mut outcomes,
-        } = self
-            .run(Work {
+        } = async {
+            self.run(Work {
                 aggregate_id,
                 commands: &commands,
-                metadata: metadata.to_map(),
+                metadata: stamped(metadata),
                 expected_version,
             })
-            .await?;
+            .await
+        }
+        .instrument(span)
+        .await?;
         match outcomes.pop() {
             Some(Err(refusal)) => Err(CommandError::Refused(refusal)),
             _ => Ok(committed),
@@ -356,12 +369,22 @@ where
         commands: Vec<A::Command>,
         metadata: &CommandMetadata,
     ) -> Result<BatchCommitted<A::Error>, CommandError<A::Error>> {
-        self.run(Work {
+        let span = tracing::info_span!(
+            "command",
+            aggregate_type = A::TYPE,
             aggregate_id,
-            commands: &commands,
-            metadata: metadata.to_map(),
-            expected_version: None,
-        })
+            commands = commands.len()
+        );
+        async {
+            self.run(Work {
+                aggregate_id,
+                commands: &commands,
+                metadata: stamped(metadata),
+                expected_version: None,
+            })
+            .await
+        }
+        .instrument(span)
         .await
     }
 
@@ -375,12 +398,24 @@ where
         &self,
         work: Vec<(String, Vec<A::Command>, CommandMetadata)>,
     ) -> Vec<Result<BatchCommitted<A::Error>, CommandError<A::Error>>> {
+        let span = tracing::info_span!(
+            "commands",
+            aggregate_type = A::TYPE,
+            aggregates = work.len()
+        );
+        self.execute_many_now(&work).instrument(span).await
+    }
+
+    async fn execute_many_now(
+        &self,
+        work: &[(String, Vec<A::Command>, CommandMetadata)],
+    ) -> Vec<Result<BatchCommitted<A::Error>, CommandError<A::Error>>> {
         let work: Vec<Work<'_, A>> = work
             .iter()
             .map(|(aggregate_id, commands, metadata)| Work {
                 aggregate_id,
                 commands,
-                metadata: metadata.to_map(),
+                metadata: stamped(metadata),
                 expected_version: None,
             })
             .collect();
@@ -623,6 +658,17 @@ where
     /// `aggregates` holds each aggregate (its new events applied), its version before them and
     /// the events. Returns each aggregate's last position.
     async fn write(
+        &self,
+        rows: &EventRows,
+        aggregates: &[Written<'_, A>],
+    ) -> Result<HashMap<String, i64>, AppendError> {
+        let span = tracing::info_span!("append", aggregate_type = A::TYPE, events = rows.ids.len());
+        self.write_carefully_if_needed(rows, aggregates)
+            .instrument(span)
+            .await
+    }
+
+    async fn write_carefully_if_needed(
         &self,
         rows: &EventRows,
         aggregates: &[Written<'_, A>],

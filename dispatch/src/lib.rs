@@ -45,6 +45,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use serde_json::Value;
 use tokio::sync::{oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use fleetlog_broker::BrokerUrl;
 
@@ -227,7 +228,10 @@ impl Dispatcher {
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
-                self.dispatch(publisher, message).await;
+                let span = fleetlog_trace::span_for_message(&message, || {
+                    tracing::info_span!("dispatch", otel.kind = "consumer")
+                });
+                self.dispatch(publisher, message).instrument(span).await;
             }
         }
         Ok(())

@@ -18,7 +18,9 @@
 //! `sequence` counts the events of one aggregate from 1 without gaps: a consumer that applied
 //! sequence n of an aggregate expects n + 1 next. `global_position` orders all events by
 //! insertion (not commit) and is unique. Headers: `Nats-Msg-Id` =
-//! `{aggregate_type}:{aggregate_id}:{sequence}`, `Fleetlog-Event-Type` = `event_type`.
+//! `{aggregate_type}:{aggregate_id}:{sequence}`, `Fleetlog-Event-Type` = `event_type`, and,
+//! for an event stored in a sampled trace, `traceparent` (and `tracestate`): the W3C trace
+//! context the metadata carries, as the relay's publish passes it on (see `fleetlog-trace`).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -165,6 +167,12 @@ impl OutgoingEvent {
             transaction_id: self.transaction_id.parse().unwrap_or_default(),
             global_position: self.global_position,
         }
+    }
+
+    /// The metadata as the table holds it (JSON text): who caused the event, and the trace
+    /// context when the command was traced.
+    pub fn metadata_json(&self) -> &str {
+        self.metadata.get()
     }
 
     /// The JetStream subject's parts: aggregate type and id.

@@ -47,6 +47,7 @@ use serde::Deserialize;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// The durable consumer the sync reads device control events with.
 pub const CONSUMER: &str = "broker-sync";
@@ -319,11 +320,27 @@ impl BrokerSync {
         loop {
             tokio::select! {
                 batch = pull.next(shutdown) => match batch? {
-                    Some(batch) => self.handle_batch(admin, Followed::Devices, &batch).await?,
+                    Some(batch) => {
+                        let span = fleetlog_trace::span_for_messages(
+                            batch.iter().map(|m| &m.message),
+                            || tracing::info_span!("broker sync", otel.kind = "consumer"),
+                        );
+                        self.handle_batch(admin, Followed::Devices, &batch)
+                            .instrument(span)
+                            .await?;
+                    }
                     None => return Ok(()),
                 },
                 batch = keys_pull.next(shutdown) => match batch? {
-                    Some(batch) => self.handle_batch(admin, Followed::Keys, &batch).await?,
+                    Some(batch) => {
+                        let span = fleetlog_trace::span_for_messages(
+                            batch.iter().map(|m| &m.message),
+                            || tracing::info_span!("broker sync", otel.kind = "consumer"),
+                        );
+                        self.handle_batch(admin, Followed::Keys, &batch)
+                            .instrument(span)
+                            .await?;
+                    }
                     None => return Ok(()),
                 },
                 _ = reconciliations.tick() => self.reconcile(admin).await?,

@@ -49,6 +49,7 @@ use fleetlog_nats::STREAM_NAME;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// The durable consumer of rollout events.
 pub const ROLLOUT_CONSUMER: &str = "rollout-manager";
@@ -222,7 +223,10 @@ impl RolloutManager {
         tracing::info!(consumer = name, "rollout manager consuming");
         while let Some(batch) = pull.next(shutdown).await? {
             for message in &batch {
-                self.handle(message).await?;
+                let span = fleetlog_trace::span_for_message(message, || {
+                    tracing::info_span!("rollout manager", otel.kind = "consumer")
+                });
+                self.handle(message).instrument(span).await?;
             }
             if let Some(message) = batch.last() {
                 message.ack().await?;

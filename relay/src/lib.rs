@@ -342,14 +342,31 @@ impl Relay {
                     break;
                 }
             };
-            let message = PublishMessage::build()
+            let mut message = PublishMessage::build()
                 .payload(body)
                 .message_id(envelope.message_id())
                 .header(EVENT_TYPE_HEADER, envelope.event_type.as_str());
             let (aggregate_type, aggregate_id) = envelope.aggregate();
+            // A traced event: its publish joins the trace of the command that stored it, and
+            // the message carries the trace on to the consumers.
+            let span = fleetlog_trace::from_metadata_json(envelope.metadata_json()).map(|parent| {
+                let span = tracing::info_span!(
+                    "publish",
+                    otel.kind = "producer",
+                    messaging.system = "nats",
+                    messaging.message.id = envelope.message_id(),
+                    event_type = envelope.event_type.as_str(),
+                );
+                fleetlog_trace::follow(&span, parent.clone());
+                let carried = fleetlog_trace::passed_on(&span, parent);
+                fleetlog_trace::inject(&carried, |key, value| {
+                    message = std::mem::take(&mut message).header(key, value.as_str());
+                });
+                span
+            });
             let subject = subject_for(aggregate_type, aggregate_id, &envelope.event_type);
             match self.jetstream.send_publish(subject, message).await {
-                Ok(ack) => acks.push((*cursor, ack)),
+                Ok(ack) => acks.push((*cursor, ack, span)),
                 Err(error) => {
                     failure = Some(error.into());
                     break;
@@ -360,7 +377,8 @@ impl Relay {
         // ends only at the first ack that fails.
         let mut acknowledged = None;
         let mut prefix_intact = true;
-        for (cursor, ack) in acks {
+        // A traced event's publish span ends when the stream has acknowledged it.
+        for (cursor, ack, _span) in acks {
             match ack.await {
                 Ok(_) if prefix_intact => acknowledged = Some(cursor),
                 Ok(_) => {}

@@ -2,8 +2,10 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The secret the tests sign access tokens with.
 pub const SECRET: &str = "a test secret that is long enough to sign";
@@ -76,4 +78,46 @@ pub fn fleetlog_up(
         .env("FLEETLOG_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .arg("up");
     command
+}
+
+/// Runs `command` with `stdin` as its standard input, capturing its output.
+pub fn run_with_stdin(mut command: Command, stdin: &str) -> Output {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Sends SIGTERM to `child` and expects it to exit successfully within 30 s (its standard
+/// error in the failure message otherwise).
+pub async fn stop_cleanly(child: &mut std::process::Child, name: &str) {
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not stop after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut log = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        stderr.read_to_string(&mut log).unwrap();
+    }
+    assert!(status.success(), "{name}: exit {status:?}: {log}");
 }

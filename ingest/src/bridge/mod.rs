@@ -43,6 +43,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use fleetlog_broker::BrokerUrl;
 use fleetlog_protocol::message::{

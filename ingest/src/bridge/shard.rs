@@ -33,7 +33,17 @@ pub(super) async fn run_shard(
                 }
             }
         }
-        handle_batch(&shared, std::mem::take(&mut batch)).await;
+        // MQTT 3.1.1 carries no trace context: a batch starts its own trace (when the sampler
+        // keeps it), which its commands, events and their consumers continue.
+        let span = tracing::info_span!(
+            "ingest",
+            otel.kind = "consumer",
+            messaging.system = "mqtt",
+            messages = batch.len()
+        );
+        handle_batch(&shared, std::mem::take(&mut batch))
+            .instrument(span)
+            .await;
     }
 }
 

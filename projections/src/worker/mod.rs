@@ -46,6 +46,7 @@ use fleetlog_nats::topology::subject_filter_for_type;
 use fleetlog_nats::STREAM_NAME;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use fleetlog_nats::topology::{DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM};
 
@@ -189,6 +190,18 @@ impl<P: Projection> Worker<P> {
     /// Handles the messages that arrived together: applied in one transaction when all goes
     /// well, else one by one (so a failing message is retried or dead-lettered on its own).
     pub async fn handle_batch(&self, messages: Vec<Message>) {
+        let span = fleetlog_trace::span_for_messages(messages.iter().map(|m| &m.message), || {
+            tracing::info_span!(
+                "project",
+                otel.kind = "consumer",
+                projection = P::NAME,
+                events = messages.len()
+            )
+        });
+        self.handle_batch_traced(messages).instrument(span).await;
+    }
+
+    async fn handle_batch_traced(&self, messages: Vec<Message>) {
         if messages.len() == 1 {
             for message in messages {
                 self.handle(message).await;
