@@ -46,7 +46,7 @@ SELECT last_sequence, payload
  WHERE aggregate_type = $1 AND aggregate_id = $2";
 
 const SELECT_EVENTS_AFTER: &str = "
-SELECT sequence, payload, metadata
+SELECT sequence, event_type, event_version, payload, metadata
   FROM events
  WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
  ORDER BY sequence";
@@ -889,14 +889,14 @@ where
             .await?;
         for row in rows {
             let sequence: i64 = row.get("sequence");
-            let payload: Value = row.get("payload");
-            let event =
-                serde_json::from_value(payload).map_err(|source| StoreError::CorruptEvent {
+            let event = stored_event::<A::Event>(A::TYPE, &row).map_err(|source| {
+                StoreError::CorruptEvent {
                     aggregate_type: A::TYPE.to_string(),
                     aggregate_id: loaded.aggregate_id.clone(),
                     sequence,
                     source,
-                })?;
+                }
+            })?;
             loaded.aggregate.apply(event);
             loaded.version = sequence as u64;
         }
@@ -940,12 +940,26 @@ where
                 Ok(EventEnvelope {
                     aggregate_id: aggregate_id.to_string(),
                     sequence: sequence as usize,
-                    payload: serde_json::from_value(row.get("payload")).map_err(corrupt)?,
+                    payload: stored_event::<A::Event>(A::TYPE, &row).map_err(corrupt)?,
                     metadata: serde_json::from_value(row.get("metadata")).map_err(corrupt)?,
                 })
             })
             .collect()
     }
+}
+
+/// A row's event in today's shape: its payload through the upcasters its stored version needs
+/// ([`fleetlog_domain::upcast`]), then decoded.
+fn stored_event<E: serde::de::DeserializeOwned>(
+    aggregate_type: &str,
+    row: &sqlx::postgres::PgRow,
+) -> Result<E, serde_json::Error> {
+    let mut payload: Value = row.get("payload");
+    let mut version: String = row.get("event_version");
+    let event_type: String = row.get("event_type");
+    fleetlog_domain::upcast::upcast(aggregate_type, &event_type, &mut version, &mut payload)
+        .map_err(<serde_json::Error as serde::de::Error>::custom)?;
+    serde_json::from_value(payload)
 }
 
 fn to_aggregate_error<E: std::error::Error>(error: StoreError) -> AggregateError<E> {

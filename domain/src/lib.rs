@@ -15,6 +15,7 @@ pub mod ids;
 pub mod limits;
 pub mod provisioning;
 pub mod rollout;
+pub mod upcast;
 pub mod user;
 
 pub use ids::{
@@ -22,7 +23,7 @@ pub use ids::{
 };
 
 /// The version stamped on every event this crate defines today. A change to an event's shape
-/// that old payloads cannot be read as gets a new version and an upcaster.
+/// that old payloads cannot be read as gets a new version and an upcaster ([`upcast`]).
 pub const EVENT_VERSION: &str = "1.0";
 
 /// Which of two kinds of traffic an event belongs to, so that consumers can take only the kind

@@ -31,7 +31,12 @@ use sqlx::types::Json;
 use crate::Cursor;
 
 /// One recorded event, as read from the table and as published to JetStream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+///
+/// Read from either (as a row or as JSON), the payload comes in today's shape and
+/// `event_version` says so: a payload stored in an older shape goes through its upcasters on
+/// the way in ([`fleetlog_domain::upcast`]). Written out, it is what it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "AsStored")]
 pub struct EventEnvelope {
     /// `device`, `firmware`, `rollout` or `user`.
     pub aggregate_type: String,
@@ -51,6 +56,63 @@ pub struct EventEnvelope {
     pub metadata: Value,
     /// When it was stored.
     pub recorded_at: DateTime<Utc>,
+}
+
+/// An [`EventEnvelope`] as stored (or published): the payload in the shape of its day.
+#[derive(Deserialize, sqlx::FromRow)]
+struct AsStored {
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    global_position: i64,
+    event_type: String,
+    event_version: String,
+    payload: Value,
+    metadata: Value,
+    recorded_at: DateTime<Utc>,
+}
+
+impl TryFrom<AsStored> for EventEnvelope {
+    type Error = fleetlog_domain::upcast::UpcastError;
+
+    fn try_from(stored: AsStored) -> Result<Self, Self::Error> {
+        let AsStored {
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            global_position,
+            event_type,
+            mut event_version,
+            mut payload,
+            metadata,
+            recorded_at,
+        } = stored;
+        fleetlog_domain::upcast::upcast(
+            &aggregate_type,
+            &event_type,
+            &mut event_version,
+            &mut payload,
+        )?;
+        Ok(Self {
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            global_position,
+            event_type,
+            event_version,
+            payload,
+            metadata,
+            recorded_at,
+        })
+    }
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for EventEnvelope {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        AsStored::from_row(row)?
+            .try_into()
+            .map_err(|error| sqlx::Error::Decode(Box::new(error)))
+    }
 }
 
 /// An event with its place in commit-safe order, for those who tail the table (a replay).

@@ -263,6 +263,10 @@ pub async fn count_until(
 
 /// Which of `digests` a device's recent reports recorded: those among its last `lookback`
 /// events of the `event_types` given (each of which records a `digest`).
+///
+/// The one read that looks inside stored payloads in SQL, past the upcasters: every version of
+/// those event types keeps `digest` where it is (a version that moved it would need this query
+/// to read both places).
 pub async fn recent_digests(
     executor: impl PgExecutor<'_>,
     device_id: &str,
