@@ -325,6 +325,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .projections(WorkerSettings::default())
                 .liveness(role.liveness.liveness())
                 .rollout_manager(RolloutManagerSettings::default());
+            if let Some(retention) = role.retention.retention() {
+                platform.telemetry_retention(retention);
+            }
             platform.run(common.shutdown_timeout()).await
         }
         Command::Replay {
@@ -419,6 +422,9 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         .api(role.http.http_addr, parts);
     if let Some((settings, key)) = broker_sync {
         platform.broker_sync(settings, key);
+    }
+    if let Some(retention) = role.retention.retention() {
+        platform.telemetry_retention(retention);
     }
     tracing::info!("fleetlog up: all roles started");
     platform.run(common.shutdown_timeout()).await?;

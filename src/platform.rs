@@ -30,6 +30,7 @@ use fleetlog_nats::{supervise, StreamSettings};
 use fleetlog_process::broker_sync::{BrokerSync, BrokerSyncSettings};
 use fleetlog_process::liveness::{Liveness, LivenessSettings};
 use fleetlog_process::rollout_manager::{RolloutManager, RolloutManagerSettings};
+use fleetlog_projections::retention::{RetentionSettings, TelemetryRetention};
 use fleetlog_projections::DeviceModels;
 use fleetlog_projections::WorkerSettings;
 use fleetlog_relay::{Relay, RelaySettings};
@@ -208,6 +209,25 @@ impl Platform {
                     Ok(())
                 }
             }));
+        self
+    }
+
+    /// The telemetry retention sweep: readings older than `settings.keep` leave the telemetry
+    /// read model. Postgres only; any number of processes may run it (one sweeps at a time).
+    pub fn telemetry_retention(&mut self, settings: RetentionSettings) -> &mut Self {
+        let (pool, shutdown) = (self.pool.clone(), self.shutdown.clone());
+        self.roles.spawn(supervise(
+            "telemetry retention",
+            self.shutdown.clone(),
+            move || {
+                let sweep = TelemetryRetention::new(pool.clone(), settings);
+                let shutdown = shutdown.clone();
+                async move {
+                    sweep.run(shutdown).await;
+                    Ok(())
+                }
+            },
+        ));
         self
     }
 

@@ -30,6 +30,7 @@ use fleetlog_nats::accounts::{self, NatsUsers};
 use fleetlog_nats::StreamSettings;
 use fleetlog_process::broker_sync::BrokerSyncSettings;
 use fleetlog_process::liveness::LivenessSettings;
+use fleetlog_projections::retention::RetentionSettings;
 use fleetlog_relay::RelaySettings;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -749,6 +750,34 @@ impl LivenessArgs {
     }
 }
 
+/// How long the telemetry read model keeps readings.
+#[derive(Debug, Clone, Args)]
+pub struct RetentionArgs {
+    /// Days the telemetry read model keeps a reading (by the reading's own time); older ones
+    /// leave it, swept every few minutes. 0: every reading is kept. The events table keeps
+    /// every reading regardless.
+    #[arg(
+        long,
+        env = "FLEETLOG_TELEMETRY_RETENTION_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u32).range(0..=i64::from(fleetlog_projections::retention::MAX_RETENTION_DAYS))
+    )]
+    pub telemetry_retention_days: u32,
+}
+
+impl RetentionArgs {
+    /// The sweep's settings; `None` when every reading is kept.
+    pub fn retention(&self) -> Option<RetentionSettings> {
+        (self.telemetry_retention_days > 0).then(|| RetentionSettings {
+            keep: Duration::from_secs(u64::from(self.telemetry_retention_days) * 86_400),
+            every: RETENTION_SWEEP_EVERY,
+        })
+    }
+}
+
+/// How often the telemetry retention sweep runs.
+const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(300);
+
 /// What `fleetlog api` reads.
 #[derive(Debug, Clone, Args)]
 pub struct ApiRole {
@@ -844,6 +873,9 @@ pub struct ProjectRole {
     /// The liveness check.
     #[command(flatten)]
     pub liveness: LivenessArgs,
+    /// Telemetry retention.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     /// The write side.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -876,6 +908,9 @@ pub struct UpRole {
     /// The liveness check.
     #[command(flatten)]
     pub liveness: LivenessArgs,
+    /// Telemetry retention.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     /// The write side.
     #[command(flatten)]
     pub store: StoreArgs,

@@ -220,6 +220,18 @@ async fn an_unreachable_database_is_a_one_line_error() {
 fn settings_outside_their_ranges_are_one_line_errors() {
     for (subcommand, variable, value, expected) in [
         (
+            "project",
+            "FLEETLOG_TELEMETRY_RETENTION_DAYS",
+            "36501",
+            "telemetry-retention-days",
+        ),
+        (
+            "up",
+            "FLEETLOG_TELEMETRY_RETENTION_DAYS",
+            "-1",
+            "telemetry-retention-days",
+        ),
+        (
             "api",
             "FLEETLOG_ACCESS_TOKEN_TTL_SECS",
             "18446744073709551615",

@@ -584,6 +584,31 @@ async fn history_and_telemetry_of_a_device() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // Behind the telemetry retention's horizon, readings are no longer part of the model,
+    // whether the sweep has deleted them yet or not.
+    sqlx::query("INSERT INTO telemetry_retention (kept_from) VALUES ('2026-03-01T12:00:25Z')")
+        .execute(&platform.pool)
+        .await
+        .unwrap();
+    let path = format!("/api/v1/devices/d1/telemetry?{range}&sensor=temperature");
+    let (status, raw) = platform.call(Method::GET, &path, &operator, None).await;
+    assert_eq!(status, StatusCode::OK, "{raw}");
+    let values: Vec<f64> = raw
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, [4.0, 5.0, 6.0]);
+    let path = format!("/api/v1/devices/d1/telemetry?{range}&bucket_secs=30");
+    let (_, buckets) = platform.call(Method::GET, &path, &operator, None).await;
+    assert_eq!(
+        buckets,
+        json!([
+            {"sensor": "temperature", "bucket": "2026-03-01T12:00:30Z", "min": 4.0, "max": 6.0, "avg": 5.0, "count": 3}
+        ])
+    );
+
     // History, paged, with who did what; the credential hash is never shown.
     let (status, first) = platform
         .call(

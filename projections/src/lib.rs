@@ -11,6 +11,8 @@
 //!
 //! [`as_of`] shows a read model as it stood at an instant, for one aggregate.
 //!
+//! [`retention`] lets the telemetry model drop readings older than the operator keeps.
+//!
 //! [`replay`] rebuilds a read model from the events table into shadow tables and swaps them in
 //! atomically (invariant 3), or compares them with the live model.
 //!
@@ -26,6 +28,7 @@ pub mod devices;
 pub mod firmware;
 pub mod inline;
 pub mod replay;
+pub mod retention;
 pub mod rollouts;
 pub mod telemetry;
 pub mod users;

@@ -140,6 +140,14 @@ pub async fn replay<P: Projection>(
     let tail = catch_up(projection, &mut tx, cursor, &replayed.passed_over).await?;
     replayed.applied += tail.applied;
     replayed.passed_over.extend(tail.passed_over);
+    // What the live model has let go of does not come back with a replay.
+    for (table, condition) in P::RETAINED {
+        sqlx::query(&format!(
+            "DELETE FROM {REPLAY_SCHEMA}.{table} WHERE NOT ({condition})"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
     ddl(
         &mut tx,
         format!("CREATE SCHEMA IF NOT EXISTS {RETIRED_SCHEMA}"),
@@ -728,6 +736,14 @@ async fn live_behind<P: Projection>(tx: &mut PgConnection) -> Result<i64, sqlx::
     .await
 }
 
+/// Which rows of `table` belong to the model: the projection's retention condition, or all.
+fn retained<P: Projection>(table: &str) -> &'static str {
+    P::RETAINED
+        .iter()
+        .find(|(name, _)| *name == table)
+        .map_or("true", |(_, condition)| condition)
+}
+
 /// Rows in one model and not the other, at most 50 per table and side.
 async fn compare<P: Projection>(tx: &mut PgConnection) -> Result<Vec<Difference>, sqlx::Error> {
     let mut differences = Vec::new();
@@ -736,9 +752,12 @@ async fn compare<P: Projection>(tx: &mut PgConnection) -> Result<Vec<Difference>
             ("live", "public", REPLAY_SCHEMA),
             ("replay", REPLAY_SCHEMA, "public"),
         ] {
+            let retained = retained::<P>(table);
             let rows: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
                 "SELECT to_jsonb(d) FROM (
-                     SELECT * FROM {left}.{table} EXCEPT ALL SELECT * FROM {right}.{table}
+                     SELECT * FROM {left}.{table} WHERE {retained}
+                     EXCEPT ALL
+                     SELECT * FROM {right}.{table} WHERE {retained}
                  ) d LIMIT 50"
             ))
             .fetch_all(&mut *tx)

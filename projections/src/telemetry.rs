@@ -25,6 +25,8 @@ impl Projection for TelemetryProjection {
     const TABLES: &'static [&'static str] = &["telemetry"];
     const POSITIONS: Positions = Positions::Keyed;
     const KEPT_INLINE: bool = true;
+    const RETAINED: &'static [(&'static str, &'static str)] =
+        &[("telemetry", crate::retention::WITHIN_RETENTION)];
 
     async fn apply(
         &self,

@@ -16,6 +16,10 @@ pub trait Projection: Send + Sync + 'static {
     /// Whether the write side keeps this model inline (see [`crate::inline`]): it then has no
     /// worker, and the live model is never behind the events table.
     const KEPT_INLINE: bool = false;
+    /// The rows of a table that belong to the model, as `(table, SQL condition)`, for a model
+    /// that lets old rows go ([`crate::retention`]): a replay keeps only these, and a
+    /// verification compares only these. Tables not named keep every row.
+    const RETAINED: &'static [(&'static str, &'static str)] = &[];
 
     /// Applies one event, inside the transaction that also moves the projection's position.
     fn apply(

@@ -2,6 +2,7 @@
 //! command's status and the telemetry.
 
 use super::*;
+use fleetlog_projections::retention::WITHIN_RETENTION;
 
 /// A device as the read model holds it.
 #[derive(Serialize, FromRow, utoipa::ToSchema)]
@@ -393,7 +394,30 @@ pub(super) enum TelemetryAnswer {
     Buckets(Vec<Bucket>),
 }
 
-/// Readings of the device over a time range, raw or bucketed.
+/// A device's readings in a time range, within the retention.
+static SELECT_SAMPLES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT sensor, time, value, unit FROM telemetry
+          WHERE device_id = $1 AND ($2::text IS NULL OR sensor = $2)
+            AND time >= $3 AND time < $4 AND {WITHIN_RETENTION}
+          ORDER BY sensor, time, sequence LIMIT $5"
+    )
+});
+
+/// A device's readings in a time range, within the retention, in buckets.
+static SELECT_BUCKETS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT sensor, date_bin(make_interval(secs => $5), time, $3) AS bucket,
+                min(value) AS min, max(value) AS max, avg(value) AS avg, count(*) AS count
+           FROM telemetry
+          WHERE device_id = $1 AND ($2::text IS NULL OR sensor = $2)
+            AND time >= $3 AND time < $4 AND {WITHIN_RETENTION}
+          GROUP BY sensor, bucket ORDER BY sensor, bucket LIMIT $6"
+    )
+});
+
+/// Readings of the device over a time range, raw or bucketed; only those within the telemetry
+/// retention (`fleetlog_projections::retention`), as a replay of the model would hold them.
 #[utoipa::path(
     get, path = "/{id}/telemetry", tag = "devices", summary = "Telemetry over a time range, raw or bucketed",
     params(("id" = String, Path, description = "The device id", pattern = "^[A-Za-z0-9_-]{1,64}$"), TelemetryQuery),
@@ -429,38 +453,26 @@ pub(super) async fn telemetry(
     let pool = state.bus.pool();
     let body = match query.bucket_secs {
         None => {
-            let samples: Vec<Sample> = sqlx::query_as(
-                "SELECT sensor, time, value, unit FROM telemetry
-                  WHERE device_id = $1 AND ($2::text IS NULL OR sensor = $2)
-                    AND time >= $3 AND time < $4
-                  ORDER BY sensor, time, sequence LIMIT $5",
-            )
-            .bind(id.as_str())
-            .bind(&query.sensor)
-            .bind(from)
-            .bind(to)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+            let samples: Vec<Sample> = sqlx::query_as(&SELECT_SAMPLES)
+                .bind(id.as_str())
+                .bind(&query.sensor)
+                .bind(from)
+                .bind(to)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
             TelemetryAnswer::Samples(samples)
         }
         Some(seconds) if (1..=31 * 86_400).contains(&seconds) => {
-            let buckets: Vec<Bucket> = sqlx::query_as(
-                "SELECT sensor, date_bin(make_interval(secs => $5), time, $3) AS bucket,
-                        min(value) AS min, max(value) AS max, avg(value) AS avg, count(*) AS count
-                   FROM telemetry
-                  WHERE device_id = $1 AND ($2::text IS NULL OR sensor = $2)
-                    AND time >= $3 AND time < $4
-                  GROUP BY sensor, bucket ORDER BY sensor, bucket LIMIT $6",
-            )
-            .bind(id.as_str())
-            .bind(&query.sensor)
-            .bind(from)
-            .bind(to)
-            .bind(seconds as f64)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+            let buckets: Vec<Bucket> = sqlx::query_as(&SELECT_BUCKETS)
+                .bind(id.as_str())
+                .bind(&query.sensor)
+                .bind(from)
+                .bind(to)
+                .bind(seconds as f64)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
             TelemetryAnswer::Buckets(buckets)
         }
         Some(_) => {
