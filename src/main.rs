@@ -281,6 +281,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 mqtt: Some(role.mqtt.probe_broker()?),
                 metrics: fleetlog::metrics::install_recorder(),
                 http: role.http.http()?,
+                broker_auth: role.broker_auth.broker_auth(&role.mqtt),
             };
             let recorder = parts.metrics.clone();
             let mut platform =
@@ -386,6 +387,7 @@ async fn up(common: &CommonArgs, role: UpRole) -> anyhow::Result<()> {
         mqtt: Some(role.mqtt.probe_broker()?),
         metrics: fleetlog::metrics::install_recorder(),
         http: role.http.http()?,
+        broker_auth: role.broker_auth.broker_auth(&role.mqtt),
     };
     let mut ingest = role.ingest.ingest(&role.mqtt)?;
     ingest.device_key = Some(role.auth.device_key.key()?);

@@ -305,6 +305,11 @@ pub const CATALOGUE: &[Metric] = &[
         help: "Devices marked offline for silence longer than their liveness timeout.",
     },
     Metric {
+        name: "fleetlog_broker_auth_total",
+        kind: Kind::Counter,
+        help: "Answers to a clustered broker's HTTP authentication (question=authenticate) and authorization (question=authorize), by result (allow, deny, ignore).",
+    },
+    Metric {
         name: "fleetlog_telemetry_readings_expired_total",
         kind: Kind::Counter,
         help: "Readings deleted from the telemetry read model for being older than its retention (FLEETLOG_TELEMETRY_RETENTION_DAYS); the events keep them.",

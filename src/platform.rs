@@ -53,6 +53,8 @@ pub struct ApiParts {
     pub metrics: Option<PrometheusHandle>,
     /// Request limits and CORS.
     pub http: HttpSettings,
+    /// Device identity for a clustered broker; `None`: its routes answer 404.
+    pub broker_auth: Option<Arc<fleetlog_api::BrokerAuth>>,
 }
 
 /// How the roles reach NATS.
@@ -392,5 +394,6 @@ fn state_of(
         bus,
         metrics: parts.metrics.clone(),
         firmware: parts.firmware.clone(),
+        broker_auth: parts.broker_auth.clone(),
     }
 }

@@ -778,6 +778,40 @@ impl RetentionArgs {
 /// How often the telemetry retention sweep runs.
 const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(300);
 
+/// Device identity for a clustered broker that asks over HTTP (EMQX).
+#[derive(Debug, Clone, Args)]
+pub struct BrokerAuthArgs {
+    /// The secret a clustered broker (EMQX's HTTP authentication and authorization) presents
+    /// as a bearer token to `/api/v1/broker/authenticate` and `/authorize`; at least 32
+    /// characters. Unset: those routes answer 404.
+    #[arg(
+        long,
+        env = "FLEETLOG_BROKER_AUTH_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_broker_auth_token
+    )]
+    pub broker_auth_token: Option<SecretString>,
+}
+
+impl BrokerAuthArgs {
+    /// The broker routes' settings, `None` when they are off.
+    pub fn broker_auth(&self, mqtt: &MqttArgs) -> Option<Arc<fleetlog_api::BrokerAuth>> {
+        self.broker_auth_token.clone().map(|token| {
+            Arc::new(fleetlog_api::BrokerAuth {
+                token,
+                topic_root: mqtt.topic_root(),
+            })
+        })
+    }
+}
+
+fn parse_broker_auth_token(value: &str) -> Result<SecretString, String> {
+    if value.chars().count() < 32 {
+        return Err("must be at least 32 characters".into());
+    }
+    Ok(SecretString::from(value))
+}
+
 /// What `fleetlog api` reads.
 #[derive(Debug, Clone, Args)]
 pub struct ApiRole {
@@ -799,6 +833,9 @@ pub struct ApiRole {
     /// The MQTT broker.
     #[command(flatten)]
     pub mqtt: MqttArgs,
+    /// Device identity for a clustered broker.
+    #[command(flatten)]
+    pub broker_auth: BrokerAuthArgs,
 }
 
 /// What `fleetlog ingest` reads.
@@ -896,6 +933,9 @@ pub struct UpRole {
     /// Firmware storage and signing.
     #[command(flatten)]
     pub firmware: FirmwareArgs,
+    /// Device identity for a clustered broker.
+    #[command(flatten)]
+    pub broker_auth: BrokerAuthArgs,
     /// The ingest bridge.
     #[command(flatten)]
     pub ingest: IngestArgs,

@@ -226,6 +226,12 @@ fn settings_outside_their_ranges_are_one_line_errors() {
             "telemetry-retention-days",
         ),
         (
+            "api",
+            "FLEETLOG_BROKER_AUTH_TOKEN",
+            "too short",
+            "broker-auth-token",
+        ),
+        (
             "up",
             "FLEETLOG_TELEMETRY_RETENTION_DAYS",
             "-1",

@@ -83,6 +83,7 @@ impl Stack {
                 mqtt: None,
                 metrics: None,
                 http: HttpSettings::default(),
+                broker_auth: None,
             })
             .await
             .unwrap();

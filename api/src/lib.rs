@@ -68,6 +68,17 @@ pub struct AppState {
     /// Firmware image storage and the release signing key; `None`: firmware upload, download
     /// and release answer 503.
     pub firmware: Option<Arc<fleetlog_firmware::FirmwareStore>>,
+    /// What a clustered broker's HTTP authentication needs; `None`: its routes answer 404.
+    pub broker_auth: Option<Arc<BrokerAuth>>,
+}
+
+/// Device identity for a broker that asks over HTTP (see `routes::broker_auth`).
+#[derive(Debug)]
+pub struct BrokerAuth {
+    /// The secret the broker presents as a bearer token.
+    pub token: secrecy::SecretString,
+    /// The device topics' root (`devices`).
+    pub topic_root: String,
 }
 
 /// Limits and cross-origin rules of the HTTP layer.
@@ -283,6 +294,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .nest("/api/v1/firmware", routes::firmware::router())
         .nest("/api/v1/rollouts", routes::rollouts::router())
         .nest("/api/v1/stream", routes::stream::router())
+        .nest("/api/v1/broker", routes::broker_auth::router())
         .nest(
             "/api/v1/provisioning-keys",
             routes::provisioning::keys_router(),

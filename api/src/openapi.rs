@@ -27,6 +27,7 @@ use crate::error::Problem;
         (name = "rollouts", description = "Firmware rollouts in waves"),
         (name = "provisioning", description = "Provisioning keys, and devices that provision themselves with one"),
         (name = "live", description = "Server-Sent Event streams"),
+        (name = "broker", description = "Device identity for a clustered MQTT broker (EMQX's HTTP authentication and authorization), called by the broker with FLEETLOG_BROKER_AUTH_TOKEN"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]
@@ -53,6 +54,17 @@ impl Modify for Frame {
                 "X-Device-Token",
                 "The device token answered at registration (or as Authorization: Bearer)",
             ))),
+        );
+        components.add_security_scheme(
+            "broker_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The broker's shared secret, FLEETLOG_BROKER_AUTH_TOKEN",
+                    ))
+                    .build(),
+            ),
         );
         // Every operation needs an access token unless it says otherwise.
         document.security = Some(vec![SecurityRequirement::new(

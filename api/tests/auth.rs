@@ -72,6 +72,7 @@ impl Api {
             bus,
             metrics: None,
             firmware: None,
+            broker_auth: None,
         };
         Self {
             router: router(state),

@@ -35,6 +35,7 @@ async fn requests_are_counted_and_timed_by_route_template() {
         bus: CommandBus::new(pool, StoreSettings::default(), DeviceModels::inline()),
         metrics: Some(handle.clone()),
         firmware: None,
+        broker_auth: None,
     };
     for path in [
         "/health",

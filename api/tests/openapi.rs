@@ -60,6 +60,8 @@ const CONTRACT: &[(&str, &str)] = &[
     ("post", "/api/v1/rollouts/{id}/resume"),
     ("post", "/api/v1/rollouts/{id}/abort"),
     ("get", "/api/v1/stream"),
+    ("post", "/api/v1/broker/authenticate"),
+    ("post", "/api/v1/broker/authorize"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,13 +50,28 @@ async fn health_and_readiness_with_a_live_database() {
         ),
         metrics: None,
         firmware: None,
+        broker_auth: None,
     };
     let (status, body) = get(state.clone(), "/health").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "ok");
-    let (status, body) = get(state, "/ready").await;
+    let (status, body) = get(state.clone(), "/ready").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["checks"]["database"], "ok");
+    // Without FLEETLOG_BROKER_AUTH_TOKEN the broker's routes are not there to be guessed at.
+    let response = router(state)
+        .oneshot(
+            Request::post("/api/v1/broker/authenticate")
+                .header("content-type", "application/json")
+                .header("authorization", "Bearer anything")
+                .body(Body::from(
+                    r#"{"clientid":"d","username":"d","password":"p"}"#,
+                ))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
@@ -74,6 +89,7 @@ async fn not_ready_when_the_database_is_unreachable() {
         bus: CommandBus::new(pool, StoreSettings::default(), DeviceModels::inline()),
         metrics: None,
         firmware: None,
+        broker_auth: None,
     };
     let (status, body) = get(state.clone(), "/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -102,6 +118,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
         bus: CommandBus::new(pool, StoreSettings::default(), DeviceModels::inline()),
         metrics: Some(handle),
         firmware: None,
+        broker_auth: None,
     };
     let response = router(state)
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
@@ -138,6 +155,7 @@ async fn readiness_follows_the_mqtt_broker() {
         ),
         metrics: None,
         firmware: None,
+        broker_auth: None,
     };
     let (status, body) = get(state.clone(), "/ready").await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -171,6 +189,7 @@ async fn readiness_follows_nats_and_requests_carry_ids() {
         ),
         metrics: None,
         firmware: None,
+        broker_auth: None,
     };
     // The client connects in the background (it never fails start-up over NATS).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

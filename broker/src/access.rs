@@ -126,6 +126,49 @@ pub fn device_acls(root: &str, device_id: &str) -> Vec<Acl> {
     acls
 }
 
+/// What a client asks to do with a topic, as a broker that asks per topic puts it (EMQX's HTTP
+/// authorization: `publish` or `subscribe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicAction {
+    /// Publish to a topic.
+    Publish,
+    /// Subscribe to a topic filter.
+    Subscribe,
+}
+
+/// Whether the device `device_id` may `action` `topic`: the rights [`device_acls`] gives it,
+/// for a broker that asks topic by topic instead of holding roles. Publishing: to its own
+/// outbound topics, one level of `commands/+/reply` filled by a command id; subscribing: to
+/// exactly its own inbound topics, no wildcard. Everything else is denied.
+pub fn device_may(root: &str, device_id: &str, action: TopicAction, topic: &str) -> bool {
+    if topic.contains(['+', '#', '\0']) {
+        return false;
+    }
+    let Some(own) = topic
+        .strip_prefix(root)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|rest| rest.strip_prefix(device_id))
+        .and_then(|rest| rest.strip_prefix('/'))
+    else {
+        return false;
+    };
+    match action {
+        TopicAction::Subscribe => DEVICE_RECEIVES.contains(&own),
+        TopicAction::Publish => DEVICE_PUBLISHES.iter().any(|leaf| {
+            let (mut pattern, mut levels) = (leaf.split('/'), own.split('/'));
+            loop {
+                match (pattern.next(), levels.next()) {
+                    (None, None) => return true,
+                    (Some("+"), Some(level)) if !level.is_empty() => {}
+                    (Some(expected), Some(level)) if expected == level => {}
+                    _ => return false,
+                }
+            }
+        }),
+    }
+}
+
 /// The ingest's rights: every device's outbound topics, plainly or in any shared group, and
 /// provisioning requests, which it answers.
 pub fn ingest_acls(root: &str) -> Vec<Acl> {
@@ -753,6 +796,53 @@ fn route_answers(pending: &Pending, payload: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_device_may_use_its_own_topics_and_nothing_else() {
+        use super::TopicAction::{Publish, Subscribe};
+        let may = |action, topic: &str| super::device_may("devices", "dev-1", action, topic);
+        for leaf in [
+            "data",
+            "status",
+            "heartbeat",
+            "commands/c-9/reply",
+            "ota/progress",
+        ] {
+            assert!(may(Publish, &format!("devices/dev-1/{leaf}")), "{leaf}");
+        }
+        for leaf in ["commands", "desired", "ota"] {
+            assert!(may(Subscribe, &format!("devices/dev-1/{leaf}")), "{leaf}");
+            assert!(!may(Publish, &format!("devices/dev-1/{leaf}")), "{leaf}");
+        }
+        for (action, topic) in [
+            (Publish, "devices/dev-2/data"),
+            (Publish, "devices/dev-10/data"),
+            (Publish, "devices/dev-1"),
+            (Publish, "devices/dev-1/"),
+            (Publish, "devices/dev-1/data/more"),
+            (Publish, "devices/dev-1/commands//reply"),
+            (Publish, "devices/dev-1/commands/+/reply"),
+            (Publish, "devices/dev-1/commands/a/b/reply"),
+            (Publish, "devices/+/data"),
+            (Publish, "other/dev-1/data"),
+            (Publish, "devices/dev-1/data\0"),
+            (Publish, ""),
+            (Subscribe, "devices/dev-1/#"),
+            (Subscribe, "devices/dev-1/+"),
+            (Subscribe, "devices/+/commands"),
+            (Subscribe, "$share/g/devices/dev-1/commands"),
+            (Subscribe, "devices/dev-1/data"),
+            (Subscribe, "devices/dev-2/commands"),
+            (Subscribe, "#"),
+            (Subscribe, "$CONTROL/dynamic-security/v1"),
+        ] {
+            assert!(!may(action, topic), "{action:?} {topic}");
+        }
+        assert!(!may(
+            Publish,
+            &format!("devices/dev-1/{}", "x".repeat(70_000))
+        ));
+    }
+
     use super::*;
 
     #[test]

@@ -1,6 +1,7 @@
 //! Route modules, laid out like the URLs under `/api/v1`.
 
 pub mod auth;
+pub mod broker_auth;
 pub mod device_ingest;
 pub mod devices;
 pub mod firmware;

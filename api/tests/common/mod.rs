@@ -42,6 +42,9 @@ pub struct Platform {
     _db: TestDatabase,
 }
 
+/// The secret the test platform's broker presents to `/api/v1/broker/*`.
+pub const BROKER_TOKEN: &str = "a broker secret, long enough to be one";
+
 /// The largest firmware image the test platform accepts.
 pub const FIRMWARE_MAX_BYTES: u64 = 1024 * 1024;
 
@@ -110,6 +113,10 @@ impl Platform {
                 mqtt: None,
                 metrics: None,
                 http: fleetlog_api::HttpSettings::default(),
+                broker_auth: Some(std::sync::Arc::new(fleetlog_api::BrokerAuth {
+                    token: SecretString::from(BROKER_TOKEN),
+                    topic_root: "devices".into(),
+                })),
                 firmware: Some(std::sync::Arc::new({
                     let signer =
                         ImageSigner::from_file(&firmware_dir.0.join("signing.pem"), true).unwrap();
