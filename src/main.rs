@@ -216,13 +216,23 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr as `FLEETLOG_LOG` filters them, and traces to the OTLP collector when the
-/// environment names one (see [`traces`]).
+/// environment names one (see [`traces`]). One filter serves both: with traces on, fleetlog's
+/// own spans are recorded at info whatever `FLEETLOG_LOG` says (and so are its info logs).
+/// Per-layer filters would spare those logs, but lost spans at random in this stack.
 fn init_logging(settings: &CommonArgs, role: &str) -> anyhow::Result<Option<traces::Traces>> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
 
-    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
+    let (traces, exporting) = match traces::from_env(role)? {
+        Some((traces, layer)) => (Some(traces), Some(layer)),
+        None => (None, None),
+    };
+    let mut directives = settings.log.clone();
+    if exporting.is_some() {
+        directives.push_str(",fleetlog=info");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
@@ -231,12 +241,9 @@ fn init_logging(settings: &CommonArgs, role: &str) -> anyhow::Result<Option<trac
         LogFormat::Text => logs.boxed(),
         LogFormat::Json => logs.json().boxed(),
     };
-    let (traces, exporting) = match traces::from_env(role)? {
-        Some((traces, layer)) => (Some(traces), Some(layer)),
-        None => (None, None),
-    };
     tracing_subscriber::registry()
-        .with(logs.with_filter(filter))
+        .with(filter)
+        .with(logs)
         .with(exporting)
         .init();
     Ok(traces)

@@ -1,8 +1,10 @@
 //! Traces over OTLP: set up when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, off otherwise.
 //!
-//! The spans of fleetlog's own crates (HTTP requests, ingest batches, commands, appends, relay
-//! publishes, projection and process-manager batches, dispatches) go to the collector over
+//! The spans the log filter lets through go to the collector: fleetlog's own (HTTP requests,
+//! ingest batches, commands, appends, relay publishes, projection and process-manager batches,
+//! dispatches) at info whatever `FLEETLOG_LOG` says, other crates' as `FLEETLOG_LOG` enables
+//! them. One filter decides for logs and spans alike (see `init_logging`). Over
 //! OTLP/HTTP, protobuf by default or JSON (`OTEL_EXPORTER_OTLP_PROTOCOL=http/json`), from the
 //! batch processor's own thread. The context crosses processes as `fleetlog_trace` describes.
 //! The standard `OTEL_*` variables apply: `OTEL_SERVICE_NAME` (default `fleetlog-{role}`),
@@ -16,12 +18,7 @@ use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
-use tracing_subscriber::filter::Targets;
 use tracing_subscriber::Layer;
-
-/// Where the spans come from: fleetlog's crates, at info and above. Other crates' spans (sqlx,
-/// hyper) are not exported: they would multiply the spans per request without naming a hop.
-const EXPORTED: &str = "fleetlog";
 
 /// The environment variables that name a collector.
 const ENDPOINT_VARIABLES: [&str; 2] = [
@@ -70,11 +67,10 @@ where
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_tracked_inactivity(false)
-        .with_filter(
-            Targets::new()
-                .with_target(EXPORTED, tracing::Level::INFO)
-                .with_default(tracing::level_filters::LevelFilter::OFF),
-        );
+        // A span's parent is the current tracing span, as the span tree has it: attaching
+        // OpenTelemetry contexts to threads on every enter serves other OpenTelemetry
+        // instrumentation, which fleetlog has none of.
+        .with_context_activation(false);
     Ok(Some((Traces { provider }, layer)))
 }
 

@@ -290,6 +290,9 @@ const NOT_ROLE_BASED: &[&str] = &[
     "get /api/v1/firmware/signing-key",
     // The provisioning key in the body is the credential.
     "post /api/v1/provision",
+    // The broker's shared secret is the credential; a user's token is refused (broker_auth.rs).
+    "post /api/v1/broker/authenticate",
+    "post /api/v1/broker/authorize",
 ];
 
 /// The status only: streams answer 200 at once and never end, so the body is not read.
