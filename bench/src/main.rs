@@ -8,10 +8,14 @@
 //! - `fleetlog-bench faults` (`deploy/bench/faults.sh`): every role in its own process under
 //!   steady load, one fault after another, counting what was sent, acknowledged and persisted
 //!   (`faults/`).
+//! - `fleetlog-bench partitions` (`deploy/bench/partitions.sh`): the event log's reads over
+//!   tens of millions of events, as fleetlog lays out `events` and partitioned by month
+//!   (`partitions.rs`).
 
 mod capacity;
 mod faults;
 mod ingest;
+mod partitions;
 mod resources;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +37,9 @@ enum Command {
     /// Every role in its own process under steady load, one fault after another; counts what
     /// was sent, acknowledged and persisted, and verifies the stream and the read models.
     Faults(faults::FaultsArgs),
+    /// The event log's reads over tens of millions of events, unpartitioned and partitioned
+    /// by month, side by side, in scratch databases.
+    Partitions(partitions::PartitionArgs),
 }
 
 #[tokio::main]
@@ -40,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Ingest(args) => ingest::ingest(args).await,
         Command::Faults(args) => faults::run(args).await,
+        Command::Partitions(args) => partitions::run(args).await,
     }
 }
 
