@@ -230,6 +230,43 @@ fn assert_recorded(source: &str, names: &std::collections::BTreeSet<String>) {
     }
 }
 
+/// Every metric of the catalogue (what the dashboard and the rules are checked against) is one
+/// the code records: its name appears in a `counter!`, `gauge!` or `histogram!` call (or the
+/// gauge helper `set_counts`) of a crate's sources, so the catalogue cannot name a metric
+/// nothing exports.
+#[test]
+fn the_catalogue_names_only_metrics_the_code_records() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = String::new();
+    let mut folders = vec![root.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                if !["target", "tests", "bench", ".git", ".fleetlog"].contains(&name.as_str()) {
+                    folders.push(path);
+                }
+            } else if name.ends_with(".rs") {
+                sources.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    // The calls, with whatever whitespace rustfmt puts between the macro and the name.
+    let compact: String = sources.split_whitespace().collect();
+    for metric in fleetlog::metrics::CATALOGUE {
+        // `set_counts` sets a gauge per label value (src/metrics.rs).
+        let recorded = ["counter!(", "gauge!(", "histogram!(", "set_counts("]
+            .iter()
+            .any(|call| compact.contains(&format!("{call}\"{}\"", metric.name)));
+        assert!(
+            recorded,
+            "the catalogue names {}, which no counter!, gauge! or histogram! records",
+            metric.name
+        );
+    }
+}
+
 #[test]
 fn the_dashboard_queries_only_recorded_metrics() {
     let dashboard: serde_json::Value =
