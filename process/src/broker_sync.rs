@@ -321,24 +321,16 @@ impl BrokerSync {
             tokio::select! {
                 batch = pull.next(shutdown) => match batch? {
                     Some(batch) => {
-                        let span = fleetlog_trace::span_for_messages(
-                            batch.iter().map(|m| &m.message),
-                            || tracing::info_span!("broker sync", otel.kind = "consumer"),
-                        );
                         self.handle_batch(admin, Followed::Devices, &batch)
-                            .instrument(span)
+                            .instrument(batch_span(&batch))
                             .await?;
                     }
                     None => return Ok(()),
                 },
                 batch = keys_pull.next(shutdown) => match batch? {
                     Some(batch) => {
-                        let span = fleetlog_trace::span_for_messages(
-                            batch.iter().map(|m| &m.message),
-                            || tracing::info_span!("broker sync", otel.kind = "consumer"),
-                        );
                         self.handle_batch(admin, Followed::Keys, &batch)
-                            .instrument(span)
+                            .instrument(batch_span(&batch))
                             .await?;
                     }
                     None => return Ok(()),
@@ -661,6 +653,13 @@ impl BrokerSync {
             }
         }
     }
+}
+
+/// The span of a batch of followed events, continuing the traces its messages carry.
+fn batch_span(batch: &[async_nats::jetstream::Message]) -> tracing::Span {
+    fleetlog_trace::span_for_messages(batch.iter().map(|m| &m.message), || {
+        tracing::info_span!("broker sync", otel.kind = "consumer")
+    })
 }
 
 #[cfg(test)]
