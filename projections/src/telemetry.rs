@@ -57,7 +57,9 @@ impl Projection for TelemetryProjection {
     }
 
     /// An event's readings are in when its first one is: they are written together. Events
-    /// without readings leave nothing to wait for.
+    /// without readings leave nothing to wait for, and neither do readings behind the
+    /// retention's horizon ([`crate::retention`]): the model no longer holds them, sweep or no
+    /// sweep, so a reader waiting for them would wait in vain.
     async fn contains(
         &self,
         connection: &mut PgConnection,
@@ -80,7 +82,8 @@ impl Projection for TelemetryProjection {
         };
         let found = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM telemetry
-                             WHERE device_id = $1 AND sensor = $2 AND time = $3 AND sequence = $4)",
+                             WHERE device_id = $1 AND sensor = $2 AND time = $3 AND sequence = $4)
+                 OR $3 < coalesce((SELECT kept_from FROM telemetry_retention), '-infinity')",
         )
         .bind(&envelope.aggregate_id)
         .bind(first.sensor)

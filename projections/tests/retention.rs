@@ -160,6 +160,26 @@ async fn readings_behind_the_horizon_leave_the_model_and_stay_gone() {
     assert_eq!(count(pool, "SELECT count(*) FROM telemetry").await, 3);
     assert_replay_agrees(pool).await;
 
+    // A reader waiting for an event whose readings are behind the horizon (`min_position`)
+    // is not kept waiting for rows the model no longer holds.
+    let oldest = fleetlog_eventlog::history(
+        pool,
+        fleetlog_eventlog::HistoryQuery {
+            aggregate_type: "device",
+            aggregate_id: "t-1",
+            after_sequence: 1,
+            event_type: Some("TelemetryRecorded"),
+            limit: 1,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        fleetlog_projections::has_applied(&TelemetryProjection, pool, &oldest[0])
+            .await
+            .unwrap()
+    );
+
     // The log keeps every reading.
     assert_eq!(
         count(
