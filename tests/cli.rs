@@ -9,7 +9,9 @@ use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fleetlog, fleetlog_on, fleetlog_up, free_port, run_with_stdin, stop_cleanly};
+use common::{
+    fleetlog, fleetlog_on, fleetlog_up, free_port, run_with_stdin, stop_cleanly, user_create,
+};
 use fleetlog_testkit::{NatsServer, TestDatabase};
 
 fn stderr(output: &Output) -> String {
@@ -130,23 +132,7 @@ async fn migrate_twice_is_a_no_op_the_second_time() {
 #[tokio::test]
 async fn user_create_stores_only_a_password_hash() {
     let db = TestDatabase::create().await;
-    let create = |username: &str| {
-        let mut command = fleetlog(&db.url);
-        command.args([
-            "user",
-            "create",
-            "--tenant",
-            "acme",
-            "--username",
-            username,
-            "--role",
-            "admin",
-            "--role",
-            "viewer",
-            "--password-stdin",
-        ]);
-        command
-    };
+    let create = |username: &str| user_create(&db.url, username, &["admin", "viewer"]);
     let output = run_with_stdin(create("alice"), "s3cret-passw0rd\n");
     assert!(output.status.success(), "{}", stderr(&output));
     let stdout = String::from_utf8(output.stdout).unwrap();
@@ -371,18 +357,7 @@ fn trace_export_settings_are_checked_at_start() {
 
 /// Creates the viewer `username` in the tenant `acme` with `fleetlog user create`: one event.
 fn create_viewer(database_url: &str, username: &str) {
-    let mut create = fleetlog(database_url);
-    create.args([
-        "user",
-        "create",
-        "--tenant",
-        "acme",
-        "--username",
-        username,
-        "--role",
-        "viewer",
-        "--password-stdin",
-    ]);
+    let create = user_create(database_url, username, &["viewer"]);
     assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
 }
 

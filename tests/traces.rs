@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use common::{fleetlog, fleetlog_on, free_port, run_with_stdin, stop_cleanly};
+use common::{fleetlog, fleetlog_on, free_port, run_with_stdin, stop_cleanly, user_create};
 use fleetlog_testkit::{MosquittoServer, NatsServer, TestDatabase};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -239,18 +239,7 @@ async fn a_request_and_an_mqtt_message_are_each_one_trace_across_the_roles() {
             .stderr(Stdio::piped());
         roles.0.push((role, command.spawn().unwrap()));
     }
-    let mut create = fleetlog(&db.url);
-    create.args([
-        "user",
-        "create",
-        "--tenant",
-        "acme",
-        "--username",
-        "ada",
-        "--role",
-        "admin",
-        "--password-stdin",
-    ]);
+    let create = user_create(&db.url, "ada", &["admin"]);
     assert!(run_with_stdin(create, "s3cret-passw0rd\n").status.success());
 
     let http = reqwest::Client::new();

@@ -505,6 +505,15 @@ async fn a_read_model_that_lags_answers_503_with_retry_after() {
     }
 }
 
+/// The values of a raw telemetry answer, in its order.
+fn reading_values(raw: &Value) -> Vec<f64> {
+    raw.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"].as_f64().unwrap())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_and_telemetry_of_a_device() {
     use fleetlog_commands::CommandMetadata;
@@ -548,12 +557,7 @@ async fn history_and_telemetry_of_a_device() {
         format!("/api/v1/devices/d1/telemetry?{range}&sensor=temperature&min_position={position}");
     let (status, raw) = platform.call(Method::GET, &path, &operator, None).await;
     assert_eq!(status, StatusCode::OK, "{raw}");
-    let values: Vec<f64> = raw
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["value"].as_f64().unwrap())
-        .collect();
+    let values = reading_values(&raw);
     assert_eq!(values, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     let path = format!("/api/v1/devices/d1/telemetry?{range}&bucket_secs=30");
     let (status, buckets) = platform.call(Method::GET, &path, &operator, None).await;
@@ -593,12 +597,7 @@ async fn history_and_telemetry_of_a_device() {
     let path = format!("/api/v1/devices/d1/telemetry?{range}&sensor=temperature");
     let (status, raw) = platform.call(Method::GET, &path, &operator, None).await;
     assert_eq!(status, StatusCode::OK, "{raw}");
-    let values: Vec<f64> = raw
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["value"].as_f64().unwrap())
-        .collect();
+    let values = reading_values(&raw);
     assert_eq!(values, [4.0, 5.0, 6.0]);
     let path = format!("/api/v1/devices/d1/telemetry?{range}&bucket_secs=30");
     let (_, buckets) = platform.call(Method::GET, &path, &operator, None).await;

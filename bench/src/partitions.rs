@@ -186,21 +186,17 @@ async fn partition_by_month(
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     for statement in [
-        "DROP TABLE events".to_string(),
-        "CREATE SEQUENCE events_global_position_seq".into(),
-        "CREATE TABLE events (
-             aggregate_type  text   NOT NULL,
-             aggregate_id    text   NOT NULL,
-             sequence        bigint CHECK (sequence >= 0) NOT NULL,
-             event_type      text   NOT NULL,
-             event_version   text   NOT NULL,
-             payload         json   NOT NULL,
-             metadata        json   NOT NULL,
-             global_position bigint NOT NULL DEFAULT nextval('events_global_position_seq'),
-             transaction_id  xid8   NOT NULL DEFAULT pg_current_xact_id(),
-             recorded_at     timestamptz NOT NULL DEFAULT now(),
+        // The columns, defaults and checks as the migrations made them; the identity becomes
+        // a sequence (a partitioned table has none in Postgres 15) and the keys take
+        // `recorded_at`, as a partitioned table's unique keys must.
+        "ALTER TABLE events RENAME TO events_as_migrated".to_string(),
+        "CREATE SEQUENCE events_by_month_position_seq".into(),
+        "CREATE TABLE events (LIKE events_as_migrated INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
              PRIMARY KEY (aggregate_type, aggregate_id, sequence, recorded_at)
          ) PARTITION BY RANGE (recorded_at)".into(),
+        "ALTER TABLE events ALTER COLUMN global_position
+             SET DEFAULT nextval('events_by_month_position_seq')".into(),
+        "DROP TABLE events_as_migrated".into(),
         "CREATE UNIQUE INDEX events_global_position_idx ON events (global_position, recorded_at)".into(),
         "CREATE INDEX events_tail_idx ON events (transaction_id, global_position)".into(),
         "CREATE INDEX events_device_credentials_idx ON events (aggregate_id, sequence)

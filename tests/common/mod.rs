@@ -23,6 +23,18 @@ pub fn fleetlog(database_url: &str) -> Command {
     command
 }
 
+/// `fleetlog user create` of `username` in the tenant `acme` with `roles`, the password to come
+/// on standard input (see [`run_with_stdin`]).
+pub fn user_create(database_url: &str, username: &str, roles: &[&str]) -> Command {
+    let mut command = fleetlog(database_url);
+    command.args(["user", "create", "--tenant", "acme", "--username", username]);
+    for role in roles {
+        command.args(["--role", role]);
+    }
+    command.arg("--password-stdin");
+    command
+}
+
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
