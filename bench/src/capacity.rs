@@ -41,6 +41,9 @@ pub struct Reads {
     pub api_p99_ms: f64,
     pub sql_reads_s: f64,
     pub sql_p99_ms: f64,
+    /// CPU per read, per process ("bench": the load generator, HTTP client or SQL pool).
+    pub api_processes: Vec<ProcessCost>,
+    pub sql_processes: Vec<ProcessCost>,
 }
 
 impl Reads {
@@ -48,6 +51,18 @@ impl Reads {
         println!(
             "GET /api/v1/devices/{{id}}: {:.0} req/s, p99 {:.1} ms; plain SQL read of the row: {:.0} reads/s, p99 {:.1} ms ({} at once)",
             self.api_requests_s, self.api_p99_ms, self.sql_reads_s, self.sql_p99_ms, self.concurrency
+        );
+        let costs = |processes: &[ProcessCost]| {
+            processes
+                .iter()
+                .map(|c| format!("{} {:.0}", c.process, c.cpu_us_per_message))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "  CPU us per read: API {}; SQL {}",
+            costs(&self.api_processes),
+            costs(&self.sql_processes)
         );
     }
 }
@@ -319,7 +334,12 @@ pub async fn replay_against_copy(
 
 /// `concurrency` clients reading random devices for a few seconds, over the API and then as
 /// plain SQL over a pool as large as the API's.
-pub async fn device_reads(url: &str, login: &str, args: &IngestArgs) -> anyhow::Result<Reads> {
+pub async fn device_reads(
+    url: &str,
+    login: &str,
+    args: &IngestArgs,
+    watched: &Watched,
+) -> anyhow::Result<Reads> {
     let (user, password) = login
         .split_once(':')
         .context("--api-login takes user:password")?;
@@ -340,6 +360,7 @@ pub async fn device_reads(url: &str, login: &str, args: &IngestArgs) -> anyhow::
     let concurrency = 16;
     let seconds = Duration::from_secs(10);
 
+    let before = watched.cpu();
     let api = timed_reads(concurrency, seconds, args.devices, |device| {
         let (http, token, url) = (http.clone(), token.clone(), url.to_string());
         async move {
@@ -357,8 +378,11 @@ pub async fn device_reads(url: &str, login: &str, args: &IngestArgs) -> anyhow::
     })
     .await?;
 
+    let api_processes = watched.cost(&before, &watched.cpu(), &HashMap::new(), api.len() as u64);
+
     // The API's own pool settings (no ping before each use), as large as its pool.
     let sql_pool = fleetlog_commands::connect(&args.database_url, args.api_pool).await?;
+    let before = watched.cpu();
     let sql = timed_reads(concurrency, seconds, args.devices, |device| {
         let pool = sql_pool.clone();
         async move {
@@ -374,6 +398,7 @@ pub async fn device_reads(url: &str, login: &str, args: &IngestArgs) -> anyhow::
         }
     })
     .await?;
+    let sql_processes = watched.cost(&before, &watched.cpu(), &HashMap::new(), sql.len() as u64);
     let p99 = |latencies: &[Duration]| {
         let mut sorted = latencies.to_vec();
         sorted.sort();
@@ -387,6 +412,8 @@ pub async fn device_reads(url: &str, login: &str, args: &IngestArgs) -> anyhow::
         api_p99_ms: p99(&api),
         sql_reads_s: sql.len() as f64 / seconds.as_secs_f64(),
         sql_p99_ms: p99(&sql),
+        api_processes,
+        sql_processes,
     })
 }
 

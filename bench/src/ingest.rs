@@ -70,6 +70,45 @@ pub struct IngestArgs {
     /// The report as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// The parts to measure (all by default), to re-measure one figure after a change.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Part::ALL)]
+    pub parts: Vec<Part>,
+}
+
+/// The parts of the report, each measured on its own.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Part {
+    /// Raw Mosquitto pub->sub and a raw multi-row INSERT.
+    Raw,
+    /// The minimal durable bridge.
+    Bridge,
+    /// The capacity search and the latency at half of it.
+    Capacity,
+    /// `fleetlog replay --all` beside a COPY scan.
+    Replay,
+    /// `GET /api/v1/devices/{id}` beside a plain SQL read.
+    Reads,
+    /// Memory with many devices connected.
+    Memory,
+}
+
+impl Part {
+    const ALL: [Part; 6] = [
+        Part::Raw,
+        Part::Bridge,
+        Part::Capacity,
+        Part::Replay,
+        Part::Reads,
+        Part::Memory,
+    ];
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        let value = self.to_possible_value().expect("no part is skipped");
+        f.write_str(value.get_name())
+    }
 }
 
 /// A step holds when its p99 publish-to-projection latency stays under this.
@@ -84,80 +123,86 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let watched = crate::resources::Watched::parse(&args.watch)?;
     let mut report = crate::capacity::Report::new(&args);
 
-    let broker_rate = raw_broker(&args).await?;
-    println!(
-        "raw mosquitto QoS1 pub->sub: {broker_rate:>9.0} msg/s ({} messages)",
-        args.raw_messages
-    );
-    report.raw_broker_msg_s = broker_rate;
-    let insert_rate = raw_insert(&pool, args.raw_messages).await?;
-    println!(
-        "raw postgres multi-row INSERT: {insert_rate:>8.0} rows/s ({} rows, 1,000 per statement)",
-        args.raw_messages
-    );
-    report.raw_insert_rows_s = insert_rate;
-    // The bridge runs in this process, beside its publisher: "bench" is both.
-    let mut with_bench = args.watch.clone();
-    with_bench.push(format!("bench={}", std::process::id()));
-    let bridge_watch = crate::resources::Watched::parse(&with_bench)?;
-    let before = bridge_watch.cpu();
-    let bridge_rate = crate::capacity::durable_bridge(&args, &pool).await?;
-    let costs = bridge_watch.cost(
-        &before,
-        &bridge_watch.cpu(),
-        &HashMap::new(),
-        args.raw_messages,
-    );
-    println!(
-        "minimal durable bridge (MQTT QoS1 in, one INSERT of event rows per batch, ack after commit): {bridge_rate:>8.0} msg/s; CPU us/msg: {}",
-        costs
-            .iter()
-            .map(|c| format!("{} {:.0}", c.process, c.cpu_us_per_message))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    report.bridge_msg_s = bridge_rate;
-    report.bridge_processes = costs;
-
-    register_devices(&pool, args.devices).await?;
-    let sequence = Arc::new(AtomicU64::new(0));
-    // Step the rate up until a step no longer holds, then narrow down between the highest
-    // rate held and the lowest that was not (halving first if even the first did not hold).
-    let mut rate = args.start_rate;
-    let mut failed: Option<u64> = None;
-    let resolution = (args.step / 4).max(100);
-    for _ in 0..10 {
-        let before = watched.cpu();
-        let mut peak = HashMap::new();
-        let phase = end_to_end(&args, &pool, rate, &sequence, &watched, &mut peak).await?;
-        let costs = watched.cost(&before, &watched.cpu(), &peak, phase.published);
-        phase.print(&format!("step {rate}"));
-        let held = phase.p99() < HELD_P99;
-        report.steps.push(phase.summary(held, costs));
-        if held {
-            report.capacity_msg_s = report.capacity_msg_s.max(rate);
-        } else {
-            failed = Some(failed.map_or(rate, |f| f.min(rate)));
-        }
-        let next = match failed {
-            None => rate + args.step,
-            Some(_) if report.capacity_msg_s == 0 => rate / 2,
-            Some(failed) => (report.capacity_msg_s + failed) / 2,
-        };
-        let narrow = failed.is_some_and(|f| f.saturating_sub(report.capacity_msg_s) <= resolution)
-            && report.capacity_msg_s > 0;
-        if narrow || next > args.max_rate || next < 100 {
-            break;
-        }
-        rate = next;
+    let measure = |part: Part| args.parts.contains(&part);
+    if measure(Part::Raw) {
+        let broker_rate = raw_broker(&args).await?;
+        println!(
+            "raw mosquitto QoS1 pub->sub: {broker_rate:>9.0} msg/s ({} messages)",
+            args.raw_messages
+        );
+        report.raw_broker_msg_s = broker_rate;
+        let insert_rate = raw_insert(&pool, args.raw_messages).await?;
+        println!(
+            "raw postgres multi-row INSERT: {insert_rate:>8.0} rows/s ({} rows, 1,000 per statement)",
+            args.raw_messages
+        );
+        report.raw_insert_rows_s = insert_rate;
     }
-    let half_rate = (report.capacity_msg_s / 2).max(1);
-    let mut peak = HashMap::new();
-    let half = end_to_end(&args, &pool, half_rate, &sequence, &watched, &mut peak).await?;
-    half.print("half of capacity");
-    report.half = Some(half.summary(half.p99() < HELD_P99, Vec::new()));
-
-    if let Some(fleetlog) = &args.fleetlog {
+    if measure(Part::Bridge) {
+        // The bridge runs in this process, beside its publisher: "bench" is both.
+        let mut with_bench = args.watch.clone();
+        with_bench.push(format!("bench={}", std::process::id()));
+        let bridge_watch = crate::resources::Watched::parse(&with_bench)?;
+        let before = bridge_watch.cpu();
+        let bridge_rate = crate::capacity::durable_bridge(&args, &pool).await?;
+        let costs = bridge_watch.cost(
+            &before,
+            &bridge_watch.cpu(),
+            &HashMap::new(),
+            args.raw_messages,
+        );
+        println!(
+            "minimal durable bridge (MQTT QoS1 in, one INSERT of event rows per batch, ack after commit): {bridge_rate:>8.0} msg/s; CPU us/msg: {}",
+            costs
+                .iter()
+                .map(|c| format!("{} {:.0}", c.process, c.cpu_us_per_message))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        report.bridge_msg_s = bridge_rate;
+        report.bridge_processes = costs;
+    }
+    register_devices(&pool, args.devices).await?;
+    if measure(Part::Capacity) {
+        let sequence = Arc::new(AtomicU64::new(0));
+        // Step the rate up until a step no longer holds, then narrow down between the highest
+        // rate held and the lowest that was not (halving first if even the first did not hold).
+        let mut rate = args.start_rate;
+        let mut failed: Option<u64> = None;
+        let resolution = (args.step / 4).max(100);
+        for _ in 0..10 {
+            let before = watched.cpu();
+            let mut peak = HashMap::new();
+            let phase = end_to_end(&args, &pool, rate, &sequence, &watched, &mut peak).await?;
+            let costs = watched.cost(&before, &watched.cpu(), &peak, phase.published);
+            phase.print(&format!("step {rate}"));
+            let held = phase.p99() < HELD_P99;
+            report.steps.push(phase.summary(held, costs));
+            if held {
+                report.capacity_msg_s = report.capacity_msg_s.max(rate);
+            } else {
+                failed = Some(failed.map_or(rate, |f| f.min(rate)));
+            }
+            let next = match failed {
+                None => rate + args.step,
+                Some(_) if report.capacity_msg_s == 0 => rate / 2,
+                Some(failed) => (report.capacity_msg_s + failed) / 2,
+            };
+            let narrow = failed
+                .is_some_and(|f| f.saturating_sub(report.capacity_msg_s) <= resolution)
+                && report.capacity_msg_s > 0;
+            if narrow || next > args.max_rate || next < 100 {
+                break;
+            }
+            rate = next;
+        }
+        let half_rate = (report.capacity_msg_s / 2).max(1);
+        let mut peak = HashMap::new();
+        let half = end_to_end(&args, &pool, half_rate, &sequence, &watched, &mut peak).await?;
+        half.print("half of capacity");
+        report.half = Some(half.summary(half.p99() < HELD_P99, Vec::new()));
+    }
+    if let (true, Some(fleetlog)) = (measure(Part::Replay), &args.fleetlog) {
         let (replay, copy) = crate::capacity::replay_against_copy(fleetlog, &pool).await?;
         println!(
             "replay --all: {replay:>9.0} events/s; COPY scan of the same rows: {copy:>9.0} rows/s"
@@ -165,12 +210,16 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         report.replay_events_s = replay;
         report.copy_rows_s = copy;
     }
-    if let (Some(url), Some(login)) = (&args.api_url, &args.api_login) {
-        let reads = crate::capacity::device_reads(url, login, &args).await?;
+    if let (true, Some(url), Some(login)) = (measure(Part::Reads), &args.api_url, &args.api_login) {
+        // The load generator runs in this process: "bench" is the HTTP client or the SQL pool.
+        let mut with_bench = args.watch.clone();
+        with_bench.push(format!("bench={}", std::process::id()));
+        let reads_watch = crate::resources::Watched::parse(&with_bench)?;
+        let reads = crate::capacity::device_reads(url, login, &args, &reads_watch).await?;
         reads.print();
         report.reads = Some(reads);
     }
-    if args.connected_devices > 0 {
+    if measure(Part::Memory) && args.connected_devices > 0 {
         let memory = crate::capacity::connected_memory(&args, &pool, &watched).await?;
         println!(
             "memory with {} devices connected: {}",

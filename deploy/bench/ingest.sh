@@ -21,7 +21,10 @@
 #
 # Settings (environment): START_RATE (6000), STEP (2000), MAX_RATE (30000),
 # SECONDS_PER_PHASE (15), DEVICES (1000), CONNECTED_DEVICES (10000; 0 skips it),
-# RAW_MESSAGES (100000), CAPACITY_JSON, BENCH_NATS_PORT, BENCH_MQTT_PORT, BENCH_HTTP_PORT.
+# RAW_MESSAGES (100000), CAPACITY_JSON, BENCH_NATS_PORT, BENCH_MQTT_PORT, BENCH_HTTP_PORT;
+# PARTS (raw,bridge,capacity,replay,reads,memory: the parts to measure, to re-measure one
+# figure after a change); KEEP_DATABASE=1 keeps the last run's database (and its events, for
+# a replay measured again) instead of starting from an empty one.
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck disable=SC1091
@@ -89,7 +92,12 @@ say "building (release)"
 fleetlog=$repo_root/target/release/fleetlog
 bench=$repo_root/target/release/fleetlog-bench
 
-psql -X -q "$admin_url" -c "DROP DATABASE IF EXISTS $database" -c "CREATE DATABASE $database"
+if [ -n "${KEEP_DATABASE:-}" ] && psql -X -qtA "$admin_url" \
+    -c "SELECT 1 FROM pg_database WHERE datname = '$database'" | grep -q 1; then
+    say "re-using the database $database (KEEP_DATABASE)"
+else
+    psql -X -q "$admin_url" -c "DROP DATABASE IF EXISTS $database" -c "CREATE DATABASE $database"
+fi
 FLEETLOG_DATABASE_URL=$bench_url "$fleetlog" migrate >/dev/null
 
 log_file=$stack_dir/logs/bench-ingest.log
@@ -112,7 +120,8 @@ done
 curl -fsS "http://127.0.0.1:$http_port/ready" >/dev/null || fail "fleetlog up never became ready"
 
 printf '%s\n' "bench-viewer-password" | FLEETLOG_DATABASE_URL=$bench_url "$fleetlog" user create \
-    --tenant bench --username viewer --role viewer --password-stdin >/dev/null
+    --tenant bench --username viewer --role viewer --password-stdin >/dev/null \
+    || [ -n "${KEEP_DATABASE:-}" ] # a kept database has its viewer already
 mkdir -p "$stack_dir"
 FLEETLOG_DATABASE_URL=$bench_url \
 FLEETLOG_NATS_URL=nats://127.0.0.1:$nats_port \
@@ -125,4 +134,5 @@ FLEETLOG_MQTT_URL=mqtt://127.0.0.1:$mqtt_port \
     --watch "postgres+=$("$stack" pid postgres)" \
     --fleetlog "$fleetlog" --api-url "http://127.0.0.1:$http_port" \
     --api-login "viewer:bench-viewer-password" --api-pool "${FLEETLOG_DATABASE_MAX_CONNECTIONS:-20}" \
+    --parts "${PARTS:-raw,bridge,capacity,replay,reads,memory}" \
     --json "${CAPACITY_JSON:-$stack_dir/capacity.json}"
