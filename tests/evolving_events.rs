@@ -183,10 +183,13 @@ async fn events_stored_in_an_older_shape_are_read_in_todays_everywhere() {
     .unwrap();
     assert_eq!(history[0].event_version, "1.0");
     assert_eq!(
-        history[0].payload["DeviceRegistered"]["tags"],
+        history[0].payload.to_value().unwrap()["DeviceRegistered"]["tags"],
         json!(["heating", "roof"])
     );
-    assert_eq!(history[0].payload["DeviceRegistered"]["model"], "th-100");
+    assert_eq!(
+        history[0].payload.to_value().unwrap()["DeviceRegistered"]["model"],
+        "th-100"
+    );
 
     // The stream carries the event as stored; every consumer reads it as today's.
     let outgoing = fleetlog_eventlog::outgoing_page(&db.pool, Cursor::default(), 10)

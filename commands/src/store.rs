@@ -954,9 +954,14 @@ fn stored_event<E: serde::de::DeserializeOwned>(
     aggregate_type: &str,
     row: &sqlx::postgres::PgRow,
 ) -> Result<E, serde_json::Error> {
-    let mut payload: Value = row.get("payload");
+    // The stored text, decoded straight into the event unless an upcaster needs its fields.
+    let payload: sqlx::types::Json<Box<serde_json::value::RawValue>> = row.get("payload");
     let mut version: String = row.get("event_version");
     let event_type: String = row.get("event_type");
+    if !fleetlog_domain::upcast::applies(aggregate_type, &event_type, &version) {
+        return serde_json::from_str(payload.get());
+    }
+    let mut payload: Value = serde_json::from_str(payload.get())?;
     fleetlog_domain::upcast::upcast(aggregate_type, &event_type, &mut version, &mut payload)
         .map_err(<serde_json::Error as serde::de::Error>::custom)?;
     serde_json::from_value(payload)

@@ -24,7 +24,6 @@
 //! deduplicates by: `command_id` for commands, `version` for desired documents (apply only a
 //! newer one), `rollout_id` + `firmware_id` for updates.
 
-use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -289,7 +288,7 @@ impl Dispatcher {
     ) -> Result<(), SendError> {
         let device = &envelope.aggregate_id;
         let root = &self.settings.topic_root;
-        let event: DeviceEvent = match Deserialize::deserialize(&envelope.payload) {
+        let event: DeviceEvent = match envelope.payload.decode() {
             Ok(event) => event,
             Err(error) => {
                 tracing::error!(%error, event = envelope.message_id(), "skipping an unreadable device event");

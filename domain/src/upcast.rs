@@ -77,6 +77,16 @@ pub struct UpcastError {
 /// The most upcasters one payload goes through: a longer chain is a cycle in the registry.
 const MAX_CHAIN: usize = 64;
 
+/// Whether a stored payload of this type and version goes through an upcaster: readers decode
+/// every other one as it is, without first parsing it into a value for [`upcast`].
+pub fn applies(aggregate_type: &str, event_type: &str, version: &str) -> bool {
+    inventory::iter::<Upcaster>.into_iter().any(|upcaster| {
+        upcaster.aggregate_type == aggregate_type
+            && upcaster.event_type == event_type
+            && upcaster.from_version == version
+    })
+}
+
 /// Brings `payload` (externally tagged: `{"<event_type>": {fields}}`) and `version` from the
 /// stored shape to today's, through every upcaster that applies in turn. Untouched when none
 /// does: the common case costs one look through the (usually empty) registry.

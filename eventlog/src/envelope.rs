@@ -28,7 +28,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::types::Json;
 
-use crate::Cursor;
+use crate::{Cursor, Payload};
 
 /// One recorded event, as read from the table and as published to JetStream.
 ///
@@ -51,7 +51,7 @@ pub struct EventEnvelope {
     /// The version of the event's shape.
     pub event_version: String,
     /// The event itself, as the aggregate serialized it.
-    pub payload: Value,
+    pub payload: Payload,
     /// Who caused it: actor, tenant, correlation, causation and request ids.
     pub metadata: Value,
     /// When it was stored.
@@ -67,7 +67,7 @@ struct AsStored {
     global_position: i64,
     event_type: String,
     event_version: String,
-    payload: Value,
+    payload: Payload,
     metadata: Value,
     recorded_at: DateTime<Utc>,
 }
@@ -87,12 +87,26 @@ impl TryFrom<AsStored> for EventEnvelope {
             metadata,
             recorded_at,
         } = stored;
-        fleetlog_domain::upcast::upcast(
-            &aggregate_type,
-            &event_type,
-            &mut event_version,
-            &mut payload,
-        )?;
+        if fleetlog_domain::upcast::applies(&aggregate_type, &event_type, &event_version) {
+            let unreadable =
+                |version: &str, error: serde_json::Error| fleetlog_domain::upcast::UpcastError {
+                    aggregate_type: aggregate_type.clone(),
+                    event_type: event_type.clone(),
+                    version: version.to_string(),
+                    reason: error.to_string(),
+                };
+            let mut value = payload
+                .to_value()
+                .map_err(|error| unreadable(&event_version, error))?;
+            fleetlog_domain::upcast::upcast(
+                &aggregate_type,
+                &event_type,
+                &mut event_version,
+                &mut value,
+            )?;
+            payload =
+                Payload::from_value(&value).map_err(|error| unreadable(&event_version, error))?;
+        }
         Ok(Self {
             aggregate_type,
             aggregate_id,
@@ -174,7 +188,19 @@ impl EventEnvelope {
     /// Removes what no history or stream shows anyone: the hash of a device's secret, which its
     /// logins are checked against. The aggregate needs it; no reader does.
     pub fn redact_secrets(&mut self) {
-        redact(&self.event_type, &mut self.payload);
+        if !holds_secrets(&self.event_type) {
+            return;
+        }
+        // A payload that cannot be read as a value shows nothing, rather than its secrets.
+        self.payload = self
+            .payload
+            .to_value()
+            .ok()
+            .and_then(|mut payload| {
+                redact(&self.event_type, &mut payload);
+                Payload::from_value(&payload).ok()
+            })
+            .unwrap_or_else(Payload::null);
     }
 
     /// The `Nats-Msg-Id` of the event: unique per event, stable across republishing.
@@ -293,7 +319,7 @@ mod tests {
             global_position: 1,
             event_type: cqrs_es::DomainEvent::event_type(event),
             event_version: "1.0".into(),
-            payload: serde_json::to_value(event).unwrap(),
+            payload: Payload::of(event).unwrap(),
             metadata: json!({}),
             recorded_at: Utc::now(),
         }
@@ -310,7 +336,8 @@ mod tests {
         };
         let mut envelope = envelope_of(&rotated);
         envelope.redact_secrets();
-        let fields = &envelope.payload["DeviceCredentialsRotated"];
+        let payload = envelope.payload.to_value().unwrap();
+        let fields = &payload["DeviceCredentialsRotated"];
         assert!(fields.get("secret_hash").is_none());
         assert!(fields.get("salt").is_none());
         assert_eq!(fields["credential_version"], 2);

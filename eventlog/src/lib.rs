@@ -4,7 +4,8 @@
 //! from it), and everyone else reads it through this crate:
 //!
 //! - [`EventEnvelope`], one recorded event with its position, the row shape and also the JSON
-//!   body the relay publishes on JetStream ([`envelope`]);
+//!   body the relay publishes on JetStream ([`envelope`]); its [`Payload`] stays the stored
+//!   JSON text until a reader decodes it into its event type;
 //! - a history: one aggregate's events in order, a page at a time ([`history`]), and what
 //!   never leaves in one ([`EventEnvelope::redact_secrets`]);
 //! - as of an instant: one aggregate's events recorded until then ([`until`], [`count_until`]);
@@ -21,9 +22,11 @@
 //! read the log without depending on `fleetlog-commands`.
 
 pub mod envelope;
+mod payload;
 mod read;
 
 pub use envelope::{EventEnvelope, OutgoingEvent, StoredEvent};
+pub use payload::Payload;
 pub use read::{
     at_position, count_after, count_of_type, count_until, device_credential_event,
     device_credential_events, history, outgoing_page, page_in_commit_order, provisioning_key_event,

@@ -189,7 +189,10 @@ fn wanted_of(event: Option<&EventEnvelope>, scope: &str) -> Wanted {
     if event.event_type != "DeviceCredentialsRotated" {
         return Wanted::Nothing;
     }
-    match serde_json::from_value::<Rotated>(event.payload["DeviceCredentialsRotated"].clone()) {
+    let rotated = event.payload.to_value().and_then(|payload| {
+        serde_json::from_value::<Rotated>(payload["DeviceCredentialsRotated"].clone())
+    });
+    match rotated {
         Ok(Rotated {
             credential_version,
             salt: Some(salt),
@@ -220,7 +223,8 @@ fn wanted_key_of(event: Option<&EventEnvelope>, scope: &str) -> Wanted {
     if event.event_type != "ProvisioningKeyCreated" {
         return Wanted::Nothing;
     }
-    match event.payload["ProvisioningKeyCreated"]["salt"].as_str() {
+    let payload = event.payload.to_value().unwrap_or_default();
+    match payload["ProvisioningKeyCreated"]["salt"].as_str() {
         Some(salt) => {
             let digest = sha256_hex(salt.as_bytes());
             Wanted::Client {
@@ -677,7 +681,7 @@ mod tests {
             global_position: 7,
             event_type: payload.as_object().unwrap().keys().next().unwrap().clone(),
             event_version: "1".into(),
-            payload,
+            payload: fleetlog_eventlog::Payload::of(&payload).unwrap(),
             metadata: serde_json::json!({}),
             recorded_at: Utc::now(),
         }

@@ -47,7 +47,6 @@ use fleetlog_eventlog::EventEnvelope;
 use fleetlog_nats::topology::{control_subject_filter_for_type, EVENT_TYPE_HEADER, SUBJECT_PREFIX};
 use fleetlog_nats::STREAM_NAME;
 use futures::StreamExt;
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -258,21 +257,21 @@ impl RolloutManager {
             }
         };
         match envelope.aggregate_type.as_str() {
-            "device" => match DeviceEvent::deserialize(&envelope.payload) {
+            "device" => match envelope.payload.decode::<DeviceEvent>() {
                 Ok(event) => self.on_device_event(&envelope.aggregate_id, event).await,
                 Err(error) => {
                     tracing::error!(%error, "skipping an unreadable device event");
                     Ok(())
                 }
             },
-            "rollout" => match RolloutEvent::deserialize(&envelope.payload) {
+            "rollout" => match envelope.payload.decode::<RolloutEvent>() {
                 Ok(event) => self.on_rollout_event(&envelope.aggregate_id, event).await,
                 Err(error) => {
                     tracing::error!(%error, "skipping an unreadable rollout event");
                     Ok(())
                 }
             },
-            "firmware" => match FirmwareEvent::deserialize(&envelope.payload) {
+            "firmware" => match envelope.payload.decode::<FirmwareEvent>() {
                 Ok(FirmwareEvent::FirmwareDeprecated { .. }) => {
                     self.on_deprecated(&envelope.aggregate_id).await
                 }

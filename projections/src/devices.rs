@@ -1,7 +1,6 @@
 //! The `devices` read model (registry and live state of each device) and `device_commands`
 //! (every command sent to a device and how it ended), fed by the Device events.
 
-use serde::Deserialize;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -65,7 +64,7 @@ pub(crate) struct Recorded<'a> {
 pub(crate) fn decode(envelopes: &[&EventEnvelope]) -> Result<Vec<DeviceEvent>, ProjectionError> {
     envelopes
         .iter()
-        .map(|envelope| Ok(DeviceEvent::deserialize(&envelope.payload)?))
+        .map(|envelope| Ok(envelope.payload.decode::<DeviceEvent>()?))
         .collect()
 }
 

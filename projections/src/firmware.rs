@@ -2,7 +2,6 @@
 
 use fleetlog_domain::firmware::FirmwareEvent;
 use fleetlog_eventlog::EventEnvelope;
-use serde::Deserialize;
 use sqlx::PgConnection;
 
 use crate::worker::{Projection, ProjectionError};
@@ -22,7 +21,7 @@ impl Projection for FirmwareProjection {
         envelope: &EventEnvelope,
     ) -> Result<(), ProjectionError> {
         let id = envelope.aggregate_id.as_str();
-        match Deserialize::deserialize(&envelope.payload)? {
+        match envelope.payload.decode()? {
             FirmwareEvent::FirmwareRegistered {
                 firmware_id,
                 tenant,

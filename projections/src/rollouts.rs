@@ -3,7 +3,6 @@
 
 use fleetlog_domain::rollout::{DeviceOutcome, ErrorAction, Rollout, RolloutEvent};
 use fleetlog_eventlog::EventEnvelope;
-use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgConnection;
 
@@ -25,7 +24,7 @@ impl Projection for RolloutsProjection {
     ) -> Result<(), ProjectionError> {
         let id = envelope.aggregate_id.as_str();
         let sequence = envelope.sequence;
-        let event: RolloutEvent = Deserialize::deserialize(&envelope.payload)?;
+        let event: RolloutEvent = envelope.payload.decode()?;
         match event {
             RolloutEvent::RolloutCreated {
                 ref tenant,

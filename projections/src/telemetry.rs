@@ -7,7 +7,6 @@
 
 use fleetlog_domain::device::DeviceEvent;
 use fleetlog_eventlog::EventEnvelope;
-use serde::Deserialize;
 use sqlx::PgConnection;
 
 use std::collections::HashSet;
@@ -73,7 +72,7 @@ impl Projection for TelemetryProjection {
             device_time,
             received_at,
             ..
-        } = Deserialize::deserialize(&envelope.payload)?
+        } = envelope.payload.decode()?
         else {
             return Ok(true);
         };

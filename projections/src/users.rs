@@ -2,7 +2,6 @@
 
 use fleetlog_domain::user::{Role, UserEvent};
 use fleetlog_eventlog::EventEnvelope;
-use serde::Deserialize;
 use sqlx::PgConnection;
 
 use crate::worker::{Projection, ProjectionError};
@@ -27,7 +26,7 @@ impl Projection for UsersProjection {
     ) -> Result<(), ProjectionError> {
         let id = envelope.aggregate_id.as_str();
         let sequence = envelope.sequence;
-        let (assignments, at) = match Deserialize::deserialize(&envelope.payload)? {
+        let (assignments, at) = match envelope.payload.decode()? {
             UserEvent::UserRegistered {
                 tenant,
                 username,

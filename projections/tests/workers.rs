@@ -159,7 +159,7 @@ fn envelope(device: &str, sequence: i64, event: &DeviceEvent) -> EventEnvelope {
         global_position: sequence,
         event_type: event.event_type(),
         event_version: event.event_version(),
-        payload: serde_json::to_value(event).unwrap(),
+        payload: fleetlog_eventlog::Payload::of(event).unwrap(),
         metadata: json!({}),
         recorded_at: Utc::now(),
     }
@@ -219,7 +219,7 @@ impl Projection for EventLog {
         connection: &mut PgConnection,
         event: &EventEnvelope,
     ) -> Result<(), ProjectionError> {
-        let _: DeviceEvent = serde_json::from_value(event.payload.clone())?;
+        let _: DeviceEvent = event.payload.decode()?;
         sqlx::query("INSERT INTO event_log (device_id, sequence) VALUES ($1, $2)")
             .bind(&event.aggregate_id)
             .bind(event.sequence)
@@ -416,7 +416,8 @@ async fn a_poison_event_is_dead_lettered_and_the_projection_moves_on() {
 
     publish(&jetstream, &envelope("bad", 1, &registered("bad"))).await;
     let mut poison = envelope("bad", 2, &recorded(2));
-    poison.payload = json!({"DeviceExploded": {"how": "loudly"}});
+    poison.payload =
+        fleetlog_eventlog::Payload::of(&json!({"DeviceExploded": {"how": "loudly"}})).unwrap();
     publish(&jetstream, &poison).await;
     publish(&jetstream, &envelope("bad", 3, &recorded(3))).await;
     publish(&jetstream, &envelope("good", 1, &registered("good"))).await;

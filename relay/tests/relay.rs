@@ -240,7 +240,10 @@ async fn relays_every_event_once_with_its_envelope() {
     assert_eq!(first.event_type, "DeviceRegistered");
     assert_eq!(first.event_version, "1.0");
     assert_eq!(first.metadata["actor"], "test");
-    assert_eq!(first.payload["DeviceRegistered"]["name"], "a");
+    assert_eq!(
+        first.payload.to_value().unwrap()["DeviceRegistered"]["name"],
+        "a"
+    );
 
     // A restarted relay continues from its stored cursor instead of starting over.
     relay.stop().await;

@@ -25,7 +25,9 @@ pub(super) struct EventView {
     recorded_at: DateTime<Utc>,
     actor: Option<String>,
     correlation_id: Option<String>,
-    payload: Value,
+    /// The event, tagged with its type: `{"<event_type>": {fields}}`.
+    #[schema(value_type = Value)]
+    payload: fleetlog_eventlog::Payload,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
