@@ -388,7 +388,7 @@ fn state_of(
 ) -> AppState {
     AppState {
         auth: parts.auth.clone(),
-        nats: Some(nats),
+        nats: Some(Arc::new(nats)),
         mqtt: parts.mqtt.clone().map(Arc::new),
         login_throttle,
         bus,

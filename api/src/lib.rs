@@ -55,8 +55,9 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct AppState {
     /// Token keys and lifetimes.
     pub auth: Arc<Auth>,
-    /// The NATS connection, when this process has one: readiness reports on it.
-    pub nats: Option<async_nats::Client>,
+    /// The NATS connection, when this process has one: readiness reports on it. Behind an
+    /// `Arc` because every request clones the state, and a client's clone is not cheap.
+    pub nats: Option<Arc<async_nats::Client>>,
     /// The MQTT broker, when this process should report on it in readiness.
     pub mqtt: Option<Arc<fleetlog_broker::BrokerUrl>>,
     /// Limits on login attempts.

@@ -179,7 +179,7 @@ async fn readiness_follows_nats_and_requests_carry_ids() {
     let client = fleetlog_nats::connect(&nats.url()).await.unwrap();
     let state = AppState {
         login_throttle: std::sync::Arc::new(fleetlog_api::throttle::LoginThrottle::default()),
-        nats: Some(client.clone()),
+        nats: Some(std::sync::Arc::new(client.clone())),
         mqtt: None,
         auth: test_auth(),
         bus: CommandBus::new(

@@ -143,7 +143,7 @@ async fn open(
     caller: Caller,
     resume_after: Option<u64>,
 ) -> Result<EventStream, ApiError> {
-    let client = state.nats.clone().ok_or_else(|| {
+    let client = state.nats.as_deref().cloned().ok_or_else(|| {
         ApiError::Unavailable("live streams need NATS, and this process has no connection".into())
     })?;
     let jetstream = async_nats::jetstream::new(client);
