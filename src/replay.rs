@@ -1,17 +1,21 @@
 //! `fleetlog replay`: rebuild read models from the events table, or verify them against it.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fleetlog_projections::replay::{self, Difference, PassedOver, Progress, Replayed, Verified};
+use fleetlog_projections::replay::{
+    self, Difference, Pages, PassedOver, Progress, Replayed, Verified,
+};
 use fleetlog_projections::{with_projection, Projection, PROJECTIONS};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use sqlx::PgPool;
 
 /// Replays (or verifies) the named projections, all at once: each rebuilds from the events
 /// table on connections of its own, so the rebuilds of several models share the machine's
-/// cores (and the swaps, which lock the projections' positions, take turns). Fails when any
+/// cores (and the swaps, which lock the projections' positions, take turns). Those that read
+/// the same aggregate type share one reading of its events ([`Pages::shared`]). Fails when any
 /// fails (after all have ended), or after verifying when any model differs.
 pub async fn run(
     pool: &PgPool,
@@ -28,12 +32,14 @@ pub async fn run(
             PROJECTIONS.join(", ")
         );
     }
+    let mut pages = shared_pages(pool, &projections).await?;
     let bars = MultiProgress::new();
     let runs = projections.iter().map(|name| {
         let bars = &bars;
+        let pages = pages.remove(name.as_str()).unwrap_or_else(Pages::own);
         async move {
             let result = with_projection!(name.as_str(), |projection| {
-                one(&projection, pool, verify, patience, bars).await
+                one(&projection, pool, pages, verify, patience, bars).await
             })
             .expect("the names were checked");
             (name, result)
@@ -70,9 +76,41 @@ pub async fn run(
     Ok(())
 }
 
+/// One reading of the events for the projections that read the same aggregate type (the
+/// devices and the telemetry models), by projection name.
+async fn shared_pages(
+    pool: &PgPool,
+    projections: &[String],
+) -> anyhow::Result<HashMap<&'static str, Pages>> {
+    let mut by_type: BTreeMap<&'static str, Vec<&'static str>> = BTreeMap::new();
+    for name in projections {
+        let (name, aggregate_type) =
+            with_projection!(name.as_str(), |projection| identity_of(&projection))
+                .expect("the names were checked");
+        by_type.entry(aggregate_type).or_default().push(name);
+    }
+    let mut pages = HashMap::new();
+    for (aggregate_type, names) in by_type {
+        if names.len() < 2 {
+            continue;
+        }
+        let shared = Pages::shared(pool, aggregate_type, &names)
+            .await
+            .context("cannot start reading the events")?;
+        pages.extend(names.into_iter().zip(shared));
+    }
+    Ok(pages)
+}
+
+/// A projection's name and the aggregate type whose events it reads.
+fn identity_of<P: Projection>(_: &P) -> (&'static str, &'static str) {
+    (P::NAME, P::AGGREGATE_TYPE)
+}
+
 async fn one<P: Projection>(
     projection: &P,
     pool: &PgPool,
+    pages: Pages,
     verify: bool,
     patience: Duration,
     bars: &MultiProgress,
@@ -82,7 +120,7 @@ async fn one<P: Projection>(
         let Verified {
             differences,
             passed_over,
-        } = replay::verify(projection, pool, patience, |p| reporter.report(p))
+        } = replay::verify_from(projection, pool, pages, patience, |p| reporter.report(p))
             .await
             .with_context(|| format!("cannot verify {}", P::NAME))?;
         reporter.finish();
@@ -101,7 +139,7 @@ async fn one<P: Projection>(
         let Replayed {
             applied,
             passed_over,
-        } = replay::replay(projection, pool, |p| reporter.report(p))
+        } = replay::replay_from(projection, pool, pages, |p| reporter.report(p))
             .await
             .with_context(|| format!("cannot replay {}", P::NAME))?;
         reporter.finish();

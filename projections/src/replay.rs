@@ -18,10 +18,13 @@
 //! delivers at or below the new positions. Verify catches up the same way but compares instead
 //! of swapping (see [`verify`]), then drops the shadow.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use fleetlog_eventlog::{Cursor, EventEnvelope, Horizon, StoredEvent};
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::worker::{
     apply_event, apply_judged, pass_over, Position, Positions, Projection, ProjectionError,
@@ -42,6 +45,9 @@ pub enum ReplayError {
     /// Postgres failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Reading the pages shared with other rebuilds failed ([`Pages::shared`]).
+    #[error("database: {0}")]
+    SharedRead(Arc<sqlx::Error>),
     /// Applying an event failed for a reason that may pass (the database went away, a
     /// timeout, a deadlock): the replay stops, nothing is swapped in, and it can be run again. An event that can never be applied is passed over
     /// instead ([`PassedOver`]).
@@ -132,8 +138,19 @@ pub async fn replay<P: Projection>(
     pool: &PgPool,
     progress: impl FnMut(Progress),
 ) -> Result<Replayed, ReplayError> {
-    let guard = ReplayLock::take::<P>(pool).await?;
-    let (cursor, mut replayed) = rebuild(projection, pool, Applying::Batched, progress).await?;
+    replay_from(projection, pool, Pages::own(), progress).await
+}
+
+/// [`replay`], reading the events from `pages`.
+pub async fn replay_from<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    mut pages: Pages,
+    progress: impl FnMut(Progress),
+) -> Result<Replayed, ReplayError> {
+    let guard = pages.lock_for::<P>(pool).await?;
+    let (cursor, mut replayed) =
+        rebuild(projection, pool, pages, Applying::Batched, progress).await?;
     build_deferred_indexes::<P>(pool).await?;
     let mut tx = pool.begin().await?;
     lock_live(&mut tx, P::TABLES, "ACCESS EXCLUSIVE").await?;
@@ -201,8 +218,19 @@ pub async fn verify<P: Projection>(
     patience: std::time::Duration,
     progress: impl FnMut(Progress),
 ) -> Result<Verified, ReplayError> {
-    let guard = ReplayLock::take::<P>(pool).await?;
-    let (cursor, rebuilt) = rebuild(projection, pool, Applying::OneByOne, progress).await?;
+    verify_from(projection, pool, Pages::own(), patience, progress).await
+}
+
+/// [`verify`], reading the events from `pages`.
+pub async fn verify_from<P: Projection>(
+    projection: &P,
+    pool: &PgPool,
+    mut pages: Pages,
+    patience: std::time::Duration,
+    progress: impl FnMut(Progress),
+) -> Result<Verified, ReplayError> {
+    let guard = pages.lock_for::<P>(pool).await?;
+    let (cursor, rebuilt) = rebuild(projection, pool, pages, Applying::OneByOne, progress).await?;
     let compared = if P::KEPT_INLINE {
         compare_in_one_snapshot(projection, pool, cursor, &rebuilt.passed_over).await
     } else {
@@ -277,10 +305,10 @@ struct ReplayLock {
 }
 
 impl ReplayLock {
-    async fn take<P: Projection>(pool: &PgPool) -> Result<Self, sqlx::Error> {
+    async fn take(pool: &PgPool, projection: &str) -> Result<Self, sqlx::Error> {
         let mut connection = pool.acquire().await?.detach();
         sqlx::query("SELECT pg_advisory_lock(hashtext('fleetlog replay ' || $1))")
-            .bind(P::NAME)
+            .bind(projection)
             .execute(&mut connection)
             .await?;
         Ok(Self { connection })
@@ -307,6 +335,7 @@ enum Applying {
 async fn rebuild<P: Projection>(
     projection: &P,
     pool: &PgPool,
+    mut pages: Pages,
     applying: Applying,
     mut progress: impl FnMut(Progress),
 ) -> Result<(Cursor, Replayed), ReplayError> {
@@ -315,25 +344,24 @@ async fn rebuild<P: Projection>(
     let started = Instant::now();
     let mut cursor = Cursor::default();
     let mut replayed = Replayed::default();
-    // The next page is read (and decoded) while this one is applied, on another connection.
-    let mut next = read_settled_page::<P>(pool, cursor);
     loop {
-        let rows = match next.await {
-            Ok(rows) => rows?,
-            // The task is never aborted: only a panic of its own ends it otherwise.
-            Err(failed) => std::panic::resume_unwind(failed.into_panic()),
-        };
-        let Some(last) = rows.last() else {
+        let page = pages.next(pool, P::AGGREGATE_TYPE, cursor).await?;
+        let Some(last) = page.last else {
             break;
         };
-        cursor = last.cursor();
-        next = read_settled_page::<P>(pool, cursor);
+        cursor = last;
         let mut tx = pool.begin().await?;
         // A page of the rebuild need not wait for its WAL to reach the disk: after a crash the
         // replay is run again, and its shadow tables are built anew.
         ddl(&mut tx, "SET LOCAL synchronous_commit TO off".into()).await?;
-        let (count, passed_over) =
-            apply_page(projection, &mut tx, rows, &replayed.passed_over, applying).await?;
+        let (count, passed_over) = apply_page(
+            projection,
+            &mut tx,
+            &page.events,
+            &replayed.passed_over,
+            applying,
+        )
+        .await?;
         tx.commit().await?;
         replayed.applied += count;
         replayed.passed_over.extend(passed_over);
@@ -348,22 +376,182 @@ async fn rebuild<P: Projection>(
     Ok((cursor, replayed))
 }
 
-/// Reads the page of settled events after `cursor` in a task of its own.
-fn read_settled_page<P: Projection>(
+/// A page of events in commit order, and the place of its last event.
+#[derive(Debug, Default)]
+struct Page {
+    events: Vec<EventEnvelope>,
+    /// `None` for an empty page: nothing after the cursor.
+    last: Option<Cursor>,
+}
+
+impl From<Vec<StoredEvent>> for Page {
+    fn from(rows: Vec<StoredEvent>) -> Self {
+        Self {
+            last: rows.last().map(StoredEvent::cursor),
+            events: rows.into_iter().map(|row| row.envelope).collect(),
+        }
+    }
+}
+
+/// A page as a shared reader hands it on: the same page, or the same failure, to every reader.
+type SharedPage = Result<Arc<Page>, Arc<sqlx::Error>>;
+
+/// Where a rebuild reads its pages of settled events: on its own, or from one reading shared
+/// by every rebuild of one aggregate type at once. `replay --all` rebuilds the devices and the
+/// telemetry models from the same device events; read and decoded once, those events cost
+/// Postgres one scan and fleetlog one decoding instead of two.
+pub struct Pages {
+    source: Source,
+    /// The replay lock, taken ahead for a shared reading (see [`Pages::shared`]).
+    lock: Option<(&'static str, ReplayLock)>,
+}
+
+enum Source {
+    /// Reads its own pages, the next one while this one is applied, on another connection.
+    Own {
+        ahead: Option<JoinHandle<Result<Page, sqlx::Error>>>,
+    },
+    /// Receives the pages of a reader shared with other rebuilds.
+    Shared(mpsc::Receiver<SharedPage>),
+}
+
+impl Pages {
+    /// Pages read by the rebuild itself.
+    pub fn own() -> Self {
+        Self {
+            source: Source::Own { ahead: None },
+            lock: None,
+        }
+    }
+
+    /// One reading of the settled events of `aggregate_type`, handed to the rebuilds of each
+    /// of `projections` (distinct, each reading that aggregate type), one [`Pages`] each, in
+    /// order.
+    ///
+    /// The projections' replay locks are taken here, one after another in name order, before
+    /// anything is read: the rebuilds of a shared reading wait on each other (a page goes on
+    /// when each has taken it), so two such readings at once (two `replay --all`), each
+    /// holding one lock and waiting for the other's, would never end. Taken in one order, the
+    /// second waits for the first to finish. The reader stays at most a page ahead of the
+    /// slowest rebuild, and stops when every rebuild has gone.
+    pub async fn shared(
+        pool: &PgPool,
+        aggregate_type: &'static str,
+        projections: &[&'static str],
+    ) -> Result<Vec<Pages>, sqlx::Error> {
+        let mut in_order = projections.to_vec();
+        in_order.sort_unstable();
+        in_order.dedup();
+        let mut locks = Vec::with_capacity(in_order.len());
+        for name in in_order {
+            locks.push((name, ReplayLock::take(pool, name).await?));
+        }
+        let mut senders = Vec::with_capacity(projections.len());
+        let mut pages = Vec::with_capacity(projections.len());
+        for name in projections {
+            let (sender, receiver) = mpsc::channel(1);
+            senders.push(sender);
+            let lock = locks
+                .iter()
+                .position(|(locked, _)| locked == name)
+                .map(|at| locks.swap_remove(at));
+            pages.push(Pages {
+                source: Source::Shared(receiver),
+                lock,
+            });
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut cursor = Cursor::default();
+            while !senders.is_empty() {
+                let page = read_page(&pool, aggregate_type, cursor)
+                    .await
+                    .map(Arc::new)
+                    .map_err(Arc::new);
+                let last = page.as_ref().ok().and_then(|page| page.last);
+                let mut listening = Vec::with_capacity(senders.len());
+                for sender in senders {
+                    // A rebuild that ended (it failed) has dropped its receiver: it is gone.
+                    if sender.send(page.clone()).await.is_ok() {
+                        listening.push(sender);
+                    }
+                }
+                senders = listening;
+                match last {
+                    Some(last) => cursor = last,
+                    // The end, or a failure every rebuild now has.
+                    None => break,
+                }
+            }
+        });
+        Ok(pages)
+    }
+
+    /// The replay lock of `P`: the one taken ahead for a shared reading, or taken now.
+    async fn lock_for<P: Projection>(&mut self, pool: &PgPool) -> Result<ReplayLock, sqlx::Error> {
+        match self.lock.take() {
+            Some((name, lock)) if name == P::NAME => Ok(lock),
+            other => {
+                if let Some((_, lock)) = other {
+                    lock.release().await;
+                }
+                ReplayLock::take(pool, P::NAME).await
+            }
+        }
+    }
+
+    /// The page after `cursor` (which a shared reading knows already: it hands every rebuild
+    /// the same pages).
+    async fn next(
+        &mut self,
+        pool: &PgPool,
+        aggregate_type: &'static str,
+        cursor: Cursor,
+    ) -> Result<Arc<Page>, ReplayError> {
+        match &mut self.source {
+            Source::Own { ahead } => {
+                let page = match ahead.take() {
+                    Some(reading) => match reading.await {
+                        Ok(page) => page?,
+                        // The task is never aborted: only a panic of its own ends it otherwise.
+                        Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+                    },
+                    None => read_page(pool, aggregate_type, cursor).await?,
+                };
+                if let Some(last) = page.last {
+                    let pool = pool.clone();
+                    *ahead = Some(tokio::spawn(async move {
+                        read_page(&pool, aggregate_type, last).await
+                    }));
+                }
+                Ok(Arc::new(page))
+            }
+            Source::Shared(pages) => match pages.recv().await {
+                Some(page) => page.map_err(ReplayError::SharedRead),
+                // Only a panic of the reader ends it before the last page.
+                None => Err(ReplayError::SharedRead(Arc::new(
+                    sqlx::Error::WorkerCrashed,
+                ))),
+            },
+        }
+    }
+}
+
+/// The page of settled events of `aggregate_type` after `cursor`.
+async fn read_page(
     pool: &PgPool,
+    aggregate_type: &str,
     cursor: Cursor,
-) -> tokio::task::JoinHandle<Result<Vec<StoredEvent>, sqlx::Error>> {
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        fleetlog_eventlog::page_in_commit_order(
-            &pool,
-            P::AGGREGATE_TYPE,
-            cursor,
-            Horizon::Settled,
-            REBUILD_PAGE_SIZE,
-        )
-        .await
-    })
+) -> Result<Page, sqlx::Error> {
+    fleetlog_eventlog::page_in_commit_order(
+        pool,
+        aggregate_type,
+        cursor,
+        Horizon::Settled,
+        REBUILD_PAGE_SIZE,
+    )
+    .await
+    .map(Page::from)
 }
 
 /// Applies every page after `cursor` within `tx`. Returns how many events it applied.
@@ -395,12 +583,13 @@ async fn catch_up<P: Projection>(
             CATCH_UP_PAGE_SIZE,
         )
         .await?;
-        let Some(last) = rows.last() else {
+        let page = Page::from(rows);
+        let Some(last) = page.last else {
             break;
         };
-        cursor = last.cursor();
+        cursor = last;
         let (count, passed_over) =
-            apply_page(projection, tx, rows, &known, Applying::OneByOne).await?;
+            apply_page(projection, tx, &page.events, &known, Applying::OneByOne).await?;
         replayed.applied += count;
         replayed.passed_over.extend(passed_over);
     }
@@ -416,7 +605,7 @@ async fn catch_up<P: Projection>(
 async fn apply_page<P: Projection>(
     projection: &P,
     connection: &mut PgConnection,
-    rows: Vec<StoredEvent>,
+    events: &[EventEnvelope],
     earlier: &[PassedOver],
     applying: Applying,
 ) -> Result<(u64, Vec<PassedOver>), ReplayError> {
@@ -425,11 +614,10 @@ async fn apply_page<P: Projection>(
         format!("SET LOCAL search_path TO {REPLAY_SCHEMA}, public"),
     )
     .await?;
-    let count = rows.len() as u64;
-    let events: Vec<EventEnvelope> = rows.into_iter().map(|row| row.envelope).collect();
+    let count = events.len() as u64;
     if applying == Applying::Batched {
         ddl(connection, "SAVEPOINT replay_batch".into()).await?;
-        match apply_judged(projection, connection, &events).await {
+        match apply_judged(projection, connection, events).await {
             Ok(true) => {
                 ddl(connection, "RELEASE SAVEPOINT replay_batch".into()).await?;
                 sqlx::query("SET LOCAL search_path TO public")

@@ -9,7 +9,7 @@ use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::{CommandOutcome, DeviceCommand, FirmwareImage, Location, Reading};
 use fleetlog_domain::firmware::FirmwareId;
 use fleetlog_domain::{CommandId, DeviceId, RolloutId, TenantId, UserId};
-use fleetlog_projections::replay::{replay, verify};
+use fleetlog_projections::replay::{replay, replay_from, verify, verify_from, Pages};
 use fleetlog_projections::DeviceModels;
 use fleetlog_projections::{DevicesProjection, TelemetryProjection};
 use fleetlog_testkit::TestDatabase;
@@ -623,19 +623,10 @@ async fn schema_of_device_models(pool: &sqlx::PgPool) -> Vec<String> {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replays_of_several_pages_run_at_once_and_swap_in_every_index() {
-    let db = TestDatabase::create().await;
-    let bus = CommandBus::new(
-        db.pool.clone(),
-        StoreSettings::default(),
-        DeviceModels::inline(),
-    );
+/// `rounds` × 100 readings of each of `devices`, one event each.
+async fn record_readings(bus: &CommandBus, devices: &[String], rounds: i64) {
     let metadata = CommandMetadata::new("test").with_tenant(TenantId::parse("acme").unwrap());
-    let devices: Vec<String> = (0..20).map(|n| format!("p{n}")).collect();
-    register(&bus, &devices, &[]).await;
-    // 12,000 readings: more than two pages of the rebuild, read ahead while applied.
-    for round in 0..6 {
+    for round in 0..rounds {
         let work = devices
             .iter()
             .map(|id| {
@@ -665,6 +656,20 @@ async fn replays_of_several_pages_run_at_once_and_swap_in_every_index() {
             result.unwrap();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_of_several_pages_run_at_once_and_swap_in_every_index() {
+    let db = TestDatabase::create().await;
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
+    let devices: Vec<String> = (0..20).map(|n| format!("p{n}")).collect();
+    register(&bus, &devices, &[]).await;
+    // 12,000 readings: more than two pages of the rebuild, read ahead while applied.
+    record_readings(&bus, &devices, 6).await;
     let schema = schema_of_device_models(&db.pool).await;
     assert!(
         schema
@@ -722,4 +727,109 @@ async fn replays_of_several_pages_run_at_once_and_swap_in_every_index() {
     assert!(differences.is_empty(), "{differences:#?}");
     let differences = telemetry_verified.unwrap().differences;
     assert!(differences.is_empty(), "{differences:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reading_feeds_both_device_models_and_two_readings_at_once_take_turns() {
+    let db = TestDatabase::create().await;
+    let bus = CommandBus::new(
+        db.pool.clone(),
+        StoreSettings::default(),
+        DeviceModels::inline(),
+    );
+    let devices: Vec<String> = (0..10).map(|n| format!("s{n}")).collect();
+    register(&bus, &devices, &[]).await;
+    // 6,010 events: two pages, the second handed on while the first is applied.
+    record_readings(&bus, &devices, 6).await;
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM telemetry WHERE device_id = 's3'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE devices SET sensors = '{}' WHERE device_id = 's4'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // Two shared readings at once (two `replay --all`): the second waits for the first's
+    // locks, taken in one order, and both end.
+    let both = || async {
+        let pages = Pages::shared(&db.pool, "device", &["telemetry", "devices"])
+            .await
+            .unwrap();
+        let [telemetry_pages, devices_pages] = <[Pages; 2]>::try_from(pages).ok().unwrap();
+        let (telemetry, devices) = tokio::join!(
+            replay_from(&TelemetryProjection, &db.pool, telemetry_pages, |_| {}),
+            replay_from(&DevicesProjection, &db.pool, devices_pages, |_| {}),
+        );
+        (telemetry.unwrap().applied, devices.unwrap().applied)
+    };
+    let (first, second) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(both(), both())
+    })
+    .await
+    .expect("two shared readings at once ended");
+    assert_eq!(first, (events as u64, events as u64));
+    assert_eq!(second, (events as u64, events as u64));
+    let readings: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(readings, 6_000, "the deleted readings are back");
+    let sensors: Value = sqlx::query_scalar("SELECT sensors FROM devices WHERE device_id = 's4'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(sensors["temperature"]["value"], json!(200.0));
+
+    // A rebuild that ends before it reads (here: never starts) does not hold the other back.
+    let pages = Pages::shared(&db.pool, "device", &["devices", "telemetry"])
+        .await
+        .unwrap();
+    let [devices_pages, telemetry_pages] = <[Pages; 2]>::try_from(pages).ok().unwrap();
+    drop(telemetry_pages);
+    let verified = tokio::time::timeout(
+        Duration::from_secs(60),
+        verify_from(
+            &DevicesProjection,
+            &db.pool,
+            devices_pages,
+            Duration::from_secs(20),
+            |_| {},
+        ),
+    )
+    .await
+    .expect("the remaining rebuild went on alone")
+    .unwrap();
+    assert!(
+        verified.differences.is_empty(),
+        "{:?}",
+        verified.differences
+    );
+    let pages = Pages::shared(&db.pool, "device", &["telemetry", "devices"])
+        .await
+        .unwrap();
+    let [telemetry_pages, devices_pages] = <[Pages; 2]>::try_from(pages).ok().unwrap();
+    let patience = Duration::from_secs(20);
+    let (telemetry, devices) = tokio::join!(
+        verify_from(
+            &TelemetryProjection,
+            &db.pool,
+            telemetry_pages,
+            patience,
+            |_| {}
+        ),
+        verify_from(
+            &DevicesProjection,
+            &db.pool,
+            devices_pages,
+            patience,
+            |_| {}
+        ),
+    );
+    assert!(telemetry.unwrap().differences.is_empty());
+    assert!(devices.unwrap().differences.is_empty());
 }
