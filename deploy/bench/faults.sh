@@ -24,17 +24,21 @@
 #   FAULTS_LOG      the roles' log filter (default info); their logs and the servers' are
 #                   kept under .fleetlog/stack/logs/faults/
 #   FAULTS_PG_PORT, FAULTS_NATS_PORT, FAULTS_MQTT_PORT, FAULTS_MQTTS_PORT, FAULTS_HTTP_PORT
-#                   the scratch stack's ports (55442, 54232, 51893, 58893; APIs on 18180-18181)
+#                   the scratch stack's ports (25442, 24232, 21893, 28893; APIs on 18180-18181):
+#                   below the kernel's range of ports for outgoing connections (32768 and up),
+#                   so that none of the thousands of client connections a run (or the
+#                   benchmark before it) opens holds one when a server starts or restarts
+#                   and must listen on it again
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck disable=SC1091
 source "$repo_root/deploy/local/common.sh"
 ensure_build_tools
 
-export FLEETLOG_PG_PORT=${FAULTS_PG_PORT:-55442}
-export FLEETLOG_NATS_PORT=${FAULTS_NATS_PORT:-54232}
-export FLEETLOG_MQTT_PORT=${FAULTS_MQTT_PORT:-51893}
-export FLEETLOG_MQTTS_PORT=${FAULTS_MQTTS_PORT:-58893}
+export FLEETLOG_PG_PORT=${FAULTS_PG_PORT:-25442}
+export FLEETLOG_NATS_PORT=${FAULTS_NATS_PORT:-24232}
+export FLEETLOG_MQTT_PORT=${FAULTS_MQTT_PORT:-21893}
+export FLEETLOG_MQTTS_PORT=${FAULTS_MQTTS_PORT:-28893}
 http_port=${FAULTS_HTTP_PORT:-18180}
 for port in "$FLEETLOG_PG_PORT" "$FLEETLOG_NATS_PORT" "$FLEETLOG_MQTT_PORT" \
     "$FLEETLOG_MQTTS_PORT" "$http_port" "$((http_port + 1))"; do

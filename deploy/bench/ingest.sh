@@ -38,8 +38,11 @@ source "$stack_dir/env"
 # stream, its consumers and the broker's persistent sessions start empty, so runs do not
 # feed on each other or on the development stack.
 scratch=$(mktemp -d /tmp/fleetlog-bench.XXXXXX)
-nats_port=${BENCH_NATS_PORT:-54322}
-mqtt_port=${BENCH_MQTT_PORT:-51983}
+# Below the range of ports the kernel hands outgoing connections (32768 and up): the memory
+# part alone opens 10,000, and one of them holding a server's port would stop the server (or
+# the fault matrix's, run next) from listening.
+nats_port=${BENCH_NATS_PORT:-24322}
+mqtt_port=${BENCH_MQTT_PORT:-21983}
 nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
 mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 # A server left over on these ports (say, from an interrupted run) would be measured instead,
