@@ -1,6 +1,6 @@
 //! `fleetlog replay`: rebuild read models from the events table, or verify them against it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -32,23 +32,50 @@ pub async fn run(
             PROJECTIONS.join(", ")
         );
     }
-    let mut pages = shared_pages(pool, &projections).await?;
     let bars = MultiProgress::new();
-    let runs = projections.iter().map(|name| {
-        let bars = &bars;
-        let pages = pages.remove(name.as_str()).unwrap_or_else(Pages::own);
-        async move {
-            let result = with_projection!(name.as_str(), |projection| {
-                one(&projection, pool, pages, verify, patience, bars).await
-            })
-            .expect("the names were checked");
-            (name, result)
-        }
-    });
+    // Each aggregate type's projections at once; those sharing a reading wait for its locks
+    // without holding back the others.
+    let groups = by_aggregate_type(&projections)
+        .into_iter()
+        .map(|(aggregate_type, names)| {
+            let bars = &bars;
+            async move {
+                let pages = if names.len() > 1 {
+                    match Pages::shared(pool, aggregate_type, &names).await {
+                        Ok(pages) => pages,
+                        Err(error) => {
+                            let error = format!("cannot start reading the events: {error}");
+                            return names
+                                .into_iter()
+                                .map(|name| (name, Err(anyhow::anyhow!("{name}: {error}"))))
+                                .collect();
+                        }
+                    }
+                } else {
+                    vec![Pages::own()]
+                };
+                let runs = names
+                    .into_iter()
+                    .zip(pages)
+                    .map(|(name, pages)| async move {
+                        let result = with_projection!(name, |projection| {
+                            one(&projection, pool, pages, verify, patience, bars).await
+                        })
+                        .expect("the names were checked");
+                        (name, result)
+                    });
+                futures::future::join_all(runs).await
+            }
+        });
+    let results: Vec<_> = futures::future::join_all(groups)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let mut differing = Vec::new();
     let mut failed = Vec::new();
     let mut passed_over = 0;
-    for (name, result) in futures::future::join_all(runs).await {
+    for (name, result) in results {
         match result {
             Ok((differences, passed)) => {
                 if !differences.is_empty() {
@@ -76,12 +103,8 @@ pub async fn run(
     Ok(())
 }
 
-/// One reading of the events for the projections that read the same aggregate type (the
-/// devices and the telemetry models), by projection name.
-async fn shared_pages(
-    pool: &PgPool,
-    projections: &[String],
-) -> anyhow::Result<HashMap<&'static str, Pages>> {
+/// The projections by the aggregate type whose events they read, names in the order given.
+fn by_aggregate_type(projections: &[String]) -> BTreeMap<&'static str, Vec<&'static str>> {
     let mut by_type: BTreeMap<&'static str, Vec<&'static str>> = BTreeMap::new();
     for name in projections {
         let (name, aggregate_type) =
@@ -89,17 +112,7 @@ async fn shared_pages(
                 .expect("the names were checked");
         by_type.entry(aggregate_type).or_default().push(name);
     }
-    let mut pages = HashMap::new();
-    for (aggregate_type, names) in by_type {
-        if names.len() < 2 {
-            continue;
-        }
-        let shared = Pages::shared(pool, aggregate_type, &names)
-            .await
-            .context("cannot start reading the events")?;
-        pages.extend(names.into_iter().zip(shared));
-    }
-    Ok(pages)
+    by_type
 }
 
 /// A projection's name and the aggregate type whose events it reads.

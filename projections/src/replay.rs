@@ -47,7 +47,11 @@ pub enum ReplayError {
     Database(#[from] sqlx::Error),
     /// Reading the pages shared with other rebuilds failed ([`Pages::shared`]).
     #[error("database: {0}")]
-    SharedRead(Arc<sqlx::Error>),
+    SharedRead(#[source] Arc<sqlx::Error>),
+    /// A shared reading was asked for what it cannot do: the same projection twice, or
+    /// handed to a projection it was not read for.
+    #[error("shared reading of events: {0}")]
+    SharedMisuse(String),
     /// Applying an event failed for a reason that may pass (the database went away, a
     /// timeout, a deadlock): the replay stops, nothing is swapped in, and it can be run again. An event that can never be applied is passed over
     /// instead ([`PassedOver`]).
@@ -398,8 +402,9 @@ type SharedPage = Result<Arc<Page>, Arc<sqlx::Error>>;
 
 /// Where a rebuild reads its pages of settled events: on its own, or from one reading shared
 /// by every rebuild of one aggregate type at once. `replay --all` rebuilds the devices and the
-/// telemetry models from the same device events; read and decoded once, those events cost
-/// Postgres one scan and fleetlog one decoding instead of two.
+/// telemetry models from the same device events; read once, those events cost Postgres one
+/// scan and fleetlog one decoding of the rows instead of two (each model still decodes the
+/// payloads into its events itself).
 pub struct Pages {
     source: Source,
     /// The replay lock, taken ahead for a shared reading (see [`Pages::shared`]).
@@ -412,7 +417,11 @@ enum Source {
         ahead: Option<JoinHandle<Result<Page, sqlx::Error>>>,
     },
     /// Receives the pages of a reader shared with other rebuilds.
-    Shared(mpsc::Receiver<SharedPage>),
+    Shared {
+        /// Whose events it reads.
+        aggregate_type: &'static str,
+        pages: mpsc::Receiver<SharedPage>,
+    },
 }
 
 impl Pages {
@@ -438,10 +447,16 @@ impl Pages {
         pool: &PgPool,
         aggregate_type: &'static str,
         projections: &[&'static str],
-    ) -> Result<Vec<Pages>, sqlx::Error> {
+    ) -> Result<Vec<Pages>, ReplayError> {
         let mut in_order = projections.to_vec();
         in_order.sort_unstable();
-        in_order.dedup();
+        if in_order.windows(2).any(|pair| pair[0] == pair[1]) {
+            // Its second rebuild would wait for the lock its first holds, and the first for
+            // the second to take its pages: neither would end.
+            return Err(ReplayError::SharedMisuse(format!(
+                "a projection named twice in {projections:?}"
+            )));
+        }
         let mut locks = Vec::with_capacity(in_order.len());
         for name in in_order {
             locks.push((name, ReplayLock::take(pool, name).await?));
@@ -456,7 +471,10 @@ impl Pages {
                 .position(|(locked, _)| locked == name)
                 .map(|at| locks.swap_remove(at));
             pages.push(Pages {
-                source: Source::Shared(receiver),
+                source: Source::Shared {
+                    aggregate_type,
+                    pages: receiver,
+                },
                 lock,
             });
         }
@@ -488,14 +506,24 @@ impl Pages {
     }
 
     /// The replay lock of `P`: the one taken ahead for a shared reading, or taken now.
-    async fn lock_for<P: Projection>(&mut self, pool: &PgPool) -> Result<ReplayLock, sqlx::Error> {
-        match self.lock.take() {
-            Some((name, lock)) if name == P::NAME => Ok(lock),
-            other => {
-                if let Some((_, lock)) = other {
+    async fn lock_for<P: Projection>(&mut self, pool: &PgPool) -> Result<ReplayLock, ReplayError> {
+        match (&self.source, self.lock.take()) {
+            (Source::Own { .. }, None) => Ok(ReplayLock::take(pool, P::NAME).await?),
+            (Source::Shared { aggregate_type, .. }, Some((name, lock)))
+                if name == P::NAME && *aggregate_type == P::AGGREGATE_TYPE =>
+            {
+                Ok(lock)
+            }
+            // Taking `P`'s lock now, beside the locks the reading's other rebuilds hold,
+            // would undo their order (see `shared`); and the pages may be another type's.
+            (_, taken) => {
+                if let Some((_, lock)) = taken {
                     lock.release().await;
                 }
-                ReplayLock::take(pool, P::NAME).await
+                Err(ReplayError::SharedMisuse(format!(
+                    "pages read for another projection handed to {}",
+                    P::NAME
+                )))
             }
         }
     }
@@ -526,7 +554,7 @@ impl Pages {
                 }
                 Ok(Arc::new(page))
             }
-            Source::Shared(pages) => match pages.recv().await {
+            Source::Shared { pages, .. } => match pages.recv().await {
                 Some(page) => page.map_err(ReplayError::SharedRead),
                 // Only a panic of the reader ends it before the last page.
                 None => Err(ReplayError::SharedRead(Arc::new(

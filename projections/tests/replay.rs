@@ -9,7 +9,7 @@ use fleetlog_commands::{CommandBus, CommandMetadata, StoreSettings};
 use fleetlog_domain::device::{CommandOutcome, DeviceCommand, FirmwareImage, Location, Reading};
 use fleetlog_domain::firmware::FirmwareId;
 use fleetlog_domain::{CommandId, DeviceId, RolloutId, TenantId, UserId};
-use fleetlog_projections::replay::{replay, replay_from, verify, verify_from, Pages};
+use fleetlog_projections::replay::{replay, replay_from, verify, verify_from, Pages, ReplayError};
 use fleetlog_projections::DeviceModels;
 use fleetlog_projections::{DevicesProjection, TelemetryProjection};
 use fleetlog_testkit::TestDatabase;
@@ -832,4 +832,26 @@ async fn one_reading_feeds_both_device_models_and_two_readings_at_once_take_turn
     );
     assert!(telemetry.unwrap().differences.is_empty());
     assert!(devices.unwrap().differences.is_empty());
+
+    // Misuse is refused, never left waiting: a projection named twice (its second rebuild
+    // would wait for the lock its first holds), pages handed to another projection.
+    let twice = Pages::shared(&db.pool, "device", &["devices", "devices"]).await;
+    assert!(matches!(twice, Err(ReplayError::SharedMisuse(_))));
+    let pages = Pages::shared(&db.pool, "device", &["devices", "telemetry"])
+        .await
+        .unwrap();
+    let [devices_pages, telemetry_pages] = <[Pages; 2]>::try_from(pages).ok().unwrap();
+    let swapped = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(
+            replay_from(&TelemetryProjection, &db.pool, devices_pages, |_| {}),
+            replay_from(&DevicesProjection, &db.pool, telemetry_pages, |_| {}),
+        )
+    })
+    .await
+    .expect("refused at once");
+    assert!(matches!(swapped.0, Err(ReplayError::SharedMisuse(_))));
+    assert!(matches!(swapped.1, Err(ReplayError::SharedMisuse(_))));
+    // Their locks went with them: a replay of its own runs.
+    let alone = replay(&DevicesProjection, &db.pool, |_| {}).await.unwrap();
+    assert_eq!(alone.applied, events as u64);
 }
