@@ -806,7 +806,9 @@ where
             return Ok((A::default(), 0));
         };
         let last_sequence: i64 = row.get("last_sequence");
-        match serde_json::from_value::<A>(row.get("payload")) {
+        // Decoded from the stored text, without building a `Value` of the whole aggregate.
+        let payload: sqlx::types::Json<Box<serde_json::value::RawValue>> = row.get("payload");
+        match serde_json::from_str::<A>(payload.get()) {
             Ok(aggregate) => Ok((aggregate, last_sequence as u64)),
             Err(error) => {
                 // The aggregate's shape changed since the snapshot was taken: the events are
