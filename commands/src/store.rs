@@ -807,7 +807,7 @@ where
         };
         let last_sequence: i64 = row.get("last_sequence");
         // Decoded from the stored text, without building a `Value` of the whole aggregate.
-        let payload: sqlx::types::Json<Box<serde_json::value::RawValue>> = row.get("payload");
+        let payload: sqlx::types::Json<&serde_json::value::RawValue> = row.get("payload");
         match serde_json::from_str::<A>(payload.get()) {
             Ok(aggregate) => Ok((aggregate, last_sequence as u64)),
             Err(error) => {
@@ -957,7 +957,7 @@ fn stored_event<E: serde::de::DeserializeOwned>(
     row: &sqlx::postgres::PgRow,
 ) -> Result<E, serde_json::Error> {
     // The stored text, decoded straight into the event unless an upcaster needs its fields.
-    let payload: sqlx::types::Json<Box<serde_json::value::RawValue>> = row.get("payload");
+    let payload: sqlx::types::Json<&serde_json::value::RawValue> = row.get("payload");
     let mut version: String = row.get("event_version");
     let event_type: String = row.get("event_type");
     if !fleetlog_domain::upcast::applies(aggregate_type, &event_type, &version) {

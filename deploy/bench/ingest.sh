@@ -137,5 +137,5 @@ FLEETLOG_MQTT_URL=mqtt://127.0.0.1:$mqtt_port \
     --watch "postgres+=$("$stack" pid postgres)" \
     --fleetlog "$fleetlog" --api-url "http://127.0.0.1:$http_port" \
     --api-login "viewer:bench-viewer-password" --api-pool "${FLEETLOG_DATABASE_MAX_CONNECTIONS:-20}" \
-    --parts "${PARTS:-raw,bridge,capacity,replay,reads,memory}" \
+    ${PARTS:+--parts "$PARTS"} \
     --json "${CAPACITY_JSON:-$stack_dir/capacity.json}"

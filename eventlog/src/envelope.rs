@@ -104,8 +104,7 @@ impl TryFrom<AsStored> for EventEnvelope {
                 &mut event_version,
                 &mut value,
             )?;
-            payload =
-                Payload::from_value(&value).map_err(|error| unreadable(&event_version, error))?;
+            payload = Payload::of(&value).map_err(|error| unreadable(&event_version, error))?;
         }
         Ok(Self {
             aggregate_type,
@@ -198,7 +197,7 @@ impl EventEnvelope {
             .ok()
             .and_then(|mut payload| {
                 redact(&self.event_type, &mut payload);
-                Payload::from_value(&payload).ok()
+                Payload::of(&payload).ok()
             })
             .unwrap_or_else(Payload::null);
     }

@@ -30,12 +30,7 @@ impl Payload {
         self.decode()
     }
 
-    /// The payload of `value`.
-    pub fn from_value(value: &Value) -> Result<Self, serde_json::Error> {
-        Self::of(value)
-    }
-
-    /// The payload of an event, serialized.
+    /// The payload of an event (or of a `serde_json::Value`), serialized.
     pub fn of<T: Serialize + ?Sized>(event: &T) -> Result<Self, serde_json::Error> {
         serde_json::value::to_raw_value(event).map(Self)
     }
@@ -48,11 +43,6 @@ impl Payload {
     /// The JSON text.
     pub fn get(&self) -> &str {
         self.0.get()
-    }
-
-    /// The JSON text, to embed as it is in another document.
-    pub fn as_raw(&self) -> &RawValue {
-        &self.0
     }
 }
 
@@ -112,7 +102,7 @@ mod tests {
             stored.to_value().unwrap(),
             json!({"A": {"x": 1, "y": [true]}})
         );
-        let other = Payload::from_value(&json!({"A": {"x": 2}})).unwrap();
+        let other = Payload::of(&json!({"A": {"x": 2}})).unwrap();
         assert_ne!(stored, other);
         #[derive(Deserialize, Debug, PartialEq)]
         enum Event {

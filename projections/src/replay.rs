@@ -381,7 +381,7 @@ async fn rebuild<P: Projection>(
 }
 
 /// A page of events in commit order, and the place of its last event.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Page {
     events: Vec<EventEnvelope>,
     /// `None` for an empty page: nothing after the cursor.
